@@ -1,0 +1,41 @@
+# ccbridge — two commands on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TOOLS := var/tools
+CLAUDE_BIN := $(TOOLS)/claude/node_modules/.bin/claude
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: install run demo test test-fast claude-cli clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+# The real Claude Code CLI from npm, into a cache dir (tests check injected homes with it).
+claude-cli: $(CLAUDE_BIN)
+
+$(CLAUDE_BIN):
+	@mkdir -p $(TOOLS)/claude
+	npm install --silent --no-audit --no-fund --prefix $(TOOLS)/claude @anthropic-ai/claude-code
+
+run: install
+	$(BIN)/ccbridge up
+
+demo: install claude-cli
+	CLAUDE_BIN=$(CURDIR)/$(CLAUDE_BIN) $(BIN)/ccbridge demo
+
+test: install claude-cli
+	CLAUDE_BIN=$(CURDIR)/$(CLAUDE_BIN) $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not e2e" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

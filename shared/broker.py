@@ -1,0 +1,130 @@
+"""FastStream NATS wiring shared by the services: broker factory, streams, publishing,
+dead letters. Nothing here connects at import time."""
+
+from __future__ import annotations
+
+import logging
+
+import nats
+from faststream import ExceptionMiddleware
+from faststream.nats import JStream, NatsBroker, StorageType
+from nats.js.api import StreamConfig
+from nats.js.errors import NotFoundError
+from pydantic import BaseModel
+
+from shared import subjects
+from shared.events import Event
+from shared.settings import ServiceSettings
+from shared.subjects import ALL_STREAMS, MSG_ID_HEADER, StreamSpec
+
+log = logging.getLogger(__name__)
+
+REASON_HEADER = "Ccbridge-Reason"
+ORIGINAL_SUBJECT_HEADER = "Ccbridge-Original-Subject"
+
+
+def jstream(spec: StreamSpec, *, replicas: int = 1) -> JStream:
+    """FastStream's view of a stream; `declare=False` because `ensure_streams` owns creation."""
+    return JStream(
+        spec.name,
+        subjects=list(spec.subjects),
+        duplicate_window=spec.duplicate_window_s,
+        max_age=spec.max_age_s,
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        declare=False,
+    )
+
+
+TOKENS = jstream(subjects.TOKENS_STREAM)
+SANDBOX = jstream(subjects.SANDBOX_STREAM)
+DLQ = jstream(subjects.DLQ_STREAM)
+
+
+def stream_for(subject: str) -> str:
+    for spec in ALL_STREAMS:
+        for pattern in spec.subjects:
+            if subject.startswith(pattern.removesuffix(">")):
+                return spec.name
+    raise ValueError(f"no stream holds {subject}")
+
+
+def make_broker(settings: ServiceSettings, *, name: str, middlewares: tuple = ()) -> NatsBroker:
+    return NatsBroker(
+        settings.nats_url,
+        name=f"ccbridge-{name}",
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        middlewares=middlewares,
+        logger=logging.getLogger(f"ccbridge.{name}.bus"),
+        log_level=logging.DEBUG,
+    )
+
+
+def _stream_config(spec: StreamSpec, replicas: int) -> StreamConfig:
+    return StreamConfig(
+        name=spec.name,
+        subjects=list(spec.subjects),
+        duplicate_window=spec.duplicate_window_s,
+        max_age=spec.max_age_s,
+        storage="file",
+        num_replicas=replicas,
+    )
+
+
+async def ensure_streams(js: nats.js.JetStreamContext, *, replicas: int = 1) -> None:
+    """Create or update every ccbridge stream. Safe to call from every replica at start."""
+    for spec in ALL_STREAMS:
+        config = _stream_config(spec, replicas)
+        try:
+            await js.stream_info(spec.name)
+        except NotFoundError:
+            try:
+                await js.add_stream(config)
+                continue
+            except Exception:  # noqa: BLE001 - another replica created it first
+                pass
+        await js.update_stream(config)
+
+
+async def provision(broker: NatsBroker, settings: ServiceSettings) -> None:
+    await ensure_streams(broker.connection.jetstream(), replicas=settings.stream_replicas)
+
+
+async def publish_event(broker: NatsBroker, subject: str, event: Event) -> None:
+    """Publish to JetStream and wait for the ack; `Nats-Msg-Id` = event_id for dedupe."""
+    await broker.publish(
+        event.model_dump(mode="json"),
+        subject,
+        headers={MSG_ID_HEADER: event.event_id},
+        stream=stream_for(subject),
+        timeout=5.0,
+    )
+
+
+async def dead_letter(
+    broker: NatsBroker, subject: str, body: bytes, reason: str, *, message_id: str | None = None
+) -> None:
+    """Keep a message we cannot process, unchanged, on `dlq.<subject>` with why."""
+    headers = {REASON_HEADER: reason[:200], ORIGINAL_SUBJECT_HEADER: subject}
+    if message_id:
+        headers[MSG_ID_HEADER] = f"dlq-{message_id}"
+    await broker.publish(body, subjects.dead_letter_subject(subject), headers=headers, stream=subjects.DLQ_STREAM.name)
+
+
+def reply_model(model: BaseModel) -> bytes:
+    return model.model_dump_json().encode()
+
+
+__all__ = [
+    "DLQ",
+    "SANDBOX",
+    "TOKENS",
+    "ExceptionMiddleware",
+    "dead_letter",
+    "ensure_streams",
+    "make_broker",
+    "provision",
+    "publish_event",
+    "stream_for",
+]

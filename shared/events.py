@@ -1,0 +1,239 @@
+"""Versioned event models for every subject in design.md.
+
+Every event carries `event_id` (also sent as the `Nats-Msg-Id` header), `user_id` and
+`schema_version`. Token material never appears here in the clear: only as a `Sealed` box
+(HPKE, see `shared.sealing`) addressed to the one receiver that may open it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+UserId = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=256,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="Stable id of the person (the `sub` of the caller's JWT).",
+        examples=["user-42"],
+    ),
+]
+# A sandbox id becomes a directory name under LOCAL_SANDBOX_ROOT: no separators, no dot-dot.
+SandboxId = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*$",
+        description="The platform's sandbox id (for e2b: the sandboxID).",
+        examples=["sbx-123"],
+    ),
+]
+CredentialMode = Literal["file", "access_only", "env"]
+Backend = Literal["local", "e2b"]
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+def derived_event_id(cause_event_id: str, kind: str) -> str:
+    """A result event's id follows from its cause, so a retried handler publishes the
+    same id again and JetStream's duplicate window drops the second copy."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"ccbridge:{kind}:{cause_event_id}").hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = Field(default=SCHEMA_VERSION, description="Payload schema version.")
+    event_id: str = Field(
+        default_factory=new_event_id,
+        min_length=8,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Unique id; also the Nats-Msg-Id header, so JetStream drops duplicates.",
+        examples=["5b1f0e9c2f6a4f4b9f3c2d6f8e1a7b90"],
+    )
+    user_id: UserId
+    occurred_at: datetime = Field(default_factory=utcnow, description="When the event happened (UTC).")
+
+
+class Sealed(BaseModel):
+    """An HPKE (RFC 9180) ciphertext: only the holder of `key_id`'s private key can open it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    suite: Literal["X25519-HKDF_SHA256-AES_256_GCM"] = "X25519-HKDF_SHA256-AES_256_GCM"
+    key_id: str = Field(min_length=1, max_length=64, description="Id of the receiver's public key.")
+    ciphertext: str = Field(
+        min_length=1, max_length=64_000, description="base64url(enc || ciphertext), single-shot HPKE."
+    )
+
+
+class AccountInfo(BaseModel):
+    """Non-secret profile facts returned with the tokens (when the server sends them)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    account_uuid: str | None = None
+    email: str | None = None
+    organization_uuid: str | None = None
+    organization_name: str | None = None
+
+
+class TokenBundle(BaseModel):
+    """The plaintext inside a `Sealed` box of `tokens.issued` and of credential replies.
+
+    Never logged, never put on the bus unsealed: its repr hides the tokens.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    access_token: str = Field(min_length=1, max_length=8192, repr=False)
+    refresh_token: str | None = Field(default=None, max_length=8192, repr=False)
+    expires_at: int = Field(description="Access-token expiry, milliseconds since the epoch.")
+    scopes: list[str] = Field(default_factory=list)
+
+
+class TokensIssued(Event):
+    kind: Literal["oauth", "setup_token"] = "oauth"
+    sealed: Sealed = Field(description="A TokenBundle sealed to the vault's key.")
+    scopes: list[str] = Field(default_factory=list, examples=[["user:inference", "user:profile"]])
+    expires_at: int = Field(description="Access-token expiry (ms epoch).", examples=[1767225600000])
+    refresh_token_expires_at: int | None = Field(default=None, description="Login expiry (ms epoch).")
+    account: AccountInfo | None = None
+
+
+class TokensRefreshed(Event):
+    """Published by the vault after a successful refresh. Carries no token: holders fetch."""
+
+    expires_at: int
+    scopes: list[str] = Field(default_factory=list)
+    version: int = Field(ge=1, description="Connection version after the refresh.")
+
+
+class TokensRevoked(Event):
+    reason: str = Field(default="user_request", max_length=200)
+
+
+class TokensReconnectRequired(Event):
+    reason: str = Field(max_length=200, examples=["invalid_grant"])
+
+
+class SandboxOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: CredentialMode | None = Field(default=None, description="Defaults to the service setting.")
+    mcp: bool = Field(default=False, description="Register the claude-code MCP server.")
+    config_dir: str | None = Field(
+        default=None, max_length=512, description="CLAUDE_CONFIG_DIR inside the sandbox, if used."
+    )
+
+
+class SandboxCreated(Event):
+    sandbox_id: SandboxId
+    backend: Backend = "local"
+    home: str | None = Field(default=None, max_length=512, examples=["/home/user"])
+    user: str | None = Field(default=None, max_length=64, pattern=r"^[a-z_][a-z0-9_-]*$", examples=["user"])
+    template: str | None = Field(default=None, max_length=128, description="e2b: create from this template.")
+    options: SandboxOptions = Field(default_factory=SandboxOptions)
+
+
+class SandboxDestroyed(Event):
+    sandbox_id: SandboxId
+
+
+FailureReason = Literal[
+    "not_connected",
+    "reconnect_required",
+    "vault_unavailable",
+    "vault_error",
+    "backend_error",
+    "backend_unavailable",
+    "sandbox_not_found",
+    "invalid_event",
+    "max_deliveries",
+]
+
+
+class SandboxCredentialsInjected(Event):
+    sandbox_id: SandboxId
+    cause_event_id: str = Field(description="event_id of the sandbox.created this answers.")
+    backend: Backend
+    mode: CredentialMode
+    expires_at: int = Field(description="Access-token expiry of what was injected (ms epoch).")
+    files: list[str] = Field(default_factory=list, description="Paths written inside the sandbox.")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Names of environment variables the platform must set (values never travel).",
+    )
+
+
+class SandboxCredentialsFailed(Event):
+    sandbox_id: str = Field(max_length=256)
+    cause_event_id: str
+    reason: FailureReason
+    detail: str = Field(default="", max_length=500)
+    retryable: bool = False
+
+
+# --- vault.credentials.get (core request/reply) ------------------------------
+class CredentialsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request_id: str = Field(default_factory=new_event_id, min_length=8, max_length=64)
+    user_id: UserId
+    mode: CredentialMode = "file"
+    requester_key_id: str = Field(min_length=1, max_length=64)
+    requester_public_key: str = Field(min_length=1, max_length=512, description="base64url raw public key.")
+
+
+CredentialsError = Literal["not_connected", "reconnect_required", "unauthorized_requester", "invalid_request", "internal"]
+
+
+class CredentialsReply(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request_id: str
+    ok: bool
+    error: CredentialsError | None = None
+    sealed: Sealed | None = Field(default=None, description="TokenBundle sealed to the requester.")
+    expires_at: int | None = None
+    scopes: list[str] = Field(default_factory=list)
+
+
+EVENT_MODELS: dict[str, type[Event]] = {}
+
+
+def _register() -> None:
+    from shared import subjects as s
+
+    EVENT_MODELS.update(
+        {
+            s.TOKENS_ISSUED: TokensIssued,
+            s.TOKENS_REFRESHED: TokensRefreshed,
+            s.TOKENS_REVOKED: TokensRevoked,
+            s.TOKENS_RECONNECT_REQUIRED: TokensReconnectRequired,
+            s.SANDBOX_CREATED: SandboxCreated,
+            s.SANDBOX_DESTROYED: SandboxDestroyed,
+            s.SANDBOX_CREDENTIALS_INJECTED: SandboxCredentialsInjected,
+            s.SANDBOX_CREDENTIALS_FAILED: SandboxCredentialsFailed,
+        }
+    )
+
+
+_register()

@@ -1,0 +1,164 @@
+"""HPKE (RFC 9180) sealing of token material for exactly one receiver.
+
+Suite: DHKEM(X25519, HKDF-SHA256) + HKDF-SHA256 + AES-256-GCM, single-shot base mode.
+`info` binds every box to the subject it travels on and the event (or request) id, so a
+box lifted from one message cannot be replayed inside another.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
+
+from shared.events import Sealed
+
+SUITE = Suite(KEM.X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM)
+SUITE_NAME = "X25519-HKDF_SHA256-AES_256_GCM"
+_RAW = serialization.Encoding.Raw
+_RAW_PUB = serialization.PublicFormat.Raw
+_RAW_PRIV = serialization.PrivateFormat.Raw
+
+
+class SealingError(Exception):
+    """A box could not be opened: wrong key, wrong context, or tampered. Says nothing of content."""
+
+
+def b64e(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def b64d(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def info_for(subject: str, message_id: str) -> bytes:
+    return f"ccbridge/v1\x00{subject}\x00{message_id}".encode()
+
+
+def public_key_bytes(key: X25519PublicKey) -> bytes:
+    return key.public_bytes(_RAW, _RAW_PUB)
+
+
+def key_id_of(key: X25519PublicKey) -> str:
+    """Stable short id of a public key (first 16 bytes of SHA-256, hex)."""
+    return hashlib.sha256(public_key_bytes(key)).hexdigest()[:32]
+
+
+def load_public_key(text: str) -> X25519PublicKey:
+    try:
+        return X25519PublicKey.from_public_bytes(b64d(text.strip()))
+    except Exception as exc:  # noqa: BLE001 - any decoding problem is one typed error
+        raise SealingError("not a valid X25519 public key") from exc
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """Somebody we can seal to."""
+
+    public_key: X25519PublicKey
+    key_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.key_id:
+            object.__setattr__(self, "key_id", key_id_of(self.public_key))
+
+    @property
+    def public_b64(self) -> str:
+        return b64e(public_key_bytes(self.public_key))
+
+    @classmethod
+    def from_b64(cls, text: str) -> Recipient:
+        return cls(load_public_key(text))
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """Our own HPKE key. repr never shows the private half."""
+
+    private_key: X25519PrivateKey = field(repr=False)
+
+    @property
+    def recipient(self) -> Recipient:
+        return Recipient(self.private_key.public_key())
+
+    @property
+    def key_id(self) -> str:
+        return self.recipient.key_id
+
+    @classmethod
+    def generate(cls) -> KeyPair:
+        return cls(X25519PrivateKey.generate())
+
+    @classmethod
+    def from_b64(cls, text: str) -> KeyPair:
+        try:
+            return cls(X25519PrivateKey.from_private_bytes(b64d(text.strip())))
+        except Exception as exc:  # noqa: BLE001
+            raise SealingError("not a valid X25519 private key") from exc
+
+    def private_b64(self) -> str:
+        return b64e(self.private_key.private_bytes(_RAW, _RAW_PRIV, serialization.NoEncryption()))
+
+
+def seal(plaintext: bytes, to: Recipient, *, subject: str, message_id: str) -> Sealed:
+    ciphertext = SUITE.encrypt(plaintext, to.public_key, info=info_for(subject, message_id))
+    return Sealed(suite=SUITE_NAME, key_id=to.key_id, ciphertext=b64e(ciphertext))
+
+
+def open_sealed(box: Sealed, key: KeyPair, *, subject: str, message_id: str) -> bytes:
+    if box.key_id != key.key_id:
+        raise SealingError(f"sealed to key {box.key_id}, not to ours ({key.key_id})")
+    try:
+        raw = b64d(box.ciphertext)
+    except Exception as exc:  # noqa: BLE001
+        raise SealingError("ciphertext is not base64url") from exc
+    try:
+        return SUITE.decrypt(raw, key.private_key, info=info_for(subject, message_id))
+    except (InvalidTag, ValueError) as exc:
+        raise SealingError("box does not open with our key in this context") from exc
+
+
+# --- key files ---------------------------------------------------------------
+def _write_private(path: Path, text: str) -> None:
+    """Create the file 0600 atomically; if another process won the race, keep theirs."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    try:
+        os.link(tmp, path)  # fails if it exists: first writer wins
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def key_paths(keys_dir: Path, name: str) -> tuple[Path, Path]:
+    return keys_dir / f"{name}.hpke.key", keys_dir / f"{name}.hpke.pub"
+
+
+def load_or_create_keypair(keys_dir: Path, name: str) -> KeyPair:
+    """Our key from `<keys_dir>/<name>.hpke.key`, generated on first start (0600)."""
+    private_path, public_path = key_paths(keys_dir, name)
+    if not private_path.exists():
+        _write_private(private_path, KeyPair.generate().private_b64())
+    pair = KeyPair.from_b64(private_path.read_text())
+    if not public_path.exists() or public_path.read_text().strip() != pair.recipient.public_b64:
+        public_path.write_text(pair.recipient.public_b64 + "\n")
+    return pair
+
+
+def read_public_key(keys_dir: Path, name: str) -> Recipient | None:
+    _, public_path = key_paths(keys_dir, name)
+    if not public_path.exists():
+        return None
+    return Recipient.from_b64(public_path.read_text())

@@ -1,0 +1,22 @@
+"""pydantic-settings base shared by every service. Env names are public (design.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", populate_by_name=True)
+
+    nats_url: str = Field(default="nats://127.0.0.1:4222", validation_alias="NATS_URL")
+    data_dir: Path = Field(default=Path("./var"), validation_alias="CCBRIDGE_DATA_DIR")
+    log_level: str = Field(default="INFO", validation_alias="LOG_LEVEL")
+    log_format: str = Field(default="console", validation_alias="LOG_FORMAT", description="console | json")
+    stream_replicas: int = Field(default=1, validation_alias="CCBRIDGE_STREAM_REPLICAS", ge=1, le=5)
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"

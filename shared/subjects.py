@@ -1,0 +1,59 @@
+"""Subject names, JetStream streams and durable consumer names, declared once.
+
+Public names (see design.md) must not change; everything else here is ccbridge's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# --- public subjects -------------------------------------------------------
+TOKENS_ISSUED = "tokens.issued"
+TOKENS_REFRESHED = "tokens.refreshed"
+TOKENS_REVOKED = "tokens.revoked"
+TOKENS_RECONNECT_REQUIRED = "tokens.reconnect_required"
+SANDBOX_CREATED = "sandbox.created"
+SANDBOX_DESTROYED = "sandbox.destroyed"
+SANDBOX_CREDENTIALS_INJECTED = "sandbox.credentials.injected"
+SANDBOX_CREDENTIALS_FAILED = "sandbox.credentials.failed"
+VAULT_CREDENTIALS_GET = "vault.credentials.get"  # core NATS request/reply, not a stream
+
+# --- dead letters (ccbridge's own) -----------------------------------------
+DLQ_PREFIX = "dlq"
+
+
+def dead_letter_subject(subject: str) -> str:
+    """`dlq.<original subject>` so one stream holds every service's dead letters."""
+    return f"{DLQ_PREFIX}.{subject}"
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: tuple[str, ...]
+    # JetStream drops a second publish with the same Nats-Msg-Id inside this window.
+    duplicate_window_s: float = 120.0
+    max_age_s: float = 7 * 24 * 3600.0
+
+
+TOKENS_STREAM = StreamSpec("CCBRIDGE_TOKENS", ("tokens.>",))
+SANDBOX_STREAM = StreamSpec("CCBRIDGE_SANDBOX", ("sandbox.>",))
+DLQ_STREAM = StreamSpec("CCBRIDGE_DLQ", (f"{DLQ_PREFIX}.>",), max_age_s=30 * 24 * 3600.0)
+ALL_STREAMS = (TOKENS_STREAM, SANDBOX_STREAM, DLQ_STREAM)
+
+# --- durable consumers -----------------------------------------------------
+VAULT_TOKENS_ISSUED_DURABLE = "vault-tokens-issued"
+VAULT_TOKENS_REVOKED_DURABLE = "vault-tokens-revoked"
+SANDBOX_CREATED_DURABLE = "sandbox-created"
+SANDBOX_DESTROYED_DURABLE = "sandbox-destroyed"
+SANDBOX_TOKENS_REFRESHED_DURABLE = "sandbox-tokens-refreshed"
+SANDBOX_TOKENS_REVOKED_DURABLE = "sandbox-tokens-revoked"
+
+# Queue groups: N replicas of one service share the work.
+VAULT_QUEUE = "vault"
+SANDBOX_QUEUE = "sandbox"
+
+# --- KV buckets ------------------------------------------------------------
+PENDING_LOGINS_BUCKET = "ccbridge_pending_logins"
+
+MSG_ID_HEADER = "Nats-Msg-Id"
