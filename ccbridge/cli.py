@@ -1,0 +1,183 @@
+"""`ccbridge` — one command line for operators, developers and the demo.
+
+Service verbs import their service lazily: the CLI wires processes, it holds no service logic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="ccbridge: Claude Code credentials for sandboxes.")
+console = Console(stderr=True)
+
+
+def _data_dir() -> Path:
+    return Path(os.environ.get("CCBRIDGE_DATA_DIR") or "./var")
+
+
+def _run_service(name: str) -> None:
+    importlib.import_module(f"services.{name}.app").main()
+
+
+def _service_group(name: str, help_text: str) -> typer.Typer:
+    """`ccbridge <name>` runs the service; `ccbridge <name> <verb>` runs one of its tools."""
+    group = typer.Typer(help=help_text, invoke_without_command=True, no_args_is_help=False)
+
+    @group.callback()
+    def _run(ctx: typer.Context) -> None:
+        if ctx.invoked_subcommand is None:
+            _run_service(name)
+
+    app.add_typer(group, name=name)
+    return group
+
+
+auth_app = _service_group("auth", "Run the auth service (HTTP API + connect page).")
+vault_app = _service_group("vault", "Run the vault service, or one of its tools.")
+sandbox_app = _service_group("sandbox", "Run the sandbox service, or one of its tools.")
+
+
+@app.command()
+def up(
+    data_dir: Annotated[Path, typer.Option(help="Keys, database, sandboxes, logs.")] = None,  # type: ignore[assignment]
+) -> None:
+    """Run the whole stack: embedded nats-server (unless NATS_URL is set) and the three services."""
+    from ccbridge.stack import Stack
+
+    stack = Stack(data_dir or _data_dir(), nats_url=os.environ.get("NATS_URL") or None)
+    console.print("[bold]ccbridge[/bold]: starting nats, vault, sandbox, auth …")
+    stack.start()
+    console.print(f"  NATS      {stack.nats_url}" + ("  (embedded)" if stack.nats else ""))
+    console.print(f"  auth      {stack.auth_url}   (connect page: {stack.auth_url}/connect, API docs: /docs)")
+    console.print(f"  data      {stack.data_dir}   (logs in {stack.log_dir})")
+    console.print("  caller token for a user: [cyan]ccbridge token --user <id>[/cyan]    Ctrl-C stops everything.")
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        while not stopping:
+            stack.check_alive()
+            time.sleep(0.5)
+    finally:
+        console.print("stopping …")
+        stack.stop()
+
+
+@app.command()
+def token(
+    user: Annotated[str, typer.Option("--user", help="User id (the JWT `sub`).")],
+    ttl: Annotated[int, typer.Option(help="Lifetime in seconds.")] = 3600,
+) -> None:
+    """Mint a caller token (HS256, AUTH_JWT_SECRET or the dev secret in CCBRIDGE_DATA_DIR)."""
+    from ccbridge.demo import dev_jwt_secret, mint_caller_token
+
+    secret = dev_jwt_secret(_data_dir() / "keys")
+    if not secret:
+        console.print("[red]no AUTH_JWT_SECRET and no dev secret yet: start the stack once (make run)[/red]")
+        raise typer.Exit(2)
+    typer.echo(mint_caller_token(secret, user, ttl))
+
+
+@app.command()
+def demo(
+    user: Annotated[str, typer.Option(help="User id to connect.")] = "demo-user",
+    keep: Annotated[bool, typer.Option(help="Keep the demo data dir.")] = False,
+) -> None:
+    """The whole flow against the bundled OAuth stand-in; exits 0 when the real CLI is logged in."""
+    data_dir = Path(tempfile.mkdtemp(prefix="ccbridge-demo-"))
+    try:
+        ok = asyncio.run(_demo(user, data_dir))
+    finally:
+        if not keep:
+            shutil.rmtree(data_dir, ignore_errors=True)
+    raise typer.Exit(0 if ok else 1)
+
+
+async def _demo(user: str, data_dir: Path) -> bool:
+    import secrets
+
+    import httpx
+
+    from ccbridge.client import CcbridgeClient
+    from ccbridge.demo import (
+        claude_auth_status,
+        connect_claude_account,
+        find_claude,
+        mint_caller_token,
+        prepare_when_connected,
+    )
+    from ccbridge.embedded_nats import free_port
+    from ccbridge.stack import Stack
+    from standins.oauth import OAuthStandin
+
+    jwt_secret = secrets.token_urlsafe(32)
+    async with OAuthStandin(port=0) as oauth:
+        env = {
+            "AUTH_JWT_SECRET": jwt_secret,
+            "OAUTH_AUTHORIZE_URL": oauth.authorize_url,
+            "OAUTH_TOKEN_URL": oauth.token_url,
+            "OAUTH_REDIRECT_URI": oauth.callback_url,
+        }
+        console.print(f"1. OAuth stand-in on {oauth.base_url}; starting the stack in {data_dir}")
+        stack = Stack(data_dir, nats_url=os.environ.get("NATS_URL") or None, env=env, auth_port=free_port())
+        async with stack:
+            console.print(f"2. stack up: auth {stack.auth_url}, NATS {stack.nats_url}")
+            async with httpx.AsyncClient(timeout=30) as http:
+                connected = await connect_claude_account(http, stack.auth_url, mint_caller_token(jwt_secret, user))
+            console.print(f"3. login + paste → HTTP {connected.status} {json.dumps(connected.body)}")
+            if connected.status != 202:
+                return False
+            sandbox_id = f"demo-{uuid.uuid4().hex[:8]}"
+            async with CcbridgeClient(stack.nats_url) as ccb:
+                result = await prepare_when_connected(ccb, sandbox_id, user, timeout=30)
+            console.print(f"4. sandbox.created → {type(result).__name__}: {result.model_dump_json()}")
+            if result.__class__.__name__ != "SandboxCredentialsInjected":
+                return False
+            home = Path(stack.service_env()["LOCAL_SANDBOX_ROOT"]) / result.sandbox_id
+            console.print(f"5. injected home {home}:")
+            for path in sorted(home.rglob("*")):
+                if path.is_file():
+                    console.print(f"     {oct(path.stat().st_mode & 0o777)}  {path.relative_to(home)}")
+            claude = find_claude()
+            if not claude:
+                console.print("6. the `claude` CLI is not installed here (make demo installs it); skipping its verdict")
+                return True
+            status = claude_auth_status(claude, home)
+            console.print(f"6. HOME={home} claude auth status --json → {json.dumps(status)}")
+            return bool(status.get("loggedIn"))
+
+
+@app.command("standin-oauth")
+def standin_oauth(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8900,
+) -> None:
+    """Run the bundled OAuth stand-in (for trying the flow by hand)."""
+    from standins.oauth import run_oauth_standin
+
+    run_oauth_standin("127.0.0.1", port)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""A small typed client for platform services that talk to ccbridge over NATS.
+
+    async with CcbridgeClient(nats_url) as ccb:
+        result = await ccb.prepare_sandbox("sbx-1", "user-42", mode="access_only")
+
+It subscribes to results before publishing (no race), sets `event_id` = `Nats-Msg-Id` (a retried
+publish is deduplicated by JetStream) and serves many concurrent calls on one connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from pydantic import ValidationError
+
+from shared import subjects
+from shared.events import (
+    Backend,
+    CredentialMode,
+    SandboxCreated,
+    SandboxCredentialsFailed,
+    SandboxCredentialsInjected,
+    SandboxOptions,
+    new_event_id,
+)
+
+SandboxResult = SandboxCredentialsInjected | SandboxCredentialsFailed
+
+
+class CcbridgeTimeout(TimeoutError):
+    """No result arrived in time. Safe to call again with the same event_id."""
+
+    def __init__(self, sandbox_id: str, event_id: str, timeout: float) -> None:
+        super().__init__(
+            f"no result for sandbox {sandbox_id!r} (event {event_id}) within {timeout:g}s: "
+            "is the ccbridge sandbox service running?"
+        )
+        self.sandbox_id = sandbox_id
+        self.event_id = event_id
+
+
+class CcbridgeClient:
+    def __init__(self, nats_url: str, *, connection: NatsClient | None = None, name: str = "ccbridge-client") -> None:
+        self._url = nats_url
+        self._name = name
+        self._nc = connection
+        self._owns_connection = connection is None
+        self._waiters: dict[str, asyncio.Future[SandboxResult]] = {}
+        self._subscription: Any = None
+
+    async def __aenter__(self) -> CcbridgeClient:
+        if self._nc is None:
+            self._nc = await nats.connect(self._url, name=self._name)
+        self._subscription = await self._nc.subscribe("sandbox.credentials.*", cb=self._on_result)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._subscription is not None:
+            await self._subscription.unsubscribe()
+        for waiter in self._waiters.values():
+            waiter.cancel()
+        if self._owns_connection and self._nc is not None:
+            await self._nc.drain()
+
+    async def _on_result(self, msg: Msg) -> None:
+        model = (
+            SandboxCredentialsInjected
+            if msg.subject == subjects.SANDBOX_CREDENTIALS_INJECTED
+            else SandboxCredentialsFailed
+        )
+        try:
+            result = model.model_validate_json(msg.data)
+        except ValidationError:
+            return  # not ours to judge; the publisher's problem
+        waiter = self._waiters.get(result.cause_event_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(result)
+
+    async def prepare_sandbox(
+        self,
+        sandbox_id: str,
+        user_id: str,
+        *,
+        backend: Backend = "local",
+        mode: CredentialMode | None = None,
+        mcp: bool = False,
+        home: str | None = None,
+        user: str | None = None,
+        template: str | None = None,
+        config_dir: str | None = None,
+        timeout: float = 30.0,
+        event_id: str | None = None,
+    ) -> SandboxResult:
+        """Publish `sandbox.created` and wait for `injected` or `failed` for exactly this event."""
+        assert self._nc is not None, "use `async with CcbridgeClient(...)`"
+        event = SandboxCreated(
+            event_id=event_id or new_event_id(),
+            user_id=user_id,
+            sandbox_id=sandbox_id,
+            backend=backend,
+            home=home,
+            user=user,
+            template=template,
+            options=SandboxOptions(mode=mode, mcp=mcp, config_dir=config_dir),
+        )
+        waiter: asyncio.Future[SandboxResult] = asyncio.get_running_loop().create_future()
+        self._waiters[event.event_id] = waiter
+        try:
+            await self._nc.jetstream().publish(
+                subjects.SANDBOX_CREATED,
+                event.model_dump_json().encode(),
+                headers={subjects.MSG_ID_HEADER: event.event_id},
+                stream=subjects.SANDBOX_STREAM.name,
+            )
+            return await asyncio.wait_for(waiter, timeout)
+        except TimeoutError as exc:
+            raise CcbridgeTimeout(sandbox_id, event.event_id, timeout) from exc
+        finally:
+            self._waiters.pop(event.event_id, None)

@@ -1,0 +1,86 @@
+"""The whole product flow against the bundled OAuth stand-in, as a person and a platform
+would drive it. `ccbridge demo` prints it; the end-to-end tests assert on it."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import jwt
+
+PASTE_CODE = re.compile(r'<code id="paste-code">([^<]+)</code>')
+
+
+def mint_caller_token(secret: str, user_id: str, ttl_s: int = 600) -> str:
+    """An HS256 caller token as a platform would mint it for its user (`sub` = user id)."""
+    now = int(time.time())
+    return jwt.encode({"sub": user_id, "iat": now, "exp": now + ttl_s}, secret, algorithm="HS256")
+
+
+def dev_jwt_secret(keys_dir: Path) -> str | None:
+    if value := os.environ.get("AUTH_JWT_SECRET"):
+        return value
+    path = keys_dir / "auth-jwt.secret"
+    return path.read_text().strip() if path.exists() else None
+
+
+@dataclass
+class Connected:
+    status: int
+    body: dict
+
+
+async def connect_claude_account(http: httpx.AsyncClient, auth_url: str, caller_token: str) -> Connected:
+    """Login → open the authorize URL (the stand-in approves and shows `code#state`) → paste it."""
+    headers = {"Authorization": f"Bearer {caller_token}"}
+    login = await http.post(f"{auth_url}/v1/claude-code/login", headers=headers)
+    login.raise_for_status()
+    page = await http.get(login.json()["authorize_url"], follow_redirects=True)
+    page.raise_for_status()
+    match = PASTE_CODE.search(page.text)
+    if not match:
+        raise RuntimeError("the authorize page showed no code to paste")
+    pasted = html.unescape(match.group(1)).strip()
+    exchange = await http.post(f"{auth_url}/v1/claude-code/exchange", headers=headers, json={"code": pasted})
+    return Connected(exchange.status_code, exchange.json())
+
+
+async def prepare_when_connected(ccb, sandbox_id: str, user_id: str, *, wait_s: float = 15.0, **kwargs):
+    """The vault stores tokens asynchronously after the 202: retry `not_connected` briefly."""
+    import asyncio
+
+    deadline = time.monotonic() + wait_s
+    while True:  # each try is a new event for the same sandbox
+        result = await ccb.prepare_sandbox(sandbox_id, user_id, **kwargs)
+        if getattr(result, "reason", None) != "not_connected" or time.monotonic() > deadline:
+            return result
+        await asyncio.sleep(0.2)
+
+
+def find_claude() -> str | None:
+    candidates = [os.environ.get("CLAUDE_BIN", ""), "var/tools/claude/node_modules/.bin/claude"]
+    for candidate in candidates:
+        if candidate and Path(candidate).exists():
+            return str(Path(candidate).resolve())
+    return shutil.which("claude")
+
+
+def claude_auth_status(claude_bin: str, home: Path, extra_env: dict[str, str] | None = None) -> dict:
+    """`HOME=<home> claude auth status --json`, with no credentials of ours leaking in from env."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE_", "ANTHROPIC_"))}
+    env.update({"HOME": str(home), "DISABLE_AUTOUPDATER": "1", **(extra_env or {})})
+    done = subprocess.run(
+        [claude_bin, "auth", "status", "--json"], env=env, capture_output=True, text=True, timeout=120
+    )
+    try:
+        return json.loads(done.stdout)
+    except json.JSONDecodeError:
+        return {"loggedIn": False, "error": (done.stderr or done.stdout)[-500:]}

@@ -1,0 +1,213 @@
+"""Run the whole ccbridge stack as separate processes: an embedded nats-server (unless
+NATS_URL names one) and the three services. Used by `ccbridge up`, `ccbridge demo` and the
+end-to-end tests, so all three start the stack the same way."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import nats
+from nats.js.errors import NotFoundError
+
+from ccbridge.embedded_nats import EmbeddedNats, free_port
+from shared import subjects
+from shared.sealing import load_or_create_keypair
+
+SERVICES = ("vault", "sandbox", "auth")
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+
+@dataclass
+class Stack:
+    data_dir: Path
+    nats_url: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    services: tuple[str, ...] = SERVICES
+    auth_port: int | None = None
+    log_dir: Path | None = None
+    quiet: bool = True
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).resolve()
+        self.log_dir = Path(self.log_dir or self.data_dir / "logs").resolve()
+        self.nats: EmbeddedNats | None = None
+        self.processes: dict[str, ServiceProcess] = {}
+
+    # --- configuration --------------------------------------------------
+    @property
+    def auth_url(self) -> str:
+        host = self.service_env().get("AUTH_HOST", "127.0.0.1")
+        return f"http://{host}:{self.service_env()['AUTH_PORT']}"
+
+    def service_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "NATS_URL": self.nats_url or "",
+                "CCBRIDGE_DATA_DIR": str(self.data_dir),
+                "DATABASE_URL": env.get("DATABASE_URL") or f"sqlite+aiosqlite:///{self.data_dir / 'vault.db'}",
+                "LOCAL_SANDBOX_ROOT": env.get("LOCAL_SANDBOX_ROOT") or str(self.data_dir / "sandboxes"),
+                "AUTH_PORT": str(self.auth_port or env.get("AUTH_PORT") or 8000),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(self.env)
+        return env
+
+    # --- lifecycle ------------------------------------------------------
+    def start(self, timeout: float = 60.0) -> Stack:
+        asyncio.run(self.astart(timeout))
+        return self
+
+    async def astart(self, timeout: float = 60.0) -> Stack:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        if not self.nats_url:
+            self.nats = EmbeddedNats(self.data_dir / "nats", log_file=self.log_dir / "nats-server.log").start()
+            self.nats_url = self.nats.url
+        if self.auth_port is None and "AUTH_PORT" not in self.env and not os.environ.get("AUTH_PORT"):
+            self.auth_port = 8000 if _port_free(8000) else free_port()
+        # Keys exist before any service starts, so auth can seal to the vault at once.
+        keys_dir = self.data_dir / "keys"
+        if not self.service_env().get("VAULT_HPKE_PRIVATE_KEY"):
+            load_or_create_keypair(keys_dir, "vault")
+        if not self.service_env().get("SANDBOX_HPKE_PRIVATE_KEY"):
+            load_or_create_keypair(keys_dir, "sandbox")
+        for name in self.services:
+            self.start_service(name)
+        try:
+            await self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start_service(self, name: str) -> ServiceProcess:
+        log_path = self.log_dir / f"{name}.log"
+        out = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+        process = subprocess.Popen(
+            [sys.executable, "-m", f"services.{name}"],
+            env=self.service_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        out.close()
+        self.processes[name] = ServiceProcess(name, process, log_path)
+        return self.processes[name]
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.processes[name].process
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            proc.wait(15)
+
+    def restart(self, name: str) -> None:
+        self.kill(name)
+        self.start_service(name)
+
+    def stop(self) -> None:
+        for svc in reversed(list(self.processes.values())):
+            if svc.process.poll() is None:
+                svc.process.send_signal(signal.SIGTERM)
+        for svc in self.processes.values():
+            try:
+                svc.process.wait(15)
+            except subprocess.TimeoutExpired:
+                svc.process.kill()
+                svc.process.wait()
+        self.processes.clear()
+        if self.nats:
+            self.nats.stop()
+            self.nats = None
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Stack:
+        return await self.astart()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.stop)
+
+    def check_alive(self) -> None:
+        for svc in self.processes.values():
+            if svc.process.poll() is not None:
+                tail = svc.log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"service {svc.name} exited with {svc.process.returncode}:\n{tail}")
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Ready = durable consumers exist, the vault answers requests, auth says /readyz 200."""
+        deadline = time.monotonic() + timeout
+        nc = await nats.connect(self.nats_url, max_reconnect_attempts=-1)
+        try:
+            js = nc.jetstream()
+            pending = []
+            if "vault" in self.services:
+                pending.append((subjects.TOKENS_STREAM.name, subjects.VAULT_TOKENS_ISSUED_DURABLE))
+            if "sandbox" in self.services:
+                pending.append((subjects.SANDBOX_STREAM.name, subjects.SANDBOX_CREATED_DURABLE))
+            async with httpx.AsyncClient(timeout=2.0) as http:
+                while True:
+                    self.check_alive()
+                    pending = [p for p in pending if not await _consumer_exists(js, *p)]
+                    vault_ok = "vault" not in self.services or await _responds(nc, subjects.VAULT_CREDENTIALS_GET)
+                    auth_ok = "auth" not in self.services or await _http_ok(http, f"{self.auth_url}/readyz")
+                    if not pending and vault_ok and auth_ok:
+                        return
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"stack not ready: consumers={pending} vault={vault_ok} auth={auth_ok}")
+                    await asyncio.sleep(0.2)
+        finally:
+            await nc.close()
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+async def _consumer_exists(js: nats.js.JetStreamContext, stream: str, durable: str) -> bool:
+    try:
+        await js.consumer_info(stream, durable)
+        return True
+    except (NotFoundError, nats.errors.Error, asyncio.TimeoutError):
+        return False
+
+
+async def _responds(nc: nats.NATS, subject: str) -> bool:
+    try:
+        await nc.request(subject, b"{}", timeout=0.5)
+        return True
+    except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+        return False
+
+
+async def _http_ok(http: httpx.AsyncClient, url: str) -> bool:
+    try:
+        return (await http.get(url)).status_code == 200
+    except httpx.HTTPError:
+        return False
