@@ -165,6 +165,103 @@ async def _demo(user: str, data_dir: Path) -> bool:
             return bool(status.get("loggedIn"))
 
 
+def _caller_token(token: str | None, user: str | None) -> str:
+    from ccbridge.demo import dev_jwt_secret, mint_caller_token
+
+    if token := token or os.environ.get("CCBRIDGE_TOKEN"):
+        return token
+    secret = dev_jwt_secret(_data_dir() / "keys")
+    if user and secret:
+        return mint_caller_token(secret, user)
+    console.print("[red]give --token (or CCBRIDGE_TOKEN), or --user with a dev stack running (make run)[/red]")
+    raise typer.Exit(2)
+
+
+@app.command()
+def login(
+    auth_url: Annotated[str, typer.Option(envvar="CCBRIDGE_AUTH_URL", help="Auth service URL.")] = "http://127.0.0.1:8000",
+    token: Annotated[str | None, typer.Option(help="Caller token (JWT); or CCBRIDGE_TOKEN.")] = None,
+    user: Annotated[str | None, typer.Option(help="Dev only: mint a caller token for this user.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
+    no_browser: Annotated[bool, typer.Option(help="Only print the URL.")] = False,
+) -> None:
+    """Connect a Claude account from a terminal: open the URL, paste the code, done."""
+    import sys
+
+    import httpx
+
+    from ccbridge.login import LoginError, browser_available, run_login
+
+    caller = _caller_token(token, user)
+
+    def read_paste() -> str:
+        if sys.stdin.isatty():
+            return typer.prompt("Code", hide_input=False)
+        return sys.stdin.readline()
+
+    with httpx.Client(timeout=30) as http:
+        try:
+            result = run_login(
+                http,
+                auth_url.rstrip("/"),
+                caller,
+                read_paste=read_paste,
+                show=lambda line: console.print(line, soft_wrap=True, highlight=False),
+                open_browser=not no_browser and browser_available(),
+            )
+        except LoginError as exc:
+            if as_json:
+                typer.echo(json.dumps({"ok": False, "error": exc.message, "status": exc.status, "problem": exc.problem}))
+            else:
+                console.print(f"[red]{exc.message}[/red]")
+            raise typer.Exit(exc.exit_code) from None
+    if as_json:
+        typer.echo(json.dumps({"ok": True, "status": result.status, "expires_at": result.expires_at, "scopes": result.scopes}))
+    else:
+        console.print(f"[green]Connected.[/green] Access valid until {result.expires_human()}; scopes: {' '.join(result.scopes)}")
+
+
+@sandbox_app.command("create")
+def sandbox_create(
+    user: Annotated[str, typer.Option("--user", help="User whose credentials to inject.")],
+    sandbox_id: Annotated[str, typer.Option("--sandbox-id", help="The platform's sandbox id.")],
+    backend: Annotated[str, typer.Option(help="local | e2b")] = "local",
+    mode: Annotated[str | None, typer.Option(help="file | access_only | env (default: the service's)")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the result.")] = 30.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
+) -> None:
+    """Publish sandbox.created and wait for the result; exit 0 only when the sandbox is ready."""
+    from ccbridge.client import CcbridgeClient, CcbridgeTimeout
+    from shared.events import SandboxCredentialsInjected
+
+    nats_url = os.environ.get("NATS_URL") or "nats://127.0.0.1:4222"
+
+    async def _create():
+        async with CcbridgeClient(nats_url) as ccb:
+            return await ccb.prepare_sandbox(sandbox_id, user, backend=backend, mode=mode, timeout=timeout)  # type: ignore[arg-type]
+
+    try:
+        with console.status(f"preparing sandbox {sandbox_id} for {user} …", spinner="dots"):
+            result = asyncio.run(_create())
+    except CcbridgeTimeout as exc:
+        if as_json:
+            typer.echo(json.dumps({"ok": False, "error": "timeout", "detail": str(exc)}))
+        else:
+            console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(3) from None
+    except Exception as exc:  # noqa: BLE001 - a clear message instead of a traceback
+        console.print(f"[red]cannot talk to ccbridge at {nats_url}: {type(exc).__name__}: {exc}[/red]")
+        raise typer.Exit(3) from None
+    ready = isinstance(result, SandboxCredentialsInjected)
+    if as_json:
+        typer.echo(json.dumps({"ok": ready, **result.model_dump(mode="json")}))
+    elif ready:
+        console.print(f"[green]ready[/green]: {sandbox_id} ({result.mode}, {result.backend}); files: {', '.join(result.files)}")
+    else:
+        console.print(f"[red]failed[/red]: {result.reason} — {result.detail}")
+    raise typer.Exit(0 if ready else 1)
+
+
 @app.command("standin-oauth")
 def standin_oauth(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8900,
