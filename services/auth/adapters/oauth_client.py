@@ -1,0 +1,163 @@
+"""The OAuth token endpoint over httpx: one AsyncClient per service, reused.
+
+Requests are byte-for-byte what the real CLI sends (JSON body, the same six fields). Failures
+become the `UpstreamError` family; response bodies are never logged or put into errors.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from services.auth.domain import CodeExchange, TokenGrant
+from services.auth.errors import (
+    InvalidCode,
+    UpstreamBadResponse,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+USER_AGENT = "ccbridge-auth/0.1"
+DEFAULT_RETRY_AFTER_S = 30
+MAX_RETRY_AFTER_S = 3600
+
+
+class _Account(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    uuid: str | None = Field(default=None, max_length=256)
+    email_address: str | None = Field(default=None, max_length=512)
+
+
+class _Organization(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    uuid: str | None = Field(default=None, max_length=256)
+    name: str | None = Field(default=None, max_length=512)
+
+
+class _TokenResponse(BaseModel):
+    model_config = ConfigDict(extra="ignore", hide_input_in_errors=True)
+
+    access_token: str = Field(min_length=1, max_length=8192)
+    refresh_token: str | None = Field(default=None, min_length=1, max_length=8192)
+    expires_in: int = Field(gt=0, le=10 * 365 * 24 * 3600)
+    refresh_token_expires_in: int | None = Field(default=None, ge=0, le=10 * 365 * 24 * 3600)
+    scope: str | None = Field(default=None, max_length=4096)
+    account: _Account | None = None
+    organization: _Organization | None = None
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> int:
+    """Seconds to wait, from delta-seconds or an HTTP date; bounded; a default when absent."""
+    if not value:
+        return DEFAULT_RETRY_AFTER_S
+    value = value.strip()
+    seconds: float
+    if value.isdigit():
+        seconds = int(value)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return DEFAULT_RETRY_AFTER_S
+        if when is None:
+            return DEFAULT_RETRY_AFTER_S
+        seconds = when.timestamp() - (now if now is not None else time.time())
+    return int(min(max(seconds, 1), MAX_RETRY_AFTER_S))
+
+
+def _oauth_error_code(response: httpx.Response) -> str | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):  # Anthropic API style {"error": {"type": ...}}
+        error = error.get("type")
+    return error if isinstance(error, str) and len(error) < 64 else None
+
+
+def grant_from_json(body: Any) -> TokenGrant:
+    try:
+        parsed = _TokenResponse.model_validate(body)
+    except ValidationError:
+        fields = sorted(body) if isinstance(body, dict) else type(body).__name__
+        log.warning("token response not understood", fields=str(fields)[:200])
+        raise UpstreamBadResponse() from None
+    scopes = tuple(parsed.scope.split()) if parsed.scope and parsed.scope.strip() else None
+    return TokenGrant(
+        access_token=parsed.access_token,
+        refresh_token=parsed.refresh_token,
+        expires_in=parsed.expires_in,
+        refresh_token_expires_in=parsed.refresh_token_expires_in,
+        scopes=scopes,
+        account_uuid=parsed.account.uuid if parsed.account else None,
+        email=parsed.account.email_address if parsed.account else None,
+        organization_uuid=parsed.organization.uuid if parsed.organization else None,
+        organization_name=parsed.organization.name if parsed.organization else None,
+    )
+
+
+class HttpOAuthClient:
+    def __init__(self, *, token_url: str, timeout: float = 10.0, client: httpx.AsyncClient | None = None) -> None:
+        self.token_url = token_url
+        self._owns_client = client is None
+        self._client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout),
+            follow_redirects=False,
+            headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+        )
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def exchange_code(self, request: CodeExchange) -> TokenGrant:
+        body = {
+            "grant_type": "authorization_code",
+            "code": request.code,
+            "redirect_uri": request.redirect_uri,
+            "client_id": request.client_id,
+            "code_verifier": request.code_verifier,
+            "state": request.state,
+        }
+        return await self._post(body, grant_type="authorization_code")
+
+    async def _post(self, body: dict[str, str], *, grant_type: str) -> TokenGrant:
+        started = time.monotonic()
+        try:
+            response = await self._client.post(self.token_url, json=body)
+        except httpx.TimeoutException as exc:
+            log.warning("token endpoint timeout", grant_type=grant_type, error_type=type(exc).__name__)
+            raise UpstreamTimeout() from None
+        except httpx.HTTPError as exc:
+            log.warning("token endpoint unreachable", grant_type=grant_type, error_type=type(exc).__name__)
+            raise UpstreamUnavailable() from None
+        elapsed_ms = int((time.monotonic() - started) * 1000)
+        status = response.status_code
+        log.info("token endpoint answered", grant_type=grant_type, status=status, elapsed_ms=elapsed_ms)
+        if status == 429:
+            raise UpstreamRateLimited(parse_retry_after(response.headers.get("retry-after")))
+        if status in (400, 401, 403):
+            error = _oauth_error_code(response)
+            log.info("token endpoint refused the grant", grant_type=grant_type, status=status, error=error)
+            raise InvalidCode()
+        if status >= 500:
+            raise UpstreamUnavailable()
+        if status != 200:
+            # 3xx (we never follow), 404 (an old token URL), other 4xx: our configuration is off.
+            raise UpstreamBadResponse(f"The authorization server answered HTTP {status}; check OAUTH_TOKEN_URL.")
+        content_type = response.headers.get("content-type", "")
+        try:
+            payload = response.json()
+        except ValueError:
+            log.warning("token response is not JSON", content_type=content_type[:100])
+            raise UpstreamBadResponse() from None
+        return grant_from_json(payload)

@@ -1,0 +1,180 @@
+"""Pending logins in a JetStream KV bucket (shared by every auth replica), and an in-memory fake.
+
+- Key = the login's state; bucket TTL = the login's life, so forgotten logins vanish by themselves.
+- Single use: `consume` deletes with `last=revision` (compare-and-set): of two racing replicas
+  exactly one wins.
+- The record holds the PKCE verifier, which together with a code someone saw would be enough to
+  redeem it: values are AES-256-GCM encrypted with a key derived from the caller-JWT secret
+  (which every replica shares), bound to the key name, so the bus never carries a verifier in
+  the clear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from datetime import timedelta
+
+import nats.errors
+import nats.js.errors
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+
+from services.auth.domain import PendingLogin
+from services.auth.errors import StoreUnavailable
+from services.auth.ports import StoredLogin
+from shared.logging import get_logger
+from shared.subjects import PENDING_LOGINS_BUCKET
+
+log = get_logger(__name__)
+
+_WRONG_LAST_SEQUENCE = (10071, 10164)
+_TRANSIENT = (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError, OSError)
+
+
+class RecordCipher:
+    """AES-256-GCM with a key derived (HKDF-SHA256) from a service secret; AAD = the KV key."""
+
+    VERSION = b"\x01"
+
+    def __init__(self, secret: bytes) -> None:
+        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"ccbridge/auth/pending-login/v1").derive(
+            secret
+        )
+        self._aead = AESGCM(key)
+
+    def __repr__(self) -> str:
+        return "RecordCipher()"
+
+    def encrypt(self, plaintext: bytes, *, key: str) -> bytes:
+        nonce = os.urandom(12)
+        return self.VERSION + nonce + self._aead.encrypt(nonce, plaintext, key.encode())
+
+    def decrypt(self, blob: bytes, *, key: str) -> bytes:
+        if len(blob) < 1 + 12 + 16 or blob[:1] != self.VERSION:
+            raise ValueError("not a sealed pending-login record")
+        try:
+            return self._aead.decrypt(blob[1:13], blob[13:], key.encode())
+        except Exception as exc:  # noqa: BLE001 - InvalidTag and friends: one answer
+            raise ValueError("pending-login record does not open") from exc
+
+
+async def open_bucket(
+    js: JetStreamContext, *, bucket: str = PENDING_LOGINS_BUCKET, ttl: timedelta, replicas: int = 1
+) -> KeyValue:
+    """The bucket, created on first use. Idempotent and safe when replicas race."""
+    try:
+        return await js.key_value(bucket)
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    config = KeyValueConfig(
+        bucket=bucket,
+        description="ccbridge auth: pending logins (state -> sealed PKCE record)",
+        history=1,
+        ttl=ttl.total_seconds(),
+        storage=StorageType.FILE,
+        replicas=replicas,
+    )
+    try:
+        return await js.create_key_value(config)
+    except nats.js.errors.APIError:
+        # Another replica created it meanwhile (possibly with another TTL): use theirs.
+        return await js.key_value(bucket)
+
+
+class KvPendingStore:
+    def __init__(self, kv: KeyValue, cipher: RecordCipher) -> None:
+        self._kv = kv
+        self._cipher = cipher
+
+    @classmethod
+    async def open(
+        cls, js: JetStreamContext, cipher: RecordCipher, *, ttl: timedelta, replicas: int = 1
+    ) -> KvPendingStore:
+        return cls(await open_bucket(js, ttl=ttl, replicas=replicas), cipher)
+
+    async def put(self, login: PendingLogin) -> None:
+        try:
+            await self._kv.create(login.state, self._cipher.encrypt(login.to_json(), key=login.state))
+        except _TRANSIENT as exc:
+            log.warning("pending-login store write failed", error_type=type(exc).__name__)
+            raise StoreUnavailable() from None
+
+    async def get(self, state: str) -> StoredLogin | None:
+        try:
+            entry = await self._kv.get(state)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        except nats.js.errors.InvalidKeyError:
+            return None
+        except _TRANSIENT as exc:
+            log.warning("pending-login store read failed", error_type=type(exc).__name__)
+            raise StoreUnavailable() from None
+        if not entry.value:
+            return None
+        try:
+            login = PendingLogin.from_json(self._cipher.decrypt(entry.value, key=state))
+        except ValueError:
+            log.warning("unreadable pending-login record ignored (other secret or corrupted)")
+            return None
+        if login.state != state:
+            return None
+        return StoredLogin(login=login, revision=entry.revision or 0)
+
+    async def consume(self, state: str, revision: int) -> bool:
+        try:
+            await self._kv.delete(state, last=revision)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in _WRONG_LAST_SEQUENCE:
+                return False
+            log.warning("pending-login store delete failed", error_type=type(exc).__name__)
+            raise StoreUnavailable() from None
+        except _TRANSIENT as exc:
+            log.warning("pending-login store delete failed", error_type=type(exc).__name__)
+            raise StoreUnavailable() from None
+        return True
+
+    async def restore(self, login: PendingLogin) -> None:
+        try:
+            await self._kv.create(login.state, self._cipher.encrypt(login.to_json(), key=login.state))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            pass  # somebody put it back already
+        except _TRANSIENT as exc:
+            log.warning("pending-login store restore failed", error_type=type(exc).__name__)
+            raise StoreUnavailable() from None
+
+
+class InMemoryPendingStore:
+    """Same semantics as the KV store (revisions, compare-and-set), for unit tests."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, tuple[PendingLogin, int]] = {}
+        self._revision = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def put(self, login: PendingLogin) -> None:
+        if login.state in self._items:
+            raise StoreUnavailable("duplicate state")
+        self._revision += 1
+        self._items[login.state] = (login, self._revision)
+
+    async def get(self, state: str) -> StoredLogin | None:
+        item = self._items.get(state)
+        return StoredLogin(login=item[0], revision=item[1]) if item else None
+
+    async def consume(self, state: str, revision: int) -> bool:
+        item = self._items.get(state)
+        if item is None or item[1] != revision:
+            return False
+        del self._items[state]
+        return True
+
+    async def restore(self, login: PendingLogin) -> None:
+        if login.state not in self._items:
+            await self.put(login)

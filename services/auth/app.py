@@ -1,0 +1,342 @@
+"""Composition root of the auth service: the only place that wires adapters.
+
+    create_app(settings, *, broker, ...)  -> FastAPI (its lifespan starts/stops the runtime)
+    build_api(metrics, components=None)   -> FastAPI with routes and error handlers only (unit tests)
+    AuthService(settings, **adapters)     -> start()/stop(), base_url; the app under uvicorn
+    serve(settings), main()               -> `python -m services.auth`
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import uvicorn
+from fastapi import FastAPI
+from faststream.nats import NatsBroker
+from pydantic import ValidationError
+
+from services.auth.adapters.bus import BrokerPublisher
+from services.auth.adapters.keys import VaultKeySource, load_or_create_jwt_secret
+from services.auth.adapters.oauth_client import HttpOAuthClient
+from services.auth.adapters.pending_store import KvPendingStore, RecordCipher
+from services.auth.callers import CallerVerifier
+from services.auth.errors import install_error_handlers
+from services.auth.login import LoginPolicy, LoginService
+from services.auth.metrics import AuthMetrics
+from services.auth.ports import Clock, OAuthClient, PendingStore, VaultKeys
+from services.auth.routes import AuthComponents, router
+from services.auth.settings import AuthSettings
+from shared.broker import make_broker, provision
+from shared.logging import configure_logging, get_logger
+
+log = get_logger(__name__)
+
+DESCRIPTION = """Connect a person's Claude account to ccbridge.
+
+1. `POST /v1/claude-code/login` → open `authorize_url` in the person's browser.
+2. The person approves and is shown `code#state`; `POST /v1/claude-code/exchange` with it.
+3. The tokens go, sealed to the vault's key, onto the bus; this API never returns them.
+
+Callers authenticate with an HS256 JWT (`sub` = user id). Errors are RFC 9457 problem+json.
+"""
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def build_api(metrics: AuthMetrics | None = None, components: AuthComponents | None = None, *, lifespan=None) -> FastAPI:  # noqa: ANN001
+    app = FastAPI(title="ccbridge auth", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.metrics = metrics or AuthMetrics()
+    app.state.components = components
+    install_error_handlers(app)
+    app.include_router(router)
+    return app
+
+
+class AuthRuntime:
+    """Everything with a lifecycle behind the app: broker, pending-login store, OAuth client."""
+
+    def __init__(
+        self,
+        settings: AuthSettings,
+        *,
+        broker: NatsBroker,
+        oauth_client: OAuthClient | None = None,
+        pending_store: PendingStore | None = None,
+        clock: Clock | None = None,
+        vault_keys: VaultKeys | None = None,
+    ) -> None:
+        self.settings = settings
+        self.broker = broker
+        self._oauth_client = oauth_client
+        self._pending_store = pending_store
+        self._clock = clock or utc_now
+        self._vault_keys = vault_keys
+        self._owned_oauth: OAuthClient | None = None
+        self._broker_started = False
+
+    async def start(self, app: FastAPI) -> None:
+        settings = self.settings
+        secret = (
+            settings.jwt_secret.get_secret_value().strip()
+            if settings.jwt_secret is not None
+            else load_or_create_jwt_secret(settings.keys_dir)
+        )
+        vault_keys = self._vault_keys or VaultKeySource(env_value=settings.vault_public_key, keys_dir=settings.keys_dir)
+        log.info("connecting to the bus", nats_url=_without_credentials(settings.nats_url))
+        self._broker_started = True
+        try:
+            await self.broker.start()
+            await provision(self.broker, settings)
+            pending = self._pending_store or await KvPendingStore.open(
+                self.broker.connection.jetstream(),
+                RecordCipher(secret.encode()),
+                ttl=timedelta(seconds=settings.login_ttl_s),
+                replicas=settings.stream_replicas,
+            )
+            oauth = self._oauth_client
+            if oauth is None:
+                oauth = self._owned_oauth = HttpOAuthClient(
+                    token_url=settings.oauth_token_url, timeout=settings.oauth_http_timeout
+                )
+        except BaseException:
+            await self.stop(app)
+            raise
+        login = LoginService(
+            policy=LoginPolicy(
+                authorize_url=settings.oauth_authorize_url,
+                redirect_uri=settings.oauth_redirect_uri,
+                client_id=settings.oauth_client_id,
+                scopes=settings.scopes,
+                ttl=timedelta(seconds=settings.login_ttl_s),
+            ),
+            pending=pending,
+            oauth=oauth,
+            vault_keys=vault_keys,
+            publisher=BrokerPublisher(self.broker),
+            clock=self._clock,
+        )
+
+        async def readiness() -> dict[str, bool]:
+            return {"bus": self.bus_connected(), "vault_key": vault_keys.current() is not None}
+
+        app.state.components = AuthComponents(
+            login=login,
+            callers=CallerVerifier(secret, audience=settings.jwt_audience),
+            readiness=readiness,
+        )
+        log.info(
+            "auth runtime started",
+            token_url=settings.oauth_token_url,
+            authorize_url=settings.oauth_authorize_url,
+            vault_key=vault_keys.current() is not None,
+        )
+
+    def bus_connected(self) -> bool:
+        try:
+            return bool(self._broker_started and self.broker.connection.is_connected)
+        except Exception:  # noqa: BLE001 - not connected (yet) in whatever way
+            return False
+
+    async def stop(self, app: FastAPI) -> None:
+        app.state.components = None
+        if self._owned_oauth is not None:
+            await self._owned_oauth.aclose()
+            self._owned_oauth = None
+        if self._broker_started:
+            self._broker_started = False
+            with contextlib.suppress(Exception):
+                await self.broker.stop()
+
+
+def _without_credentials(url: str) -> str:
+    head, sep, tail = url.rpartition("@")
+    return f"{head.split('//')[0]}//***@{tail}" if sep else url
+
+
+def create_app(
+    settings: AuthSettings,
+    *,
+    broker: NatsBroker,
+    oauth_client: OAuthClient | None = None,
+    pending_store: PendingStore | None = None,
+    clock: Clock | None = None,
+    vault_keys: VaultKeys | None = None,
+) -> FastAPI:
+    runtime = AuthRuntime(
+        settings, broker=broker, oauth_client=oauth_client, pending_store=pending_store, clock=clock,
+        vault_keys=vault_keys,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await runtime.start(app)
+        try:
+            yield
+        finally:
+            await runtime.stop(app)
+
+    app = build_api(AuthMetrics(), lifespan=lifespan)
+    app.state.runtime = runtime
+    return app
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn without its own signal handling: `serve()` (or the host program) owns signals."""
+
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
+        return contextlib.nullcontext()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+class AuthService:
+    """`async with AuthService(settings) as auth: auth.base_url` — HTTP API on a real port."""
+
+    def __init__(
+        self,
+        settings: AuthSettings,
+        *,
+        oauth_client: OAuthClient | None = None,
+        pending_store: PendingStore | None = None,
+        clock: Clock | None = None,
+        vault_keys: VaultKeys | None = None,
+    ) -> None:
+        self.settings = settings
+        self.broker = make_broker(settings, name="auth")
+        self.app = create_app(
+            settings, broker=self.broker, oauth_client=oauth_client, pending_store=pending_store, clock=clock,
+            vault_keys=vault_keys,
+        )
+        self._runtime: AuthRuntime = self.app.state.runtime
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.port: int | None = None
+
+    @property
+    def base_url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("AuthService is not started")
+        host = self.settings.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        """HTTP first (so /healthz answers and /readyz says 503 while the bus is awaited), then
+        the runtime; a runtime that fails to start takes the HTTP server down with it."""
+        sock = _bind(self.settings.host, self.settings.port)
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app, log_config=None, lifespan="off", server_header=False, timeout_graceful_shutdown=10
+        )
+        self._server = _EmbeddedServer(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="auth-http")
+        while not self._server.started:
+            if self._task.done():
+                sock.close()
+                self._task.result()
+                raise RuntimeError("the auth HTTP server stopped during start")
+            await asyncio.sleep(0.01)
+        try:
+            await self._runtime.start(self.app)
+        except BaseException:
+            await self._stop_http()
+            raise
+        log.info("auth service listening", url=self.base_url)
+
+    async def wait_closed(self) -> None:
+        """Returns when the HTTP server ends on its own (it should not)."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def _stop_http(self) -> None:
+        if self._server is None or self._task is None:
+            return
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout=15)
+        except TimeoutError:
+            self._server.force_exit = True
+            with contextlib.suppress(Exception):
+                await self._task
+        except Exception:  # noqa: BLE001 - the server failed; still release the rest
+            log.warning("auth HTTP server ended with an error")
+        finally:
+            self._server = None
+            self._task = None
+
+    async def stop(self) -> None:
+        await self._stop_http()
+        await self._runtime.stop(self.app)
+
+    async def __aenter__(self) -> AuthService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def serve(settings: AuthSettings) -> None:
+    """Run until cancelled or SIGTERM/SIGINT, then stop cleanly."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+    service = AuthService(settings)
+    stopping = asyncio.create_task(stop.wait())
+    starting = asyncio.create_task(service.start())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # a failed start raises here
+            closed = asyncio.create_task(service.wait_closed())
+            try:
+                await asyncio.wait({stopping, closed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                closed.cancel()
+        log.info("auth service stopping")
+    finally:
+        for task in (starting, stopping):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await service.stop()
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def main() -> None:
+    try:
+        settings = AuthSettings()
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        print(f"ccbridge auth: invalid settings: {problems}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(settings.log_level, settings.log_format, service="auth")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(settings))

@@ -1,0 +1,210 @@
+"""One error tree for the auth service, rendered as RFC 9457 problem+json.
+
+Every error carries its HTTP status, a stable `slug` (the tail of the problem `type` URI and the
+metrics outcome) and a human `detail` that never contains token material or upstream bodies.
+FastAPI's own validation errors, HTTP exceptions and anything unexpected are rendered the same
+way, so clients only ever see problem documents.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.logging import get_logger
+
+PROBLEM_TYPE_BASE = "https://ccbridge.dev/problems/"
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+
+log = get_logger(__name__)
+
+
+class AuthError(Exception):
+    status: int = 500
+    slug: str = "internal"
+    title: str = "Internal error"
+    default_detail: str = "The request could not be completed."
+
+    def __init__(self, detail: str | None = None, *, headers: dict[str, str] | None = None) -> None:
+        self.detail = detail or self.default_detail
+        self.headers = headers or {}
+        super().__init__(self.detail)
+
+    @property
+    def type_uri(self) -> str:
+        return PROBLEM_TYPE_BASE + self.slug
+
+
+# --- caller / input ----------------------------------------------------------
+class Unauthorized(AuthError):
+    status, slug, title = 401, "unauthorized", "Unauthorized"
+    default_detail = "A valid bearer token is required."
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": 'Bearer realm="ccbridge"'})
+
+
+class InvalidPaste(AuthError):
+    status, slug, title = 400, "invalid-code-format", "Malformed authorization code"
+    default_detail = "Paste the whole `code#state` string shown after authorizing."
+
+
+class InvalidState(AuthError):
+    status, slug, title = 400, "invalid-state", "Unknown or expired login"
+    default_detail = "This login is unknown, expired or already used: start a new login."
+
+
+class ForeignState(AuthError):
+    status, slug, title = 403, "forbidden-state", "Login belongs to someone else"
+    default_detail = "This login was started by another caller."
+
+
+# --- upstream (OAuth token endpoint) ------------------------------------------
+class UpstreamError(AuthError):
+    """Something about the token endpoint. `retryable`: the same code may still work later."""
+
+    retryable: bool = False
+
+
+class InvalidCode(UpstreamError):
+    status, slug, title = 400, "invalid-code", "Authorization code rejected"
+    default_detail = "The authorization server rejected the code; this login is used up: start a new login."
+
+
+class UpstreamRateLimited(UpstreamError):
+    status, slug, title = 503, "upstream-rate-limited", "Authorization server busy"
+    default_detail = "The authorization server is rate limiting; retry after the indicated delay."
+    retryable = True
+
+    def __init__(self, retry_after_s: int) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(headers={"Retry-After": str(retry_after_s)})
+
+
+class UpstreamUnavailable(UpstreamError):
+    status, slug, title = 502, "upstream-error", "Authorization server error"
+    default_detail = "The authorization server failed or could not be reached; retry shortly."
+    retryable = True
+
+
+class UpstreamTimeout(UpstreamError):
+    status, slug, title = 504, "upstream-timeout", "Authorization server timeout"
+    default_detail = "The authorization server did not answer in time; retry shortly."
+    retryable = True
+
+
+class UpstreamBadResponse(UpstreamError):
+    status, slug, title = 502, "upstream-bad-response", "Unexpected answer from the authorization server"
+    default_detail = "The authorization server answered with something that is not a token response."
+
+
+# --- our own dependencies -------------------------------------------------------
+class VaultKeyUnavailable(AuthError):
+    status, slug, title = 503, "vault-key-unavailable", "Vault key unknown"
+    default_detail = "The vault's public key is not known yet, so tokens cannot be sealed; retry shortly."
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(detail, headers={"Retry-After": "5"})
+
+
+class StoreUnavailable(AuthError):
+    status, slug, title = 503, "store-unavailable", "Login store unavailable"
+    default_detail = "Pending logins cannot be read or written right now; retry shortly."
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(detail, headers={"Retry-After": "2"})
+
+
+class BusUnavailable(AuthError):
+    status, slug, title = 503, "bus-unavailable", "Event bus unavailable"
+    default_detail = "The tokens could not be handed to the vault; start a new login."
+
+
+# --- rendering --------------------------------------------------------------------
+def problem(
+    status: int,
+    slug: str,
+    title: str,
+    detail: str,
+    *,
+    instance: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extensions: Any,
+) -> JSONResponse:
+    body: dict[str, Any] = {"type": PROBLEM_TYPE_BASE + slug, "title": title, "status": status, "detail": detail}
+    if instance:
+        body["instance"] = instance
+    body.update(extensions)
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_CONTENT_TYPE)
+
+
+async def _auth_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AuthError)
+    return problem(exc.status, exc.slug, exc.title, exc.detail, instance=request.url.path, headers=exc.headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    # Only where and why: never `input`/`ctx`, which would echo what was sent (maybe a code).
+    errors = [
+        {"loc": [str(p) for p in err.get("loc", ())], "msg": str(err.get("msg", "")), "type": str(err.get("type", ""))}
+        for err in exc.errors()[:20]
+    ]
+    return problem(
+        422, "invalid-request", "Invalid request", "The request body or parameters are not valid.",
+        instance=request.url.path, errors=errors,
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    try:
+        phrase = HTTPStatus(exc.status_code).phrase
+    except ValueError:
+        phrase = "Error"
+    slug = phrase.lower().replace(" ", "-").replace("'", "")
+    detail = exc.detail if isinstance(exc.detail, str) and exc.detail != phrase else phrase + "."
+    return problem(exc.status_code, slug, phrase, detail, instance=request.url.path, headers=dict(exc.headers or {}))
+
+
+class CatchAllMiddleware:
+    """A bug becomes a 500 problem without internals (and one log line), not a stack trace
+    on the wire; Starlette's own last-resort handler would re-raise into the server."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            log.error("unhandled error", error_type=type(exc).__name__, path=scope.get("path"), exc_info=True)
+            if started:
+                raise
+            response = problem(500, "internal", "Internal error", "The request could not be completed.",
+                               instance=scope.get("path"))
+            await response(scope, receive, send)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(AuthError, _auth_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_middleware(CatchAllMiddleware)

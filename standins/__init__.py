@@ -1,0 +1,1 @@
+"""Loopback stand-ins for external services (OAuth server, e2b), used by tests and `ccbridge demo`."""

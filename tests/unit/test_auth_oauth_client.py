@@ -1,0 +1,152 @@
+"""The token-endpoint adapter: the exact request, and every failure mapped to a typed error."""
+
+from __future__ import annotations
+
+import json
+from email.utils import format_datetime
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+
+from services.auth.adapters.oauth_client import HttpOAuthClient, parse_retry_after
+from services.auth.domain import CodeExchange
+from services.auth.errors import (
+    InvalidCode,
+    UpstreamBadResponse,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+
+TOKEN_URL = "https://platform.example/v1/oauth/token"
+REQUEST = CodeExchange(
+    code="the-code", code_verifier="v" * 64, state="the-state-0123456789", redirect_uri="https://cb.example/cb",
+    client_id="client-1",
+)
+GOOD = {
+    "access_token": "sk-ant-oat01-abc",
+    "refresh_token": "sk-ant-ort01-def",
+    "expires_in": 28800,
+    "refresh_token_expires_in": 2592000,
+    "scope": "user:profile user:inference",
+    "token_type": "Bearer",
+    "account": {"uuid": "acc", "email_address": "a@example.com"},
+    "organization": {"uuid": "org", "name": "Org"},
+}
+
+
+def client_answering(handler) -> HttpOAuthClient:  # noqa: ANN001
+    return HttpOAuthClient(token_url=TOKEN_URL, client=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+
+
+async def test_request_is_what_the_real_cli_sends() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=GOOD)
+
+    grant = await client_answering(handler).exchange_code(REQUEST)
+    [request] = seen
+    assert request.method == "POST" and str(request.url) == TOKEN_URL
+    assert request.headers["content-type"] == "application/json"
+    assert json.loads(request.content) == {
+        "grant_type": "authorization_code",
+        "code": "the-code",
+        "redirect_uri": "https://cb.example/cb",
+        "client_id": "client-1",
+        "code_verifier": "v" * 64,
+        "state": "the-state-0123456789",
+    }
+    assert grant.access_token == "sk-ant-oat01-abc" and grant.refresh_token == "sk-ant-ort01-def"
+    assert grant.expires_in == 28800 and grant.refresh_token_expires_in == 2592000
+    assert grant.scopes == ("user:profile", "user:inference")
+    assert (grant.account_uuid, grant.email, grant.organization_uuid, grant.organization_name) == (
+        "acc", "a@example.com", "org", "Org"
+    )
+    assert "sk-ant" not in repr(grant)
+
+
+async def test_minimal_response_is_enough() -> None:
+    grant = await client_answering(
+        lambda r: httpx.Response(200, json={"access_token": "a", "expires_in": 60})
+    ).exchange_code(REQUEST)
+    assert grant.refresh_token is None and grant.scopes is None and grant.account_uuid is None
+
+
+@pytest.mark.parametrize(
+    ("response", "error", "status"),
+    [
+        (httpx.Response(400, json={"error": "invalid_grant", "error_description": "Invalid 'code'"}), InvalidCode, 400),
+        (httpx.Response(401, json={"error": {"type": "authentication_error"}}), InvalidCode, 400),
+        (httpx.Response(400, json={"error": "invalid_request", "error_description": "Invalid request format"}),
+         InvalidCode, 400),
+        (httpx.Response(403, text="<html>forbidden</html>"), InvalidCode, 400),
+        (httpx.Response(429, headers={"Retry-After": "42"}), UpstreamRateLimited, 503),
+        (httpx.Response(500, text="boom"), UpstreamUnavailable, 502),
+        (httpx.Response(503, json={"error": "overloaded"}), UpstreamUnavailable, 502),
+        (httpx.Response(404, text="not found"), UpstreamBadResponse, 502),
+        (httpx.Response(302, headers={"Location": "https://elsewhere.example"}), UpstreamBadResponse, 502),
+        (httpx.Response(200, text="<html>login</html>"), UpstreamBadResponse, 502),
+        (httpx.Response(200, json=["a", "list"]), UpstreamBadResponse, 502),
+        (httpx.Response(200, json={"refresh_token": "x", "expires_in": 60}), UpstreamBadResponse, 502),
+        (httpx.Response(200, json={"access_token": "", "expires_in": 60}), UpstreamBadResponse, 502),
+        (httpx.Response(200, json={"access_token": "a", "expires_in": "soon"}), UpstreamBadResponse, 502),
+        (httpx.Response(200, json={"access_token": "a", "expires_in": -5}), UpstreamBadResponse, 502),
+        (httpx.Response(200, json={"access_token": 123, "expires_in": 60}), UpstreamBadResponse, 502),
+    ],
+)
+async def test_response_mapping(response: httpx.Response, error: type[UpstreamError], status: int) -> None:
+    with pytest.raises(error) as caught:
+        await client_answering(lambda r: response).exchange_code(REQUEST)
+    assert caught.value.status == status
+
+
+async def test_rate_limit_passes_retry_after_on() -> None:
+    with pytest.raises(UpstreamRateLimited) as caught:
+        await client_answering(lambda r: httpx.Response(429, headers={"Retry-After": "42"})).exchange_code(REQUEST)
+    assert caught.value.headers["Retry-After"] == "42"
+
+
+@pytest.mark.parametrize(
+    ("exc", "error"),
+    [
+        (httpx.ConnectError("refused"), UpstreamUnavailable),
+        (httpx.ConnectTimeout("slow connect"), UpstreamTimeout),
+        (httpx.ReadTimeout("slow read"), UpstreamTimeout),
+        (httpx.RemoteProtocolError("garbage"), UpstreamUnavailable),
+    ],
+)
+async def test_transport_failures(exc: Exception, error: type[UpstreamError]) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise exc
+
+    with pytest.raises(error) as caught:
+        await client_answering(handler).exchange_code(REQUEST)
+    assert caught.value.retryable
+    assert caught.value.__cause__ is None  # nothing of the transport's message rides along
+
+
+async def test_leaky_bodies_never_reach_the_error() -> None:
+    leaked = "sk-ant-oat01-LEAKED-IN-A-BAD-RESPONSE"
+    for response in (
+        httpx.Response(200, json={"access_token": leaked, "expires_in": "x"}),
+        httpx.Response(400, json={"error": "invalid_grant", "error_description": leaked}),
+        httpx.Response(500, text=leaked),
+    ):
+        with pytest.raises(UpstreamError) as caught:
+            await client_answering(lambda r, resp=response: resp).exchange_code(REQUEST)
+        assert leaked not in str(caught.value) and leaked not in repr(caught.value.__context__ or "")
+        assert caught.value.__cause__ is None
+
+
+def test_retry_after_parsing() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    assert parse_retry_after("120") == 120
+    assert parse_retry_after(None) == 30
+    assert parse_retry_after("soon") == 30
+    assert parse_retry_after("0") == 1
+    assert parse_retry_after("999999") == 3600
+    assert parse_retry_after(format_datetime(now + timedelta(seconds=90)), now=now.timestamp()) == 90

@@ -1,0 +1,90 @@
+"""Parsing what people paste after authorizing."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.auth.domain import PastedCode, parse_paste
+from services.auth.errors import AuthError, InvalidPaste
+
+STATE = "q5S7l0m0xY8c6pE0XJv7Yb0rQm9bV3wH2tXo1kZ4cGs"
+
+
+@pytest.mark.parametrize(
+    ("code", "state", "expected"),
+    [
+        (f"abc123#{STATE}", None, ("abc123", STATE)),
+        (f"  abc123#{STATE}\n", None, ("abc123", STATE)),
+        (f"\tabc123 # {STATE} ", None, ("abc123", STATE)),
+        ("abc123", STATE, ("abc123", STATE)),
+        ("abc123", f"  {STATE}  ", ("abc123", STATE)),
+        (f"abc123#{STATE}", STATE, ("abc123", STATE)),
+        (f"abc123#", STATE, ("abc123", STATE)),
+        (f"https://platform.claude.com/oauth/code/callback?code=abc123&state={STATE}", None, ("abc123", STATE)),
+        ("https://platform.claude.com/oauth/code/callback?code=abc123", STATE, ("abc123", STATE)),
+    ],
+)
+def test_accepted_shapes(code: str, state: str | None, expected: tuple[str, str]) -> None:
+    parsed = parse_paste(code, state)
+    assert (parsed.code, parsed.state) == expected
+
+
+@pytest.mark.parametrize(
+    ("code", "state"),
+    [
+        ("", None),
+        ("   ", None),
+        ("abc123", None),  # no state anywhere
+        ("abc123#", None),
+        (f"#{STATE}", None),  # no code
+        (f"a#b#{STATE}", None),
+        (f"abc123#{STATE}", "another-state-entirely-xx"),
+        ("abc 123#" + STATE, None),  # whitespace inside the code
+        ("abc\x00#" + STATE, None),
+        ("x" * 5000 + "#" + STATE, None),
+        ("abc#" + "s" * 600, None),
+        ("https://example.com/callback?state=" + STATE, None),
+        ("https://example.com/callback?code=a&code=b&state=" + STATE, None),
+    ],
+)
+def test_rejected_shapes(code: str, state: str | None) -> None:
+    with pytest.raises(InvalidPaste) as caught:
+        parse_paste(code, state)
+    assert caught.value.status == 400
+    assert "abc123" not in caught.value.detail  # never echoes the code
+
+
+def test_repr_hides_the_code() -> None:
+    parsed = parse_paste(f"secretcode123#{STATE}")
+    assert "secretcode123" not in repr(parsed)
+
+
+@given(st.text(max_size=300), st.one_of(st.none(), st.text(max_size=80)))
+def test_any_input_parses_or_raises_the_typed_error(code: str, state: str | None) -> None:
+    try:
+        parsed = parse_paste(code, state)
+    except InvalidPaste:
+        return
+    assert isinstance(parsed, PastedCode)
+    assert parsed.code and parsed.state
+    assert parsed.code == parsed.code.strip() and "#" not in parsed.code
+    assert all(0x21 <= ord(ch) <= 0x7E for ch in parsed.code + parsed.state)
+
+
+@given(
+    st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="#"), min_size=1, max_size=200),
+    st.from_regex(r"[A-Za-z0-9_-]{16,64}", fullmatch=True),
+    st.sampled_from(["", " ", "\n", "\t "]),
+)
+def test_round_trip_of_well_formed_pastes(code: str, state: str, pad: str) -> None:
+    if code.lower().startswith(("http://", "https://")):
+        return
+    parsed = parse_paste(f"{pad}{code}#{state}{pad}")
+    assert (parsed.code, parsed.state) == (code, state)
+
+
+def test_non_string_input_is_a_typed_error() -> None:
+    with pytest.raises(AuthError):
+        parse_paste(None, None)  # type: ignore[arg-type]
