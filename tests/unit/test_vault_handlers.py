@@ -1,0 +1,340 @@
+"""The vault's bus entry points on FastStream's TestNatsBroker, with an in-memory store.
+
+Covers what each message leads to: stored + ack, duplicate no-op, dead letter + ack,
+nack with delay (retry), and every reply of `vault.credentials.get`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from faststream import Context
+from faststream.nats import NatsBroker, TestNatsBroker
+from faststream.nats.message import NatsMessage
+
+from services.vault.errors import ConcurrencyConflict, DecryptionFailed, StoreUnavailable, UnopenableBox
+from services.vault.handlers import (
+    Failure,
+    build_credentials_router,
+    build_tokens_router,
+    on_failure,
+    retry_delay,
+)
+from services.vault.settings import VaultSettings
+from services.vault.trust import TrustedRequesters
+from services.vault.use_cases import Vault
+from shared import subjects
+from shared.broker import DLQ, REASON_HEADER, TOKENS
+from shared.events import CredentialsReply, Sealed
+from shared.sealing import KeyPair, SealingError, b64d, b64e, seal
+from tests.vault_fixtures import (
+    FakeStore,
+    canary,
+    credentials_request,
+    issued_event,
+    new_user,
+    open_reply,
+)
+
+
+@dataclass
+class Acks:
+    acked: int = 0
+    nacked: list[float | None] = field(default_factory=list)
+    rejected: int = 0
+
+
+@pytest.fixture
+def acks(monkeypatch: pytest.MonkeyPatch) -> Acks:
+    """Record what the handler decided for each message (TestNatsBroker has no server)."""
+    seen = Acks()
+
+    async def ack(self: NatsMessage) -> None:
+        if self.raw_message.subject == subjects.TOKENS_ISSUED:  # not the test's own DLQ reader
+            seen.acked += 1
+
+    async def nack(self: NatsMessage, delay: float | None = None) -> None:
+        seen.nacked.append(delay)
+
+    async def reject(self: NatsMessage) -> None:
+        seen.rejected += 1
+
+    monkeypatch.setattr(NatsMessage, "ack", ack)
+    monkeypatch.setattr(NatsMessage, "nack", nack)
+    monkeypatch.setattr(NatsMessage, "reject", reject)
+    return seen
+
+
+@dataclass
+class Harness:
+    broker: NatsBroker
+    store: FakeStore
+    vault_key: KeyPair
+    requester: KeyPair
+    dead_letters: list[tuple[bytes, dict[str, Any]]]
+
+    async def issue(self, payload: Any, headers: dict[str, str] | None = None) -> None:
+        await self.broker.publish(payload, subjects.TOKENS_ISSUED, stream=TOKENS.name, headers=headers)
+
+    async def ask(self, payload: Any) -> CredentialsReply:
+        response = await self.broker.request(payload, subjects.VAULT_CREDENTIALS_GET)
+        return CredentialsReply.model_validate_json(response.body)
+
+
+@pytest.fixture
+async def harness() -> Any:
+    store = FakeStore()
+    vault_key, requester = KeyPair.generate(), KeyPair.generate()
+    trusted = TrustedRequesters.of([requester.recipient])
+    vault = Vault(unit_of_work=store.unit_of_work, keypair=vault_key, trusted=trusted)
+    broker = NatsBroker()
+    broker.include_router(build_tokens_router(vault, VaultSettings(VAULT_POISON_AFTER=3)))
+    broker.include_router(build_credentials_router(vault))
+    dead_letters: list[tuple[bytes, dict[str, Any]]] = []
+
+    @broker.subscriber(subjects.dead_letter_subject(subjects.TOKENS_ISSUED), stream=DLQ)
+    async def capture(body: Any, message: Any = Context("message")) -> None:
+        dead_letters.append((message.body, dict(message.headers)))
+
+    async with TestNatsBroker(broker) as test_broker:
+        yield Harness(test_broker, store, vault_key, requester, dead_letters)
+
+
+def _json(event: Any) -> dict[str, Any]:
+    return event.model_dump(mode="json")
+
+
+# --- tokens.issued ---------------------------------------------------------------------
+async def test_issued_tokens_are_stored_and_acked(harness: Harness, acks: Acks, capsys) -> None:
+    user, access = new_user(), canary()
+    await harness.issue(_json(issued_event(harness.vault_key.recipient, user_id=user, access_token=access,
+                                           refresh_token="rt-" + access)))
+
+    conn = harness.store.connections[user]
+    assert (conn.version, conn.state, conn.kind) == (1, "connected", "oauth")
+    assert conn.credentials.access_token == access and conn.credentials.refresh_token == "rt-" + access
+    assert conn.account is not None and conn.account.email == "person@example.com"
+    assert acks.acked == 1 and not acks.nacked and not harness.dead_letters
+    out = capsys.readouterr()
+    assert user in out.out + out.err  # logged with the user id ...
+    assert access not in out.out + out.err  # ... never with the token
+
+
+async def test_same_event_twice_has_one_effect(harness: Harness, acks: Acks) -> None:
+    user = new_user()
+    event = issued_event(harness.vault_key.recipient, user_id=user, access_token=canary())
+    await harness.issue(_json(event))
+    await harness.issue(_json(event))
+
+    assert harness.store.connections[user].version == 1
+    assert harness.store.commits == 1
+    assert acks.acked == 2 and not harness.dead_letters
+
+
+async def test_new_event_for_same_user_is_version_two(harness: Harness, acks: Acks) -> None:
+    user, first, second = new_user(), canary("one"), canary("two")
+    await harness.issue(_json(issued_event(harness.vault_key.recipient, user_id=user, access_token=first)))
+    await harness.issue(_json(issued_event(harness.vault_key.recipient, user_id=user, access_token=second,
+                                           kind="setup_token", expires_at=42)))
+
+    conn = harness.store.connections[user]
+    assert conn.version == 2 and conn.credentials.access_token == second
+    assert conn.kind == "setup_token" and conn.expires_at == 42
+
+
+@pytest.mark.parametrize("payload", [b"garbage{", b"{}", b'{"user_id": "u", "sealed": 5}', b"[1,2]"])
+async def test_malformed_payload_is_dead_lettered_and_acked(harness: Harness, acks: Acks, payload: bytes) -> None:
+    await harness.issue(payload, headers={subjects.MSG_ID_HEADER: "abc12345"})
+
+    assert len(harness.dead_letters) == 1
+    body, headers = harness.dead_letters[0]
+    assert body == payload  # kept unchanged
+    assert headers[REASON_HEADER].startswith("invalid_event")
+    assert headers[subjects.MSG_ID_HEADER] == "dlq-abc12345"
+    assert acks.acked == 1 and not acks.nacked
+    assert not harness.store.connections
+
+
+def _tampered(box: Sealed) -> Sealed:
+    raw = bytearray(b64d(box.ciphertext))
+    raw[-1] ^= 1
+    return box.model_copy(update={"ciphertext": b64e(bytes(raw))})
+
+
+async def test_unopenable_boxes_are_dead_lettered(harness: Harness, acks: Acks) -> None:
+    vault = harness.vault_key.recipient
+    user = new_user()
+    tampered = issued_event(vault, user_id=user, access_token=canary())
+    tampered = tampered.model_copy(update={"sealed": _tampered(tampered.sealed)})
+    other_key = issued_event(KeyPair.generate().recipient, user_id=user, access_token=canary())
+    # a genuine box lifted into another event: bound to the first event's id, so it fails
+    genuine = issued_event(vault, user_id=user, access_token=canary())
+    replayed = issued_event(vault, user_id=user, access_token=canary()).model_copy(update={"sealed": genuine.sealed})
+
+    for event in (tampered, other_key, replayed):
+        await harness.issue(_json(event))
+
+    assert [h[REASON_HEADER] for _, h in harness.dead_letters] == ["unopenable_box"] * 3
+    assert [h[subjects.MSG_ID_HEADER] for _, h in harness.dead_letters] == [
+        f"dlq-{e.event_id}" for e in (tampered, other_key, replayed)
+    ]
+    assert not harness.store.connections and acks.acked == 3
+
+
+async def test_box_with_a_non_bundle_inside_is_dead_lettered_without_leaking(
+    harness: Harness, acks: Acks, capsys
+) -> None:
+    secret = canary()
+    event = issued_event(harness.vault_key.recipient, user_id=new_user(), access_token=canary())
+    inner = json.dumps({"access_token": secret, "expires_at": "not-a-number"}).encode()
+    box = seal(inner, harness.vault_key.recipient, subject=subjects.TOKENS_ISSUED, message_id=event.event_id)
+    await harness.issue(_json(event.model_copy(update={"sealed": box})))
+
+    assert [h[REASON_HEADER] for _, h in harness.dead_letters] == ["invalid_event"]
+    out = capsys.readouterr()
+    assert secret not in out.out + out.err
+
+
+async def test_store_unavailable_nacks_with_backoff_and_keeps_the_event(harness: Harness, acks: Acks) -> None:
+    user = new_user()
+    event = issued_event(harness.vault_key.recipient, user_id=user, access_token=canary())
+    harness.store.unavailable = True
+    await harness.issue(_json(event))
+
+    assert acks.nacked == [1.0] and acks.acked == 0
+    assert not harness.dead_letters and not harness.store.processed
+
+    harness.store.unavailable = False  # the redelivery succeeds
+    await harness.issue(_json(event))
+    assert harness.store.connections[user].version == 1
+
+
+async def test_unexpected_error_is_retried_then_dead_lettered(
+    harness: Harness, acks: Acks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    event = issued_event(harness.vault_key.recipient, user_id=new_user(), access_token=canary())
+
+    async def boom(self: Any, event: Any) -> Any:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(Vault, "store_issued_tokens", boom)
+    deliveries = iter([1, 2, 3])
+    monkeypatch.setattr("services.vault.handlers._delivered", lambda message: next(deliveries))
+    for _ in range(3):  # VAULT_POISON_AFTER=3
+        await harness.issue(_json(event))
+
+    assert acks.nacked == [1.0, 2.0]
+    assert [h[REASON_HEADER] for _, h in harness.dead_letters] == ["max_deliveries"]
+    assert acks.acked == 1
+
+
+def test_retry_delay_grows_and_is_capped() -> None:
+    assert [retry_delay(n, 30) for n in (1, 2, 3, 5, 6, 50)] == [1, 2, 4, 16, 30, 30]
+
+
+def test_failure_policy() -> None:
+    settings = VaultSettings(VAULT_POISON_AFTER=4, VAULT_RETRY_MAX_DELAY_S=5)
+    # poison: dead letter at once, whatever the delivery count
+    assert on_failure(UnopenableBox("x"), 1, settings) == Failure(True, "unopenable_box")
+    assert on_failure(DecryptionFailed("x"), 1, settings) == Failure(True, "decryption_failed")
+    # the database is down: retry with backoff, never give up (no event may be lost)
+    assert on_failure(StoreUnavailable("x"), 1, settings) == Failure(False, "store_unavailable", 1.0)
+    assert on_failure(StoreUnavailable("x"), 1000, settings) == Failure(False, "store_unavailable", 5.0)
+    assert on_failure(ConcurrencyConflict("x"), 2, settings) == Failure(False, "concurrency_conflict", 2.0)
+    # a bug: a few retries, then park it
+    assert on_failure(RuntimeError("x"), 3, settings) == Failure(False, "internal_error", 4.0)
+    assert on_failure(RuntimeError("x"), 4, settings) == Failure(True, "max_deliveries")
+
+
+# --- vault.credentials.get ----------------------------------------------------------------
+async def _connect(harness: Harness, user: str, access: str, refresh: str | None) -> None:
+    await harness.issue(_json(issued_event(harness.vault_key.recipient, user_id=user, access_token=access,
+                                           refresh_token=refresh)))
+
+
+@pytest.mark.parametrize(("mode", "with_refresh"), [("file", True), ("access_only", False), ("env", False)])
+async def test_trusted_request_gets_sealed_tokens_per_mode(
+    harness: Harness, acks: Acks, mode: str, with_refresh: bool
+) -> None:
+    user, access, refresh = new_user(), canary("a"), canary("r")
+    await _connect(harness, user, access, refresh)
+    request = credentials_request(harness.requester, user_id=user, mode=mode)  # type: ignore[arg-type]
+
+    reply = await harness.ask(_json(request))
+
+    assert reply.ok and reply.error is None and reply.request_id == request.request_id
+    assert reply.scopes == ["user:inference", "user:profile"] and reply.expires_at is not None
+    bundle = open_reply(reply, harness.requester)
+    assert bundle.access_token == access
+    assert bundle.refresh_token == (refresh if with_refresh else None)
+    assert refresh not in reply.model_dump_json() and access not in reply.model_dump_json()
+    # the box is bound to this request id: nobody can pass it off as another reply
+    with pytest.raises(SealingError):
+        open_reply(reply.model_copy(update={"request_id": "0" * 32}), harness.requester)
+
+
+async def test_untrusted_requester_is_refused(harness: Harness, acks: Acks) -> None:
+    user = new_user()
+    await _connect(harness, user, canary(), None)
+    request = credentials_request(KeyPair.generate(), user_id=user)
+
+    reply = await harness.ask(_json(request))
+
+    assert (reply.ok, reply.error, reply.sealed) == (False, "unauthorized_requester", None)
+    assert reply.request_id == request.request_id
+
+
+async def test_unknown_user_is_not_connected(harness: Harness) -> None:
+    reply = await harness.ask(_json(credentials_request(harness.requester, user_id=new_user())))
+    assert (reply.ok, reply.error) == (False, "not_connected")
+
+
+async def test_reconnect_required(harness: Harness, acks: Acks) -> None:
+    user = new_user()
+    await _connect(harness, user, canary(), "r")
+    harness.store.connections[user].state = "reconnect_required"
+
+    reply = await harness.ask(_json(credentials_request(harness.requester, user_id=user)))
+    assert (reply.ok, reply.error, reply.sealed) == (False, "reconnect_required", None)
+
+
+@pytest.mark.parametrize(
+    ("payload", "request_id"),
+    [
+        (b"not json at all", ""),
+        (b"{}", ""),
+        (b'{"request_id": "req-12345678", "user_id": "u"}', "req-12345678"),
+        (b'{"request_id": "req-12345678", "user_id": "u", "requester_key_id": "k", '
+         b'"requester_public_key": "p", "mode": "everything"}', "req-12345678"),
+    ],
+)
+async def test_invalid_request_gets_an_answer(harness: Harness, payload: bytes, request_id: str) -> None:
+    reply = await harness.ask(payload)
+    assert (reply.ok, reply.error, reply.request_id) == (False, "invalid_request", request_id)
+
+
+async def test_mismatched_key_id_is_invalid(harness: Harness) -> None:
+    request = credentials_request(harness.requester, user_id=new_user()).model_copy(
+        update={"requester_key_id": "f" * 32}
+    )
+    reply = await harness.ask(_json(request))
+    assert reply.error == "invalid_request"
+
+
+async def test_store_failure_answers_internal(harness: Harness) -> None:
+    harness.store.unavailable = True
+    reply = await harness.ask(_json(credentials_request(harness.requester, user_id=new_user())))
+    assert (reply.ok, reply.error) == (False, "internal")
+
+
+async def test_unexpected_bug_still_answers(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def boom(self: Any, request: Any) -> Any:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(Vault, "grant_credentials", boom)
+    request = credentials_request(harness.requester, user_id=new_user())
+    reply = await harness.ask(_json(request))
+    assert (reply.ok, reply.error, reply.request_id) == (False, "internal", request.request_id)
