@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="ccbridge: Claude Code credentials for sandboxes.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True, highlight=False)
 
 
 def _data_dir() -> Path:
