@@ -1,0 +1,180 @@
+"""Local backend: sandbox `<id>` is the directory `<LOCAL_SANDBOX_ROOT>/<id>`, used as its
+HOME (the event's `home`/`user` do not apply here).
+
+Every path is resolved (symlinks included) and must stay inside that directory. Writes are
+atomic: a temp file created in the same directory with the final mode, written, fsynced,
+then `os.replace`d over the target and the directory fsynced — a reader (or a crash) sees the
+old file or the new one, never half a file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import secrets
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path, PurePosixPath
+
+from shared.events import SandboxCreated
+from services.sandbox.errors import BackendError, PathOutsideSandbox
+
+HOME_MODE = 0o700
+_TMP_SUFFIX = ".ccbridge-tmp"
+
+
+def _io_error(action: str, path: PurePosixPath, exc: OSError) -> BackendError:
+    # EISDIR/ENOTDIR/ELOOP won't fix themselves; disk full, EIO, ... might.
+    final = exc.errno in {errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG}
+    name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+    return BackendError(f"{action} {path}: {name}", retryable=not final)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def atomic_write(target: Path, data: bytes, mode: int) -> None:
+    """Write `data` to `target` atomically with permission bits exactly `mode`."""
+    directory = target.parent
+    tmp = directory / f".{target.name}.{secrets.token_hex(6)}{_TMP_SUFFIX}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(tmp, flags, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)  # the umask may have dropped bits of `mode`
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class LocalSandbox:
+    """One local sandbox home. Blocking file I/O runs in a worker thread."""
+
+    def __init__(self, home_dir: Path) -> None:
+        self._home_dir = Path(os.path.realpath(home_dir))
+
+    @property
+    def home(self) -> PurePosixPath:
+        return PurePosixPath(self._home_dir.as_posix())
+
+    def resolve(self, path: PurePosixPath | str) -> Path:
+        """The real host path of a sandbox path; refuses anything outside the home."""
+        candidate = Path(path)
+        if not candidate.is_absolute():
+            candidate = self._home_dir / candidate
+        real = Path(os.path.realpath(candidate))
+        if not _inside(real, self._home_dir):
+            raise PathOutsideSandbox(f"{path} is outside the sandbox")
+        return real
+
+    # --- SandboxBackend -----------------------------------------------------------
+    async def read_file(self, path: PurePosixPath) -> bytes | None:
+        real = self.resolve(path)
+
+        def read() -> bytes | None:
+            try:
+                return real.read_bytes()
+            except FileNotFoundError:
+                return None
+
+        try:
+            return await asyncio.to_thread(read)
+        except OSError as exc:
+            raise _io_error("read", path, exc) from None
+
+    async def write_file(self, path: PurePosixPath, data: bytes, mode: int) -> None:
+        real = self.resolve(path)
+        if real == self._home_dir:
+            raise PathOutsideSandbox("cannot replace the sandbox home with a file")
+        try:
+            await asyncio.to_thread(atomic_write, real, data, mode)
+        except OSError as exc:
+            raise _io_error("write", path, exc) from None
+
+    async def make_dir(self, path: PurePosixPath, mode: int) -> None:
+        real = self.resolve(path)
+
+        def make() -> None:
+            real.mkdir(mode=mode, parents=True, exist_ok=True)
+            # mkdir honours the umask and leaves existing dirs alone: set the bits exactly.
+            os.chmod(real, mode)  # `real` is already symlink-free
+            # the path was checked before mkdir; re-check nothing swapped in a symlink
+            self.resolve(path)
+
+        try:
+            await asyncio.to_thread(make)
+        except OSError as exc:
+            raise _io_error("make_dir", path, exc) from None
+
+    async def remove(self, path: PurePosixPath) -> None:
+        real = self.resolve(path)
+        if real == self._home_dir:
+            raise PathOutsideSandbox("refusing to remove the sandbox home itself")
+
+        def rm() -> None:
+            if real.is_dir() and not real.is_symlink():
+                shutil.rmtree(real)
+            else:
+                real.unlink(missing_ok=True)
+
+        try:
+            await asyncio.to_thread(rm)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _io_error("remove", path, exc) from None
+
+
+class LocalBackend:
+    """`BackendProvider` for `backend: "local"`."""
+
+    kind = "local"
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def home_dir(self, sandbox_id: str) -> Path:
+        """`<root>/<sandbox_id>`, checked to be a direct child of the root."""
+        root = Path(os.path.realpath(self.root))
+        home = Path(os.path.realpath(root / sandbox_id))
+        if home.parent != root or sandbox_id in {"", ".", ".."}:
+            raise PathOutsideSandbox(f"sandbox id {sandbox_id!r} does not name a directory under the root")
+        return home
+
+    @asynccontextmanager
+    async def open(self, event: SandboxCreated) -> AsyncIterator[LocalSandbox]:
+        home = self.home_dir(event.sandbox_id)
+
+        def ensure_home() -> None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            home.mkdir(mode=HOME_MODE, exist_ok=True)
+
+        try:
+            await asyncio.to_thread(ensure_home)
+        except OSError as exc:
+            raise _io_error("create home", PurePosixPath(home.as_posix()), exc) from None
+        yield LocalSandbox(home)

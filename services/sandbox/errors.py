@@ -1,0 +1,84 @@
+"""One error tree for the sandbox service.
+
+Every error carries a machine-readable `reason` (a `shared.events.FailureReason`, the value
+that goes into `sandbox.credentials.failed`) and `retryable`, which decides on the bus whether
+the `sandbox.created` message is nacked for redelivery or answered with a final failure.
+`detail` is for humans; it never holds token material.
+"""
+
+from __future__ import annotations
+
+from shared.events import FailureReason
+
+
+class SandboxError(Exception):
+    reason: FailureReason = "backend_error"
+    retryable: bool = False
+
+    def __init__(self, detail: str = "", *, retryable: bool | None = None) -> None:
+        super().__init__(detail or self.reason)
+        self.detail = detail[:500]
+        if retryable is not None:
+            self.retryable = retryable
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(reason={self.reason!r}, retryable={self.retryable}, detail={self.detail!r})"
+
+
+# --- vault ---------------------------------------------------------------------
+class VaultUnavailable(SandboxError):
+    """No answer from the vault in time (or no vault listening): try again later."""
+
+    reason: FailureReason = "vault_unavailable"
+    retryable = True
+
+
+class NotConnected(SandboxError):
+    """The person has not connected a Claude account: retrying will not help."""
+
+    reason: FailureReason = "not_connected"
+
+
+class ReconnectRequired(SandboxError):
+    """The stored login is dead (e.g. `invalid_grant`): the person must connect again."""
+
+    reason: FailureReason = "reconnect_required"
+
+
+class VaultError(SandboxError):
+    """The vault answered, but not with usable credentials (refused us, internal error,
+    a reply we cannot parse or open)."""
+
+    reason: FailureReason = "vault_error"
+
+
+# --- backends --------------------------------------------------------------------
+class BackendError(SandboxError):
+    """Writing into the sandbox failed; I/O trouble is usually transient."""
+
+    reason: FailureReason = "backend_error"
+    retryable = True
+
+
+class PathOutsideSandbox(BackendError):
+    """A path resolved outside the sandbox (`..`, absolute path, symlink): refused, final."""
+
+    retryable = False
+
+
+class BackendUnavailable(SandboxError):
+    """The backend named by the event is not configured, or cannot be reached."""
+
+    reason: FailureReason = "backend_unavailable"
+
+
+class SandboxNotFound(SandboxError):
+    reason: FailureReason = "sandbox_not_found"
+
+
+# --- input -------------------------------------------------------------------------
+class InvalidEvent(SandboxError):
+    """The event is well-formed JSON but asks for something we cannot do (e.g. a bad
+    config_dir)."""
+
+    reason: FailureReason = "invalid_event"

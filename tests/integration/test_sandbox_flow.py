@@ -1,0 +1,563 @@
+"""Sandbox service end to end on a real nats-server: a fake vault answering
+`vault.credentials.get` on real NATS (sealed to the requester's key with shared.sealing),
+the real SandboxService with the local backend, and the real Claude Code CLI reading the
+injected home (`claude auth status --json`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import stat
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from services.sandbox.adapters.backends.local import LocalBackend
+from services.sandbox.app import SandboxService
+from services.sandbox.settings import SandboxSettings
+from shared import subjects
+from shared.events import (
+    CredentialMode,
+    CredentialsReply,
+    CredentialsRequest,
+    SandboxCreated,
+    SandboxOptions,
+    TokenBundle,
+)
+from shared.sealing import Recipient, seal
+
+REPO = Path(__file__).resolve().parents[2]
+WAIT = 60.0  # guard against hangs only; nothing asserts on timing
+SCOPES = ["user:inference", "user:profile", "user:sessions:claude_code"]
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def make_bundle() -> TokenBundle:
+    return TokenBundle(
+        access_token=f"sk-ant-oat01-{uuid.uuid4().hex}",
+        refresh_token=f"sk-ant-ort01-{uuid.uuid4().hex}",
+        expires_at=int(time.time() * 1000) + 8 * 3600 * 1000,
+        scopes=SCOPES,
+    )
+
+
+# --- a stand-in vault on real NATS ------------------------------------------------------
+@dataclass
+class FakeVault:
+    """Answers `vault.credentials.get` like the vault: TokenBundle sealed to the requester.
+
+    users: user_id → TokenBundle | "not_connected" | "reconnect_required" | "silent" (never
+    answers) | "silent_once" (ignores the first request, then answers with `late_bundle`)."""
+
+    nc: Client
+    users: dict[str, Any] = field(default_factory=dict)
+    requests: list[CredentialsRequest] = field(default_factory=list)
+    late_bundles: dict[str, TokenBundle] = field(default_factory=dict)
+
+    async def handle(self, msg: Msg) -> None:
+        request = CredentialsRequest.model_validate_json(msg.data)
+        self.requests.append(request)
+        entry = self.users.get(request.user_id, "not_connected")
+        if entry == "silent":
+            return
+        if entry == "silent_once":
+            self.users[request.user_id] = self.late_bundles[request.user_id]
+            return
+        if isinstance(entry, str):
+            reply = CredentialsReply(request_id=request.request_id, ok=False, error=entry)
+        else:
+            box = seal(
+                entry.model_dump_json().encode(),
+                Recipient.from_b64(request.requester_public_key),
+                subject=subjects.VAULT_CREDENTIALS_GET,
+                message_id=request.request_id,
+            )
+            reply = CredentialsReply(
+                request_id=request.request_id, ok=True, sealed=box, expires_at=entry.expires_at, scopes=entry.scopes
+            )
+        await msg.respond(reply.model_dump_json().encode())
+
+    def requests_for(self, user_id: str) -> list[CredentialsRequest]:
+        return [r for r in self.requests if r.user_id == user_id]
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[Client]:
+    client = await nats.connect(nats_url)
+    yield client
+    await client.drain()
+
+
+@pytest.fixture
+async def fake_vault(nc: Client) -> AsyncIterator[FakeVault]:
+    vault = FakeVault(nc)
+    sub = await nc.subscribe(subjects.VAULT_CREDENTIALS_GET, cb=vault.handle)
+    yield vault
+    await sub.unsubscribe()
+
+
+def as_json(data: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+class Collector:
+    """Core subscription on the result and dead-letter subjects, filtered per test."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self._changed = asyncio.Condition()
+
+    async def on_msg(self, msg: Msg) -> None:
+        async with self._changed:
+            self.messages.append((msg.subject, msg.data))
+            self._changed.notify_all()
+
+    async def wait(self, predicate, count: int = 1) -> list[tuple[str, bytes]]:  # type: ignore[no-untyped-def]
+        async def matched() -> list[tuple[str, bytes]]:
+            async with self._changed:
+                await self._changed.wait_for(lambda: len([m for m in self.messages if predicate(m)]) >= count)
+                return [m for m in self.messages if predicate(m)]
+
+        return await asyncio.wait_for(matched(), WAIT)
+
+    async def event(self, subject: str, sandbox_id: str, count: int = 1) -> dict[str, Any]:
+        def match(m: tuple[str, bytes]) -> bool:
+            return m[0] == subject and as_json(m[1]).get("sandbox_id") == sandbox_id
+
+        found = await self.wait(match, count)
+        return json.loads(found[-1][1])
+
+    def events(self, subject: str, sandbox_id: str) -> list[dict[str, Any]]:
+        return [as_json(d) for s, d in self.messages if s == subject and as_json(d).get("sandbox_id") == sandbox_id]
+
+
+@pytest.fixture
+async def collector(nc: Client) -> AsyncIterator[Collector]:
+    collector = Collector()
+    subs = [
+        await nc.subscribe("sandbox.credentials.*", cb=collector.on_msg),
+        await nc.subscribe(subjects.dead_letter_subject(subjects.SANDBOX_CREATED), cb=collector.on_msg),
+    ]
+    await nc.flush()
+    yield collector
+    for sub in subs:
+        await sub.unsubscribe()
+
+
+def settings_for(nats_url: str, tmp_path: Path, **overrides: Any) -> SandboxSettings:
+    values: dict[str, Any] = {
+        "nats_url": nats_url,
+        "data_dir": tmp_path / "data",
+        "local_sandbox_root": tmp_path / "sandboxes",
+        "vault_request_timeout": 2.0,
+        "retry_base_delay": 0.2,
+        "retry_max_delay": 1.0,
+        "max_deliver": 5,
+        # a delivery lost with a stopped service's pull request comes back after ack_wait
+        "ack_wait": 10.0,
+    }
+    values.update(overrides)
+    return SandboxSettings(**values)
+
+
+async def publish_created(nc: Client, event: SandboxCreated | None = None, *, raw: bytes | None = None,
+                          msg_id: str | None = "auto") -> None:
+    payload = raw if raw is not None else event.model_dump_json().encode()  # type: ignore[union-attr]
+    headers = None
+    if msg_id == "auto" and event is not None:
+        headers = {"Nats-Msg-Id": event.event_id}
+    elif msg_id not in (None, "auto"):
+        headers = {"Nats-Msg-Id": msg_id}
+    ack = await nc.jetstream().publish(subjects.SANDBOX_CREATED, payload, headers=headers,
+                                       stream=subjects.SANDBOX_STREAM.name)
+    assert ack.stream == subjects.SANDBOX_STREAM.name
+
+
+async def stored(nc: Client, stream: str, subject: str, predicate) -> list[Msg]:  # type: ignore[no-untyped-def]
+    """Messages JetStream actually stored on `subject` (after its duplicate filter)."""
+    js = nc.jetstream()
+    sub = await js.pull_subscribe(
+        subject, stream=stream, config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0)
+    )
+    found: list[Msg] = []
+    try:
+        while True:
+            try:
+                batch = await sub.fetch(256, timeout=1.0)
+            except (asyncio.TimeoutError, nats.errors.TimeoutError):  # fetch raises either
+                break
+            for msg in batch:
+                await msg.ack()
+                if predicate(msg):
+                    found.append(msg)
+    finally:
+        await sub.unsubscribe()
+    return found
+
+
+def by_sandbox(sandbox_id: str):  # type: ignore[no-untyped-def]
+    return lambda msg: as_json(msg.data).get("sandbox_id") == sandbox_id
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def claude_status(claude_bin: str, home: Path, **env: str) -> dict[str, Any]:
+    """`HOME=<home> claude auth status --json` with a clean environment."""
+    clean = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "DISABLE_AUTOUPDATER": "1",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        **env,
+    }
+    proc = await asyncio.create_subprocess_exec(
+        claude_bin, "auth", "status", "--json",
+        env=clean, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 120)
+    try:
+        return json.loads(stdout)
+    except ValueError:
+        pytest.fail(f"claude auth status printed no JSON (rc={proc.returncode}): {stdout[:500]!r} {stderr[:500]!r}")
+
+
+@asynccontextmanager
+async def running(settings: SandboxSettings, **adapters: Any) -> AsyncIterator[SandboxService]:
+    async with SandboxService(settings, **adapters) as service:
+        yield service
+
+
+# --- tests ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["file", "access_only"])
+async def test_injected_home_logs_in_the_real_cli(
+    mode: CredentialMode, nats_url: str, tmp_path: Path, nc: Client, fake_vault: FakeVault,
+    collector: Collector, claude_bin: str,
+) -> None:
+    user, sandbox_id = uid("user"), uid("sbx")
+    bundle = make_bundle()
+    fake_vault.users[user] = bundle
+    home = tmp_path / "sandboxes" / sandbox_id
+    home.mkdir(parents=True)
+    (home / ".claude.json").write_text(json.dumps({"numStartups": 3, "userID": "keep-me"}))
+    event = SandboxCreated(user_id=user, sandbox_id=sandbox_id, options=SandboxOptions(mode=mode))
+
+    async with running(settings_for(nats_url, tmp_path)) as service:
+        await publish_created(nc, event)
+        injected = await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, sandbox_id)
+
+    assert injected["cause_event_id"] == event.event_id
+    assert injected["user_id"] == user
+    assert injected["mode"] == mode
+    assert injected["expires_at"] == bundle.expires_at
+    assert injected["env"] == {}
+    real_home = home.resolve()
+    assert set(injected["files"]) == {
+        str(real_home / ".claude/.credentials.json"), str(real_home / ".claude.json"),
+        str(real_home / ".claude/settings.json"),
+    }
+    # the request named the service's own key, which the reply was sealed to
+    [request] = fake_vault.requests_for(user)
+    assert request.mode == mode
+    assert request.requester_key_id == service.key.key_id  # type: ignore[union-attr]
+
+    assert mode_of(home / ".claude") == 0o700
+    assert mode_of(home / ".claude/.credentials.json") == 0o600
+    oauth = json.loads((home / ".claude/.credentials.json").read_text())["claudeAiOauth"]
+    expected = {"accessToken": bundle.access_token, "expiresAt": bundle.expires_at, "scopes": SCOPES}
+    if mode == "file":
+        expected["refreshToken"] = bundle.refresh_token
+    assert oauth == expected
+    assert json.loads((home / ".claude.json").read_text()) == {
+        "numStartups": 3, "userID": "keep-me", "hasCompletedOnboarding": True, "bypassPermissionsModeAccepted": True,
+    }
+    assert json.loads((home / ".claude/settings.json").read_text()) == {"skipDangerousModePermissionPrompt": True}
+    assert [p.name for p in home.rglob("*") if "tmp" in p.name] == []
+    # token material never travelled in the clear on the bus
+    for _, data in collector.messages:
+        assert bundle.access_token.encode() not in data
+
+    status = await claude_status(claude_bin, home)
+    assert status["loggedIn"] is True
+    assert status["authMethod"] == "claude.ai"
+
+
+async def test_config_dir_is_read_by_the_real_cli(
+    nats_url: str, tmp_path: Path, nc: Client, fake_vault: FakeVault, collector: Collector, claude_bin: str,
+) -> None:
+    user, sandbox_id = uid("user"), uid("sbx")
+    fake_vault.users[user] = make_bundle()
+    event = SandboxCreated(user_id=user, sandbox_id=sandbox_id,
+                           options=SandboxOptions(mode="access_only", config_dir="cfg/claude"))
+    async with running(settings_for(nats_url, tmp_path)):
+        await publish_created(nc, event)
+        await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, sandbox_id)
+
+    home = tmp_path / "sandboxes" / sandbox_id
+    assert (home / "cfg/claude/.credentials.json").exists()
+    assert (home / "cfg/claude/settings.json").exists()
+    assert not (home / ".claude/.credentials.json").exists()
+    assert mode_of(home / "cfg/claude") == 0o700
+    status = await claude_status(claude_bin, home, CLAUDE_CONFIG_DIR=str(home / "cfg/claude"))
+    assert (status["loggedIn"], status["authMethod"]) == (True, "claude.ai")
+    # without the env var the CLI looks in ~/.claude and finds nothing
+    assert (await claude_status(claude_bin, home))["loggedIn"] is False
+
+
+async def test_env_mode_writes_no_credentials_and_names_the_variable(
+    nats_url: str, tmp_path: Path, nc: Client, fake_vault: FakeVault, collector: Collector, claude_bin: str,
+) -> None:
+    user, sandbox_id = uid("user"), uid("sbx")
+    bundle = make_bundle()
+    fake_vault.users[user] = bundle
+    event = SandboxCreated(user_id=user, sandbox_id=sandbox_id, options=SandboxOptions(mode="env"))
+    async with running(settings_for(nats_url, tmp_path)):
+        await publish_created(nc, event)
+        injected = await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, sandbox_id)
+
+    assert injected["env"] == {"CLAUDE_CODE_OAUTH_TOKEN": "access_token"}
+    assert bundle.access_token not in json.dumps(injected)
+    home = tmp_path / "sandboxes" / sandbox_id
+    assert not (home / ".claude/.credentials.json").exists()
+    assert json.loads((home / ".claude.json").read_text())["hasCompletedOnboarding"] is True
+    assert (await claude_status(claude_bin, home))["loggedIn"] is False
+    # the platform supplies the value through the named variable
+    with_env = await claude_status(claude_bin, home, CLAUDE_CODE_OAUTH_TOKEN=bundle.access_token)
+    assert with_env["loggedIn"] is True
+
+
+async def test_user_without_connection_gets_failed_not_connected(
+    nats_url: str, tmp_path: Path, nc: Client, fake_vault: FakeVault, collector: Collector,
+) -> None:
+    user, sandbox_id = uid("nobody"), uid("sbx")
+    event = SandboxCreated(user_id=user, sandbox_id=sandbox_id)
+    async with running(settings_for(nats_url, tmp_path)):
+        await publish_created(nc, event)
+        failed = await collector.event(subjects.SANDBOX_CREDENTIALS_FAILED, sandbox_id)
+
+    assert failed["reason"] == "not_connected"
+    assert failed["retryable"] is False
+    assert failed["cause_event_id"] == event.event_id
+    assert len(fake_vault.requests_for(user)) == 1  # final: not retried
+    assert not (tmp_path / "sandboxes" / sandbox_id / ".claude/.credentials.json").exists()
+    assert collector.events(subjects.SANDBOX_CREDENTIALS_INJECTED, sandbox_id) == []
+
+
+async def test_malformed_payloads_are_dead_lettered_and_the_consumer_moves_on(
+    nats_url: str, tmp_path: Path, nc: Client, fake_vault: FakeVault, collector: Collector,
+) -> None:
+    user, good_sandbox = uid("user"), uid("sbx")
+    fake_vault.users[user] = make_bundle()
+    bad_id = uid("evt")
+    salvageable = json.dumps(
+        {"event_id": bad_id, "user_id": user, "sandbox_id": "../../etc", "options": {"mode": "plaintext"}}
+    ).encode()
+    garbage = f"not json {uuid.uuid4().hex}".encode()
+    good = SandboxCreated(user_id=user, sandbox_id=good_sandbox)
+
+    async with running(settings_for(nats_url, tmp_path)):
+        await publish_created(nc, raw=salvageable, msg_id=bad_id)
+        await publish_created(nc, raw=garbage, msg_id=None)
+        await publish_created(nc, good)
+        injected = await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, good_sandbox)
+        failed = await collector.event(subjects.SANDBOX_CREDENTIALS_FAILED, "../../etc")
+        await collector.wait(lambda m: m[1] in (salvageable, garbage), count=2)
+
+    assert injected["cause_event_id"] == good.event_id
+    assert failed["reason"] == "invalid_event"
+    assert failed["cause_event_id"] == bad_id
+    assert "sandbox_id" in failed["detail"] and "mode" in failed["detail"]
+    # kept unchanged in the DLQ stream, with the reason in a header
+    dead = await stored(nc, subjects.DLQ_STREAM.name, subjects.dead_letter_subject(subjects.SANDBOX_CREATED),
+                        lambda m: m.data in (salvageable, garbage))
+    assert sorted(m.data for m in dead) == sorted([salvageable, garbage])
+    assert all((m.headers or {}).get("Ccbridge-Reason", "").startswith("invalid_event") for m in dead)
+    assert not (tmp_path / "etc").exists()
+
+
+@dataclass
+class CountingBackend:
+    """The real local backend, counting writes."""
+
+    inner: LocalBackend
+    writes: list[str] = field(default_factory=list)
+    kind: str = "local"
+
+    @asynccontextmanager
+    async def open(self, event: SandboxCreated) -> AsyncIterator[Any]:
+        writes = self.writes
+
+        class Counting:
+            def __init__(self, sandbox: Any) -> None:
+                self._s = sandbox
+
+            @property
+            def home(self) -> PurePosixPath:
+                return self._s.home
+
+            async def read_file(self, path: PurePosixPath) -> bytes | None:
+                return await self._s.read_file(path)
+
+            async def write_file(self, path: PurePosixPath, data: bytes, mode: int) -> None:
+                writes.append(str(path))
+                await self._s.write_file(path, data, mode)
+
+            async def make_dir(self, path: PurePosixPath, mode: int) -> None:
+                await self._s.make_dir(path, mode)
+
+            async def remove(self, path: PurePosixPath) -> None:
+                await self._s.remove(path)
+
+        async with self.inner.open(event) as sandbox:
+            yield Counting(sandbox)
+
+
+async def test_duplicate_event_has_one_effect(
+    nats_url: str, tmp_path: Path, nc: Client, fake_vault: FakeVault, collector: Collector,
+) -> None:
+    user, sandbox_id = uid("user"), uid("sbx")
+    fake_vault.users[user] = make_bundle()
+    event = SandboxCreated(user_id=user, sandbox_id=sandbox_id)
+    settings = settings_for(nats_url, tmp_path)
+    backend = CountingBackend(LocalBackend(settings.local_sandbox_root))
+
+    async with running(settings, backend=backend):
+        # the platform re-sent it without a Nats-Msg-Id, so JetStream stored both copies
+        await publish_created(nc, event, msg_id=None)
+        await publish_created(nc, event, msg_id=None)
+        # both deliveries answered (the second publish of the same result id reaches core subscribers)
+        await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, sandbox_id, count=2)
+
+    creds = tmp_path / "sandboxes" / sandbox_id / ".claude/.credentials.json"
+    assert sorted(backend.writes) == sorted(
+        [str(creds.resolve()), str(creds.resolve().parent.parent / ".claude.json"),
+         str(creds.resolve().parent / "settings.json")]
+    )  # each file once
+    injected = await stored(nc, subjects.SANDBOX_STREAM.name, subjects.SANDBOX_CREDENTIALS_INJECTED, by_sandbox(sandbox_id))
+    assert len(injected) == 1  # the derived event id was deduplicated by JetStream
+    assert len(fake_vault.requests_for(user)) == 2
+
+
+async def test_vault_that_never_answers_is_retried_then_dead_lettered(
+    nats_url: str, tmp_path: Path, nc: Client, fake_vault: FakeVault, collector: Collector,
+) -> None:
+    user, sandbox_id = uid("user"), uid("sbx")
+    fake_vault.users[user] = "silent"
+    event = SandboxCreated(user_id=user, sandbox_id=sandbox_id)
+    settings = settings_for(nats_url, tmp_path, vault_request_timeout=0.3, max_deliver=3)
+    async with running(settings):
+        # the setting reached the durable consumer, even though it already existed
+        info = await nc.jetstream().consumer_info(subjects.SANDBOX_STREAM.name, subjects.SANDBOX_CREATED_DURABLE)
+        assert info.config.max_deliver == 3
+        await publish_created(nc, event)
+        failed = await collector.event(subjects.SANDBOX_CREDENTIALS_FAILED, sandbox_id)
+        await collector.wait(lambda m: m[0].startswith("dlq.") and m[1] == event.model_dump_json().encode())
+
+    assert failed["reason"] == "vault_unavailable"
+    assert "after 3 deliveries" in failed["detail"]
+    assert failed["retryable"] is True
+    assert len(fake_vault.requests_for(user)) == 3  # one per delivery
+    dead = await stored(nc, subjects.DLQ_STREAM.name, subjects.dead_letter_subject(subjects.SANDBOX_CREATED),
+                        lambda m: m.data == event.model_dump_json().encode())
+    assert len(dead) == 1
+    assert dead[0].headers["Ccbridge-Reason"].startswith("vault_unavailable")  # type: ignore[index]
+
+
+async def test_vault_timeout_is_retried_until_it_answers(
+    nats_url: str, tmp_path: Path, nc: Client, fake_vault: FakeVault, collector: Collector, claude_bin: str,
+) -> None:
+    user, sandbox_id = uid("user"), uid("sbx")
+    fake_vault.users[user] = "silent_once"
+    fake_vault.late_bundles[user] = make_bundle()
+    event = SandboxCreated(user_id=user, sandbox_id=sandbox_id)
+    async with running(settings_for(nats_url, tmp_path, vault_request_timeout=0.3)):
+        await publish_created(nc, event)
+        injected = await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, sandbox_id)
+
+    assert injected["cause_event_id"] == event.event_id
+    assert len(fake_vault.requests_for(user)) == 2
+    assert collector.events(subjects.SANDBOX_CREDENTIALS_FAILED, sandbox_id) == []
+    status = await claude_status(claude_bin, tmp_path / "sandboxes" / sandbox_id)
+    assert status["loggedIn"] is True
+
+
+async def test_reconnect_required_is_final(
+    nats_url: str, tmp_path: Path, nc: Client, fake_vault: FakeVault, collector: Collector,
+) -> None:
+    user, sandbox_id = uid("user"), uid("sbx")
+    fake_vault.users[user] = "reconnect_required"
+    async with running(settings_for(nats_url, tmp_path)):
+        await publish_created(nc, SandboxCreated(user_id=user, sandbox_id=sandbox_id))
+        failed = await collector.event(subjects.SANDBOX_CREDENTIALS_FAILED, sandbox_id)
+    assert (failed["reason"], failed["retryable"]) == ("reconnect_required", False)
+    assert len(fake_vault.requests_for(user)) == 1
+
+
+async def test_python_m_services_sandbox_serves_until_sigterm(
+    nats_url: str, tmp_path: Path, nc: Client, fake_vault: FakeVault, collector: Collector,
+) -> None:
+    user, sandbox_id = uid("user"), uid("sbx")
+    bundle = make_bundle()
+    fake_vault.users[user] = bundle
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("SANDBOX_", "LOCAL_SANDBOX", "VAULT_"))},
+        "NATS_URL": nats_url,
+        "CCBRIDGE_DATA_DIR": str(tmp_path / "data"),
+        "LOCAL_SANDBOX_ROOT": str(tmp_path / "sandboxes"),
+        "SANDBOX_DEFAULT_MODE": "access_only",
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "DEBUG",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.sandbox", env=env, cwd=str(REPO),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    lines: list[bytes] = []
+
+    async def started() -> None:
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            lines.append(line)
+            if b"sandbox.started" in line:
+                return
+        pytest.fail(b"".join(lines).decode(errors="replace")[-2000:])
+
+    try:
+        await asyncio.wait_for(started(), WAIT)
+        event = SandboxCreated(user_id=user, sandbox_id=sandbox_id)
+        await publish_created(nc, event)
+        injected = await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, sandbox_id)
+        assert injected["mode"] == "access_only"  # SANDBOX_DEFAULT_MODE applied
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = await asyncio.wait_for(proc.communicate(), WAIT)
+        output = b"".join(lines) + rest
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, output.decode(errors="replace")[-2000:]
+    assert b"sandbox.stopped" in output
+    assert bundle.access_token.encode() not in output
+    assert (tmp_path / "data" / "keys" / "sandbox.hpke.key").exists()
+    assert (tmp_path / "sandboxes" / sandbox_id / ".claude/.credentials.json").exists()

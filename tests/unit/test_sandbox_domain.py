@@ -1,0 +1,189 @@
+"""Pure file builders and merge rules of the sandbox service."""
+
+from __future__ import annotations
+
+import json
+from pathlib import PurePosixPath
+
+import pytest
+
+from services.sandbox import domain
+from services.sandbox.errors import InvalidEvent, VaultError
+from shared.events import TokenBundle
+
+HOME = PurePosixPath("/sandboxes/sbx-1")
+ACCESS = "sk-ant-oat01-access-token-value"
+REFRESH = "sk-ant-ort01-refresh-token-value"
+
+
+def bundle(*, refresh: str | None = REFRESH, scopes: list[str] | None = None) -> TokenBundle:
+    return TokenBundle(
+        access_token=ACCESS,
+        refresh_token=refresh,
+        expires_at=1_900_000_000_000,
+        scopes=scopes if scopes is not None else ["user:inference", "user:profile"],
+    )
+
+
+def files_by_path(files: list[domain.FileSpec]) -> dict[str, domain.FileSpec]:
+    return {str(f.path): f for f in files}
+
+
+def test_file_mode_writes_exact_credentials_document() -> None:
+    files = files_by_path(domain.build_files(domain.resolve_layout(HOME), "file", bundle(), {}))
+    creds = files[f"{HOME}/.claude/.credentials.json"]
+    assert creds.mode == 0o600
+    assert json.loads(creds.content) == {
+        "claudeAiOauth": {
+            "accessToken": ACCESS,
+            "refreshToken": REFRESH,
+            "expiresAt": 1_900_000_000_000,
+            "scopes": ["user:inference", "user:profile"],
+        }
+    }
+    assert set(files) == {
+        f"{HOME}/.claude/.credentials.json",
+        f"{HOME}/.claude.json",
+        f"{HOME}/.claude/settings.json",
+    }
+    assert json.loads(files[f"{HOME}/.claude.json"].content) == {
+        "hasCompletedOnboarding": True,
+        "bypassPermissionsModeAccepted": True,
+    }
+    assert json.loads(files[f"{HOME}/.claude/settings.json"].content) == {"skipDangerousModePermissionPrompt": True}
+
+
+def test_access_only_mode_has_no_refresh_token_key_even_if_the_vault_sent_one() -> None:
+    files = files_by_path(domain.build_files(domain.resolve_layout(HOME), "access_only", bundle(), {}))
+    oauth = json.loads(files[f"{HOME}/.claude/.credentials.json"].content)["claudeAiOauth"]
+    assert "refreshToken" not in oauth
+    assert oauth["accessToken"] == ACCESS
+    assert REFRESH.encode() not in b"".join(f.content for f in files.values())
+
+
+def test_file_mode_without_refresh_token_omits_the_key() -> None:
+    files = files_by_path(domain.build_files(domain.resolve_layout(HOME), "file", bundle(refresh=None), {}))
+    assert "refreshToken" not in json.loads(files[f"{HOME}/.claude/.credentials.json"].content)["claudeAiOauth"]
+
+
+def test_env_mode_writes_no_credentials_and_names_the_env_var() -> None:
+    files = domain.build_files(domain.resolve_layout(HOME), "env", None, {})
+    paths = {str(f.path) for f in files}
+    assert paths == {f"{HOME}/.claude.json", f"{HOME}/.claude/settings.json"}
+    assert domain.env_names("env") == {"CLAUDE_CODE_OAUTH_TOKEN": "access_token"}
+    assert domain.env_names("file") == {}
+    assert domain.env_names("access_only") == {}
+
+
+def test_env_mode_never_renders_a_token_even_when_given_one() -> None:
+    files = domain.build_files(domain.resolve_layout(HOME), "env", bundle(), {})
+    assert ACCESS.encode() not in b"".join(f.content for f in files)
+
+
+@pytest.mark.parametrize("mode", ["file", "access_only"])
+def test_token_without_inference_scope_is_refused(mode: str) -> None:
+    with pytest.raises(VaultError) as info:
+        domain.build_files(domain.resolve_layout(HOME), mode, bundle(scopes=["user:profile"]), {})  # type: ignore[arg-type]
+    assert info.value.reason == "vault_error"
+    assert ACCESS not in str(info.value)
+
+
+def test_missing_bundle_is_refused_for_file_modes() -> None:
+    with pytest.raises(VaultError):
+        domain.build_files(domain.resolve_layout(HOME), "file", None, {})
+
+
+def test_merge_keeps_other_keys_and_sets_flags() -> None:
+    existing = json.dumps(
+        {"numStartups": 7, "hasCompletedOnboarding": False, "projects": {"/w": {"allowedTools": ["Bash"]}}}
+    ).encode()
+    merged = json.loads(domain.merge_global_config(existing))
+    assert merged == {
+        "numStartups": 7,
+        "hasCompletedOnboarding": True,
+        "bypassPermissionsModeAccepted": True,
+        "projects": {"/w": {"allowedTools": ["Bash"]}},
+    }
+
+
+def test_settings_merge_keeps_other_keys() -> None:
+    existing = json.dumps({"model": "opus", "permissions": {"allow": ["Read"]}}).encode()
+    merged = json.loads(domain.merge_settings(existing))
+    assert merged == {"model": "opus", "permissions": {"allow": ["Read"]}, "skipDangerousModePermissionPrompt": True}
+
+
+def test_merge_returns_existing_bytes_when_nothing_changes() -> None:
+    existing = b'{"bypassPermissionsModeAccepted":true,"hasCompletedOnboarding":true,"x":1}'
+    assert domain.merge_global_config(existing) is existing
+
+
+def test_merge_treats_truthy_non_bool_as_a_change() -> None:
+    existing = b'{"hasCompletedOnboarding": 1, "bypassPermissionsModeAccepted": true}'
+    merged = json.loads(domain.merge_global_config(existing))
+    assert merged["hasCompletedOnboarding"] is True
+
+
+@pytest.mark.parametrize(
+    "existing",
+    [b"", b"{not json", b"[1, 2]", b'"text"', b"null", b"\xff\xfe\x00garbage", b"[" * 100_000],
+)
+def test_unreadable_existing_file_is_replaced_not_crashed_on(existing: bytes) -> None:
+    merged = json.loads(domain.merge_global_config(existing))
+    assert merged == {"hasCompletedOnboarding": True, "bypassPermissionsModeAccepted": True}
+
+
+def test_build_files_merges_with_existing_content() -> None:
+    layout = domain.resolve_layout(HOME)
+    existing = {
+        HOME / ".claude.json": b'{"userID": "abc"}',
+        HOME / ".claude/settings.json": b'{"theme": "dark"}',
+    }
+    files = files_by_path(domain.build_files(layout, "file", bundle(), existing))
+    assert json.loads(files[f"{HOME}/.claude.json"].content)["userID"] == "abc"
+    assert json.loads(files[f"{HOME}/.claude/settings.json"].content)["theme"] == "dark"
+
+
+def test_relative_config_dir_goes_under_home() -> None:
+    layout = domain.resolve_layout(HOME, "cfg/claude")
+    files = files_by_path(domain.build_files(layout, "file", bundle(), {}))
+    assert set(files) == {
+        f"{HOME}/cfg/claude/.credentials.json",
+        f"{HOME}/cfg/claude/settings.json",
+        f"{HOME}/.claude.json",
+        # the CLI reads its global config from $CLAUDE_CONFIG_DIR when that is set
+        f"{HOME}/cfg/claude/.claude.json",
+    }
+    assert layout.merged_paths == (HOME / ".claude.json", HOME / "cfg/claude/.claude.json", HOME / "cfg/claude/settings.json")
+
+
+def test_absolute_config_dir_is_kept_for_the_backend_to_check() -> None:
+    layout = domain.resolve_layout(HOME, "/opt/claude/")
+    assert layout.config_dir == PurePosixPath("/opt/claude")
+    assert layout.credentials_path == PurePosixPath("/opt/claude/.credentials.json")
+
+
+@pytest.mark.parametrize("config_dir", ["../other", "a/../../x", "", "   ", "bad\x00dir", ".", "a/.."])
+def test_config_dir_escaping_home_or_empty_is_invalid(config_dir: str) -> None:
+    with pytest.raises(InvalidEvent) as info:
+        domain.resolve_layout(HOME, config_dir)
+    assert info.value.reason == "invalid_event"
+    assert info.value.retryable is False
+
+
+def test_default_layout_uses_dot_claude() -> None:
+    layout = domain.resolve_layout(HOME)
+    assert layout.config_dir == HOME / ".claude"
+    assert layout.global_config_paths == (HOME / ".claude.json",)
+
+
+@pytest.mark.parametrize(
+    ("delivery", "expected"), [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (6, 30.0), (50, 30.0), (0, 1.0)]
+)
+def test_retry_delay_is_exponential_and_capped(delivery: int, expected: float) -> None:
+    assert domain.retry_delay(delivery, base=1.0, cap=30.0) == expected
+
+
+def test_file_spec_repr_hides_content() -> None:
+    spec = domain.build_files(domain.resolve_layout(HOME), "file", bundle(), {})[0]
+    assert ACCESS not in repr(spec)
+    assert ACCESS not in repr(bundle())

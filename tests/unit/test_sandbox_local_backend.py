@@ -1,0 +1,193 @@
+"""Local backend: atomic writes, exact modes, paths confined to the sandbox home."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from services.sandbox.adapters.backends.base import SandboxBackend
+from services.sandbox.adapters.backends.local import LocalBackend, LocalSandbox, atomic_write
+from services.sandbox.errors import BackendError, PathOutsideSandbox
+from shared.events import SandboxCreated
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def leftovers(directory: Path) -> list[str]:
+    return [p.name for p in directory.iterdir() if "ccbridge-tmp" in p.name]
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    path = tmp_path / "root" / "sbx-1"
+    path.mkdir(parents=True)
+    return path
+
+
+async def test_open_creates_home_under_root_and_satisfies_the_port(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path / "sandboxes")
+    async with backend.open(SandboxCreated(user_id="u", sandbox_id="sbx-7")) as sandbox:
+        assert isinstance(sandbox, SandboxBackend)
+        assert Path(str(sandbox.home)) == (tmp_path / "sandboxes" / "sbx-7").resolve()
+    home = tmp_path / "sandboxes" / "sbx-7"
+    assert home.is_dir()
+    assert mode_of(home) == 0o700
+
+
+async def test_write_is_atomic_with_exact_mode_and_no_temp_files(home: Path) -> None:
+    old = os.umask(0o077)  # a strict umask must not change the requested bits
+    try:
+        sandbox = LocalSandbox(home)
+        await sandbox.make_dir(PurePosixPath(".claude"), 0o700)
+        await sandbox.write_file(PurePosixPath(".claude/.credentials.json"), b'{"a":1}', 0o600)
+        await sandbox.write_file(PurePosixPath(".claude.json"), b"{}", 0o644)
+    finally:
+        os.umask(old)
+    assert (home / ".claude/.credentials.json").read_bytes() == b'{"a":1}'
+    assert mode_of(home / ".claude") == 0o700
+    assert mode_of(home / ".claude/.credentials.json") == 0o600
+    assert mode_of(home / ".claude.json") == 0o644
+    assert leftovers(home) == [] and leftovers(home / ".claude") == []
+
+
+async def test_rewrite_replaces_content_and_resets_mode(home: Path) -> None:
+    target = home / "creds.json"
+    target.write_bytes(b"old content that is longer than the new one")
+    target.chmod(0o666)
+    await LocalSandbox(home).write_file(PurePosixPath("creds.json"), b"new", 0o600)
+    assert target.read_bytes() == b"new"
+    assert mode_of(target) == 0o600
+
+
+async def test_make_dir_tightens_an_existing_directory(home: Path) -> None:
+    (home / ".claude").mkdir(mode=0o755)
+    os.chmod(home / ".claude", 0o755)
+    await LocalSandbox(home).make_dir(PurePosixPath(".claude"), 0o700)
+    assert mode_of(home / ".claude") == 0o700
+
+
+async def test_read_missing_is_none_and_read_existing_is_bytes(home: Path) -> None:
+    sandbox = LocalSandbox(home)
+    assert await sandbox.read_file(PurePosixPath("nope.json")) is None
+    (home / "x.json").write_bytes(b"\x00\x01")
+    assert await sandbox.read_file(PurePosixPath("x.json")) == b"\x00\x01"
+    assert await sandbox.read_file(home.resolve() / "x.json") == b"\x00\x01"  # absolute inside is fine
+
+
+async def test_failed_write_leaves_old_file_and_no_temp(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = home / "creds.json"
+    target.write_bytes(b"old")
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(BackendError) as info:
+        await LocalSandbox(home).write_file(PurePosixPath("creds.json"), b"new content", 0o600)
+    monkeypatch.undo()
+    assert info.value.retryable is True  # EIO may pass
+    assert "EIO" in info.value.detail
+    assert target.read_bytes() == b"old"
+    assert leftovers(home) == []
+
+
+def test_atomic_write_never_exposes_a_partial_file(tmp_path: Path) -> None:
+    target = tmp_path / "big.json"
+    payload = b"x" * (4 * 1024 * 1024)
+    atomic_write(target, payload, 0o600)
+    assert target.read_bytes() == payload
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["../escape.json", "../../etc/passwd", "/etc/passwd", ".claude/../../sbx-2/x", "/"],
+)
+async def test_paths_outside_the_home_are_refused(home: Path, path: str) -> None:
+    sandbox = LocalSandbox(home)
+    for call in (
+        sandbox.read_file(PurePosixPath(path)),
+        sandbox.write_file(PurePosixPath(path), b"x", 0o600),
+        sandbox.make_dir(PurePosixPath(path), 0o700),
+        sandbox.remove(PurePosixPath(path)),
+    ):
+        with pytest.raises(PathOutsideSandbox) as info:
+            await call
+        assert info.value.retryable is False
+        assert info.value.reason == "backend_error"
+    assert not (home.parent / "escape.json").exists()
+
+
+async def test_symlink_out_of_the_home_is_refused(home: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (home / ".claude").symlink_to(outside)
+    sandbox = LocalSandbox(home)
+    with pytest.raises(PathOutsideSandbox):
+        await sandbox.write_file(PurePosixPath(".claude/.credentials.json"), b"secret", 0o600)
+    (home / "link.json").symlink_to(outside / "target.json")
+    with pytest.raises(PathOutsideSandbox):
+        await sandbox.write_file(PurePosixPath("link.json"), b"secret", 0o600)
+    assert list(outside.iterdir()) == []
+
+
+async def test_home_itself_cannot_be_replaced_or_removed(home: Path) -> None:
+    sandbox = LocalSandbox(home)
+    with pytest.raises(PathOutsideSandbox):
+        await sandbox.write_file(PurePosixPath("."), b"x", 0o600)
+    with pytest.raises(PathOutsideSandbox):
+        await sandbox.remove(PurePosixPath("."))
+    assert home.is_dir()
+
+
+async def test_remove_file_dir_and_missing(home: Path) -> None:
+    sandbox = LocalSandbox(home)
+    (home / "f").write_text("x")
+    (home / "d" / "e").mkdir(parents=True)
+    (home / "d" / "e" / "g").write_text("y")
+    await sandbox.remove(PurePosixPath("f"))
+    await sandbox.remove(PurePosixPath("d"))
+    await sandbox.remove(PurePosixPath("missing"))
+    assert sorted(p.name for p in home.iterdir()) == []
+
+
+async def test_io_errors_become_typed_backend_errors(home: Path) -> None:
+    (home / "afile").write_text("x")
+    sandbox = LocalSandbox(home)
+    with pytest.raises(BackendError) as info:
+        await sandbox.write_file(PurePosixPath("afile/child.json"), b"x", 0o600)
+    assert info.value.retryable is False  # ENOTDIR will not fix itself
+    with pytest.raises(BackendError) as info:
+        await sandbox.read_file(PurePosixPath("."))
+    assert info.value.retryable is False  # EISDIR
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+async def test_permission_error_is_retryable(home: Path) -> None:
+    locked = home / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        with pytest.raises(BackendError) as info:
+            await LocalSandbox(home).write_file(PurePosixPath("locked/x"), b"x", 0o600)
+        assert info.value.retryable is True
+    finally:
+        locked.chmod(0o700)
+
+
+def test_home_dir_must_be_a_direct_child_of_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    backend = LocalBackend(root)
+    assert backend.home_dir("sbx-1") == root.resolve() / "sbx-1"
+    for bad in ("..", ".", "a/b", "../x", "/etc"):
+        with pytest.raises(PathOutsideSandbox):
+            backend.home_dir(bad)
+    (root / "evil").symlink_to(tmp_path)
+    with pytest.raises(PathOutsideSandbox):
+        backend.home_dir("evil")

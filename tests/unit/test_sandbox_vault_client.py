@@ -1,0 +1,133 @@
+"""Vault client: request shape, sealed reply opening, error mapping (fake NATS connection)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import nats.errors
+import pytest
+
+from services.sandbox.adapters.vault_client import NatsVaultClient
+from services.sandbox.errors import NotConnected, ReconnectRequired, SandboxError, VaultError, VaultUnavailable
+from shared import subjects
+from shared.events import CredentialsReply, CredentialsRequest, TokenBundle
+from shared.sealing import KeyPair, seal
+
+ACCESS = "sk-ant-oat01-vault-client-access"
+BUNDLE = TokenBundle(access_token=ACCESS, refresh_token="sk-ant-ort01-r", expires_at=1_900_000_000_000,
+                     scopes=["user:inference"])
+
+
+@dataclass
+class Reply:
+    data: bytes
+
+
+class FakeConnection:
+    """Answers like a vault would: `answer(request) -> bytes`, or raises `error`."""
+
+    def __init__(self, answer=None, error: Exception | None = None) -> None:  # type: ignore[no-untyped-def]
+        self.answer = answer
+        self.error = error
+        self.requests: list[tuple[str, CredentialsRequest, float]] = []
+
+    async def request(self, subject: str, payload: bytes, timeout: float) -> Reply:
+        request = CredentialsRequest.model_validate_json(payload)
+        self.requests.append((subject, request, timeout))
+        if self.error:
+            raise self.error
+        return Reply(self.answer(request))
+
+
+def sealed_ok(request: CredentialsRequest, *, bundle: TokenBundle = BUNDLE, message_id: str | None = None,
+              to: KeyPair | None = None) -> bytes:
+    from shared.sealing import Recipient
+
+    recipient = to.recipient if to else Recipient.from_b64(request.requester_public_key)
+    box = seal(bundle.model_dump_json().encode(), recipient, subject=subjects.VAULT_CREDENTIALS_GET,
+               message_id=message_id or request.request_id)
+    return CredentialsReply(request_id=request.request_id, ok=True, sealed=box, expires_at=bundle.expires_at,
+                            scopes=bundle.scopes).model_dump_json().encode()
+
+
+def client(conn: FakeConnection, key: KeyPair | None = None) -> NatsVaultClient:
+    return NatsVaultClient(lambda: conn, key or KeyPair.generate(), timeout=0.5)  # type: ignore[arg-type,return-value]
+
+
+async def test_request_carries_our_public_key_and_reply_opens() -> None:
+    key = KeyPair.generate()
+    conn = FakeConnection(sealed_ok)
+    creds = await client(conn, key).fetch("user-9", "access_only")
+    [(subject, request, timeout)] = conn.requests
+    assert subject == "vault.credentials.get"
+    assert timeout == 0.5
+    assert (request.user_id, request.mode) == ("user-9", "access_only")
+    assert request.requester_key_id == key.key_id
+    assert request.requester_public_key == key.recipient.public_b64
+    assert creds.bundle is not None and creds.bundle.access_token == ACCESS
+    assert creds.expires_at == BUNDLE.expires_at
+    assert ACCESS not in repr(creds)
+
+
+@pytest.mark.parametrize("error", [nats.errors.TimeoutError(), nats.errors.NoRespondersError(),
+                                   nats.errors.ConnectionClosedError()])
+async def test_no_answer_is_vault_unavailable_and_retryable(error: Exception) -> None:
+    with pytest.raises(VaultUnavailable) as info:
+        await client(FakeConnection(error=error)).fetch("u", "file")
+    assert info.value.retryable is True
+    assert info.value.reason == "vault_unavailable"
+
+
+@pytest.mark.parametrize(
+    ("code", "expected", "retryable"),
+    [
+        ("not_connected", NotConnected, False),
+        ("reconnect_required", ReconnectRequired, False),
+        ("unauthorized_requester", VaultError, False),
+        ("invalid_request", VaultError, False),
+        ("internal", VaultError, True),
+    ],
+)
+async def test_vault_refusals_map_to_typed_errors(code: str, expected: type[SandboxError], retryable: bool) -> None:
+    conn = FakeConnection(lambda r: CredentialsReply(request_id=r.request_id, ok=False, error=code)  # type: ignore[arg-type]
+                          .model_dump_json().encode())
+    with pytest.raises(expected) as info:
+        await client(conn).fetch("u", "file")
+    assert info.value.retryable is retryable
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        lambda r: b"not json",
+        lambda r: b'{"ok": true}',
+        # answers someone else's request
+        lambda r: CredentialsReply(request_id="other-request-id", ok=True).model_dump_json().encode(),
+        # ok but nothing sealed, in a mode that needs a token
+        lambda r: CredentialsReply(request_id=r.request_id, ok=True, expires_at=1).model_dump_json().encode(),
+        # sealed for another key
+        lambda r: sealed_ok(r, to=KeyPair.generate()),
+        # sealed for us but bound to another request id (replayed box)
+        lambda r: sealed_ok(r, message_id="another-request-000"),
+    ],
+)
+async def test_bad_replies_are_vault_errors_without_secrets(answer) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(VaultError) as info:
+        await client(FakeConnection(answer)).fetch("u", "file")
+    assert info.value.reason == "vault_error"
+    assert ACCESS not in str(info.value)
+
+
+async def test_env_mode_accepts_a_reply_without_sealed_box() -> None:
+    conn = FakeConnection(lambda r: CredentialsReply(request_id=r.request_id, ok=True, expires_at=123,
+                                                     scopes=["user:inference"]).model_dump_json().encode())
+    creds = await client(conn).fetch("u", "env")
+    assert creds.bundle is None
+    assert creds.expires_at == 123
+    assert creds.scopes == ("user:inference",)
+
+
+async def test_env_mode_without_expiry_is_a_vault_error() -> None:
+    conn = FakeConnection(lambda r: CredentialsReply(request_id=r.request_id, ok=True).model_dump_json().encode())
+    with pytest.raises(VaultError):
+        await client(conn).fetch("u", "env")
