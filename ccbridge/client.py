@@ -10,16 +10,21 @@ publish is deduplicated by JetStream) and serves many concurrent calls on one co
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
 
 from shared import subjects
 from shared.events import (
     Backend,
+    ConnectionStatusReply,
+    ConnectionStatusRequest,
+    TokensRevoked,
     CredentialMode,
     SandboxCreated,
     SandboxCredentialsFailed,
@@ -41,6 +46,10 @@ class CcbridgeTimeout(TimeoutError):
         )
         self.sandbox_id = sandbox_id
         self.event_id = event_id
+
+
+class CcbridgeUnavailable(ConnectionError):
+    """The service that answers this question is not reachable on the bus."""
 
 
 class CcbridgeClient:
@@ -110,14 +119,68 @@ class CcbridgeClient:
         waiter: asyncio.Future[SandboxResult] = asyncio.get_running_loop().create_future()
         self._waiters[event.event_id] = waiter
         try:
-            await self._nc.jetstream().publish(
+            ack = await self._nc.jetstream().publish(
                 subjects.SANDBOX_CREATED,
                 event.model_dump_json().encode(),
                 headers={subjects.MSG_ID_HEADER: event.event_id},
                 stream=subjects.SANDBOX_STREAM.name,
             )
+            if ack.duplicate:
+                # A retry of an event JetStream already holds: its result, if any, is in the stream.
+                earlier = await self._earlier_result(event.event_id)
+                if earlier is not None:
+                    return earlier
             return await asyncio.wait_for(waiter, timeout)
         except TimeoutError as exc:
             raise CcbridgeTimeout(sandbox_id, event.event_id, timeout) from exc
         finally:
             self._waiters.pop(event.event_id, None)
+
+    async def _earlier_result(self, cause_event_id: str) -> SandboxResult | None:
+        """Scan recent results (the stream's duplicate window) for the answer to `cause_event_id`."""
+        assert self._nc is not None
+        js = self._nc.jetstream()
+        since = datetime.now(UTC) - timedelta(seconds=subjects.SANDBOX_STREAM.duplicate_window_s + 60)
+        sub = await js.subscribe(
+            "sandbox.credentials.*",
+            stream=subjects.SANDBOX_STREAM.name,
+            ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since.isoformat()),
+        )
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=0.5)
+                except nats.errors.TimeoutError:
+                    return None
+                await self._on_result(msg)
+                waiter = self._waiters.get(cause_event_id)
+                if waiter is not None and waiter.done():
+                    return waiter.result()
+        finally:
+            await sub.unsubscribe()
+
+    async def connection_status(self, user_id: str, *, timeout: float = 5.0) -> ConnectionStatusReply:
+        """What the vault holds for this person (never a token)."""
+        assert self._nc is not None, "use `async with CcbridgeClient(...)`"
+        request = ConnectionStatusRequest(user_id=user_id)
+        try:
+            reply = await self._nc.request(
+                subjects.VAULT_CONNECTIONS_STATUS, request.model_dump_json().encode(), timeout=timeout
+            )
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
+            raise CcbridgeUnavailable(f"the vault did not answer {subjects.VAULT_CONNECTIONS_STATUS}") from exc
+        return ConnectionStatusReply.model_validate_json(reply.data)
+
+    async def disconnect(self, user_id: str, *, reason: str = "user_request", event_id: str | None = None) -> str:
+        """Publish `tokens.revoked`: the vault shreds the credentials, live sandboxes are scrubbed.
+        Returns the event id (retrying with it is safe)."""
+        assert self._nc is not None, "use `async with CcbridgeClient(...)`"
+        event = TokensRevoked(event_id=event_id or new_event_id(), user_id=user_id, reason=reason)
+        await self._nc.jetstream().publish(
+            subjects.TOKENS_REVOKED,
+            event.model_dump_json().encode(),
+            headers={subjects.MSG_ID_HEADER: event.event_id},
+            stream=subjects.TOKENS_STREAM.name,
+        )
+        return event.event_id
