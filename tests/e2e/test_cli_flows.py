@@ -1,0 +1,116 @@
+"""`ccbridge login` and `ccbridge sandbox create` as a person runs them, against the running stack."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ccbridge.demo import PASTE_CODE, mint_caller_token
+from ccbridge.embedded_nats import free_port
+from ccbridge.stack import Stack
+from standins.oauth import OAuthStandin
+
+pytestmark = pytest.mark.e2e
+CCBRIDGE = [sys.executable, "-m", "ccbridge.cli"]
+
+
+@pytest.fixture
+async def running(tmp_path: Path, embedded_nats):
+    secret = secrets.token_urlsafe(32)
+    async with OAuthStandin(port=0) as oauth:
+        env = {
+            "AUTH_JWT_SECRET": secret,
+            "OAUTH_AUTHORIZE_URL": oauth.authorize_url,
+            "OAUTH_TOKEN_URL": oauth.token_url,
+            "OAUTH_REDIRECT_URI": oauth.callback_url,
+        }
+        async with Stack(tmp_path / "data", nats_url=embedded_nats.url, env=env, auth_port=free_port()) as stack:
+            yield stack, secret
+
+
+def _login(stack: Stack, token: str, paste: str | None) -> subprocess.CompletedProcess[str]:
+    """Run `ccbridge login --json`; read the URL it prints, approve it at the stand-in, paste."""
+    proc = subprocess.Popen(
+        [*CCBRIDGE, "login", "--auth-url", stack.auth_url, "--token", token, "--json", "--no-browser"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "COLUMNS": "500"},
+    )
+    url = None
+    for line in proc.stderr:  # type: ignore[union-attr]
+        if match := re.search(r"(http://\S+/oauth/authorize\S+)", line):
+            url = match.group(1)
+            break
+    if not url:
+        out, err = proc.communicate(timeout=30)
+        raise AssertionError(f"ccbridge login printed no authorize URL: {out} {err}")
+    if paste is None:
+        page = httpx.get(url, follow_redirects=True, timeout=10)
+        paste = PASTE_CODE.search(page.text).group(1)  # type: ignore[union-attr]
+    out, err = proc.communicate(paste + "\n", timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+async def test_terminal_login_connects_and_reports_expiry(running) -> None:
+    stack, secret = running
+    done = await asyncio.to_thread(_login, stack, mint_caller_token(secret, f"cli-{uuid.uuid4().hex[:6]}"), paste=None)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["ok"] is True and result["status"] == "connected"
+    assert "user:inference" in result["scopes"] and result["expires_at"]
+    assert "sk-ant-" not in done.stdout + done.stderr
+
+
+async def test_terminal_login_wrong_paste_is_a_clear_error(running) -> None:
+    stack, secret = running
+    done = await asyncio.to_thread(_login, stack, mint_caller_token(secret, "cli-wrong"), paste="not-a-code#not-a-state")
+    assert done.returncode == 2
+    result = json.loads(done.stdout)
+    assert result["ok"] is False and result["status"] == 400
+    assert "exchanging the code failed" in result["error"]
+
+
+async def test_terminal_login_bad_token_exit_code(running) -> None:
+    stack, _ = running
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [*CCBRIDGE, "login", "--auth-url", stack.auth_url, "--token", "not-a-jwt", "--json", "--no-browser"],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 2
+    assert json.loads(done.stdout)["status"] == 401
+
+
+async def test_sandbox_create_exit_codes(running) -> None:
+    stack, secret = running
+    env = {**os.environ, "NATS_URL": stack.nats_url}
+    user = f"cli-{uuid.uuid4().hex[:6]}"
+    not_connected = await asyncio.to_thread(
+        subprocess.run,
+        [*CCBRIDGE, "sandbox", "create", "--user", user, "--sandbox-id", "cli-sbx-1", "--json"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert not_connected.returncode == 1
+    assert json.loads(not_connected.stdout)["reason"] == "not_connected"
+
+    assert (await asyncio.to_thread(_login, stack, mint_caller_token(secret, user), None)).returncode == 0
+    for _ in range(20):  # the vault stores asynchronously after the 202
+        ready = await asyncio.to_thread(
+            subprocess.run,
+            [*CCBRIDGE, "sandbox", "create", "--user", user, "--sandbox-id", "cli-sbx-2", "--json"],
+            capture_output=True, text=True, timeout=60, env=env,
+        )
+        if ready.returncode == 0:
+            break
+    assert ready.returncode == 0, ready.stdout + ready.stderr
+    assert json.loads(ready.stdout)["mode"] == "file"
+    assert (Path(stack.service_env()["LOCAL_SANDBOX_ROOT"]) / "cli-sbx-2/.claude/.credentials.json").exists()
