@@ -234,7 +234,7 @@ def sandbox_create(
     from ccbridge.client import CcbridgeClient, CcbridgeTimeout
     from shared.events import SandboxCredentialsInjected
 
-    nats_url = os.environ.get("NATS_URL") or "nats://127.0.0.1:4222"
+    nats_url = _nats_url()
 
     async def _create():
         async with CcbridgeClient(nats_url) as ccb:
@@ -260,6 +260,73 @@ def sandbox_create(
     else:
         console.print(f"[red]failed[/red]: {result.reason} — {result.detail}")
     raise typer.Exit(0 if ready else 1)
+
+
+dlq_app = typer.Typer(help="Dead letters: list and replay.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+
+
+def _nats_url() -> str:
+    return os.environ.get("NATS_URL") or "nats://127.0.0.1:4222"
+
+
+async def _with_nats(work):
+    import nats
+
+    nc = await nats.connect(_nats_url(), connect_timeout=5, max_reconnect_attempts=1)
+    try:
+        return await work(nc)
+    finally:
+        await nc.close()
+
+
+@dlq_app.command("list")
+def dlq_list(
+    subject: Annotated[str | None, typer.Option(help="Only dead letters of this original subject.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many.")] = 100,
+    show_body: Annotated[bool, typer.Option(help="Include the (redacted) body.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List dead letters with the reason each was set aside."""
+    from rich.table import Table
+
+    from ccbridge.ops import list_dead_letters
+
+    letters = asyncio.run(_with_nats(lambda nc: list_dead_letters(nc, subject=subject, limit=limit)))
+    if as_json:
+        typer.echo(json.dumps([letter.as_dict(with_body=show_body) for letter in letters]))
+        return
+    table = Table("seq", "original subject", "reason", "time", "bytes", title=f"{len(letters)} dead letter(s)")
+    for letter in letters:
+        row = letter.as_dict(with_body=show_body)
+        table.add_row(str(row["seq"]), row["original_subject"], row["reason"], row["time"] or "", str(row["size"]))
+    Console().print(table)
+    if show_body:
+        for letter in letters:
+            Console().print(f"[bold]{letter.seq}[/bold] {letter.as_dict(with_body=True)['body']}")
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    seq: Annotated[list[int], typer.Argument(help="Sequence number(s) from `ccbridge dlq list`.")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Publish dead letters back on their original subject (after fixing the cause)."""
+    from ccbridge.ops import replay_dead_letter
+
+    async def _replay(nc):
+        return [(n, await replay_dead_letter(nc, n)) for n in seq]
+
+    try:
+        done = asyncio.run(_with_nats(_replay))
+    except Exception as exc:  # noqa: BLE001 - a clear message instead of a traceback
+        console.print(f"[red]replay failed: {type(exc).__name__}: {exc}[/red]")
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps([{"seq": n, "subject": subject} for n, subject in done]))
+    else:
+        for n, subject in done:
+            console.print(f"replayed {n} → {subject}")
 
 
 @app.command("standin-oauth")

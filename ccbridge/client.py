@@ -89,6 +89,14 @@ class CcbridgeClient:
         if waiter is not None and not waiter.done():
             waiter.set_result(result)
 
+    def expect_result(self, cause_event_id: str) -> asyncio.Future[SandboxResult]:
+        """A future for the result of `sandbox.created` event `cause_event_id` (e.g. one a replay
+        or another publisher sends). Call before the event is published."""
+        waiter = self._waiters.get(cause_event_id)
+        if waiter is None:
+            waiter = self._waiters[cause_event_id] = asyncio.get_running_loop().create_future()
+        return waiter
+
     async def prepare_sandbox(
         self,
         sandbox_id: str,
@@ -116,8 +124,7 @@ class CcbridgeClient:
             template=template,
             options=SandboxOptions(mode=mode, mcp=mcp, config_dir=config_dir),
         )
-        waiter: asyncio.Future[SandboxResult] = asyncio.get_running_loop().create_future()
-        self._waiters[event.event_id] = waiter
+        waiter = self.expect_result(event.event_id)
         try:
             ack = await self._nc.jetstream().publish(
                 subjects.SANDBOX_CREATED,
