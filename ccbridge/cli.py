@@ -329,6 +329,122 @@ def dlq_replay(
             console.print(f"replayed {n} → {subject}")
 
 
+# --- vault tools (issue 5): `ccbridge vault migrate|revoke`, `ccbridge keys ...` ------------
+# Thin: parse, call services.vault.tools, print. Settings come from the vault's env
+# (DATABASE_URL, VAULT_DATABASE_SCHEMA, VAULT_KEKS / VAULT_KEK_FILE, CCBRIDGE_DATA_DIR, NATS_URL).
+keys_app = typer.Typer(help="The vault's key-encryption keys: rotate, rewrap, retire, list.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+def _vault_tool(run):
+    """Run one async vault tool with the vault's settings; typed vault errors → exit 2.
+    Logs go to stderr (redacted), so stdout stays machine-readable."""
+    import structlog
+
+    from services.vault.errors import VaultError
+    from services.vault.settings import VaultSettings
+    from shared.logging import configure_logging
+
+    settings = VaultSettings()
+    if not structlog.is_configured():
+        configure_logging(settings.log_level, settings.log_format, service="vault-cli")
+    try:
+        return asyncio.run(run(settings))
+    except VaultError as exc:
+        console.print(f"[red]{exc.reason}: {exc.detail}[/red]")
+        raise typer.Exit(2) from None
+
+
+@vault_app.command("migrate")
+def vault_migrate(
+    revision: Annotated[str, typer.Option(help="Target Alembic revision.")] = "head",
+) -> None:
+    """Bring the vault's database schema up to date (the vault also does this at start)."""
+    from services.vault import tools
+
+    report = _vault_tool(lambda s: tools.migrate(s, revision))
+    console.print(f"vault schema: {report.before or 'empty'} → {report.after} (head {report.head})")
+
+
+@vault_app.command("revoke")
+def vault_revoke(
+    user: Annotated[str, typer.Option("--user", help="User whose connection to revoke.")],
+    reason: Annotated[str, typer.Option(help="Recorded in the event and the audit log.")] = "operator_request",
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the vault to confirm (0: don't).")] = 0.0,
+) -> None:
+    """Publish tokens.revoked: the vault crypto-shreds the tokens, sandboxes are scrubbed."""
+    from services.vault import tools
+
+    event, confirmed = _vault_tool(lambda s: tools.revoke_user(s, user, reason=reason, wait_s=wait))
+    console.print(f"tokens.revoked published for {user} (event {event.event_id})")
+    if confirmed is False:
+        console.print("[red]the vault did not confirm in time[/red]")
+        raise typer.Exit(1)
+    if confirmed:
+        console.print("[green]the vault shredded the connection[/green]")
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    rewrap: Annotated[bool, typer.Option(help="Re-wrap every record under the new key now.")] = True,
+    retire_old: Annotated[bool, typer.Option(help="Then retire KEKs no record uses any more.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
+) -> None:
+    """Add a new key-encryption key (it becomes active) and re-wrap every record, online."""
+    from services.vault import tools
+
+    report = _vault_tool(lambda s: tools.rotate_keys(s, rewrap=rewrap, retire_previous=retire_old))
+    summary = {
+        "new_kek_id": report.new_kek_id,
+        "previous_kek_id": report.previous_kek_id,
+        "moved": report.rewrap.moved if report.rewrap else None,
+        "failures": report.rewrap.failures if report.rewrap else {},
+        "records_by_kek": report.rewrap.by_kek if report.rewrap else None,
+        "retired": report.retired,
+    }
+    if as_json:
+        typer.echo(json.dumps(summary))
+    else:
+        console.print(f"active KEK {report.new_kek_id} (was {report.previous_kek_id}); "
+                      f"re-wrapped {summary['moved']}; records by KEK {summary['records_by_kek']}; "
+                      f"retired {report.retired or 'none'}")
+        for user_id, why in summary["failures"].items():
+            console.print(f"[red]  not re-wrapped: {user_id} ({why})[/red]")
+    raise typer.Exit(1 if summary["failures"] else 0)
+
+
+@keys_app.command("rewrap")
+def keys_rewrap() -> None:
+    """Re-wrap every record under the active KEK of the configured source."""
+    from services.vault import tools
+
+    report = _vault_tool(lambda s: tools.rewrap(s))
+    console.print(f"re-wrapped {report.moved} under {report.active_kek_id}; records by KEK {report.by_kek}")
+    for user_id, why in report.failures.items():
+        console.print(f"[red]  not re-wrapped: {user_id} ({why})[/red]")
+    raise typer.Exit(1 if report.failures else 0)
+
+
+@keys_app.command("retire")
+def keys_retire(
+    kek_id: Annotated[str, typer.Argument(help="The KEK id to retire.")],
+    force: Annotated[bool, typer.Option(help="Even if records still use it (they will fail loudly).")] = False,
+) -> None:
+    """Destroy a KEK's bytes (its id is kept, so records still under it fail loudly)."""
+    from services.vault import tools
+
+    in_use = _vault_tool(lambda s: tools.retire_key(s, kek_id, force=force))
+    console.print(f"retired {kek_id}" + (f" ([red]{in_use} records now unreadable[/red])" if in_use else ""))
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """KEK ids (never key bytes): active, others, retired, and records per KEK."""
+    from services.vault import tools
+
+    typer.echo(json.dumps(_vault_tool(tools.key_status), indent=2))
+
+
 @app.command("standin-oauth")
 def standin_oauth(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8900,

@@ -13,7 +13,14 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from shared import subjects
-from shared.events import EVENT_MODELS, SCHEMA_VERSION, CredentialsReply, CredentialsRequest
+from shared.events import (
+    EVENT_MODELS,
+    SCHEMA_VERSION,
+    ConnectionStatusReply,
+    ConnectionStatusRequest,
+    CredentialsReply,
+    CredentialsRequest,
+)
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "docs" / "schemas" / f"v{SCHEMA_VERSION}"
 
@@ -22,6 +29,8 @@ def all_models() -> dict[str, type[BaseModel]]:
     models: dict[str, type[BaseModel]] = dict(EVENT_MODELS)
     models[f"{subjects.VAULT_CREDENTIALS_GET}.request"] = CredentialsRequest
     models[f"{subjects.VAULT_CREDENTIALS_GET}.reply"] = CredentialsReply
+    models[f"{subjects.VAULT_CONNECTIONS_STATUS}.request"] = ConnectionStatusRequest
+    models[f"{subjects.VAULT_CONNECTIONS_STATUS}.reply"] = ConnectionStatusReply
     return models
 
 

@@ -132,6 +132,14 @@ class TokensReconnectRequired(Event):
     reason: str = Field(max_length=200, examples=["invalid_grant"])
 
 
+class TokensLoginExpiring(Event):
+    """Published by the vault once per login, a while before the login (the refresh token's
+    life, ~30 days; refreshing does not extend it) lapses: the person must connect again."""
+
+    expires_at: int = Field(description="When the login lapses (ms epoch).", examples=[1769817600000])
+    state: Literal["connected", "refresh_failed", "reconnect_required"] = "connected"
+
+
 class SandboxOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -179,6 +187,29 @@ class SandboxCredentialsInjected(Event):
         default_factory=dict,
         description="Names of environment variables the platform must set (values never travel).",
     )
+    backend_sandbox_id: str | None = Field(
+        default=None,
+        max_length=128,
+        description="e2b: the sandboxID of the sandbox created from the event's `template`; None otherwise.",
+    )
+    refreshed_by: str | None = Field(
+        default=None,
+        max_length=64,
+        description="event_id of the tokens.refreshed that caused this re-injection; None for the first injection.",
+    )
+
+
+class SandboxCredentialsScrubbed(Event):
+    """After tokens.revoked: the person's credential files were removed from this sandbox."""
+
+    sandbox_id: SandboxId
+    cause_event_id: str = Field(description="event_id of the tokens.revoked this answers.")
+    backend: Backend
+    files: list[str] = Field(default_factory=list, description="Paths removed inside the sandbox.")
+    sandbox_gone: bool = Field(
+        default=False, description="True when the sandbox no longer existed, so nothing was left to remove."
+    )
+    reason: str = Field(default="user_request", max_length=200, description="Copied from tokens.revoked.")
 
 
 class SandboxCredentialsFailed(Event):
@@ -201,7 +232,10 @@ class CredentialsRequest(BaseModel):
     requester_public_key: str = Field(min_length=1, max_length=512, description="base64url raw public key.")
 
 
-CredentialsError = Literal["not_connected", "reconnect_required", "unauthorized_requester", "invalid_request", "internal"]
+# `unavailable`: the vault could not answer in time (database outage, overload) — retry later.
+CredentialsError = Literal[
+    "not_connected", "reconnect_required", "unauthorized_requester", "invalid_request", "internal", "unavailable"
+]
 
 
 class CredentialsReply(BaseModel):
@@ -216,6 +250,36 @@ class CredentialsReply(BaseModel):
     scopes: list[str] = Field(default_factory=list)
 
 
+# --- vault.connections.status (core request/reply) ---------------------------
+ConnectionState = Literal["connected", "refresh_failed", "reconnect_required"]
+ConnectionKind = Literal["oauth", "setup_token"]
+
+
+class ConnectionStatusRequest(BaseModel):
+    """auth → vault: what does the vault hold for this person? (No token ever in the answer.)"""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    user_id: UserId
+
+
+class ConnectionStatusReply(BaseModel):
+    """vault → auth. `connected` is False (and the rest empty) when the vault holds nothing."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    connected: bool
+    state: ConnectionState | None = Field(default=None, description="None when not connected.")
+    kind: ConnectionKind | None = None
+    scopes: list[str] = Field(default_factory=list)
+    expires_at: int | None = Field(default=None, description="Access-token expiry (ms epoch).")
+    refresh_token_expires_at: int | None = Field(default=None, description="Login expiry (ms epoch), if known.")
+    account: AccountInfo | None = None
+    version: int | None = Field(default=None, ge=1, description="Connection version (1 = first connect).")
+
+
 EVENT_MODELS: dict[str, type[Event]] = {}
 
 
@@ -228,10 +292,12 @@ def _register() -> None:
             s.TOKENS_REFRESHED: TokensRefreshed,
             s.TOKENS_REVOKED: TokensRevoked,
             s.TOKENS_RECONNECT_REQUIRED: TokensReconnectRequired,
+            s.TOKENS_LOGIN_EXPIRING: TokensLoginExpiring,
             s.SANDBOX_CREATED: SandboxCreated,
             s.SANDBOX_DESTROYED: SandboxDestroyed,
             s.SANDBOX_CREDENTIALS_INJECTED: SandboxCredentialsInjected,
             s.SANDBOX_CREDENTIALS_FAILED: SandboxCredentialsFailed,
+            s.SANDBOX_CREDENTIALS_SCRUBBED: SandboxCredentialsScrubbed,
         }
     )
 

@@ -55,6 +55,12 @@ def redact_processor(_logger: Any, _name: str, event_dict: dict[str, Any]) -> di
     return _redact(event_dict)
 
 
+def drop_color_message(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """uvicorn adds a `color_message` extra (the message with ANSI codes): noise in our logs."""
+    event_dict.pop("color_message", None)
+    return event_dict
+
+
 def configure_logging(level: str = "INFO", fmt: str = "console", *, service: str = "ccbridge") -> None:
     renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     shared = [
@@ -70,7 +76,7 @@ def configure_logging(level: str = "INFO", fmt: str = "console", *, service: str
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
+        foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder(), drop_color_message],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             redact_processor,

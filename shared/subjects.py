@@ -12,11 +12,14 @@ TOKENS_ISSUED = "tokens.issued"
 TOKENS_REFRESHED = "tokens.refreshed"
 TOKENS_REVOKED = "tokens.revoked"
 TOKENS_RECONNECT_REQUIRED = "tokens.reconnect_required"
+TOKENS_LOGIN_EXPIRING = "tokens.login_expiring"  # vault: a login lapses soon (ccbridge's own)
 SANDBOX_CREATED = "sandbox.created"
 SANDBOX_DESTROYED = "sandbox.destroyed"
 SANDBOX_CREDENTIALS_INJECTED = "sandbox.credentials.injected"
 SANDBOX_CREDENTIALS_FAILED = "sandbox.credentials.failed"
+SANDBOX_CREDENTIALS_SCRUBBED = "sandbox.credentials.scrubbed"  # sandbox → platform, after tokens.revoked
 VAULT_CREDENTIALS_GET = "vault.credentials.get"  # core NATS request/reply, not a stream
+VAULT_CONNECTIONS_STATUS = "vault.connections.status"  # core NATS request/reply (auth asks, vault answers)
 
 # --- dead letters (ccbridge's own) -----------------------------------------
 DLQ_PREFIX = "dlq"
@@ -55,5 +58,6 @@ SANDBOX_QUEUE = "sandbox"
 
 # --- KV buckets ------------------------------------------------------------
 PENDING_LOGINS_BUCKET = "ccbridge_pending_logins"
+LIVE_SANDBOXES_BUCKET = "ccbridge_live_sandboxes"  # sandbox service: which sandbox holds whose credentials
 
 MSG_ID_HEADER = "Nats-Msg-Id"

@@ -1,17 +1,36 @@
 """Helpers shared by the vault's unit and integration tests: event/request builders, an
-in-memory fake store (unit of work + repositories), PostgreSQL schema isolation."""
+in-memory fake store (unit of work + repositories) and other fakes, PostgreSQL schema
+isolation, a running-vault harness, and the canary ledger.
+
+Canary ledger: every `canary()` token and every OAuth stand-in token made with
+`canary_factory()` is remembered, and so is every artifact a test leaves behind (SQLite files,
+service logs, the in-process log tee). PostgreSQL schemas are scanned when they are dropped;
+tests/integration/test_vault_zz_canary_scan.py scans the rest at the end of the vault suite.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self, TypeVar
 
-from services.vault.domain import Connection
+import pytest
+
+from services.vault.domain import AuditEntry, AuditRecord, Connection, ConnectionSummary
 from services.vault.errors import ConcurrencyConflict, StoreUnavailable
+from services.vault.ports import DueRefresh
 from shared import subjects
 from shared.events import (
     AccountInfo,
@@ -28,13 +47,102 @@ SCOPES = ["user:inference", "user:profile"]
 EXPIRES_AT = 1_893_456_000_000  # 2030-01-01, ms
 
 
+CANARIES: set[str] = set()
+USERS: set[str] = set()
+ARTIFACTS: set[Path] = set()
+SCANNED: dict[str, int] = {"postgres_schemas": 0}
+LOG_TEE = Path(tempfile.gettempdir()) / f"ccbridge-vault-tests-{os.getpid()}.log"
+
+
 def canary(label: str = "access") -> str:
     """A token-shaped unique string we can look for in files, rows and logs."""
-    return f"sk-ant-oat01-CANARY{label}{uuid.uuid4().hex}"
+    value = f"sk-ant-oat01-CANARY{label}{uuid.uuid4().hex}"
+    CANARIES.add(value)
+    return value
+
+
+def opaque_canary(label: str = "at") -> str:
+    """A token that does NOT look like one (the log redactor cannot hide it): a leak shows."""
+    value = f"CANARY{label}{uuid.uuid4().hex}{uuid.uuid4().hex[:8]}"
+    CANARIES.add(value)
+    return value
+
+
+def canary_factory(label: str) -> Callable[[], str]:
+    return lambda: opaque_canary(label)
 
 
 def new_user() -> str:
-    return f"user-{uuid.uuid4().hex[:12]}"
+    user = f"user-{uuid.uuid4().hex[:12]}"
+    USERS.add(user)
+    return user
+
+
+def register_artifact(path: Path | str) -> None:
+    ARTIFACTS.add(Path(path))
+
+
+_MARK = re.compile(rb"CANARY[A-Za-z0-9]{8,}")
+_HEX_MARK = re.compile(rb"(?i:43414e415259)(?:[0-9a-fA-F]{2}){8,}")
+
+
+def leaked(data: bytes | str, canaries: set[str] | None = None) -> list[str]:
+    """The canaries found in `data`, raw or hex-encoded (e.g. a PostgreSQL bytea dump).
+
+    Every canary contains `CANARY…`: find those marks first (fast, usually none), then see
+    which known canary each one is."""
+    raw = data if isinstance(data, bytes) else data.encode()
+    known = canaries if canaries is not None else CANARIES
+    marks = [m.group() for m in _MARK.finditer(raw)]
+    marks += [bytes.fromhex(m.group().decode()) for m in _HEX_MARK.finditer(raw)]
+    if not marks:
+        return []
+    found = []
+    for value in known:
+        tail = value[value.index("CANARY"):].encode()
+        if any(mark.startswith(tail) for mark in marks):
+            found.append(value)
+    return found
+
+
+class _TeeLogger:
+    """structlog logger: writes to the current stderr (pytest's capture still works; stdout stays
+    clean for CLI output) and appends to LOG_TEE, so the canary scan also sees in-process logs,
+    unredacted."""
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+        with open(LOG_TEE, "a") as fh:
+            fh.write(message + "\n")
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = failure = err = msg
+
+
+def install_log_tee() -> None:
+    """Route structlog (as unconfigured: console renderer, no redaction) through `_TeeLogger`.
+    Idempotent; a test that calls configure_logging() later takes over, which is fine."""
+    import structlog
+
+    if getattr(install_log_tee, "done", False) or structlog.is_configured():
+        return
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.StackInfoRenderer(),
+            structlog.dev.set_exc_info,
+            structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False),
+            structlog.dev.ConsoleRenderer(colors=False),
+        ],
+        logger_factory=lambda *args: _TeeLogger(),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.FileHandler(LOG_TEE)  # stdlib loggers (SQLAlchemy, FastStream, httpx, …)
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    register_artifact(LOG_TEE)
+    install_log_tee.done = True  # type: ignore[attr-defined]
 
 
 def issued_event(
@@ -86,35 +194,67 @@ def open_reply(reply: CredentialsReply, requester: KeyPair) -> TokenBundle:
 @dataclass
 class FakeStore:
     """Implements services.vault.ports.Store in memory, with real transaction semantics:
-    nothing is visible until commit."""
+    nothing is visible until commit. `undecryptable[user]` makes `get()` raise that error."""
 
     connections: dict[str, Connection] = field(default_factory=dict)
     processed: dict[str, str] = field(default_factory=dict)
+    processed_at: dict[str, datetime] = field(default_factory=dict)
+    revocations: dict[str, datetime] = field(default_factory=dict)
+    audit: list[tuple[AuditEntry, datetime]] = field(default_factory=list)
+    leases: dict[str, tuple[str, int]] = field(default_factory=dict)
+    login_warned: dict[str, int] = field(default_factory=dict)
+    undecryptable: dict[str, Exception] = field(default_factory=dict)
     unavailable: bool = False
     commits: int = 0
-    created: bool = False
+    migrated: bool = False
     disposed: bool = False
 
-    async def create_all(self) -> None:
-        self.created = True
+    async def migrate(self) -> None:
+        self.migrated = True
+
+    create_all = migrate
 
     def unit_of_work(self, keyring: object = None) -> FakeUnitOfWork:
         return FakeUnitOfWork(self)
 
+    async def ping(self) -> bool:
+        return not self.unavailable
+
     async def dispose(self) -> None:
         self.disposed = True
+
+    def actions(self, user_id: str | None = None) -> list[str]:
+        return [e.action for e, _ in self.audit if user_id is None or e.user_id == user_id]
+
+
+def _summary_of(c: Connection) -> ConnectionSummary:
+    return c.summary()
 
 
 class _FakeConnections:
     def __init__(self, uow: FakeUnitOfWork) -> None:
         self._uow = uow
 
+    def _current(self, user_id: str) -> Connection | None:
+        if user_id in self._uow.deleted:
+            return None
+        return self._uow.staged_connections.get(user_id) or self._uow.store.connections.get(user_id)
+
     async def get(self, user_id: str, *, for_update: bool = False) -> Connection | None:
-        found = self._uow.staged_connections.get(user_id) or self._uow.store.connections.get(user_id)
+        found = self._current(user_id)
         if found is None:
             return None
         self._uow.loaded[user_id] = found.version
+        if user_id in self._uow.store.undecryptable and user_id not in self._uow.staged_connections:
+            raise self._uow.store.undecryptable[user_id]
         return copy.deepcopy(found)
+
+    async def summary(self, user_id: str, *, for_update: bool = False) -> ConnectionSummary | None:
+        found = self._current(user_id)
+        if found is None:
+            return None
+        self._uow.loaded[user_id] = found.version
+        return _summary_of(found)
 
     async def add(self, connection: Connection) -> None:
         if connection.user_id in self._uow.store.connections:
@@ -122,11 +262,84 @@ class _FakeConnections:
         self._uow.staged_connections[connection.user_id] = copy.deepcopy(connection)
         self._uow.loaded[connection.user_id] = connection.version
 
-    async def update(self, connection: Connection) -> None:
-        current = self._uow.store.connections.get(connection.user_id)
-        if current is None or current.version != self._uow.loaded.get(connection.user_id):
+    async def update(
+        self, connection: Connection, *, expected_version: int | None = None, lease_owner: str | None = None
+    ) -> None:
+        current = self._current(connection.user_id)
+        expected = expected_version if expected_version is not None else self._uow.loaded.get(connection.user_id)
+        if current is None or current.version != expected:
             raise ConcurrencyConflict("changed")
+        lease = self._uow.store.leases.get(connection.user_id)
+        if lease_owner is not None and (lease is None or lease[0] != lease_owner):
+            raise ConcurrencyConflict("lease lost")
         self._uow.staged_connections[connection.user_id] = copy.deepcopy(connection)
+        self._uow.released.add(connection.user_id)
+
+    async def delete(self, user_id: str) -> ConnectionSummary | None:
+        current = self._current(user_id)
+        if current is None:
+            return None
+        self._uow.deleted.add(user_id)
+        self._uow.staged_connections.pop(user_id, None)
+        return _summary_of(current)
+
+    async def due_for_refresh(self, now_ms: int, margin_ms: int, limit: int) -> list[DueRefresh]:
+        due = []
+        for c in sorted(self._uow.store.connections.values(), key=lambda c: c.expires_at):
+            lease = self._uow.store.leases.get(c.user_id)
+            if c.refresh_due(now_ms, margin_ms) and (lease is None or lease[1] < now_ms):
+                due.append(DueRefresh(c.user_id, c.version))
+        return due[:limit]
+
+    async def claim_lease(self, user_id: str, version: int, owner: str, now_ms: int, until_ms: int) -> bool:
+        current = self._uow.store.connections.get(user_id)
+        lease = self._uow.store.leases.get(user_id)
+        if current is None or current.version != version or (lease is not None and lease[1] >= now_ms):
+            return False
+        self._uow.staged_leases[user_id] = (owner, until_ms)
+        return True
+
+    async def release_lease(self, user_id: str, owner: str) -> None:
+        lease = self._uow.store.leases.get(user_id)
+        if lease is not None and lease[0] == owner:
+            self._uow.released.add(user_id)
+
+    async def defer_refresh(self, user_id: str, owner: str, next_refresh_at: int, error: str) -> None:
+        lease = self._uow.store.leases.get(user_id)
+        current = self._uow.store.connections.get(user_id)
+        if lease is not None and lease[0] == owner and current is not None:
+            changed = copy.deepcopy(current)
+            changed.next_refresh_at, changed.last_refresh_error = next_refresh_at, error
+            changed.refresh_failures += 1
+            self._uow.staged_connections[user_id] = changed
+            self._uow.released.add(user_id)
+
+    async def set_refreshable(self, user_id: str, refreshable: bool) -> None:
+        return None  # derived from the connection itself in memory
+
+    async def due_login_warnings(self, now_ms: int, warn_before_ms: int, limit: int) -> list[ConnectionSummary]:
+        return [
+            _summary_of(c) for c in self._uow.store.connections.values()
+            if c.refresh_token_expires_at is not None and c.state != "reconnect_required"
+            and c.refresh_token_expires_at - warn_before_ms <= now_ms
+            and self._uow.store.login_warned.get(c.user_id) != c.refresh_token_expires_at
+        ][:limit]
+
+    async def mark_login_warned(self, user_id: str, refresh_token_expires_at: int) -> bool:
+        if self._uow.store.login_warned.get(user_id) == refresh_token_expires_at:
+            return False
+        self._uow.staged_warned[user_id] = refresh_token_expires_at
+        return True
+
+    async def unmark_login_warned(self, user_id: str, refresh_token_expires_at: int) -> None:
+        if self._uow.store.login_warned.get(user_id) == refresh_token_expires_at:
+            self._uow.staged_warned[user_id] = None
+
+    async def count_by_state(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for c in self._uow.store.connections.values():
+            counts[c.state] = counts.get(c.state, 0) + 1
+        return counts
 
 
 class _FakeProcessed:
@@ -139,15 +352,71 @@ class _FakeProcessed:
         self._uow.staged_events[event_id] = subject
         return True
 
+    async def delete_older_than(self, cutoff: datetime) -> int:
+        doomed = [e for e, at in self._uow.store.processed_at.items() if at < cutoff]
+        for event_id in doomed:
+            self._uow.store.processed.pop(event_id, None)
+            self._uow.store.processed_at.pop(event_id, None)
+        return len(doomed)
+
+
+class _FakeRevocations:
+    def __init__(self, uow: FakeUnitOfWork) -> None:
+        self._uow = uow
+
+    async def revoked_at(self, user_id: str) -> datetime | None:
+        return self._uow.staged_revocations.get(user_id) or self._uow.store.revocations.get(user_id)
+
+    async def record(self, user_id: str, at: datetime, event_id: str | None) -> None:
+        current = await self.revoked_at(user_id)
+        if current is None or current < at:
+            self._uow.staged_revocations[user_id] = at
+
+    async def delete_older_than(self, cutoff: datetime) -> int:
+        doomed = [u for u, at in self._uow.store.revocations.items() if at < cutoff]
+        for user_id in doomed:
+            del self._uow.store.revocations[user_id]
+        return len(doomed)
+
+
+class _FakeAudit:
+    def __init__(self, uow: FakeUnitOfWork) -> None:
+        self._uow = uow
+
+    async def add(self, entry: AuditEntry, at: datetime | None = None) -> None:
+        self._uow.staged_audit.append((entry, at or datetime.now(UTC)))
+
+    async def add_many(self, entries: Sequence[tuple[AuditEntry, datetime]]) -> None:
+        self._uow.staged_audit.extend(entries)
+
+    async def list(self, *, user_id: str | None = None, action: str | None = None, limit: int = 100) -> list[Any]:
+        return [
+            AuditRecord(i, at, e) for i, (e, at) in enumerate(self._uow.store.audit)
+            if (user_id is None or e.user_id == user_id) and (action is None or e.action == action)
+        ][::-1][:limit]
+
+    async def delete_older_than(self, cutoff: datetime) -> int:
+        before = len(self._uow.store.audit)
+        self._uow.store.audit[:] = [(e, at) for e, at in self._uow.store.audit if at >= cutoff]
+        return before - len(self._uow.store.audit)
+
 
 class FakeUnitOfWork:
     def __init__(self, store: FakeStore) -> None:
         self.store = store
         self.staged_connections: dict[str, Connection] = {}
         self.staged_events: dict[str, str] = {}
+        self.staged_revocations: dict[str, datetime] = {}
+        self.staged_audit: list[tuple[AuditEntry, datetime]] = []
+        self.staged_leases: dict[str, tuple[str, int]] = {}
+        self.staged_warned: dict[str, int | None] = {}
+        self.deleted: set[str] = set()
+        self.released: set[str] = set()
         self.loaded: dict[str, int] = {}
         self.connections = _FakeConnections(self)
         self.processed_events = _FakeProcessed(self)
+        self.revocations = _FakeRevocations(self)
+        self.audit = _FakeAudit(self)
 
     async def __aenter__(self) -> Self:
         if self.store.unavailable:
@@ -162,14 +431,71 @@ class FakeUnitOfWork:
     async def commit(self) -> None:
         if self.store.unavailable:
             raise StoreUnavailable("fake database is down")
-        self.store.connections.update(self.staged_connections)
-        self.store.processed.update(self.staged_events)
-        self.store.commits += 1
+        store = self.store
+        for user_id in self.deleted:
+            store.connections.pop(user_id, None)
+            store.leases.pop(user_id, None)
+            store.undecryptable.pop(user_id, None)
+        for user_id, connection in self.staged_connections.items():
+            store.connections[user_id] = connection
+            store.undecryptable.pop(user_id, None)
+        for user_id in self.released:
+            store.leases.pop(user_id, None)
+        store.leases.update(self.staged_leases)
+        for user_id, value in self.staged_warned.items():
+            if value is None:
+                store.login_warned.pop(user_id, None)
+            else:
+                store.login_warned[user_id] = value
+        now = datetime.now(UTC)
+        for event_id, subject in self.staged_events.items():
+            store.processed[event_id] = subject
+            store.processed_at[event_id] = now
+        store.revocations.update(self.staged_revocations)
+        store.audit.extend(self.staged_audit)
+        store.commits += 1
         await self.rollback()
 
     async def rollback(self) -> None:
-        self.staged_connections.clear()
-        self.staged_events.clear()
+        for staged in (self.staged_connections, self.staged_events, self.staged_revocations, self.staged_leases,
+                       self.staged_warned):
+            staged.clear()
+        self.staged_audit.clear()
+        self.deleted.clear()
+        self.released.clear()
+
+
+@dataclass
+class FakePublisher:
+    """services.vault.ports.EventPublisher that keeps what was published."""
+
+    events: list[tuple[str, Any]] = field(default_factory=list)
+    failing: bool = False
+
+    async def publish(self, subject: str, event: Any) -> None:
+        if self.failing:
+            raise ConnectionError("bus down")
+        self.events.append((subject, event))
+
+    def of(self, subject: str) -> list[Any]:
+        return [e for s, e in self.events if s == subject]
+
+
+@dataclass
+class FakeTokenEndpoint:
+    """services.vault.ports.TokenEndpoint: answers from a script (TokenResponse or exception)."""
+
+    script: list[Any] = field(default_factory=list)
+    calls: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+
+    async def refresh(self, refresh_token: str, scopes: Sequence[str]) -> Any:
+        self.calls.append((refresh_token, tuple(scopes)))
+        answer = self.script.pop(0)
+        if callable(answer):
+            answer = answer()
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
 
 
 # --- PostgreSQL isolation -------------------------------------------------------------
@@ -201,13 +527,214 @@ class VaultDb:
         return self.url.startswith("sqlite")
 
 
+async def dump_schema(database_url: str, schema: str) -> str:
+    """Every row of every table of a PostgreSQL schema, as PostgreSQL renders it (bytea as hex)."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as conn:
+            tables = (await conn.execute(text(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = :s"), {"s": schema})).scalars()
+            lines: list[str] = []
+            for table in list(tables):
+                result = await conn.execute(text(f'SELECT t::text FROM "{schema}"."{table}" t'))
+                lines += [row[0] for row in result]
+            return "\n".join(lines)
+    finally:
+        await engine.dispose()
+
+
 async def vault_db(database_url: str) -> AsyncIterator[VaultDb]:
-    """Body of a `vault_db` fixture: a unique PostgreSQL schema per test, dropped after."""
+    """Body of a `vault_db` fixture: a unique PostgreSQL schema per test, scanned for canaries
+    and dropped after; a SQLite file is registered for the final scan."""
     if database_url.startswith("postgresql"):
         schema = unique_schema_name()
         try:
             yield VaultDb(database_url, schema)
+            dumped = await dump_schema(database_url, schema)
+            SCANNED["postgres_schemas"] += 1
+            assert not leaked(dumped), f"plaintext token in PostgreSQL schema {schema}"
         finally:
             await drop_schema(database_url, schema)
     else:
+        from sqlalchemy.engine import make_url
+
+        path = Path(make_url(database_url).database or "")
+        for suffix in ("", "-wal", "-journal"):
+            register_artifact(f"{path}{suffix}")
         yield VaultDb(database_url, None)
+
+
+# --- pytest fixtures (import them into a test module to use them) ------------------------
+T = TypeVar("T")
+WAIT_S = 30.0
+
+
+async def eventually(probe: Callable[[], Awaitable[T | None]], what: str, timeout: float = WAIT_S) -> T:
+    """Poll until `probe` returns something truthy (not a timing assertion: a generous bound)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[VaultDb]:
+    async for value in vault_db(database_url):
+        yield value
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[Any]:
+    import nats
+
+    client = await nats.connect(nats_url)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def vault_log_tee() -> None:
+    install_log_tee()
+
+
+def vault_settings(tmp_path: Path, nats_url: str, db: VaultDb, **env: Any) -> Any:
+    """Settings of an in-process test vault: no metrics port, no refresher, and a token URL on a
+    closed loopback port (nothing may ever reach the real OAuth server) unless overridden."""
+    from services.vault.settings import VaultSettings
+
+    values: dict[str, Any] = {
+        "NATS_URL": nats_url,
+        "CCBRIDGE_DATA_DIR": tmp_path / "data",
+        "DATABASE_URL": db.url,
+        "VAULT_DATABASE_SCHEMA": db.schema,
+        "VAULT_FETCH_TIMEOUT_S": 0.5,
+        "VAULT_METRICS_PORT": 0,
+        "VAULT_REFRESH_ENABLED": False,
+        "OAUTH_TOKEN_URL": "http://127.0.0.1:9/v1/oauth/token",
+        "VAULT_KEK_CHECK_INTERVAL_S": 0.2,
+    }
+    values.update(env)
+    return VaultSettings(**values)
+
+
+def service_env(tmp_path: Path, nats_url: str, db: VaultDb, **extra: str) -> dict[str, str]:
+    """Environment of a `python -m services.vault` test process (same defaults as above)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "OAUTH_", "DATABASE_URL"))}
+    env.update({
+        "NATS_URL": nats_url,
+        "CCBRIDGE_DATA_DIR": str(tmp_path / "data"),
+        "DATABASE_URL": db.url,
+        "VAULT_FETCH_TIMEOUT_S": "0.5",
+        "VAULT_METRICS_PORT": "0",
+        "VAULT_REFRESH_ENABLED": "false",
+        "OAUTH_TOKEN_URL": "http://127.0.0.1:9/v1/oauth/token",
+        "VAULT_KEK_CHECK_INTERVAL_S": "0.2",
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "INFO",
+        "PYTHONUNBUFFERED": "1",
+    })
+    if db.schema:
+        env["VAULT_DATABASE_SCHEMA"] = db.schema
+    env.update(extra)
+    return env
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class VaultProcess:
+    """`python -m services.vault` as a child process, its log registered for the canary scan."""
+
+    name: str
+    env: dict[str, str]
+    log_path: Path
+    process: Any = None
+
+    def start(self) -> VaultProcess:
+        import subprocess
+
+        register_artifact(self.log_path)
+        with open(self.log_path, "ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "services.vault"], cwd=REPO, env=self.env, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        return self
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def wait_started(self, timeout: float = 60.0) -> None:
+        async def started() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.log_text()[-3000:]}")
+            return "vault started" in self.log_text()
+
+        await eventually(started, f"{self.name} to start", timeout)
+
+    async def astop(self, timeout: float = 30.0) -> int:
+        """stop() without blocking the event loop (which may be serving the OAuth stand-in)."""
+        return await asyncio.to_thread(self.stop, timeout)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        import signal
+        import subprocess
+
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+# --- the OAuth stand-in ---------------------------------------------------------------------
+async def standin_login(oauth: Any, *, scopes: str = "user:inference user:profile") -> dict[str, Any]:
+    """A real authorization-code + PKCE login against the stand-in; its token response."""
+    import base64
+    import hashlib
+    import secrets
+    from urllib.parse import parse_qs, urlsplit
+
+    import httpx
+
+    verifier = secrets.token_urlsafe(48)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    state = secrets.token_urlsafe(16)
+    async with httpx.AsyncClient(timeout=10) as http:
+        answer = await http.get(oauth.authorize_url, params={
+            "code": "true", "client_id": oauth.state.client_id, "response_type": "code",
+            "redirect_uri": oauth.callback_url, "scope": scopes, "code_challenge": challenge,
+            "code_challenge_method": "S256", "state": state,
+        })
+        assert answer.status_code == 302, answer.text
+        code = parse_qs(urlsplit(answer.headers["location"]).query)["code"][0]
+        token = await http.post(oauth.token_url, json={
+            "grant_type": "authorization_code", "code": code, "redirect_uri": oauth.callback_url,
+            "client_id": oauth.state.client_id, "code_verifier": verifier, "state": state,
+        })
+        assert token.status_code == 200, token.text
+        return token.json()
+
+
+def issued_from_login(vault: Recipient, user_id: str, grant: dict[str, Any]) -> TokensIssued:
+    """The tokens.issued auth would publish for a stand-in login."""
+    now_ms = int(time.time() * 1000)
+    return issued_event(
+        vault, user_id=user_id, access_token=grant["access_token"], refresh_token=grant["refresh_token"],
+        expires_at=now_ms + grant["expires_in"] * 1000, scopes=grant["scope"].split(),
+        refresh_token_expires_at=now_ms + grant["refresh_token_expires_in"] * 1000,
+    )

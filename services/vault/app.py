@@ -1,5 +1,6 @@
-"""Composition root of the vault: loads key material once, wires the store, the use cases and
-the bus. `python -m services.vault` (or `ccbridge vault`) runs `main()`.
+"""Composition root of the vault: loads key material, migrates the database, wires the store,
+the use cases, the refresher, the housekeeping loop, the bus and the metrics server.
+`python -m services.vault` (or `ccbridge vault`) runs `main()`.
 
 Nothing here connects at import time.
 """
@@ -8,20 +9,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import secrets
 import signal
+import socket
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
+import httpx
 from faststream.nats import NatsBroker
 from nats.js.errors import BadRequestError
 
+from services.vault.adapters.bus import BrokerPublisher
+from services.vault.adapters.oauth import USER_AGENT, HttpTokenEndpoint
 from services.vault.adapters.store import SqlStore
-from services.vault.handlers import build_credentials_router, build_tokens_router, tokens_consumer_config
-from services.vault.keyring import Keyring, load_or_create_keyring
-from services.vault.ports import Store, UnitOfWork
+from services.vault.handlers import (
+    build_credentials_router,
+    build_revoked_router,
+    build_status_router,
+    build_tokens_router,
+    revoked_consumer_config,
+    tokens_consumer_config,
+)
+from services.vault.http import HealthServer
+from services.vault.keyring import Keyring, LiveKeyring, kek_source
+from services.vault.metrics import VaultMetrics
+from services.vault.ports import EventPublisher, RecordCipher, Store, TokenEndpoint, UnitOfWork
+from services.vault.refresher import Refresher, RefreshPolicy
 from services.vault.settings import VaultSettings
-from services.vault.trust import TrustedRequesters
-from services.vault.use_cases import Vault
+from services.vault.trust import TrustedRequesters, TrustStore
+from services.vault.use_cases import AuditWriter, Vault
 from shared import subjects
 from shared.broker import make_broker, provision
 from shared.logging import configure_logging, get_logger
@@ -46,17 +63,48 @@ def load_keypair(settings: VaultSettings) -> KeyPair:
     return pair
 
 
+def instance_name(settings: VaultSettings) -> str:
+    return settings.instance_id or f"{socket.gethostname()[:40]}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def live_keyring(settings: VaultSettings, metrics: VaultMetrics | None = None) -> LiveKeyring:
+    """The KEK source of these settings, followed live (see `LiveKeyring`)."""
+    source = kek_source(
+        settings.keys_dir, env_value=settings.keks.get_secret_value() if settings.keks else None,
+        path=settings.kek_path,
+    )
+
+    def reloaded(old: Keyring, new: Keyring) -> None:
+        if metrics is not None:
+            metrics.keyring_reloads.inc()
+        log.info("key-encryption keys reloaded", active=new.active_kek_id, kek_ids=list(new.kek_ids),
+                 retired=list(new.retired), previous_active=old.active_kek_id)
+
+    def failed(exc: Exception) -> None:
+        log.error("key-encryption keys not reloaded: keeping the previous set", error=type(exc).__name__,
+                  detail=str(exc)[:200])
+
+    return LiveKeyring(source, check_interval_s=settings.kek_check_interval_s, on_reload=reloaded, on_error=failed)
+
+
 class VaultService:
-    """`async with VaultService(settings) as vault: ...` — or start()/stop()."""
+    """`async with VaultService(settings) as vault: ...` — or start()/stop().
+
+    Optional adapters (tests swap them): `store`, `keyring` (a Keyring or LiveKeyring),
+    `keypair`, `trusted` (TrustedRequesters: fixed; TrustStore: reloading), `token_endpoint`,
+    `publisher`, `metrics`."""
 
     def __init__(
         self,
         settings: VaultSettings,
         *,
         store: Store | None = None,
-        keyring: Keyring | None = None,
+        keyring: RecordCipher | None = None,
         keypair: KeyPair | None = None,
-        trusted: TrustedRequesters | None = None,
+        trusted: TrustedRequesters | TrustStore | None = None,
+        token_endpoint: TokenEndpoint | None = None,
+        publisher: EventPublisher | None = None,
+        metrics: VaultMetrics | None = None,
     ) -> None:
         self.settings = settings
         self._store = store
@@ -64,12 +112,21 @@ class VaultService:
         self._keyring = keyring
         self._keypair = keypair
         self._trusted = trusted
+        self._token_endpoint = token_endpoint
+        self._publisher = publisher
+        self.metrics = metrics or VaultMetrics()
+        self.instance = instance_name(settings)
         self.vault: Vault | None = None
+        self.refresher: Refresher | None = None
         self.broker: NatsBroker | None = None
+        self.health: HealthServer | None = None
+        self._http: httpx.AsyncClient | None = None
+        self._audit_writer: AuditWriter | None = None
+        self._maintenance_task: asyncio.Task[None] | None = None
         self._started = False
 
     def __repr__(self) -> str:
-        return f"VaultService(started={self._started}, store={self._store!r})"
+        return f"VaultService(instance={self.instance!r}, started={self._started}, store={self._store!r})"
 
     @property
     def store(self) -> Store:
@@ -81,6 +138,16 @@ class VaultService:
         assert self._keypair is not None, "VaultService not started"
         return self._keypair
 
+    @property
+    def keyring(self) -> RecordCipher:
+        assert self._keyring is not None, "VaultService not started"
+        return self._keyring
+
+    @property
+    def trust(self) -> TrustStore:
+        assert self.vault is not None, "VaultService not started"
+        return self.vault.trust
+
     def unit_of_work(self) -> UnitOfWork:
         assert self._store is not None and self._keyring is not None, "VaultService not started"
         return self._store.unit_of_work(self._keyring)
@@ -90,62 +157,190 @@ class VaultService:
             return
         settings = self.settings
         try:
-            # Key material: loaded once here, never per message.
+            # Key material: loaded once here (the KEK set then follows its source).
             self._keypair = self._keypair or load_keypair(settings)
-            self._keyring = self._keyring or load_or_create_keyring(
-                settings.keys_dir, env_value=settings.keks.get_secret_value() if settings.keks else None
-            )
-            self._trusted = self._trusted or TrustedRequesters.load(settings.trusted_requester_keys, settings.keys_dir)
+            self._keyring = self._keyring or live_keyring(settings, self.metrics)
+            trusted = self._trusted
+            if trusted is None:
+                trusted = TrustStore(settings.trusted_requester_keys, settings.keys_dir,
+                                     min_interval_s=settings.trust_reload_min_interval_s)
+            elif isinstance(trusted, TrustedRequesters):
+                trusted = TrustStore.fixed(trusted)
             if self._store is None:
                 self._store = SqlStore.from_url(
-                    settings.database_url.get_secret_value(), schema=settings.database_schema, echo=settings.db_echo
+                    settings.database_url.get_secret_value(), schema=settings.database_schema, echo=settings.db_echo,
+                    pool_timeout_s=settings.db_pool_timeout_s,
                 )
-            await self._store.create_all()
+            if settings.migrate_on_start:
+                await self._store.migrate()
 
-            self.vault = Vault(unit_of_work=self.unit_of_work, keypair=self._keypair, trusted=self._trusted)
+            self._audit_writer = AuditWriter(self.unit_of_work, metrics=self.metrics)
+            self.vault = Vault(
+                unit_of_work=self.unit_of_work,
+                keypair=self._keypair,
+                trusted=trusted,
+                actor=f"vault:{self.instance}",
+                metrics=self.metrics,
+                audit_writer=self._audit_writer if settings.audit_grants else None,
+                request_timeout_s=settings.request_timeout_s,
+                audit_grants=settings.audit_grants,
+            )
             broker = make_broker(settings, name="vault")
             broker.include_router(build_tokens_router(self.vault, settings))
+            broker.include_router(build_revoked_router(self.vault, settings))
             broker.include_router(build_credentials_router(self.vault))
+            broker.include_router(build_status_router(self.vault))
             self.broker = broker
             await broker.connect()
             await provision(broker, settings)
-            await self._ensure_consumer(broker)
+            await self._ensure_consumers(broker)
             await broker.start()
+            self._audit_writer.start()
+
+            if settings.refresh_enabled:
+                self.refresher = self._build_refresher(broker)
+                self.refresher.start(settings.refresh_interval_s)
+            self._maintenance_task = asyncio.create_task(self._maintenance_loop(), name="vault-maintenance")
+            if settings.metrics_port:
+                await self._start_health()
         except BaseException:
             await self._close()
             raise
         self._started = True
         log.info(
             "vault started",
+            instance=self.instance,
             key_id=self._keypair.key_id,
             kek_id=self._keyring.active_kek_id,
-            trusted_requesters=len(self._trusted),
+            trusted_requesters=len(trusted),
+            refresher=settings.refresh_enabled,
+            metrics=self.health.url if self.health else None,
         )
 
-    async def _ensure_consumer(self, broker: NatsBroker) -> None:
-        """Create the durable consumer, or bring an existing one's config up to date
+    def _build_refresher(self, broker: NatsBroker) -> Refresher:
+        settings = self.settings
+        endpoint = self._token_endpoint
+        if endpoint is None:
+            self._http = httpx.AsyncClient(
+                timeout=httpx.Timeout(settings.refresh_timeout_s),
+                follow_redirects=False,
+                headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+                limits=httpx.Limits(max_connections=max(4, settings.refresh_concurrency * 2)),
+            )
+            endpoint = HttpTokenEndpoint(
+                token_url=settings.oauth_token_url, client_id=settings.oauth_client_id,
+                timeout_s=settings.refresh_timeout_s, client=self._http,
+            )
+        policy = RefreshPolicy(
+            margin_s=settings.refresh_margin_s,
+            lease_s=settings.refresh_lease_s,
+            http_timeout_s=settings.refresh_timeout_s,
+            batch=settings.refresh_batch,
+            concurrency=settings.refresh_concurrency,
+            backoff_base_s=settings.refresh_backoff_base_s,
+            backoff_max_s=settings.refresh_backoff_max_s,
+            login_warning_s=settings.login_warning_s,
+        )
+        assert self.vault is not None
+        vault = self.vault
+        return Refresher(
+            unit_of_work=self.unit_of_work,
+            endpoint=endpoint,
+            publisher=self._publisher or BrokerPublisher(broker),
+            owner=self.instance,
+            policy=policy,
+            metrics=self.metrics,
+            on_keyring_failure=lambda user_id, exc: vault.record_keyring_failure(
+                user_id, exc, action="refresh_decrypt_failed"
+            ),
+        )
+
+    async def _start_health(self) -> None:
+        health = HealthServer(self.settings.metrics_host, self.settings.metrics_port, self.metrics, self.readiness)
+        try:
+            await health.start()
+        except OSError as exc:
+            # Metrics must not take the credential path down: log loudly, run without them.
+            log.error("metrics server not started", host=self.settings.metrics_host,
+                      port=self.settings.metrics_port, error=exc.strerror or type(exc).__name__)
+            return
+        self.health = health
+
+    async def readiness(self) -> dict[str, bool]:
+        nats_ok = False
+        if self.broker is not None:
+            with contextlib.suppress(Exception):
+                nats_ok = bool(self.broker.connection.is_connected)
+        database_ok = await self._store.ping() if self._store is not None else False
+        return {"database": database_ok, "nats": nats_ok}
+
+    async def run_maintenance(self) -> dict[str, Any]:
+        """Housekeeping, run by every replica every VAULT_MAINTENANCE_INTERVAL_S (idempotent)."""
+        assert self.vault is not None, "VaultService not started"
+        result = await self.vault.housekeeping(
+            processed_retention_s=self.settings.processed_events_retention_s,
+            audit_retention_s=self.settings.audit_retention_s,
+        )
+        if self.vault.trust.reload(force=True):
+            self.metrics.trust_reloads.inc()
+        return result
+
+    async def _maintenance_loop(self) -> None:
+        await asyncio.sleep(min(5.0, self.settings.maintenance_interval_s))
+        while True:
+            try:
+                with self.metrics.store_timer("maintenance"):
+                    result = await self.run_maintenance()
+                if any(result.get(k) for k in ("processed_events", "revocations", "audit")):
+                    log.info("housekeeping", **result)
+            except Exception as exc:  # noqa: BLE001 - next time
+                log.warning("housekeeping failed", error=type(exc).__name__)
+            await asyncio.sleep(self.settings.maintenance_interval_s)
+
+    async def _ensure_consumers(self, broker: NatsBroker) -> None:
+        """Create the durable consumers, or bring existing ones' config up to date
         (pull_subscribe alone would keep whatever config it was first created with)."""
         js = broker.connection.jetstream()
-        config = tokens_consumer_config(self.settings)
-        config.name = subjects.VAULT_TOKENS_ISSUED_DURABLE
-        try:
-            await js.add_consumer(subjects.TOKENS_STREAM.name, config=config)
-        except BadRequestError as exc:  # e.g. a setting that cannot change on a live consumer
-            log.warning("durable consumer config not updated", durable=config.durable_name, error=exc.description)
+        for config in (tokens_consumer_config(self.settings), revoked_consumer_config(self.settings)):
+            config.name = config.durable_name
+            try:
+                await js.add_consumer(subjects.TOKENS_STREAM.name, config=config)
+            except BadRequestError as exc:  # e.g. a setting that cannot change on a live consumer
+                log.warning("durable consumer config not updated", durable=config.durable_name,
+                            error=exc.description)
 
     async def stop(self) -> None:
         await self._close()
         if self._started:
-            log.info("vault stopped")
+            log.info("vault stopped", instance=self.instance)
         self._started = False
 
     async def _close(self) -> None:
+        task, self._maintenance_task = self._maintenance_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        refresher, self.refresher = self.refresher, None
+        if refresher is not None:
+            await refresher.stop()  # lets a refresh in flight finish and commit
+        health, self.health = self.health, None
+        if health is not None:
+            with contextlib.suppress(Exception):
+                await health.stop()
         broker, self.broker = self.broker, None
         if broker is not None:
             try:
                 await broker.stop()
-            except Exception:  # noqa: BLE001 - keep closing the rest
+            except Exception:
                 log.warning("broker did not stop cleanly", exc_info=True)
+        writer, self._audit_writer = self._audit_writer, None
+        if writer is not None:
+            await writer.stop()
+        http, self._http = self._http, None
+        if http is not None:
+            with contextlib.suppress(Exception):
+                await http.aclose()
         if self._store is not None and self._owns_store:
             with contextlib.suppress(Exception):
                 await self._store.dispose()

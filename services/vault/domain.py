@@ -1,5 +1,6 @@
 """The vault's domain: one `Connection` per user (the aggregate), its credentials as a value
-object whose repr never shows a token, and the rules for what may leave the vault.
+object whose repr never shows a token, the rules for what may leave the vault, when a
+connection is due for a refresh and how long to back off, and audit entries.
 
 Pure Python: no I/O, no crypto, no SQL. The store encrypts `Credentials` at rest; use cases
 seal them for the bus.
@@ -8,11 +9,14 @@ seal them for the bus.
 from __future__ import annotations
 
 import json
+import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal, get_args
 
 from services.vault.errors import ReconnectRequired
+from shared.logging import redact_text
 
 ConnectionState = Literal["connected", "refresh_failed", "reconnect_required"]
 ConnectionKind = Literal["oauth", "setup_token"]
@@ -81,9 +85,46 @@ class Grant:
     scopes: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class RefreshedTokens:
+    """What a successful refresh returned, already in the vault's units (ms epoch)."""
+
+    access_token: str = field(repr=False)
+    refresh_token: str | None = field(repr=False)
+    expires_at: int
+    scopes: tuple[str, ...] | None = None
+    refresh_token_expires_at: int | None = None
+    account: Account | None = None
+
+    def __repr__(self) -> str:
+        return f"RefreshedTokens(expires_at={self.expires_at}, rotated={self.refresh_token is not None})"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionSummary:
+    """Everything about a connection except its secret (read without decrypting)."""
+
+    user_id: str
+    kind: ConnectionKind
+    state: ConnectionState
+    scopes: tuple[str, ...]
+    expires_at: int
+    refresh_token_expires_at: int | None
+    account: Account | None
+    version: int
+    issued_at: datetime | None = None
+    kek_id: str | None = None
+    created_at: datetime | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.state != "reconnect_required"
+
+
 @dataclass(eq=False)
 class Connection:
-    """A person's Claude account as the vault holds it. `version` counts changes (1 = first)."""
+    """A person's Claude account as the vault holds it. `version` counts changes (1 = first):
+    every change of credentials or state bumps it (and re-encrypts the secret under it)."""
 
     user_id: str
     kind: ConnectionKind
@@ -96,6 +137,12 @@ class Connection:
     version: int = 1
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    issued_at: datetime | None = None
+    refresh_failures: int = 0
+    next_refresh_at: int | None = None
+    last_refresh_error: str | None = None
+    refreshed_at: datetime | None = None
+    login_warned_for: int | None = None
 
     def __repr__(self) -> str:  # dataclass repr would be fine (Credentials hides), but be explicit
         return (
@@ -115,8 +162,11 @@ class Connection:
         refresh_token_expires_at: int | None,
         account: Account | None,
         now: datetime,
+        issued_at: datetime | None = None,
+        version: int = 1,
     ) -> Connection:
-        """A first connection for this user."""
+        """A first connection for this user (`version` > 1 when it replaces a row that could not
+        be read any more)."""
         return cls(
             user_id=user_id,
             kind=kind,
@@ -126,9 +176,10 @@ class Connection:
             expires_at=expires_at,
             refresh_token_expires_at=refresh_token_expires_at,
             account=account,
-            version=1,
+            version=version,
             created_at=now,
             updated_at=now,
+            issued_at=issued_at or now,
         )
 
     def reconnect(
@@ -141,6 +192,7 @@ class Connection:
         refresh_token_expires_at: int | None,
         account: Account | None,
         now: datetime,
+        issued_at: datetime | None = None,
     ) -> None:
         """The person connected again: new tokens replace the old ones, whatever the state."""
         self.kind = kind
@@ -150,15 +202,97 @@ class Connection:
         self.refresh_token_expires_at = refresh_token_expires_at
         self.account = account or self.account
         self.state = "connected"
+        self.issued_at = issued_at or now
+        self.refresh_failures = 0
+        self.next_refresh_at = None
+        self.last_refresh_error = None
+        self.login_warned_for = None
         self._changed(now)
+
+    def supersedes(self, occurred_at: datetime) -> bool:
+        """Whether a login that happened at `occurred_at` is newer than this one (an older
+        tokens.issued arriving late must not overwrite a newer login)."""
+        return self.issued_at is None or occurred_at >= self.issued_at
+
+    # --- refresh ------------------------------------------------------------------
+    @property
+    def can_refresh(self) -> bool:
+        return self.kind == "oauth" and self.credentials.refresh_token is not None
+
+    @property
+    def refreshable(self) -> bool:
+        """The refresher's business: can refresh and is not waiting for a new login."""
+        return self.can_refresh and self.state != "reconnect_required"
+
+    def refresh_due(self, now_ms: int, margin_ms: int) -> bool:
+        return (
+            self.refreshable
+            and self.expires_at - margin_ms <= now_ms
+            and (self.next_refresh_at is None or self.next_refresh_at <= now_ms)
+        )
+
+    def refreshed(self, tokens: RefreshedTokens, now: datetime) -> None:
+        """A refresh succeeded. A response without a refresh token keeps the current one."""
+        self.credentials = Credentials(
+            access_token=tokens.access_token,
+            refresh_token=tokens.refresh_token or self.credentials.refresh_token,
+        )
+        self.expires_at = tokens.expires_at
+        if tokens.scopes:
+            self.scopes = tuple(tokens.scopes)
+        if tokens.refresh_token_expires_at is not None:
+            self.refresh_token_expires_at = tokens.refresh_token_expires_at
+        self.account = tokens.account or self.account
+        self.state = "connected"
+        self.refresh_failures = 0
+        self.next_refresh_at = None
+        self.last_refresh_error = None
+        self.refreshed_at = now
+        self._changed(now)
+
+    def refresh_failed(self, error: str, *, retry_at_ms: int, now: datetime) -> None:
+        """A transient failure (429, 5xx, timeout): keep serving the current access token while
+        it lasts, try again at `retry_at_ms`."""
+        if self.state != "reconnect_required":
+            self.state = "refresh_failed"
+        self.refresh_failures += 1
+        self.next_refresh_at = retry_at_ms
+        self.last_refresh_error = error[:64]
+        self._changed(now)
+
+    def require_reconnect(self, reason: str, now: datetime) -> None:
+        """The refresh token is dead (`invalid_grant`): only a new login helps."""
+        self.state = "reconnect_required"
+        self.next_refresh_at = None
+        self.last_refresh_error = reason[:64]
+        self._changed(now)
+
+    # --- login expiry ----------------------------------------------------------------
+    def login_warning_due(self, now_ms: int, warn_before_ms: int) -> bool:
+        return (
+            self.refresh_token_expires_at is not None
+            and self.state != "reconnect_required"
+            and self.refresh_token_expires_at - warn_before_ms <= now_ms
+            and self.login_warned_for != self.refresh_token_expires_at
+        )
 
     def _changed(self, now: datetime) -> None:
         self.version += 1
         self.updated_at = now
 
-    @property
-    def can_refresh(self) -> bool:
-        return self.kind == "oauth" and self.credentials.refresh_token is not None
+    def summary(self) -> ConnectionSummary:
+        return ConnectionSummary(
+            user_id=self.user_id,
+            kind=self.kind,
+            state=self.state,
+            scopes=self.scopes,
+            expires_at=self.expires_at,
+            refresh_token_expires_at=self.refresh_token_expires_at,
+            account=self.account,
+            version=self.version,
+            issued_at=self.issued_at,
+            created_at=self.created_at,
+        )
 
     def grant(self, mode: CredentialMode) -> Grant:
         """What may leave the vault for `mode`. Only `file` ever carries the refresh token:
@@ -167,3 +301,71 @@ class Connection:
             raise ReconnectRequired(f"user {self.user_id} must connect again")
         credentials = self.credentials if mode == "file" else self.credentials.without_refresh_token()
         return Grant(credentials=credentials, expires_at=self.expires_at, scopes=self.scopes)
+
+
+def refresh_backoff_s(
+    failures: int,
+    *,
+    base_s: float,
+    cap_s: float,
+    retry_after_s: float | None = None,
+    rng: random.Random | None = None,
+) -> float:
+    """Delay before the next attempt after `failures` consecutive failures (>= 1): exponential,
+    capped, with "equal jitter" (half fixed, half random) so replicas and users spread out but
+    never retry at once; at least what the server asked for with Retry-After (capped)."""
+    ceiling = min(cap_s, base_s * 2 ** max(0, min(failures - 1, 30)))
+    delay = ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+    if retry_after_s is not None and retry_after_s > 0:
+        delay = max(delay, min(retry_after_s, cap_s))
+    return delay
+
+
+# --- audit -------------------------------------------------------------------------
+AuditValue = str | int | float | bool | None
+
+
+def _clean(value: AuditValue, limit: int = 200) -> AuditValue:
+    if isinstance(value, str):
+        return redact_text(value)[:limit]
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One line of the audit log: who did what to whose connection, and how it went.
+
+    Only identifiers and outcomes: strings are passed through the token redactor and cut to
+    size, and `detail` accepts scalars only, so a secret cannot ride along by accident."""
+
+    actor: str
+    action: str
+    outcome: str = "ok"
+    user_id: str | None = None
+    reason: str | None = None
+    event_id: str | None = None
+    kek_id: str | None = None
+    version: int | None = None
+    detail: Mapping[str, AuditValue] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "actor", str(_clean(self.actor, 128)))
+        object.__setattr__(self, "action", str(_clean(self.action, 64)))
+        object.__setattr__(self, "outcome", str(_clean(self.outcome, 32)))
+        object.__setattr__(self, "reason", _clean(self.reason))
+        if self.detail is not None:
+            cleaned: dict[str, AuditValue] = {}
+            for key, value in self.detail.items():
+                if not isinstance(value, (str, int, float, bool, type(None))):
+                    raise TypeError("audit detail values must be scalars")
+                cleaned[str(key)[:64]] = _clean(value)
+            object.__setattr__(self, "detail", cleaned)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """An audit entry as stored (with its id and time)."""
+
+    id: int
+    at: datetime
+    entry: AuditEntry

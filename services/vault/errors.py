@@ -54,6 +54,13 @@ class StoreUnavailable(VaultError):
     retryable = True
 
 
+class RequestTimeout(VaultError):
+    """A request did not finish within its latency budget (VAULT_REQUEST_TIMEOUT_S)."""
+
+    reason = "request_timeout"
+    retryable = True
+
+
 class ConcurrencyConflict(VaultError):
     """Somebody else changed the same connection first: reload and try again."""
 
@@ -80,7 +87,53 @@ class UnknownKeyId(KeyringError):
         self.kek_id = kek_id
 
 
+class RetiredKeyId(KeyringError):
+    """The record is wrapped by a KEK that an operator retired (its bytes are gone).
+    Never silent: the caller logs it, audits it and answers with an error."""
+
+    reason = "retired_key_id"
+
+    def __init__(self, kek_id: str, retired_at: str = "") -> None:
+        when = f" on {retired_at}" if retired_at else ""
+        super().__init__(f"key-encryption key {kek_id!r} was retired{when}; rewrap before retiring")
+        self.kek_id = kek_id
+        self.retired_at = retired_at
+
+
 class DecryptionFailed(KeyringError):
     """Tampered data, or decrypted in the wrong context (user, version, key id)."""
 
     reason = "decryption_failed"
+
+
+class KeySourceReadOnly(KeyringError):
+    """Rotation needs a writable KEK source (the key file); VAULT_KEKS comes from the environment."""
+
+    reason = "key_source_read_only"
+
+
+# --- refresh (the OAuth token endpoint) ------------------------------------------
+class RefreshError(VaultError):
+    """A refresh attempt failed; `outcome` is the metrics/audit label."""
+
+    reason = "refresh_failed"
+    outcome = "upstream_error"
+
+
+class RefreshRejected(RefreshError):
+    """`invalid_grant`: the refresh token is dead (rotated elsewhere, login expired, revoked).
+    Only a new login helps."""
+
+    reason = "invalid_grant"
+    outcome = "invalid_grant"
+
+
+class RefreshTransient(RefreshError):
+    """429, 5xx, timeouts, connection errors, unexpected answers: back off and try again."""
+
+    retryable = True
+
+    def __init__(self, detail: str, *, outcome: str = "upstream_error", retry_after_s: float | None = None) -> None:
+        super().__init__(detail)
+        self.outcome = outcome
+        self.retry_after_s = retry_after_s

@@ -1,14 +1,18 @@
 """Bus entry points: parse, call one use case, map the result or error. Nothing else.
 
-- `tokens.issued`: durable JetStream pull consumer, explicit acks.
-  stored / duplicate → ack; poison (bad schema, unopenable box) → dead letter + ack;
+- `tokens.issued`, `tokens.revoked`: durable JetStream pull consumers, explicit acks.
+  done / duplicate → ack; poison (bad schema, unopenable box) → dead letter + audit + ack;
   database unavailable → nack with backoff (redelivered, never lost);
   unexpected error → nack with backoff, dead letter after VAULT_POISON_AFTER deliveries.
 - `vault.credentials.get`: core request/reply in queue group `vault`. Always answers:
-  bad JSON / schema → `invalid_request`, unexpected failure → `internal`.
+  bad JSON / schema → `invalid_request`, database down or over the latency budget →
+  `unavailable` (retry), unexpected failure → `internal`.
+- `vault.connections.status`: core request/reply in queue group `vault`; metadata only. If the
+  database is down it does not answer (the asker's timeout says "vault unavailable").
 """
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,27 +29,51 @@ from services.vault.settings import VaultSettings
 from services.vault.use_cases import Vault
 from shared import broker as bus
 from shared import subjects
-from shared.events import CredentialsReply, CredentialsRequest, TokensIssued
+from shared.events import (
+    ConnectionStatusReply,
+    ConnectionStatusRequest,
+    CredentialsReply,
+    CredentialsRequest,
+    TokensIssued,
+    TokensRevoked,
+)
 from shared.logging import get_logger
 
 log = get_logger(__name__)
 
 # Reasons a CredentialsReply may carry (shared.events.CredentialsError); others become "internal".
 REPLY_ERRORS = frozenset({"not_connected", "reconnect_required", "unauthorized_requester", "invalid_request"})
+UNAVAILABLE = frozenset({"store_unavailable", "request_timeout", "concurrency_conflict"})
 
 
-def tokens_consumer_config(settings: VaultSettings) -> ConsumerConfig:
+def reply_error(exc: VaultError) -> str:
+    if exc.reason in REPLY_ERRORS:
+        return exc.reason
+    if exc.reason in UNAVAILABLE:
+        return "unavailable"
+    return "internal"
+
+
+def consumer_config(settings: VaultSettings, durable: str, subject: str) -> ConsumerConfig:
     """Redelivery is driven by our nacks (with delay); max_deliver stays unlimited so an
     outage of the database never drops an event — poison is dead-lettered by the handler."""
     return ConsumerConfig(
-        durable_name=subjects.VAULT_TOKENS_ISSUED_DURABLE,
+        durable_name=durable,
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=JsAckPolicy.EXPLICIT,
         ack_wait=settings.ack_wait_s,
         max_deliver=-1,
         max_ack_pending=max(64, settings.fetch_batch * 4),
-        filter_subject=subjects.TOKENS_ISSUED,
+        filter_subject=subject,
     )
+
+
+def tokens_consumer_config(settings: VaultSettings) -> ConsumerConfig:
+    return consumer_config(settings, subjects.VAULT_TOKENS_ISSUED_DURABLE, subjects.TOKENS_ISSUED)
+
+
+def revoked_consumer_config(settings: VaultSettings) -> ConsumerConfig:
+    return consumer_config(settings, subjects.VAULT_TOKENS_REVOKED_DURABLE, subjects.TOKENS_REVOKED)
 
 
 def retry_delay(delivered: int, cap: float) -> float:
@@ -73,6 +101,15 @@ def _body(message: Any) -> bytes:
     return body if isinstance(body, bytes) else str(body).encode()
 
 
+def _user_id_of(message: Any) -> str | None:
+    """Best effort, for the audit entry of a message we could not parse."""
+    try:
+        value = json.loads(_body(message)).get("user_id")
+    except Exception:  # noqa: BLE001 - not JSON / not an object
+        return None
+    return value if isinstance(value, str) and 0 < len(value) <= 256 and value.isprintable() else None
+
+
 @dataclass(frozen=True)
 class Failure:
     """What to do with a message whose processing failed."""
@@ -95,16 +132,48 @@ def on_failure(exc: BaseException, delivered: int, settings: VaultSettings) -> F
     return Failure(False, "internal_error", delay)
 
 
-# --- tokens.issued ------------------------------------------------------------------
-def build_tokens_router(vault: Vault, settings: VaultSettings) -> NatsRouter:
+# --- tokens.issued / tokens.revoked ---------------------------------------------------
+def _malformed_handler(vault: Vault, subject: str) -> Any:
     async def on_malformed(exc: ValidationError, message: NatsMessage, broker: NatsBroker) -> None:
         # Never log the error itself: pydantic quotes the input.
         message_id = _message_id(message)
-        await bus.dead_letter(broker, subjects.TOKENS_ISSUED, _body(message), "invalid_event: schema",
-                              message_id=message_id)
-        log.warning("tokens.issued dead-lettered", reason="invalid_event", nats_msg_id=message_id)
+        await bus.dead_letter(broker, subject, _body(message), "invalid_event: schema", message_id=message_id)
+        if subject == subjects.TOKENS_ISSUED:
+            vault.metrics.issued("dead_lettered")
+        log.warning(f"{subject} dead-lettered", reason="invalid_event", nats_msg_id=message_id)
+        await vault.record_dead_letter(subject, "invalid_event: schema", event_id=message_id,
+                                       user_id=_user_id_of(message))
 
-    router = NatsRouter(middlewares=(ExceptionMiddleware(handlers={ValidationError: on_malformed}),))
+    return on_malformed
+
+
+async def _on_error(
+    exc: Exception, *, vault: Vault, settings: VaultSettings, subject: str, message: NatsMessage, broker: NatsBroker,
+    event_id: str, user_id: str,
+) -> None:
+    """Dead letter (+ audit) or raise NackMessage, per `on_failure`."""
+    delivered = _delivered(message)
+    failure = on_failure(exc, delivered, settings)
+    error = type(exc).__name__  # the class only: messages may quote inputs
+    ids = {"user_id": user_id, "event_id": event_id}
+    if failure.dead_letter:
+        await bus.dead_letter(broker, subject, message.body, failure.reason, message_id=event_id)
+        log.warning(f"{subject} dead-lettered", reason=failure.reason, error=error, **ids)
+        await vault.record_dead_letter(subject, failure.reason, event_id=event_id, user_id=user_id)
+        if subject == subjects.TOKENS_ISSUED:
+            vault.metrics.issued("dead_lettered")
+        return
+    log.warning(f"{subject} will be retried", reason=failure.reason, error=error,
+                delivered=delivered, delay_s=failure.delay_s, **ids)
+    if subject == subjects.TOKENS_ISSUED:
+        vault.metrics.issued("retried")
+    raise NackMessage(delay=failure.delay_s) from None
+
+
+def build_tokens_router(vault: Vault, settings: VaultSettings) -> NatsRouter:
+    router = NatsRouter(
+        middlewares=(ExceptionMiddleware(handlers={ValidationError: _malformed_handler(vault, subjects.TOKENS_ISSUED)}),)
+    )
 
     @router.subscriber(
         subjects.TOKENS_ISSUED,
@@ -121,21 +190,48 @@ def build_tokens_router(vault: Vault, settings: VaultSettings) -> NatsRouter:
         try:
             outcome = await vault.store_issued_tokens(event)
         except Exception as exc:  # noqa: BLE001 - every failure is mapped by on_failure
-            delivered = _delivered(message)
-            failure = on_failure(exc, delivered, settings)
-            error = type(exc).__name__  # the class only: messages may quote inputs
-            if failure.dead_letter:
-                await bus.dead_letter(broker, subjects.TOKENS_ISSUED, message.body, failure.reason,
-                                      message_id=event.event_id)
-                log.warning("tokens.issued dead-lettered", reason=failure.reason, error=error, **ids)
-                return
-            log.warning("tokens.issued will be retried", reason=failure.reason, error=error,
-                        delivered=delivered, delay_s=failure.delay_s, **ids)
-            raise NackMessage(delay=failure.delay_s) from None
+            await _on_error(exc, vault=vault, settings=settings, subject=subjects.TOKENS_ISSUED, message=message,
+                            broker=broker, **ids)
+            return
+        vault.metrics.issued(outcome.outcome)
         if outcome.duplicate:
             log.info("tokens.issued duplicate ignored", **ids)
+        elif outcome.outcome in ("stale", "revoked"):
+            log.warning("tokens.issued ignored", why=outcome.outcome, **ids)
         else:
-            log.info("tokens stored", version=outcome.version, **ids)
+            log.info("tokens stored", version=outcome.version, outcome=outcome.outcome, **ids)
+
+    return router
+
+
+def build_revoked_router(vault: Vault, settings: VaultSettings) -> NatsRouter:
+    router = NatsRouter(
+        middlewares=(
+            ExceptionMiddleware(handlers={ValidationError: _malformed_handler(vault, subjects.TOKENS_REVOKED)}),
+        )
+    )
+
+    @router.subscriber(
+        subjects.TOKENS_REVOKED,
+        stream=bus.TOKENS,
+        durable=subjects.VAULT_TOKENS_REVOKED_DURABLE,
+        pull_sub=PullSub(batch_size=settings.fetch_batch, timeout=settings.fetch_timeout_s),
+        config=revoked_consumer_config(settings),
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+        title="vault: revoke a connection",
+        description="Crypto-shreds the user's sealed secret (wrapped data key and ciphertext) and the row.",
+    )
+    async def on_tokens_revoked(event: TokensRevoked, message: NatsMessage, broker: NatsBroker) -> None:
+        ids = {"user_id": event.user_id, "event_id": event.event_id}
+        try:
+            outcome = await vault.revoke(event)
+        except Exception as exc:  # noqa: BLE001 - every failure is mapped by on_failure
+            await _on_error(exc, vault=vault, settings=settings, subject=subjects.TOKENS_REVOKED, message=message,
+                            broker=broker, **ids)
+            return
+        vault.metrics.revocation(outcome.outcome)
+        log.info("tokens revoked" if outcome.outcome == "revoked" else "tokens.revoked handled",
+                 outcome=outcome.outcome, **ids)
 
     return router
 
@@ -153,10 +249,12 @@ def _request_id_of(message: Any) -> str:
 def build_credentials_router(vault: Vault) -> NatsRouter:
     async def invalid_request(exc: ValidationError, message: NatsMessage) -> CredentialsReply:
         log.info("credentials request rejected", reason="invalid_request")
+        vault.metrics.credential_request("invalid_request")
         return CredentialsReply(request_id=_request_id_of(message), ok=False, error="invalid_request")
 
     async def internal_error(exc: Exception, message: NatsMessage) -> CredentialsReply:
         log.error("credentials request failed", error=type(exc).__name__)
+        vault.metrics.credential_request("internal")
         return CredentialsReply(request_id=_request_id_of(message), ok=False, error="internal")
 
     router = NatsRouter(
@@ -174,13 +272,33 @@ def build_credentials_router(vault: Vault) -> NatsRouter:
     )
     async def on_credentials_get(request: CredentialsRequest) -> CredentialsReply:
         ids = {"user_id": request.user_id, "request_id": request.request_id}
+        started = time.perf_counter()
         try:
             reply = await vault.grant_credentials(request)
         except VaultError as exc:
-            error = exc.reason if exc.reason in REPLY_ERRORS else "internal"
-            (log.error if error == "internal" else log.info)("credentials refused", reason=exc.reason, **ids)
+            error = reply_error(exc)
+            vault.metrics.credential_request(error, time.perf_counter() - started)
+            level = log.error if error == "internal" else log.warning if error == "unavailable" else log.info
+            level("credentials refused", reason=exc.reason, **ids)
             return CredentialsReply(request_id=request.request_id, ok=False, error=error)  # type: ignore[arg-type]
-        log.info("credentials granted", mode=request.mode, **ids)
+        vault.metrics.credential_request("ok", time.perf_counter() - started)
+        log.debug("credentials granted", mode=request.mode, **ids)
         return reply
+
+    return router
+
+
+# --- vault.connections.status -------------------------------------------------------------
+def build_status_router(vault: Vault) -> NatsRouter:
+    router = NatsRouter()
+
+    @router.subscriber(
+        subjects.VAULT_CONNECTIONS_STATUS,
+        queue=subjects.VAULT_QUEUE,
+        title="vault: connection status",
+        description="State, scopes and expiries of a person's connection; never a token.",
+    )
+    async def on_connection_status(request: ConnectionStatusRequest) -> ConnectionStatusReply:
+        return await vault.connection_status(request)
 
     return router

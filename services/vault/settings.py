@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from shared.settings import ServiceSettings
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./var/vault.db"
+DEFAULT_TOKEN_URL = "https://platform.claude.com/v1/oauth/token"
+DEFAULT_CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
 
 
 class VaultSettings(ServiceSettings):
@@ -29,13 +33,82 @@ class VaultSettings(ServiceSettings):
     keks: SecretStr | None = Field(
         default=None,
         validation_alias="VAULT_KEKS",
-        description='{"active":"<kid>","keys":{"<kid>":"<base64url 32 bytes>"}}; else <keys_dir>/vault-kek.json.',
+        description='{"active":"<kid>","keys":{"<kid>":"<base64url 32 bytes>"},"retired":{…}}; '
+        "else the KEK file (VAULT_KEK_FILE).",
+    )
+    kek_file: Path | None = Field(
+        default=None,
+        validation_alias="VAULT_KEK_FILE",
+        description="KEK file (0600, created with one random key if missing); default <keys_dir>/vault-kek.json.",
+    )
+    kek_check_interval_s: float = Field(
+        default=2.0, gt=0, le=3600, validation_alias="VAULT_KEK_CHECK_INTERVAL_S",
+        description="How often a running vault stats the KEK file for changes (rotation by another process).",
     )
     trusted_requester_keys: str = Field(
         default="",
         validation_alias="VAULT_TRUSTED_REQUESTER_KEYS",
         description="Comma-separated base64url X25519 public keys allowed to fetch credentials "
-        "(plus <keys_dir>/sandbox*.hpke.pub found at start).",
+        "(plus <keys_dir>/sandbox*.hpke.pub, re-read when an unknown key asks).",
+    )
+    trust_reload_min_interval_s: float = Field(
+        default=1.0, ge=0, le=3600, validation_alias="VAULT_TRUST_RELOAD_MIN_INTERVAL_S",
+        description="At most one re-read of the trusted keys per this many seconds on unknown keys.",
+    )
+    request_timeout_s: float = Field(
+        default=1.5, gt=0, le=60, validation_alias="VAULT_REQUEST_TIMEOUT_S",
+        description="Latency budget of one vault.credentials.get; over it the answer is `unavailable`.",
+    )
+    audit_grants: bool = Field(
+        default=True, validation_alias="VAULT_AUDIT_GRANTS",
+        description="Audit every credential release/refusal (batched, best effort).",
+    )
+    # refresher
+    oauth_token_url: str = Field(default=DEFAULT_TOKEN_URL, validation_alias="OAUTH_TOKEN_URL")
+    oauth_client_id: str = Field(default=DEFAULT_CLIENT_ID, validation_alias="OAUTH_CLIENT_ID")
+    refresh_enabled: bool = Field(default=True, validation_alias="VAULT_REFRESH_ENABLED")
+    refresh_margin_s: float = Field(
+        default=600.0, ge=0, validation_alias="VAULT_REFRESH_MARGIN_S",
+        description="Refresh an access token this long before it expires.",
+    )
+    refresh_interval_s: float = Field(
+        default=30.0, gt=0, le=3600, validation_alias="VAULT_REFRESH_INTERVAL_S",
+        description="How often each replica scans for connections due for a refresh (±20 % jitter).",
+    )
+    refresh_timeout_s: float = Field(default=15.0, gt=0, le=300, validation_alias="VAULT_REFRESH_TIMEOUT_S")
+    refresh_lease_s: float = Field(
+        default=60.0, gt=0, le=3600, validation_alias="VAULT_REFRESH_LEASE_S",
+        description="Single-flight lease per connection; must exceed VAULT_REFRESH_TIMEOUT_S.",
+    )
+    refresh_batch: int = Field(default=50, ge=1, le=10_000, validation_alias="VAULT_REFRESH_BATCH")
+    refresh_concurrency: int = Field(default=4, ge=1, le=256, validation_alias="VAULT_REFRESH_CONCURRENCY")
+    refresh_backoff_base_s: float = Field(default=15.0, gt=0, validation_alias="VAULT_REFRESH_BACKOFF_BASE_S")
+    refresh_backoff_max_s: float = Field(default=900.0, gt=0, validation_alias="VAULT_REFRESH_BACKOFF_MAX_S")
+    login_warning_s: float = Field(
+        default=3 * 24 * 3600.0, ge=0, validation_alias="VAULT_LOGIN_WARNING_S",
+        description="Publish tokens.login_expiring this long before a login lapses.",
+    )
+    # housekeeping
+    maintenance_interval_s: float = Field(default=3600.0, gt=0, validation_alias="VAULT_MAINTENANCE_INTERVAL_S")
+    processed_events_retention_s: float = Field(
+        default=35 * 24 * 3600.0, gt=0, validation_alias="VAULT_PROCESSED_EVENTS_RETENTION_S",
+        description="Keep processed event ids (and revocation tombstones) this long: longer than "
+        "the streams keep messages (7 d) and the dead letters (30 d), so replays stay deduplicated.",
+    )
+    audit_retention_s: float = Field(
+        default=0.0, ge=0, validation_alias="VAULT_AUDIT_RETENTION_S", description="0 = keep the audit log forever."
+    )
+    migrate_on_start: bool = Field(default=True, validation_alias="VAULT_MIGRATE_ON_START")
+    db_pool_timeout_s: float = Field(default=5.0, gt=0, validation_alias="VAULT_DB_POOL_TIMEOUT_S")
+    # metrics + health
+    metrics_host: str = Field(default="127.0.0.1", validation_alias="VAULT_METRICS_HOST")
+    metrics_port: int = Field(
+        default=9100, ge=0, le=65535, validation_alias="VAULT_METRICS_PORT",
+        description="/metrics, /healthz, /readyz; 0 = disabled.",
+    )
+    instance_id: str | None = Field(
+        default=None, validation_alias="VAULT_INSTANCE_ID", max_length=64,
+        description="Name of this replica in leases and audit entries; default <host>-<pid>-<random>.",
     )
     # tokens.issued consumer
     fetch_batch: int = Field(default=16, ge=1, le=256, validation_alias="VAULT_FETCH_BATCH")
@@ -50,6 +123,16 @@ class VaultSettings(ServiceSettings):
         description="Dead-letter a message after this many deliveries that failed unexpectedly.",
     )
     db_echo: bool = Field(default=False, validation_alias="VAULT_DB_ECHO")
+
+    @model_validator(mode="after")
+    def _lease_outlives_the_call(self) -> VaultSettings:
+        if self.refresh_lease_s <= self.refresh_timeout_s:
+            raise ValueError("VAULT_REFRESH_LEASE_S must be larger than VAULT_REFRESH_TIMEOUT_S")
+        return self
+
+    @property
+    def kek_path(self) -> Path:
+        return self.kek_file or self.keys_dir / "vault-kek.json"
 
     @field_validator("hpke_private_key", "keks", mode="before")
     @classmethod

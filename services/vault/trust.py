@@ -1,15 +1,22 @@
-"""Who may ask the vault for credentials: a fixed set of X25519 public keys.
+"""Who may ask the vault for credentials: a set of X25519 public keys.
 
 Anybody on the bus can send a `vault.credentials.get` request, but the reply is sealed to
 the public key in the request, so the trust decision is: "is this key one of ours?". The set
-comes from VAULT_TRUSTED_REQUESTER_KEYS plus every `<keys_dir>/sandbox*.hpke.pub` present when
-the vault starts (loaded once, not per request).
+comes from VAULT_TRUSTED_REQUESTER_KEYS plus every `<keys_dir>/sandbox*.hpke.pub`.
+
+`TrustedRequesters` is one immutable snapshot. `TrustStore` is what the vault uses: it loads a
+snapshot at start and re-reads the env value and the key files when a request comes with a key
+it does not know (a sandbox replica that started after the vault), at most once per
+`min_interval_s` so unknown keys cannot make the vault hammer the disk; `reload()` is also
+called periodically, which is how a removed key file stops being trusted.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,4 +74,71 @@ class TrustedRequesters:
         return recipient
 
 
-__all__ = ["TRUSTED_KEY_GLOB", "TrustedRequesters"]
+class TrustStore:
+    """A `TrustedRequesters` snapshot that reloads itself on an unknown key (rate-limited)."""
+
+    def __init__(
+        self,
+        env_value: str | None,
+        keys_dir: Path,
+        *,
+        min_interval_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        initial: TrustedRequesters | None = None,
+    ) -> None:
+        self._env_value = env_value
+        self._keys_dir = Path(keys_dir)
+        self._min_interval = min_interval_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._current = initial if initial is not None else TrustedRequesters.load(env_value, keys_dir)
+        self._loaded_at = clock()
+        self.reloads = 0
+
+    @classmethod
+    def fixed(cls, trusted: TrustedRequesters) -> TrustStore:
+        """A store that never finds new keys (tests, or a vault without a keys dir)."""
+        store = cls(None, Path("/nonexistent-ccbridge-keys"), initial=trusted, min_interval_s=float("inf"))
+        store._fixed = True
+        return store
+
+    _fixed = False
+
+    def __len__(self) -> int:
+        return len(self._current)
+
+    @property
+    def current(self) -> TrustedRequesters:
+        return self._current
+
+    def reload(self, *, force: bool = True) -> bool:
+        """Re-read env + key files; True if the set changed. A bad env value keeps the old set."""
+        if self._fixed:
+            return False
+        now = self._clock()
+        with self._lock:
+            if not force and now - self._loaded_at < self._min_interval:
+                return False
+            self._loaded_at = now
+            try:
+                fresh = TrustedRequesters.load(self._env_value, self._keys_dir)
+            except InvalidKeyring:
+                log.warning("trusted requester keys not reloaded: VAULT_TRUSTED_REQUESTER_KEYS is invalid")
+                return False
+            changed = fresh.keys != self._current.keys
+            self._current = fresh
+            if changed:
+                self.reloads += 1
+                log.info("trusted requester keys reloaded: %d keys", len(fresh))
+            return changed
+
+    def recipient(self, public_key_b64: str, key_id: str) -> Recipient:
+        try:
+            return self._current.recipient(public_key_b64, key_id)
+        except UnauthorizedRequester:
+            if not self.reload(force=False):
+                raise
+            return self._current.recipient(public_key_b64, key_id)
+
+
+__all__ = ["TRUSTED_KEY_GLOB", "TrustStore", "TrustedRequesters"]

@@ -1,25 +1,52 @@
-"""The vault's use cases. They talk to ports (unit of work) and to the sealing contract;
-the bus entry points in `handlers.py` only parse, call one of these, and map the result.
+"""The vault's use cases. They talk to ports (unit of work, publisher) and to the sealing
+contract; the bus entry points in `handlers.py` only parse, call one of these, and map the
+result. The refresher lives in `refresher.py`, key rotation in `tools.py`.
 
-Idempotency: `tokens.issued` is processed at most once per `event_id` — the event id is
-recorded in `processed_events` in the same transaction as the connection change, so a
+Idempotency: `tokens.issued` and `tokens.revoked` are processed at most once per `event_id` —
+the id is recorded in `processed_events` in the same transaction as the change, so a
 redelivery (or a duplicate that slipped past JetStream's window) changes nothing.
+
+Ordering: a `tokens.issued` older than the login the vault holds (`occurred_at` < the stored
+`issued_at`), or older than the user's last revocation, is ignored (and audited): consumers of
+different subjects run independently, so "revoke, then a delayed issue" must not resurrect
+tokens.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from pydantic import ValidationError
 
-from services.vault.domain import Account, Connection, Credentials
-from services.vault.errors import InvalidEvent, NotConnected, UnopenableBox
+from services.vault.domain import Account, AuditEntry, Connection, ConnectionSummary, Credentials
+from services.vault.errors import (
+    InvalidEvent,
+    KeyringError,
+    NotConnected,
+    RequestTimeout,
+    UnopenableBox,
+    VaultError,
+)
+from services.vault.metrics import VaultMetrics
 from services.vault.ports import UnitOfWork
-from services.vault.trust import TrustedRequesters
+from services.vault.trust import TrustStore
 from shared import subjects
-from shared.events import CredentialsReply, CredentialsRequest, TokenBundle, TokensIssued, utcnow
+from shared.events import (
+    AccountInfo,
+    ConnectionStatusReply,
+    ConnectionStatusRequest,
+    CredentialsReply,
+    CredentialsRequest,
+    TokenBundle,
+    TokensIssued,
+    TokensRevoked,
+    utcnow,
+)
 from shared.logging import get_logger
 from shared.sealing import KeyPair, SealingError, open_sealed, seal
 
@@ -30,6 +57,91 @@ log = get_logger(__name__)
 class StoreOutcome:
     duplicate: bool
     version: int | None = None
+    outcome: str = "stored"  # stored | replaced_undecryptable | duplicate | stale | revoked
+
+
+@dataclass(frozen=True)
+class RevokeOutcome:
+    outcome: str  # revoked | not_connected | duplicate
+    version: int | None = None
+
+
+class AuditWriter:
+    """Buffers high-volume audit entries (credential grants and refusals) and writes them in
+    batches, off the request path. Best effort: entries are dropped (and counted) if the
+    buffer is full or the database stays down; state changes are audited in their own
+    transaction instead, never through here."""
+
+    def __init__(
+        self,
+        unit_of_work: Callable[[], UnitOfWork],
+        *,
+        max_buffer: int = 10_000,
+        batch: int = 500,
+        interval_s: float = 0.5,
+        metrics: VaultMetrics | None = None,
+    ) -> None:
+        self._uow = unit_of_work
+        self._buffer: list[tuple[AuditEntry, datetime]] = []
+        self._max_buffer = max_buffer
+        self._batch = batch
+        self._interval = interval_s
+        self._metrics = metrics
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.dropped = 0
+        self.written = 0
+
+    def submit(self, entry: AuditEntry, at: datetime | None = None) -> None:
+        if len(self._buffer) >= self._max_buffer:
+            self.dropped += 1
+            return
+        self._buffer.append((entry, at or utcnow()))
+        if len(self._buffer) >= self._batch:
+            self._wakeup.set()
+
+    async def flush(self) -> int:
+        written = 0
+        while self._buffer:
+            chunk, self._buffer = self._buffer[: self._batch], self._buffer[self._batch :]
+            try:
+                async with self._uow() as uow:
+                    await uow.audit.add_many(chunk)
+                    await uow.commit()
+            except Exception:
+                self._buffer = chunk + self._buffer  # keep them for the next attempt
+                raise
+            written += len(chunk)
+        self.written += written
+        return written
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=self._interval)
+            self._wakeup.clear()
+            try:
+                await self.flush()
+            except Exception as exc:  # noqa: BLE001 - retried on the next tick
+                log.warning("audit entries not written yet", error=type(exc).__name__, pending=len(self._buffer))
+                if len(self._buffer) > self._max_buffer:
+                    self.dropped += len(self._buffer) - self._max_buffer
+                    self._buffer = self._buffer[-self._max_buffer :]
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="vault-audit-writer")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        try:
+            await self.flush()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("audit entries lost at stop", error=type(exc).__name__, pending=len(self._buffer))
 
 
 class Vault:
@@ -40,16 +152,73 @@ class Vault:
         *,
         unit_of_work: Callable[[], UnitOfWork],
         keypair: KeyPair,
-        trusted: TrustedRequesters,
+        trusted: TrustStore,
         clock: Callable[[], datetime] = utcnow,
+        actor: str = "vault",
+        metrics: VaultMetrics | None = None,
+        audit_writer: AuditWriter | None = None,
+        request_timeout_s: float | None = None,
+        audit_grants: bool = True,
     ) -> None:
         self._uow = unit_of_work
         self._keypair = keypair
-        self._trusted = trusted
+        self._trusted = trusted if isinstance(trusted, TrustStore) else TrustStore.fixed(trusted)
         self._clock = clock
+        self.actor = actor
+        self.metrics = metrics or VaultMetrics()
+        self.audit_writer = audit_writer
+        self._request_timeout = request_timeout_s
+        self._audit_grants = audit_grants
+        self._failure_audited: dict[tuple[str, str], float] = {}
 
     def __repr__(self) -> str:
         return f"Vault(key_id={self._keypair.key_id!r}, trusted_requesters={len(self._trusted)})"
+
+    @property
+    def trust(self) -> TrustStore:
+        return self._trusted
+
+    # --- audit helpers ----------------------------------------------------------------
+    async def audit(self, entry: AuditEntry) -> None:
+        """Write one entry in its own transaction; a failure is logged, never raised."""
+        try:
+            with self.metrics.store_timer("audit"):
+                async with self._uow() as uow:
+                    await uow.audit.add(entry, self._clock())
+                    await uow.commit()
+        except Exception as exc:  # noqa: BLE001 - auditing must not break the caller's error path
+            log.error("audit entry not written", action=entry.action, user_id=entry.user_id, error=type(exc).__name__)
+
+    def _buffered(self, entry: AuditEntry) -> None:
+        if self.audit_writer is not None:
+            self.audit_writer.submit(entry, self._clock())
+
+    async def record_keyring_failure(
+        self, user_id: str, exc: KeyringError, *, action: str, kek_id: str | None = None, version: int | None = None
+    ) -> None:
+        """A record that does not decrypt is never silent: error log, metric, audit entry (at
+        most one per user and reason per minute, so a hot loop cannot flood the log)."""
+        self.metrics.decrypt_failure(exc.reason)
+        kek_id = kek_id or getattr(exc, "kek_id", None)
+        log.error("credentials record does not decrypt", user_id=user_id, reason=exc.reason, kek_id=kek_id,
+                  action=action)
+        key = (user_id, exc.reason)
+        now = time.monotonic()
+        if now - self._failure_audited.get(key, -3600.0) < 60.0:
+            return
+        self._failure_audited[key] = now
+        if len(self._failure_audited) > 10_000:
+            self._failure_audited.clear()
+        await self.audit(
+            AuditEntry(actor=self.actor, action=action, outcome="error", user_id=user_id, reason=exc.reason,
+                       kek_id=kek_id, version=version)
+        )
+
+    async def record_dead_letter(self, subject: str, reason: str, *, event_id: str | None, user_id: str | None) -> None:
+        await self.audit(
+            AuditEntry(actor=f"event:{subject}", action="dead_lettered", outcome="error", user_id=user_id,
+                       reason=reason, event_id=event_id)
+        )
 
     # --- tokens.issued ----------------------------------------------------------
     def open_bundle(self, event: TokensIssued) -> TokenBundle:
@@ -68,6 +237,7 @@ class Vault:
     async def store_issued_tokens(self, event: TokensIssued) -> StoreOutcome:
         bundle = self.open_bundle(event)
         credentials = Credentials(access_token=bundle.access_token, refresh_token=bundle.refresh_token)
+        actor = f"event:{subjects.TOKENS_ISSUED}"
         # Values inside the sealed box are authenticated; the plaintext event fields are not.
         facts = {
             "kind": event.kind,
@@ -77,25 +247,155 @@ class Vault:
             "refresh_token_expires_at": event.refresh_token_expires_at,
             "account": Account(**event.account.model_dump()) if event.account else None,
             "now": self._clock(),
+            "issued_at": event.occurred_at,
         }
+
+        def entry(action: str, outcome: str = "ok", **extra: object) -> AuditEntry:
+            return AuditEntry(actor=actor, action=action, outcome=outcome, user_id=event.user_id,
+                              event_id=event.event_id, **extra)  # type: ignore[arg-type]
+
+        with self.metrics.store_timer("store_issued"):
+            async with self._uow() as uow:
+                if not await uow.processed_events.mark_processed(event.event_id, subjects.TOKENS_ISSUED):
+                    return StoreOutcome(duplicate=True, outcome="duplicate")
+                revoked_at = await uow.revocations.revoked_at(event.user_id)
+                if revoked_at is not None and event.occurred_at <= revoked_at:
+                    await uow.audit.add(entry("tokens_ignored", "ignored", reason="revoked_after_issue"))
+                    await uow.commit()
+                    return StoreOutcome(duplicate=False, outcome="revoked")
+                current = await uow.connections.summary(event.user_id, for_update=True)
+                if current is None:
+                    connection = Connection.connect(user_id=event.user_id, **facts)  # type: ignore[arg-type]
+                    await uow.connections.add(connection)
+                    outcome = "stored"
+                elif current.issued_at is not None and event.occurred_at < current.issued_at:
+                    await uow.audit.add(entry("tokens_ignored", "ignored", reason="older_than_current_login",
+                                              version=current.version))
+                    await uow.commit()
+                    return StoreOutcome(duplicate=False, version=current.version, outcome="stale")
+                else:
+                    try:
+                        existing = await uow.connections.get(event.user_id)
+                    except KeyringError as exc:
+                        # The row can never be read again (retired/unknown KEK, tampering): a new
+                        # login replaces it — the old sealed secret is overwritten (crypto-shred).
+                        connection = Connection.connect(user_id=event.user_id, version=current.version + 1,
+                                                        **facts)  # type: ignore[arg-type]
+                        await uow.connections.update(connection, expected_version=current.version)
+                        await uow.audit.add(entry("undecryptable_replaced", reason=exc.reason, kek_id=current.kek_id,
+                                                  version=connection.version))
+                        self.metrics.decrypt_failure(exc.reason)
+                        outcome = "replaced_undecryptable"
+                    else:
+                        assert existing is not None
+                        existing.reconnect(**facts)  # type: ignore[arg-type]
+                        await uow.connections.update(existing)
+                        connection = existing
+                        outcome = "stored"
+                if outcome == "stored":
+                    await uow.audit.add(entry("tokens_stored", version=connection.version,
+                                              detail={"kind": connection.kind}))
+                await uow.commit()
+        return StoreOutcome(duplicate=False, version=connection.version, outcome=outcome)
+
+    # --- tokens.revoked ---------------------------------------------------------------
+    async def revoke(self, event: TokensRevoked, *, actor: str | None = None) -> RevokeOutcome:
+        """Crypto-shred: the sealed secret (the only copy of the wrapped data key) and the
+        connection row are deleted in one transaction, with a tombstone and an audit entry."""
+        with self.metrics.store_timer("revoke"):
+            async with self._uow() as uow:
+                if not await uow.processed_events.mark_processed(event.event_id, subjects.TOKENS_REVOKED):
+                    return RevokeOutcome("duplicate")
+                removed: ConnectionSummary | None = await uow.connections.delete(event.user_id)
+                await uow.revocations.record(event.user_id, event.occurred_at, event.event_id)
+                outcome = "revoked" if removed is not None else "not_connected"
+                await uow.audit.add(
+                    AuditEntry(
+                        actor=actor or f"event:{subjects.TOKENS_REVOKED}",
+                        action="revoked",
+                        outcome=outcome,
+                        user_id=event.user_id,
+                        reason=event.reason,
+                        event_id=event.event_id,
+                        kek_id=removed.kek_id if removed else None,
+                        version=removed.version if removed else None,
+                    ),
+                    self._clock(),
+                )
+                await uow.commit()
+        return RevokeOutcome(outcome, removed.version if removed else None)
+
+    # --- vault.connections.status ------------------------------------------------------
+    async def connection_status(self, request: ConnectionStatusRequest) -> ConnectionStatusReply:
+        """What the vault holds for a person, without decrypting anything."""
+        with self.metrics.store_timer("status"):
+            async with self._uow() as uow:
+                summary = await uow.connections.summary(request.user_id)
+        if summary is None:
+            return ConnectionStatusReply(connected=False)
+        return ConnectionStatusReply(
+            connected=True,
+            state=summary.state,
+            kind=summary.kind,
+            scopes=list(summary.scopes),
+            expires_at=summary.expires_at,
+            refresh_token_expires_at=summary.refresh_token_expires_at,
+            account=AccountInfo(**summary.account.to_dict()) if summary.account else None,
+            version=summary.version,
+        )
+
+    # --- housekeeping ---------------------------------------------------------------------
+    async def housekeeping(self, *, processed_retention_s: float, audit_retention_s: float = 0.0) -> dict[str, int]:
+        """Retention: processed event ids and revocation tombstones older than
+        `processed_retention_s`, audit entries older than `audit_retention_s` (0 = keep);
+        refreshes the connections-by-state gauge. Idempotent: every replica may run it."""
+        now = self._clock()
+        cutoff = now - timedelta(seconds=processed_retention_s)
+        removed = {"processed_events": 0, "revocations": 0, "audit": 0}
+        while True:  # in batches, so one huge backlog never holds a long transaction
+            async with self._uow() as uow:
+                deleted = await uow.processed_events.delete_older_than(cutoff)
+                await uow.commit()
+            removed["processed_events"] += deleted
+            if deleted < 5000:
+                break
         async with self._uow() as uow:
-            if not await uow.processed_events.mark_processed(event.event_id, subjects.TOKENS_ISSUED):
-                return StoreOutcome(duplicate=True)
-            connection = await uow.connections.get(event.user_id, for_update=True)
-            if connection is None:
-                connection = Connection.connect(user_id=event.user_id, **facts)
-                await uow.connections.add(connection)
-            else:
-                connection.reconnect(**facts)
-                await uow.connections.update(connection)
+            removed["revocations"] = await uow.revocations.delete_older_than(cutoff)
+            if audit_retention_s > 0:
+                removed["audit"] = await uow.audit.delete_older_than(now - timedelta(seconds=audit_retention_s))
+            counts = await uow.connections.count_by_state()
             await uow.commit()
-        return StoreOutcome(duplicate=False, version=connection.version)
+        self.metrics.set_connections(counts)
+        return removed
 
     # --- vault.credentials.get ----------------------------------------------------
     async def grant_credentials(self, request: CredentialsRequest) -> CredentialsReply:
-        recipient = self._trusted.recipient(request.requester_public_key, request.requester_key_id)
-        async with self._uow() as uow:
-            connection = await uow.connections.get(request.user_id)
+        """Seal the user's tokens to a trusted requester, within the request's latency budget
+        (`RequestTimeout` after VAULT_REQUEST_TIMEOUT_S)."""
+        if self._request_timeout is None:
+            return await self._grant(request)
+        try:
+            async with asyncio.timeout(self._request_timeout):
+                return await self._grant(request)
+        except TimeoutError:
+            raise RequestTimeout(f"no answer within {self._request_timeout}s") from None
+
+    async def _grant(self, request: CredentialsRequest) -> CredentialsReply:
+        try:
+            recipient = self._trusted.recipient(request.requester_public_key, request.requester_key_id)
+        except VaultError as exc:
+            if self._audit_grants and exc.reason == "unauthorized_requester":
+                self._buffered(AuditEntry(actor=f"requester:{request.requester_key_id[:64]}",
+                                          action="credentials_refused", outcome="error", user_id=request.user_id,
+                                          reason=exc.reason))
+            raise
+        try:
+            with self.metrics.store_timer("grant"):
+                async with self._uow() as uow:
+                    connection = await uow.connections.get(request.user_id)
+        except KeyringError as exc:
+            await self.record_keyring_failure(request.user_id, exc, action="credentials_decrypt_failed")
+            raise
         if connection is None:
             raise NotConnected(f"no connection for user {request.user_id}")
         grant = connection.grant(request.mode)
@@ -111,6 +411,10 @@ class Vault:
             subject=subjects.VAULT_CREDENTIALS_GET,
             message_id=request.request_id,
         )
+        if self._audit_grants:
+            self._buffered(AuditEntry(actor=f"requester:{recipient.key_id}", action="credentials_granted",
+                                      user_id=request.user_id, version=connection.version,
+                                      detail={"mode": request.mode, "request_id": request.request_id}))
         return CredentialsReply(
             request_id=request.request_id,
             ok=True,
@@ -118,3 +422,6 @@ class Vault:
             expires_at=grant.expires_at,
             scopes=list(grant.scopes),
         )
+
+
+__all__ = ["AuditWriter", "RevokeOutcome", "StoreOutcome", "Vault"]

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,38 +27,21 @@ from shared import subjects
 from shared.broker import REASON_HEADER, make_broker, publish_event
 from shared.events import CredentialsReply, Sealed
 from shared.sealing import KeyPair, b64d, b64e
-from tests.vault_fixtures import VaultDb, canary, credentials_request, issued_event, new_user, open_reply, vault_db
+from tests.vault_fixtures import (  # noqa: F401 - fixtures
+    VaultDb,
+    canary,
+    credentials_request,
+    db,
+    eventually,
+    issued_event,
+    nc,
+    new_user,
+    open_reply,
+    vault_log_tee,
+    vault_settings,
+)
 
 T = TypeVar("T")
-WAIT_S = 30.0
-
-
-async def eventually(probe: Callable[[], Awaitable[T | None]], what: str, timeout: float = WAIT_S) -> T:
-    """Poll until `probe` returns something truthy (not a timing assertion: a generous bound)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[VaultDb]:
-    async for value in vault_db(database_url):
-        yield value
-
-
-@pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[nats.NATS]:
-    client = await nats.connect(nats_url)
-    try:
-        yield client
-    finally:
-        await client.close()
-
 
 @dataclass
 class Running:
@@ -116,14 +98,7 @@ class Running:
 
 
 def _settings(tmp_path: Path, nats_url: str, db: VaultDb, **env: Any) -> VaultSettings:
-    return VaultSettings(
-        NATS_URL=nats_url,
-        CCBRIDGE_DATA_DIR=tmp_path / "data",
-        DATABASE_URL=db.url,
-        VAULT_DATABASE_SCHEMA=db.schema,
-        VAULT_FETCH_TIMEOUT_S=0.5,
-        **env,
-    )
+    return vault_settings(tmp_path, nats_url, db, **env)
 
 
 @pytest.fixture
@@ -299,8 +274,11 @@ class FlakyStore:
     def engine(self) -> Any:
         return self.inner.engine
 
-    async def create_all(self) -> None:
-        await self.inner.create_all()
+    async def migrate(self) -> None:
+        await self.inner.migrate()
+
+    async def ping(self) -> bool:
+        return await self.inner.ping()
 
     def unit_of_work(self, keyring: Keyring) -> Any:
         self.attempts += 1
@@ -437,3 +415,102 @@ async def test_python_m_services_vault_runs_and_stops_on_sigterm(tmp_path: Path,
 
 async def _async(value: T) -> T:
     return value
+
+
+# --- revoke, status, trust reload ---------------------------------------------------------
+async def test_tokens_revoked_crypto_shreds_the_connection(running: Running) -> None:
+    from shared.events import ConnectionStatusReply, ConnectionStatusRequest, TokensRevoked
+
+    user = new_user()
+    await running.publish(issued_event(running.vault_key.recipient, user_id=user, access_token=canary(),
+                                       refresh_token=canary("r")))
+    await running.wait_row(user)
+    status = ConnectionStatusReply.model_validate_json((await running.nc.request(
+        subjects.VAULT_CONNECTIONS_STATUS, ConnectionStatusRequest(user_id=user).model_dump_json().encode(),
+        timeout=10)).data)
+    assert (status.connected, status.state, status.version) == (True, "connected", 1)
+
+    event = TokensRevoked(user_id=user, reason="user_request")
+    async with make_broker(running.settings, name="test-publisher") as publisher:
+        await publisher.connect()
+        await publish_event(publisher, subjects.TOKENS_REVOKED, event)
+
+    async def gone() -> bool:
+        return await running.row(user) is None
+
+    await eventually(gone, "the connection to be shredded")
+    reply = await running.ask(credentials_request(running.requester, user_id=user))
+    assert (reply.ok, reply.error) == (False, "not_connected")
+    status = ConnectionStatusReply.model_validate_json((await running.nc.request(
+        subjects.VAULT_CONNECTIONS_STATUS, ConnectionStatusRequest(user_id=user).model_dump_json().encode(),
+        timeout=10)).data)
+    assert status == ConnectionStatusReply(connected=False)
+    async with running.service.unit_of_work() as uow:
+        audit = await uow.audit.list(user_id=user, action="revoked")
+    assert [(r.entry.event_id, r.entry.outcome) for r in audit] == [(event.event_id, "revoked")]
+    info = await running.js.consumer_info(subjects.TOKENS_STREAM.name, subjects.VAULT_TOKENS_REVOKED_DURABLE)
+    assert info.config.filter_subject == subjects.TOKENS_REVOKED
+
+
+async def test_a_sandbox_key_added_after_start_is_trusted_without_restart(running: Running) -> None:
+    user = new_user()
+    await running.publish(issued_event(running.vault_key.recipient, user_id=user, access_token=canary()))
+    await running.wait_row(user)
+    late = KeyPair.generate()
+    refused = await running.ask(credentials_request(late, user_id=user))
+    assert refused.error == "unauthorized_requester"
+
+    (running.settings.keys_dir / "sandbox-late.hpke.pub").write_text(late.recipient.public_b64 + "\n")
+
+    async def trusted() -> CredentialsReply | None:
+        reply = await running.ask(credentials_request(late, user_id=user))
+        return reply if reply.ok else None
+
+    reply = await eventually(trusted, "the new sandbox key to be trusted")  # re-read at most once a second
+    assert open_reply(reply, late).access_token
+
+
+def test_ccbridge_vault_revoke_waits_for_the_vault(tmp_path: Path, nats_url: str, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from ccbridge.cli import app
+    from tests.vault_fixtures import VaultProcess, service_env
+
+    db = VaultDb(f"sqlite+aiosqlite:///{tmp_path / 'cli-vault.db'}", None)
+    vault = VaultProcess("vault-cli", service_env(tmp_path, nats_url, db), tmp_path / "vault-cli.log").start()
+    user = new_user()
+    try:
+        asyncio.run(vault.wait_started())
+        settings = vault_settings(tmp_path, nats_url, db)
+
+        async def connect() -> None:
+            from shared.sealing import Recipient
+
+            key = Recipient.from_b64((settings.keys_dir / "vault.hpke.pub").read_text())
+            async with make_broker(settings, name="test-publisher") as publisher:
+                await publisher.connect()
+                await publish_event(publisher, subjects.TOKENS_ISSUED, issued_event(key, user_id=user,
+                                                                                  access_token=canary()))
+
+        asyncio.run(connect())
+        for name, value in (("NATS_URL", nats_url), ("DATABASE_URL", db.url),
+                            ("CCBRIDGE_DATA_DIR", str(tmp_path / "data"))):
+            monkeypatch.setenv(name, value)
+        result = CliRunner().invoke(app, ["vault", "revoke", "--user", user, "--reason", "offboarding",
+                                          "--wait", "30"])
+    finally:
+        vault.stop()
+    assert result.exit_code == 0, result.output
+    assert "shredded" in result.output
+
+    async def leftovers() -> tuple[Any, list[Any]]:
+        store = SqlStore.from_url(db.url)
+        try:
+            async with store.unit_of_work(Keyring.generate()) as uow:
+                return await uow.connections.summary(user), await uow.audit.list(user_id=user, action="revoked")
+        finally:
+            await store.dispose()
+
+    summary, audit = asyncio.run(leftovers())
+    assert summary is None  # whichever event the vault saw first, the tokens are not there
+    assert [r.entry.reason for r in audit] == ["offboarding"]

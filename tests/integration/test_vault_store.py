@@ -1,32 +1,52 @@
 """The vault's SQLAlchemy store on a real SQLite file and a real PostgreSQL (own schema per test):
-encryption at rest, upsert/versioning, idempotency, concurrency and outage errors."""
+encryption at rest, upsert/versioning, idempotency, ordering guards, crypto-shred, the refresh
+lease, retention, concurrency and outage errors."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select, text, update
 from sqlalchemy.engine import make_url
 
-from services.vault.adapters.store import ConnectionRow, ProcessedEventRow, SqlStore, translate_error
-from services.vault.domain import Connection, Credentials
-from services.vault.errors import ConcurrencyConflict, DecryptionFailed, StoreUnavailable, UnknownKeyId
+from services.vault.adapters.store import (
+    AuditRow,
+    ConnectionRow,
+    ProcessedEventRow,
+    SealedSecretRow,
+    SqlStore,
+    translate_error,
+)
+from services.vault.domain import AuditEntry, Connection, Credentials
+from services.vault.errors import (
+    ConcurrencyConflict,
+    DecryptionFailed,
+    RetiredKeyId,
+    StoreUnavailable,
+    UnknownKeyId,
+)
 from services.vault.keyring import Keyring
 from services.vault.trust import TrustedRequesters
 from services.vault.use_cases import Vault
+from shared.events import TokensRevoked
 from shared.sealing import KeyPair
-from tests.vault_fixtures import VaultDb, canary, issued_event, new_user, vault_db
+from tests.vault_fixtures import (  # noqa: F401 - fixtures
+    VaultDb,
+    canary,
+    db,
+    issued_event,
+    new_user,
+    vault_log_tee,
+)
 
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[VaultDb]:
-    async for value in vault_db(database_url):
-        yield value
+TABLES = ("connections", "sealed_secrets", "processed_events", "revocations", "audit_log")
 
 
 @dataclass
@@ -41,7 +61,7 @@ class Env:
 @pytest.fixture
 async def env(db: VaultDb) -> AsyncIterator[Env]:
     store = SqlStore.from_url(db.url, schema=db.schema)
-    await store.create_all()
+    await store.migrate()
     keyring, vault_key = Keyring.generate(), KeyPair.generate()
     vault = Vault(unit_of_work=lambda: store.unit_of_work(keyring), keypair=vault_key, trusted=TrustedRequesters.of([]))
     try:
@@ -51,17 +71,17 @@ async def env(db: VaultDb) -> AsyncIterator[Env]:
 
 
 async def _rows_as_text(store: SqlStore) -> str:
-    """Every column of every row of both tables, as the database renders them."""
+    """Every column of every row of every table, as the database renders them."""
     async with store.engine.connect() as conn:
-        if store.dialect == "postgresql":
-            schema = store.schema
-            texts = []
-            for table in ("connections", "processed_events"):
-                result = await conn.execute(text(f'SELECT t::text FROM "{schema}"."{table}" t'))
+        texts = []
+        for table in TABLES:
+            if store.dialect == "postgresql":
+                result = await conn.execute(text(f'SELECT t::text FROM "{store.schema}"."{table}" t'))
                 texts += [row[0] for row in result]
-            return "\n".join(texts)
-        result = await conn.execute(select(ConnectionRow.__table__))
-        return "\n".join(repr(tuple(row)) for row in result)
+            else:
+                result = await conn.execute(text(f'SELECT * FROM "{table}"'))
+                texts += [repr(tuple(row)) for row in result]
+        return "\n".join(texts)
 
 
 def _sqlite_file_bytes(url: str) -> bytes:
@@ -82,9 +102,13 @@ async def test_tokens_are_encrypted_at_rest(env: Env) -> None:
 
     async with env.store.engine.connect() as conn:
         row = (await conn.execute(select(ConnectionRow.__table__).where(ConnectionRow.user_id == user))).one()
-    assert row.kek_id == env.keyring.active_kek_id and row.version == 1 and row.kind == "oauth"
+        secret = (await conn.execute(select(SealedSecretRow.__table__).where(SealedSecretRow.user_id == user))).one()
+        audit = (await conn.execute(select(AuditRow.__table__).where(AuditRow.user_id == user))).all()
+    assert (row.version, row.kind, bool(row.refreshable)) == (1, "oauth", True)
     assert row.scopes == ["user:inference", "user:profile"] and row.account["email"] == "person@example.com"
-    assert len(row.nonce) == 12 and len(row.wrapped_data_key) == 12 + 32 + 16
+    assert secret.kek_id == env.keyring.active_kek_id and secret.version == 1
+    assert len(secret.nonce) == 12 and len(secret.wrapped_data_key) == 12 + 32 + 16
+    assert [a.action for a in audit] == ["tokens_stored"] and audit[0].event_id == event.event_id
 
     rendered = await _rows_as_text(env.store)
     assert user in rendered  # ... we are looking at the right rows ...
@@ -145,10 +169,10 @@ async def test_ciphertext_moved_to_another_row_does_not_decrypt(env: Env) -> Non
     await env.vault.store_issued_tokens(issued_event(env.vault_key.recipient, user_id=victim, access_token=canary()))
     await env.vault.store_issued_tokens(issued_event(env.vault_key.recipient, user_id=attacker, access_token=canary()))
     async with env.store.engine.begin() as conn:
-        src = (await conn.execute(select(ConnectionRow.__table__).where(ConnectionRow.user_id == victim))).one()
+        src = (await conn.execute(select(SealedSecretRow.__table__).where(SealedSecretRow.user_id == victim))).one()
         await conn.execute(
-            update(ConnectionRow.__table__)
-            .where(ConnectionRow.user_id == attacker)
+            update(SealedSecretRow.__table__)
+            .where(SealedSecretRow.user_id == attacker)
             .values(wrapped_data_key=src.wrapped_data_key, nonce=src.nonce, ciphertext=src.ciphertext)
         )
 
@@ -197,8 +221,8 @@ async def test_concurrent_change_is_a_retryable_conflict(env: Env) -> None:
     assert current is not None and current.version == 2 and current.credentials.access_token == theirs_token
 
 
-async def test_create_all_is_idempotent_and_sqlite_uses_wal(env: Env) -> None:
-    await env.store.create_all()
+async def test_migrate_is_idempotent_and_sqlite_uses_wal(env: Env) -> None:
+    await env.store.migrate()
     async with env.store.engine.connect() as conn:
         if env.db.is_sqlite:
             assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
@@ -214,7 +238,7 @@ async def test_sqlite_parent_directory_is_created(tmp_path: Path) -> None:
     path = tmp_path / "deep" / "er" / "vault.db"
     store = SqlStore.from_url(f"sqlite+aiosqlite:///{path}")
     try:
-        await store.create_all()
+        await store.migrate()
     finally:
         await store.dispose()
     assert path.exists()
@@ -233,7 +257,7 @@ async def test_unreachable_database_is_store_unavailable() -> None:
                   trusted=TrustedRequesters.of([]))
     try:
         with pytest.raises(StoreUnavailable):
-            await store.create_all()
+            await store.migrate()
         with pytest.raises(StoreUnavailable) as info:
             await vault.store_issued_tokens(
                 issued_event(vault._keypair.recipient, user_id=new_user(), access_token=canary())
@@ -260,3 +284,202 @@ def test_invalid_schema_name_is_refused() -> None:
     engine = create_async_engine("postgresql+asyncpg://u@127.0.0.1/db")
     with pytest.raises(ValueError):
         SqlStore(engine, schema='x"; DROP TABLE y; --')
+
+
+# --- production behaviour ------------------------------------------------------------------
+async def test_record_under_a_retired_kek_fails_loudly(env: Env) -> None:
+    user = new_user()
+    await env.vault.store_issued_tokens(issued_event(env.vault_key.recipient, user_id=user, access_token=canary()))
+    old = env.keyring.active_kek_id
+    retired = env.keyring.with_new_key().retire(old)
+    async with env.store.unit_of_work(retired) as uow:
+        with pytest.raises(RetiredKeyId) as info:
+            await uow.connections.get(user)
+    assert info.value.kek_id == old and info.value.reason == "retired_key_id"
+    assert old in str(info.value) and "retired" in str(info.value)
+
+
+async def test_an_older_login_arriving_late_does_not_overwrite_a_newer_one(env: Env) -> None:
+    user, old_token, new_token = new_user(), canary("old"), canary("new")
+    t0 = datetime.now(UTC)
+    older = issued_event(env.vault_key.recipient, user_id=user, access_token=old_token).model_copy(
+        update={"occurred_at": t0})
+    newer = issued_event(env.vault_key.recipient, user_id=user, access_token=new_token).model_copy(
+        update={"occurred_at": t0 + timedelta(seconds=5)})
+
+    assert (await env.vault.store_issued_tokens(newer)).version == 1
+    late = await env.vault.store_issued_tokens(older)
+
+    assert (late.outcome, late.duplicate, late.version) == ("stale", False, 1)
+    async with env.store.unit_of_work(env.keyring) as uow:
+        conn = await uow.connections.get(user)
+        audit = await uow.audit.list(user_id=user)
+    assert conn is not None and conn.credentials.access_token == new_token and conn.version == 1
+    assert (audit[0].entry.action, audit[0].entry.reason) == ("tokens_ignored", "older_than_current_login")
+    assert (await env.vault.store_issued_tokens(older)).duplicate  # marked processed: not retried
+
+
+async def test_revoke_crypto_shreds_and_a_late_issue_cannot_resurrect(env: Env) -> None:
+    user, token = new_user(), canary("revoked")
+    t0 = datetime.now(UTC)
+    issued = issued_event(env.vault_key.recipient, user_id=user, access_token=token).model_copy(
+        update={"occurred_at": t0})
+    await env.vault.store_issued_tokens(issued)
+    async with env.store.engine.connect() as conn:
+        wrapped = (await conn.execute(select(SealedSecretRow.wrapped_data_key).where(
+            SealedSecretRow.user_id == user))).scalar_one()
+
+    revoked = TokensRevoked(user_id=user, reason="user_request", occurred_at=t0 + timedelta(seconds=10))
+    outcome = await env.vault.revoke(revoked)
+    assert (outcome.outcome, outcome.version) == ("revoked", 1)
+    assert (await env.vault.revoke(revoked)).outcome == "duplicate"
+
+    async with env.store.engine.connect() as conn:
+        for table in (ConnectionRow, SealedSecretRow):
+            assert not (await conn.execute(select(table.__table__).where(table.user_id == user))).all()
+        if env.db.is_sqlite:
+            await conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    if env.db.is_sqlite:  # secure_delete: the wrapped data key is gone from the file, not just unlinked
+        raw = _sqlite_file_bytes(env.db.url)
+        assert user.encode() in raw  # the audit log still names the user ...
+        assert wrapped not in raw  # ... but the data key is shredded
+
+    # a tokens.issued from before the revocation, delivered late, is ignored ...
+    delayed = issued_event(env.vault_key.recipient, user_id=user, access_token=canary()).model_copy(
+        update={"occurred_at": t0 + timedelta(seconds=5)})
+    assert (await env.vault.store_issued_tokens(delayed)).outcome == "revoked"
+    async with env.store.unit_of_work(env.keyring) as uow:
+        assert await uow.connections.get(user) is None
+    # ... a new login after it is not
+    fresh = issued_event(env.vault_key.recipient, user_id=user, access_token=canary()).model_copy(
+        update={"occurred_at": t0 + timedelta(seconds=20)})
+    assert (await env.vault.store_issued_tokens(fresh)).outcome == "stored"
+
+    async with env.store.unit_of_work(env.keyring) as uow:
+        actions = [(r.entry.action, r.entry.outcome) for r in await uow.audit.list(user_id=user)]
+    assert actions[::-1] == [("tokens_stored", "ok"), ("revoked", "revoked"), ("tokens_ignored", "ignored"),
+                             ("tokens_stored", "ok")]
+    nobody = await env.vault.revoke(TokensRevoked(user_id=new_user()))
+    assert nobody.outcome == "not_connected"
+
+
+async def test_a_new_login_replaces_a_row_that_cannot_be_decrypted(env: Env) -> None:
+    user, token = new_user(), canary("replacement")
+    await env.vault.store_issued_tokens(issued_event(env.vault_key.recipient, user_id=user, access_token=canary()))
+    lost_kek = env.keyring.active_kek_id
+    other = Keyring.generate()  # the old KEK is gone (lost, or retired without a rewrap)
+    vault = Vault(unit_of_work=lambda: env.store.unit_of_work(other), keypair=env.vault_key,
+                  trusted=TrustedRequesters.of([]))
+
+    outcome = await vault.store_issued_tokens(issued_event(env.vault_key.recipient, user_id=user, access_token=token))
+
+    assert (outcome.outcome, outcome.version) == ("replaced_undecryptable", 2)
+    async with env.store.unit_of_work(other) as uow:
+        conn = await uow.connections.get(user)
+        audit = await uow.audit.list(user_id=user, action="undecryptable_replaced")
+    assert conn is not None and conn.credentials.access_token == token and conn.version == 2
+    assert [(r.entry.reason, r.entry.kek_id) for r in audit] == [("unknown_key_id", lost_kek)]
+
+
+async def _connect_due(env: Env, user: str, *, expires_in_ms: int = 1_000) -> int:
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    event = issued_event(env.vault_key.recipient, user_id=user, access_token=canary(), refresh_token=canary("r"),
+                         expires_at=now_ms + expires_in_ms)
+    return (await env.vault.store_issued_tokens(event)).version or 0
+
+
+async def test_the_refresh_lease_has_exactly_one_winner(env: Env) -> None:
+    user = new_user()
+    version = await _connect_due(env, user)
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    contenders = [SqlStore.from_url(env.db.url, schema=env.db.schema) for _ in range(5)]
+
+    async def claim(i: int) -> bool:
+        async with contenders[i].unit_of_work(env.keyring) as uow:
+            won = await uow.connections.claim_lease(user, version, f"replica-{i}", now_ms, now_ms + 60_000)
+            await uow.commit()
+            return won
+
+    try:
+        results = await asyncio.gather(*(claim(i) for i in range(5)))
+    finally:
+        for store in contenders:
+            await store.dispose()
+    assert sorted(results) == [False, False, False, False, True]
+    winner = f"replica-{results.index(True)}"
+
+    async with env.store.unit_of_work(env.keyring) as uow:  # leased rows are not due ...
+        assert user not in [d.user_id for d in await uow.connections.due_for_refresh(now_ms, 600_000, 100)]
+        # ... until the lease expires
+        later = now_ms + 61_000
+        assert user in [d.user_id for d in await uow.connections.due_for_refresh(later, 600_000, 100)]
+
+    async with env.store.unit_of_work(env.keyring) as uow:
+        conn = await uow.connections.get(user)
+        assert conn is not None
+        conn.refresh_failed("upstream_error", retry_at_ms=now_ms + 5_000, now=datetime.now(UTC))
+        with pytest.raises(ConcurrencyConflict):  # a replica that does not hold the lease cannot save
+            await uow.connections.update(conn, expected_version=version, lease_owner="replica-x")
+    async with env.store.unit_of_work(env.keyring) as uow:
+        await uow.connections.update(conn, expected_version=version, lease_owner=winner)
+        await uow.commit()
+    async with env.store.unit_of_work(env.keyring) as uow:
+        # saved, lease released, backoff respected by the scan
+        assert user not in [d.user_id for d in await uow.connections.due_for_refresh(now_ms, 600_000, 100)]
+        assert user in [d.user_id for d in await uow.connections.due_for_refresh(now_ms + 5_000, 600_000, 100)]
+        loaded = await uow.connections.get(user)
+    assert loaded is not None and (loaded.state, loaded.version, loaded.refresh_failures) == ("refresh_failed", 2, 1)
+
+
+async def test_only_due_refreshable_connections_are_scanned(env: Env) -> None:
+    soon, later, setup = new_user(), new_user(), new_user()
+    await _connect_due(env, soon, expires_in_ms=60_000)
+    await _connect_due(env, later, expires_in_ms=3_600_000)
+    await env.vault.store_issued_tokens(issued_event(env.vault_key.recipient, user_id=setup, access_token=canary(),
+                                                     kind="setup_token", expires_at=1))
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    async with env.store.unit_of_work(env.keyring) as uow:
+        due = {d.user_id for d in await uow.connections.due_for_refresh(now_ms, 600_000, 1000)}
+    assert soon in due and later not in due and setup not in due
+
+
+async def test_login_expiry_warning_is_marked_once(env: Env) -> None:
+    user = new_user()
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    login_expiry = now_ms + 3_600_000
+    await env.vault.store_issued_tokens(issued_event(env.vault_key.recipient, user_id=user, access_token=canary(),
+                                                     refresh_token=canary("r"),
+                                                     refresh_token_expires_at=login_expiry))
+    async with env.store.unit_of_work(env.keyring) as uow:
+        assert user not in [s.user_id for s in await uow.connections.due_login_warnings(now_ms, 60_000, 100)]
+        assert user in [s.user_id for s in await uow.connections.due_login_warnings(now_ms, 86_400_000, 100)]
+        assert await uow.connections.mark_login_warned(user, login_expiry)
+        assert not await uow.connections.mark_login_warned(user, login_expiry)
+        await uow.commit()
+    async with env.store.unit_of_work(env.keyring) as uow:
+        assert user not in [s.user_id for s in await uow.connections.due_login_warnings(now_ms, 86_400_000, 100)]
+
+
+async def test_retention_removes_only_old_processed_events_and_tombstones(env: Env) -> None:
+    old_id, new_id, old_user, new_user_ = f"old-{uuid.uuid4().hex}", f"new-{uuid.uuid4().hex}", new_user(), new_user()
+    long_ago = datetime.now(UTC) - timedelta(days=40)
+    async with env.store.unit_of_work(env.keyring) as uow:
+        assert await uow.processed_events.mark_processed(old_id, "tokens.issued")
+        assert await uow.processed_events.mark_processed(new_id, "tokens.issued")
+        await uow.revocations.record(old_user, long_ago, None)
+        await uow.revocations.record(new_user_, datetime.now(UTC), None)
+        await uow.audit.add(AuditEntry(actor="test", action="ancient", user_id=old_user), long_ago)
+        await uow.commit()
+    async with env.store.engine.begin() as conn:
+        await conn.execute(update(ProcessedEventRow.__table__).where(ProcessedEventRow.event_id == old_id)
+                           .values(processed_at=long_ago))
+
+    removed = await env.vault.housekeeping(processed_retention_s=35 * 86400, audit_retention_s=30 * 86400)
+
+    assert removed["processed_events"] >= 1 and removed["revocations"] >= 1 and removed["audit"] >= 1
+    async with env.store.unit_of_work(env.keyring) as uow:
+        assert await uow.processed_events.mark_processed(old_id, "tokens.issued")  # forgotten
+        assert not await uow.processed_events.mark_processed(new_id, "tokens.issued")  # still known
+        assert await uow.revocations.revoked_at(old_user) is None
+        assert await uow.revocations.revoked_at(new_user_) is not None
+        assert not await uow.audit.list(action="ancient")

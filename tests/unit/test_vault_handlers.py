@@ -6,6 +6,7 @@ nack with delay (retry), and every reply of `vault.credentials.get`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,8 @@ from services.vault.errors import ConcurrencyConflict, DecryptionFailed, StoreUn
 from services.vault.handlers import (
     Failure,
     build_credentials_router,
+    build_revoked_router,
+    build_status_router,
     build_tokens_router,
     on_failure,
     retry_delay,
@@ -28,7 +31,7 @@ from services.vault.trust import TrustedRequesters
 from services.vault.use_cases import Vault
 from shared import subjects
 from shared.broker import DLQ, REASON_HEADER, TOKENS
-from shared.events import CredentialsReply, Sealed
+from shared.events import ConnectionStatusReply, ConnectionStatusRequest, CredentialsReply, Sealed, TokensRevoked
 from shared.sealing import KeyPair, SealingError, b64d, b64e, seal
 from tests.vault_fixtures import (
     FakeStore,
@@ -53,7 +56,7 @@ def acks(monkeypatch: pytest.MonkeyPatch) -> Acks:
     seen = Acks()
 
     async def ack(self: NatsMessage) -> None:
-        if self.raw_message.subject == subjects.TOKENS_ISSUED:  # not the test's own DLQ reader
+        if self.raw_message.subject in (subjects.TOKENS_ISSUED, subjects.TOKENS_REVOKED):  # not the DLQ readers
             seen.acked += 1
 
     async def nack(self: NatsMessage, delay: float | None = None) -> None:
@@ -75,13 +78,22 @@ class Harness:
     vault_key: KeyPair
     requester: KeyPair
     dead_letters: list[tuple[bytes, dict[str, Any]]]
+    vault: Vault
 
     async def issue(self, payload: Any, headers: dict[str, str] | None = None) -> None:
         await self.broker.publish(payload, subjects.TOKENS_ISSUED, stream=TOKENS.name, headers=headers)
 
+    async def revoke(self, payload: Any, headers: dict[str, str] | None = None) -> None:
+        await self.broker.publish(payload, subjects.TOKENS_REVOKED, stream=TOKENS.name, headers=headers)
+
     async def ask(self, payload: Any) -> CredentialsReply:
-        response = await self.broker.request(payload, subjects.VAULT_CREDENTIALS_GET)
+        response = await self.broker.request(payload, subjects.VAULT_CREDENTIALS_GET, timeout=3.0)
         return CredentialsReply.model_validate_json(response.body)
+
+    async def status(self, user_id: str) -> ConnectionStatusReply:
+        response = await self.broker.request(ConnectionStatusRequest(user_id=user_id).model_dump(mode="json"),
+                                             subjects.VAULT_CONNECTIONS_STATUS)
+        return ConnectionStatusReply.model_validate_json(response.body)
 
 
 @pytest.fixture
@@ -89,18 +101,25 @@ async def harness() -> Any:
     store = FakeStore()
     vault_key, requester = KeyPair.generate(), KeyPair.generate()
     trusted = TrustedRequesters.of([requester.recipient])
-    vault = Vault(unit_of_work=store.unit_of_work, keypair=vault_key, trusted=trusted)
+    vault = Vault(unit_of_work=store.unit_of_work, keypair=vault_key, trusted=trusted, request_timeout_s=0.2)
     broker = NatsBroker()
-    broker.include_router(build_tokens_router(vault, VaultSettings(VAULT_POISON_AFTER=3)))
+    settings = VaultSettings(VAULT_POISON_AFTER=3)
+    broker.include_router(build_tokens_router(vault, settings))
+    broker.include_router(build_revoked_router(vault, settings))
     broker.include_router(build_credentials_router(vault))
+    broker.include_router(build_status_router(vault))
     dead_letters: list[tuple[bytes, dict[str, Any]]] = []
 
     @broker.subscriber(subjects.dead_letter_subject(subjects.TOKENS_ISSUED), stream=DLQ)
     async def capture(body: Any, message: Any = Context("message")) -> None:
         dead_letters.append((message.body, dict(message.headers)))
 
+    @broker.subscriber(subjects.dead_letter_subject(subjects.TOKENS_REVOKED), stream=DLQ)
+    async def capture_revoked(body: Any, message: Any = Context("message")) -> None:
+        dead_letters.append((message.body, dict(message.headers)))
+
     async with TestNatsBroker(broker) as test_broker:
-        yield Harness(test_broker, store, vault_key, requester, dead_letters)
+        yield Harness(test_broker, store, vault_key, requester, dead_letters, vault)
 
 
 def _json(event: Any) -> dict[str, Any]:
@@ -324,10 +343,10 @@ async def test_mismatched_key_id_is_invalid(harness: Harness) -> None:
     assert reply.error == "invalid_request"
 
 
-async def test_store_failure_answers_internal(harness: Harness) -> None:
+async def test_store_outage_answers_unavailable_so_the_sandbox_retries(harness: Harness) -> None:
     harness.store.unavailable = True
     reply = await harness.ask(_json(credentials_request(harness.requester, user_id=new_user())))
-    assert (reply.ok, reply.error) == (False, "internal")
+    assert (reply.ok, reply.error) == (False, "unavailable")
 
 
 async def test_unexpected_bug_still_answers(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -338,3 +357,115 @@ async def test_unexpected_bug_still_answers(harness: Harness, monkeypatch: pytes
     request = credentials_request(harness.requester, user_id=new_user())
     reply = await harness.ask(_json(request))
     assert (reply.ok, reply.error, reply.request_id) == (False, "internal", request.request_id)
+
+
+# --- audit, revoke, status, latency, metrics ------------------------------------------------
+async def test_dead_letters_are_audited(harness: Harness, acks: Acks) -> None:
+    user = new_user()
+    await harness.issue(json.dumps({"user_id": user, "sealed": "nope"}).encode(),
+                        headers={subjects.MSG_ID_HEADER: "evt-dead-1"})
+    tampered = issued_event(harness.vault_key.recipient, user_id=user, access_token=canary())
+    tampered = tampered.model_copy(update={"sealed": _tampered(tampered.sealed)})
+    await harness.issue(_json(tampered))
+
+    audit = [(e.action, e.outcome, e.reason, e.event_id, e.user_id) for e, _ in harness.store.audit]
+    assert audit == [
+        ("dead_lettered", "error", "invalid_event: schema", "evt-dead-1", user),
+        ("dead_lettered", "error", "unopenable_box", tampered.event_id, user),
+    ]
+    assert harness.vault.metrics.value("ccbridge_vault_tokens_issued_total", outcome="dead_lettered") == 2
+
+
+async def test_revoked_event_shreds_the_connection(harness: Harness, acks: Acks) -> None:
+    user = new_user()
+    await _connect(harness, user, canary(), canary("r"))
+    event = TokensRevoked(user_id=user, reason="user_request")
+
+    await harness.revoke(_json(event))
+    await harness.revoke(_json(event))  # redelivered: one effect
+
+    assert user not in harness.store.connections and user in harness.store.revocations
+    revoked = [e for e, _ in harness.store.audit if e.action == "revoked"]
+    assert [(e.outcome, e.event_id, e.reason) for e in revoked] == [("revoked", event.event_id, "user_request")]
+    reply = await harness.ask(_json(credentials_request(harness.requester, user_id=user)))
+    assert reply.error == "not_connected"
+    assert acks.acked >= 3 and not acks.nacked
+
+
+async def test_malformed_revoked_is_dead_lettered(harness: Harness, acks: Acks) -> None:
+    await harness.revoke(b'{"user_id": 5}', headers={subjects.MSG_ID_HEADER: "rev-bad-1"})
+    assert [h[REASON_HEADER] for _, h in harness.dead_letters] == ["invalid_event: schema"]
+    assert [e.action for e, _ in harness.store.audit] == ["dead_lettered"]
+
+
+async def test_revoke_while_the_database_is_down_is_retried(harness: Harness, acks: Acks) -> None:
+    harness.store.unavailable = True
+    await harness.revoke(_json(TokensRevoked(user_id=new_user())))
+    assert acks.nacked == [1.0] and not harness.dead_letters
+
+
+async def test_connection_status(harness: Harness, acks: Acks) -> None:
+    user = new_user()
+    assert (await harness.status(user)) == ConnectionStatusReply(connected=False)
+    await _connect(harness, user, canary(), canary("r"))
+    status = await harness.status(user)
+    assert (status.connected, status.state, status.kind, status.version) == (True, "connected", "oauth", 1)
+    assert status.scopes == ["user:inference", "user:profile"] and status.account is not None
+    assert status.account.email == "person@example.com"
+    harness.store.connections[user].state = "reconnect_required"
+    assert (await harness.status(user)).state == "reconnect_required"
+
+
+async def test_a_slow_store_answers_unavailable_within_the_budget(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.vault_fixtures import FakeUnitOfWork
+
+    original = FakeUnitOfWork.__aenter__
+
+    async def slow(self: Any) -> Any:
+        await asyncio.sleep(5)
+        return await original(self)
+
+    monkeypatch.setattr(FakeUnitOfWork, "__aenter__", slow)
+    reply = await harness.ask(_json(credentials_request(harness.requester, user_id=new_user())))
+    assert (reply.ok, reply.error) == (False, "unavailable")
+    assert harness.vault.metrics.value("ccbridge_vault_credential_requests_total", outcome="unavailable") == 1
+
+
+async def test_grants_and_refusals_are_audited_and_counted(harness: Harness, acks: Acks) -> None:
+    from services.vault.use_cases import AuditWriter
+
+    writer = AuditWriter(harness.store.unit_of_work)
+    harness.vault.audit_writer = writer
+    user = new_user()
+    await _connect(harness, user, canary(), canary("r"))
+    request = credentials_request(harness.requester, user_id=user, mode="access_only")
+    assert (await harness.ask(_json(request))).ok
+    stranger = KeyPair.generate()
+    assert (await harness.ask(_json(credentials_request(stranger, user_id=user)))).error == "unauthorized_requester"
+    assert await writer.flush() == 2
+
+    audit = [(e.action, e.actor, e.user_id) for e, _ in harness.store.audit if e.action.startswith("credentials")]
+    assert audit == [("credentials_granted", f"requester:{harness.requester.key_id}", user),
+                     ("credentials_refused", f"requester:{stranger.key_id}", user)]
+    granted = next(e for e, _ in harness.store.audit if e.action == "credentials_granted")
+    assert granted.detail == {"mode": "access_only", "request_id": request.request_id}
+    metrics = harness.vault.metrics
+    assert metrics.value("ccbridge_vault_credential_requests_total", outcome="ok") == 1
+    assert metrics.value("ccbridge_vault_credential_requests_total", outcome="unauthorized_requester") == 1
+
+
+async def test_a_record_that_does_not_decrypt_fails_loudly(harness: Harness, acks: Acks) -> None:
+    from services.vault.errors import RetiredKeyId
+
+    user = new_user()
+    await _connect(harness, user, canary(), canary("r"))
+    harness.store.undecryptable[user] = RetiredKeyId("kek-old", "2026-11-01T00:00:00+00:00")
+
+    reply = await harness.ask(_json(credentials_request(harness.requester, user_id=user)))
+
+    assert (reply.ok, reply.error, reply.sealed) == (False, "internal", None)
+    failures = [e for e, _ in harness.store.audit if e.action == "credentials_decrypt_failed"]
+    assert [(e.reason, e.kek_id, e.outcome) for e in failures] == [("retired_key_id", "kek-old", "error")]
+    assert harness.vault.metrics.value("ccbridge_vault_decrypt_failures_total", reason="retired_key_id") == 1

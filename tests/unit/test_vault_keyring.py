@@ -10,12 +10,17 @@ from dataclasses import replace
 
 import pytest
 
-from services.vault.errors import DecryptionFailed, InvalidKeyring, UnknownKeyId
+from services.vault.errors import DecryptionFailed, InvalidKeyring, KeySourceReadOnly, RetiredKeyId, UnknownKeyId
 from services.vault.keyring import (
     KEK_FILE_NAME,
+    EnvKekSource,
+    FileKekSource,
     Keyring,
+    LiveKeyring,
     RecordContext,
+    kek_source,
     load_or_create_keyring,
+    require_writable,
 )
 
 SECRET = b'{"access_token":"sk-ant-oat01-canary-secret","refresh_token":"sk-ant-ort01-canary"}'
@@ -188,3 +193,110 @@ def test_env_value_wins_over_the_file(tmp_path) -> None:
     assert loaded.active_kek_id == from_env.active_kek_id
     assert not (tmp_path / KEK_FILE_NAME).exists()
 
+
+
+# --- retirement, sources, the live keyring ------------------------------------------------
+def test_retired_key_fails_loudly_and_is_remembered() -> None:
+    old = Keyring.generate()
+    record = old.encrypt(SECRET, CTX)
+    rotated = old.with_new_key()
+    retired = rotated.retire(old.active_kek_id)
+
+    with pytest.raises(RetiredKeyId) as info:
+        retired.decrypt(record, CTX)
+    assert info.value.kek_id == old.active_kek_id and info.value.retired_at
+    assert old.active_kek_id not in retired.kek_ids and old.active_kek_id in retired.retired
+    again = Keyring.from_json(retired.export_json())  # survives the file round trip
+    with pytest.raises(RetiredKeyId):
+        again.decrypt(record, CTX)
+    with pytest.raises(InvalidKeyring):
+        retired.retire(retired.active_kek_id)  # the active key cannot be retired
+    with pytest.raises(InvalidKeyring):
+        retired.with_key(old.active_kek_id, os.urandom(32))  # a retired id is never reused
+
+
+def test_rewrap_refuses_a_tampered_record() -> None:
+    old = Keyring.generate()
+    record = old.encrypt(SECRET, CTX)
+    rotated = old.with_new_key()
+    with pytest.raises(DecryptionFailed):
+        rotated.rewrap(replace(record, ciphertext=_flip(record.ciphertext)), CTX)
+
+
+def test_env_source_is_read_only(tmp_path) -> None:
+    ring = Keyring.generate()
+    source = kek_source(tmp_path, env_value=ring.export_json())
+    assert isinstance(source, EnvKekSource) and source.fingerprint() is None
+    assert source.load().active_kek_id == ring.active_kek_id
+    assert ring.export_json() not in repr(source)
+    with pytest.raises(KeySourceReadOnly):
+        require_writable(source)
+
+
+def test_file_source_updates_atomically_and_privately(tmp_path) -> None:
+    source = kek_source(tmp_path)
+    assert isinstance(source, FileKekSource)
+    first = source.load()  # created on first use
+    before = source.fingerprint()
+
+    updated = require_writable(source).update(lambda ring: ring.with_new_key())
+
+    assert updated.active_kek_id != first.active_kek_id
+    assert set(source.load().kek_ids) == {first.active_kek_id, updated.active_kek_id}
+    assert stat.S_IMODE(source.path.stat().st_mode) == 0o600
+    assert source.fingerprint() != before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_live_keyring_reloads_on_unknown_key_id_and_follows_the_file(tmp_path) -> None:
+    source = FileKekSource(tmp_path / KEK_FILE_NAME)
+    clock = _Clock()
+    reloads: list[tuple[str, str]] = []
+    live = LiveKeyring(source, check_interval_s=5.0, min_reload_interval_s=1.0, clock=clock,
+                       on_reload=lambda old, new: reloads.append((old.active_kek_id, new.active_kek_id)))
+    first = live.active_kek_id
+
+    # another process rotates and re-wraps a record under the new key
+    rotated = source.update(lambda ring: ring.with_new_key())
+    record = rotated.encrypt(SECRET, CTX)
+    clock.now = 2.0  # before the periodic check: the unknown id triggers the reload
+    assert live.decrypt(record, CTX) == SECRET
+    assert reloads == [(first, rotated.active_kek_id)]
+
+    # writes follow the file within the check interval
+    newer = source.update(lambda ring: ring.with_new_key())
+    clock.now = 3.0
+    assert live.encrypt(SECRET, CTX).kek_id == rotated.active_kek_id  # not checked yet
+    clock.now = 7.5
+    assert live.encrypt(SECRET, CTX).kek_id == newer.active_kek_id
+
+
+def test_live_keyring_rate_limits_reloads_and_keeps_the_last_good_set(tmp_path) -> None:
+    source = FileKekSource(tmp_path / KEK_FILE_NAME)
+    clock = _Clock()
+    errors: list[Exception] = []
+    live = LiveKeyring(source, check_interval_s=1.0, min_reload_interval_s=1.0, clock=clock,
+                       on_error=errors.append)
+    record = Keyring.generate().encrypt(SECRET, CTX)  # a key nobody has
+    clock.now = 5.0
+    with pytest.raises(UnknownKeyId):
+        live.decrypt(record, CTX)
+    loads_before = live.reloads
+    with pytest.raises(UnknownKeyId):
+        live.decrypt(record, CTX)  # within min_reload_interval: no second file read
+    assert live.reloads == loads_before
+
+    good = live.active_kek_id
+    source.path.write_text("{ broken")
+    clock.now = 10.0
+    assert live.encrypt(SECRET, CTX).kek_id == good  # the broken file is not adopted
+    assert errors and isinstance(errors[0], InvalidKeyring)
+    assert source.path.read_text() not in repr(live)

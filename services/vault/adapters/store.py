@@ -1,10 +1,12 @@
-"""SQLAlchemy 2 (async) persistence: models, repository and unit of work.
+"""SQLAlchemy 2 (async) persistence: repositories, unit of work, the store and its migrations.
 
-One module holds every model on one `metadata`, so Alembic can autogenerate from it later.
-Same code on SQLite (aiosqlite, WAL) and PostgreSQL (asyncpg).
+Same code on SQLite (aiosqlite, WAL) and PostgreSQL (asyncpg). Tables are in `models.py`; the
+schema is created and evolved by Alembic (`services/vault/migrations/`), run by
+`SqlStore.migrate()` under a lock (PostgreSQL advisory lock / SQLite `BEGIN IMMEDIATE`), so
+several replicas starting at once migrate exactly once.
 
-Credentials are encrypted by the keyring before they reach a row; the row holds the KEK id,
-the wrapped data key, the nonce and the ciphertext, bound (AAD) to user_id and version.
+Credentials are encrypted by the keyring before they reach a row; `sealed_secrets` holds the
+KEK id, the wrapped data key, the nonce and the ciphertext, bound (AAD) to user_id and version.
 """
 
 from __future__ import annotations
@@ -12,21 +14,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 from sqlalchemy import (
-    JSON,
-    BigInteger,
-    DateTime,
-    Integer,
-    LargeBinary,
-    MetaData,
-    String,
+    Connection as SyncConnection,
+)
+from sqlalchemy import (
+    delete,
     event,
+    func,
     insert,
+    inspect,
+    or_,
     select,
     text,
     update,
@@ -34,61 +37,41 @@ from sqlalchemy import (
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import NullPool
 
-from services.vault.domain import Account, Connection, Credentials
+from services.vault.adapters.models import (
+    AuditRow,
+    Base,
+    ConnectionRow,
+    ProcessedEventRow,
+    RevocationRow,
+    SealedSecretRow,
+    metadata,
+    utcnow,
+)
+from services.vault.domain import Account, AuditEntry, AuditRecord, Connection, ConnectionSummary, Credentials
 from services.vault.errors import ConcurrencyConflict, DecryptionFailed, StoreUnavailable
-from services.vault.keyring import EncryptedRecord, Keyring, RecordContext
+from services.vault.keyring import EncryptedRecord, RecordContext
+from services.vault.ports import DueRefresh, RecordCipher, SecretRef
 
 log = logging.getLogger(__name__)
 SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+BASELINE_REVISION = "0001"
 
-NAMING_CONVENTION = {
-    "ix": "ix_%(column_0_label)s",
-    "uq": "uq_%(table_name)s_%(column_0_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
-
-
-class Base(DeclarativeBase):
-    metadata = MetaData(naming_convention=NAMING_CONVENTION)
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-class ConnectionRow(Base):
-    __tablename__ = "connections"
-
-    user_id: Mapped[str] = mapped_column(String(256), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(32))
-    state: Mapped[str] = mapped_column(String(32))
-    scopes: Mapped[list[str]] = mapped_column(JSON)
-    expires_at: Mapped[int] = mapped_column(BigInteger, doc="Access-token expiry, ms since the epoch.")
-    refresh_token_expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    account: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-    version: Mapped[int] = mapped_column(Integer)
-    kek_id: Mapped[str] = mapped_column(String(64))
-    wrapped_data_key: Mapped[bytes] = mapped_column(LargeBinary)
-    nonce: Mapped[bytes] = mapped_column(LargeBinary)
-    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
-class ProcessedEventRow(Base):
-    __tablename__ = "processed_events"
-
-    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    subject: Mapped[str] = mapped_column(String(128))
-    processed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
-metadata = Base.metadata
-
+__all__ = [
+    "MIGRATIONS_DIR",
+    "AuditRow",
+    "Base",
+    "ConnectionRow",
+    "ProcessedEventRow",
+    "RevocationRow",
+    "SealedSecretRow",
+    "SqlStore",
+    "SqlUnitOfWork",
+    "metadata",
+    "translate_error",
+]
 
 # --- error translation -----------------------------------------------------------
 _UNAVAILABLE = (
@@ -119,51 +102,209 @@ def _aware(value: datetime | None) -> datetime | None:
     return value
 
 
-# --- repository --------------------------------------------------------------------
+def _summary(row: ConnectionRow, kek_id: str | None = None) -> ConnectionSummary:
+    return ConnectionSummary(
+        user_id=row.user_id,
+        kind=row.kind,  # type: ignore[arg-type]
+        state=row.state,  # type: ignore[arg-type]
+        scopes=tuple(row.scopes or ()),
+        expires_at=row.expires_at,
+        refresh_token_expires_at=row.refresh_token_expires_at,
+        account=Account.from_dict(row.account),
+        version=row.version,
+        issued_at=_aware(row.issued_at),
+        kek_id=kek_id,
+        created_at=_aware(row.created_at),
+    )
+
+
+def _record(secret: SealedSecretRow) -> EncryptedRecord:
+    return EncryptedRecord(
+        kek_id=secret.kek_id, wrapped_data_key=secret.wrapped_data_key, nonce=secret.nonce, ciphertext=secret.ciphertext
+    )
+
+
+# --- repositories ------------------------------------------------------------------
 class SqlConnectionRepository:
-    def __init__(self, session: AsyncSession, keyring: Keyring) -> None:
+    def __init__(self, session: AsyncSession, cipher: RecordCipher) -> None:
         self._session = session
-        self._keyring = keyring
+        self._cipher = cipher
         self._loaded_versions: dict[str, int] = {}  # optimistic concurrency: version we read
 
     async def get(self, user_id: str, *, for_update: bool = False) -> Connection | None:
-        stmt = select(ConnectionRow).where(ConnectionRow.user_id == user_id)
+        stmt = (
+            select(ConnectionRow, SealedSecretRow)
+            .outerjoin(SealedSecretRow, SealedSecretRow.user_id == ConnectionRow.user_id)
+            .where(ConnectionRow.user_id == user_id)
+        )
         if for_update:
-            stmt = stmt.with_for_update()  # PostgreSQL row lock; SQLite's write lock covers it
-        row = (await self._session.execute(stmt)).scalar_one_or_none()
-        if row is None:
+            stmt = stmt.with_for_update(of=ConnectionRow)  # PostgreSQL row lock; SQLite's write lock covers it
+        found = (await self._session.execute(stmt)).one_or_none()
+        if found is None:
             return None
-        connection = self._to_domain(row)
-        self._loaded_versions[connection.user_id] = connection.version
-        return connection
+        row, secret = found
+        self._loaded_versions[row.user_id] = row.version
+        return self._to_domain(row, secret)
+
+    async def summary(self, user_id: str, *, for_update: bool = False) -> ConnectionSummary | None:
+        stmt = (
+            select(ConnectionRow, SealedSecretRow.kek_id)
+            .outerjoin(SealedSecretRow, SealedSecretRow.user_id == ConnectionRow.user_id)
+            .where(ConnectionRow.user_id == user_id)
+        )
+        if for_update:
+            stmt = stmt.with_for_update(of=ConnectionRow)
+        found = (await self._session.execute(stmt)).one_or_none()
+        if found is None:
+            return None
+        row, kek_id = found
+        self._loaded_versions[row.user_id] = row.version
+        return _summary(row, kek_id)
 
     async def add(self, connection: Connection) -> None:
-        await self._session.execute(insert(ConnectionRow).values(**self._to_values(connection)))
+        values, secret = self._to_values(connection)
+        await self._session.execute(insert(ConnectionRow).values(**values))
+        await self._session.execute(insert(SealedSecretRow).values(**secret))
         self._loaded_versions[connection.user_id] = connection.version
 
-    async def update(self, connection: Connection) -> None:
-        loaded = self._loaded_versions.get(connection.user_id)
+    async def update(
+        self, connection: Connection, *, expected_version: int | None = None, lease_owner: str | None = None
+    ) -> None:
+        loaded = expected_version if expected_version is not None else self._loaded_versions.get(connection.user_id)
         if loaded is None:
             raise ValueError("update() a connection that was not read in this unit of work")
         if connection.version <= loaded:
             raise ValueError("update() needs a changed connection (version must grow)")
-        values = self._to_values(connection)
+        values, secret = self._to_values(connection)
         values.pop("user_id")
         values.pop("created_at")
+        conditions = [ConnectionRow.user_id == connection.user_id, ConnectionRow.version == loaded]
+        if lease_owner is not None:
+            conditions.append(ConnectionRow.lease_owner == lease_owner)
         result = await self._session.execute(
-            update(ConnectionRow)
-            .where(ConnectionRow.user_id == connection.user_id, ConnectionRow.version == loaded)
-            .values(**values)
+            update(ConnectionRow).where(*conditions).values(**values, lease_owner=None, lease_until=None)
         )
         if result.rowcount != 1:
             raise ConcurrencyConflict(f"connection of {connection.user_id} changed concurrently")
+        secret.pop("user_id")
+        result = await self._session.execute(
+            update(SealedSecretRow).where(SealedSecretRow.user_id == connection.user_id).values(**secret)
+        )
+        if result.rowcount != 1:  # a row that lost its secret (should not happen): give it one
+            await self._session.execute(insert(SealedSecretRow).values(user_id=connection.user_id, **secret))
         self._loaded_versions[connection.user_id] = connection.version
 
+    async def delete(self, user_id: str) -> ConnectionSummary | None:
+        current = await self.summary(user_id, for_update=True)
+        if current is None:
+            return None
+        await self._session.execute(delete(SealedSecretRow).where(SealedSecretRow.user_id == user_id))
+        await self._session.execute(delete(ConnectionRow).where(ConnectionRow.user_id == user_id))
+        self._loaded_versions.pop(user_id, None)
+        return current
+
+    # --- refresher schedule --------------------------------------------------------
+    async def due_for_refresh(self, now_ms: int, margin_ms: int, limit: int) -> list[DueRefresh]:
+        stmt = (
+            select(ConnectionRow.user_id, ConnectionRow.version)
+            .where(
+                ConnectionRow.refreshable.is_(True),
+                ConnectionRow.state != "reconnect_required",
+                ConnectionRow.expires_at <= now_ms + margin_ms,
+                or_(ConnectionRow.next_refresh_at.is_(None), ConnectionRow.next_refresh_at <= now_ms),
+                or_(ConnectionRow.lease_until.is_(None), ConnectionRow.lease_until < now_ms),
+            )
+            .order_by(ConnectionRow.expires_at)
+            .limit(limit)
+        )
+        return [DueRefresh(user_id, version) for user_id, version in (await self._session.execute(stmt)).all()]
+
+    async def claim_lease(self, user_id: str, version: int, owner: str, now_ms: int, until_ms: int) -> bool:
+        result = await self._session.execute(
+            update(ConnectionRow)
+            .where(
+                ConnectionRow.user_id == user_id,
+                ConnectionRow.version == version,
+                ConnectionRow.refreshable.is_(True),
+                or_(ConnectionRow.lease_until.is_(None), ConnectionRow.lease_until < now_ms),
+            )
+            .values(lease_owner=owner, lease_until=until_ms)
+        )
+        return result.rowcount == 1
+
+    async def release_lease(self, user_id: str, owner: str) -> None:
+        await self._session.execute(
+            update(ConnectionRow)
+            .where(ConnectionRow.user_id == user_id, ConnectionRow.lease_owner == owner)
+            .values(lease_owner=None, lease_until=None)
+        )
+
+    async def defer_refresh(self, user_id: str, owner: str, next_refresh_at: int, error: str) -> None:
+        await self._session.execute(
+            update(ConnectionRow)
+            .where(ConnectionRow.user_id == user_id, ConnectionRow.lease_owner == owner)
+            .values(
+                lease_owner=None,
+                lease_until=None,
+                next_refresh_at=next_refresh_at,
+                last_refresh_error=error[:64],
+                refresh_failures=ConnectionRow.refresh_failures + 1,
+            )
+        )
+
+    async def set_refreshable(self, user_id: str, refreshable: bool) -> None:
+        await self._session.execute(
+            update(ConnectionRow).where(ConnectionRow.user_id == user_id).values(refreshable=refreshable)
+        )
+
+    async def due_login_warnings(self, now_ms: int, warn_before_ms: int, limit: int) -> list[ConnectionSummary]:
+        stmt = (
+            select(ConnectionRow)
+            .where(
+                ConnectionRow.refresh_token_expires_at.is_not(None),
+                ConnectionRow.state != "reconnect_required",
+                ConnectionRow.refresh_token_expires_at <= now_ms + warn_before_ms,
+                or_(
+                    ConnectionRow.login_warned_for.is_(None),
+                    ConnectionRow.login_warned_for != ConnectionRow.refresh_token_expires_at,
+                ),
+            )
+            .order_by(ConnectionRow.refresh_token_expires_at)
+            .limit(limit)
+        )
+        return [_summary(row) for row in (await self._session.execute(stmt)).scalars()]
+
+    async def mark_login_warned(self, user_id: str, refresh_token_expires_at: int) -> bool:
+        result = await self._session.execute(
+            update(ConnectionRow)
+            .where(
+                ConnectionRow.user_id == user_id,
+                ConnectionRow.refresh_token_expires_at == refresh_token_expires_at,
+                or_(
+                    ConnectionRow.login_warned_for.is_(None),
+                    ConnectionRow.login_warned_for != refresh_token_expires_at,
+                ),
+            )
+            .values(login_warned_for=refresh_token_expires_at)
+        )
+        return result.rowcount == 1
+
+    async def unmark_login_warned(self, user_id: str, refresh_token_expires_at: int) -> None:
+        await self._session.execute(
+            update(ConnectionRow)
+            .where(ConnectionRow.user_id == user_id, ConnectionRow.login_warned_for == refresh_token_expires_at)
+            .values(login_warned_for=None)
+        )
+
+    async def count_by_state(self) -> dict[str, int]:
+        rows = await self._session.execute(select(ConnectionRow.state, func.count()).group_by(ConnectionRow.state))
+        return {state: count for state, count in rows.all()}
+
     # --- mapping -----------------------------------------------------------------
-    def _to_values(self, c: Connection) -> dict[str, Any]:
-        sealed = self._keyring.encrypt(c.credentials.to_bytes(), RecordContext(c.user_id, c.version))
-        now = _now()
-        return {
+    def _to_values(self, c: Connection) -> tuple[dict[str, Any], dict[str, Any]]:
+        sealed = self._cipher.encrypt(c.credentials.to_bytes(), RecordContext(c.user_id, c.version))
+        now = utcnow()
+        connection = {
             "user_id": c.user_id,
             "kind": c.kind,
             "state": c.state,
@@ -172,19 +313,31 @@ class SqlConnectionRepository:
             "refresh_token_expires_at": c.refresh_token_expires_at,
             "account": c.account.to_dict() if c.account else None,
             "version": c.version,
+            "issued_at": c.issued_at,
+            "refreshable": c.refreshable,
+            "refresh_failures": c.refresh_failures,
+            "next_refresh_at": c.next_refresh_at,
+            "last_refresh_error": c.last_refresh_error,
+            "refreshed_at": c.refreshed_at,
+            "login_warned_for": c.login_warned_for,
+            "created_at": c.created_at or now,
+            "updated_at": c.updated_at or now,
+        }
+        secret = {
+            "user_id": c.user_id,
+            "version": c.version,
             "kek_id": sealed.kek_id,
             "wrapped_data_key": sealed.wrapped_data_key,
             "nonce": sealed.nonce,
             "ciphertext": sealed.ciphertext,
-            "created_at": c.created_at or now,
-            "updated_at": c.updated_at or now,
+            "updated_at": now,
         }
+        return connection, secret
 
-    def _to_domain(self, row: ConnectionRow) -> Connection:
-        record = EncryptedRecord(
-            kek_id=row.kek_id, wrapped_data_key=row.wrapped_data_key, nonce=row.nonce, ciphertext=row.ciphertext
-        )
-        plaintext = self._keyring.decrypt(record, RecordContext(row.user_id, row.version))
+    def _to_domain(self, row: ConnectionRow, secret: SealedSecretRow | None) -> Connection:
+        if secret is None or secret.version != row.version:
+            raise DecryptionFailed("the sealed secret is missing or belongs to another version")
+        plaintext = self._cipher.decrypt(_record(secret), RecordContext(row.user_id, row.version))
         try:
             credentials = Credentials.from_bytes(plaintext)
         except (ValueError, KeyError, TypeError):
@@ -201,7 +354,69 @@ class SqlConnectionRepository:
             version=row.version,
             created_at=_aware(row.created_at),
             updated_at=_aware(row.updated_at),
+            issued_at=_aware(row.issued_at),
+            refresh_failures=row.refresh_failures or 0,
+            next_refresh_at=row.next_refresh_at,
+            last_refresh_error=row.last_refresh_error,
+            refreshed_at=_aware(row.refreshed_at),
+            login_warned_for=row.login_warned_for,
         )
+
+
+class SqlSecretRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def not_under(self, kek_id: str, *, after_user: str | None, limit: int) -> list[SecretRef]:
+        stmt = select(SealedSecretRow.user_id, SealedSecretRow.version, SealedSecretRow.kek_id).where(
+            SealedSecretRow.kek_id != kek_id
+        )
+        if after_user is not None:
+            stmt = stmt.where(SealedSecretRow.user_id > after_user)
+        stmt = stmt.order_by(SealedSecretRow.user_id).limit(limit)
+        return [SecretRef(u, v, k) for u, v, k in (await self._session.execute(stmt)).all()]
+
+    async def rewrap(self, ref: SecretRef, cipher: RecordCipher) -> bool:
+        row = (
+            await self._session.execute(
+                select(SealedSecretRow).where(
+                    SealedSecretRow.user_id == ref.user_id,
+                    SealedSecretRow.version == ref.version,
+                    SealedSecretRow.kek_id == ref.kek_id,
+                )
+            )
+        ).scalar_one_or_none()
+        if row is None:
+            return False
+        rewrapped = cipher.rewrap(_record(row), RecordContext(ref.user_id, ref.version))
+        if rewrapped.kek_id == ref.kek_id:
+            return False
+        result = await self._session.execute(
+            update(SealedSecretRow)
+            .where(
+                SealedSecretRow.user_id == ref.user_id,
+                SealedSecretRow.version == ref.version,
+                SealedSecretRow.kek_id == ref.kek_id,
+            )
+            .values(kek_id=rewrapped.kek_id, wrapped_data_key=rewrapped.wrapped_data_key, updated_at=utcnow())
+        )
+        return result.rowcount == 1
+
+    async def count_by_kek(self) -> dict[str, int]:
+        rows = await self._session.execute(
+            select(SealedSecretRow.kek_id, func.count()).group_by(SealedSecretRow.kek_id)
+        )
+        return {kek_id: count for kek_id, count in rows.all()}
+
+
+def _dialect_insert(dialect: str) -> Any:
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    else:  # pragma: no cover - only the two supported databases
+        raise NotImplementedError(f"unsupported database dialect {dialect!r}")
+    return dialect_insert
 
 
 class SqlProcessedEvents:
@@ -210,43 +425,127 @@ class SqlProcessedEvents:
         self._dialect = dialect
 
     async def mark_processed(self, event_id: str, subject: str) -> bool:
-        dialect = self._dialect
-        if dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as dialect_insert
-        elif dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert as dialect_insert
-        else:  # pragma: no cover - only the two supported databases
-            raise NotImplementedError(f"unsupported database dialect {dialect!r}")
         stmt = (
-            dialect_insert(ProcessedEventRow)
-            .values(event_id=event_id, subject=subject, processed_at=_now())
+            _dialect_insert(self._dialect)(ProcessedEventRow)
+            .values(event_id=event_id, subject=subject, processed_at=utcnow())
             .on_conflict_do_nothing(index_elements=[ProcessedEventRow.event_id])
             .returning(ProcessedEventRow.event_id)
         )
         inserted = (await self._session.execute(stmt)).scalar_one_or_none()
         return inserted is not None
 
+    async def delete_older_than(self, cutoff: datetime, *, batch: int = 5000) -> int:
+        doomed = select(ProcessedEventRow.event_id).where(ProcessedEventRow.processed_at < cutoff).limit(batch)
+        result = await self._session.execute(
+            delete(ProcessedEventRow).where(ProcessedEventRow.event_id.in_(doomed.scalar_subquery()))
+        )
+        return int(result.rowcount or 0)
+
+
+class SqlRevocations:
+    def __init__(self, session: AsyncSession, dialect: str) -> None:
+        self._session = session
+        self._dialect = dialect
+
+    async def revoked_at(self, user_id: str) -> datetime | None:
+        value = (
+            await self._session.execute(select(RevocationRow.revoked_at).where(RevocationRow.user_id == user_id))
+        ).scalar_one_or_none()
+        return _aware(value)
+
+    async def record(self, user_id: str, at: datetime, event_id: str | None) -> None:
+        stmt = _dialect_insert(self._dialect)(RevocationRow).values(user_id=user_id, revoked_at=at, event_id=event_id)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[RevocationRow.user_id],
+            set_={"revoked_at": stmt.excluded.revoked_at, "event_id": stmt.excluded.event_id},
+            where=RevocationRow.revoked_at < stmt.excluded.revoked_at,
+        )
+        await self._session.execute(stmt)
+
+    async def delete_older_than(self, cutoff: datetime) -> int:
+        result = await self._session.execute(delete(RevocationRow).where(RevocationRow.revoked_at < cutoff))
+        return int(result.rowcount or 0)
+
+
+class SqlAuditLog:
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    @staticmethod
+    def _values(entry: AuditEntry, at: datetime) -> dict[str, Any]:
+        return {
+            "at": at,
+            "actor": entry.actor,
+            "action": entry.action,
+            "outcome": entry.outcome,
+            "user_id": entry.user_id,
+            "reason": entry.reason,
+            "event_id": entry.event_id,
+            "kek_id": entry.kek_id,
+            "version": entry.version,
+            "detail": dict(entry.detail) if entry.detail is not None else None,
+        }
+
+    async def add(self, entry: AuditEntry, at: datetime | None = None) -> None:
+        await self._session.execute(insert(AuditRow).values(**self._values(entry, at or utcnow())))
+
+    async def add_many(self, entries: Sequence[tuple[AuditEntry, datetime]]) -> None:
+        if entries:
+            await self._session.execute(insert(AuditRow), [self._values(e, at) for e, at in entries])
+
+    async def list(self, *, user_id: str | None = None, action: str | None = None, limit: int = 100) -> list[AuditRecord]:
+        stmt = select(AuditRow).order_by(AuditRow.id.desc()).limit(limit)
+        if user_id is not None:
+            stmt = stmt.where(AuditRow.user_id == user_id)
+        if action is not None:
+            stmt = stmt.where(AuditRow.action == action)
+        records = []
+        for row in (await self._session.execute(stmt)).scalars():
+            entry = AuditEntry(
+                actor=row.actor,
+                action=row.action,
+                outcome=row.outcome,
+                user_id=row.user_id,
+                reason=row.reason,
+                event_id=row.event_id,
+                kek_id=row.kek_id,
+                version=row.version,
+                detail=row.detail,
+            )
+            records.append(AuditRecord(id=row.id, at=_aware(row.at) or row.at, entry=entry))
+        return records
+
+    async def delete_older_than(self, cutoff: datetime) -> int:
+        result = await self._session.execute(delete(AuditRow).where(AuditRow.at < cutoff))
+        return int(result.rowcount or 0)
+
 
 # --- unit of work ----------------------------------------------------------------
 class SqlUnitOfWork:
-    """`async with store.unit_of_work(keyring) as uow: ...; await uow.commit()`.
+    """`async with store.unit_of_work(cipher) as uow: ...; await uow.commit()`.
 
     One session, one transaction. Leaving without commit rolls back. Driver errors raised
     anywhere inside the block come out as `StoreUnavailable` / `ConcurrencyConflict`."""
 
     connections: SqlConnectionRepository
+    secrets: SqlSecretRepository
     processed_events: SqlProcessedEvents
+    revocations: SqlRevocations
+    audit: SqlAuditLog
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], keyring: Keyring, *, dialect: str) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], cipher: RecordCipher, *, dialect: str) -> None:
         self._sessions = sessions
-        self._keyring = keyring
+        self._cipher = cipher
         self._dialect = dialect
         self._session: AsyncSession | None = None
 
     async def __aenter__(self) -> Self:
         self._session = self._sessions()
-        self.connections = SqlConnectionRepository(self._session, self._keyring)
+        self.connections = SqlConnectionRepository(self._session, self._cipher)
+        self.secrets = SqlSecretRepository(self._session)
         self.processed_events = SqlProcessedEvents(self._session, self._dialect)
+        self.revocations = SqlRevocations(self._session, self._dialect)
+        self.audit = SqlAuditLog(self._session)
         return self
 
     async def __aexit__(
@@ -256,12 +555,12 @@ class SqlUnitOfWork:
         assert session is not None
         try:
             await session.rollback()  # no-op after commit
-        except Exception:  # noqa: BLE001 - the connection may be gone; close() still releases it
+        except Exception:
             log.debug("rollback failed", exc_info=True)
         finally:
             try:
                 await session.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.debug("session close failed", exc_info=True)
         if exc is not None and (mapped := translate_error(exc)) is not None:
             raise mapped from exc
@@ -275,7 +574,7 @@ class SqlUnitOfWork:
         await self._session.rollback()
 
 
-# --- the store: engine, schema, sessions ------------------------------------------
+# --- the store: engine, migrations, sessions ------------------------------------------
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
@@ -283,8 +582,26 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA busy_timeout=5000")
         cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA secure_delete=ON")  # deleted secrets are zeroed, not left in free pages
     finally:
         cursor.close()
+
+
+def _sqlite_migration_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Take transaction control from pysqlite (it would not wrap DDL in a transaction) and
+    # turn FK enforcement off: SQLite's copy-and-move ALTER must not cascade deletes.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.execute("PRAGMA foreign_keys=OFF")
+    finally:
+        cursor.close()
+
+
+def _sqlite_begin_immediate(conn: SyncConnection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock first: concurrent migrators queue here
 
 
 def ensure_sqlite_parent(url: str) -> None:
@@ -298,6 +615,24 @@ def ensure_sqlite_parent(url: str) -> None:
     Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
 
+def alembic_config(connection: SyncConnection | None = None) -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
 class SqlStore:
     """Engine + session factory for one database. `schema` (PostgreSQL only) puts the tables
     in that schema instead of the connection's default one."""
@@ -307,19 +642,25 @@ class SqlStore:
         if schema is not None and not SCHEMA_NAME.match(schema):
             raise ValueError("schema names must match [A-Za-z_][A-Za-z0-9_]{0,62}")
         self.schema = schema if self.dialect == "postgresql" else None
+        self._base_engine = engine
         if self.schema:
             engine = engine.execution_options(schema_translate_map={None: self.schema})
         self.engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
 
     @classmethod
-    def from_url(cls, url: str, *, schema: str | None = None, echo: bool = False) -> SqlStore:
+    def from_url(
+        cls, url: str, *, schema: str | None = None, echo: bool = False, pool_timeout_s: float = 5.0
+    ) -> SqlStore:
         ensure_sqlite_parent(url)
         backend = make_url(url).get_backend_name()
         # hide_parameters: bound values (ciphertext, ids) never appear in driver error messages.
         kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": True, "hide_parameters": True}
         if backend == "sqlite":
             kwargs["connect_args"] = {"timeout": 10}
+        else:
+            kwargs["pool_timeout"] = pool_timeout_s
+            kwargs["connect_args"] = {"timeout": pool_timeout_s, "command_timeout": 30}
         engine = create_async_engine(url, **kwargs)
         if backend == "sqlite":
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
@@ -328,20 +669,81 @@ class SqlStore:
     def __repr__(self) -> str:  # the URL may carry a password: never show it
         return f"SqlStore(dialect={self.dialect!r}, schema={self.schema!r})"
 
-    async def create_all(self) -> None:
-        """Create missing tables (Alembic takes this over later)."""
+    # --- migrations ------------------------------------------------------------------
+    def _migration_engine(self) -> AsyncEngine:
+        url = self._base_engine.url
+        if self.dialect == "sqlite":
+            engine = create_async_engine(url, poolclass=NullPool, hide_parameters=True, connect_args={"timeout": 60})
+            event.listen(engine.sync_engine, "connect", _sqlite_migration_connect)
+            event.listen(engine.sync_engine, "begin", _sqlite_begin_immediate)
+            return engine
+        return create_async_engine(url, poolclass=NullPool, hide_parameters=True)
+
+    def _prepare(self, conn: SyncConnection) -> None:
+        if self.dialect == "postgresql":
+            # One migrator per database+schema at a time; the others wait, then find it done.
+            key = f"ccbridge-vault-migrate:{self.schema or ''}"
+            conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": key})
+            if self.schema:
+                conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                conn.exec_driver_sql(f'SET LOCAL search_path TO "{self.schema}"')
+
+    def _upgrade_sync(self, conn: SyncConnection, revision: str) -> None:
+        from alembic import command
+
+        with conn.begin():
+            self._prepare(conn)
+            config = alembic_config(conn)
+            inspector = inspect(conn)
+            if inspector.has_table("connections") and not inspector.has_table("alembic_version"):
+                # A database the walking skeleton created with create_all(): adopt it.
+                log.warning("adopting a pre-Alembic vault database at revision %s", BASELINE_REVISION)
+                command.stamp(config, BASELINE_REVISION)
+            command.upgrade(config, revision)
+
+    def _downgrade_sync(self, conn: SyncConnection, revision: str) -> None:
+        from alembic import command
+
+        with conn.begin():
+            self._prepare(conn)
+            command.downgrade(alembic_config(conn), revision)
+
+    def _current_sync(self, conn: SyncConnection) -> str | None:
+        from alembic.runtime.migration import MigrationContext
+
+        with conn.begin():
+            self._prepare(conn)
+            return MigrationContext.configure(conn).get_current_revision()
+
+    async def _run_migration(self, fn: Any, *args: Any) -> Any:
+        engine = self._migration_engine()
         try:
-            async with self.engine.begin() as conn:
-                if self.schema:
-                    await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
-                await conn.run_sync(metadata.create_all)
+            async with engine.connect() as conn:
+                return await conn.run_sync(fn, *args)
         except BaseException as exc:
             if (mapped := translate_error(exc)) is not None:
                 raise mapped from exc
             raise
+        finally:
+            await engine.dispose()
 
-    def unit_of_work(self, keyring: Keyring) -> SqlUnitOfWork:
-        return SqlUnitOfWork(self._sessions, keyring, dialect=self.dialect)
+    async def migrate(self, revision: str = "head") -> None:
+        """Bring the schema to `revision` (Alembic), safely from several processes at once."""
+        await self._run_migration(self._upgrade_sync, revision)
+
+    async def downgrade(self, revision: str) -> None:
+        await self._run_migration(self._downgrade_sync, revision)
+
+    async def current_revision(self) -> str | None:
+        return await self._run_migration(self._current_sync)
+
+    async def create_all(self) -> None:
+        """Kept for callers of the walking skeleton: the schema now comes from migrations."""
+        await self.migrate()
+
+    # --- sessions ----------------------------------------------------------------------
+    def unit_of_work(self, cipher: RecordCipher) -> SqlUnitOfWork:
+        return SqlUnitOfWork(self._sessions, cipher, dialect=self.dialect)
 
     async def ping(self) -> bool:
         try:

@@ -1,0 +1,179 @@
+"""The OAuth token endpoint, as the refresher uses it: exactly the request the real Claude Code
+CLI sends — `POST OAUTH_TOKEN_URL`, JSON `{"grant_type":"refresh_token","refresh_token",
+"client_id","scope"}` — over one reused `httpx.AsyncClient`.
+
+Answers map to the vault's error tree: 400/401 `invalid_grant` → `RefreshRejected` (only a
+new login helps); 429 / 5xx / timeouts / connection errors / a body that is not a token
+response → `RefreshTransient` (back off, try again), with the server's Retry-After. Nothing
+from a response body is logged except the OAuth error code.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from services.vault.errors import RefreshRejected, RefreshTransient
+from services.vault.ports import TokenResponse
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+USER_AGENT = "ccbridge-vault/0.1"
+MAX_RETRY_AFTER_S = 3600.0
+
+
+class _Account(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    uuid: str | None = Field(default=None, max_length=256)
+    email_address: str | None = Field(default=None, max_length=512)
+
+
+class _Organization(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    uuid: str | None = Field(default=None, max_length=256)
+    name: str | None = Field(default=None, max_length=512)
+
+
+class _RefreshResponse(BaseModel):
+    model_config = ConfigDict(extra="ignore", hide_input_in_errors=True)
+
+    access_token: str = Field(min_length=1, max_length=8192)
+    refresh_token: str | None = Field(default=None, min_length=1, max_length=8192)
+    expires_in: int = Field(gt=0, le=10 * 365 * 24 * 3600)
+    refresh_token_expires_in: int | None = Field(default=None, ge=0, le=10 * 365 * 24 * 3600)
+    scope: str | None = Field(default=None, max_length=4096)
+    account: _Account | None = None
+    organization: _Organization | None = None
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds from delta-seconds or an HTTP date, bounded; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        seconds = when.timestamp() - (now if now is not None else time.time())
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+def _oauth_error_code(response: httpx.Response) -> str | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):  # Anthropic API style {"error": {"type": ...}}
+        error = error.get("type")
+    return error if isinstance(error, str) and len(error) < 64 else None
+
+
+def _token_response(body: Any) -> TokenResponse:
+    try:
+        parsed = _RefreshResponse.model_validate(body)
+    except ValidationError:
+        fields = sorted(body) if isinstance(body, dict) else type(body).__name__
+        log.warning("refresh response not understood", fields=str(fields)[:200])
+        raise RefreshTransient("the token endpoint answered 200 without a token response",
+                               outcome="bad_response") from None
+    account = None
+    if parsed.account or parsed.organization:
+        account = {
+            "account_uuid": parsed.account.uuid if parsed.account else None,
+            "email": parsed.account.email_address if parsed.account else None,
+            "organization_uuid": parsed.organization.uuid if parsed.organization else None,
+            "organization_name": parsed.organization.name if parsed.organization else None,
+        }
+    return TokenResponse(
+        access_token=parsed.access_token,
+        refresh_token=parsed.refresh_token,
+        expires_in=parsed.expires_in,
+        scope=parsed.scope,
+        refresh_token_expires_in=parsed.refresh_token_expires_in,
+        account=account,
+    )
+
+
+class HttpTokenEndpoint:
+    """`TokenEndpoint` over HTTP. Give it a client to share one connection pool (the vault
+    does), or let it make and own one."""
+
+    def __init__(
+        self,
+        *,
+        token_url: str,
+        client_id: str,
+        timeout_s: float = 15.0,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.token_url = token_url
+        self.client_id = client_id
+        self._timeout = httpx.Timeout(timeout_s)
+        self._owns_client = client is None
+        self._client = client or httpx.AsyncClient(
+            timeout=self._timeout,
+            follow_redirects=False,
+            headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+        )
+
+    def __repr__(self) -> str:
+        return f"HttpTokenEndpoint(token_url={self.token_url!r})"
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def refresh(self, refresh_token: str, scopes: Sequence[str]) -> TokenResponse:
+        body: dict[str, str] = {
+            "grant_type": "refresh_token",
+            "refresh_token": refresh_token,
+            "client_id": self.client_id,
+        }
+        if scopes:
+            body["scope"] = " ".join(scopes)
+        try:
+            response = await self._client.post(
+                self.token_url,
+                json=body,
+                headers={"Content-Type": "application/json", "Accept": "application/json"},
+                timeout=self._timeout,
+            )
+        except httpx.TimeoutException:
+            raise RefreshTransient("the token endpoint timed out", outcome="timeout") from None
+        except httpx.HTTPError as exc:
+            raise RefreshTransient(f"the token endpoint is unreachable ({type(exc).__name__})") from None
+        status = response.status_code
+        if status == 200:
+            try:
+                payload = response.json()
+            except ValueError:
+                raise RefreshTransient("the token endpoint answered 200 without JSON", outcome="bad_response") from None
+            return _token_response(payload)
+        error = _oauth_error_code(response)
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        if status in (400, 401) and error == "invalid_grant":
+            raise RefreshRejected("invalid_grant")
+        if status == 429:
+            raise RefreshTransient("rate limited by the token endpoint", outcome="rate_limited",
+                                   retry_after_s=retry_after)
+        if status >= 500:
+            raise RefreshTransient(f"the token endpoint answered {status}", retry_after_s=retry_after)
+        # Another 4xx (invalid_request, invalid_client, invalid_scope, 404 …): most likely our
+        # configuration (OAUTH_TOKEN_URL / OAUTH_CLIENT_ID). Not the person's fault: keep the
+        # connection, back off, log loudly.
+        log.error("refresh rejected by the token endpoint", status=status, error=error)
+        raise RefreshTransient(f"the token endpoint answered {status} {error or ''}".strip(), outcome="rejected",
+                               retry_after_s=retry_after)

@@ -1,0 +1,108 @@
+"""A small HTTP server next to the bus: `/metrics` (Prometheus), `/healthz` (the process is up),
+`/readyz` (database and NATS answer). VAULT_METRICS_HOST:VAULT_METRICS_PORT, 0 = off.
+
+A plain ASGI callable served by uvicorn (already a dependency): no framework for three routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from services.vault.metrics import VaultMetrics
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
+
+
+def build_app(metrics: VaultMetrics, readiness: ReadinessCheck) -> Callable[..., Awaitable[None]]:
+    async def app(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            return
+        path, method = scope.get("path", ""), scope.get("method", "GET")
+        status, ctype, body = 404, "application/json", b'{"error":"not_found"}'
+        if method not in ("GET", "HEAD"):
+            status, body = 405, b'{"error":"method_not_allowed"}'
+        elif path == "/metrics":
+            status, ctype, body = 200, CONTENT_TYPE_LATEST, metrics.render()
+        elif path == "/healthz":
+            status, body = 200, b'{"status":"ok"}'
+        elif path == "/readyz":
+            try:
+                checks = await asyncio.wait_for(readiness(), timeout=3.0)
+            except Exception:  # noqa: BLE001 - a failing check is "not ready", never a 500
+                checks = {"checks": False}
+            ready = all(checks.values())
+            status = 200 if ready else 503
+            body = json.dumps({"status": "ready" if ready else "not_ready", **checks}).encode()
+        await send({
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", ctype.encode()), (b"cache-control", b"no-store")],
+        })
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: `serve()` of the vault owns signals."""
+
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
+        return contextlib.nullcontext()
+
+
+class HealthServer:
+    def __init__(self, host: str, port: int, metrics: VaultMetrics, readiness: ReadinessCheck) -> None:
+        self.host = host
+        self.port = port
+        self._app = build_app(metrics, readiness)
+        self._server: _Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(self._app, log_config=None, access_log=False, lifespan="off")
+        self._server = _Server(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="vault-metrics")
+        while not self._server.started:
+            if self._task.done():
+                sock.close()
+                self._task.result()
+                raise RuntimeError("the metrics server stopped during start")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        server, task = self._server, self._task
+        self._server = self._task = None
+        if server is None or task is None:
+            return
+        server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=5)
+        except TimeoutError:
+            server.force_exit = True
+            with contextlib.suppress(Exception):
+                await task

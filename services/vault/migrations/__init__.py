@@ -1,0 +1,1 @@
+"""Alembic migrations of the vault (a package so non-editable installs ship them)."""

@@ -1,0 +1,339 @@
+"""Operator tools behind `ccbridge vault migrate|revoke` and `ccbridge keys rotate|rewrap|retire|list`.
+The CLI only parses arguments and prints; the logic is here, next to what it operates on.
+
+Key rotation runs online, next to running vault replicas:
+
+1. `rotate_keys` adds a fresh KEK to the key file and makes it active (under a file lock, atomic
+   replace). Running replicas notice within VAULT_KEK_CHECK_INTERVAL_S (they stat the file) and
+   encrypt new writes with it; a replica that reads a record re-wrapped under a key it does not
+   know yet reloads the file at once (`LiveKeyring`).
+2. `rewrap_records` re-wraps every data key that is not under the active KEK — one small
+   transaction per batch, compare-and-set per record on (user, version, KEK id), the record
+   ciphertext untouched. After a pass it waits longer than the replicas' check interval and
+   passes again, until a pass after that wait finds nothing: writes made by a replica that had
+   not noticed the new key yet are caught too.
+3. Optionally (`retire_previous`) KEKs that no record uses any more are retired: their bytes
+   leave the key file, their ids stay, so a forgotten record fails loudly (`RetiredKeyId`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.vault.adapters.store import SqlStore, head_revision
+from services.vault.domain import AuditEntry
+from services.vault.errors import InvalidKeyring, KeyringError
+from services.vault.keyring import Keyring, LiveKeyring, kek_source, require_writable
+from services.vault.ports import RecordCipher, SecretRef, UnitOfWork
+from services.vault.settings import VaultSettings
+from shared import subjects
+from shared.broker import make_broker, provision, publish_event
+from shared.events import TokensRevoked
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def operator_actor() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no passwd entry in a container
+        user = "unknown"
+    return f"operator:{user}@{socket.gethostname()}"[:128]
+
+
+def open_store(settings: VaultSettings) -> SqlStore:
+    return SqlStore.from_url(
+        settings.database_url.get_secret_value(), schema=settings.database_schema,
+        pool_timeout_s=settings.db_pool_timeout_s,
+    )
+
+
+def settings_source(settings: VaultSettings) -> Any:
+    return kek_source(
+        settings.keys_dir, env_value=settings.keks.get_secret_value() if settings.keks else None,
+        path=settings.kek_path,
+    )
+
+
+async def _audit(unit_of_work: Callable[[], UnitOfWork], entry: AuditEntry) -> None:
+    async with unit_of_work() as uow:
+        await uow.audit.add(entry)
+        await uow.commit()
+
+
+# --- migrations -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class MigrationReport:
+    before: str | None
+    after: str | None
+    head: str
+
+
+async def migrate(settings: VaultSettings, revision: str = "head") -> MigrationReport:
+    store = open_store(settings)
+    try:
+        before = await store.current_revision()
+        await store.migrate(revision)
+        after = await store.current_revision()
+    finally:
+        await store.dispose()
+    return MigrationReport(before, after, head_revision())
+
+
+# --- re-wrapping ----------------------------------------------------------------------
+@dataclass
+class RewrapReport:
+    active_kek_id: str = ""
+    moved: int = 0
+    conflicts: int = 0
+    passes: int = 0
+    failures: dict[str, str] = field(default_factory=dict)  # user_id -> reason (never more)
+    by_kek: dict[str, int] = field(default_factory=dict)  # after the run
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+async def _pass(
+    unit_of_work: Callable[[], UnitOfWork], cipher: RecordCipher, active: str, batch: int, report: RewrapReport
+) -> int:
+    """One sweep over every record not under `active`; returns how many were moved."""
+    moved = 0
+    after: str | None = None
+    while True:
+        async with unit_of_work() as uow:
+            refs: list[SecretRef] = await uow.secrets.not_under(active, after_user=after, limit=batch)
+        if not refs:
+            return moved
+        async with unit_of_work() as uow:
+            for ref in refs:
+                try:
+                    if await uow.secrets.rewrap(ref, cipher):
+                        moved += 1
+                        report.failures.pop(ref.user_id, None)
+                    else:
+                        report.conflicts += 1  # changed meanwhile: the next pass looks again
+                except KeyringError as exc:
+                    report.failures[ref.user_id] = exc.reason
+            await uow.commit()
+        after = refs[-1].user_id
+
+
+async def rewrap_records(
+    unit_of_work: Callable[[], UnitOfWork],
+    keyring: LiveKeyring | Keyring,
+    *,
+    batch: int = 200,
+    settle_s: float = 0.0,
+    max_passes: int = 20,
+    actor: str | None = None,
+) -> RewrapReport:
+    """Move every record to the active KEK (see the module docstring for the passes)."""
+    report = RewrapReport()
+    # Replicas switch to a new active KEK within their check interval: a pass that starts after
+    # `switch_deadline` and finds nothing to move is the last one needed.
+    switch_deadline = time.monotonic() + max(0.0, settle_s)
+    while report.passes < max_passes:
+        if isinstance(keyring, LiveKeyring):
+            keyring.reload(force=True)
+        active = keyring.active_kek_id
+        report.active_kek_id = active
+        report.passes += 1
+        started = time.monotonic()
+        moved = await _pass(unit_of_work, keyring, active, batch, report)
+        report.moved += moved
+        if moved == 0:
+            if started >= switch_deadline:
+                break
+            await asyncio.sleep(max(0.0, switch_deadline - time.monotonic()))
+    async with unit_of_work() as uow:
+        report.by_kek = await uow.secrets.count_by_kek()
+    await _audit(
+        unit_of_work,
+        AuditEntry(actor=actor or operator_actor(), action="records_rewrapped",
+                   outcome="ok" if report.ok else "error", kek_id=report.active_kek_id,
+                   reason=None if report.ok else "some records do not decrypt",
+                   detail={"moved": report.moved, "failures": len(report.failures), "passes": report.passes}),
+    )
+    for user_id, reason in report.failures.items():
+        log.error("record not re-wrapped", user_id=user_id, reason=reason)
+        await _audit(unit_of_work, AuditEntry(actor=actor or operator_actor(), action="rewrap_failed",
+                                              outcome="error", user_id=user_id, reason=reason))
+    return report
+
+
+# --- rotation -------------------------------------------------------------------------
+@dataclass
+class RotationReport:
+    new_kek_id: str
+    previous_kek_id: str
+    rewrap: RewrapReport | None = None
+    retired: list[str] = field(default_factory=list)
+
+
+def _settle_s(settings: VaultSettings) -> float:
+    return 2 * settings.kek_check_interval_s + 1.0
+
+
+async def rotate_keys(
+    settings: VaultSettings,
+    *,
+    rewrap: bool = True,
+    retire_previous: bool = False,
+    settle_s: float | None = None,
+    actor: str | None = None,
+) -> RotationReport:
+    """Add a KEK, make it active, re-wrap every record online, optionally retire the old KEKs."""
+    actor = actor or operator_actor()
+    source = require_writable(settings_source(settings))
+    previous = source.load()
+    rotated = source.update(lambda ring: ring.with_new_key())
+    report = RotationReport(new_kek_id=rotated.active_kek_id, previous_kek_id=previous.active_kek_id)
+    log.info("key-encryption key added", kek_id=report.new_kek_id, previous=report.previous_kek_id)
+    store = open_store(settings)
+    try:
+        keyring = LiveKeyring(source, check_interval_s=settings.kek_check_interval_s)
+
+        def unit_of_work() -> UnitOfWork:
+            return store.unit_of_work(keyring)
+
+        await _audit(unit_of_work, AuditEntry(actor=actor, action="kek_added", kek_id=report.new_kek_id,
+                                              detail={"previous": report.previous_kek_id}))
+        if rewrap:
+            report.rewrap = await rewrap_records(
+                unit_of_work, keyring, settle_s=_settle_s(settings) if settle_s is None else settle_s, actor=actor
+            )
+            if retire_previous and report.rewrap.ok:
+                report.retired = await _retire_unused(source, unit_of_work, actor)
+    finally:
+        await store.dispose()
+    return report
+
+
+async def rewrap(settings: VaultSettings, *, settle_s: float | None = None, actor: str | None = None) -> RewrapReport:
+    """Re-wrap every record under the active KEK of the configured source (any source: after
+    VAULT_KEKS got a new active key, for instance)."""
+    source = settings_source(settings)
+    store = open_store(settings)
+    try:
+        keyring = LiveKeyring(source, check_interval_s=settings.kek_check_interval_s)
+        return await rewrap_records(
+            lambda: store.unit_of_work(keyring), keyring,
+            settle_s=_settle_s(settings) if settle_s is None else settle_s, actor=actor,
+        )
+    finally:
+        await store.dispose()
+
+
+async def _retire_unused(source: Any, unit_of_work: Callable[[], UnitOfWork], actor: str) -> list[str]:
+    async with unit_of_work() as uow:
+        in_use = await uow.secrets.count_by_kek()
+    retired: list[str] = []
+
+    def change(ring: Keyring) -> Keyring:
+        for kid in ring.kek_ids:
+            if kid != ring.active_kek_id and not in_use.get(kid):
+                ring = ring.retire(kid)
+                retired.append(kid)
+        return ring
+
+    source.update(change)
+    for kid in retired:
+        await _audit(unit_of_work, AuditEntry(actor=actor, action="kek_retired", kek_id=kid))
+    return retired
+
+
+async def retire_key(settings: VaultSettings, kek_id: str, *, force: bool = False, actor: str | None = None) -> int:
+    """Drop a KEK's bytes (its id stays, as retired). Refuses while records use it, unless
+    `force` — those records then fail loudly until their owners connect again."""
+    actor = actor or operator_actor()
+    source = require_writable(settings_source(settings))
+    store = open_store(settings)
+    try:
+        keyring = LiveKeyring(source)
+        async with store.unit_of_work(keyring) as uow:
+            in_use = (await uow.secrets.count_by_kek()).get(kek_id, 0)
+        if in_use and not force:
+            raise InvalidKeyring(f"{in_use} records still use {kek_id!r}: run `ccbridge keys rewrap` first")
+        source.update(lambda ring: ring.retire(kek_id))
+        await _audit(lambda: store.unit_of_work(keyring),
+                     AuditEntry(actor=actor, action="kek_retired", kek_id=kek_id,
+                                outcome="forced" if in_use else "ok", detail={"records": in_use}))
+        return in_use
+    finally:
+        await store.dispose()
+
+
+async def key_status(settings: VaultSettings) -> dict[str, Any]:
+    """Ids only: the active KEK, the others, the retired ones, and how many records each wraps."""
+    source = settings_source(settings)
+    ring = source.load()
+    store = open_store(settings)
+    try:
+        async with store.unit_of_work(ring) as uow:
+            by_kek = await uow.secrets.count_by_kek()
+    finally:
+        await store.dispose()
+    return {
+        "source": source.name,
+        "active": ring.active_kek_id,
+        "keys": list(ring.kek_ids),
+        "retired": dict(ring.retired),
+        "records": by_kek,
+        "unknown": sorted(k for k in by_kek if k not in ring.kek_ids),
+    }
+
+
+# --- revocation -----------------------------------------------------------------------
+async def revoke_user(
+    settings: VaultSettings,
+    user_id: str,
+    *,
+    reason: str = "operator_request",
+    wait_s: float = 0.0,
+) -> tuple[TokensRevoked, bool | None]:
+    """Publish `tokens.revoked` (the vault shreds the secret, the sandbox service scrubs live
+    sandboxes). With `wait_s`, wait until the vault's audit log shows it was handled."""
+    event = TokensRevoked(user_id=user_id, reason=reason)
+    broker = make_broker(settings, name="vault-cli")
+    async with broker:
+        await broker.connect()
+        await provision(broker, settings)
+        await publish_event(broker, subjects.TOKENS_REVOKED, event)
+    if wait_s <= 0:
+        return event, None
+    store = open_store(settings)
+    try:
+        deadline = time.monotonic() + wait_s
+        ring = Keyring.generate()  # reading the audit log needs no real key
+        while time.monotonic() < deadline:
+            async with store.unit_of_work(ring) as uow:
+                records = await uow.audit.list(user_id=user_id, action="revoked", limit=20)
+            if any(r.entry.event_id == event.event_id for r in records):
+                return event, True
+            await asyncio.sleep(0.2)
+        return event, False
+    finally:
+        await store.dispose()
+
+
+__all__ = [
+    "MigrationReport",
+    "RewrapReport",
+    "RotationReport",
+    "key_status",
+    "migrate",
+    "retire_key",
+    "revoke_user",
+    "rewrap",
+    "rewrap_records",
+    "rotate_keys",
+]
