@@ -46,6 +46,8 @@ class Stack:
         self.log_dir = Path(self.log_dir or self.data_dir / "logs").resolve()
         self.nats: EmbeddedNats | None = None
         self.processes: dict[str, ServiceProcess] = {}
+        # Health/metrics listeners on free ports: 9100/9101 often belong to node_exporter & co.
+        self.metrics_ports = {name: free_port() for name in ("vault", "sandbox")}
 
     # --- configuration --------------------------------------------------
     @property
@@ -62,6 +64,8 @@ class Stack:
                 "DATABASE_URL": env.get("DATABASE_URL") or f"sqlite+aiosqlite:///{self.data_dir / 'vault.db'}",
                 "LOCAL_SANDBOX_ROOT": env.get("LOCAL_SANDBOX_ROOT") or str(self.data_dir / "sandboxes"),
                 "AUTH_PORT": str(self.auth_port or env.get("AUTH_PORT") or 8000),
+                "VAULT_METRICS_PORT": env.get("VAULT_METRICS_PORT") or str(self.metrics_ports["vault"]),
+                "SANDBOX_METRICS_PORT": env.get("SANDBOX_METRICS_PORT") or str(self.metrics_ports["sandbox"]),
                 "PYTHONUNBUFFERED": "1",
             }
         )
