@@ -16,6 +16,7 @@ from shared import subjects
 from shared.events import Event
 from shared.settings import ServiceSettings
 from shared.subjects import ALL_STREAMS, MSG_ID_HEADER, StreamSpec
+from shared.tracing import telemetry_middlewares
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def make_broker(settings: ServiceSettings, *, name: str, middlewares: tuple = ()
         name=f"ccbridge-{name}",
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
-        middlewares=middlewares,
+        middlewares=(*telemetry_middlewares(name), *middlewares),
         logger=logging.getLogger(f"ccbridge.{name}.bus"),
         log_level=logging.DEBUG,
     )
