@@ -31,7 +31,13 @@ run: install
 demo: install claude-cli
 	CLAUDE_BIN=$(CURDIR)/$(CLAUDE_BIN) $(BIN)/ccbridge demo
 
-test: install claude-cli
+# Debian's Chromium for the connect-page browser test (Playwright drives it; never a download).
+.PHONY: chromium
+chromium:
+	@test -x /usr/bin/chromium || { SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+
+test: install claude-cli chromium
 	CLAUDE_BIN=$(CURDIR)/$(CLAUDE_BIN) $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 test-fast: install
@@ -39,3 +45,12 @@ test-fast: install
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
+
+# Performance and reliability (docs/performance.md). One bench run: a table, docs/bench/latest.json + .png.
+.PHONY: bench chaos
+bench: install
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# Full chaos profile: 10,000 sandbox events while services and nats-server are killed and restarted.
+chaos: install
+	$(BIN)/python -m bench.chaos --events $${CHAOS_EVENTS:-10000} $(CHAOS_ARGS)

@@ -8,6 +8,10 @@ ccbridge uses. Facts it copies are in docs/design (authorize query, manual-redir
         oauth.state.fail_next(429, times=1)        # failure injection
         oauth.state.stats                          # also GET /_standin/stats
 
+Seed-era clients (`POST /user-settings/mcp/claude-code`) used their PKCE verifier as the OAuth
+`state`; nothing special is needed here: the authorize page then shows `code#verifier`, and the
+exchange carries the verifier as both `code_verifier` and `state`, which match the grant.
+
 `ccbridge standin-oauth` runs it by hand (`run_oauth_standin(host, port)`).
 Test-only routes live under `/_standin/`.
 """
@@ -46,7 +50,8 @@ KNOWN_SCOPES = frozenset(
         "org:create_api_key",
     }
 )
-AUTHORIZE_PATH = "/oauth/authorize"
+AUTHORIZE_PATH = "/oauth/authorize"  # platform.claude.com/oauth/authorize: Console accounts
+CAI_AUTHORIZE_PATH = "/cai/oauth/authorize"  # claude.com/cai/oauth/authorize: Claude.ai accounts
 CALLBACK_PATH = "/oauth/code/callback"
 TOKEN_PATH = "/v1/oauth/token"
 PROFILE_PATH = "/api/oauth/profile"
@@ -75,6 +80,7 @@ class Grant:
     state: str
     issued_at: float
     used: bool = False
+    authorize_path: str = AUTHORIZE_PATH
 
 
 @dataclass
@@ -218,8 +224,12 @@ def create_oauth_app(state: StandinState | None = None) -> FastAPI:
     app.state.standin = state
 
     @app.get(AUTHORIZE_PATH)
+    @app.get(CAI_AUTHORIZE_PATH)
     async def authorize(request: Request) -> Response:
+        """Auto-approves (no consent page). Both account types' paths land here; the stats
+        count which one was used (`authorize:/cai/oauth/authorize` vs `authorize:/oauth/authorize`)."""
         state.stats["authorize"] += 1
+        state.stats[f"authorize:{request.url.path}"] += 1
         q = request.query_params
         required = ("code", "client_id", "response_type", "redirect_uri", "scope", "code_challenge",
                     "code_challenge_method", "state")
@@ -259,6 +269,7 @@ def create_oauth_app(state: StandinState | None = None) -> FastAPI:
             code_challenge=challenge,
             state=q["state"],
             issued_at=state.clock(),
+            authorize_path=request.url.path,
         )
         state.stats["authorize_approved"] += 1
         return RedirectResponse(_with_query(redirect_uri, {"code": code, "state": q["state"]}), status_code=302)
@@ -469,6 +480,16 @@ class OAuthStandin:
         return self.base_url + AUTHORIZE_PATH
 
     @property
+    def claude_ai_authorize_url(self) -> str:
+        """Where OAUTH_AUTHORIZE_URL points for Claude.ai accounts (the real one is under /cai/)."""
+        return self.base_url + CAI_AUTHORIZE_PATH
+
+    @property
+    def console_authorize_url(self) -> str:
+        """Where OAUTH_CONSOLE_AUTHORIZE_URL points for Console accounts."""
+        return self.base_url + AUTHORIZE_PATH
+
+    @property
     def token_url(self) -> str:
         return self.base_url + TOKEN_PATH
 
@@ -523,6 +544,7 @@ def run_oauth_standin(host: str = "127.0.0.1", port: int = 8900, **options: Any)
 
 __all__ = [
     "AUTHORIZE_PATH",
+    "CAI_AUTHORIZE_PATH",
     "CALLBACK_PATH",
     "REAL_CLIENT_ID",
     "TOKEN_PATH",

@@ -13,7 +13,7 @@ import contextlib
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
 import uvicorn
@@ -25,11 +25,14 @@ from services.auth.adapters.bus import BrokerPublisher
 from services.auth.adapters.keys import VaultKeySource, load_or_create_jwt_secret
 from services.auth.adapters.oauth_client import HttpOAuthClient
 from services.auth.adapters.pending_store import KvPendingStore, RecordCipher
-from services.auth.callers import CallerVerifier
-from services.auth.errors import install_error_handlers
+from services.auth.adapters.vault_status import NatsVaultStatus
+from services.auth.callers import CallerVerifier, JwksKeys, load_public_key
+from services.auth.connections import ConnectionService
+from services.auth.errors import BodyLimitMiddleware, install_error_handlers
+from services.auth.limits import RateLimiter
 from services.auth.login import LoginPolicy, LoginService
 from services.auth.metrics import AuthMetrics
-from services.auth.ports import Clock, OAuthClient, PendingStore, VaultKeys
+from services.auth.ports import Clock, OAuthClient, PendingStore, VaultKeys, VaultStatus
 from services.auth.routes import AuthComponents, router
 from services.auth.settings import AuthSettings
 from shared.broker import make_broker, provision
@@ -43,7 +46,12 @@ DESCRIPTION = """Connect a person's Claude account to ccbridge.
 2. The person approves and is shown `code#state`; `POST /v1/claude-code/exchange` with it.
 3. The tokens go, sealed to the vault's key, onto the bus; this API never returns them.
 
-Callers authenticate with an HS256 JWT (`sub` = user id). Errors are RFC 9457 problem+json.
+Other ways in: a `claude setup-token` token (`POST /v1/claude-code/token`), the seed-compatible
+`POST /user-settings/mcp/claude-code`, and the web page `GET /connect`. `GET /v1/claude-code/status`
+asks the vault; `DELETE /v1/claude-code` disconnects.
+
+Callers authenticate with a JWT (`sub` = user id): HS256 (AUTH_JWT_SECRET), or an asymmetric key
+(AUTH_JWT_PUBLIC_KEY / AUTH_JWKS_URL). Errors are RFC 9457 problem+json. Details: docs/auth.md.
 """
 
 
@@ -51,13 +59,58 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def build_api(metrics: AuthMetrics | None = None, components: AuthComponents | None = None, *, lifespan=None) -> FastAPI:  # noqa: ANN001
+def build_api(
+    metrics: AuthMetrics | None = None,
+    components: AuthComponents | None = None,
+    *,
+    lifespan=None,  # noqa: ANN001
+    max_body_bytes: int = 16_384,
+    frame_ancestors: str = "'self'",
+) -> FastAPI:
     app = FastAPI(title="ccbridge auth", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.metrics = metrics or AuthMetrics()
     app.state.components = components
+    app.state.frame_ancestors = frame_ancestors
     install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)
     app.include_router(router)
     return app
+
+
+def build_verifier(settings: AuthSettings, dev_secret: Callable[[], str]) -> CallerVerifier:
+    """HS256 with AUTH_JWT_SECRET; an asymmetric key/JWKS when configured; the dev secret file
+    only when nothing at all is configured."""
+    secret = settings.jwt_secret.get_secret_value().strip() if settings.jwt_secret is not None else None
+    if secret is None and not settings.asymmetric_configured:
+        secret = dev_secret()
+    public_key = load_public_key(settings.jwt_public_key) if settings.jwt_public_key else None
+    jwks = (
+        JwksKeys(
+            settings.jwks_url, cache_s=settings.jwks_cache_s, timeout=settings.jwks_timeout,
+            cooldown_s=settings.jwks_cooldown_s,
+        )
+        if settings.jwks_url
+        else None
+    )
+    return CallerVerifier(
+        secret,
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer,
+        leeway_s=settings.jwt_leeway_s,
+        public_key=public_key,
+        jwks=jwks,
+        algorithms=settings.asymmetric_algorithms,
+    )
+
+
+def state_secret(settings: AuthSettings, dev_secret: Callable[[], str]) -> str:
+    """The key of pending-login records: AUTH_STATE_SECRET, else AUTH_JWT_SECRET, else the dev file."""
+    for candidate in (settings.state_secret, settings.jwt_secret):
+        if candidate is not None:
+            return candidate.get_secret_value().strip()
+    if settings.asymmetric_configured:
+        log.warning("AUTH_STATE_SECRET is not set: pending logins use the dev secret file (one host only)")
+    return dev_secret()
 
 
 class AuthRuntime:
@@ -72,6 +125,7 @@ class AuthRuntime:
         pending_store: PendingStore | None = None,
         clock: Clock | None = None,
         vault_keys: VaultKeys | None = None,
+        vault_status: VaultStatus | None = None,
     ) -> None:
         self.settings = settings
         self.broker = broker
@@ -79,16 +133,21 @@ class AuthRuntime:
         self._pending_store = pending_store
         self._clock = clock or utc_now
         self._vault_keys = vault_keys
+        self._vault_status = vault_status
         self._owned_oauth: OAuthClient | None = None
         self._broker_started = False
 
     async def start(self, app: FastAPI) -> None:
         settings = self.settings
-        secret = (
-            settings.jwt_secret.get_secret_value().strip()
-            if settings.jwt_secret is not None
-            else load_or_create_jwt_secret(settings.keys_dir)
-        )
+        cached: list[str] = []
+
+        def dev_secret() -> str:
+            if not cached:
+                cached.append(load_or_create_jwt_secret(settings.keys_dir))
+            return cached[0]
+
+        callers = build_verifier(settings, dev_secret)  # a bad key fails the start, loudly
+        secret = state_secret(settings, dev_secret)
         vault_keys = self._vault_keys or VaultKeySource(env_value=settings.vault_public_key, keys_dir=settings.keys_dir)
         log.info("connecting to the bus", nats_url=_without_credentials(settings.nats_url))
         self._broker_started = True
@@ -104,11 +163,12 @@ class AuthRuntime:
             oauth = self._oauth_client
             if oauth is None:
                 oauth = self._owned_oauth = HttpOAuthClient(
-                    token_url=settings.oauth_token_url, timeout=settings.oauth_http_timeout
+                    token_urls=settings.token_urls, timeout=settings.oauth_http_timeout
                 )
         except BaseException:
             await self.stop(app)
             raise
+        publisher = BrokerPublisher(self.broker)
         login = LoginService(
             policy=LoginPolicy(
                 authorize_url=settings.oauth_authorize_url,
@@ -116,11 +176,20 @@ class AuthRuntime:
                 client_id=settings.oauth_client_id,
                 scopes=settings.scopes,
                 ttl=timedelta(seconds=settings.login_ttl_s),
+                console_authorize_url=settings.oauth_console_authorize_url,
+                legacy_redirect_uri=settings.legacy_redirect_uri,
+                max_pending_per_caller=settings.max_pending_logins,
             ),
             pending=pending,
             oauth=oauth,
             vault_keys=vault_keys,
-            publisher=BrokerPublisher(self.broker),
+            publisher=publisher,
+            clock=self._clock,
+        )
+        connections = ConnectionService(
+            vault=self._vault_status
+            or NatsVaultStatus(lambda: self.broker.connection, timeout=settings.vault_timeout),
+            publisher=publisher,
             clock=self._clock,
         )
 
@@ -129,13 +198,17 @@ class AuthRuntime:
 
         app.state.components = AuthComponents(
             login=login,
-            callers=CallerVerifier(secret, audience=settings.jwt_audience),
+            callers=callers,
             readiness=readiness,
+            connections=connections,
+            limiter=RateLimiter(per_minute=settings.rate_limit_per_minute, burst=settings.rate_limit_burst),
         )
         log.info(
             "auth runtime started",
-            token_url=settings.oauth_token_url,
+            token_urls=",".join(settings.token_urls),
             authorize_url=settings.oauth_authorize_url,
+            console_authorize_url=settings.oauth_console_authorize_url,
+            callers=repr(callers),
             vault_key=vault_keys.current() is not None,
         )
 
@@ -169,10 +242,11 @@ def create_app(
     pending_store: PendingStore | None = None,
     clock: Clock | None = None,
     vault_keys: VaultKeys | None = None,
+    vault_status: VaultStatus | None = None,
 ) -> FastAPI:
     runtime = AuthRuntime(
         settings, broker=broker, oauth_client=oauth_client, pending_store=pending_store, clock=clock,
-        vault_keys=vault_keys,
+        vault_keys=vault_keys, vault_status=vault_status,
     )
 
     @contextlib.asynccontextmanager
@@ -183,7 +257,10 @@ def create_app(
         finally:
             await runtime.stop(app)
 
-    app = build_api(AuthMetrics(), lifespan=lifespan)
+    app = build_api(
+        AuthMetrics(), lifespan=lifespan, max_body_bytes=settings.max_body_bytes,
+        frame_ancestors=settings.connect_frame_ancestors,
+    )
     app.state.runtime = runtime
     return app
 
@@ -219,12 +296,13 @@ class AuthService:
         pending_store: PendingStore | None = None,
         clock: Clock | None = None,
         vault_keys: VaultKeys | None = None,
+        vault_status: VaultStatus | None = None,
     ) -> None:
         self.settings = settings
         self.broker = make_broker(settings, name="auth")
         self.app = create_app(
             settings, broker=self.broker, oauth_client=oauth_client, pending_store=pending_store, clock=clock,
-            vault_keys=vault_keys,
+            vault_keys=vault_keys, vault_status=vault_status,
         )
         self._runtime: AuthRuntime = self.app.state.runtime
         self._server: uvicorn.Server | None = None
@@ -338,5 +416,11 @@ def main() -> None:
         print(f"ccbridge auth: invalid settings: {problems}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level, settings.log_format, service="auth")
+    try:
+        # Caller-key settings are checked before anything connects (a bad PEM is not a crash).
+        build_verifier(settings, lambda: "x" * 32)
+    except ValueError as exc:
+        print(f"ccbridge auth: invalid settings: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(settings))

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import parse_qs, urlsplit
 
-from services.auth.errors import InvalidPaste
+from services.auth.errors import InvalidPaste, InvalidSetupToken
 
 # RFC 7636 §4.1: 43..128 chars of [A-Z a-z 0-9 - . _ ~]
 VERIFIER_RE = re.compile(r"^[A-Za-z0-9\-._~]{43,128}$")
@@ -22,6 +22,12 @@ STATE_RE = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 # Codes are opaque to us; bound them and refuse whitespace/control characters.
 CODE_RE = re.compile(r"^[\x21-\x7e]{1,2048}$")
 MAX_PASTE = 4096
+# `claude setup-token` prints `sk-ant-oat01-` + base64url; bound it and refuse anything else.
+SETUP_TOKEN_RE = re.compile(r"^sk-ant-oat01-[A-Za-z0-9_-]{16,1024}$")
+SETUP_TOKEN_LIFETIME_S = 365 * 24 * 3600  # ~1 year, as the CLI reports; the token itself does not say
+SETUP_TOKEN_SCOPES = ("user:inference",)
+CREATE_API_KEY_SCOPE = "org:create_api_key"
+ACCOUNT_TYPES = ("claude_ai", "console")
 
 
 def s256_challenge(verifier: str) -> str:
@@ -73,6 +79,7 @@ class PendingLogin:
     scopes: tuple[str, ...]
     created_at: datetime
     expires_at: datetime
+    account_type: str = "claude_ai"
 
     def expired(self, now: datetime) -> bool:
         return now >= self.expires_at
@@ -89,6 +96,7 @@ class PendingLogin:
                 "scopes": list(self.scopes),
                 "created_at": self.created_at.isoformat(),
                 "expires_at": self.expires_at.isoformat(),
+                "account_type": self.account_type,
             }
         ).encode()
 
@@ -108,6 +116,7 @@ class PendingLogin:
                 scopes=tuple(str(s) for s in raw["scopes"]),
                 created_at=_aware(datetime.fromisoformat(raw["created_at"])),
                 expires_at=_aware(datetime.fromisoformat(raw["expires_at"])),
+                account_type=str(raw.get("account_type", "claude_ai")),
             )
         except (KeyError, TypeError, AttributeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError("not a pending-login record") from exc
@@ -164,6 +173,43 @@ def _from_url(text: str) -> tuple[str, str | None]:
     if len(codes) != 1 or len(states) > 1:
         raise InvalidPaste("The pasted URL carries no single `code`.")
     return codes[0], (states[0] if states else None)
+
+
+@dataclass(frozen=True)
+class LegacyPaste:
+    """`<code>#<verifier>` from a seed-era client that made its own PKCE pair and sent the
+    verifier as the OAuth `state` (so the authorize page showed `code#verifier`)."""
+
+    code: str = field(repr=False)
+    verifier: str = field(repr=False)
+
+
+def parse_legacy_paste(text: str) -> LegacyPaste:
+    if not isinstance(text, str):
+        raise InvalidPaste()
+    text = text.strip()
+    if not text or len(text) > MAX_PASTE or text.count("#") != 1:
+        raise InvalidPaste("Send `authorization_code` as `<code>#<verifier>` (exactly one `#`).")
+    code, _, verifier = (part.strip() for part in text.partition("#"))
+    if not CODE_RE.fullmatch(code):
+        raise InvalidPaste("The code part is empty or contains characters a code never has.")
+    if not VERIFIER_RE.fullmatch(verifier):
+        raise InvalidPaste("The part after `#` must be the PKCE verifier: 43-128 characters of [A-Za-z0-9-._~].")
+    return LegacyPaste(code=code, verifier=verifier)
+
+
+def parse_setup_token(text: str) -> str:
+    """The long-lived token `claude setup-token` prints. Typed errors that never echo the input."""
+    if not isinstance(text, str):
+        raise InvalidSetupToken()
+    token = text.strip()
+    if SETUP_TOKEN_RE.fullmatch(token):
+        return token
+    if token.startswith("sk-ant-ort01-"):
+        raise InvalidSetupToken("That is a refresh token; paste the token `claude setup-token` printed (sk-ant-oat01-…).")
+    if token.startswith("sk-ant-api"):
+        raise InvalidSetupToken("That is an Anthropic API key, not a Claude Code token; run `claude setup-token`.")
+    raise InvalidSetupToken()
 
 
 @dataclass(frozen=True)

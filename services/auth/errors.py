@@ -46,8 +46,44 @@ class Unauthorized(AuthError):
     status, slug, title = 401, "unauthorized", "Unauthorized"
     default_detail = "A valid bearer token is required."
 
+    def __init__(self, detail: str | None = None, *, token_sent: bool = False) -> None:
+        # RFC 6750 §3: `error="invalid_token"` only when a token was presented.
+        challenge = 'Bearer realm="ccbridge"' + (', error="invalid_token"' if token_sent else "")
+        super().__init__(detail, headers={"WWW-Authenticate": challenge})
+
+
+class ForbiddenToken(AuthError):
+    """The token's signature is good, but it was issued for another audience or by another issuer."""
+
+    status, slug, title = 403, "forbidden-token", "Token not meant for this service"
+    default_detail = "The bearer token is genuine but was not issued for this service."
+
+
+class CallerKeysUnavailable(AuthError):
+    status, slug, title = 503, "caller-keys-unavailable", "Caller keys unavailable"
+    default_detail = "The keys that verify bearer tokens (JWKS) cannot be fetched right now; retry shortly."
+
     def __init__(self, detail: str | None = None) -> None:
-        super().__init__(detail, headers={"WWW-Authenticate": 'Bearer realm="ccbridge"'})
+        super().__init__(detail, headers={"Retry-After": "5"})
+
+
+class RateLimited(AuthError):
+    status, slug, title = 429, "rate-limited", "Too many requests"
+    default_detail = "Too many connect requests from this caller; retry after the indicated delay."
+
+    def __init__(self, retry_after_s: int, detail: str | None = None) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(detail, headers={"Retry-After": str(retry_after_s)})
+
+
+class TooManyPendingLogins(RateLimited):
+    slug, title = "too-many-pending-logins", "Too many logins in progress"
+    default_detail = "This caller already has the maximum number of logins in progress: finish one or wait."
+
+
+class InvalidSetupToken(AuthError):
+    status, slug, title = 400, "invalid-token-format", "Not a Claude Code long-lived token"
+    default_detail = "Paste the token `claude setup-token` printed (it starts with `sk-ant-oat01-`)."
 
 
 class InvalidPaste(AuthError):
@@ -121,6 +157,19 @@ class StoreUnavailable(AuthError):
         super().__init__(detail, headers={"Retry-After": "2"})
 
 
+class VaultUnavailable(AuthError):
+    status, slug, title = 503, "vault-unavailable", "Vault unavailable"
+    default_detail = "The vault did not answer; the connection status is unknown right now. Retry shortly."
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(detail, headers={"Retry-After": "5"})
+
+
+class VaultBadReply(AuthError):
+    status, slug, title = 502, "vault-bad-reply", "Unexpected answer from the vault"
+    default_detail = "The vault answered with something that is not a connection status."
+
+
 class BusUnavailable(AuthError):
     status, slug, title = 503, "bus-unavailable", "Event bus unavailable"
     default_detail = "The tokens could not be handed to the vault; start a new login."
@@ -162,8 +211,24 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+class PayloadTooLarge(StarletteHTTPException):
+    """Raised while a body is read (so FastAPI passes it through untouched); rendered as a problem."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(413, f"The request body is larger than {limit} bytes.")
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 413:
+        detail = exc.detail if isinstance(exc, PayloadTooLarge) else "The request body is too large."
+        return problem(413, "payload-too-large", "Payload too large", detail, instance=request.url.path)
+    if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+        # FastAPI's answer to a body that is not even text (e.g. not UTF-8): the same problem as
+        # any other body that is not valid JSON.
+        return problem(422, "invalid-request", "Invalid request", "The request body is not valid JSON.",
+                       instance=request.url.path, errors=[])
     try:
         phrase = HTTPStatus(exc.status_code).phrase
     except ValueError:
@@ -201,6 +266,52 @@ class CatchAllMiddleware:
             response = problem(500, "internal", "Internal error", "The request could not be completed.",
                                instance=scope.get("path"))
             await response(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over `limit` bytes with a 413 problem: at once when Content-Length says so,
+    else as soon as the streamed body passes the limit (chunked uploads)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.limit:
+            log.info("request body refused", path=scope.get("path"), declared_bytes=declared, limit=self.limit)
+            response = problem(
+                413, "payload-too-large", "Payload too large",
+                f"The request body is larger than {self.limit} bytes.", instance=scope.get("path"),
+                headers={"Connection": "close"},
+            )
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise PayloadTooLarge(self.limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -1,5 +1,6 @@
 """Use cases: start a login (PKCE + state, pending login stored) and complete it (exchange the
-pasted code, seal the tokens to the vault, publish `tokens.issued`).
+pasted code, seal the tokens to the vault, publish `tokens.issued`); the seed-compatible
+`code#verifier` exchange; a long-lived `claude setup-token` token handed to the vault as is.
 
 Order in `complete_login` is deliberate:
 1. the vault key must be known before anything is spent (a code is single use upstream);
@@ -15,10 +16,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Literal
 from urllib.parse import urlencode
 
 from services.auth.domain import (
+    CREATE_API_KEY_SCOPE,
+    SETUP_TOKEN_LIFETIME_S,
+    SETUP_TOKEN_SCOPES,
     CodeExchange,
+    LegacyPaste,
     PastedCode,
     PendingLogin,
     PkcePair,
@@ -44,6 +50,19 @@ class LoginPolicy:
     client_id: str
     scopes: tuple[str, ...]
     ttl: timedelta = timedelta(minutes=10)
+    console_authorize_url: str | None = None  # None: the claude.ai one serves both
+    legacy_redirect_uri: str | None = None  # None: redirect_uri
+    max_pending_per_caller: int | None = 5
+
+    def authorize_url_for(self, account_type: str) -> str:
+        if account_type == "console" and self.console_authorize_url:
+            return self.console_authorize_url
+        return self.authorize_url
+
+    def scopes_for(self, *, create_api_key: bool) -> tuple[str, ...]:
+        if create_api_key and CREATE_API_KEY_SCOPE not in self.scopes:
+            return (*self.scopes, CREATE_API_KEY_SCOPE)
+        return self.scopes
 
 
 @dataclass(frozen=True)
@@ -61,7 +80,14 @@ class Connected:
     scopes: tuple[str, ...]
 
 
-def build_authorize_url(policy: LoginPolicy, pkce: PkcePair, state: str) -> str:
+def build_authorize_url(
+    policy: LoginPolicy,
+    pkce: PkcePair,
+    state: str,
+    *,
+    account_type: str = "claude_ai",
+    scopes: tuple[str, ...] | None = None,
+) -> str:
     """The query the real CLI sends, in its order."""
     query = urlencode(
         {
@@ -69,14 +95,15 @@ def build_authorize_url(policy: LoginPolicy, pkce: PkcePair, state: str) -> str:
             "client_id": policy.client_id,
             "response_type": "code",
             "redirect_uri": policy.redirect_uri,
-            "scope": " ".join(policy.scopes),
+            "scope": " ".join(scopes or policy.scopes),
             "code_challenge": pkce.challenge,
             "code_challenge_method": pkce.method,
             "state": state,
         }
     )
-    separator = "&" if "?" in policy.authorize_url else "?"
-    return f"{policy.authorize_url}{separator}{query}"
+    base = policy.authorize_url_for(account_type)
+    separator = "&" if "?" in base else "?"
+    return f"{base}{separator}{query}"
 
 
 class LoginService:
@@ -97,28 +124,76 @@ class LoginService:
         self.publisher = publisher
         self.clock = clock
 
-    async def start_login(self, user_id: str) -> LoginStarted:
+    async def start_login(
+        self, user_id: str, *, account_type: str = "claude_ai", create_api_key: bool = False
+    ) -> LoginStarted:
         pkce = PkcePair.generate()
         state = new_state()
         now = self.clock()
+        scopes = self.policy.scopes_for(create_api_key=create_api_key)
         login = PendingLogin(
             state=state,
             user_id=user_id,
             verifier=pkce.verifier,
             redirect_uri=self.policy.redirect_uri,
             client_id=self.policy.client_id,
-            scopes=self.policy.scopes,
+            scopes=scopes,
             created_at=now,
             expires_at=now + self.policy.ttl,
+            account_type=account_type,
         )
-        await self.pending.put(login)
-        log.info("login started", user_id=user_id, login_expires_at=login.expires_at.isoformat())
-        return LoginStarted(build_authorize_url(self.policy, pkce, state), state, login.expires_at)
+        await self.pending.put(login, limit=self.policy.max_pending_per_caller)
+        log.info(
+            "login started", user_id=user_id, account_type=account_type, scopes=" ".join(scopes),
+            login_expires_at=login.expires_at.isoformat(),
+        )
+        url = build_authorize_url(self.policy, pkce, state, account_type=account_type, scopes=scopes)
+        return LoginStarted(url, state, login.expires_at)
 
-    async def complete_login(self, user_id: str, paste: PastedCode) -> Connected:
+    def _vault_key(self) -> Recipient:
         vault = self.vault_keys.current()
         if vault is None:
             raise VaultKeyUnavailable()
+        return vault
+
+    async def complete_legacy(self, user_id: str, paste: LegacyPaste) -> Connected:
+        """Seed-compatible exchange: the client made the PKCE pair itself and used the verifier
+        as the OAuth `state`, so the same value goes out as `code_verifier` and `state`. There is
+        no pending login here: the code is single use at the server, and we send it once."""
+        vault = self._vault_key()
+        redirect_uri = self.policy.legacy_redirect_uri or self.policy.redirect_uri
+        try:
+            grant = await self.oauth.exchange_code(
+                CodeExchange(
+                    code=paste.code,
+                    code_verifier=paste.verifier,
+                    state=paste.verifier,
+                    redirect_uri=redirect_uri,
+                    client_id=self.policy.client_id,
+                )
+            )
+        except UpstreamError as exc:
+            log.warning("legacy code exchange failed", user_id=user_id, outcome=exc.slug, retryable=exc.retryable)
+            raise
+        connected = await self._hand_to_vault(user_id, self.policy.scopes, grant, vault)
+        log.info("legacy login completed", user_id=user_id, event_id=connected.event_id,
+                 scopes=" ".join(connected.scopes))
+        return connected
+
+    async def connect_setup_token(self, user_id: str, token: str) -> Connected:
+        """A `claude setup-token` token: access only (no refresh token), `user:inference`, ~1 year.
+        It is not checked upstream (its only scope cannot read the profile); the vault stores it
+        as an access-only connection."""
+        vault = self._vault_key()
+        grant = TokenGrant(
+            access_token=token, refresh_token=None, expires_in=SETUP_TOKEN_LIFETIME_S, scopes=SETUP_TOKEN_SCOPES
+        )
+        connected = await self._hand_to_vault(user_id, SETUP_TOKEN_SCOPES, grant, vault, kind="setup_token")
+        log.info("setup token handed to the vault", user_id=user_id, event_id=connected.event_id)
+        return connected
+
+    async def complete_login(self, user_id: str, paste: PastedCode) -> Connected:
+        vault = self._vault_key()
         if not is_valid_state(paste.state):
             raise InvalidState()
         stored = await self.pending.get(paste.state)
@@ -150,18 +225,26 @@ class LoginService:
                 await self._restore(login)
             raise
 
-        connected = await self._hand_to_vault(user_id, login, grant, vault)
+        connected = await self._hand_to_vault(user_id, login.scopes, grant, vault)
         log.info(
             "login completed", user_id=user_id, event_id=connected.event_id, subject=subjects.TOKENS_ISSUED,
             scopes=" ".join(connected.scopes),
         )
         return connected
 
-    async def _hand_to_vault(self, user_id: str, login: PendingLogin, grant: TokenGrant, vault: Recipient) -> Connected:
+    async def _hand_to_vault(
+        self,
+        user_id: str,
+        requested_scopes: tuple[str, ...],
+        grant: TokenGrant,
+        vault: Recipient,
+        *,
+        kind: Literal["oauth", "setup_token"] = "oauth",
+    ) -> Connected:
         now = self.clock()
         now_ms = to_ms(now)
         expires_at_ms = now_ms + grant.expires_in * 1000
-        scopes = grant.scopes or login.scopes
+        scopes = grant.scopes or requested_scopes
         event_id = new_event_id()
         bundle = TokenBundle(
             access_token=grant.access_token,
@@ -174,6 +257,7 @@ class LoginService:
         event = TokensIssued(
             event_id=event_id,
             user_id=user_id,
+            kind=kind,
             occurred_at=now,
             sealed=sealed,
             scopes=list(scopes),

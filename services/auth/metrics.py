@@ -7,9 +7,11 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 EXCHANGE_OUTCOMES = (
     "connected",
     "invalid_code_format",
+    "invalid_token_format",
     "invalid_state",
     "forbidden_state",
     "invalid_code",
+    "rate_limited",
     "upstream_rate_limited",
     "upstream_error",
     "upstream_timeout",
@@ -19,6 +21,9 @@ EXCHANGE_OUTCOMES = (
     "bus_unavailable",
     "internal",
 )
+# How a person connected: the `code#state` paste, the seed's `code#verifier`, a setup token.
+CONNECT_PATHS = ("paste", "legacy", "setup_token")
+REJECTIONS = ("rate_limited", "too_many_pending_logins", "payload_too_large", "unauthorized", "forbidden_token")
 
 
 class AuthMetrics:
@@ -28,14 +33,45 @@ class AuthMetrics:
             "ccbridge_auth_logins_started", "Logins started (authorize URLs handed out).", registry=self.registry
         )
         self.exchanges = Counter(
-            "ccbridge_auth_exchanges", "Code exchanges by outcome.", ["outcome"], registry=self.registry
+            "ccbridge_auth_exchanges", "Code exchanges (`code#state` pastes) by outcome.", ["outcome"],
+            registry=self.registry,
+        )
+        self.connects = Counter(
+            "ccbridge_auth_connects", "Connect attempts by path and outcome.", ["path", "outcome"],
+            registry=self.registry,
+        )
+        self.disconnects = Counter(
+            "ccbridge_auth_disconnects", "Disconnects requested (tokens.revoked published).", registry=self.registry
+        )
+        self.rejections = Counter(
+            "ccbridge_auth_rejections", "Requests refused before any work: limits and caller authentication.",
+            ["reason"], registry=self.registry,
         )
         for outcome in EXCHANGE_OUTCOMES:
             self.exchanges.labels(outcome=outcome)
+        for path in CONNECT_PATHS:
+            self.connects.labels(path=path, outcome="connected")
+        for reason in REJECTIONS:
+            self.rejections.labels(reason=reason)
+
+    @staticmethod
+    def _outcome(outcome: str) -> str:
+        outcome = outcome.replace("-", "_")
+        return outcome if outcome in EXCHANGE_OUTCOMES else "internal"
 
     def exchange(self, outcome: str) -> None:
-        outcome = outcome.replace("-", "_")
-        self.exchanges.labels(outcome=outcome if outcome in EXCHANGE_OUTCOMES else "internal").inc()
+        self.connect("paste", outcome)
+
+    def connect(self, path: str, outcome: str) -> None:
+        label = self._outcome(outcome)
+        if path == "paste":
+            self.exchanges.labels(outcome=label).inc()
+        self.connects.labels(path=path, outcome=label).inc()
+
+    def rejected(self, reason: str) -> None:
+        reason = reason.replace("-", "_")
+        if reason in REJECTIONS:
+            self.rejections.labels(reason=reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

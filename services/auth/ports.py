@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Protocol
 
 from services.auth.domain import CodeExchange, PendingLogin, TokenGrant
-from shared.events import Event
+from shared.events import ConnectionStatusReply, Event
 from shared.sealing import Recipient
 
 Clock = Callable[[], datetime]
@@ -23,7 +23,10 @@ class StoredLogin:
 class PendingStore(Protocol):
     """Pending logins keyed by state. Errors: `StoreUnavailable`."""
 
-    async def put(self, login: PendingLogin) -> None: ...
+    async def put(self, login: PendingLogin, *, limit: int | None = None) -> None:
+        """Store a new login. With `limit`: `TooManyPendingLogins` if its caller already holds
+        that many live (unexpired, unconsumed) logins; the check and the insert are atomic."""
+        ...
 
     async def get(self, state: str) -> StoredLogin | None: ...
 
@@ -52,3 +55,10 @@ class EventPublisher(Protocol):
     """Errors: `BusUnavailable`."""
 
     async def publish(self, subject: str, event: Event) -> None: ...
+
+
+class VaultStatus(Protocol):
+    """The vault's view of a person's connection (request/reply). Errors: `VaultUnavailable`,
+    `VaultBadReply`."""
+
+    async def status(self, user_id: str) -> ConnectionStatusReply: ...

@@ -1,22 +1,47 @@
-"""HTTP entry points: parse, call one use case, map the result. Nothing else."""
+"""HTTP entry points: parse, call one use case, map the result. Nothing else.
+
+Every route but the ops ones (/healthz, /readyz, /metrics), the docs and the connect page needs a
+caller token. Connect routes (login, exchange, legacy exchange, setup token) are rate limited per
+caller."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response, Security
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Body, Depends, Request, Response, Security
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from services.auth.callers import Caller, CallerVerifier
-from services.auth.domain import parse_paste
-from services.auth.errors import AuthError
-from services.auth.login import LoginService
+from services.auth.connections import ConnectionService
+from services.auth.domain import parse_legacy_paste, parse_paste, parse_setup_token
+from services.auth.errors import AuthError, ForbiddenToken, RateLimited, Unauthorized
+from services.auth.limits import RateLimiter
+from services.auth.login import Connected, LoginService
 from services.auth.metrics import AuthMetrics
-from services.auth.schemas import ConnectedOut, ExchangeIn, LoginStartedOut, ReadinessOut, problem_responses
+from services.auth.schemas import (
+    COMMON_PROBLEMS,
+    AccountOut,
+    ConnectedOut,
+    ExchangeIn,
+    HealthOut,
+    LegacyExchangeIn,
+    LegacyExchangeOut,
+    LoginIn,
+    LoginStartedOut,
+    ReadinessOut,
+    RevokedOut,
+    SetupTokenIn,
+    StatusOut,
+    problem_responses,
+)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+ASSETS = {"connect.js": "text/javascript; charset=utf-8", "connect.css": "text/css; charset=utf-8"}
 
 
 class ServiceStarting(AuthError):
@@ -27,6 +52,11 @@ class ServiceStarting(AuthError):
         super().__init__(headers={"Retry-After": "2"})
 
 
+class AssetNotFound(AuthError):
+    status, slug, title = 404, "not-found", "Not Found"
+    default_detail = "No such asset."
+
+
 @dataclass
 class AuthComponents:
     """What the routes need, wired by app.py (real adapters) or by tests (fakes)."""
@@ -34,10 +64,16 @@ class AuthComponents:
     login: LoginService
     callers: CallerVerifier
     readiness: Callable[[], Awaitable[dict[str, bool]]]
+    connections: ConnectionService | None = None
+    limiter: RateLimiter | None = None
 
 
 router = APIRouter()
-_bearer = HTTPBearer(auto_error=False, description="HS256 JWT minted by the platform; `sub` = user id.")
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="A JWT minted by the platform for its user (`sub` = user id): HS256 with AUTH_JWT_SECRET, or "
+    "RS/PS/ES/EdDSA checked with AUTH_JWT_PUBLIC_KEY or AUTH_JWKS_URL.",
+)
 
 
 def components(request: Request) -> AuthComponents:
@@ -51,28 +87,90 @@ def metrics(request: Request) -> AuthMetrics:
     return request.app.state.metrics
 
 
-def caller(
+async def caller(
     request: Request,
     comp: Annotated[AuthComponents, Depends(components)],
+    stats: Annotated[AuthMetrics, Depends(metrics)],
     _: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)] = None,
 ) -> Caller:
-    return comp.callers.verify_header(request.headers.get("authorization"))
+    try:
+        return await comp.callers.verify_header(request.headers.get("authorization"))
+    except (Unauthorized, ForbiddenToken) as exc:
+        stats.rejected(exc.slug)
+        raise
 
 
+def rate_limit(action: str) -> Callable[..., Awaitable[Caller]]:
+    async def dependency(
+        who: Annotated[Caller, Depends(caller)],
+        comp: Annotated[AuthComponents, Depends(components)],
+        stats: Annotated[AuthMetrics, Depends(metrics)],
+    ) -> Caller:
+        if comp.limiter is not None and (wait := comp.limiter.acquire(action, who.user_id)) is not None:
+            stats.rejected("rate_limited")
+            raise RateLimited(wait)
+        return who
+
+    return dependency
+
+
+def connections(comp: Annotated[AuthComponents, Depends(components)]) -> ConnectionService:
+    if comp.connections is None:
+        raise ServiceStarting()
+    return comp.connections
+
+
+def _connected_out(connected: Connected) -> ConnectedOut:
+    return ConnectedOut(expires_at=connected.expires_at, scopes=list(connected.scopes))
+
+
+async def _counted(stats: AuthMetrics, path: str, work: Awaitable[Connected]) -> Connected:
+    try:
+        connected = await work
+    except AuthError as exc:
+        stats.connect(path, exc.slug)
+        raise
+    stats.connect(path, "connected")
+    return connected
+
+
+# --- connect ------------------------------------------------------------------------------
 @router.post(
     "/v1/claude-code/login",
     status_code=201,
     response_model=LoginStartedOut,
-    responses=problem_responses(401, 503),
+    responses=problem_responses(*COMMON_PROBLEMS, 429),
     summary="Start connecting the caller's Claude account",
+    description="Returns the authorize URL to open in the person's browser. Optional body: `account_type` "
+    "(`claude_ai` default, or `console`) and `create_api_key` (adds `org:create_api_key`). A caller may hold "
+    "a few logins in progress at once (AUTH_MAX_PENDING_LOGINS).",
     tags=["claude-code"],
 )
 async def start_login(
-    who: Annotated[Caller, Depends(caller)],
+    who: Annotated[Caller, Depends(rate_limit("login"))],
     comp: Annotated[AuthComponents, Depends(components)],
     stats: Annotated[AuthMetrics, Depends(metrics)],
+    body: Annotated[
+        LoginIn | None,
+        Body(
+            openapi_examples={
+                "claude_ai": {"summary": "Claude subscription (default)", "value": {"account_type": "claude_ai"}},
+                "console": {
+                    "summary": "Console account, may create API keys",
+                    "value": {"account_type": "console", "create_api_key": True},
+                },
+            }
+        ),
+    ] = None,
 ) -> LoginStartedOut:
-    started = await comp.login.start_login(who.user_id)
+    options = body or LoginIn()
+    try:
+        started = await comp.login.start_login(
+            who.user_id, account_type=options.account_type, create_api_key=options.create_api_key
+        )
+    except AuthError as exc:
+        stats.rejected(exc.slug)
+        raise
     stats.logins_started.inc()
     return LoginStartedOut(authorize_url=started.authorize_url, state=started.state, expires_at=started.expires_at)
 
@@ -81,29 +179,151 @@ async def start_login(
     "/v1/claude-code/exchange",
     status_code=202,
     response_model=ConnectedOut,
-    responses=problem_responses(400, 401, 403, 422, 502, 503, 504),
+    responses=problem_responses(400, *COMMON_PROBLEMS, 429, 502, 504),
     summary="Complete the login with the pasted `code#state`",
     description="Exchanges the code, hands the tokens (sealed) to the vault. Never returns a token.",
     tags=["claude-code"],
 )
 async def exchange(
     body: ExchangeIn,
-    who: Annotated[Caller, Depends(caller)],
+    who: Annotated[Caller, Depends(rate_limit("exchange"))],
     comp: Annotated[AuthComponents, Depends(components)],
     stats: Annotated[AuthMetrics, Depends(metrics)],
 ) -> ConnectedOut:
-    try:
-        connected = await comp.login.complete_login(who.user_id, parse_paste(body.code, body.state))
-    except AuthError as exc:
-        stats.exchange(exc.slug)
-        raise
-    stats.exchange("connected")
-    return ConnectedOut(expires_at=connected.expires_at, scopes=list(connected.scopes))
+    async def work() -> Connected:
+        return await comp.login.complete_login(who.user_id, parse_paste(body.code, body.state))
+
+    return _connected_out(await _counted(stats, "paste", work()))
 
 
-@router.get("/healthz", tags=["ops"], summary="Liveness")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+@router.post(
+    "/v1/claude-code/token",
+    status_code=202,
+    response_model=ConnectedOut,
+    responses=problem_responses(400, *COMMON_PROBLEMS, 429),
+    summary="Connect with a long-lived token from `claude setup-token`",
+    description="Stores an access-only connection: no refresh token, `user:inference` only, valid ~1 year "
+    "(`sk-ant-oat01-…`). The token goes to the vault sealed and is never returned.",
+    tags=["claude-code"],
+)
+async def setup_token(
+    body: SetupTokenIn,
+    who: Annotated[Caller, Depends(rate_limit("exchange"))],
+    comp: Annotated[AuthComponents, Depends(components)],
+    stats: Annotated[AuthMetrics, Depends(metrics)],
+) -> ConnectedOut:
+    async def work() -> Connected:
+        token = parse_setup_token(body.token.get_secret_value())
+        return await comp.login.connect_setup_token(who.user_id, token)
+
+    return _connected_out(await _counted(stats, "setup_token", work()))
+
+
+@router.post(
+    "/user-settings/mcp/claude-code",
+    response_model=LegacyExchangeOut,
+    responses=problem_responses(400, *COMMON_PROBLEMS, 429, 502, 504),
+    summary="Seed-compatible exchange of `<code>#<verifier>`",
+    description="For older clients that made the PKCE pair themselves and sent the verifier as the OAuth `state` "
+    "(their authorize page showed `code#verifier`). The exchange sends that verifier as `code_verifier` and as "
+    "`state`. Prefer `/v1/claude-code/login` + `/v1/claude-code/exchange`.",
+    tags=["compatibility"],
+)
+async def legacy_exchange(
+    body: LegacyExchangeIn,
+    who: Annotated[Caller, Depends(rate_limit("exchange"))],
+    comp: Annotated[AuthComponents, Depends(components)],
+    stats: Annotated[AuthMetrics, Depends(metrics)],
+) -> LegacyExchangeOut:
+    async def work() -> Connected:
+        return await comp.login.complete_legacy(who.user_id, parse_legacy_paste(body.authorization_code))
+
+    await _counted(stats, "legacy", work())
+    return LegacyExchangeOut()
+
+
+@router.get(
+    "/v1/claude-code/status",
+    response_model=StatusOut,
+    responses=problem_responses(*COMMON_PROBLEMS, 502),
+    summary="The caller's connection, as the vault holds it",
+    description="Asks the vault (`vault.connections.status`); never shows a token. 503 when the vault does not answer.",
+    tags=["claude-code"],
+)
+async def status(
+    who: Annotated[Caller, Depends(caller)],
+    service: Annotated[ConnectionService, Depends(connections)],
+) -> StatusOut:
+    view = await service.status(who.user_id)
+    return StatusOut(
+        connected=view.connected,
+        state=view.state,  # type: ignore[arg-type]
+        kind=view.kind,  # type: ignore[arg-type]
+        scopes=list(view.scopes),
+        expires_at=view.expires_at,
+        login_expires_at=view.login_expires_at,
+        account=AccountOut(**view.account.model_dump()) if view.account is not None else None,
+        version=view.version,
+    )
+
+
+@router.delete(
+    "/v1/claude-code",
+    status_code=202,
+    response_model=RevokedOut,
+    responses=problem_responses(*COMMON_PROBLEMS),
+    summary="Disconnect the caller's Claude account",
+    description="Publishes `tokens.revoked`; the vault deletes the tokens and sandboxes lose them. Idempotent.",
+    tags=["claude-code"],
+)
+async def disconnect(
+    who: Annotated[Caller, Depends(caller)],
+    service: Annotated[ConnectionService, Depends(connections)],
+    stats: Annotated[AuthMetrics, Depends(metrics)],
+) -> RevokedOut:
+    event_id = await service.disconnect(who.user_id)
+    stats.disconnects.inc()
+    return RevokedOut(event_id=event_id)
+
+
+# --- the connect page ------------------------------------------------------------------------
+def _page_headers(request: Request) -> dict[str, str]:
+    ancestors = getattr(request.app.state, "frame_ancestors", "'self'")
+    return {
+        "Content-Security-Policy": (
+            "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+            f"base-uri 'none'; form-action 'none'; frame-ancestors {ancestors}"
+        ),
+        "Referrer-Policy": "no-referrer",
+        "X-Content-Type-Options": "nosniff",
+        "Cache-Control": "no-store",
+    }
+
+
+@router.get(
+    "/connect",
+    response_class=HTMLResponse,
+    summary="Web page: connect a Claude account",
+    description="Plain HTML/JS. The caller token comes from the URL fragment (`/connect#token=<jwt>`, never sent "
+    "to any server) or a text field. The page never sees an OAuth token.",
+    tags=["page"],
+    responses={200: {"content": {"text/html": {"example": "<!doctype html><title>Connect Claude Code</title>…"}}}},
+)
+async def connect_page(request: Request) -> HTMLResponse:
+    return HTMLResponse((STATIC_DIR / "connect.html").read_text(), headers=_page_headers(request))
+
+
+@router.get("/connect/assets/{name}", include_in_schema=False)
+async def connect_asset(name: str, request: Request) -> Response:
+    if name not in ASSETS:
+        raise AssetNotFound()
+    return Response((STATIC_DIR / name).read_bytes(), media_type=ASSETS[name], headers=_page_headers(request))
+
+
+# --- ops ----------------------------------------------------------------------------------------
+@router.get("/healthz", tags=["ops"], summary="Liveness", response_model=HealthOut)
+async def healthz() -> HealthOut:
+    return HealthOut()
 
 
 @router.get(
@@ -111,7 +331,13 @@ async def healthz() -> dict[str, str]:
     tags=["ops"],
     summary="Readiness: bus connected and vault key known",
     response_model=ReadinessOut,
-    responses={503: {"model": ReadinessOut, "description": "Not ready"}},
+    responses={
+        503: {
+            "model": ReadinessOut,
+            "description": "Not ready",
+            "content": {"application/json": {"example": {"status": "not_ready", "checks": {"bus": True, "vault_key": False}}}},
+        }
+    },
 )
 async def readyz(request: Request) -> JSONResponse:
     comp = getattr(request.app.state, "components", None)
@@ -121,6 +347,16 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
 
-@router.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response)
+_METRICS_EXAMPLE = "# HELP ccbridge_auth_logins_started_total Logins started.\nccbridge_auth_logins_started_total 3.0\n"
+
+
+@router.get(
+    "/metrics",
+    tags=["ops"],
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}, "example": _METRICS_EXAMPLE}}}},
+)
 async def prometheus_metrics(stats: Annotated[AuthMetrics, Depends(metrics)]) -> Response:
     return Response(stats.render(), media_type=CONTENT_TYPE_LATEST)
+

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import html
 import json
 import logging
-import re
 import secrets
 import socket
 import stat
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,42 +24,23 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from ccbridge.embedded_nats import EmbeddedNats
 from services.auth.app import AuthService
 from services.auth.callers import mint_caller_token
-from services.auth.settings import AuthSettings
 from shared import subjects
 from shared.events import TokenBundle, TokensIssued
 from shared.sealing import KeyPair, load_or_create_keypair, open_sealed
 from standins.oauth import OAuthStandin
-
-PASTE = re.compile(r'<code id="paste-code">([^<]+)</code>')
-JWT_SECRET = "integration-jwt-secret-" + "q" * 32
-PROBLEM = "application/problem+json"
-
-
-def settings_for(nats_url: str, data_dir: Path, standin: OAuthStandin, vault: KeyPair | None, **extra: object) -> AuthSettings:
-    values: dict[str, object] = {
-        "nats_url": nats_url,
-        "data_dir": data_dir,
-        "host": "127.0.0.1",
-        "port": 0,
-        "jwt_secret": JWT_SECRET,
-        "oauth_authorize_url": standin.authorize_url,
-        "oauth_token_url": standin.token_url,
-        "oauth_redirect_uri": standin.callback_url,
-        "vault_public_key": vault.recipient.public_b64 if vault else None,
-    }
-    values.update(extra)
-    return AuthSettings(**values)
-
-
-@pytest.fixture
-def vault_key() -> KeyPair:
-    return KeyPair.generate()
-
-
-@pytest.fixture
-async def standin() -> AsyncIterator[OAuthStandin]:
-    async with OAuthStandin(port=0) as server:
-        yield server
+from tests.auth_fixtures import (  # noqa: F401 - fixtures
+    JWT_SECRET,
+    PROBLEM,
+    assert_problem,
+    bearer,
+    begin,
+    exchange,
+    http,
+    new_user,
+    settings_for,
+    standin,
+    vault_key,
+)
 
 
 @pytest.fixture
@@ -72,43 +50,10 @@ async def auth(nats_url: str, tmp_path: Path, standin: OAuthStandin, vault_key: 
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=20) as client:
-        yield client
-
-
-@pytest.fixture
 async def nc(nats_url: str) -> AsyncIterator[Client]:
     client = await nats.connect(nats_url)
     yield client
     await client.close()
-
-
-def bearer(user: str, secret: str = JWT_SECRET) -> dict[str, str]:
-    return {"Authorization": f"Bearer {mint_caller_token(secret, user)}"}
-
-
-def new_user() -> str:
-    return f"user-{uuid.uuid4().hex[:12]}"
-
-
-async def begin(http: httpx.AsyncClient, base_url: str, user: str, secret: str = JWT_SECRET) -> str:
-    """Login, then act as the browser: authorize (auto-approved) → callback page → the paste."""
-    started = await http.post(f"{base_url}/v1/claude-code/login", headers=bearer(user, secret))
-    assert started.status_code == 201, started.text
-    page = await http.get(started.json()["authorize_url"], follow_redirects=True)
-    assert page.status_code == 200, page.text
-    match = PASTE.search(page.text)
-    assert match, page.text
-    pasted = html.unescape(match.group(1))
-    assert pasted.endswith("#" + started.json()["state"])
-    return pasted
-
-
-async def exchange(
-    http: httpx.AsyncClient, base_url: str, user: str, pasted: str, secret: str = JWT_SECRET
-) -> httpx.Response:
-    return await http.post(f"{base_url}/v1/claude-code/exchange", headers=bearer(user, secret), json={"code": pasted})
 
 
 @dataclass
@@ -142,16 +87,6 @@ async def issued(nc: Client, auth: AuthService) -> AsyncIterator[IssuedWatch]:
     )
     yield IssuedWatch(queue)
     await sub.unsubscribe()
-
-
-def assert_problem(response: httpx.Response, status: int, slug: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith(PROBLEM)
-    body = response.json()
-    assert body["status"] == status
-    if slug:
-        assert body["type"].endswith("/" + slug), body
-    return body
 
 
 # --- the happy path ----------------------------------------------------------------------
@@ -335,7 +270,8 @@ async def test_unreachable_is_502_and_silent_server_is_504(
             (f"http://127.0.0.1:{silent.getsockname()[1]}/v1/oauth/token", 504, "upstream-timeout"),
         ):
             settings = settings_for(
-                nats_url, tmp_path, standin, vault_key, oauth_token_url=token_url, oauth_http_timeout=0.5
+                nats_url, tmp_path, standin, vault_key, oauth_token_url=token_url, oauth_token_urls=token_url,
+                oauth_http_timeout=0.5,
             )
             async with AuthService(settings) as service:
                 user = new_user()
@@ -556,6 +492,7 @@ async def test_python_m_services_auth_serves_and_stops_on_sigterm(
         "AUTH_PORT": str(port),
         "OAUTH_AUTHORIZE_URL": standin.authorize_url,
         "OAUTH_TOKEN_URL": standin.token_url,
+        "OAUTH_TOKEN_URLS": standin.token_url,
         "OAUTH_REDIRECT_URI": standin.callback_url,
         "LOG_FORMAT": "json",
     }

@@ -268,3 +268,34 @@ async def test_stop_releases_the_port(http: httpx.AsyncClient) -> None:
     await standin.stop()
     with pytest.raises(httpx.TransportError):
         await http.get(url)
+
+
+async def test_both_account_type_paths_authorize_and_are_counted(standin: OAuthStandin, http: httpx.AsyncClient) -> None:
+    verifier, state = secrets.token_urlsafe(64), secrets.token_urlsafe(32)
+    query = authorize_query(standin, verifier, state).split("?", 1)[1]
+    for url in (standin.claude_ai_authorize_url, standin.console_authorize_url):
+        response = await http.get(f"{url}?{query}")
+        assert response.status_code == 302
+    assert standin.state.stats["authorize:/cai/oauth/authorize"] == 1
+    assert standin.state.stats["authorize:/oauth/authorize"] == 1
+    paths = sorted(grant.authorize_path for grant in standin.state.grants.values())
+    assert paths == ["/cai/oauth/authorize", "/oauth/authorize"]
+
+
+async def test_seed_flow_with_the_verifier_as_state(standin: OAuthStandin, http: httpx.AsyncClient) -> None:
+    """What seed-era clients did: state = verifier, so the page shows code#verifier; the exchange
+    then carries the verifier as both code_verifier and state."""
+    verifier = secrets.token_urlsafe(48)
+    code = await authorize(http, standin, verifier, verifier)
+    response = await http.post(standin.token_url, json=exchange_body(standin, code, verifier, verifier))
+    assert response.status_code == 200, response.text
+    assert response.json()["access_token"].startswith("sk-ant-oat01-")
+
+
+async def test_create_api_key_scope_is_granted(standin: OAuthStandin, http: httpx.AsyncClient) -> None:
+    verifier, state = secrets.token_urlsafe(64), secrets.token_urlsafe(32)
+    url = authorize_query(standin, verifier, state, {"scope": SCOPES + " org:create_api_key"})
+    page = await http.get(url, follow_redirects=True)
+    code = html.unescape(PASTE.search(page.text).group(1)).partition("#")[0]
+    response = await http.post(standin.token_url, json=exchange_body(standin, code, verifier, state))
+    assert "org:create_api_key" in response.json()["scope"].split()

@@ -11,35 +11,52 @@ import pytest
 from services.auth.adapters.pending_store import InMemoryPendingStore
 from services.auth.app import build_api, utc_now
 from services.auth.callers import CallerVerifier, mint_caller_token
+from services.auth.connections import ConnectionService
 from services.auth.errors import PROBLEM_CONTENT_TYPE, InvalidCode, UpstreamBadResponse, UpstreamRateLimited
+from services.auth.limits import RateLimiter
 from services.auth.login import LoginPolicy, LoginService
 from services.auth.metrics import AuthMetrics
 from services.auth.routes import AuthComponents
 from services.auth.settings import AuthSettings
+from shared.events import AccountInfo, ConnectionStatusReply
 from shared.sealing import KeyPair
-from tests.unit.test_auth_login import ACCESS, REFRESH, FakeOAuth, FakePublisher, FakeVaultKeys, a_grant
+from tests.auth_fixtures import (
+    ACCESS,
+    REFRESH,
+    FakeOAuth,
+    FakePublisher,
+    FakeVaultKeys,
+    FakeVaultStatus,
+    a_grant,
+    openapi_examples_missing,
+)
 
 SECRET = "unit-test-secret-" + "x" * 32
 
 
 @pytest.fixture
-def fakes() -> tuple[FakeOAuth, FakePublisher, FakeVaultKeys]:
-    return FakeOAuth(grant=a_grant()), FakePublisher(), FakeVaultKeys(KeyPair.generate().recipient)
+def fakes() -> tuple[FakeOAuth, FakePublisher, FakeVaultKeys, FakeVaultStatus]:
+    return FakeOAuth(grant=a_grant()), FakePublisher(), FakeVaultKeys(KeyPair.generate().recipient), FakeVaultStatus()
 
 
 @pytest.fixture
 async def api(fakes) -> AsyncIterator[httpx.AsyncClient]:  # noqa: ANN001
-    oauth, publisher, vault = fakes
+    oauth, publisher, vault, vault_status = fakes
     login = LoginService(
         policy=LoginPolicy("https://claude.example/authorize", "https://cb.example/cb", "client", ("user:inference",),
-                           ttl=timedelta(minutes=10)),
+                           ttl=timedelta(minutes=10), max_pending_per_caller=50),
         pending=InMemoryPendingStore(), oauth=oauth, vault_keys=vault, publisher=publisher, clock=utc_now,
     )
 
     async def readiness() -> dict[str, bool]:
         return {"bus": True, "vault_key": vault.current() is not None}
 
-    app = build_api(AuthMetrics(), AuthComponents(login=login, callers=CallerVerifier(SECRET), readiness=readiness))
+    components = AuthComponents(
+        login=login, callers=CallerVerifier(SECRET), readiness=readiness,
+        connections=ConnectionService(vault=vault_status, publisher=publisher, clock=utc_now),
+        limiter=RateLimiter(per_minute=600, burst=200),
+    )
+    app = build_api(AuthMetrics(), components, max_body_bytes=8192)
 
     @app.get("/boom")
     async def boom() -> None:
@@ -194,7 +211,10 @@ async def test_ops_endpoints(api: httpx.AsyncClient) -> None:
 
 async def test_openapi_documents_routes_with_examples(api: httpx.AsyncClient) -> None:
     spec = (await api.get("/openapi.json")).json()
-    assert {"/v1/claude-code/login", "/v1/claude-code/exchange", "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
+    assert {"/v1/claude-code/login", "/v1/claude-code/exchange", "/v1/claude-code/token", "/v1/claude-code/status",
+            "/v1/claude-code", "/user-settings/mcp/claude-code", "/connect", "/healthz", "/readyz",
+            "/metrics"} <= set(spec["paths"])
+    assert [m for m in openapi_examples_missing(spec) if "/boom" not in m] == []
     schemas = spec["components"]["schemas"]
     assert schemas["ExchangeIn"]["examples"][0]["code"].count("#") == 1
     assert "examples" in schemas["ConnectedOut"] and "examples" in schemas["LoginStartedOut"]
@@ -221,7 +241,31 @@ def test_settings_env_names(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OAUTH_SCOPES", "  user:inference   user:profile ")
     monkeypatch.setenv("VAULT_PUBLIC_KEY", "")
     monkeypatch.setenv("OAUTH_HTTP_TIMEOUT", "2.5")
+    monkeypatch.setenv("OAUTH_TOKEN_URLS", " http://b/token , http://a/token,http://c/token ")
+    monkeypatch.setenv("OAUTH_CONSOLE_AUTHORIZE_URL", "http://console/authorize")
+    monkeypatch.setenv("OAUTH_LEGACY_REDIRECT_URI", "http://old/cb")
+    monkeypatch.setenv("AUTH_JWT_AUDIENCE", "ccbridge")
+    monkeypatch.setenv("AUTH_JWT_ISSUER", "https://idp.example")
+    monkeypatch.setenv("AUTH_JWKS_URL", "http://127.0.0.1:1/jwks.json")
+    monkeypatch.setenv("AUTH_JWT_ALGORITHMS", "ES256, EdDSA")
+    monkeypatch.setenv("AUTH_LOGIN_TTL", "300")
+    monkeypatch.setenv("AUTH_MAX_PENDING_LOGINS", "2")
+    monkeypatch.setenv("AUTH_RATE_LIMIT_PER_MINUTE", "6")
+    monkeypatch.setenv("AUTH_RATE_LIMIT_BURST", "3")
+    monkeypatch.setenv("AUTH_MAX_BODY_BYTES", "4096")
+    monkeypatch.setenv("AUTH_VAULT_TIMEOUT", "0.5")
+    monkeypatch.setenv("AUTH_STATE_SECRET", "k" * 40)
+    monkeypatch.setenv("AUTH_CONNECT_FRAME_ANCESTORS", "https://platform.example")
     settings = AuthSettings()
+    assert settings.token_urls == ("http://a/token", "http://b/token", "http://c/token")  # OAUTH_TOKEN_URL first
+    assert settings.oauth_console_authorize_url == "http://console/authorize"
+    assert settings.legacy_redirect_uri == "http://old/cb"
+    assert (settings.jwt_audience, settings.jwt_issuer) == ("ccbridge", "https://idp.example")
+    assert settings.jwks_url == "http://127.0.0.1:1/jwks.json" and settings.asymmetric_algorithms == ("ES256", "EdDSA")
+    assert (settings.login_ttl_s, settings.max_pending_logins, settings.max_body_bytes) == (300, 2, 4096)
+    assert (settings.rate_limit_per_minute, settings.rate_limit_burst, settings.vault_timeout) == (6.0, 3, 0.5)
+    assert settings.state_secret is not None and "k" * 40 not in repr(settings)
+    assert settings.connect_frame_ancestors == "https://platform.example"
     assert (settings.host, settings.port, settings.oauth_client_id) == ("0.0.0.0", 0, "cid")
     assert settings.jwt_secret is not None and settings.jwt_secret.get_secret_value() == "z" * 40
     assert "z" * 40 not in repr(settings)
@@ -234,13 +278,23 @@ def test_settings_env_names(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_settings_defaults_and_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("AUTH_HOST", "AUTH_PORT", "AUTH_JWT_SECRET", "OAUTH_AUTHORIZE_URL", "OAUTH_TOKEN_URL",
-                 "OAUTH_REDIRECT_URI", "OAUTH_CLIENT_ID", "OAUTH_SCOPES", "VAULT_PUBLIC_KEY", "OAUTH_HTTP_TIMEOUT"):
+    import os
+
+    for name in [n for n in os.environ if n.startswith(("AUTH_", "OAUTH_"))] + ["VAULT_PUBLIC_KEY"]:
         monkeypatch.delenv(name, raising=False)
     settings = AuthSettings()
     assert (settings.host, settings.port, settings.jwt_secret) == ("127.0.0.1", 8000, None)
     assert settings.oauth_authorize_url == "https://claude.com/cai/oauth/authorize"
-    assert settings.oauth_token_url == "https://platform.claude.com/v1/oauth/token"
+    assert settings.oauth_console_authorize_url == "https://platform.claude.com/oauth/authorize"
+    assert settings.oauth_token_url is None
+    assert settings.token_urls == (
+        "https://platform.claude.com/v1/oauth/token", "https://console.anthropic.com/v1/oauth/token"
+    )
+    assert settings.legacy_redirect_uri == "https://platform.claude.com/oauth/code/callback"
+    assert (settings.jwt_audience, settings.jwt_issuer, settings.jwt_public_key, settings.jwks_url) == (None,) * 4
+    assert (settings.login_ttl_s, settings.max_pending_logins, settings.max_body_bytes) == (600, 5, 16384)
+    assert (settings.rate_limit_per_minute, settings.rate_limit_burst, settings.vault_timeout) == (20.0, 10, 3.0)
+    assert settings.connect_frame_ancestors == "'self'" and settings.jwt_leeway_s == 30.0
     assert settings.oauth_redirect_uri == "https://platform.claude.com/oauth/code/callback"
     assert settings.oauth_client_id == "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
     assert settings.scopes == (
@@ -257,3 +311,58 @@ def test_settings_defaults_and_refusals(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("OAUTH_SCOPES", "user:profile")
     with pytest.raises(ValidationError):
         AuthSettings()
+
+
+# --- the newer routes over ASGI (the integration tests repeat them over real HTTP) --------------
+async def test_status_maps_the_vault_reply(api: httpx.AsyncClient, fakes) -> None:  # noqa: ANN001
+    vault_status = fakes[3]
+    vault_status.replies["user-1"] = ConnectionStatusReply(
+        connected=True, state="refresh_failed", kind="oauth", scopes=["user:inference"],
+        expires_at=1_767_225_600_000, refresh_token_expires_at=1_769_817_600_000,
+        account=AccountInfo(email="a@example.com", organization_name="Org"), version=3,
+    )
+    body = (await api.get("/v1/claude-code/status", headers=auth())).json()
+    assert body["connected"] is True and body["state"] == "refresh_failed" and body["version"] == 3
+    assert body["expires_at"].startswith("2026-01-01T00:00:00") and body["login_expires_at"].startswith("2026-01-31")
+    assert body["account"]["email"] == "a@example.com"
+    other = (await api.get("/v1/claude-code/status", headers=auth("nobody"))).json()
+    assert other == {"connected": False, "state": "not_connected", "kind": None, "scopes": [], "expires_at": None,
+                     "login_expires_at": None, "account": None, "version": None}
+    vault_status.down = True
+    response = await api.get("/v1/claude-code/status", headers=auth())
+    assert_problem(response, 503, "vault-unavailable")
+    assert response.headers["retry-after"]
+
+
+async def test_disconnect_publishes_tokens_revoked(api: httpx.AsyncClient, fakes) -> None:  # noqa: ANN001
+    response = await api.delete("/v1/claude-code", headers=auth("leaver"))
+    assert response.status_code == 202
+    [(subject, event)] = fakes[1].published
+    assert subject == "tokens.revoked" and event.user_id == "leaver" and event.reason == "user_request"
+    assert response.json() == {"status": "revoked", "event_id": event.event_id}
+
+
+async def test_body_limit_is_a_413_problem(api: httpx.AsyncClient) -> None:
+    response = await api.post("/v1/claude-code/exchange", headers=auth(), json={"code": "x" * 9000})
+    assert_problem(response, 413, "payload-too-large")
+
+    async def chunks():  # noqa: ANN202 - no Content-Length: the limit applies while reading
+        for _ in range(10):
+            yield b" " * 1000
+
+    streamed = await api.post(
+        "/v1/claude-code/exchange", headers={**auth(), "Content-Type": "application/json"}, content=chunks()
+    )
+    assert_problem(streamed, 413, "payload-too-large")
+
+
+async def test_connect_page_is_served_without_a_token(api: httpx.AsyncClient) -> None:
+    page = await api.get("/connect")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "Connect Claude Code" in page.text
+    assert "frame-ancestors 'self'" in page.headers["content-security-policy"]
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    js = await api.get("/connect/assets/connect.js")
+    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    assert_problem(await api.get("/connect/assets/..%2Fapp.py"), 404)
+    assert_problem(await api.get("/connect/assets/nope.js"), 404)

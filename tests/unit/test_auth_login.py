@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import timedelta
 
 import pytest
 
 from services.auth.adapters.pending_store import InMemoryPendingStore
-from services.auth.domain import CodeExchange, PastedCode, TokenGrant, to_ms
+from services.auth.domain import LegacyPaste, PastedCode, to_ms
 from services.auth.errors import (
     BusUnavailable,
     ForeignState,
+    TooManyPendingLogins,
     InvalidCode,
     InvalidState,
     UpstreamBadResponse,
@@ -23,72 +24,9 @@ from services.auth.errors import (
 )
 from services.auth.login import LoginPolicy, LoginService
 from shared import subjects
-from shared.events import Event, TokenBundle, TokensIssued
-from shared.sealing import KeyPair, Recipient, open_sealed
-
-ACCESS = "sk-ant-oat01-unit-access-token-value"
-REFRESH = "sk-ant-ort01-unit-refresh-token-value"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-@dataclass
-class FakeOAuth:
-    grant: TokenGrant | None = None
-    error: UpstreamError | None = None
-    requests: list[CodeExchange] = field(default_factory=list)
-
-    async def exchange_code(self, request: CodeExchange) -> TokenGrant:
-        self.requests.append(request)
-        if self.error is not None:
-            raise self.error
-        assert self.grant is not None
-        return self.grant
-
-    async def aclose(self) -> None:
-        pass
-
-
-@dataclass
-class FakeVaultKeys:
-    recipient: Recipient | None
-
-    def current(self) -> Recipient | None:
-        return self.recipient
-
-
-@dataclass
-class FakePublisher:
-    fail: bool = False
-    published: list[tuple[str, Event]] = field(default_factory=list)
-
-    async def publish(self, subject: str, event: Event) -> None:
-        if self.fail:
-            raise BusUnavailable()
-        self.published.append((subject, event))
-
-
-def a_grant(**overrides: object) -> TokenGrant:
-    values: dict[str, object] = {
-        "access_token": ACCESS,
-        "refresh_token": REFRESH,
-        "expires_in": 28800,
-        "refresh_token_expires_in": 2592000,
-        "scopes": ("user:profile", "user:inference"),
-        "account_uuid": "acc-1",
-        "email": "a@example.com",
-        "organization_uuid": "org-1",
-        "organization_name": "Org",
-    }
-    values.update(overrides)
-    return TokenGrant(**values)  # type: ignore[arg-type]
-
+from shared.events import TokenBundle, TokensIssued
+from shared.sealing import KeyPair, open_sealed
+from tests.auth_fixtures import ACCESS, REFRESH, FakeClock, FakeOAuth, FakePublisher, FakeVaultKeys, a_grant
 
 @dataclass
 class World:
@@ -112,6 +50,9 @@ def world() -> World:
         redirect_uri="https://platform.example/callback",
         client_id="client-1",
         scopes=("user:profile", "user:inference", "user:sessions:claude_code"),
+        console_authorize_url="https://console.example/oauth/authorize",
+        legacy_redirect_uri="https://console.example/oauth/code/callback",
+        max_pending_per_caller=3,
     )
     service = LoginService(
         policy=policy, pending=pending, oauth=oauth, vault_keys=vault, publisher=publisher, clock=clock
@@ -278,3 +219,93 @@ async def test_lost_race_is_invalid_state(world: World) -> None:
     with pytest.raises(InvalidState):
         await world.service.complete_login("u", PastedCode(code="c", state=started.state))
     assert world.oauth.requests == []
+
+
+# --- account types, optional scope, pending-login cap -----------------------------------------
+async def test_console_account_type_uses_the_console_authorize_url(world: World) -> None:
+    started = await world.service.start_login("u", account_type="console")
+    assert started.authorize_url.startswith("https://console.example/oauth/authorize?code=true&")
+    stored = await world.pending.get(started.state)
+    assert stored is not None and stored.login.account_type == "console"
+    default = await world.service.start_login("u")
+    assert default.authorize_url.startswith("https://claude.example/authorize?code=true&")
+
+
+async def test_create_api_key_adds_the_scope_to_url_and_login(world: World) -> None:
+    from urllib.parse import parse_qs, urlsplit
+
+    started = await world.service.start_login("u", create_api_key=True)
+    scope = parse_qs(urlsplit(started.authorize_url).query)["scope"][0].split()
+    assert scope[-1] == "org:create_api_key" and "user:inference" in scope
+    stored = await world.pending.get(started.state)
+    assert stored is not None and "org:create_api_key" in stored.login.scopes
+    plain = await world.service.start_login("u")
+    assert "org%3Acreate_api_key" not in plain.authorize_url and "org:create_api_key" not in plain.authorize_url
+
+
+async def test_pending_logins_are_capped_per_caller(world: World) -> None:
+    states = [(await world.service.start_login("capped")).state for _ in range(3)]
+    with pytest.raises(TooManyPendingLogins) as caught:
+        await world.service.start_login("capped")
+    assert caught.value.status == 429
+    assert caught.value.headers["Retry-After"] == "600"  # until the oldest expires
+    assert (await world.service.start_login("someone-else")).state  # others are not affected
+    await world.service.complete_login("capped", PastedCode(code="c", state=states[0]))  # one finished
+    assert (await world.service.start_login("capped")).state
+    world.clock.now += timedelta(minutes=11)  # all expired: the cap frees up
+    for _ in range(3):
+        await world.service.start_login("capped")
+
+
+# --- the seed-compatible exchange and setup tokens ---------------------------------------------
+VERIFIER = "v" * 43 + "-._~" + "w" * 10
+
+
+async def test_legacy_exchange_sends_the_verifier_as_state_and_verifier(world: World) -> None:
+    connected = await world.service.complete_legacy("u", LegacyPaste(code="the-code", verifier=VERIFIER))
+    [request] = world.oauth.requests
+    assert (request.code, request.code_verifier, request.state) == ("the-code", VERIFIER, VERIFIER)
+    assert request.redirect_uri == "https://console.example/oauth/code/callback"
+    assert request.client_id == "client-1"
+    [(subject, event)] = world.publisher.published
+    assert subject == subjects.TOKENS_ISSUED and event.kind == "oauth" and event.user_id == "u"
+    assert connected.event_id == event.event_id
+    assert len(world.pending) == 0  # no pending login involved
+
+
+async def test_legacy_exchange_failure_publishes_nothing(world: World) -> None:
+    world.oauth.error = InvalidCode()
+    with pytest.raises(InvalidCode):
+        await world.service.complete_legacy("u", LegacyPaste(code="c", verifier=VERIFIER))
+    assert world.publisher.published == [] and len(world.oauth.requests) == 1
+
+
+async def test_legacy_exchange_without_vault_key_spends_nothing(world: World) -> None:
+    world.vault.recipient = None
+    with pytest.raises(VaultKeyUnavailable):
+        await world.service.complete_legacy("u", LegacyPaste(code="c", verifier=VERIFIER))
+    assert world.oauth.requests == []
+
+
+async def test_setup_token_is_an_access_only_connection_for_a_year(world: World) -> None:
+    token = "sk-ant-oat01-" + "L" * 80
+    connected = await world.service.connect_setup_token("u", token)
+    [(subject, event)] = world.publisher.published
+    assert subject == subjects.TOKENS_ISSUED
+    assert isinstance(event, TokensIssued) and event.kind == "setup_token"
+    now_ms = to_ms(world.clock.now)
+    assert event.expires_at == now_ms + 365 * 24 * 3600 * 1000 == connected.expires_at_ms
+    assert event.scopes == ["user:inference"] and event.refresh_token_expires_at is None and event.account is None
+    assert token not in event.model_dump_json()
+    bundle = TokenBundle.model_validate_json(
+        open_sealed(event.sealed, world.vault_key, subject=subjects.TOKENS_ISSUED, message_id=event.event_id)
+    )
+    assert (bundle.access_token, bundle.refresh_token, bundle.scopes) == (token, None, ["user:inference"])
+    assert world.oauth.requests == []  # never sent anywhere but the vault
+
+
+async def test_setup_token_needs_the_vault_key(world: World) -> None:
+    world.vault.recipient = None
+    with pytest.raises(VaultKeyUnavailable):
+        await world.service.connect_setup_token("u", "sk-ant-oat01-" + "L" * 80)
+    assert world.publisher.published == []

@@ -150,3 +150,122 @@ def test_retry_after_parsing() -> None:
     assert parse_retry_after("0") == 1
     assert parse_retry_after("999999") == 3600
     assert parse_retry_after(format_datetime(now + timedelta(seconds=90)), now=now.timestamp()) == 90
+
+
+# --- several token endpoints: the next one only after a 404 -------------------------------------
+URLS = ("https://new.example/v1/oauth/token", "https://old.example/v1/oauth/token")
+
+
+def client_over(handler, urls=URLS) -> HttpOAuthClient:  # noqa: ANN001
+    return HttpOAuthClient(token_urls=urls, client=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+
+
+async def test_a_404_moves_on_to_the_next_endpoint() -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        if request.url.host == "new.example":
+            return httpx.Response(404, text="no such route")
+        return httpx.Response(200, json=GOOD)
+
+    grant = await client_over(handler).exchange_code(REQUEST)
+    assert grant.access_token == GOOD["access_token"]
+    assert seen == list(URLS)
+
+
+@pytest.mark.parametrize(
+    ("first", "error"),
+    [
+        (httpx.Response(400, json={"error": "invalid_grant"}), InvalidCode),
+        (httpx.Response(401, json={"error": "invalid_grant"}), InvalidCode),
+        (httpx.Response(429, headers={"Retry-After": "5"}), UpstreamRateLimited),
+        (httpx.Response(500, text="boom"), UpstreamUnavailable),
+        (httpx.Response(502, text="bad gateway"), UpstreamUnavailable),
+        (httpx.Response(200, text="not json"), UpstreamBadResponse),
+        (httpx.Response(405, text="method"), UpstreamBadResponse),
+    ],
+)
+async def test_any_other_answer_never_reaches_the_next_endpoint(first: httpx.Response, error: type) -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.host)
+        return first if request.url.host == "new.example" else httpx.Response(200, json=GOOD)
+
+    with pytest.raises(error):
+        await client_over(handler).exchange_code(REQUEST)
+    assert seen == ["new.example"]  # the code was seen by a server: never sent again
+
+
+@pytest.mark.parametrize("exc", [httpx.ReadTimeout("slow"), httpx.ConnectError("refused"), httpx.ReadError("reset")])
+async def test_transport_failures_are_not_retried_elsewhere(exc: Exception) -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.host)
+        raise exc
+
+    with pytest.raises(UpstreamError):
+        await client_over(handler).exchange_code(REQUEST)
+    assert seen == ["new.example"]
+
+
+async def test_all_404_is_a_bad_response_naming_the_setting() -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.host)
+        return httpx.Response(404)
+
+    with pytest.raises(UpstreamBadResponse) as caught:
+        await client_over(handler).exchange_code(REQUEST)
+    assert seen == ["new.example", "old.example"]
+    assert "OAUTH_TOKEN_URL" in caught.value.detail and caught.value.status == 502
+
+
+def test_token_urls_are_deduplicated_in_order() -> None:
+    client = HttpOAuthClient(token_url=URLS[1], token_urls=[URLS[0], URLS[1]])
+    assert client.token_urls == (URLS[1], URLS[0])
+    with pytest.raises(ValueError):
+        HttpOAuthClient()
+
+
+@pytest.fixture
+def stdlib_logs():  # noqa: ANN201 - route structlog through stdlib (as in production) for one test
+    import logging
+
+    import structlog
+
+    from shared.logging import configure_logging
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, structlog.get_config(), logging.getLogger("httpx").level)
+    configure_logging("DEBUG", "json", service="auth-test")
+    yield
+    root.handlers[:], level, config, httpx_level = saved
+    root.setLevel(level)
+    logging.getLogger("httpx").setLevel(httpx_level)
+    structlog.configure(**config)
+    structlog.contextvars.unbind_contextvars("service")
+
+
+async def test_logs_carry_status_and_error_names_never_bodies(stdlib_logs, caplog: pytest.LogCaptureFixture) -> None:  # noqa: ANN001
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    leak = "secret-detail-in-the-body-0123456789"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "new.example":
+            return httpx.Response(404, text=leak)
+        return httpx.Response(400, json={"error": "invalid_grant", "error_description": leak})
+
+    with pytest.raises(InvalidCode):
+        await client_over(handler).exchange_code(REQUEST)
+    events = [r.msg for r in caplog.records if isinstance(r.msg, dict)]
+    refused = next(e for e in events if e["event"] == "token endpoint refused the grant")
+    assert refused["status"] == 400 and refused["error"] == "invalid_grant"
+    assert any(e["event"] == "token endpoint not found" and e["status"] == 404 for e in events)
+    text = "\n".join(repr(r.__dict__) for r in caplog.records)
+    assert leak not in text and "the-code" not in text and "v" * 64 not in text

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.auth.domain import PastedCode, parse_paste
-from services.auth.errors import AuthError, InvalidPaste
+from services.auth.domain import PastedCode, parse_legacy_paste, parse_paste, parse_setup_token
+from services.auth.errors import AuthError, InvalidPaste, InvalidSetupToken
 
 STATE = "q5S7l0m0xY8c6pE0XJv7Yb0rQm9bV3wH2tXo1kZ4cGs"
 
@@ -88,3 +88,66 @@ def test_round_trip_of_well_formed_pastes(code: str, state: str, pad: str) -> No
 def test_non_string_input_is_a_typed_error() -> None:
     with pytest.raises(AuthError):
         parse_paste(None, None)  # type: ignore[arg-type]
+
+
+# --- the seed's `code#verifier` ------------------------------------------------------------------
+VERIFIER = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"
+
+
+def test_legacy_paste_accepted() -> None:
+    parsed = parse_legacy_paste(f"  abc123#{VERIFIER}\n")
+    assert (parsed.code, parsed.verifier) == ("abc123", VERIFIER)
+    assert "abc123" not in repr(parsed) and VERIFIER not in repr(parsed)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "abc123", f"#{VERIFIER}", "abc123#short", f"abc123#{VERIFIER}#x", f"abc 123#{VERIFIER}",
+     "abc123#" + "v" * 129, f"abc123#{VERIFIER[:-1]}!", "x" * 5000],
+)
+def test_legacy_paste_rejected(text: str) -> None:
+    with pytest.raises(InvalidPaste) as caught:
+        parse_legacy_paste(text)
+    assert "abc123" not in caught.value.detail and VERIFIER not in caught.value.detail
+
+
+@given(st.text(max_size=300))
+def test_legacy_paste_parses_or_raises_the_typed_error(text: str) -> None:
+    try:
+        parsed = parse_legacy_paste(text)
+    except InvalidPaste:
+        return
+    assert 43 <= len(parsed.verifier) <= 128 and parsed.code and "#" not in parsed.code
+
+
+# --- `claude setup-token` tokens -----------------------------------------------------------------
+def test_setup_token_accepted_and_trimmed() -> None:
+    token = "sk-ant-oat01-" + "Ab_-9" * 20
+    assert parse_setup_token(f"  {token}\n") == token
+
+
+@pytest.mark.parametrize(
+    ("text", "hint"),
+    [
+        ("sk-ant-ort01-" + "r" * 60, "refresh token"),
+        ("sk-ant-api03-" + "k" * 60, "API key"),
+        ("sk-ant-oat01-short", "setup-token"),
+        ("sk-ant-oat01-" + "x" * 60 + " tail", "setup-token"),
+        ("eyJhbGciOiJIUzI1NiJ9.e30.sig", "setup-token"),
+        ("", "setup-token"),
+    ],
+)
+def test_setup_token_rejected_with_a_reason(text: str, hint: str) -> None:
+    with pytest.raises(InvalidSetupToken) as caught:
+        parse_setup_token(text)
+    assert caught.value.status == 400 and hint in caught.value.detail
+    assert text[13:] not in caught.value.detail or not text[13:]
+
+
+@given(st.text(max_size=200))
+def test_setup_token_parses_or_raises_the_typed_error(text: str) -> None:
+    try:
+        token = parse_setup_token(text)
+    except InvalidSetupToken:
+        return
+    assert token.startswith("sk-ant-oat01-") and token == token.strip()

@@ -2,6 +2,11 @@
 
 Requests are byte-for-byte what the real CLI sends (JSON body, the same six fields). Failures
 become the `UpstreamError` family; response bodies are never logged or put into errors.
+
+Several token URLs may be configured (the current one first, the seed's older one after it):
+the next one is tried only when one answers 404, i.e. the endpoint does not exist there and the
+code was never looked at. Any other answer, a timeout or a broken connection ends the attempt:
+a code is never sent again once a server may have seen it.
 """
 
 from __future__ import annotations
@@ -106,8 +111,18 @@ def grant_from_json(body: Any) -> TokenGrant:
 
 
 class HttpOAuthClient:
-    def __init__(self, *, token_url: str, timeout: float = 10.0, client: httpx.AsyncClient | None = None) -> None:
-        self.token_url = token_url
+    def __init__(
+        self,
+        *,
+        token_url: str | None = None,
+        token_urls: tuple[str, ...] | list[str] = (),
+        timeout: float = 10.0,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        urls = tuple(dict.fromkeys([*([token_url] if token_url else []), *token_urls]))
+        if not urls:
+            raise ValueError("at least one token URL is needed")
+        self.token_urls = urls
         self._owns_client = client is None
         self._client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(timeout),
@@ -130,10 +145,26 @@ class HttpOAuthClient:
         }
         return await self._post(body, grant_type="authorization_code")
 
+    @property
+    def token_url(self) -> str:
+        return self.token_urls[0]
+
     async def _post(self, body: dict[str, str], *, grant_type: str) -> TokenGrant:
+        for index, url in enumerate(self.token_urls):
+            response = await self._send(url, body, grant_type=grant_type)
+            if response.status_code != 404:
+                return self._grant(response, grant_type=grant_type)
+            more = index + 1 < len(self.token_urls)
+            log.warning("token endpoint not found", grant_type=grant_type, endpoint=index, url=url, status=404,
+                        next_endpoint=more)
+        raise UpstreamBadResponse(
+            "No configured token endpoint exists (every one answered 404); check OAUTH_TOKEN_URL(S)."
+        )
+
+    async def _send(self, url: str, body: dict[str, str], *, grant_type: str) -> httpx.Response:
         started = time.monotonic()
         try:
-            response = await self._client.post(self.token_url, json=body)
+            response = await self._client.post(url, json=body)
         except httpx.TimeoutException as exc:
             log.warning("token endpoint timeout", grant_type=grant_type, error_type=type(exc).__name__)
             raise UpstreamTimeout() from None
@@ -141,8 +172,11 @@ class HttpOAuthClient:
             log.warning("token endpoint unreachable", grant_type=grant_type, error_type=type(exc).__name__)
             raise UpstreamUnavailable() from None
         elapsed_ms = int((time.monotonic() - started) * 1000)
+        log.info("token endpoint answered", grant_type=grant_type, status=response.status_code, elapsed_ms=elapsed_ms)
+        return response
+
+    def _grant(self, response: httpx.Response, *, grant_type: str) -> TokenGrant:
         status = response.status_code
-        log.info("token endpoint answered", grant_type=grant_type, status=status, elapsed_ms=elapsed_ms)
         if status == 429:
             raise UpstreamRateLimited(parse_retry_after(response.headers.get("retry-after")))
         if status in (400, 401, 403):
@@ -152,8 +186,8 @@ class HttpOAuthClient:
         if status >= 500:
             raise UpstreamUnavailable()
         if status != 200:
-            # 3xx (we never follow), 404 (an old token URL), other 4xx: our configuration is off.
-            raise UpstreamBadResponse(f"The authorization server answered HTTP {status}; check OAUTH_TOKEN_URL.")
+            # 3xx (we never follow), other 4xx: our configuration is off.
+            raise UpstreamBadResponse(f"The authorization server answered HTTP {status}; check OAUTH_TOKEN_URL(S).")
         content_type = response.headers.get("content-type", "")
         try:
             payload = response.json()

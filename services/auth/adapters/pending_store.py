@@ -3,6 +3,9 @@
 - Key = the login's state; bucket TTL = the login's life, so forgotten logins vanish by themselves.
 - Single use: `consume` deletes with `last=revision` (compare-and-set): of two racing replicas
   exactly one wins.
+- Per-caller cap: key `user.<sha256(user id)>` holds the caller's logins (state, expiry), updated
+  with compare-and-set, so "at most N live logins" holds across replicas. Consumed logins drop
+  out because each listed state is looked up; expired ones by their expiry.
 - The record holds the PKCE verifier, which together with a code someone saw would be enough to
   redeem it: values are AES-256-GCM encrypted with a key derived from the caller-JWT secret
   (which every replica shares), bound to the key name, so the bus never carries a verifier in
@@ -12,8 +15,11 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
+import math
 import os
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import nats.errors
 import nats.js.errors
@@ -25,7 +31,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from services.auth.domain import PendingLogin
-from services.auth.errors import StoreUnavailable
+from services.auth.errors import StoreUnavailable, TooManyPendingLogins
 from services.auth.ports import StoredLogin
 from shared.logging import get_logger
 from shared.subjects import PENDING_LOGINS_BUCKET
@@ -33,6 +39,8 @@ from shared.subjects import PENDING_LOGINS_BUCKET
 log = get_logger(__name__)
 
 _WRONG_LAST_SEQUENCE = (10071, 10164)
+INDEX_PREFIX = "user."
+_CAS_ATTEMPTS = 8
 _TRANSIENT = (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError, OSError)
 
 
@@ -97,12 +105,51 @@ class KvPendingStore:
     ) -> KvPendingStore:
         return cls(await open_bucket(js, ttl=ttl, replicas=replicas), cipher)
 
-    async def put(self, login: PendingLogin) -> None:
+    async def put(self, login: PendingLogin, *, limit: int | None = None) -> None:
         try:
+            if limit is not None:
+                await self._reserve(login, limit)
             await self._kv.create(login.state, self._cipher.encrypt(login.to_json(), key=login.state))
         except _TRANSIENT as exc:
             log.warning("pending-login store write failed", error_type=type(exc).__name__)
             raise StoreUnavailable() from None
+
+    async def _reserve(self, login: PendingLogin, limit: int) -> None:
+        """Add `login` to its caller's index unless the caller is at `limit` (compare-and-set)."""
+        key = index_key(login.user_id)
+        for _ in range(_CAS_ATTEMPTS):
+            try:
+                entry = await self._kv.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                entry = None
+            listed = self._open_index(entry.value, key) if entry is not None and entry.value else []
+            live = [item for item in listed if item[1] > login.created_at and await self._exists(item[0])]
+            check_capacity(live, limit, login.created_at)
+            value = self._cipher.encrypt(dump_index([*live, (login.state, login.expires_at)]), key=key)
+            try:
+                if entry is None:
+                    await self._kv.create(key, value)
+                else:
+                    await self._kv.update(key, value, last=entry.revision)
+                return
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue  # another replica changed the index meanwhile: read it again
+        log.warning("pending-login index kept changing under us", attempts=_CAS_ATTEMPTS)
+        raise StoreUnavailable()
+
+    def _open_index(self, blob: bytes, key: str) -> list[tuple[str, datetime]]:
+        try:
+            return load_index(self._cipher.decrypt(blob, key=key))
+        except ValueError:
+            log.warning("unreadable pending-login index replaced")
+            return []
+
+    async def _exists(self, state: str) -> bool:
+        try:
+            entry = await self._kv.get(state)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.InvalidKeyError):
+            return False
+        return bool(entry.value)
 
     async def get(self, state: str) -> StoredLogin | None:
         try:
@@ -148,6 +195,27 @@ class KvPendingStore:
             raise StoreUnavailable() from None
 
 
+def index_key(user_id: str) -> str:
+    return INDEX_PREFIX + hashlib.sha256(user_id.encode()).hexdigest()[:40]
+
+
+def dump_index(items: list[tuple[str, datetime]]) -> bytes:
+    return json.dumps([{"state": state, "expires_at": expires.isoformat()} for state, expires in items]).encode()
+
+
+def load_index(data: bytes) -> list[tuple[str, datetime]]:
+    try:
+        return [(str(i["state"]), datetime.fromisoformat(i["expires_at"])) for i in json.loads(data)]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError("not a pending-login index") from exc
+
+
+def check_capacity(live: list[tuple[str, datetime]], limit: int, now: datetime) -> None:
+    if len(live) >= limit:
+        soonest = min(expires for _, expires in live)
+        raise TooManyPendingLogins(max(1, math.ceil((soonest - now).total_seconds())))
+
+
 class InMemoryPendingStore:
     """Same semantics as the KV store (revisions, compare-and-set), for unit tests."""
 
@@ -158,9 +226,16 @@ class InMemoryPendingStore:
     def __len__(self) -> int:
         return len(self._items)
 
-    async def put(self, login: PendingLogin) -> None:
+    async def put(self, login: PendingLogin, *, limit: int | None = None) -> None:
         if login.state in self._items:
             raise StoreUnavailable("duplicate state")
+        if limit is not None:
+            live = [
+                (other.state, other.expires_at)
+                for other, _ in self._items.values()
+                if other.user_id == login.user_id and other.expires_at > login.created_at
+            ]
+            check_capacity(live, limit, login.created_at)
         self._revision += 1
         self._items[login.state] = (login, self._revision)
 

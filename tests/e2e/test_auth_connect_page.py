@@ -1,0 +1,174 @@
+"""The connect page in a real browser: Playwright driving Debian's Chromium (headless) against
+the running AuthService, the OAuth stand-in and a vault stand-in on real NATS.
+
+Click "Connect Claude Code" → the authorize URL opens in a new tab → the stand-in's callback
+page shows `code#state` → paste it → "Connected"; a wrong paste shows a clear error; the status
+panel follows; disconnect works. The page never receives an OAuth token and loads nothing from
+outside. The screenshot goes to docs/connect.png when that is missing or UPDATE_SCREENSHOTS=1."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from services.auth.app import AuthService
+from services.auth.callers import mint_caller_token
+from shared.sealing import KeyPair
+from standins.oauth import OAuthStandin
+from tests.auth_fixtures import (  # noqa: F401 - fixtures
+    JWT_SECRET,
+    VaultResponder,
+    new_user,
+    settings_for,
+    standin,
+    vault_key,
+    vault_responder,
+)
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run",
+]
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "connect.png"
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[object]:
+    if not CHROMIUM.exists():
+        pytest.skip("Chromium is missing: run `make chromium` (make test does)")
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+@pytest.fixture
+async def auth(nats_url: str, tmp_path: Path, standin: OAuthStandin, vault_key: KeyPair) -> AsyncIterator[AuthService]:
+    async with AuthService(settings_for(nats_url, tmp_path, standin, vault_key)) as service:
+        yield service
+
+
+async def test_connect_in_a_browser(
+    browser, auth: AuthService, standin: OAuthStandin, vault_responder: VaultResponder, tmp_path: Path  # noqa: ANN001
+) -> None:
+    from playwright.async_api import expect
+
+    user = new_user()
+    context = await browser.new_context(viewport={"width": 960, "height": 900}, device_scale_factor=1)
+    page = await context.new_page()
+    seen_urls: list[str] = []
+    bodies: list[str] = []
+    context.on("request", lambda request: seen_urls.append(request.url))
+
+    async def keep_body(response) -> None:  # noqa: ANN001
+        if response.url.startswith(auth.base_url):
+            try:
+                bodies.append(await response.text())
+            except Exception:  # noqa: BLE001 - bodies of redirects/aborted requests
+                pass
+
+    page.on("response", keep_body)
+
+    token = mint_caller_token(JWT_SECRET, user, ttl_s=3600)
+    await page.goto(f"{auth.base_url}/connect#token={token}")
+    await expect(page.locator("#caller-linked")).to_be_visible()
+    assert "token=" not in page.url  # the fragment is wiped from the address bar
+    await expect(page.locator("#status-state")).to_have_text("Not connected")
+
+    # 1. a wrong paste shows a clear error (no login needed for that)
+    await page.fill("#paste-box", "this is not a code")
+    await page.click("#paste-submit")
+    await expect(page.locator("#message")).to_have_class(re.compile(r"\berror\b"))
+    await expect(page.locator("#message")).to_contain_text("not the code Claude showed")
+
+    # 2. connect: the authorize URL opens in a new tab; the stand-in's callback shows code#state
+    async with context.expect_page() as new_tab:
+        await page.click("#connect-button")
+    tab = await new_tab.value
+    await tab.wait_for_load_state()
+    assert tab.url.startswith(standin.callback_url)
+    pasted = (await tab.locator("#paste-code").inner_text()).strip()
+    assert "#" in pasted
+    await expect(page.locator("#authorize-hint")).to_be_visible()
+    link = await page.get_attribute("#authorize-link", "href")  # the fallback link if popups are blocked
+    assert link is not None and link.startswith(standin.claude_ai_authorize_url + "?code=true&")
+
+    # 3. an expired/unknown state is explained too
+    code, _, state = pasted.partition("#")
+    await page.fill("#paste-box", f"{code}#{'x' * len(state)}")
+    await page.click("#paste-submit")
+    await expect(page.locator("#message")).to_contain_text("expired or was already used")
+
+    # 4. the real paste connects
+    await page.fill("#paste-box", pasted)
+    await page.click("#paste-submit")
+    await expect(page.locator("#message")).to_contain_text("Connected.")
+    await expect(page.locator("#status-state")).to_have_text("Connected")
+    await vault_responder.wait_for(lambda: user in vault_responder.connections)
+    await page.click("#status-refresh")
+    await expect(page.locator("#status-account")).to_contain_text(standin.state.account["email_address"])
+    await expect(page.locator("#status-scopes")).to_contain_text("user:inference")
+    shot = tmp_path / "connect.png"
+    await page.screenshot(path=str(shot), full_page=True)
+    if os.environ.get("UPDATE_SCREENSHOTS") or not SCREENSHOT.exists():  # docs/ only on request
+        SCREENSHOT.write_bytes(shot.read_bytes())
+
+    # 5. disconnect
+    await page.click("#disconnect")
+    await expect(page.locator("#message")).to_contain_text("Disconnected")
+    await vault_responder.wait_for(lambda: any(e.user_id == user for e in vault_responder.revoked))
+    await page.click("#status-refresh")
+    await expect(page.locator("#status-state")).to_have_text("Not connected")
+    await context.close()
+
+    # The page never saw an OAuth token, and nothing came from outside loopback.
+    issued = list(standin.state.access_tokens) + list(standin.state.refresh_tokens)
+    assert issued and bodies
+    assert not [b for b in bodies if any(t in b for t in issued) or "sk-ant-" in b]
+    assert all(url.startswith((auth.base_url, standin.base_url)) for url in seen_urls), seen_urls
+    assert shot.stat().st_size > 10_000
+
+
+async def test_token_typed_into_the_page_and_refused_tokens(
+    browser, auth: AuthService, vault_responder: VaultResponder  # noqa: ANN001
+) -> None:
+    from playwright.async_api import expect
+
+    page = await browser.new_page()
+    await page.goto(f"{auth.base_url}/connect")
+    await expect(page.locator("#connect-button")).to_be_disabled()
+    await expect(page.locator("#caller-form")).to_be_visible()
+
+    await page.fill("#caller-token", "not-a-valid-jwt")
+    await page.click("#caller-save")
+    await page.click("#connect-button")
+    await expect(page.locator("#message")).to_contain_text("token was refused")
+
+    user = new_user()
+    await page.fill("#caller-token", mint_caller_token(JWT_SECRET, user))
+    await page.click("#caller-save")
+    await expect(page.locator("#status-state")).to_have_text("Not connected")
+    assert vault_responder.requests and vault_responder.requests[-1].user_id == user
+    await page.close()
+
+
+async def test_vault_down_is_shown_not_hidden(browser, auth: AuthService) -> None:  # noqa: ANN001
+    from playwright.async_api import expect
+
+    page = await browser.new_page()
+    await page.goto(f"{auth.base_url}/connect#token={mint_caller_token(JWT_SECRET, new_user())}")
+    await page.click("#status-refresh")
+    await expect(page.locator("#message")).to_contain_text("vault is not answering")
+    await expect(page.locator("#status-state")).to_contain_text("vault is not answering")
+    await page.close()
