@@ -134,6 +134,8 @@ async def _demo(user: str, data_dir: Path) -> bool:
             "AUTH_JWT_SECRET": jwt_secret,
             "OAUTH_AUTHORIZE_URL": oauth.authorize_url,
             "OAUTH_TOKEN_URL": oauth.token_url,
+            "OAUTH_TOKEN_URLS": oauth.token_url,  # no fallback to the real endpoints: loopback only
+            "OAUTH_CONSOLE_AUTHORIZE_URL": oauth.console_authorize_url,
             "OAUTH_REDIRECT_URI": oauth.callback_url,
         }
         console.print(f"1. OAuth stand-in on {oauth.base_url}; starting the stack in {data_dir}")

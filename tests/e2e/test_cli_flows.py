@@ -32,6 +32,8 @@ async def running(tmp_path: Path, embedded_nats):
             "AUTH_JWT_SECRET": secret,
             "OAUTH_AUTHORIZE_URL": oauth.authorize_url,
             "OAUTH_TOKEN_URL": oauth.token_url,
+            "OAUTH_TOKEN_URLS": oauth.token_url,  # no fallback to the real endpoints: loopback only
+            "OAUTH_CONSOLE_AUTHORIZE_URL": oauth.console_authorize_url,
             "OAUTH_REDIRECT_URI": oauth.callback_url,
         }
         async with Stack(tmp_path / "data", nats_url=embedded_nats.url, env=env, auth_port=free_port()) as stack:

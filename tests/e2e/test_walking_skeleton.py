@@ -42,6 +42,8 @@ async def test_login_to_injected_home_accepted_by_real_cli(tmp_path: Path, nats_
             "AUTH_JWT_SECRET": jwt_secret,
             "OAUTH_AUTHORIZE_URL": oauth.authorize_url,
             "OAUTH_TOKEN_URL": oauth.token_url,
+            "OAUTH_TOKEN_URLS": oauth.token_url,  # no fallback to the real endpoints: loopback only
+            "OAUTH_CONSOLE_AUTHORIZE_URL": oauth.console_authorize_url,
             "OAUTH_REDIRECT_URI": oauth.callback_url,
             "LOG_LEVEL": "DEBUG",
         }
