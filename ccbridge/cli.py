@@ -447,6 +447,38 @@ def keys_list() -> None:
     typer.echo(json.dumps(_vault_tool(tools.key_status), indent=2))
 
 
+connections_app = typer.Typer(help="Connections the vault holds (never a secret).", no_args_is_help=True)
+app.add_typer(connections_app, name="connections")
+
+
+@connections_app.command("list")
+def connections_list(
+    state: Annotated[str | None, typer.Option(help="connected | refresh_failed | reconnect_required")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many.")] = 1000,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Who is connected, in which state, until when — ids, scopes and expiries only."""
+    from datetime import UTC, datetime
+
+    from rich.table import Table
+
+    from services.vault.tools import list_connections
+
+    rows = _vault_tool(lambda settings: list_connections(settings, state=state, limit=limit))
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+
+    def when(ms: int | None) -> str:
+        return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC") if ms else "—"
+
+    table = Table("user", "kind", "state", "access until", "login until", "version", "key", title=f"{len(rows)} connection(s)")
+    for row in rows:
+        table.add_row(row["user_id"], row["kind"], row["state"], when(row["expires_at"]),
+                      when(row["refresh_token_expires_at"]), str(row["version"]), row["kek_id"] or "—")
+    Console().print(table)
+
+
 @app.command("standin-oauth")
 def standin_oauth(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8900,

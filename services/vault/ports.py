@@ -51,6 +51,9 @@ class ConnectionRepository(Protocol):
     async def summary(self, user_id: str, *, for_update: bool = False) -> ConnectionSummary | None:
         """The connection without its secret (never decrypts). Counts as "read" for `update`."""
 
+    async def summaries(self, *, limit: int = 1000, state: str | None = None) -> list[ConnectionSummary]:
+        """Connections without their secrets, for operators (never decrypts)."""
+
     async def add(self, connection: Connection) -> None:
         """Insert a connection that does not exist yet (`ConcurrencyConflict` if it does)."""
 

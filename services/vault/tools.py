@@ -292,6 +292,32 @@ async def key_status(settings: VaultSettings) -> dict[str, Any]:
     }
 
 
+# --- listing ---------------------------------------------------------------------------
+async def list_connections(settings: VaultSettings, *, state: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+    """Every connection without a secret: who, state, scopes, expiries, version, KEK id."""
+    ring = settings_source(settings).load()
+    store = open_store(settings)
+    try:
+        async with store.unit_of_work(ring) as uow:
+            found = await uow.connections.summaries(limit=limit, state=state)
+    finally:
+        await store.dispose()
+    return [
+        {
+            "user_id": c.user_id,
+            "kind": c.kind,
+            "state": c.state,
+            "scopes": list(c.scopes),
+            "expires_at": c.expires_at,
+            "refresh_token_expires_at": c.refresh_token_expires_at,
+            "email": c.account.email if c.account else None,
+            "version": c.version,
+            "kek_id": c.kek_id,
+        }
+        for c in found
+    ]
+
+
 # --- revocation -----------------------------------------------------------------------
 async def revoke_user(
     settings: VaultSettings,

@@ -161,6 +161,18 @@ class SqlConnectionRepository:
         self._loaded_versions[row.user_id] = row.version
         return _summary(row, kek_id)
 
+    async def summaries(self, *, limit: int = 1000, state: str | None = None) -> list[ConnectionSummary]:
+        """Connections without their secrets (never decrypts), by user id."""
+        stmt = (
+            select(ConnectionRow, SealedSecretRow.kek_id)
+            .outerjoin(SealedSecretRow, SealedSecretRow.user_id == ConnectionRow.user_id)
+            .order_by(ConnectionRow.user_id)
+            .limit(limit)
+        )
+        if state is not None:
+            stmt = stmt.where(ConnectionRow.state == state)
+        return [_summary(row, kek_id) for row, kek_id in (await self._session.execute(stmt)).all()]
+
     async def add(self, connection: Connection) -> None:
         values, secret = self._to_values(connection)
         await self._session.execute(insert(ConnectionRow).values(**values))
