@@ -1,0 +1,381 @@
+"""Building blocks shared by the benchmark, the chaos run and the reliability tests.
+
+Everything talks to the services the way a platform would: events on the bus (built with
+shared.events, sealed with shared.sealing to the vault's public key), files in sandbox homes,
+rows in the vault's SQLite file. No service module is imported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from ccbridge.stack import Stack
+from shared import subjects
+from shared.broker import stream_for
+from shared.events import (
+    Event,
+    SandboxCreated,
+    SandboxCredentialsFailed,
+    SandboxCredentialsInjected,
+    SandboxOptions,
+    TokenBundle,
+    TokensIssued,
+    new_event_id,
+)
+from shared.sealing import Recipient, read_public_key, seal
+
+SCOPES = ["user:inference", "user:profile", "user:sessions:claude_code"]
+HOUR_MS = 3600 * 1000
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def access_token_for(user_id: str, tag: str = "") -> str:
+    """Token-shaped, unique and recognisable (the credentials file of each sandbox must hold
+    exactly the token of its user)."""
+    return f"sk-ant-oat01-bench{tag}{uuid.uuid5(uuid.NAMESPACE_URL, user_id + tag).hex}"
+
+
+# --- events --------------------------------------------------------------------------
+def vault_recipient(data_dir: Path) -> Recipient:
+    recipient = read_public_key(Path(data_dir) / "keys", "vault")
+    if recipient is None:
+        raise RuntimeError(f"no vault public key under {data_dir}/keys (start the stack first)")
+    return recipient
+
+
+def tokens_issued(
+    vault: Recipient,
+    user_id: str,
+    *,
+    access_token: str | None = None,
+    refresh_token: str | None = None,
+    event_id: str | None = None,
+    expires_at: int | None = None,
+    scopes: Sequence[str] = SCOPES,
+) -> TokensIssued:
+    """A `tokens.issued` exactly as the auth service sends it: bundle sealed to the vault,
+    HPKE info bound to the subject and this event's id."""
+    event_id = event_id or new_event_id()
+    expires_at = expires_at or int(time.time() * 1000) + 8 * HOUR_MS
+    bundle = TokenBundle(
+        access_token=access_token or access_token_for(user_id),
+        refresh_token=refresh_token or f"sk-ant-ort01-bench{uuid.uuid4().hex}",
+        expires_at=expires_at,
+        scopes=list(scopes),
+    )
+    sealed = seal(bundle.model_dump_json().encode(), vault, subject=subjects.TOKENS_ISSUED, message_id=event_id)
+    return TokensIssued(event_id=event_id, user_id=user_id, sealed=sealed, scopes=list(scopes), expires_at=expires_at)
+
+
+def sandbox_created(
+    user_id: str, sandbox_id: str | None = None, *, event_id: str | None = None, mode: str | None = None
+) -> SandboxCreated:
+    return SandboxCreated(
+        event_id=event_id or new_event_id(),
+        user_id=user_id,
+        sandbox_id=sandbox_id or uid("sbx"),
+        backend="local",
+        options=SandboxOptions(mode=mode),  # type: ignore[arg-type]
+    )
+
+
+def encode(event: Event) -> tuple[bytes, dict[str, str]]:
+    return event.model_dump_json().encode(), {subjects.MSG_ID_HEADER: event.event_id}
+
+
+async def publish(js: JetStreamContext, subject: str, event: Event, *, timeout: float = 10.0) -> Any:
+    body, headers = encode(event)
+    return await js.publish(subject, body, headers=headers, stream=stream_for(subject), timeout=timeout)
+
+
+async def publish_many(
+    js: JetStreamContext, items: Iterable[tuple[str, Event]], *, window: int = 256, retries: int = 60
+) -> int:
+    """Publish with up to `window` JetStream acks outstanding. A publish that fails (server
+    restarting, no ack in time) is retried with the same Nats-Msg-Id, so it lands once."""
+    sem = asyncio.Semaphore(window)
+    done = 0
+
+    async def one(subject: str, event: Event) -> None:
+        nonlocal done
+        async with sem:
+            for attempt in range(retries):
+                try:
+                    await publish(js, subject, event, timeout=5.0)
+                    done += 1
+                    return
+                except (nats.errors.Error, asyncio.TimeoutError):
+                    await asyncio.sleep(min(1.0, 0.1 * (attempt + 1)))
+            raise RuntimeError(f"could not publish {subject} {event.event_id}")
+
+    await asyncio.gather(*(one(s, e) for s, e in items))
+    return done
+
+
+# --- watching results ----------------------------------------------------------------------
+@dataclass
+class Result:
+    subject: str
+    event: SandboxCredentialsInjected | SandboxCredentialsFailed
+    at: float
+
+
+@dataclass
+class ResultWatcher:
+    """Every `sandbox.credentials.*` seen on core NATS, by cause event id, with arrival time."""
+
+    nc: NatsClient
+    results: dict[str, list[Result]] = field(default_factory=lambda: defaultdict(list))
+    by_event_id: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    _sub: Any = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _waiters: dict[str, asyncio.Future[Result]] = field(default_factory=dict)
+
+    async def start(self) -> ResultWatcher:
+        self._sub = await self.nc.subscribe("sandbox.credentials.*", cb=self._on_msg)
+        await self.nc.flush()
+        return self
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _on_msg(self, msg: Msg) -> None:
+        now = time.perf_counter()
+        model = SandboxCredentialsInjected if msg.subject == subjects.SANDBOX_CREDENTIALS_INJECTED else SandboxCredentialsFailed
+        try:
+            event = model.model_validate_json(msg.data)
+        except ValueError:
+            return
+        result = Result(msg.subject, event, now)
+        self.results[event.cause_event_id].append(result)
+        self.by_event_id[event.event_id] += 1
+        waiter = self._waiters.pop(event.cause_event_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(result)
+        self._changed.set()
+
+    def expect(self, cause: str) -> asyncio.Future[Result]:
+        """A future for the first result of `cause` (call before publishing it)."""
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._waiters[cause] = future
+        return future
+
+    def injected(self, cause: str) -> list[Result]:
+        return [r for r in self.results.get(cause, ()) if r.subject == subjects.SANDBOX_CREDENTIALS_INJECTED]
+
+    def first_injected_at(self, cause: str) -> float | None:
+        found = self.injected(cause)
+        return found[0].at if found else None
+
+    def settled(self, causes: Iterable[str]) -> int:
+        return sum(1 for c in causes if self.results.get(c))
+
+    async def wait_settled(self, causes: Sequence[str], timeout: float, *, injected_only: bool = False) -> int:
+        """Wait until every cause has a result (or an injected one); returns how many do."""
+        deadline = time.monotonic() + timeout
+        while True:
+            count = (
+                sum(1 for c in causes if self.injected(c)) if injected_only else self.settled(causes)
+            )
+            if count >= len(causes) or time.monotonic() > deadline:
+                return count
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout=0.5)
+            except TimeoutError:
+                pass
+
+
+# --- the stack -------------------------------------------------------------------------------
+def stack_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    """Environment for services under test: SQLite in the data dir, sandboxes under it, no
+    metrics port (several stacks run side by side), no token refresh (it would call the real
+    OAuth server; tests that want it point OAUTH_TOKEN_URL at the stand-in and turn it on)."""
+    data_dir = Path(data_dir).resolve()
+    env = {
+        "DATABASE_URL": f"sqlite+aiosqlite:///{data_dir / 'vault.db'}",
+        "LOCAL_SANDBOX_ROOT": str(data_dir / "sandboxes"),
+        "LOG_FORMAT": "json",
+        "VAULT_METRICS_PORT": "0",
+        "VAULT_REFRESH_ENABLED": "false",
+    }
+    env.update(extra)
+    return env
+
+
+def make_stack(data_dir: Path, nats_url: str, *, services: tuple[str, ...] = ("vault", "sandbox"),
+               **env: str) -> Stack:
+    return Stack(Path(data_dir), nats_url=nats_url, env=stack_env(data_dir, **env), services=services)
+
+
+def sandbox_home(data_dir: Path, sandbox_id: str) -> Path:
+    return Path(data_dir).resolve() / "sandboxes" / sandbox_id
+
+
+def credentials_token(data_dir: Path, sandbox_id: str) -> str | None:
+    """The access token in a sandbox's `.claude/.credentials.json`, or None."""
+    path = sandbox_home(data_dir, sandbox_id) / ".claude" / ".credentials.json"
+    try:
+        return json.loads(path.read_text())["claudeAiOauth"]["accessToken"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# --- the vault's database (read-only, from outside) ------------------------------------------
+def db_path(data_dir: Path) -> Path:
+    return Path(data_dir).resolve() / "vault.db"
+
+
+def _ro(db: Path) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+
+
+def count_rows(db: Path, table: str, where: str = "", params: Sequence[Any] = ()) -> int:
+    if not Path(db).exists():
+        return 0
+    try:
+        with _ro(db) as conn:
+            return int(conn.execute(f"SELECT COUNT(*) FROM {table} {where}", tuple(params)).fetchone()[0])
+    except sqlite3.OperationalError:  # table not created yet
+        return 0
+
+
+def connection_users(db: Path) -> set[str]:
+    try:
+        with _ro(db) as conn:
+            return {r[0] for r in conn.execute("SELECT user_id FROM connections")}
+    except sqlite3.OperationalError:
+        return set()
+
+
+# --- JetStream state ---------------------------------------------------------------------------
+async def stream_subject_counts(js: JetStreamContext, stream: str, filter_subject: str = ">") -> dict[str, int]:
+    try:
+        info = await js.stream_info(stream, subjects_filter=filter_subject)
+    except NotFoundError:
+        return {}
+    return dict(info.state.subjects or {})
+
+
+async def dlq_counts(js: JetStreamContext) -> dict[str, int]:
+    return await stream_subject_counts(js, subjects.DLQ_STREAM.name, "dlq.>")
+
+
+async def dlq_messages(js: JetStreamContext) -> list[tuple[str, bytes, dict[str, str]]]:
+    """Every dead letter (subject, body, headers), read with an ephemeral ordered consumer."""
+    out: list[tuple[str, bytes, dict[str, str]]] = []
+    try:
+        info = await js.stream_info(subjects.DLQ_STREAM.name)
+    except NotFoundError:
+        return out
+    total = info.state.messages
+    if not total:
+        return out
+    sub = await js.subscribe("dlq.>", stream=subjects.DLQ_STREAM.name, ordered_consumer=True)
+    try:
+        while len(out) < total:
+            try:
+                msg = await sub.next_msg(timeout=5)
+            except nats.errors.TimeoutError:
+                break
+            out.append((msg.subject, msg.data, dict(msg.headers or {})))
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+async def injected_count(js: JetStreamContext) -> int:
+    counts = await stream_subject_counts(js, subjects.SANDBOX_STREAM.name, subjects.SANDBOX_CREDENTIALS_INJECTED)
+    return counts.get(subjects.SANDBOX_CREDENTIALS_INJECTED, 0)
+
+
+async def read_results(
+    js: JetStreamContext,
+) -> tuple[dict[str, set[str]], int, list[SandboxCredentialsFailed]]:
+    """From the durable record (the stream), not from what a core subscriber happened to see:
+    cause event id → distinct injected event ids, raw injected message count, failed events."""
+    injected: dict[str, set[str]] = defaultdict(set)
+    failures: list[SandboxCredentialsFailed] = []
+    counts = await stream_subject_counts(js, subjects.SANDBOX_STREAM.name, "sandbox.credentials.>")
+    total = sum(counts.values())
+    raw = 0
+    if not total:
+        return injected, 0, failures
+    sub = await js.subscribe("sandbox.credentials.>", stream=subjects.SANDBOX_STREAM.name, ordered_consumer=True)
+    try:
+        seen = 0
+        while seen < total:
+            try:
+                msg = await sub.next_msg(timeout=10)
+            except nats.errors.TimeoutError:
+                break
+            seen += 1
+            if msg.subject == subjects.SANDBOX_CREDENTIALS_INJECTED:
+                event = SandboxCredentialsInjected.model_validate_json(msg.data)
+                injected[event.cause_event_id].add(event.event_id)
+                raw += 1
+            elif msg.subject == subjects.SANDBOX_CREDENTIALS_FAILED:
+                failures.append(SandboxCredentialsFailed.model_validate_json(msg.data))
+    finally:
+        await sub.unsubscribe()
+    return injected, raw, failures
+
+
+async def wait_pipeline_idle(js: JetStreamContext, expected_injected: int, timeout: float, *,
+                             quiet_s: float = 2.0) -> bool:
+    """Until the sandbox.created consumer has nothing pending or unacked and the stream holds at
+    least `expected_injected` injected results (and stays so for `quiet_s`)."""
+    deadline = time.monotonic() + timeout
+    idle_since: float | None = None
+    while time.monotonic() < deadline:
+        try:
+            info = await js.consumer_info(subjects.SANDBOX_STREAM.name, subjects.SANDBOX_CREATED_DURABLE)
+            idle = (info.num_pending == 0 and info.num_ack_pending == 0
+                    and await injected_count(js) >= expected_injected)
+        except (nats.errors.Error, asyncio.TimeoutError):
+            idle = False
+        if idle:
+            idle_since = idle_since or time.monotonic()
+            if time.monotonic() - idle_since >= quiet_s:
+                return True
+        else:
+            idle_since = None
+        await asyncio.sleep(0.5)
+    return False
+
+
+def rss_mb(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).memory_info().rss / 1e6
+    except psutil.Error:
+        return None
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
