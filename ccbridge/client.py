@@ -32,6 +32,7 @@ from shared.events import (
     SandboxOptions,
     new_event_id,
 )
+from shared.settings import nats_servers
 
 SandboxResult = SandboxCredentialsInjected | SandboxCredentialsFailed
 
@@ -63,7 +64,7 @@ class CcbridgeClient:
 
     async def __aenter__(self) -> CcbridgeClient:
         if self._nc is None:
-            self._nc = await nats.connect(self._url, name=self._name)
+            self._nc = await nats.connect(servers=nats_servers(self._url), name=self._name)
         self._subscription = await self._nc.subscribe("sandbox.credentials.*", cb=self._on_result)
         return self
 

@@ -20,6 +20,7 @@ from nats.js.errors import NotFoundError
 from ccbridge.embedded_nats import EmbeddedNats, free_port
 from shared import subjects
 from shared.sealing import load_or_create_keypair
+from shared.settings import nats_servers
 
 SERVICES = ("vault", "sandbox", "auth")
 
@@ -160,7 +161,7 @@ class Stack:
     async def wait_ready(self, timeout: float) -> None:
         """Ready = durable consumers exist, the vault answers requests, auth says /readyz 200."""
         deadline = time.monotonic() + timeout
-        nc = await nats.connect(self.nats_url, max_reconnect_attempts=-1)
+        nc = await nats.connect(servers=nats_servers(self.nats_url), max_reconnect_attempts=-1)
         try:
             js = nc.jetstream()
             pending = []

@@ -52,7 +52,7 @@ def stream_for(subject: str) -> str:
 
 def make_broker(settings: ServiceSettings, *, name: str, middlewares: tuple = ()) -> NatsBroker:
     return NatsBroker(
-        settings.nats_url,
+        settings.nats_servers,
         name=f"ccbridge-{name}",
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
@@ -109,8 +109,16 @@ async def dead_letter(
     """Keep a message we cannot process, unchanged, on `dlq.<subject>` with why."""
     headers = {REASON_HEADER: reason[:200], ORIGINAL_SUBJECT_HEADER: subject}
     if message_id:
-        headers[MSG_ID_HEADER] = f"dlq-{message_id}"
+        # Per subject: the same bad body arriving on two subjects is two dead letters.
+        headers[MSG_ID_HEADER] = f"dlq-{subject}-{message_id}"
     await broker.publish(body, subjects.dead_letter_subject(subject), headers=headers, stream=subjects.DLQ_STREAM.name)
+
+
+def document_publishers(broker: NatsBroker, published: dict[str, type[BaseModel]]) -> None:
+    """Declare what a service publishes, so FastStream's AsyncAPI shows its outgoing channels
+    with their payload schemas. Publishing itself goes through `publish_event`."""
+    for subject, model in published.items():
+        broker.publisher(subject, schema=model, title=f"{subject}:{model.__name__}", description=model.__doc__)
 
 
 def reply_model(model: BaseModel) -> bytes:

@@ -8,6 +8,11 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def nats_servers(url: str) -> list[str]:
+    """`NATS_URL` may list several servers of a cluster, comma separated."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
 class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_file=None, extra="ignore", populate_by_name=True)
 
@@ -16,6 +21,10 @@ class ServiceSettings(BaseSettings):
     log_level: str = Field(default="INFO", validation_alias="LOG_LEVEL")
     log_format: str = Field(default="console", validation_alias="LOG_FORMAT", description="console | json")
     stream_replicas: int = Field(default=1, validation_alias="CCBRIDGE_STREAM_REPLICAS", ge=1, le=5)
+
+    @property
+    def nats_servers(self) -> list[str]:
+        return nats_servers(self.nats_url)
 
     @property
     def keys_dir(self) -> Path:
