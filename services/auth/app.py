@@ -35,10 +35,22 @@ from services.auth.metrics import AuthMetrics
 from services.auth.ports import Clock, OAuthClient, PendingStore, VaultKeys, VaultStatus
 from services.auth.routes import AuthComponents, router
 from services.auth.settings import AuthSettings
-from shared.broker import make_broker, provision
+from shared import subjects
+from shared.broker import document_publishers, make_broker, provision
+from shared.events import TokensIssued, TokensRevoked
 from shared.logging import configure_logging, get_logger
 
 log = get_logger(__name__)
+
+# What auth puts on the bus (AsyncAPI documents these; `publish_event` sends them).
+PUBLISHES = {subjects.TOKENS_ISSUED: TokensIssued, subjects.TOKENS_REVOKED: TokensRevoked}
+
+
+def build_broker(settings: AuthSettings) -> NatsBroker:
+    """Auth's broker: it consumes nothing; it publishes and asks the vault for status."""
+    broker = make_broker(settings, name="auth")
+    document_publishers(broker, PUBLISHES)
+    return broker
 
 DESCRIPTION = """Connect a person's Claude account to ccbridge.
 
@@ -299,7 +311,7 @@ class AuthService:
         vault_status: VaultStatus | None = None,
     ) -> None:
         self.settings = settings
-        self.broker = make_broker(settings, name="auth")
+        self.broker = build_broker(settings)
         self.app = create_app(
             settings, broker=self.broker, oauth_client=oauth_client, pending_store=pending_store, clock=clock,
             vault_keys=vault_keys, vault_status=vault_status,

@@ -40,11 +40,30 @@ from services.vault.settings import VaultSettings
 from services.vault.trust import TrustedRequesters, TrustStore
 from services.vault.use_cases import AuditWriter, Vault
 from shared import subjects
-from shared.broker import make_broker, provision
+from shared.broker import document_publishers, make_broker, provision
+from shared.events import TokensLoginExpiring, TokensReconnectRequired, TokensRefreshed
 from shared.logging import configure_logging, get_logger
 from shared.sealing import KeyPair, key_paths, load_or_create_keypair
 
 log = get_logger(__name__)
+
+# What the vault puts on the bus (AsyncAPI documents these; the publisher adapter sends them).
+PUBLISHES = {
+    subjects.TOKENS_REFRESHED: TokensRefreshed,
+    subjects.TOKENS_RECONNECT_REQUIRED: TokensReconnectRequired,
+    subjects.TOKENS_LOGIN_EXPIRING: TokensLoginExpiring,
+}
+
+
+def build_broker(settings: VaultSettings, vault: Vault) -> NatsBroker:
+    """The vault's subscribers (streams and request/reply) and declared publishers."""
+    broker = make_broker(settings, name="vault")
+    broker.include_router(build_tokens_router(vault, settings))
+    broker.include_router(build_revoked_router(vault, settings))
+    broker.include_router(build_credentials_router(vault))
+    broker.include_router(build_status_router(vault))
+    document_publishers(broker, PUBLISHES)
+    return broker
 
 
 def load_keypair(settings: VaultSettings) -> KeyPair:
@@ -185,12 +204,7 @@ class VaultService:
                 request_timeout_s=settings.request_timeout_s,
                 audit_grants=settings.audit_grants,
             )
-            broker = make_broker(settings, name="vault")
-            broker.include_router(build_tokens_router(self.vault, settings))
-            broker.include_router(build_revoked_router(self.vault, settings))
-            broker.include_router(build_credentials_router(self.vault))
-            broker.include_router(build_status_router(self.vault))
-            self.broker = broker
+            self.broker = broker = build_broker(settings, self.vault)
             await broker.connect()
             await provision(broker, settings)
             await self._ensure_consumers(broker)
