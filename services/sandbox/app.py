@@ -5,21 +5,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import signal
+from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 from faststream.nats import NatsBroker
 
-from shared.broker import make_broker, provision
+from shared import subjects
+from shared.broker import document_publishers, make_broker, provision
+from shared.events import SandboxCredentialsFailed, SandboxCredentialsInjected, SandboxCredentialsScrubbed
 from shared.logging import configure_logging, get_logger
 from shared.sealing import KeyPair, load_or_create_keypair
+from services.sandbox import domain
 from services.sandbox.adapters.backends.base import BackendProvider
+from services.sandbox.adapters.backends.e2b import E2BBackend, E2BConfig
 from services.sandbox.adapters.backends.local import LocalBackend
-from services.sandbox.adapters.bus import BrokerPublisher, created_consumer_config, ensure_consumer
+from services.sandbox.adapters.bus import (
+    CONSUMERS,
+    BrokerDeadLetters,
+    BrokerPublisher,
+    consumer_config,
+    ensure_consumer,
+)
+from services.sandbox.adapters.live_registry import KvLiveRegistry, LiveRegistry, MemoryLiveRegistry, open_live_bucket
 from services.sandbox.adapters.vault_client import NatsVaultClient, VaultClient
-from services.sandbox.handlers import invalid_event_middleware, register_handlers
-from services.sandbox.injector import CredentialInjector, RetryPolicy
+from services.sandbox.handlers import consumer_max_deliver, invalid_event_middleware, register_handlers
+from services.sandbox.injector import (
+    CredentialInjector,
+    EventPublisher,
+    InjectionOptions,
+    NoDeadLetters,
+    RetryPolicy,
+)
+from services.sandbox.live import LiveSandboxes
 from services.sandbox.settings import SandboxSettings
+from services.sandbox.writer import SandboxLocks
 
 log = get_logger("ccbridge.sandbox")
 
@@ -33,11 +55,73 @@ def load_key(settings: SandboxSettings) -> KeyPair:
     return load_or_create_keypair(settings.keys_dir, SERVICE_NAME)
 
 
-class SandboxService:
-    """`async with SandboxService(settings):` consumes sandbox.created until stopped.
+def e2b_config(settings: SandboxSettings) -> E2BConfig:
+    return E2BConfig(
+        api_key=settings.e2b_api_key,
+        domain=settings.e2b_domain,
+        api_url=settings.e2b_api_url,
+        sandbox_url=settings.e2b_sandbox_url,
+        template=settings.e2b_template,
+        request_timeout=settings.e2b_request_timeout,
+        sandbox_timeout=settings.e2b_sandbox_timeout,
+        request_retries=settings.e2b_request_retries,
+    )
 
-    `backend` replaces the provider of its `kind` (default: the local backend under
-    LOCAL_SANDBOX_ROOT); `vault_client` replaces the NATS request/reply client.
+
+# What the sandbox service puts on the bus (AsyncAPI documents these; BrokerPublisher sends them).
+PUBLISHES = {
+    subjects.SANDBOX_CREDENTIALS_INJECTED: SandboxCredentialsInjected,
+    subjects.SANDBOX_CREDENTIALS_FAILED: SandboxCredentialsFailed,
+    subjects.SANDBOX_CREDENTIALS_SCRUBBED: SandboxCredentialsScrubbed,
+}
+
+
+def wire_broker(broker: NatsBroker, settings: SandboxSettings, injector: CredentialInjector,
+                live: LiveSandboxes) -> NatsBroker:
+    broker.add_middleware(invalid_event_middleware(broker))
+    register_handlers(broker, injector, live, settings)
+    document_publishers(broker, PUBLISHES)
+    return broker
+
+
+class _NoVault:
+    async def fetch(self, user_id: str, mode: str) -> Any:
+        raise RuntimeError("documentation build: no vault")
+
+
+class _NoPublisher:
+    async def publish(self, subject: str, event: Any) -> None:
+        raise RuntimeError("documentation build: no bus")
+
+
+def build_broker(
+    settings: SandboxSettings, injector: CredentialInjector | None = None, live: LiveSandboxes | None = None
+) -> NatsBroker:
+    """The service's subscribers (four durable consumers) and declared publishers. Without use
+    cases (the AsyncAPI build, `ccbridge.contracts`) inert ones are wired: no handler runs."""
+    broker = make_broker(settings, name=SERVICE_NAME)
+    if injector is None or live is None:
+        inert: dict[str, Any] = {"vault": _NoVault(), "backends": {}, "publisher": _NoPublisher()}
+        registry, dead_letters = MemoryLiveRegistry(), NoDeadLetters()
+        injector = injector or CredentialInjector(**inert, registry=registry, dead_letters=dead_letters)
+        live = live or LiveSandboxes(**inert, registry=registry, dead_letters=dead_letters)
+    return wire_broker(broker, settings, injector, live)
+
+
+def fingerprint_key(key: KeyPair) -> bytes:
+    """The HMAC key of the live records' credential fingerprints, derived from the service key
+    (replicas sharing SANDBOX_HPKE_PRIVATE_KEY agree on fingerprints)."""
+    return hashlib.sha256(b"ccbridge/sandbox/live-fingerprint\0" + key.private_b64().encode()).digest()
+
+
+class SandboxService:
+    """`async with SandboxService(settings):` consumes sandbox.created, sandbox.destroyed,
+    tokens.refreshed and tokens.revoked until stopped.
+
+    Backends: `local` (LOCAL_SANDBOX_ROOT) and `e2b` (the real SDK; E2B_* settings).
+    `backend` / `backends` replace the provider of their `kind`; `vault_client` replaces the
+    NATS request/reply client; `registry` the JetStream KV live-sandbox registry;
+    `publisher` builds the result-event publisher from the broker (default `BrokerPublisher`).
     """
 
     def __init__(
@@ -45,16 +129,27 @@ class SandboxService:
         settings: SandboxSettings,
         *,
         backend: BackendProvider | None = None,
+        backends: tuple[BackendProvider, ...] = (),
         vault_client: VaultClient | None = None,
+        registry: LiveRegistry | None = None,
+        publisher: Callable[[NatsBroker], EventPublisher] | None = None,
     ) -> None:
         self.settings = settings
-        self._backends: dict[str, BackendProvider] = {"local": LocalBackend(settings.local_sandbox_root)}
-        if backend is not None:
-            self._backends[backend.kind] = backend
+        # fail fast on a bad SANDBOX_ENV_FILE
+        domain.env_file_path(settings.env_file)
+        self._backends: dict[str, BackendProvider] = {
+            "local": LocalBackend(settings.local_sandbox_root),
+            "e2b": E2BBackend(e2b_config(settings)),
+        }
+        for provider in (*backends, *([backend] if backend is not None else [])):
+            self._backends[provider.kind] = provider
         self._vault_client = vault_client
+        self._registry = registry
+        self._publisher_factory = publisher
         self.key: KeyPair | None = None
         self.broker: NatsBroker | None = None
         self.injector: CredentialInjector | None = None
+        self.live: LiveSandboxes | None = None
 
     async def start(self) -> None:
         if self.broker is not None:
@@ -62,28 +157,60 @@ class SandboxService:
         settings = self.settings
         self.key = key = self.key or load_key(settings)
         broker = make_broker(settings, name=SERVICE_NAME)
-        broker.add_middleware(invalid_event_middleware(broker))
         vault = self._vault_client or NatsVaultClient(
             lambda: broker.connection, key, timeout=settings.vault_request_timeout
         )
+        kv_holder: list[Any] = []
+        registry = self._registry or KvLiveRegistry(lambda: kv_holder[0])
+        retry = RetryPolicy(
+            max_deliver=settings.max_deliver,
+            base_delay=settings.retry_base_delay,
+            max_delay=settings.retry_max_delay,
+        )
+        options = InjectionOptions(
+            default_mode=settings.default_mode,
+            env_file=settings.env_file,
+            mcp_package=settings.mcp_package,
+            fingerprint_key=fingerprint_key(key),
+        )
+        publisher = (self._publisher_factory or BrokerPublisher)(broker)
+        dead_letters, locks = BrokerDeadLetters(broker), SandboxLocks()
         self.injector = CredentialInjector(
             vault=vault,
             backends=self._backends,
-            publisher=BrokerPublisher(broker),
-            default_mode=settings.default_mode,
-            retry=RetryPolicy(
-                max_deliver=settings.max_deliver,
-                base_delay=settings.retry_base_delay,
-                max_delay=settings.retry_max_delay,
-            ),
+            publisher=publisher,
+            retry=retry,
+            registry=registry,
+            dead_letters=dead_letters,
+            options=options,
+            locks=locks,
         )
-        register_handlers(broker, self.injector, settings)
+        self.live = LiveSandboxes(
+            vault=vault,
+            backends=self._backends,
+            publisher=publisher,
+            registry=registry,
+            dead_letters=dead_letters,
+            options=options,
+            retry=retry,
+            locks=locks,
+            concurrency=settings.live_concurrency,
+        )
+        wire_broker(broker, settings, self.injector, self.live)
         try:
             await broker.connect()
             await provision(broker, settings)
-            await ensure_consumer(
-                broker, created_consumer_config(max_deliver=settings.max_deliver, ack_wait=settings.ack_wait)
+            kv_holder.append(
+                await open_live_bucket(broker.connection.jetstream(), replicas=settings.stream_replicas)
             )
+            if isinstance(registry, KvLiveRegistry):
+                await registry.purge_tombstones(settings.tombstone_max_age)
+            for spec in CONSUMERS:
+                await ensure_consumer(
+                    broker,
+                    consumer_config(spec, max_deliver=consumer_max_deliver(settings), ack_wait=settings.ack_wait),
+                    stream=spec.stream,
+                )
             await broker.start()
         except BaseException:
             with contextlib.suppress(Exception):
@@ -96,6 +223,10 @@ class SandboxService:
             backends=sorted(self._backends),
             local_root=str(settings.local_sandbox_root),
             default_mode=settings.default_mode,
+            e2b=repr(e2b_config(settings)),
+            ack_wait_s=settings.ack_wait,
+            max_deliver=settings.max_deliver,
+            concurrency=settings.concurrency,
         )
 
     async def stop(self) -> None:

@@ -82,3 +82,20 @@ class InvalidEvent(SandboxError):
     config_dir)."""
 
     reason: FailureReason = "invalid_event"
+
+
+class SandboxGone(SandboxNotFound):
+    """`sandbox.destroyed` was already received for this sandbox: nothing to inject into."""
+
+
+# --- live-sandbox registry (JetStream KV) ------------------------------------------------
+class LiveRegistryError(SandboxError):
+    """The live-sandbox bucket could not be read or written (bus trouble): try again later."""
+
+    reason: FailureReason = "backend_unavailable"
+    retryable = True
+
+
+class LiveRecordChanged(LiveRegistryError):
+    """Another handler (a refresh, a revoke, a duplicate on another replica) changed this
+    sandbox's record while we worked: redo the work against the new record."""

@@ -1,18 +1,30 @@
 """Bus entry points: thin FastStream subscribers that turn a message into one use-case call
-and its outcome into ack / nack(delay) / dead letter.
+and its outcome into ack / nack(delay) / term.
 
-- `sandbox.created` (durable pull consumer, explicit acks, manual ack policy):
-  Injected → ack (after the result event is published); Retry → nack with delay;
-  Failed → ack (final), or dead-letter then ack when the retries ran out.
-- Payloads that fail validation reach `on_invalid_event` (an ExceptionMiddleware handler):
-  dead letter + a `sandbox.credentials.failed` (reason `invalid_event`) when the JSON still
-  names a user and a sandbox, then ack so the consumer moves on.
+Four durable pull consumers (explicit acks, manual ack policy), shared by all replicas:
+- `sandbox.created` → `CredentialInjector.handle`;
+- `tokens.refreshed` → `LiveSandboxes.on_refreshed`; `tokens.revoked` → `on_revoked`;
+- `sandbox.destroyed` → `on_destroyed`.
+
+Outcomes: done → ack (after the result events are published); `Retry` → nack with the delay
+(exponential backoff); exhausted → the use case has dead-lettered the message and published
+the failed event(s) → term. If even that report fails (bus trouble), nack: JetStream
+redelivers (its cap is SANDBOX_MAX_DELIVER + SANDBOX_REPORT_GRACE) and the report is retried.
+While a message is worked on, `in_progress` is sent every ack_wait/3 so a slow backend does
+not make JetStream hand the message to another replica.
+
+Payloads that fail validation reach `on_invalid_event` (an ExceptionMiddleware handler): dead
+letter at once (+ a `sandbox.credentials.failed` with reason `invalid_event` when a
+sandbox.created still names a user and a sandbox), then ack so the consumer moves on.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 from faststream import AckPolicy, Context, ExceptionMiddleware
@@ -21,10 +33,12 @@ from pydantic import ValidationError
 
 from shared import broker as bus
 from shared import subjects
-from shared.events import SandboxCreated, SandboxCredentialsFailed, derived_event_id
+from shared.events import SandboxCreated, SandboxCredentialsFailed, SandboxDestroyed, TokensRefreshed, TokensRevoked
+from shared.events import derived_event_id
 from shared.logging import get_logger
-from services.sandbox.adapters.bus import created_consumer_config
+from services.sandbox.adapters.bus import CREATED, DESTROYED, REFRESHED, REVOKED, ConsumerSpec, consumer_config
 from services.sandbox.injector import CredentialInjector, Failed, Retry
+from services.sandbox.live import Exhausted, LiveSandboxes
 from services.sandbox.settings import SandboxSettings
 
 log = get_logger("ccbridge.sandbox.handlers")
@@ -40,36 +54,110 @@ def delivery_count(message: Any) -> int:
         return 1
 
 
-def register_handlers(broker: NatsBroker, injector: CredentialInjector, settings: SandboxSettings) -> None:
-    @broker.subscriber(
-        subjects.SANDBOX_CREATED,
-        stream=bus.SANDBOX,
-        durable=subjects.SANDBOX_CREATED_DURABLE,
-        pull_sub=PullSub(batch_size=settings.concurrency, timeout=PULL_TIMEOUT_S),
-        config=created_consumer_config(max_deliver=settings.max_deliver, ack_wait=settings.ack_wait),
-        ack_policy=AckPolicy.MANUAL,
-        title="sandbox.created → inject credentials",
-        description="Injects the user's Claude Code credentials into the new sandbox.",
-    )
+@contextlib.asynccontextmanager
+async def working(msg: NatsMessage, ack_wait: float) -> AsyncIterator[None]:
+    """Tell JetStream we are still on it (`+WPI`) every ack_wait/3 while the body runs."""
+    interval = max(0.2, ack_wait / 3)
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def consumer_max_deliver(settings: SandboxSettings) -> int:
+    return settings.max_deliver + settings.report_grace
+
+
+def register_handlers(
+    broker: NatsBroker, injector: CredentialInjector, live: LiveSandboxes, settings: SandboxSettings
+) -> None:
+    def subscribe(spec: ConsumerSpec, stream: Any, title: str, description: str) -> Any:
+        return broker.subscriber(
+            spec.subject,
+            stream=stream,
+            durable=spec.durable,
+            pull_sub=PullSub(batch_size=settings.concurrency, timeout=PULL_TIMEOUT_S),
+            config=consumer_config(spec, max_deliver=consumer_max_deliver(settings), ack_wait=settings.ack_wait),
+            ack_policy=AckPolicy.MANUAL,
+            title=title,
+            description=description,
+        )
+
+    async def report_failed(msg: NatsMessage, what: str, delivery: int, delay: float) -> None:
+        log.exception("sandbox.report_failed", what=what, delivery=delivery)
+        await msg.nack(delay=delay)
+
+    @subscribe(CREATED, bus.SANDBOX, "sandbox.created → inject credentials",
+               "Injects the person's Claude Code credentials into the new sandbox.")
     async def on_sandbox_created(event: SandboxCreated, msg: NatsMessage) -> None:
         delivery = delivery_count(msg)
         try:
-            outcome = await injector.handle(event, delivery=delivery)
+            async with working(msg, settings.ack_wait):
+                outcome = await injector.handle(event, delivery=delivery, body=msg.body)
         except Exception:  # noqa: BLE001 - could not even report: let JetStream redeliver
-            log.exception("sandbox.report_failed", sandbox_id=event.sandbox_id, cause_event_id=event.event_id)
-            await msg.nack(delay=injector.retry_policy.delay(delivery))
+            await report_failed(msg, f"sandbox.created {event.event_id}", delivery,
+                                injector.retry_policy.delay(delivery))
             return
         if isinstance(outcome, Retry):
             await msg.nack(delay=outcome.delay)
+        elif isinstance(outcome, Failed) and outcome.exhausted:
+            await msg.reject()  # dead-lettered and reported: terminate
+        else:
+            await msg.ack()
+
+    @subscribe(REFRESHED, bus.TOKENS, "tokens.refreshed → re-inject into live sandboxes",
+               "Writes the refreshed credentials into every live sandbox of the person.")
+    async def on_tokens_refreshed(event: TokensRefreshed, msg: NatsMessage) -> None:
+        delivery = delivery_count(msg)
+        try:
+            async with working(msg, settings.ack_wait):
+                outcome = await live.on_refreshed(event, delivery=delivery, body=msg.body)
+        except Exception:  # noqa: BLE001
+            await report_failed(msg, f"tokens.refreshed {event.event_id}", delivery, live.retry_policy.delay(delivery))
             return
-        if isinstance(outcome, Failed) and outcome.exhausted:
-            await bus.dead_letter(
-                broker,
-                subjects.SANDBOX_CREATED,
-                msg.body,
-                f"{outcome.error.reason}: {outcome.event.detail}",
-                message_id=event.event_id,
-            )
+        await _settle_live(msg, outcome)
+
+    @subscribe(REVOKED, bus.TOKENS, "tokens.revoked → scrub live sandboxes",
+               "Removes the person's credential files from every live sandbox and reports it.")
+    async def on_tokens_revoked(event: TokensRevoked, msg: NatsMessage) -> None:
+        delivery = delivery_count(msg)
+        try:
+            async with working(msg, settings.ack_wait):
+                outcome = await live.on_revoked(event, delivery=delivery, body=msg.body)
+        except Exception:  # noqa: BLE001
+            await report_failed(msg, f"tokens.revoked {event.event_id}", delivery, live.retry_policy.delay(delivery))
+            return
+        await _settle_live(msg, outcome)
+
+    @subscribe(DESTROYED, bus.SANDBOX, "sandbox.destroyed → forget the sandbox",
+               "Stops tracking the sandbox (no more re-injection or scrub).")
+    async def on_sandbox_destroyed(event: SandboxDestroyed, msg: NatsMessage) -> None:
+        delivery = delivery_count(msg)
+        try:
+            await live.on_destroyed(event)
+        except Exception:  # noqa: BLE001 - the registry is the bus: retry
+            await report_failed(msg, f"sandbox.destroyed {event.event_id}", delivery,
+                                live.retry_policy.delay(delivery))
+            return
+        await msg.ack()
+
+
+async def _settle_live(msg: NatsMessage, outcome: Any) -> None:
+    if isinstance(outcome, Retry):
+        await msg.nack(delay=outcome.delay)
+    elif isinstance(outcome, Exhausted):
+        await msg.reject()
+    else:
         await msg.ack()
 
 
@@ -80,7 +168,7 @@ def _validation_summary(exc: ValidationError) -> str:
 
 
 def salvage_failure(body: bytes, detail: str) -> SandboxCredentialsFailed | None:
-    """A failed event for an invalid payload, if it still names a user and a sandbox."""
+    """A failed event for an invalid sandbox.created, if it still names a user and a sandbox."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -117,9 +205,10 @@ def invalid_event_middleware(broker: NatsBroker) -> ExceptionMiddleware:
         log.warning("sandbox.invalid_event", subject=subject, detail=detail)
         digest = hashlib.sha256(body).hexdigest()[:32]
         await bus.dead_letter(broker, subject, body, f"invalid_event: {detail}", message_id=digest)
-        failed = salvage_failure(body, detail)
-        if failed is not None:
-            await bus.publish_event(broker, subjects.SANDBOX_CREDENTIALS_FAILED, failed)
+        if subject == subjects.SANDBOX_CREATED:
+            failed = salvage_failure(body, detail)
+            if failed is not None:
+                await bus.publish_event(broker, subjects.SANDBOX_CREDENTIALS_FAILED, failed)
         await message.ack()
 
     return ExceptionMiddleware(handlers={ValidationError: on_invalid_event})

@@ -1,22 +1,24 @@
-"""Use case: inject a person's Claude Code credentials into one sandbox.
+"""Use case: inject a person's Claude Code credentials into one sandbox (`sandbox.created`).
 
-fetch credentials (vault) → build the files (domain) → write the ones that changed
-(backend) → publish `sandbox.credentials.injected`; on error either ask for a redelivery
-(`Retry`) or publish `sandbox.credentials.failed` (`Failed`).
+look up the live record → (duplicate? answer again) → record the intent (`pending`) → fetch
+the credentials (vault) → write the files that changed (backend) → record `injected` →
+publish `sandbox.credentials.injected`. On error: ask for a redelivery (`Retry`), or report
+`sandbox.credentials.failed` (`Failed`); when the retries ran out the message is dead-lettered
+FIRST, then the failed event is published, then the handler terminates the message — so a bus
+outage on the last delivery leaves the message to be redelivered (the consumer allows
+SANDBOX_REPORT_GRACE more deliveries) instead of stuck unreported.
 
-Idempotency: result events carry `derived_event_id(cause, "injected"|"failed")`, so a
-redelivered or duplicated `sandbox.created` republishes the same id and JetStream drops the
-copy; and a file already holding the exact bytes is not rewritten. Work on one sandbox is
-serialised inside this process.
+No second effect for a duplicate: the same event_id finds its own `injected` record and only
+re-announces the result (same derived event id → JetStream drops the copy); another event for
+a sandbox that already holds the same credentials (same keyed fingerprint) writes nothing; and
+a file already holding the exact bytes is never rewritten. Records are compare-and-set: a
+refresh or revoke that touched the record while we worked forces a redo.
 """
 
 from __future__ import annotations
 
-import asyncio
-import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import PurePosixPath
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from shared import subjects
@@ -30,9 +32,19 @@ from shared.events import (
 )
 from shared.logging import get_logger
 from services.sandbox import domain
-from services.sandbox.adapters.backends.base import BackendProvider
+from services.sandbox.adapters.backends.base import BackendProvider, Target, backend_sandbox_id_of
+from services.sandbox.adapters.live_registry import LiveRegistry, MemoryLiveRegistry
 from services.sandbox.adapters.vault_client import VaultClient
-from services.sandbox.errors import BackendError, BackendUnavailable, SandboxError
+from services.sandbox.errors import (
+    BackendError,
+    BackendUnavailable,
+    NotConnected,
+    ReconnectRequired,
+    SandboxError,
+    SandboxGone,
+    SandboxNotFound,
+)
+from services.sandbox.writer import SandboxLocks, scrub_credentials, write_credentials
 
 log = get_logger("ccbridge.sandbox.injector")
 
@@ -41,11 +53,27 @@ class EventPublisher(Protocol):
     async def publish(self, subject: str, event: Event) -> None: ...
 
 
+class DeadLetters(Protocol):
+    async def dead_letter(self, subject: str, body: bytes, reason: str, *, message_id: str) -> None: ...
+
+
+class NoDeadLetters:
+    """For unit tests that do not look at the DLQ."""
+
+    def __init__(self) -> None:
+        self.letters: list[tuple[str, bytes, str, str]] = []
+
+    async def dead_letter(self, subject: str, body: bytes, reason: str, *, message_id: str) -> None:
+        self.letters.append((subject, body, reason, message_id))
+
+
 @dataclass(frozen=True)
 class Injected:
     event: SandboxCredentialsInjected
     written: tuple[str, ...]
     """Files actually (re)written this time; empty when the sandbox already held them."""
+    duplicate: bool = False
+    """True when this very event had been handled already (only re-announced)."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +87,7 @@ class Failed:
     event: SandboxCredentialsFailed
     error: SandboxError
     exhausted: bool
-    """True when a retryable error ran out of deliveries: the message goes to the DLQ."""
+    """True when a retryable error ran out of deliveries: the message went to the DLQ."""
 
 
 Outcome = Injected | Retry | Failed
@@ -75,6 +103,22 @@ class RetryPolicy:
         return domain.retry_delay(delivery, base=self.base_delay, cap=self.max_delay)
 
 
+@dataclass(frozen=True)
+class InjectionOptions:
+    default_mode: CredentialMode = "file"
+    env_file: str = domain.DEFAULT_ENV_FILE
+    mcp_package: str = domain.DEFAULT_MCP_PACKAGE
+    fingerprint_key: bytes = b"ccbridge-unkeyed"
+
+
+def occurred_ms(event: Event) -> int:
+    return int(event.occurred_at.timestamp() * 1000)
+
+
+class Revoked(NotConnected):
+    """tokens.revoked for this person came after this sandbox.created: do not inject."""
+
+
 class CredentialInjector:
     def __init__(
         self,
@@ -84,24 +128,39 @@ class CredentialInjector:
         publisher: EventPublisher,
         default_mode: CredentialMode = "file",
         retry: RetryPolicy | None = None,
+        registry: LiveRegistry | None = None,
+        dead_letters: DeadLetters | None = None,
+        options: InjectionOptions | None = None,
+        locks: SandboxLocks | None = None,
     ) -> None:
         self._vault = vault
         self._backends = dict(backends)
         self._publisher = publisher
-        self._default_mode = default_mode
         self._retry = retry or RetryPolicy()
-        self._locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = weakref.WeakValueDictionary()
+        self._registry: LiveRegistry = registry or MemoryLiveRegistry()
+        self._dead_letters: DeadLetters = dead_letters or NoDeadLetters()
+        self._options = options or InjectionOptions(default_mode=default_mode)
+        self._locks = locks or SandboxLocks()
 
     @property
     def retry_policy(self) -> RetryPolicy:
         return self._retry
 
-    def mode_of(self, event: SandboxCreated) -> CredentialMode:
-        return event.options.mode or self._default_mode
+    @property
+    def registry(self) -> LiveRegistry:
+        return self._registry
 
-    async def handle(self, event: SandboxCreated, *, delivery: int = 1) -> Outcome:
+    def mode_of(self, event: SandboxCreated) -> CredentialMode:
+        return event.options.mode or self._options.default_mode
+
+    def mcp_package_of(self, event: SandboxCreated) -> str | None:
+        return self._options.mcp_package if event.options.mcp else None
+
+    # --- the message ------------------------------------------------------------------------
+    async def handle(self, event: SandboxCreated, *, delivery: int = 1, body: bytes | None = None) -> Outcome:
         """Inject and report. Never raises for a domain failure; raises only if even the
-        failure report cannot be published (the caller then lets the message be redelivered)."""
+        failure report (dead letter, failed event) cannot be published — the caller then lets
+        the message be redelivered."""
         try:
             result = await self.inject(event)
             await self._publisher.publish(subjects.SANDBOX_CREDENTIALS_INJECTED, result.event)
@@ -116,7 +175,8 @@ class CredentialInjector:
                 sandbox_id=event.sandbox_id,
                 user_id=event.user_id,
                 mode=result.event.mode,
-                written=len(result.written),
+                written=list(result.written),
+                duplicate=result.duplicate,
                 cause_event_id=event.event_id,
             )
             return result
@@ -133,6 +193,7 @@ class CredentialInjector:
             )
             return Retry(error, delay)
 
+        await self._settle_final(event, error)
         exhausted = error.retryable
         detail = error.detail
         if exhausted:
@@ -146,6 +207,11 @@ class CredentialInjector:
             detail=detail,
             retryable=error.retryable,
         )
+        if exhausted:  # dead letter first: once it is kept, the failed event may follow
+            raw = body if body is not None else event.model_dump_json().encode()
+            await self._dead_letters.dead_letter(
+                subjects.SANDBOX_CREATED, raw, f"{error.reason}: {detail}", message_id=event.event_id
+            )
         await self._publisher.publish(subjects.SANDBOX_CREDENTIALS_FAILED, failed)
         log.warning(
             "sandbox.credentials_failed",
@@ -157,49 +223,152 @@ class CredentialInjector:
         )
         return Failed(failed, error, exhausted)
 
+    # --- the work ---------------------------------------------------------------------------
     async def inject(self, event: SandboxCreated) -> Injected:
-        """Fetch, build and write; raises `SandboxError`s. Publishes nothing."""
+        """Fetch, build, write and record; raises `SandboxError`s. Publishes nothing."""
         mode = self.mode_of(event)
         provider = self._backends.get(event.backend)
         if provider is None:
             raise BackendUnavailable(f"backend {event.backend!r} is not configured in this service")
-        credentials = await self._vault.fetch(event.user_id, mode)
-        bundle = credentials.bundle if mode != "env" else None
-        if mode != "env":
-            domain.check_usable(bundle)
+        opts = self._options
+        mcp_package = self.mcp_package_of(event)
+        async with self._locks.hold(event.backend, event.sandbox_id):
+            lookup = await self._registry.get(event.user_id, event.sandbox_id)
+            if lookup.destroyed:
+                raise SandboxGone(f"sandbox.destroyed was received for {event.sandbox_id} before this event")
+            record, revision = lookup.record, lookup.revision
+            if record is not None and record.state == "injected" and record.created_event_id == event.event_id:
+                return Injected(self._injected_event(event, record), (), duplicate=True)
+            revoked_at = await self._registry.revoked_at(event.user_id)
+            if revoked_at is not None and occurred_ms(event) <= revoked_at:
+                raise Revoked("the person's credentials were revoked after this sandbox.created")
+            if record is None:  # the intent, so a concurrent refresh / revoke sees this sandbox
+                record = domain.LiveSandbox(
+                    user_id=event.user_id,
+                    sandbox_id=event.sandbox_id,
+                    backend=event.backend,
+                    created_event_id=event.event_id,
+                    mode=mode,
+                    home=event.home,
+                    user=event.user,
+                    template=event.template,
+                    config_dir=event.options.config_dir,
+                    mcp=event.options.mcp,
+                )
+                revision = await self._registry.save(record, revision=None)
 
-        async with self._lock(event.backend, event.sandbox_id), provider.open(event) as sandbox:
-            layout = domain.resolve_layout(sandbox.home, event.options.config_dir)
-            existing: dict[PurePosixPath, bytes | None] = {}
-            for path in layout.merged_paths:
-                existing[path] = await sandbox.read_file(path)
-            files = domain.build_files(layout, mode, bundle, existing)
-            await sandbox.make_dir(layout.config_dir, domain.DIR_MODE)
-            written: list[str] = []
-            for spec in files:
-                current = existing[spec.path] if spec.path in existing else await sandbox.read_file(spec.path)
-                if current == spec.content:
-                    continue
-                await sandbox.write_file(spec.path, spec.content, spec.mode)
-                written.append(str(spec.path))
+            credentials = await self._vault.fetch(event.user_id, mode)
+            bundle = domain.check_usable(credentials.bundle)
+            fp = domain.fingerprint(
+                opts.fingerprint_key,
+                mode=mode,
+                bundle=bundle,
+                config_dir=event.options.config_dir,
+                env_file=opts.env_file,
+                mcp_package=mcp_package,
+            )
+            if record.state == "injected" and record.fingerprint == fp:
+                # this sandbox already holds exactly these credentials: no second effect
+                files, written, backend_id = record.files, (), record.backend_sandbox_id
+            else:
+                target = event if record.backend_sandbox_id is None else self._target(event, record)
+                async with provider.open(target) as sandbox:
+                    backend_id = backend_sandbox_id_of(sandbox) or record.backend_sandbox_id
+                    if backend_id and record.backend_sandbox_id is None:
+                        # remember a freshly created e2b sandbox before anything else can fail
+                        record = replace(record, backend_sandbox_id=backend_id)
+                        revision = await self._registry.save(record, revision=revision)
+                    layout = domain.resolve_layout(sandbox.home, event.options.config_dir, env_file=opts.env_file)
+                    result = await write_credentials(sandbox, layout, mode, bundle, mcp_package=mcp_package)
+                files, written = result.files, result.written
+            record = replace(
+                record,
+                state="injected",
+                created_event_id=event.event_id,
+                mode=mode,
+                home=event.home,
+                user=event.user,
+                config_dir=event.options.config_dir,
+                mcp=event.options.mcp,
+                backend_sandbox_id=backend_id,
+                fingerprint=fp,
+                expires_at=credentials.expires_at,
+                files=tuple(files),
+                env=domain.env_names(mode),
+                touched_by=None,
+            )
+            await self._registry.save(record, revision=revision)
+        return Injected(self._injected_event(event, record), tuple(written))
 
-        injected = SandboxCredentialsInjected(
+    @staticmethod
+    def _target(event: SandboxCreated, record: domain.LiveSandbox, *, must_exist: bool = False) -> Target:
+        """The e2b sandbox created for this platform sandbox earlier: connect, never create again."""
+        return Target(
+            event_id=event.event_id,
+            sandbox_id=record.target_id,
+            backend=event.backend,
+            home=event.home,
+            user=event.user,
+            must_exist=must_exist,
+        )
+
+    @staticmethod
+    def _injected_event(event: SandboxCreated, record: domain.LiveSandbox) -> SandboxCredentialsInjected:
+        return SandboxCredentialsInjected(
             event_id=derived_event_id(event.event_id, "injected"),
             user_id=event.user_id,
             sandbox_id=event.sandbox_id,
             cause_event_id=event.event_id,
             backend=event.backend,
-            mode=mode,
-            expires_at=credentials.expires_at,
-            files=[str(spec.path) for spec in files],
-            env=domain.env_names(mode),
+            mode=record.mode,
+            expires_at=record.expires_at or 0,
+            files=list(record.files),
+            env=dict(record.env),
+            backend_sandbox_id=record.backend_sandbox_id,
         )
-        return Injected(injected, tuple(written))
 
-    def _lock(self, backend: str, sandbox_id: str) -> asyncio.Lock:
-        key = (backend, sandbox_id)
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = asyncio.Lock()
-            self._locks[key] = lock
-        return lock
+    async def _settle_final(self, event: SandboxCreated, error: SandboxError) -> None:
+        """After a final failure: drop our own `pending` intent; and when the person has no
+        usable connection any more, make sure this sandbox holds none of their credentials
+        (a revoke may have raced an earlier delivery of this very event). Best effort."""
+        if isinstance(error, SandboxGone) or event.backend not in self._backends:
+            return
+        try:
+            async with self._locks.hold(event.backend, event.sandbox_id):
+                lookup = await self._registry.get(event.user_id, event.sandbox_id)
+                record = lookup.record
+                untouched_intent = record is not None and record.state == "pending" and record.touched_by is None
+                no_connection = isinstance(error, (NotConnected, ReconnectRequired))
+                if isinstance(error, Revoked) or (no_connection and record is not None and not untouched_intent):
+                    await self._scrub(event, record, lookup.revision)
+                elif untouched_intent and record is not None and record.created_event_id == event.event_id:
+                    if record.backend_sandbox_id and record.template is not None:
+                        # created from a template for this event, never injected: nobody else
+                        # knows its id, so it would only run until its timeout
+                        discard = getattr(self._backends[event.backend], "discard", None)
+                        if discard is not None:
+                            await discard(record.backend_sandbox_id)
+                    await self._registry.forget(event.user_id, event.sandbox_id)
+        except Exception as exc:  # noqa: BLE001 - the failure report matters more
+            log.warning("sandbox.settle_failed", sandbox_id=event.sandbox_id, error=repr(exc))
+
+    async def _scrub(self, event: SandboxCreated, record: domain.LiveSandbox | None, revision: int | None) -> None:
+        if record is not None:
+            target: Target = self._target(event, record, must_exist=True)
+        else:
+            target = Target(event_id=event.event_id, sandbox_id=event.sandbox_id, backend=event.backend,
+                            home=event.home, user=event.user, must_exist=True)
+        config_dir = record.config_dir if record is not None else event.options.config_dir
+        try:
+            async with self._backends[event.backend].open(target) as sandbox:
+                layout = domain.resolve_layout(sandbox.home, config_dir, env_file=self._options.env_file)
+                removed = await scrub_credentials(sandbox, layout)
+        except SandboxNotFound:
+            return
+        if removed:
+            log.warning("sandbox.credentials_scrubbed_after_failure", sandbox_id=event.sandbox_id,
+                        removed=list(removed))
+        if record is not None and revision is not None:
+            await self._registry.save(
+                replace(record, state="scrubbed", fingerprint=None, files=removed), revision=revision
+            )

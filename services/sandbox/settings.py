@@ -58,5 +58,77 @@ class SandboxSettings(ServiceSettings):
         ge=1,
         le=256,
         validation_alias="SANDBOX_CONCURRENCY",
-        description="sandbox.created messages fetched and handled at once.",
+        description="Messages of one consumer fetched and handled at once (per replica).",
+    )
+    report_grace: int = Field(
+        default=5,
+        ge=1,
+        le=100,
+        validation_alias="SANDBOX_REPORT_GRACE",
+        description="Extra JetStream deliveries past SANDBOX_MAX_DELIVER, used only to retry publishing the "
+        "dead letter and the failed event when the bus itself is failing.",
+    )
+    live_concurrency: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        validation_alias="SANDBOX_LIVE_CONCURRENCY",
+        description="Sandboxes of one person re-injected / scrubbed at once (tokens.refreshed, tokens.revoked).",
+    )
+    tombstone_max_age: float = Field(
+        default=86_400.0,
+        ge=0,
+        validation_alias="SANDBOX_TOMBSTONE_MAX_AGE",
+        description="Seconds a sandbox.destroyed tombstone stays in the live-sandbox bucket (purged at start).",
+    )
+    env_file: str = Field(
+        default=".config/ccbridge/env",
+        min_length=1,
+        max_length=256,
+        validation_alias="SANDBOX_ENV_FILE",
+        description="env mode: the file (relative to the sandbox home) holding `export CLAUDE_CODE_OAUTH_TOKEN=…`.",
+    )
+    mcp_package: str = Field(
+        default="@steipete/claude-code-mcp@latest",
+        min_length=1,
+        max_length=200,
+        pattern=r"^[@A-Za-z0-9._/:^~<>=-]+$",
+        validation_alias="SANDBOX_MCP_PACKAGE",
+        description="options.mcp: the npm package registered as stdio MCP server `claude-code-mcp` (npx -y <pkg>).",
+    )
+
+    # --- e2b backend (names follow the e2b SDK's own environment variables) -------------------
+    e2b_api_key: SecretStr | None = Field(
+        default=None, validation_alias="E2B_API_KEY", description="Sent as X-API-KEY; e2b is unavailable without it."
+    )
+    e2b_domain: str = Field(default="e2b.app", validation_alias="E2B_DOMAIN")
+    e2b_api_url: str | None = Field(
+        default=None, validation_alias="E2B_API_URL", description="Control-plane URL override (the stand-in)."
+    )
+    e2b_sandbox_url: str | None = Field(
+        default=None, validation_alias="E2B_SANDBOX_URL", description="envd URL override (the stand-in)."
+    )
+    e2b_template: str = Field(
+        default="base",
+        min_length=1,
+        max_length=128,
+        validation_alias="E2B_TEMPLATE",
+        description="Template used when sandbox.created has `template: \"\"`.",
+    )
+    e2b_request_timeout: float = Field(
+        default=30.0, gt=0, le=600, validation_alias="E2B_REQUEST_TIMEOUT", description="Per request (s)."
+    )
+    e2b_sandbox_timeout: int = Field(
+        default=3600,
+        ge=1,
+        le=86_400,
+        validation_alias="E2B_SANDBOX_TIMEOUT",
+        description="Lifetime (s) of a sandbox created from a template.",
+    )
+    e2b_request_retries: int = Field(
+        default=2,
+        ge=0,
+        le=10,
+        validation_alias="E2B_REQUEST_RETRIES",
+        description="SDK-level retries of control-plane calls answered 429/502/503/504.",
     )

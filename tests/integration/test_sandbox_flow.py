@@ -9,9 +9,7 @@ import asyncio
 import json
 import os
 import signal
-import stat
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,234 +17,32 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import nats
 import pytest
 from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from services.sandbox.adapters.backends.local import LocalBackend
-from services.sandbox.app import SandboxService
-from services.sandbox.settings import SandboxSettings
 from shared import subjects
-from shared.events import (
-    CredentialMode,
-    CredentialsReply,
-    CredentialsRequest,
-    SandboxCreated,
-    SandboxOptions,
-    TokenBundle,
+from shared.events import CredentialMode, SandboxCreated, SandboxOptions
+from tests.sandbox_fixtures import (  # noqa: F401 - fixtures
+    SCOPES,
+    WAIT,
+    Collector,
+    FakeVault,
+    by_sandbox,
+    claude_status,
+    collector,
+    fake_vault,
+    make_bundle,
+    mode_of,
+    nc,
+    publish_created,
+    running,
+    settings_for,
+    stored,
+    uid,
 )
-from shared.sealing import Recipient, seal
 
 REPO = Path(__file__).resolve().parents[2]
-WAIT = 60.0  # guard against hangs only; nothing asserts on timing
-SCOPES = ["user:inference", "user:profile", "user:sessions:claude_code"]
-
-
-def uid(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
-
-
-def make_bundle() -> TokenBundle:
-    return TokenBundle(
-        access_token=f"sk-ant-oat01-{uuid.uuid4().hex}",
-        refresh_token=f"sk-ant-ort01-{uuid.uuid4().hex}",
-        expires_at=int(time.time() * 1000) + 8 * 3600 * 1000,
-        scopes=SCOPES,
-    )
-
-
-# --- a stand-in vault on real NATS ------------------------------------------------------
-@dataclass
-class FakeVault:
-    """Answers `vault.credentials.get` like the vault: TokenBundle sealed to the requester.
-
-    users: user_id → TokenBundle | "not_connected" | "reconnect_required" | "silent" (never
-    answers) | "silent_once" (ignores the first request, then answers with `late_bundle`)."""
-
-    nc: Client
-    users: dict[str, Any] = field(default_factory=dict)
-    requests: list[CredentialsRequest] = field(default_factory=list)
-    late_bundles: dict[str, TokenBundle] = field(default_factory=dict)
-
-    async def handle(self, msg: Msg) -> None:
-        request = CredentialsRequest.model_validate_json(msg.data)
-        self.requests.append(request)
-        entry = self.users.get(request.user_id, "not_connected")
-        if entry == "silent":
-            return
-        if entry == "silent_once":
-            self.users[request.user_id] = self.late_bundles[request.user_id]
-            return
-        if isinstance(entry, str):
-            reply = CredentialsReply(request_id=request.request_id, ok=False, error=entry)
-        else:
-            box = seal(
-                entry.model_dump_json().encode(),
-                Recipient.from_b64(request.requester_public_key),
-                subject=subjects.VAULT_CREDENTIALS_GET,
-                message_id=request.request_id,
-            )
-            reply = CredentialsReply(
-                request_id=request.request_id, ok=True, sealed=box, expires_at=entry.expires_at, scopes=entry.scopes
-            )
-        await msg.respond(reply.model_dump_json().encode())
-
-    def requests_for(self, user_id: str) -> list[CredentialsRequest]:
-        return [r for r in self.requests if r.user_id == user_id]
-
-
-@pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[Client]:
-    client = await nats.connect(nats_url)
-    yield client
-    await client.drain()
-
-
-@pytest.fixture
-async def fake_vault(nc: Client) -> AsyncIterator[FakeVault]:
-    vault = FakeVault(nc)
-    sub = await nc.subscribe(subjects.VAULT_CREDENTIALS_GET, cb=vault.handle)
-    yield vault
-    await sub.unsubscribe()
-
-
-def as_json(data: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(data)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-class Collector:
-    """Core subscription on the result and dead-letter subjects, filtered per test."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, bytes]] = []
-        self._changed = asyncio.Condition()
-
-    async def on_msg(self, msg: Msg) -> None:
-        async with self._changed:
-            self.messages.append((msg.subject, msg.data))
-            self._changed.notify_all()
-
-    async def wait(self, predicate, count: int = 1) -> list[tuple[str, bytes]]:  # type: ignore[no-untyped-def]
-        async def matched() -> list[tuple[str, bytes]]:
-            async with self._changed:
-                await self._changed.wait_for(lambda: len([m for m in self.messages if predicate(m)]) >= count)
-                return [m for m in self.messages if predicate(m)]
-
-        return await asyncio.wait_for(matched(), WAIT)
-
-    async def event(self, subject: str, sandbox_id: str, count: int = 1) -> dict[str, Any]:
-        def match(m: tuple[str, bytes]) -> bool:
-            return m[0] == subject and as_json(m[1]).get("sandbox_id") == sandbox_id
-
-        found = await self.wait(match, count)
-        return json.loads(found[-1][1])
-
-    def events(self, subject: str, sandbox_id: str) -> list[dict[str, Any]]:
-        return [as_json(d) for s, d in self.messages if s == subject and as_json(d).get("sandbox_id") == sandbox_id]
-
-
-@pytest.fixture
-async def collector(nc: Client) -> AsyncIterator[Collector]:
-    collector = Collector()
-    subs = [
-        await nc.subscribe("sandbox.credentials.*", cb=collector.on_msg),
-        await nc.subscribe(subjects.dead_letter_subject(subjects.SANDBOX_CREATED), cb=collector.on_msg),
-    ]
-    await nc.flush()
-    yield collector
-    for sub in subs:
-        await sub.unsubscribe()
-
-
-def settings_for(nats_url: str, tmp_path: Path, **overrides: Any) -> SandboxSettings:
-    values: dict[str, Any] = {
-        "nats_url": nats_url,
-        "data_dir": tmp_path / "data",
-        "local_sandbox_root": tmp_path / "sandboxes",
-        "vault_request_timeout": 2.0,
-        "retry_base_delay": 0.2,
-        "retry_max_delay": 1.0,
-        "max_deliver": 5,
-        # a delivery lost with a stopped service's pull request comes back after ack_wait
-        "ack_wait": 10.0,
-    }
-    values.update(overrides)
-    return SandboxSettings(**values)
-
-
-async def publish_created(nc: Client, event: SandboxCreated | None = None, *, raw: bytes | None = None,
-                          msg_id: str | None = "auto") -> None:
-    payload = raw if raw is not None else event.model_dump_json().encode()  # type: ignore[union-attr]
-    headers = None
-    if msg_id == "auto" and event is not None:
-        headers = {"Nats-Msg-Id": event.event_id}
-    elif msg_id not in (None, "auto"):
-        headers = {"Nats-Msg-Id": msg_id}
-    ack = await nc.jetstream().publish(subjects.SANDBOX_CREATED, payload, headers=headers,
-                                       stream=subjects.SANDBOX_STREAM.name)
-    assert ack.stream == subjects.SANDBOX_STREAM.name
-
-
-async def stored(nc: Client, stream: str, subject: str, predicate) -> list[Msg]:  # type: ignore[no-untyped-def]
-    """Messages JetStream actually stored on `subject` (after its duplicate filter)."""
-    js = nc.jetstream()
-    sub = await js.pull_subscribe(
-        subject, stream=stream, config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0)
-    )
-    found: list[Msg] = []
-    try:
-        while True:
-            try:
-                batch = await sub.fetch(256, timeout=1.0)
-            except (asyncio.TimeoutError, nats.errors.TimeoutError):  # fetch raises either
-                break
-            for msg in batch:
-                await msg.ack()
-                if predicate(msg):
-                    found.append(msg)
-    finally:
-        await sub.unsubscribe()
-    return found
-
-
-def by_sandbox(sandbox_id: str):  # type: ignore[no-untyped-def]
-    return lambda msg: as_json(msg.data).get("sandbox_id") == sandbox_id
-
-
-def mode_of(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
-
-
-async def claude_status(claude_bin: str, home: Path, **env: str) -> dict[str, Any]:
-    """`HOME=<home> claude auth status --json` with a clean environment."""
-    clean = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(home),
-        "DISABLE_AUTOUPDATER": "1",
-        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-        **env,
-    }
-    proc = await asyncio.create_subprocess_exec(
-        claude_bin, "auth", "status", "--json",
-        env=clean, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(proc.communicate(), 120)
-    try:
-        return json.loads(stdout)
-    except ValueError:
-        pytest.fail(f"claude auth status printed no JSON (rc={proc.returncode}): {stdout[:500]!r} {stderr[:500]!r}")
-
-
-@asynccontextmanager
-async def running(settings: SandboxSettings, **adapters: Any) -> AsyncIterator[SandboxService]:
-    async with SandboxService(settings, **adapters) as service:
-        yield service
 
 
 # --- tests ----------------------------------------------------------------------------------
@@ -456,7 +252,7 @@ async def test_duplicate_event_has_one_effect(
     )  # each file once
     injected = await stored(nc, subjects.SANDBOX_STREAM.name, subjects.SANDBOX_CREDENTIALS_INJECTED, by_sandbox(sandbox_id))
     assert len(injected) == 1  # the derived event id was deduplicated by JetStream
-    assert len(fake_vault.requests_for(user)) == 2
+    assert len(fake_vault.requests_for(user)) == 1  # the duplicate was recognised by its event_id (live record)
 
 
 async def test_vault_that_never_answers_is_retried_then_dead_lettered(
@@ -469,7 +265,7 @@ async def test_vault_that_never_answers_is_retried_then_dead_lettered(
     async with running(settings):
         # the setting reached the durable consumer, even though it already existed
         info = await nc.jetstream().consumer_info(subjects.SANDBOX_STREAM.name, subjects.SANDBOX_CREATED_DURABLE)
-        assert info.config.max_deliver == 3
+        assert info.config.max_deliver == 3 + settings.report_grace  # the service gives up at 3
         await publish_created(nc, event)
         failed = await collector.event(subjects.SANDBOX_CREDENTIALS_FAILED, sandbox_id)
         await collector.wait(lambda m: m[0].startswith("dlq.") and m[1] == event.model_dump_json().encode())

@@ -92,3 +92,52 @@ def test_every_error_has_a_known_reason() -> None:
     assert errors.VaultUnavailable().retryable and errors.BackendError().retryable
     assert not errors.NotConnected().retryable and not errors.PathOutsideSandbox().retryable
     assert errors.BackendError("x", retryable=False).retryable is False
+
+
+def test_e2b_and_live_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("E2B_API_KEY", "E2B_DOMAIN", "E2B_API_URL", "E2B_SANDBOX_URL", "E2B_TEMPLATE",
+                 "E2B_REQUEST_TIMEOUT", "SANDBOX_ENV_FILE", "SANDBOX_REPORT_GRACE", "SANDBOX_MCP_PACKAGE"):
+        monkeypatch.delenv(name, raising=False)
+    defaults = SandboxSettings()
+    assert (defaults.e2b_api_key, defaults.e2b_domain, defaults.e2b_template) == (None, "e2b.app", "base")
+    assert (defaults.env_file, defaults.report_grace) == (".config/ccbridge/env", 5)
+    assert defaults.mcp_package == "@steipete/claude-code-mcp@latest"
+    monkeypatch.setenv("E2B_API_KEY", "e2b_very_secret")
+    monkeypatch.setenv("E2B_API_URL", "http://127.0.0.1:1234")
+    monkeypatch.setenv("E2B_SANDBOX_URL", "http://127.0.0.1:5678")
+    monkeypatch.setenv("E2B_TEMPLATE", "claude")
+    monkeypatch.setenv("E2B_REQUEST_TIMEOUT", "4.5")
+    monkeypatch.setenv("SANDBOX_ENV_FILE", "etc/claude.env")
+    settings = SandboxSettings()
+    assert settings.e2b_api_key is not None and settings.e2b_api_key.get_secret_value() == "e2b_very_secret"
+    assert "e2b_very_secret" not in repr(settings)
+    assert (settings.e2b_api_url, settings.e2b_sandbox_url) == ("http://127.0.0.1:1234", "http://127.0.0.1:5678")
+    assert (settings.e2b_template, settings.e2b_request_timeout, settings.env_file) == ("claude", 4.5, "etc/claude.env")
+
+
+def test_a_bad_env_file_setting_stops_the_service_at_construction(tmp_path: Path) -> None:
+    from services.sandbox.app import SandboxService
+
+    with pytest.raises(ValueError):
+        SandboxService(SandboxSettings(data_dir=tmp_path, env_file="../outside"))
+
+
+def test_jetstream_cap_leaves_room_to_report_after_the_last_delivery() -> None:
+    from services.sandbox.handlers import consumer_max_deliver
+
+    settings = SandboxSettings(max_deliver=4, report_grace=3)
+    assert consumer_max_deliver(settings) == 7
+
+
+def test_build_broker_declares_four_consumers_and_three_published_events() -> None:
+    """What `ccbridge.contracts` renders as the service's AsyncAPI (no connection made)."""
+    from faststream.specification import AsyncAPI
+
+    from services.sandbox.app import build_broker
+
+    spec = AsyncAPI(build_broker(SandboxSettings(NATS_URL="nats://nats:4222")), title="sandbox", version="1")
+    document = json.loads(spec.to_specification().to_json())
+    channels = " ".join(sorted(document["channels"]))
+    for subject in ("sandbox.created", "sandbox.destroyed", "tokens.refreshed", "tokens.revoked",
+                    "sandbox.credentials.injected", "sandbox.credentials.failed", "sandbox.credentials.scrubbed"):
+        assert subject in channels

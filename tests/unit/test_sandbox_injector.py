@@ -163,14 +163,17 @@ async def test_default_mode_applies_when_event_has_none() -> None:
     assert "refreshToken" not in json.loads(creds)["claudeAiOauth"]
 
 
-async def test_env_mode_reports_env_name_and_writes_no_credentials() -> None:
+async def test_env_mode_reports_env_name_and_writes_the_env_file_not_credentials() -> None:
     injector, _, publisher, backend = make()
     outcome = await injector.handle(created("env"))
     assert isinstance(outcome, Injected)
     assert outcome.event.env == {"CLAUDE_CODE_OAUTH_TOKEN": "access_token"}
     assert outcome.event.mode == "env"
     paths = {str(p) for p in backend.homes["sbx-1"]}
-    assert paths == {"/sbx/sbx-1/.claude.json", "/sbx/sbx-1/.claude/settings.json"}
+    assert paths == {"/sbx/sbx-1/.config/ccbridge/env", "/sbx/sbx-1/.claude.json", "/sbx/sbx-1/.claude/settings.json"}
+    env_file, mode = backend.homes["sbx-1"][PurePosixPath("/sbx/sbx-1/.config/ccbridge/env")]
+    assert mode == 0o600 and ACCESS.encode() in env_file and REFRESH.encode() not in env_file
+    assert "mkdir /sbx/sbx-1/.config/ccbridge 0o700" in backend.log
     assert ACCESS not in publisher.published[0][1].model_dump_json()
 
 

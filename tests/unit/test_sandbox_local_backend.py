@@ -191,3 +191,36 @@ def test_home_dir_must_be_a_direct_child_of_root(tmp_path: Path) -> None:
     (root / "evil").symlink_to(tmp_path)
     with pytest.raises(PathOutsideSandbox):
         backend.home_dir("evil")
+
+
+async def test_stale_temp_copies_are_discarded_and_removed_with_their_file(home: Path) -> None:
+    """A SIGKILL between write and rename leaves `.<name>.<hex>.ccbridge-tmp` (possibly a full
+    credentials copy): the next injection discards it, a scrub removes it with the file."""
+    sandbox = LocalSandbox(home)
+    (home / ".claude").mkdir()
+    creds = home / ".claude/.credentials.json"
+    stale = home / ".claude/..credentials.json.0123456789ab.ccbridge-tmp"
+    fresh = home / ".claude/..credentials.json.ba9876543210.ccbridge-tmp"
+    other = home / ".claude/.settings.json.0123456789ab.ccbridge-tmp"
+    for path in (stale, fresh, other):
+        path.write_text("secret copy")
+    old = os.stat(stale).st_mtime - 60
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    assert await sandbox.discard_temps(PurePosixPath(".claude/.credentials.json")) == 1
+    assert not stale.exists() and fresh.exists() and other.exists()  # a live writer's copy is young
+    creds.write_text("{}")
+    await sandbox.remove(PurePosixPath(".claude/.credentials.json"))
+    assert not creds.exists() and not fresh.exists()
+    assert other.exists()  # only the removed file's copies
+
+
+async def test_open_of_a_known_sandbox_does_not_recreate_a_missing_home(tmp_path: Path) -> None:
+    from services.sandbox.adapters.backends.base import Target
+    from services.sandbox.errors import SandboxNotFound
+
+    backend = LocalBackend(tmp_path / "sandboxes")
+    with pytest.raises(SandboxNotFound):
+        async with backend.open(Target(event_id="e" * 8, sandbox_id="gone", backend="local")):
+            pass
+    assert not (tmp_path / "sandboxes" / "gone").exists()

@@ -118,16 +118,17 @@ async def test_bad_replies_are_vault_errors_without_secrets(answer) -> None:  # 
     assert ACCESS not in str(info.value)
 
 
-async def test_env_mode_accepts_a_reply_without_sealed_box() -> None:
+async def test_env_mode_needs_the_sealed_access_token_too() -> None:
     conn = FakeConnection(lambda r: CredentialsReply(request_id=r.request_id, ok=True, expires_at=123,
                                                      scopes=["user:inference"]).model_dump_json().encode())
-    creds = await client(conn).fetch("u", "env")
-    assert creds.bundle is None
-    assert creds.expires_at == 123
-    assert creds.scopes == ("user:inference",)
-
-
-async def test_env_mode_without_expiry_is_a_vault_error() -> None:
-    conn = FakeConnection(lambda r: CredentialsReply(request_id=r.request_id, ok=True).model_dump_json().encode())
     with pytest.raises(VaultError):
         await client(conn).fetch("u", "env")
+
+
+async def test_unavailable_vault_reply_is_retryable() -> None:
+    conn = FakeConnection(
+        lambda r: CredentialsReply(request_id=r.request_id, ok=False, error="unavailable").model_dump_json().encode()
+    )
+    with pytest.raises(VaultUnavailable) as info:
+        await client(conn).fetch("u", "file")
+    assert info.value.retryable and info.value.reason == "vault_unavailable"

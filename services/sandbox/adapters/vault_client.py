@@ -24,7 +24,7 @@ from services.sandbox.errors import NotConnected, ReconnectRequired, SandboxErro
 
 @dataclass(frozen=True)
 class VaultCredentials:
-    """What the vault gave us. `bundle` is None when the mode needs no token here (env)."""
+    """What the vault gave us (`bundle` is None only from fakes that test refusals)."""
 
     bundle: TokenBundle | None = field(repr=False)
     expires_at: int
@@ -43,6 +43,8 @@ def _reply_error(reply: CredentialsReply) -> SandboxError:
             return ReconnectRequired("the user's Claude connection must be renewed")
         case "internal":
             return VaultError("the vault reported an internal error", retryable=True)
+        case "unavailable":
+            return VaultUnavailable("the vault could not answer in time (its database is unavailable)")
         case other:
             return VaultError(f"the vault refused the request: {other or 'no reason given'}")
 
@@ -93,7 +95,7 @@ class NatsVaultClient:
                 raise VaultError(f"cannot open the sealed credentials: {exc}") from None
             except ValidationError:
                 raise VaultError("the sealed credentials are not a TokenBundle") from None
-        elif request.mode != "env":
+        else:  # every mode writes a token into the sandbox (env mode: the env file)
             raise VaultError("the vault's reply carries no sealed credentials")
         expires_at = bundle.expires_at if bundle is not None else reply.expires_at
         if expires_at is None:

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import glob
 import os
 import secrets
 import shutil
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path, PurePosixPath
 
-from shared.events import SandboxCreated
-from services.sandbox.errors import BackendError, PathOutsideSandbox
+from services.sandbox.adapters.backends.base import SandboxTarget
+from services.sandbox.errors import BackendError, PathOutsideSandbox, SandboxNotFound
 
 HOME_MODE = 0o700
 _TMP_SUFFIX = ".ccbridge-tmp"
@@ -30,6 +32,20 @@ def _io_error(action: str, path: PurePosixPath, exc: OSError) -> BackendError:
     final = exc.errno in {errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG}
     name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
     return BackendError(f"{action} {path}: {name}", retryable=not final)
+
+
+def stale_temps(target: Path, *, min_age: float) -> list[Path]:
+    """Temp files `atomic_write` left next to `target` (a SIGKILL between write and rename),
+    older than `min_age` seconds — a live writer's temp file exists for milliseconds."""
+    now = time.time()
+    found = []
+    for candidate in target.parent.glob(f".{glob.escape(target.name)}.*{_TMP_SUFFIX}"):
+        try:
+            if now - candidate.lstat().st_mtime >= min_age:
+                found.append(candidate)
+        except FileNotFoundError:
+            continue
+    return found
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -130,6 +146,25 @@ class LocalSandbox:
         except OSError as exc:
             raise _io_error("make_dir", path, exc) from None
 
+    async def discard_temps(self, path: PurePosixPath, *, min_age: float = 1.0) -> int:
+        """Remove stale temp copies of `path` left by an interrupted write; returns how many."""
+        real = self.resolve(path)
+
+        def discard() -> int:
+            removed = 0
+            for temp in stale_temps(real, min_age=min_age):
+                try:
+                    temp.unlink()
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+            return removed
+
+        try:
+            return await asyncio.to_thread(discard)
+        except OSError as exc:
+            raise _io_error("discard temps of", path, exc) from None
+
     async def remove(self, path: PurePosixPath) -> None:
         real = self.resolve(path)
         if real == self._home_dir:
@@ -140,6 +175,9 @@ class LocalSandbox:
                 shutil.rmtree(real)
             else:
                 real.unlink(missing_ok=True)
+            if real.parent.is_dir():
+                for temp in stale_temps(real, min_age=0.0):  # may hold a copy of the content
+                    temp.unlink(missing_ok=True)
 
         try:
             await asyncio.to_thread(rm)
@@ -166,10 +204,15 @@ class LocalBackend:
         return home
 
     @asynccontextmanager
-    async def open(self, event: SandboxCreated) -> AsyncIterator[LocalSandbox]:
+    async def open(self, event: SandboxTarget) -> AsyncIterator[LocalSandbox]:
         home = self.home_dir(event.sandbox_id)
+        must_exist = bool(getattr(event, "must_exist", False))
 
         def ensure_home() -> None:
+            if must_exist:
+                if not home.is_dir():
+                    raise SandboxNotFound(f"sandbox {event.sandbox_id} has no home under the local root")
+                return
             self.root.mkdir(parents=True, exist_ok=True)
             home.mkdir(mode=HOME_MODE, exist_ok=True)
 

@@ -1,0 +1,353 @@
+"""Use cases on live sandboxes: what happens to the sandboxes already holding a person's
+credentials when those credentials change.
+
+- `tokens.refreshed` → re-inject into each live sandbox of the person (fresh credentials from
+  the vault; a sandbox already holding them is left alone) and announce each re-injection as
+  `sandbox.credentials.injected` with `refreshed_by` = the refresh event id. A sandbox still
+  `pending` (its sandbox.created is being handled) gets its record touched, which makes that
+  handler redo its work with the fresh credentials.
+- `tokens.revoked` → remember the revocation time (a later-delivered sandbox.created from
+  before it is refused), remove the credential files from each live sandbox, mark the record
+  `scrubbed` and publish `sandbox.credentials.scrubbed`.
+- `sandbox.destroyed` → forget the sandbox, leaving a tombstone.
+
+Every record update is compare-and-set; a conflict retries the whole message, and whatever was
+already done is recognised on the next delivery (`touched_by` = this event) and only
+re-announced with the same derived event id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+
+from shared import subjects
+from shared.events import (
+    CredentialMode,
+    SandboxCredentialsFailed,
+    SandboxCredentialsInjected,
+    SandboxCredentialsScrubbed,
+    SandboxDestroyed,
+    TokensRefreshed,
+    TokensRevoked,
+    derived_event_id,
+)
+from shared.logging import get_logger
+from services.sandbox import domain
+from services.sandbox.adapters.backends.base import BackendProvider, Target
+from services.sandbox.adapters.live_registry import LiveRegistry
+from services.sandbox.adapters.vault_client import VaultClient, VaultCredentials
+from services.sandbox.errors import BackendError, BackendUnavailable, SandboxError, SandboxNotFound
+from services.sandbox.injector import (
+    DeadLetters,
+    EventPublisher,
+    InjectionOptions,
+    Retry,
+    RetryPolicy,
+    occurred_ms,
+)
+from services.sandbox.writer import SandboxLocks, scrub_credentials, write_credentials
+
+log = get_logger("ccbridge.sandbox.live")
+
+@dataclass(frozen=True)
+class Done:
+    sandboxes: tuple[str, ...] = ()
+    """The sandboxes this message changed (re-injected / scrubbed)."""
+    failed: tuple[SandboxCredentialsFailed, ...] = ()
+    """Final per-sandbox failures that were reported."""
+
+
+@dataclass(frozen=True)
+class Exhausted:
+    failed: tuple[SandboxCredentialsFailed, ...]
+    """Reported after the message was dead-lettered."""
+
+
+LiveOutcome = Done | Retry | Exhausted
+Result = str | None | SandboxError
+"""Per sandbox: its id when changed, None when nothing to do, or the error."""
+
+
+def _per_sandbox_id(event_id: str, sandbox_id: str, kind: str) -> str:
+    return derived_event_id(f"{event_id}:{sandbox_id}", kind)
+
+
+def _target(record: domain.LiveSandbox, event_id: str) -> Target:
+    return Target(
+        event_id=event_id,
+        sandbox_id=record.target_id,
+        backend=record.backend,
+        home=record.home,
+        user=record.user,
+        must_exist=True,
+    )
+
+
+class LiveSandboxes:
+    def __init__(
+        self,
+        *,
+        vault: VaultClient,
+        backends: Mapping[str, BackendProvider],
+        publisher: EventPublisher,
+        registry: LiveRegistry,
+        dead_letters: DeadLetters,
+        options: InjectionOptions | None = None,
+        retry: RetryPolicy | None = None,
+        locks: SandboxLocks | None = None,
+        concurrency: int = 4,
+    ) -> None:
+        self._vault = vault
+        self._backends = dict(backends)
+        self._publisher = publisher
+        self._registry = registry
+        self._dead_letters = dead_letters
+        self._options = options or InjectionOptions()
+        self._retry = retry or RetryPolicy()
+        self._locks = locks or SandboxLocks()
+        self._concurrency = max(1, concurrency)
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return self._retry
+
+    # --- sandbox.destroyed ------------------------------------------------------------------
+    async def on_destroyed(self, event: SandboxDestroyed) -> None:
+        await self._registry.destroyed(event.user_id, event.sandbox_id)
+        log.info("sandbox.forgotten", sandbox_id=event.sandbox_id, user_id=event.user_id, cause_event_id=event.event_id)
+
+    # --- tokens.refreshed -------------------------------------------------------------------
+    async def on_refreshed(
+        self, event: TokensRefreshed, *, delivery: int = 1, body: bytes | None = None
+    ) -> LiveOutcome:
+        records = [(r, rev) for r, rev in await self._registry.for_user(event.user_id) if r.state != "scrubbed"]
+        if not records:
+            return Done()
+        fetched: dict[CredentialMode, asyncio.Task[VaultCredentials]] = {}
+
+        def credentials(mode: CredentialMode) -> Awaitable[VaultCredentials]:
+            if mode not in fetched:  # one vault request per mode, shared by the sandboxes
+                fetched[mode] = asyncio.ensure_future(self._vault.fetch(event.user_id, mode))
+            return asyncio.shield(fetched[mode])
+
+        results = await self._each(records, lambda rec, rev: self._refresh_one(event, rec, rev, credentials))
+        return await self._conclude(event, subjects.TOKENS_REFRESHED, results, delivery, body, action="re-inject")
+
+    async def _refresh_one(
+        self,
+        event: TokensRefreshed,
+        record: domain.LiveSandbox,
+        revision: int,
+        credentials: Callable[[CredentialMode], Awaitable[VaultCredentials]],
+    ) -> str | None:
+        async with self._locks.hold(record.backend, record.sandbox_id):
+            lookup = await self._registry.get(record.user_id, record.sandbox_id)
+            if lookup.record is None or lookup.revision is None:
+                return None  # destroyed / forgotten meanwhile
+            record, revision = lookup.record, lookup.revision
+            if record.state == "scrubbed":
+                return None
+            if record.state == "pending":
+                if record.touched_by != event.event_id:  # its handler must redo with fresh credentials
+                    await self._registry.save(replace(record, touched_by=event.event_id), revision=revision)
+                return None
+            provider = self._backends.get(record.backend)
+            if provider is None:
+                raise BackendUnavailable(f"backend {record.backend!r} is not configured in this service")
+            creds = await credentials(record.mode)
+            bundle = domain.check_usable(creds.bundle)
+            mcp_package = self._options.mcp_package if record.mcp else None
+            fp = domain.fingerprint(
+                self._options.fingerprint_key,
+                mode=record.mode,
+                bundle=bundle,
+                config_dir=record.config_dir,
+                env_file=self._options.env_file,
+                mcp_package=mcp_package,
+            )
+            if record.fingerprint == fp:
+                if record.touched_by == event.event_id:  # done by an earlier delivery: announce again
+                    await self._announce_reinjected(event, record)
+                    return record.sandbox_id
+                return None  # already holds these credentials
+            try:
+                async with provider.open(_target(record, record.created_event_id)) as sandbox:
+                    layout = domain.resolve_layout(sandbox.home, record.config_dir, env_file=self._options.env_file)
+                    written = await write_credentials(sandbox, layout, record.mode, bundle, mcp_package=mcp_package)
+            except SandboxNotFound:
+                await self._registry.forget(record.user_id, record.sandbox_id)
+                log.info("sandbox.gone_on_refresh", sandbox_id=record.sandbox_id, user_id=record.user_id)
+                return None
+            record = replace(
+                record,
+                fingerprint=fp,
+                expires_at=creds.expires_at,
+                files=written.files,
+                touched_by=event.event_id,
+            )
+            await self._registry.save(record, revision=revision)
+            log.info(
+                "sandbox.credentials_reinjected",
+                sandbox_id=record.sandbox_id,
+                user_id=record.user_id,
+                written=list(written.written),
+                cause_event_id=event.event_id,
+            )
+            await self._announce_reinjected(event, record)
+            return record.sandbox_id
+
+    async def _announce_reinjected(self, event: TokensRefreshed, record: domain.LiveSandbox) -> None:
+        await self._publisher.publish(
+            subjects.SANDBOX_CREDENTIALS_INJECTED,
+            SandboxCredentialsInjected(
+                event_id=_per_sandbox_id(event.event_id, record.sandbox_id, "reinjected"),
+                user_id=record.user_id,
+                sandbox_id=record.sandbox_id,
+                cause_event_id=record.created_event_id,
+                backend=record.backend,  # type: ignore[arg-type]
+                mode=record.mode,
+                expires_at=record.expires_at or 0,
+                files=list(record.files),
+                env=dict(record.env),
+                backend_sandbox_id=record.backend_sandbox_id,
+                refreshed_by=event.event_id,
+            ),
+        )
+
+    # --- tokens.revoked ---------------------------------------------------------------------
+    async def on_revoked(self, event: TokensRevoked, *, delivery: int = 1, body: bytes | None = None) -> LiveOutcome:
+        await self._registry.mark_revoked(event.user_id, occurred_ms(event))
+        records = list(await self._registry.for_user(event.user_id))
+        if not records:
+            return Done()
+        results = await self._each(records, lambda rec, rev: self._scrub_one(event, rec))
+        return await self._conclude(event, subjects.TOKENS_REVOKED, results, delivery, body, action="scrub")
+
+    async def _scrub_one(self, event: TokensRevoked, record: domain.LiveSandbox) -> str | None:
+        async with self._locks.hold(record.backend, record.sandbox_id):
+            lookup = await self._registry.get(record.user_id, record.sandbox_id)
+            if lookup.record is None or lookup.revision is None:
+                return None
+            record, revision = lookup.record, lookup.revision
+            if record.state == "scrubbed":
+                if record.touched_by == event.event_id:  # done by an earlier delivery: announce again
+                    await self._announce_scrubbed(event, record, gone=False)
+                    return record.sandbox_id
+                return None
+            provider = self._backends.get(record.backend)
+            if provider is None:
+                raise BackendUnavailable(f"backend {record.backend!r} is not configured in this service")
+            gone = False
+            try:
+                async with provider.open(_target(record, record.created_event_id)) as sandbox:
+                    layout = domain.resolve_layout(sandbox.home, record.config_dir, env_file=self._options.env_file)
+                    removed = await scrub_credentials(sandbox, layout)
+            except SandboxNotFound:
+                gone, removed = True, ()
+            if gone:
+                await self._registry.forget(record.user_id, record.sandbox_id)
+            else:
+                await self._registry.save(
+                    replace(record, state="scrubbed", fingerprint=None, files=removed, touched_by=event.event_id),
+                    revision=revision,
+                )
+            record = replace(record, files=removed)
+            log.info(
+                "sandbox.credentials_scrubbed",
+                sandbox_id=record.sandbox_id,
+                user_id=record.user_id,
+                removed=list(removed),
+                sandbox_gone=gone,
+                cause_event_id=event.event_id,
+            )
+            await self._announce_scrubbed(event, record, gone=gone)
+            return record.sandbox_id
+
+    async def _announce_scrubbed(self, event: TokensRevoked, record: domain.LiveSandbox, *, gone: bool) -> None:
+        await self._publisher.publish(
+            subjects.SANDBOX_CREDENTIALS_SCRUBBED,
+            SandboxCredentialsScrubbed(
+                event_id=_per_sandbox_id(event.event_id, record.sandbox_id, "scrubbed"),
+                user_id=record.user_id,
+                sandbox_id=record.sandbox_id,
+                cause_event_id=event.event_id,
+                backend=record.backend,  # type: ignore[arg-type]
+                files=list(record.files),
+                sandbox_gone=gone,
+                reason=event.reason,
+            ),
+        )
+
+    # --- shared -------------------------------------------------------------------------------
+    async def _each(
+        self,
+        records: list[tuple[domain.LiveSandbox, int]],
+        work: Callable[[domain.LiveSandbox, int], Awaitable[str | None]],
+    ) -> list[tuple[domain.LiveSandbox, str | None | SandboxError]]:
+        gate = asyncio.Semaphore(self._concurrency)
+
+        async def one(record: domain.LiveSandbox, revision: int) -> tuple[domain.LiveSandbox, Result]:
+            async with gate:
+                try:
+                    return record, await work(record, revision)
+                except SandboxError as exc:
+                    return record, exc
+                except Exception as exc:  # noqa: BLE001 - a bug or a bus hiccup: retry
+                    log.exception("sandbox.live_crashed", sandbox_id=record.sandbox_id)
+                    return record, BackendError(f"unexpected {type(exc).__name__}", retryable=True)
+
+        return list(await asyncio.gather(*(one(r, rev) for r, rev in records)))
+
+    async def _conclude(
+        self,
+        event: TokensRefreshed | TokensRevoked,
+        subject: str,
+        results: list[tuple[domain.LiveSandbox, str | None | SandboxError]],
+        delivery: int,
+        body: bytes | None,
+        *,
+        action: str,
+    ) -> LiveOutcome:
+        done = tuple(r for _, r in results if isinstance(r, str))
+        errors = [(rec, r) for rec, r in results if isinstance(r, SandboxError)]
+        retryable = [(rec, e) for rec, e in errors if e.retryable]
+        if retryable and delivery < self._retry.max_deliver:
+            first = retryable[0][1]
+            delay = self._retry.delay(delivery)
+            log.warning(
+                "sandbox.live_retry",
+                subject=subject,
+                user_id=event.user_id,
+                failing=[rec.sandbox_id for rec, _ in retryable],
+                reason=first.reason,
+                detail=first.detail,
+                delivery=delivery,
+                delay_s=delay,
+            )
+            return Retry(first, delay)
+        exhausted = bool(retryable)
+        failed = tuple(
+            SandboxCredentialsFailed(
+                event_id=_per_sandbox_id(event.event_id, rec.sandbox_id, "failed"),
+                user_id=event.user_id,
+                sandbox_id=rec.sandbox_id,
+                cause_event_id=event.event_id,
+                reason=error.reason,
+                detail=(f"{action} failed: {error.detail}" + (f" (after {delivery} deliveries)" if exhausted else ""))[
+                    -500:
+                ],
+                retryable=error.retryable,
+            )
+            for rec, error in errors
+        )
+        if exhausted:
+            raw = body if body is not None else event.model_dump_json().encode()
+            reason = f"{retryable[0][1].reason}: {action} failed for {len(retryable)} sandbox(es)"
+            await self._dead_letters.dead_letter(subject, raw, reason, message_id=event.event_id)
+        for item in failed:
+            await self._publisher.publish(subjects.SANDBOX_CREDENTIALS_FAILED, item)
+            log.warning("sandbox.live_failed", subject=subject, sandbox_id=item.sandbox_id, reason=item.reason,
+                        detail=item.detail)
+        return Exhausted(failed) if exhausted else Done(done, failed)

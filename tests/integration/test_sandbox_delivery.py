@@ -1,0 +1,150 @@
+"""Delivery semantics over a real nats-server: the report of the last delivery survives a bus
+failure (no message left stuck), malformed lifecycle events are dead-lettered at once, and
+bounded concurrency per replica."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import nats
+from faststream.nats import NatsBroker
+from nats.aio.client import Client
+
+from ccbridge.embedded_nats import EmbeddedNats
+from services.sandbox.adapters.backends.local import LocalBackend
+from services.sandbox.adapters.bus import BrokerPublisher
+from shared import subjects
+from shared.events import Event, SandboxCreated, TokensRefreshed
+from tests.sandbox_fixtures import (  # noqa: F401 - fixtures
+    WAIT,
+    Collector,
+    FakeVault,
+    as_json,
+    collector,
+    fake_vault,
+    make_bundle,
+    nc,
+    publish,
+    publish_created,
+    running,
+    settings_for,
+    stored,
+    uid,
+)
+
+
+class FlakyPublisher:
+    """BrokerPublisher that fails the first `failures` publishes of one subject."""
+
+    attempts: list[str] = []
+
+    def __init__(self, broker: NatsBroker, subject: str, failures: int) -> None:
+        self._inner = BrokerPublisher(broker)
+        self._subject = subject
+        self._left = failures
+
+    async def publish(self, subject: str, event: Event) -> None:
+        if subject == self._subject:
+            FlakyPublisher.attempts.append(subject)
+            if self._left > 0:
+                self._left -= 1
+                raise ConnectionError("injected: the bus refused the publish")
+        await self._inner.publish(subject, event)
+
+
+async def test_failed_report_on_the_last_delivery_is_retried_not_stuck(
+    tmp_path: Path, embedded_nats: EmbeddedNats
+) -> None:
+    """max_deliver=2 and the vault never answers: delivery 2 gives up, dead-letters, and then
+    publishing the failed event fails twice. JetStream's cap (max_deliver + report grace)
+    brings the message back until the report gets through; then it is terminated."""
+    client = await nats.connect(embedded_nats.url)
+    try:
+        vault = FakeVault(client)
+        await client.subscribe(subjects.VAULT_CREDENTIALS_GET, cb=vault.handle)
+        user, sandbox_id = uid("user"), uid("sbx")
+        vault.users[user] = "silent"
+        FlakyPublisher.attempts = []
+        settings = settings_for(embedded_nats.url, tmp_path, vault_request_timeout=0.3, max_deliver=2, report_grace=5,
+                                ack_wait=5.0)
+        event = SandboxCreated(user_id=user, sandbox_id=sandbox_id)
+        js = client.jetstream()
+        factory = lambda broker: FlakyPublisher(broker, subjects.SANDBOX_CREDENTIALS_FAILED, failures=2)  # noqa: E731
+        async with running(settings, publisher=factory):
+            await publish_created(client, event)
+            deadline = time.monotonic() + WAIT
+            while True:
+                info = await js.consumer_info(subjects.SANDBOX_STREAM.name, subjects.SANDBOX_CREATED_DURABLE)
+                failed = await stored(client, subjects.SANDBOX_STREAM.name, subjects.SANDBOX_CREDENTIALS_FAILED,
+                                      lambda m: as_json(m.data).get("sandbox_id") == sandbox_id)
+                if failed and info.num_ack_pending == 0 and info.num_pending == 0:
+                    break
+                assert time.monotonic() < deadline, "the message stayed unreported"
+                await asyncio.sleep(0.2)
+        dead = await stored(client, subjects.DLQ_STREAM.name, "dlq.sandbox.created",
+                            lambda m: m.data == event.model_dump_json().encode())
+    finally:
+        await client.close()
+    assert len(FlakyPublisher.attempts) == 3  # two refused, the third went through
+    # deliveries 3 and 4 came from the report grace: the (idempotent) work is redone, gives
+    # up again at once, and the report is retried
+    assert len(failed) == 1 and as_json(failed[0].data)["reason"] == "vault_unavailable"
+    assert as_json(failed[0].data)["detail"].endswith("(after 4 deliveries)")
+    assert len(dead) == 1  # dead-lettered on each try, kept once (Nats-Msg-Id dlq-<event_id>)
+    assert dead[0].headers["Ccbridge-Reason"].endswith("(after 2 deliveries)")  # type: ignore[index]
+    assert len(vault.requests_for(user)) == 4
+
+
+async def test_malformed_lifecycle_events_are_dead_lettered_and_the_consumer_moves_on(
+    nats_url: str, tmp_path: Path, nc: Client, fake_vault: FakeVault, collector: Collector,
+) -> None:
+    user, sandbox_id = uid("user"), uid("sbx")
+    fake_vault.users[user] = make_bundle()
+    garbage = f'{{"user_id": "{user}", "version": "not a number {uid("x")}"}}'.encode()
+    async with running(settings_for(nats_url, tmp_path)):
+        await publish_created(nc, SandboxCreated(user_id=user, sandbox_id=sandbox_id))
+        await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, sandbox_id)
+        await nc.jetstream().publish(subjects.TOKENS_REFRESHED, garbage, stream=subjects.TOKENS_STREAM.name)
+        await nc.jetstream().publish(subjects.TOKENS_REVOKED, b"not json", stream=subjects.TOKENS_STREAM.name)
+        fake_vault.users[user] = make_bundle()
+        good = TokensRefreshed(user_id=user, expires_at=1, scopes=[], version=2)
+        await publish(nc, subjects.TOKENS_REFRESHED, good)
+        await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, sandbox_id, refreshed_by=good.event_id)
+        await collector.wait(lambda m: m == ("dlq.tokens.refreshed", garbage))
+    # no salvage for lifecycle subjects: nothing claims to answer them
+    assert [m for m in collector.messages if m[0] == subjects.SANDBOX_CREDENTIALS_FAILED
+            and user.encode() in m[1]] == []
+
+
+async def test_concurrency_per_replica_is_bounded(
+    nats_url: str, tmp_path: Path, nc: Client, fake_vault: FakeVault, collector: Collector,
+) -> None:
+    user = uid("user")
+    fake_vault.users[user] = make_bundle()
+    state = {"now": 0, "peak": 0}
+
+    class Slow(LocalBackend):
+        @asynccontextmanager
+        async def open(self, event: Any) -> AsyncIterator[Any]:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+            try:
+                await asyncio.sleep(0.05)
+                async with super().open(event) as sandbox:
+                    yield sandbox
+            finally:
+                state["now"] -= 1
+
+    events = [SandboxCreated(user_id=user, sandbox_id=uid("sbx")) for _ in range(24)]
+    settings = settings_for(nats_url, tmp_path, concurrency=3)
+    async with running(settings, backend=Slow(settings.local_sandbox_root)):
+        for event in events:
+            await publish_created(nc, event)
+        for event in events:
+            await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, event.sandbox_id)
+    assert 1 <= state["peak"] <= 3
