@@ -31,7 +31,6 @@ from services.vault.handlers import (
     revoked_consumer_config,
     tokens_consumer_config,
 )
-from services.vault.http import HealthServer
 from services.vault.keyring import Keyring, LiveKeyring, kek_source
 from services.vault.metrics import VaultMetrics
 from services.vault.ports import EventPublisher, RecordCipher, Store, TokenEndpoint, UnitOfWork
@@ -41,6 +40,7 @@ from services.vault.trust import TrustedRequesters, TrustStore
 from services.vault.use_cases import AuditWriter, Vault
 from shared import subjects
 from shared.broker import document_publishers, make_broker, provision
+from shared.health import HealthServer
 from shared.events import TokensLoginExpiring, TokensReconnectRequired, TokensRefreshed
 from shared.logging import configure_logging, get_logger
 from shared.sealing import KeyPair, key_paths, load_or_create_keypair
@@ -270,7 +270,8 @@ class VaultService:
         )
 
     async def _start_health(self) -> None:
-        health = HealthServer(self.settings.metrics_host, self.settings.metrics_port, self.metrics, self.readiness)
+        health = HealthServer(self.settings.metrics_host, self.settings.metrics_port, self.metrics.render, self.readiness,
+                              name="vault")
         try:
             await health.start()
         except OSError as exc:

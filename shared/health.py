@@ -1,5 +1,6 @@
-"""A small HTTP server next to the bus: `/metrics` (Prometheus), `/healthz` (the process is up),
-`/readyz` (database and NATS answer). VAULT_METRICS_HOST:VAULT_METRICS_PORT, 0 = off.
+"""A small HTTP server next to the bus for services without an HTTP API of their own (vault,
+sandbox): `/metrics` (Prometheus), `/healthz` (the process is up), `/readyz` (the service's own
+checks: database, NATS, …). Each service sets its host and port (`<SERVICE>_METRICS_HOST/PORT`).
 
 A plain ASGI callable served by uvicorn (already a dependency): no framework for three routes.
 """
@@ -16,15 +17,15 @@ from typing import Any
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from services.vault.metrics import VaultMetrics
 from shared.logging import get_logger
 
 log = get_logger(__name__)
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
+MetricsRenderer = Callable[[], bytes]
 
 
-def build_app(metrics: VaultMetrics, readiness: ReadinessCheck) -> Callable[..., Awaitable[None]]:
+def build_app(render_metrics: MetricsRenderer, readiness: ReadinessCheck) -> Callable[..., Awaitable[None]]:
     async def app(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         if scope["type"] != "http":
             return
@@ -33,7 +34,7 @@ def build_app(metrics: VaultMetrics, readiness: ReadinessCheck) -> Callable[...,
         if method not in ("GET", "HEAD"):
             status, body = 405, b'{"error":"method_not_allowed"}'
         elif path == "/metrics":
-            status, ctype, body = 200, CONTENT_TYPE_LATEST, metrics.render()
+            status, ctype, body = 200, CONTENT_TYPE_LATEST, render_metrics()
         elif path == "/healthz":
             status, body = 200, b'{"status":"ok"}'
         elif path == "/readyz":
@@ -55,17 +56,19 @@ def build_app(metrics: VaultMetrics, readiness: ReadinessCheck) -> Callable[...,
 
 
 class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: `serve()` of the vault owns signals."""
+    """uvicorn without its own signal handling: the service's `serve()` owns signals."""
 
     def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
         return contextlib.nullcontext()
 
 
 class HealthServer:
-    def __init__(self, host: str, port: int, metrics: VaultMetrics, readiness: ReadinessCheck) -> None:
+    def __init__(self, host: str, port: int, render_metrics: MetricsRenderer, readiness: ReadinessCheck,
+                 *, name: str = "service") -> None:
         self.host = host
         self.port = port
-        self._app = build_app(metrics, readiness)
+        self.name = name
+        self._app = build_app(render_metrics, readiness)
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -86,7 +89,7 @@ class HealthServer:
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self._app, log_config=None, access_log=False, lifespan="off")
         self._server = _Server(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="vault-metrics")
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name=f"{self.name}-metrics")
         while not self._server.started:
             if self._task.done():
                 sock.close()
