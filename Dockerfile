@@ -65,14 +65,14 @@ COPY --from=builder /opt/ccbridge /opt/ccbridge
 USER 10001:10001
 WORKDIR /var/lib/ccbridge
 
-# auth HTTP (AUTH_PORT), vault and sandbox health/metrics (METRICS_PORT 9100 / 9101).
+# auth HTTP (AUTH_PORT), vault and sandbox health/metrics (VAULT_METRICS_PORT 9100 / SANDBOX_METRICS_PORT 9101).
 EXPOSE 8000 9100 9101
 
-# One probe for every service: CCBRIDGE_HEALTHCHECK_URL if set, else /healthz on METRICS_PORT
+# One probe for every service: CCBRIDGE_HEALTHCHECK_URL if set, else /healthz on VAULT_METRICS_PORT / SANDBOX_METRICS_PORT
 # (vault, sandbox), else on AUTH_PORT (auth). urlopen raises on connection errors and non-2xx,
 # which makes python exit 1 = unhealthy.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["/opt/ccbridge/bin/python", "-c", "import os, urllib.request as r; port = os.environ.get('METRICS_PORT') or os.environ.get('AUTH_PORT') or '8000'; r.urlopen(os.environ.get('CCBRIDGE_HEALTHCHECK_URL') or f'http://127.0.0.1:{port}/healthz', timeout=4).close()"]
+    CMD ["/opt/ccbridge/bin/python", "-c", "import os, urllib.request as r; e = os.environ.get; port = e('VAULT_METRICS_PORT') or e('SANDBOX_METRICS_PORT') or e('AUTH_PORT') or '8000'; r.urlopen(os.environ.get('CCBRIDGE_HEALTHCHECK_URL') or f'http://127.0.0.1:{port}/healthz', timeout=4).close()"]
 
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["ccbridge"]

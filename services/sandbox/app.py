@@ -15,6 +15,7 @@ from faststream.nats import NatsBroker
 
 from shared import subjects
 from shared.broker import document_publishers, make_broker, provision
+from shared.health import HealthServer
 from shared.events import SandboxCredentialsFailed, SandboxCredentialsInjected, SandboxCredentialsScrubbed
 from shared.logging import configure_logging, get_logger
 from shared.sealing import KeyPair, load_or_create_keypair
@@ -40,6 +41,7 @@ from services.sandbox.injector import (
     RetryPolicy,
 )
 from services.sandbox.live import LiveSandboxes
+from services.sandbox.metrics import MeteredInjector, MeteredPublisher, SandboxMetrics, watch_dlq_depth
 from services.sandbox.settings import SandboxSettings
 from services.sandbox.writer import SandboxLocks
 
@@ -150,6 +152,9 @@ class SandboxService:
         self.broker: NatsBroker | None = None
         self.injector: CredentialInjector | None = None
         self.live: LiveSandboxes | None = None
+        self.metrics = SandboxMetrics()
+        self.health: HealthServer | None = None
+        self._dlq_watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         if self.broker is not None:
@@ -173,7 +178,7 @@ class SandboxService:
             mcp_package=settings.mcp_package,
             fingerprint_key=fingerprint_key(key),
         )
-        publisher = (self._publisher_factory or BrokerPublisher)(broker)
+        publisher = MeteredPublisher((self._publisher_factory or BrokerPublisher)(broker), self.metrics)
         dead_letters, locks = BrokerDeadLetters(broker), SandboxLocks()
         self.injector = CredentialInjector(
             vault=vault,
@@ -196,7 +201,7 @@ class SandboxService:
             locks=locks,
             concurrency=settings.live_concurrency,
         )
-        wire_broker(broker, settings, self.injector, self.live)
+        wire_broker(broker, settings, MeteredInjector(self.injector, self.metrics), self.live)
         try:
             await broker.connect()
             await provision(broker, settings)
@@ -217,6 +222,11 @@ class SandboxService:
                 await broker.stop()
             raise
         self.broker = broker
+        self._dlq_watch = asyncio.create_task(
+            watch_dlq_depth(broker.connection.jetstream(), self.metrics), name="sandbox-dlq-depth"
+        )
+        if settings.metrics_port:
+            await self._start_health()
         log.info(
             "sandbox.started",
             key_id=key.key_id,
@@ -229,7 +239,27 @@ class SandboxService:
             concurrency=settings.concurrency,
         )
 
+    async def _start_health(self) -> None:
+        health = HealthServer(self.settings.metrics_host, self.settings.metrics_port, self.metrics.render,
+                              self.readiness, name="sandbox")
+        try:
+            await health.start()
+        except OSError as exc:  # a taken port must not take the injector down with it
+            log.error("sandbox.metrics_unavailable", port=self.settings.metrics_port, error=type(exc).__name__)
+            return
+        self.health = health
+
+    async def readiness(self) -> dict[str, bool]:
+        connected = self.broker is not None and self.broker.connection is not None and self.broker.connection.is_connected
+        return {"nats": bool(connected)}
+
     async def stop(self) -> None:
+        if self._dlq_watch is not None:
+            self._dlq_watch.cancel()
+            self._dlq_watch = None
+        if self.health is not None:
+            await self.health.stop()
+            self.health = None
         broker, self.broker = self.broker, None
         if broker is not None:
             await broker.stop()

@@ -132,3 +132,8 @@ class SandboxSettings(ServiceSettings):
         validation_alias="E2B_REQUEST_RETRIES",
         description="SDK-level retries of control-plane calls answered 429/502/503/504.",
     )
+    metrics_host: str = Field(default="127.0.0.1", validation_alias="SANDBOX_METRICS_HOST")
+    metrics_port: int = Field(
+        default=9101, ge=0, le=65535, validation_alias="SANDBOX_METRICS_PORT",
+        description="/healthz, /readyz and /metrics listener; 0 = off.",
+    )

@@ -328,8 +328,8 @@ def test_pods_are_locked_down(overlay) -> None:  # noqa: ANN001
 
 def test_probes_hit_the_health_endpoints_on_the_right_ports(overlay) -> None:  # noqa: ANN001
     _, objects = overlay
-    expected = {"auth": ("AUTH_PORT", "/healthz", "/readyz"), "vault": ("METRICS_PORT", "/healthz", "/healthz"),
-                "sandbox": ("METRICS_PORT", "/healthz", "/healthz")}
+    expected = {"auth": ("AUTH_PORT", "/healthz", "/readyz"), "vault": ("VAULT_METRICS_PORT", "/healthz", "/healthz"),
+                "sandbox": ("SANDBOX_METRICS_PORT", "/healthz", "/healthz")}
     for name, (port_env, live, ready) in expected.items():
         container = _pod_spec(by_kind(objects, "Deployment")[name])["containers"][0]
         env = {e["name"]: e.get("value") for e in container["env"]}
@@ -447,7 +447,7 @@ def test_env_names_are_settings_the_services_read(overlay) -> None:  # noqa: ANN
     config = by_kind(objects, "ConfigMap")["ccbridge-config"]["data"]
     # not settings: inputs of $(VAR) expansion, the e2b SDK's own variable, and the health/metrics
     # listener the vault and sandbox get (METRICS_*), not in their settings yet
-    extra = {"NATS_PASSWORD", "NATS_ADDRESS", "E2B_API_KEY", "METRICS_HOST", "METRICS_PORT"}
+    extra = {"NATS_PASSWORD", "NATS_ADDRESS", "E2B_API_KEY"}
     for service, cls in classes.items():
         known = aliases(cls) | extra
         container = _pod_spec(by_kind(objects, "Deployment")[service])["containers"][0]
@@ -540,8 +540,8 @@ def test_compose_every_service_is_health_checked_and_waited_for(compose: dict[st
         assert set(depends) == deps, name
         assert all(spec == {"condition": "service_healthy"} for spec in depends.values()), name
     # the app health checks probe the port the service is told to listen on
-    for name, (var, path) in {"auth": ("AUTH_PORT", "/readyz"), "vault": ("METRICS_PORT", "/healthz"),
-                              "sandbox": ("METRICS_PORT", "/healthz")}.items():
+    for name, (var, path) in {"auth": ("AUTH_PORT", "/readyz"), "vault": ("VAULT_METRICS_PORT", "/healthz"),
+                              "sandbox": ("SANDBOX_METRICS_PORT", "/healthz")}.items():
         svc = services[name]
         code = svc["healthcheck"]["test"][-1]
         compile(code, f"{name}-healthcheck", "exec")
@@ -685,16 +685,17 @@ def test_dockerfile_healthcheck_command_really_probes(health_server: tuple[int, 
     argv = json.loads(check[check.index("CMD") + 3:].strip())
     assert argv[0] == "/opt/ccbridge/bin/python"
     argv[0] = sys.executable
-    base_env = {k: v for k, v in os.environ.items() if k not in {"METRICS_PORT", "AUTH_PORT", "CCBRIDGE_HEALTHCHECK_URL"}}
+    base_env = {k: v for k, v in os.environ.items() if k not in {"VAULT_METRICS_PORT", "SANDBOX_METRICS_PORT", "AUTH_PORT", "CCBRIDGE_HEALTHCHECK_URL"}}
 
     def run(**env: str) -> int:
         return subprocess.run(argv, env={**base_env, **env}, capture_output=True, timeout=30).returncode
 
-    assert run(METRICS_PORT=str(port)) == 0  # vault / sandbox
+    assert run(VAULT_METRICS_PORT=str(port)) == 0  # vault
+    assert run(SANDBOX_METRICS_PORT=str(port)) == 0  # sandbox
     assert run(AUTH_PORT=str(port)) == 0  # auth
     assert run(CCBRIDGE_HEALTHCHECK_URL=f"http://127.0.0.1:{port}/healthz") == 0
     handler.status = 503
-    assert run(METRICS_PORT=str(port)) != 0
+    assert run(VAULT_METRICS_PORT=str(port)) != 0
     assert run(METRICS_PORT=str(free_port())) != 0  # nothing listening
 
 
