@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -39,6 +38,7 @@ from shared import subjects
 from shared.broker import document_publishers, make_broker, provision
 from shared.events import TokensIssued, TokensRevoked
 from shared.logging import configure_logging, get_logger
+from shared.runtime import stop_on_signals
 
 log = get_logger(__name__)
 
@@ -387,16 +387,12 @@ class AuthService:
 
 async def serve(settings: AuthSettings) -> None:
     """Run until cancelled or SIGTERM/SIGINT, then stop cleanly."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    installed: list[signal.Signals] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass
-    service = AuthService(settings)
+    with stop_on_signals() as stop:
+        await _serve_until(stop, AuthService(settings))
+
+
+async def _serve_until(stop: asyncio.Event, service: AuthService) -> None:
+    """Start (HTTP first, then the bus); stop on the signal even while still starting."""
     stopping = asyncio.create_task(stop.wait())
     starting = asyncio.create_task(service.start())
     try:
@@ -416,8 +412,6 @@ async def serve(settings: AuthSettings) -> None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await service.stop()
-        for sig in installed:
-            loop.remove_signal_handler(sig)
 
 
 def main() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import signal
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -18,6 +17,7 @@ from shared.broker import document_publishers, make_broker, provision
 from shared.health import HealthServer
 from shared.events import SandboxCredentialsFailed, SandboxCredentialsInjected, SandboxCredentialsScrubbed
 from shared.logging import configure_logging, get_logger
+from shared.runtime import run_until_stopped
 from shared.sealing import KeyPair, load_or_create_keypair
 from services.sandbox import domain
 from services.sandbox.adapters.backends.base import BackendProvider
@@ -277,21 +277,7 @@ class SandboxService:
 
 async def serve(settings: SandboxSettings) -> None:
     """Run the service until cancelled or SIGTERM/SIGINT, then stop cleanly."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / platform
-            pass
-    try:
-        async with SandboxService(settings):
-            await stop.wait()
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
+    await run_until_stopped(SandboxService(settings))
 
 
 def main() -> None:

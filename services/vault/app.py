@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import os
 import secrets
-import signal
 import socket
 from types import TracebackType
 from typing import Any, Self
@@ -43,6 +42,7 @@ from shared.broker import document_publishers, make_broker, provision
 from shared.health import HealthServer
 from shared.events import TokensLoginExpiring, TokensReconnectRequired, TokensRefreshed
 from shared.logging import configure_logging, get_logger
+from shared.runtime import run_until_stopped
 from shared.sealing import KeyPair, key_paths, load_or_create_keypair
 
 log = get_logger(__name__)
@@ -372,22 +372,8 @@ class VaultService:
 
 
 async def serve(settings: VaultSettings) -> None:
-    """Run until cancelled or SIGTERM/SIGINT, then stop cleanly."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / platform
-            pass
-    try:
-        async with VaultService(settings):
-            await stop.wait()
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
+    """Run the service until cancelled or SIGTERM/SIGINT, then stop cleanly."""
+    await run_until_stopped(VaultService(settings))
 
 
 def main() -> None:
