@@ -123,6 +123,7 @@ async def _demo(user: str, data_dir: Path) -> bool:
         find_claude,
         mint_caller_token,
         prepare_when_connected,
+        standin_oauth_env,
     )
     from ccbridge.embedded_nats import free_port
     from ccbridge.stack import Stack
@@ -132,11 +133,7 @@ async def _demo(user: str, data_dir: Path) -> bool:
     async with OAuthStandin(port=0) as oauth:
         env = {
             "AUTH_JWT_SECRET": jwt_secret,
-            "OAUTH_AUTHORIZE_URL": oauth.authorize_url,
-            "OAUTH_TOKEN_URL": oauth.token_url,
-            "OAUTH_TOKEN_URLS": oauth.token_url,  # no fallback to the real endpoints: loopback only
-            "OAUTH_CONSOLE_AUTHORIZE_URL": oauth.console_authorize_url,
-            "OAUTH_REDIRECT_URI": oauth.callback_url,
+            **standin_oauth_env(oauth),
         }
         console.print(f"1. OAuth stand-in on {oauth.base_url}; starting the stack in {data_dir}")
         stack = Stack(data_dir, nats_url=os.environ.get("NATS_URL") or None, env=env, auth_port=free_port())

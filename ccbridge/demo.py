@@ -19,6 +19,17 @@ import jwt
 PASTE_CODE = re.compile(r'<code id="paste-code">([^<]+)</code>')
 
 
+def standin_oauth_env(oauth) -> dict[str, str]:  # noqa: ANN001 - standins.oauth.OAuthStandin
+    """Point auth at the OAuth stand-in, and only at it: no fallback to the real endpoints."""
+    return {
+        "OAUTH_AUTHORIZE_URL": oauth.authorize_url,
+        "OAUTH_CONSOLE_AUTHORIZE_URL": oauth.console_authorize_url,
+        "OAUTH_TOKEN_URL": oauth.token_url,
+        "OAUTH_TOKEN_URLS": oauth.token_url,
+        "OAUTH_REDIRECT_URI": oauth.callback_url,
+    }
+
+
 def mint_caller_token(secret: str, user_id: str, ttl_s: int = 600) -> str:
     """An HS256 caller token as a platform would mint it for its user (`sub` = user id)."""
     now = int(time.time())

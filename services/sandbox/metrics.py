@@ -5,28 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import get_args
 
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from services.sandbox.injector import CredentialInjector, EventPublisher, Failed, Injected, Outcome, Retry, RetryPolicy
 from shared import subjects
-from shared.events import Event, SandboxCreated
+from shared.events import Event, FailureReason, SandboxCreated
 from shared.subjects import DLQ_STREAM
 
 OUTCOMES = ("injected", "duplicate", "retry", "failed", "dead_lettered")
-REASONS = (
-    "not_connected",
-    "reconnect_required",
-    "vault_unavailable",
-    "vault_error",
-    "backend_error",
-    "backend_unavailable",
-    "sandbox_not_found",
-    "invalid_event",
-    "max_deliveries",
-    "revoked",
-)
+REASONS = get_args(FailureReason)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 

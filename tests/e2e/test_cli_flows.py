@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ccbridge.demo import PASTE_CODE, mint_caller_token
+from ccbridge.demo import PASTE_CODE, mint_caller_token, standin_oauth_env
 from ccbridge.embedded_nats import free_port
 from ccbridge.stack import Stack
 from standins.oauth import OAuthStandin
@@ -30,11 +30,7 @@ async def running(tmp_path: Path, embedded_nats):
     async with OAuthStandin(port=0) as oauth:
         env = {
             "AUTH_JWT_SECRET": secret,
-            "OAUTH_AUTHORIZE_URL": oauth.authorize_url,
-            "OAUTH_TOKEN_URL": oauth.token_url,
-            "OAUTH_TOKEN_URLS": oauth.token_url,  # no fallback to the real endpoints: loopback only
-            "OAUTH_CONSOLE_AUTHORIZE_URL": oauth.console_authorize_url,
-            "OAUTH_REDIRECT_URI": oauth.callback_url,
+            **standin_oauth_env(oauth),
         }
         async with Stack(tmp_path / "data", nats_url=embedded_nats.url, env=env, auth_port=free_port()) as stack:
             yield stack, secret

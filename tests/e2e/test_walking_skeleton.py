@@ -20,7 +20,13 @@ import nats
 import pytest
 
 from ccbridge.client import CcbridgeClient
-from ccbridge.demo import claude_auth_status, connect_claude_account, mint_caller_token, prepare_when_connected
+from ccbridge.demo import (
+    claude_auth_status,
+    connect_claude_account,
+    mint_caller_token,
+    prepare_when_connected,
+    standin_oauth_env,
+)
 from ccbridge.embedded_nats import free_port
 from ccbridge.stack import Stack
 from shared.events import SandboxCredentialsInjected
@@ -40,11 +46,7 @@ async def test_login_to_injected_home_accepted_by_real_cli(tmp_path: Path, nats_
     async with OAuthStandin(port=0, access_token_factory=lambda: CANARY) as oauth:
         env = {
             "AUTH_JWT_SECRET": jwt_secret,
-            "OAUTH_AUTHORIZE_URL": oauth.authorize_url,
-            "OAUTH_TOKEN_URL": oauth.token_url,
-            "OAUTH_TOKEN_URLS": oauth.token_url,  # no fallback to the real endpoints: loopback only
-            "OAUTH_CONSOLE_AUTHORIZE_URL": oauth.console_authorize_url,
-            "OAUTH_REDIRECT_URI": oauth.callback_url,
+            **standin_oauth_env(oauth),
             "LOG_LEVEL": "DEBUG",
         }
         async with Stack(tmp_path / "data", nats_url=nats_url, env=env, auth_port=free_port()) as stack:
