@@ -41,6 +41,8 @@ class Stack:
     auth_port: int | None = None
     log_dir: Path | None = None
     quiet: bool = True
+    # Per-service additions, e.g. each service's own NATS user in NATS_URL (least privilege).
+    per_service_env: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
@@ -106,7 +108,7 @@ class Stack:
         out = open(log_path, "ab")  # noqa: SIM115 - handed to the child
         process = subprocess.Popen(
             [sys.executable, "-m", f"services.{name}"],
-            env=self.service_env(),
+            env={**self.service_env(), **self.per_service_env.get(name, {})},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
