@@ -11,12 +11,11 @@ a code is never sent again once a server may have seen it.
 
 from __future__ import annotations
 
-import email.utils
 import time
 from typing import Any
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from services.auth.domain import CodeExchange, TokenGrant
 from services.auth.errors import (
@@ -27,56 +26,18 @@ from services.auth.errors import (
     UpstreamUnavailable,
 )
 from shared.logging import get_logger
+from shared.oauth import TokenEndpointResponse, retry_after_seconds
 
 log = get_logger(__name__)
 
 USER_AGENT = "ccbridge-auth/0.1"
 DEFAULT_RETRY_AFTER_S = 30
-MAX_RETRY_AFTER_S = 3600
-
-
-class _Account(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    uuid: str | None = Field(default=None, max_length=256)
-    email_address: str | None = Field(default=None, max_length=512)
-
-
-class _Organization(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    uuid: str | None = Field(default=None, max_length=256)
-    name: str | None = Field(default=None, max_length=512)
-
-
-class _TokenResponse(BaseModel):
-    model_config = ConfigDict(extra="ignore", hide_input_in_errors=True)
-
-    access_token: str = Field(min_length=1, max_length=8192)
-    refresh_token: str | None = Field(default=None, min_length=1, max_length=8192)
-    expires_in: int = Field(gt=0, le=10 * 365 * 24 * 3600)
-    refresh_token_expires_in: int | None = Field(default=None, ge=0, le=10 * 365 * 24 * 3600)
-    scope: str | None = Field(default=None, max_length=4096)
-    account: _Account | None = None
-    organization: _Organization | None = None
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> int:
-    """Seconds to wait, from delta-seconds or an HTTP date; bounded; a default when absent."""
-    if not value:
-        return DEFAULT_RETRY_AFTER_S
-    value = value.strip()
-    seconds: float
-    if value.isdigit():
-        seconds = int(value)
-    else:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return DEFAULT_RETRY_AFTER_S
-        if when is None:
-            return DEFAULT_RETRY_AFTER_S
-        seconds = when.timestamp() - (now if now is not None else time.time())
-    return int(min(max(seconds, 1), MAX_RETRY_AFTER_S))
-
+    """Whole seconds to tell the caller (at least 1); a default when the header is absent."""
+    seconds = retry_after_seconds(value, now=now)
+    return DEFAULT_RETRY_AFTER_S if seconds is None else int(max(seconds, 1))
 
 def _oauth_error_code(response: httpx.Response) -> str | None:
     try:
@@ -91,7 +52,7 @@ def _oauth_error_code(response: httpx.Response) -> str | None:
 
 def grant_from_json(body: Any) -> TokenGrant:
     try:
-        parsed = _TokenResponse.model_validate(body)
+        parsed = TokenEndpointResponse.model_validate(body)
     except ValidationError:
         fields = sorted(body) if isinstance(body, dict) else type(body).__name__
         log.warning("token response not understood", fields=str(fields)[:200])

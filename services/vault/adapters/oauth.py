@@ -10,64 +10,21 @@ from a response body is logged except the OAuth error code.
 
 from __future__ import annotations
 
-import email.utils
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from services.vault.errors import RefreshRejected, RefreshTransient
 from services.vault.ports import TokenResponse
 from shared.logging import get_logger
+from shared.oauth import TokenEndpointResponse
+from shared.oauth import retry_after_seconds as parse_retry_after
 
 log = get_logger(__name__)
 
 USER_AGENT = "ccbridge-vault/0.1"
-MAX_RETRY_AFTER_S = 3600.0
-
-
-class _Account(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    uuid: str | None = Field(default=None, max_length=256)
-    email_address: str | None = Field(default=None, max_length=512)
-
-
-class _Organization(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    uuid: str | None = Field(default=None, max_length=256)
-    name: str | None = Field(default=None, max_length=512)
-
-
-class _RefreshResponse(BaseModel):
-    model_config = ConfigDict(extra="ignore", hide_input_in_errors=True)
-
-    access_token: str = Field(min_length=1, max_length=8192)
-    refresh_token: str | None = Field(default=None, min_length=1, max_length=8192)
-    expires_in: int = Field(gt=0, le=10 * 365 * 24 * 3600)
-    refresh_token_expires_in: int | None = Field(default=None, ge=0, le=10 * 365 * 24 * 3600)
-    scope: str | None = Field(default=None, max_length=4096)
-    account: _Account | None = None
-    organization: _Organization | None = None
-
-
-def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Seconds from delta-seconds or an HTTP date, bounded; None when absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        seconds = float(value)
-    else:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when is None:
-            return None
-        seconds = when.timestamp() - (now if now is not None else time.time())
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
 def _oauth_error_code(response: httpx.Response) -> str | None:
@@ -83,7 +40,7 @@ def _oauth_error_code(response: httpx.Response) -> str | None:
 
 def _token_response(body: Any) -> TokenResponse:
     try:
-        parsed = _RefreshResponse.model_validate(body)
+        parsed = TokenEndpointResponse.model_validate(body)
     except ValidationError:
         fields = sorted(body) if isinstance(body, dict) else type(body).__name__
         log.warning("refresh response not understood", fields=str(fields)[:200])

@@ -1,0 +1,57 @@
+"""What Anthropic's OAuth token endpoint answers, for both of its callers: auth (code exchange)
+and the vault (refresh). One model of the response and one reading of `Retry-After`."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_RETRY_AFTER_S = 3600.0
+_TEN_YEARS_S = 10 * 365 * 24 * 3600
+
+
+class TokenAccount(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    uuid: str | None = Field(default=None, max_length=256)
+    email_address: str | None = Field(default=None, max_length=512)
+
+
+class TokenOrganization(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    uuid: str | None = Field(default=None, max_length=256)
+    name: str | None = Field(default=None, max_length=512)
+
+
+class TokenEndpointResponse(BaseModel):
+    """A successful token response (authorization_code or refresh_token grant). Validation
+    errors never quote the input: it holds tokens."""
+
+    model_config = ConfigDict(extra="ignore", hide_input_in_errors=True)
+
+    access_token: str = Field(min_length=1, max_length=8192)
+    refresh_token: str | None = Field(default=None, min_length=1, max_length=8192)
+    expires_in: int = Field(gt=0, le=_TEN_YEARS_S)
+    refresh_token_expires_in: int | None = Field(default=None, ge=0, le=_TEN_YEARS_S)
+    scope: str | None = Field(default=None, max_length=4096)
+    account: TokenAccount | None = None
+    organization: TokenOrganization | None = None
+
+
+def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds from delta-seconds or an HTTP date, within [0, 1 h]; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        seconds = when.timestamp() - (now if now is not None else time.time())
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
