@@ -103,14 +103,18 @@ async def publish_event(broker: NatsBroker, subject: str, event: Event) -> None:
     )
 
 
+def dead_letter_msg_id(subject: str, message_id: str) -> str:
+    """Dedupe id of a dead letter: per subject, so one bad body on two subjects is two letters."""
+    return f"dlq-{subject}-{message_id}"
+
+
 async def dead_letter(
     broker: NatsBroker, subject: str, body: bytes, reason: str, *, message_id: str | None = None
 ) -> None:
     """Keep a message we cannot process, unchanged, on `dlq.<subject>` with why."""
     headers = {REASON_HEADER: reason[:200], ORIGINAL_SUBJECT_HEADER: subject}
     if message_id:
-        # Per subject: the same bad body arriving on two subjects is two dead letters.
-        headers[MSG_ID_HEADER] = f"dlq-{subject}-{message_id}"
+        headers[MSG_ID_HEADER] = dead_letter_msg_id(subject, message_id)
     await broker.publish(body, subjects.dead_letter_subject(subject), headers=headers, stream=subjects.DLQ_STREAM.name)
 
 

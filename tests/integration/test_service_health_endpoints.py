@@ -3,6 +3,7 @@ move with the traffic (and carry no identifiers or secrets)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 
@@ -40,11 +41,17 @@ async def test_vault_and_sandbox_serve_health_and_metrics(tmp_path: Path, embedd
                     for _ in range(50):
                         if (await ccb.connection_status(user)).connected:
                             break
+                        await asyncio.sleep(0.1)
                     await ccb.prepare_sandbox("sbx-metrics-1", user, timeout=20)
                     await ccb.prepare_sandbox("sbx-metrics-2", f"nobody-{uuid.uuid4().hex[:6]}", timeout=20)
             finally:
                 await nc.close()
-            sandbox = (await http.get(f"{urls['sandbox']}/metrics")).text
+            # The result event reaches us a moment before the service counts it: poll briefly.
+            for _ in range(50):
+                sandbox = (await http.get(f"{urls['sandbox']}/metrics")).text
+                if _metric(sandbox, "ccbridge_sandbox_injection_seconds_count") >= 2:
+                    break
+                await asyncio.sleep(0.1)
             vault = (await http.get(f"{urls['vault']}/metrics")).text
     assert _metric(sandbox, "ccbridge_sandbox_injections_total", outcome="injected") == \
         _metric(before, "ccbridge_sandbox_injections_total", outcome="injected") + 1

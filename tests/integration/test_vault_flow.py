@@ -24,7 +24,7 @@ from services.vault.errors import StoreUnavailable
 from services.vault.keyring import Keyring
 from services.vault.settings import VaultSettings
 from shared import subjects
-from shared.broker import REASON_HEADER, make_broker, publish_event
+from shared.broker import REASON_HEADER, dead_letter_msg_id, make_broker, publish_event
 from shared.events import CredentialsReply, Sealed
 from shared.sealing import KeyPair, b64d, b64e
 from tests.vault_fixtures import (  # noqa: F401 - fixtures
@@ -224,13 +224,13 @@ async def test_poison_is_dead_lettered_and_the_consumer_keeps_going(running: Run
         assert await running.row(user) is None
 
         def ours(msgs: list[Any]) -> list[Any]:
-            tampered_id = f"dlq-{tampered.event_id}"
+            tampered_id = dead_letter_msg_id(subjects.TOKENS_ISSUED, tampered.event_id)
             return [m for m in msgs if m.data == garbage or m.headers.get(subjects.MSG_ID_HEADER) == tampered_id]
 
         letters = ours(await _collect(dlq, lambda got: len(ours(got)) == 2))
         reasons = {m.headers[subjects.MSG_ID_HEADER]: m.headers[REASON_HEADER] for m in letters}
-        assert reasons[f"dlq-{tampered.event_id}"] == "unopenable_box"
-        assert reasons[f"dlq-garbage-{garbage_marker}"].startswith("invalid_event")
+        assert reasons[dead_letter_msg_id(subjects.TOKENS_ISSUED, tampered.event_id)] == "unopenable_box"
+        assert reasons[dead_letter_msg_id(subjects.TOKENS_ISSUED, f"garbage-{garbage_marker}")].startswith("invalid_event")
         tampered_letter = next(m for m in letters if m.data != garbage)
         assert json.loads(tampered_letter.data)["event_id"] == tampered.event_id  # kept unchanged for replay
         await running.drained()  # nothing left unacked behind
@@ -314,7 +314,8 @@ async def test_database_outage_is_retried_not_dead_lettered(
             assert row.version == 1
             assert store.attempts >= 3  # two failed deliveries (nacked with delay), then stored
             letters = await _collect(dlq, lambda got: True)  # whatever arrived by now
-            assert not [m for m in letters if m.headers.get(subjects.MSG_ID_HEADER) == f"dlq-{event.event_id}"]
+            dead_id = dead_letter_msg_id(subjects.TOKENS_ISSUED, event.event_id)
+            assert not [m for m in letters if m.headers.get(subjects.MSG_ID_HEADER) == dead_id]
     finally:
         await dlq.unsubscribe()
         await store.dispose()

@@ -30,7 +30,7 @@ from services.vault.settings import VaultSettings
 from services.vault.trust import TrustedRequesters
 from services.vault.use_cases import Vault
 from shared import subjects
-from shared.broker import DLQ, REASON_HEADER, TOKENS
+from shared.broker import DLQ, REASON_HEADER, TOKENS, dead_letter_msg_id
 from shared.events import ConnectionStatusReply, ConnectionStatusRequest, CredentialsReply, Sealed, TokensRevoked
 from shared.sealing import KeyPair, SealingError, b64d, b64e, seal
 from tests.vault_fixtures import (
@@ -172,7 +172,7 @@ async def test_malformed_payload_is_dead_lettered_and_acked(harness: Harness, ac
     body, headers = harness.dead_letters[0]
     assert body == payload  # kept unchanged
     assert headers[REASON_HEADER].startswith("invalid_event")
-    assert headers[subjects.MSG_ID_HEADER] == "dlq-abc12345"
+    assert headers[subjects.MSG_ID_HEADER] == dead_letter_msg_id(subjects.TOKENS_ISSUED, "abc12345")
     assert acks.acked == 1 and not acks.nacked
     assert not harness.store.connections
 
@@ -198,7 +198,7 @@ async def test_unopenable_boxes_are_dead_lettered(harness: Harness, acks: Acks) 
 
     assert [h[REASON_HEADER] for _, h in harness.dead_letters] == ["unopenable_box"] * 3
     assert [h[subjects.MSG_ID_HEADER] for _, h in harness.dead_letters] == [
-        f"dlq-{e.event_id}" for e in (tampered, other_key, replayed)
+        dead_letter_msg_id(subjects.TOKENS_ISSUED, e.event_id) for e in (tampered, other_key, replayed)
     ]
     assert not harness.store.connections and acks.acked == 3
 
