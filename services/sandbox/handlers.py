@@ -87,6 +87,9 @@ def register_handlers(
             stream=stream,
             durable=spec.durable,
             pull_sub=PullSub(batch_size=settings.concurrency, timeout=PULL_TIMEOUT_S),
+            # Up to `concurrency` messages in flight, each settled on its own: a slow one (a
+            # vault round trip, a slow backend) no longer holds up the rest of a fetched batch.
+            max_workers=settings.concurrency,
             config=consumer_config(spec, max_deliver=consumer_max_deliver(settings), ack_wait=settings.ack_wait),
             ack_policy=AckPolicy.MANUAL,
             title=title,

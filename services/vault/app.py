@@ -60,7 +60,7 @@ def build_broker(settings: VaultSettings, vault: Vault) -> NatsBroker:
     broker = make_broker(settings, name="vault")
     broker.include_router(build_tokens_router(vault, settings))
     broker.include_router(build_revoked_router(vault, settings))
-    broker.include_router(build_credentials_router(vault))
+    broker.include_router(build_credentials_router(vault, settings.request_concurrency))
     broker.include_router(build_status_router(vault))
     document_publishers(broker, PUBLISHES)
     return broker

@@ -179,7 +179,7 @@ def build_tokens_router(vault: Vault, settings: VaultSettings) -> NatsRouter:
         subjects.TOKENS_ISSUED,
         stream=bus.TOKENS,
         durable=subjects.VAULT_TOKENS_ISSUED_DURABLE,
-        pull_sub=PullSub(batch_size=settings.fetch_batch, timeout=settings.fetch_timeout_s),
+        pull_sub=PullSub(batch_size=settings.effective_fetch_batch, timeout=settings.fetch_timeout_s),
         config=tokens_consumer_config(settings),
         ack_policy=AckPolicy.NACK_ON_ERROR,
         title="vault: store issued tokens",
@@ -215,7 +215,7 @@ def build_revoked_router(vault: Vault, settings: VaultSettings) -> NatsRouter:
         subjects.TOKENS_REVOKED,
         stream=bus.TOKENS,
         durable=subjects.VAULT_TOKENS_REVOKED_DURABLE,
-        pull_sub=PullSub(batch_size=settings.fetch_batch, timeout=settings.fetch_timeout_s),
+        pull_sub=PullSub(batch_size=settings.effective_fetch_batch, timeout=settings.fetch_timeout_s),
         config=revoked_consumer_config(settings),
         ack_policy=AckPolicy.NACK_ON_ERROR,
         title="vault: revoke a connection",
@@ -246,7 +246,9 @@ def _request_id_of(message: Any) -> str:
     return value if isinstance(value, str) and 0 < len(value) <= 64 else ""
 
 
-def build_credentials_router(vault: Vault) -> NatsRouter:
+def build_credentials_router(vault: Vault, concurrency: int = 16) -> NatsRouter:
+    """`concurrency` requests are served at once (nats-py runs a plain subscription's callback
+    one message at a time; a grant waits on the database, so one-by-one caps the rate)."""
     async def invalid_request(exc: ValidationError, message: NatsMessage) -> CredentialsReply:
         log.info("credentials request rejected", reason="invalid_request")
         vault.metrics.credential_request("invalid_request")
@@ -266,6 +268,7 @@ def build_credentials_router(vault: Vault) -> NatsRouter:
     @router.subscriber(
         subjects.VAULT_CREDENTIALS_GET,
         queue=subjects.VAULT_QUEUE,
+        max_workers=concurrency,
         title="vault: credentials for a sandbox",
         description="Seals the user's tokens to the (trusted) requester key; never sends a refresh "
         "token unless mode is `file`.",

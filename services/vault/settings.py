@@ -110,8 +110,17 @@ class VaultSettings(ServiceSettings):
         default=None, validation_alias="VAULT_INSTANCE_ID", max_length=64,
         description="Name of this replica in leases and audit entries; default <host>-<pid>-<random>.",
     )
+    # vault.credentials.get
+    request_concurrency: int = Field(
+        default=16, ge=1, le=1024, validation_alias="VAULT_REQUEST_CONCURRENCY",
+        description="Credential requests served at once by one replica.",
+    )
     # tokens.issued consumer
-    fetch_batch: int = Field(default=16, ge=1, le=256, validation_alias="VAULT_FETCH_BATCH")
+    fetch_batch: int = Field(
+        default=16, ge=1, le=256, validation_alias="VAULT_FETCH_BATCH",
+        description="Messages fetched per pull. When not set and the database is SQLite, 1: SQLite "
+        "has one writer, so concurrent write transactions only contend for its lock.",
+    )
     fetch_timeout_s: float = Field(default=2.0, gt=0, le=60, validation_alias="VAULT_FETCH_TIMEOUT_S")
     ack_wait_s: float = Field(default=30.0, gt=0, validation_alias="VAULT_ACK_WAIT_S")
     retry_max_delay_s: float = Field(
@@ -129,6 +138,12 @@ class VaultSettings(ServiceSettings):
         if self.refresh_lease_s <= self.refresh_timeout_s:
             raise ValueError("VAULT_REFRESH_LEASE_S must be larger than VAULT_REFRESH_TIMEOUT_S")
         return self
+
+    @property
+    def effective_fetch_batch(self) -> int:
+        if "fetch_batch" not in self.model_fields_set and self.database_url.get_secret_value().startswith("sqlite"):
+            return 1
+        return self.fetch_batch
 
     @property
     def kek_path(self) -> Path:

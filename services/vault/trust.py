@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.vault.errors import InvalidKeyring, InvalidRequest, UnauthorizedRequester
@@ -28,9 +28,13 @@ log = logging.getLogger(__name__)
 TRUSTED_KEY_GLOB = "sandbox*.hpke.pub"
 
 
+MAX_PARSED_KEYS = 256
+
+
 @dataclass(frozen=True)
 class TrustedRequesters:
     keys: frozenset[bytes]
+    _parsed: dict[str, Recipient] = field(default_factory=dict, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -62,13 +66,18 @@ class TrustedRequesters:
         return cls.of(recipients)
 
     def recipient(self, public_key_b64: str, key_id: str) -> Recipient:
-        """The requester to seal the reply to, if it is trusted."""
-        try:
-            recipient = Recipient.from_b64(public_key_b64)
-        except SealingError:
-            raise InvalidRequest("requester_public_key is not an X25519 public key") from None
-        if public_key_bytes(recipient.public_key) not in self.keys:
-            raise UnauthorizedRequester("requester key is not trusted")
+        """The requester to seal the reply to, if it is trusted. Trusted keys are parsed once
+        per snapshot (a handful of sandbox replicas), not on every request."""
+        recipient = self._parsed.get(public_key_b64)
+        if recipient is None:
+            try:
+                recipient = Recipient.from_b64(public_key_b64)
+            except SealingError:
+                raise InvalidRequest("requester_public_key is not an X25519 public key") from None
+            if public_key_bytes(recipient.public_key) not in self.keys:
+                raise UnauthorizedRequester("requester key is not trusted")
+            if len(self._parsed) < MAX_PARSED_KEYS:
+                self._parsed[public_key_b64] = recipient
         if recipient.key_id != key_id:
             raise InvalidRequest("requester_key_id does not match requester_public_key")
         return recipient

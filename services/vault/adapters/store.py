@@ -667,7 +667,8 @@ class SqlStore:
         ensure_sqlite_parent(url)
         backend = make_url(url).get_backend_name()
         # hide_parameters: bound values (ciphertext, ids) never appear in driver error messages.
-        kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": True, "hide_parameters": True}
+        # SQLite is a file: nothing to ping; a server connection may have been dropped.
+        kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": backend != "sqlite", "hide_parameters": True}
         if backend == "sqlite":
             kwargs["connect_args"] = {"timeout": 10}
         else:

@@ -16,7 +16,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path, PurePosixPath
 
@@ -52,10 +52,9 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def atomic_write(target: Path, data: bytes, mode: int) -> None:
-    """Write `data` to `target` atomically with permission bits exactly `mode`."""
-    directory = target.parent
-    tmp = directory / f".{target.name}.{secrets.token_hex(6)}{_TMP_SUFFIX}"
+def _write_temp(target: Path, data: bytes, mode: int) -> Path:
+    """A fsynced temp file beside `target` holding `data` with permission bits exactly `mode`."""
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}{_TMP_SUFFIX}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(tmp, flags, mode)
     try:
@@ -67,11 +66,21 @@ def atomic_write(target: Path, data: bytes, mode: int) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write(target: Path, data: bytes, mode: int) -> None:
+    """Write `data` to `target` atomically with permission bits exactly `mode`."""
+    tmp = _write_temp(target, data, mode)
+    try:
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(directory)
+    _fsync_dir(target.parent)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -145,6 +154,88 @@ class LocalSandbox:
             await asyncio.to_thread(make)
         except OSError as exc:
             raise _io_error("make_dir", path, exc) from None
+
+    # --- batched: one worker-thread call for a whole injection --------------------
+    async def read_files(self, paths: Sequence[PurePosixPath]) -> dict[PurePosixPath, bytes | None]:
+        """`read_file` of several paths in one worker-thread call (paths resolved there too)."""
+
+        def read_all() -> dict[PurePosixPath, bytes | None]:
+            found: dict[PurePosixPath, bytes | None] = {}
+            for path in paths:
+                real = self.resolve(path)
+                try:
+                    found[path] = real.read_bytes()
+                except FileNotFoundError:
+                    found[path] = None
+                except OSError as exc:
+                    raise _io_error("read", path, exc) from None
+            return found
+
+        return await asyncio.to_thread(read_all)
+
+    async def write_files(
+        self,
+        dirs: Sequence[tuple[PurePosixPath, int]],
+        files: Sequence[tuple[PurePosixPath, bytes, int]],
+        *,
+        known: Mapping[PurePosixPath, bytes | None] | None = None,
+    ) -> list[PurePosixPath]:
+        """`make_dir` each of `dirs`, then write each of `files` whose bytes differ from what is
+        there (what `known` says, else read) — in one worker-thread call. Same guarantees as the
+        one-file calls: every file is a temp file (fsynced) `os.replace`d over the target, with
+        exactly its mode; stale temp copies beside a target are removed first. Each touched
+        directory is fsynced once, after all the renames. Returns the paths written."""
+        known = dict(known or {})
+
+        def apply() -> list[PurePosixPath]:
+            written: list[PurePosixPath] = []
+            for path, mode in dirs:
+                real = self.resolve(path)
+                try:
+                    real.mkdir(mode=mode, parents=True, exist_ok=True)
+                    os.chmod(real, mode)
+                except OSError as exc:
+                    raise _io_error("make_dir", path, exc) from None
+                self.resolve(path)  # nothing swapped in a symlink meanwhile
+            staged: list[tuple[PurePosixPath, Path, Path]] = []
+            try:
+                for path, data, mode in files:
+                    real = self.resolve(path)
+                    if real == self._home_dir:
+                        raise PathOutsideSandbox("cannot replace the sandbox home with a file")
+                    try:
+                        for temp in stale_temps(real, min_age=1.0):
+                            temp.unlink(missing_ok=True)
+                        if path in known:
+                            current = known[path]
+                        else:
+                            try:
+                                current = real.read_bytes()
+                            except FileNotFoundError:
+                                current = None
+                        if current == data:
+                            continue
+                        staged.append((path, real, _write_temp(real, data, mode)))
+                    except OSError as exc:
+                        raise _io_error("write", path, exc) from None
+                touched: dict[Path, None] = {}
+                while staged:
+                    path, real, tmp = staged[0]
+                    try:
+                        os.replace(tmp, real)
+                    except OSError as exc:
+                        raise _io_error("write", path, exc) from None
+                    staged.pop(0)
+                    touched[real.parent] = None
+                    written.append(path)
+                for directory in touched:
+                    _fsync_dir(directory)
+            finally:
+                for _, _, tmp in staged:  # not renamed: never leave a copy behind
+                    tmp.unlink(missing_ok=True)
+            return written
+
+        return await asyncio.to_thread(apply)
 
     async def discard_temps(self, path: PurePosixPath, *, min_age: float = 1.0) -> int:
         """Remove stale temp copies of `path` left by an interrupted write; returns how many."""
