@@ -6,6 +6,7 @@ from __future__ import annotations
 import email.utils
 import time
 
+import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_RETRY_AFTER_S = 3600.0
@@ -55,3 +56,16 @@ def retry_after_seconds(value: str | None, *, now: float | None = None) -> float
             return None
         seconds = when.timestamp() - (now if now is not None else time.time())
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+def oauth_error_code(response: httpx.Response) -> str | None:
+    """The `error` code of an error response (OAuth `{"error": "invalid_grant"}` or Anthropic API
+    `{"error": {"type": ...}}`), never anything else from a body that may hold secrets."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        error = error.get("type")
+    return error if isinstance(error, str) and len(error) < 64 else None

@@ -26,7 +26,7 @@ from services.auth.errors import (
     UpstreamUnavailable,
 )
 from shared.logging import get_logger
-from shared.oauth import TokenEndpointResponse, retry_after_seconds
+from shared.oauth import TokenEndpointResponse, oauth_error_code, retry_after_seconds
 
 log = get_logger(__name__)
 
@@ -38,16 +38,6 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> int:
     """Whole seconds to tell the caller (at least 1); a default when the header is absent."""
     seconds = retry_after_seconds(value, now=now)
     return DEFAULT_RETRY_AFTER_S if seconds is None else int(max(seconds, 1))
-
-def _oauth_error_code(response: httpx.Response) -> str | None:
-    try:
-        body = response.json()
-    except ValueError:
-        return None
-    error = body.get("error") if isinstance(body, dict) else None
-    if isinstance(error, dict):  # Anthropic API style {"error": {"type": ...}}
-        error = error.get("type")
-    return error if isinstance(error, str) and len(error) < 64 else None
 
 
 def grant_from_json(body: Any) -> TokenGrant:
@@ -141,7 +131,7 @@ class HttpOAuthClient:
         if status == 429:
             raise UpstreamRateLimited(parse_retry_after(response.headers.get("retry-after")))
         if status in (400, 401, 403):
-            error = _oauth_error_code(response)
+            error = oauth_error_code(response)
             log.info("token endpoint refused the grant", grant_type=grant_type, status=status, error=error)
             raise InvalidCode()
         if status >= 500:

@@ -19,23 +19,12 @@ from pydantic import ValidationError
 from services.vault.errors import RefreshRejected, RefreshTransient
 from services.vault.ports import TokenResponse
 from shared.logging import get_logger
-from shared.oauth import TokenEndpointResponse
+from shared.oauth import TokenEndpointResponse, oauth_error_code
 from shared.oauth import retry_after_seconds as parse_retry_after
 
 log = get_logger(__name__)
 
 USER_AGENT = "ccbridge-vault/0.1"
-
-
-def _oauth_error_code(response: httpx.Response) -> str | None:
-    try:
-        body = response.json()
-    except ValueError:
-        return None
-    error = body.get("error") if isinstance(body, dict) else None
-    if isinstance(error, dict):  # Anthropic API style {"error": {"type": ...}}
-        error = error.get("type")
-    return error if isinstance(error, str) and len(error) < 64 else None
 
 
 def _token_response(body: Any) -> TokenResponse:
@@ -119,7 +108,7 @@ class HttpTokenEndpoint:
             except ValueError:
                 raise RefreshTransient("the token endpoint answered 200 without JSON", outcome="bad_response") from None
             return _token_response(payload)
-        error = _oauth_error_code(response)
+        error = oauth_error_code(response)
         retry_after = parse_retry_after(response.headers.get("retry-after"))
         if status in (400, 401) and error == "invalid_grant":
             raise RefreshRejected("invalid_grant")
