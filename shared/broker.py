@@ -3,13 +3,14 @@ dead letters. Nothing here connects at import time."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import nats
 from faststream import ExceptionMiddleware
 from faststream.nats import JStream, NatsBroker, StorageType
 from nats.js.api import StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError
 from pydantic import BaseModel
 
 from shared import subjects
@@ -73,19 +74,44 @@ def _stream_config(spec: StreamSpec, replicas: int) -> StreamConfig:
     )
 
 
-async def ensure_streams(js: nats.js.JetStreamContext, *, replicas: int = 1) -> None:
-    """Create or update every ccbridge stream. Safe to call from every replica at start."""
+def _matches(current: StreamConfig, wanted: StreamConfig) -> bool:
+    return (
+        sorted(current.subjects or []) == sorted(wanted.subjects or [])
+        and current.duplicate_window == wanted.duplicate_window
+        and current.max_age == wanted.max_age
+        and (current.num_replicas or 1) == wanted.num_replicas
+    )
+
+
+async def ensure_streams(js: nats.js.JetStreamContext, *, replicas: int = 1, attempts: int = 5) -> None:
+    """Create or update every ccbridge stream. Safe to call from every replica at start.
+
+    A stream that already has the wanted config is left alone (an update is a cluster-wide
+    operation); timeouts — a cluster electing a leader, a loaded server — are retried."""
     for spec in ALL_STREAMS:
-        config = _stream_config(spec, replicas)
-        try:
-            await js.stream_info(spec.name)
-        except NotFoundError:
+        wanted = _stream_config(spec, replicas)
+        for attempt in range(1, attempts + 1):
             try:
-                await js.add_stream(config)
-                continue
-            except Exception:  # noqa: BLE001 - another replica created it first
-                pass
-        await js.update_stream(config)
+                await _ensure_stream(js, wanted)
+                break
+            except nats.errors.TimeoutError:
+                if attempt == attempts:
+                    raise
+                log.warning("stream provisioning timed out; retrying (stream=%s, attempt=%d)", spec.name, attempt)
+                await asyncio.sleep(0.5 * attempt)
+
+
+async def _ensure_stream(js: nats.js.JetStreamContext, wanted: StreamConfig) -> None:
+    try:
+        info = await js.stream_info(wanted.name)
+    except NotFoundError:
+        try:
+            await js.add_stream(wanted)
+            return
+        except BadRequestError:  # another replica created it first
+            info = await js.stream_info(wanted.name)
+    if not _matches(info.config, wanted):
+        await js.update_stream(wanted)
 
 
 async def provision(broker: NatsBroker, settings: ServiceSettings) -> None:

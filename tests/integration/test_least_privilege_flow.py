@@ -39,10 +39,11 @@ async def test_flow_works_with_one_nats_user_per_service(tmp_path: Path) -> None
                 async with httpx.AsyncClient(timeout=30) as http:
                     connected = await connect_claude_account(http, stack.auth_url, mint_caller_token(jwt_secret, user))
                     assert connected.status == 202, connected.body
+                    async with CcbridgeClient(server.url("platform")) as ccb:
+                        result = await prepare_when_connected(ccb, "sbx-lp", user, timeout=30)
+                    # auth asks the vault over vault.connections.status with its own user
                     status = await http.get(f"{stack.auth_url}/v1/claude-code/status",
                                             headers={"Authorization": f"Bearer {mint_caller_token(jwt_secret, user)}"})
-                async with CcbridgeClient(server.url("platform")) as ccb:
-                    result = await prepare_when_connected(ccb, "sbx-lp", user, timeout=30)
                 logs = "".join(p.read_text(errors="replace") for p in stack.log_dir.glob("*.log"))
     assert isinstance(result, SandboxCredentialsInjected), result
     assert status.status_code == 200 and status.json()["connected"] is True
