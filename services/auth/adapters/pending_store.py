@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
@@ -106,10 +107,18 @@ class KvPendingStore:
         return cls(await open_bucket(js, ttl=ttl, replicas=replicas), cipher)
 
     async def put(self, login: PendingLogin, *, limit: int | None = None) -> None:
+        # The record exists before it is listed in the caller's index: a racing replica that
+        # reads the index must find every listed login (it drops listed states without a record
+        # as consumed), or it would undercount and let the caller past the cap.
         try:
-            if limit is not None:
-                await self._reserve(login, limit)
             await self._kv.create(login.state, self._cipher.encrypt(login.to_json(), key=login.state))
+            if limit is not None:
+                try:
+                    await self._reserve(login, limit)
+                except BaseException:
+                    with contextlib.suppress(*_TRANSIENT, nats.js.errors.KeyNotFoundError):
+                        await self._kv.delete(login.state)
+                    raise
         except _TRANSIENT as exc:
             log.warning("pending-login store write failed", error_type=type(exc).__name__)
             raise StoreUnavailable() from None
