@@ -9,6 +9,10 @@ import time
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
+# Facts of the real Claude Code CLI (design.md): its public OAuth client and current token URL.
+CLAUDE_CODE_CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
+TOKEN_URL = "https://platform.claude.com/v1/oauth/token"
+
 MAX_RETRY_AFTER_S = 3600.0
 _TEN_YEARS_S = 10 * 365 * 24 * 3600
 

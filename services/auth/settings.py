@@ -5,10 +5,11 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from shared.oauth import CLAUDE_CODE_CLIENT_ID, TOKEN_URL
 from shared.settings import ServiceSettings
 
 DEFAULT_SCOPES = "user:profile user:inference user:sessions:claude_code user:mcp_servers user:file_upload"
-CURRENT_TOKEN_URL = "https://platform.claude.com/v1/oauth/token"
+CURRENT_TOKEN_URL = TOKEN_URL
 SEED_TOKEN_URL = "https://console.anthropic.com/v1/oauth/token"  # the seed's name; answers 404 since mid-2026
 DEFAULT_TOKEN_URLS = f"{CURRENT_TOKEN_URL},{SEED_TOKEN_URL}"
 ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
@@ -83,7 +84,7 @@ class AuthSettings(ServiceSettings):
         validation_alias="OAUTH_LEGACY_REDIRECT_URI",
         description="redirect_uri of `POST /user-settings/mcp/claude-code` exchanges. Unset: OAUTH_REDIRECT_URI.",
     )
-    oauth_client_id: str = Field(default="9d1c250a-e61b-44d9-88ed-5944d1962f5e", validation_alias="OAUTH_CLIENT_ID")
+    oauth_client_id: str = Field(default=CLAUDE_CODE_CLIENT_ID, validation_alias="OAUTH_CLIENT_ID")
     oauth_scopes: str = Field(default=DEFAULT_SCOPES, validation_alias="OAUTH_SCOPES", description="Space separated.")
     oauth_http_timeout: float = Field(default=10.0, gt=0, le=300, validation_alias="OAUTH_HTTP_TIMEOUT")
 

@@ -6,11 +6,12 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from shared.oauth import CLAUDE_CODE_CLIENT_ID, TOKEN_URL
 from shared.settings import ServiceSettings
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./var/vault.db"
-DEFAULT_TOKEN_URL = "https://platform.claude.com/v1/oauth/token"
-DEFAULT_CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
+DEFAULT_TOKEN_URL = TOKEN_URL
+DEFAULT_CLIENT_ID = CLAUDE_CODE_CLIENT_ID
 
 
 class VaultSettings(ServiceSettings):
