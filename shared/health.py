@@ -55,6 +55,21 @@ def build_app(render_metrics: MetricsRenderer, readiness: ReadinessCheck) -> Cal
     return app
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A non-blocking listening-ready socket for uvicorn (port 0 = a free one): binding it
+    ourselves lets the caller learn the real port and fail fast on a taken one."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handling: the service's `serve()` owns signals."""
 
@@ -77,15 +92,7 @@ class HealthServer:
         return f"http://{self.host}:{self.port}"
 
     async def start(self) -> None:
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self.host, self.port))
-        except OSError:
-            sock.close()
-            raise
-        sock.setblocking(False)
+        sock = bind_socket(self.host, self.port)
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self._app, log_config=None, access_log=False, lifespan="off")
         self._server = _Server(config)

@@ -25,7 +25,6 @@ import hashlib
 import html
 import json
 import secrets
-import socket
 import threading
 import time
 import uuid
@@ -38,6 +37,8 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+
+from shared.health import bind_socket
 
 REAL_CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
 KNOWN_SCOPES = frozenset(
@@ -426,18 +427,6 @@ class _EmbeddedServer(uvicorn.Server):
         return contextlib.nullcontext()
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
-
-
 class OAuthStandin:
     """`async with OAuthStandin(port=0) as s:` — a real HTTP server on 127.0.0.1."""
 
@@ -502,7 +491,7 @@ class OAuthStandin:
         return self.base_url + "/_standin/stats"
 
     async def start(self) -> OAuthStandin:
-        sock = _bind(self.host, self.port)
+        sock = bind_socket(self.host, self.port)
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off")
         self._server = _EmbeddedServer(config)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -37,6 +36,7 @@ from services.auth.settings import AuthSettings
 from shared import subjects
 from shared.broker import document_publishers, make_broker, provision
 from shared.events import TokensIssued, TokensRevoked
+from shared.health import bind_socket
 from shared.logging import configure_logging, get_logger
 from shared.runtime import stop_on_signals
 
@@ -284,19 +284,6 @@ class _EmbeddedServer(uvicorn.Server):
         return contextlib.nullcontext()
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
-
-
 class AuthService:
     """`async with AuthService(settings) as auth: auth.base_url` — HTTP API on a real port."""
 
@@ -332,7 +319,7 @@ class AuthService:
     async def start(self) -> None:
         """HTTP first (so /healthz answers and /readyz says 503 while the bus is awaited), then
         the runtime; a runtime that fails to start takes the HTTP server down with it."""
-        sock = _bind(self.settings.host, self.settings.port)
+        sock = bind_socket(self.settings.host, self.settings.port)
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
             self.app, log_config=None, lifespan="off", server_header=False, timeout_graceful_shutdown=10
