@@ -4,7 +4,11 @@ FastStream's `NatsTelemetryMiddleware` writes W3C `traceparent` into the headers
 a service publishes and continues the trace in the consumer, so one login or one sandbox can be
 followed auth → vault → sandbox. Spans are exported only when `OTEL_EXPORTER_OTLP_ENDPOINT` is set
 and the optional exporter is installed (`pip install 'ccbridge[otlp]'`); otherwise they stay in
-process (the context still propagates). `CCBRIDGE_TRACING=off` removes the middleware entirely.
+process (the context still propagates).
+
+`CCBRIDGE_TRACING`: `auto` (default) turns the middleware on only when an exporter endpoint is
+set — spans nobody collects cost ~10 % of a message's CPU (docs/performance.md); `on` always
+(propagate a platform's trace context without exporting); `off` never.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ log = get_logger(__name__)
 
 
 def tracing_enabled() -> bool:
-    return os.environ.get("CCBRIDGE_TRACING", "on").lower() not in {"0", "off", "false", "no"}
+    mode = os.environ.get("CCBRIDGE_TRACING", "auto").strip().lower()
+    if mode in {"", "auto"}:
+        return bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    return mode not in {"0", "off", "false", "no"}
 
 
 @lru_cache(maxsize=None)

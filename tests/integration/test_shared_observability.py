@@ -22,7 +22,10 @@ from shared.settings import ServiceSettings
 TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
 
 
-async def test_traceparent_travels_in_headers_and_the_consumer_continues_the_trace(nats_url: str) -> None:
+async def test_traceparent_travels_in_headers_and_the_consumer_continues_the_trace(
+    nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CCBRIDGE_TRACING", "on")
     subject = f"ccbridge-test.trace.{uuid.uuid4().hex}"
     settings = ServiceSettings(NATS_URL=nats_url)
     producer, consumer = make_broker(settings, name="auth"), make_broker(settings, name="vault")
@@ -83,3 +86,27 @@ def test_redaction_covers_structlog_and_stdlib_logs(capsys: pytest.CaptureFixtur
         assert value not in err
     assert err.count("[redacted]") >= 5
     assert lines[0]["user_id"] == "u1" and lines[0]["event"] == "exchange.ok"
+
+
+@pytest.mark.parametrize(
+    ("mode", "endpoint", "enabled"),
+    [
+        (None, None, False),  # default auto: nobody collects spans → no middleware
+        (None, "http://127.0.0.1:4318", True),
+        ("auto", "http://127.0.0.1:4318", True),
+        ("on", None, True),
+        ("off", "http://127.0.0.1:4318", False),
+    ],
+)
+def test_tracing_is_on_by_default_only_when_an_exporter_is_configured(
+    monkeypatch: pytest.MonkeyPatch, mode: str | None, endpoint: str | None, enabled: bool
+) -> None:
+    from shared.tracing import telemetry_middlewares, tracing_enabled
+
+    for name, value in (("CCBRIDGE_TRACING", mode), ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert tracing_enabled() is enabled
+    assert len(telemetry_middlewares("sandbox")) == int(enabled)
