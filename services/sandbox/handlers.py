@@ -27,7 +27,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from faststream import AckPolicy, Context, ExceptionMiddleware
+from faststream import AckPolicy, ExceptionMiddleware
 from faststream.nats import NatsBroker, NatsMessage, PullSub
 from pydantic import ValidationError
 
@@ -102,7 +102,7 @@ def register_handlers(
 
     @subscribe(CREATED, bus.SANDBOX, "sandbox.created → inject credentials",
                "Injects the person's Claude Code credentials into the new sandbox.")
-    async def on_sandbox_created(event: SandboxCreated, msg: NatsMessage) -> None:
+    async def on_sandbox_created(event: SandboxCreated, msg: bus.Message) -> None:
         delivery = delivery_count(msg)
         try:
             async with working(msg, settings.ack_wait):
@@ -120,7 +120,7 @@ def register_handlers(
 
     @subscribe(REFRESHED, bus.TOKENS, "tokens.refreshed → re-inject into live sandboxes",
                "Writes the refreshed credentials into every live sandbox of the person.")
-    async def on_tokens_refreshed(event: TokensRefreshed, msg: NatsMessage) -> None:
+    async def on_tokens_refreshed(event: TokensRefreshed, msg: bus.Message) -> None:
         delivery = delivery_count(msg)
         try:
             async with working(msg, settings.ack_wait):
@@ -132,7 +132,7 @@ def register_handlers(
 
     @subscribe(REVOKED, bus.TOKENS, "tokens.revoked → scrub live sandboxes",
                "Removes the person's credential files from every live sandbox and reports it.")
-    async def on_tokens_revoked(event: TokensRevoked, msg: NatsMessage) -> None:
+    async def on_tokens_revoked(event: TokensRevoked, msg: bus.Message) -> None:
         delivery = delivery_count(msg)
         try:
             async with working(msg, settings.ack_wait):
@@ -144,7 +144,7 @@ def register_handlers(
 
     @subscribe(DESTROYED, bus.SANDBOX, "sandbox.destroyed → forget the sandbox",
                "Stops tracking the sandbox (no more re-injection or scrub).")
-    async def on_sandbox_destroyed(event: SandboxDestroyed, msg: NatsMessage) -> None:
+    async def on_sandbox_destroyed(event: SandboxDestroyed, msg: bus.Message) -> None:
         delivery = delivery_count(msg)
         try:
             await live.on_destroyed(event)
@@ -200,7 +200,7 @@ def salvage_failure(body: bytes, detail: str) -> SandboxCredentialsFailed | None
 def invalid_event_middleware(broker: NatsBroker) -> ExceptionMiddleware:
     """Dead-letters payloads that fail validation instead of redelivering them forever."""
 
-    async def on_invalid_event(exc: ValidationError, message: Any = Context()) -> None:
+    async def on_invalid_event(exc: ValidationError, message: bus.Message) -> None:
         raw = getattr(message, "raw_message", None)
         subject = getattr(raw, "subject", None) or subjects.SANDBOX_CREATED
         body: bytes = message.body

@@ -134,7 +134,7 @@ def on_failure(exc: BaseException, delivered: int, settings: VaultSettings) -> F
 
 # --- tokens.issued / tokens.revoked ---------------------------------------------------
 def _malformed_handler(vault: Vault, subject: str) -> Any:
-    async def on_malformed(exc: ValidationError, message: NatsMessage, broker: NatsBroker) -> None:
+    async def on_malformed(exc: ValidationError, message: bus.Message, broker: bus.Broker) -> None:
         # Never log the error itself: pydantic quotes the input.
         message_id = _message_id(message)
         await bus.dead_letter(broker, subject, _body(message), "invalid_event: schema", message_id=message_id)
@@ -185,7 +185,7 @@ def build_tokens_router(vault: Vault, settings: VaultSettings) -> NatsRouter:
         title="vault: store issued tokens",
         description="Opens the sealed TokenBundle with the vault key and stores it encrypted.",
     )
-    async def on_tokens_issued(event: TokensIssued, message: NatsMessage, broker: NatsBroker) -> None:
+    async def on_tokens_issued(event: TokensIssued, message: bus.Message, broker: bus.Broker) -> None:
         ids = {"user_id": event.user_id, "event_id": event.event_id}
         try:
             outcome = await vault.store_issued_tokens(event)
@@ -221,7 +221,7 @@ def build_revoked_router(vault: Vault, settings: VaultSettings) -> NatsRouter:
         title="vault: revoke a connection",
         description="Crypto-shreds the user's sealed secret (wrapped data key and ciphertext) and the row.",
     )
-    async def on_tokens_revoked(event: TokensRevoked, message: NatsMessage, broker: NatsBroker) -> None:
+    async def on_tokens_revoked(event: TokensRevoked, message: bus.Message, broker: bus.Broker) -> None:
         ids = {"user_id": event.user_id, "event_id": event.event_id}
         try:
             outcome = await vault.revoke(event)
@@ -249,12 +249,12 @@ def _request_id_of(message: Any) -> str:
 def build_credentials_router(vault: Vault, concurrency: int = 16) -> NatsRouter:
     """`concurrency` requests are served at once (nats-py runs a plain subscription's callback
     one message at a time; a grant waits on the database, so one-by-one caps the rate)."""
-    async def invalid_request(exc: ValidationError, message: NatsMessage) -> CredentialsReply:
+    async def invalid_request(exc: ValidationError, message: bus.Message) -> CredentialsReply:
         log.info("credentials request rejected", reason="invalid_request")
         vault.metrics.credential_request("invalid_request")
         return CredentialsReply(request_id=_request_id_of(message), ok=False, error="invalid_request")
 
-    async def internal_error(exc: Exception, message: NatsMessage) -> CredentialsReply:
+    async def internal_error(exc: Exception, message: bus.Message) -> CredentialsReply:
         log.error("credentials request failed", error=type(exc).__name__)
         vault.metrics.credential_request("internal")
         return CredentialsReply(request_id=_request_id_of(message), ok=False, error="internal")
