@@ -140,7 +140,7 @@ class SandboxService:
         # fail fast on a bad SANDBOX_ENV_FILE
         domain.env_file_path(settings.env_file)
         self._backends: dict[str, BackendProvider] = {
-            "local": LocalBackend(settings.local_sandbox_root),
+            "local": LocalBackend(settings.local_sandbox_root, durable=settings.local_fsync),
             "e2b": E2BBackend(e2b_config(settings)),
         }
         for provider in (*backends, *([backend] if backend is not None else [])):

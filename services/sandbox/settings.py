@@ -16,6 +16,12 @@ class SandboxSettings(ServiceSettings):
         validation_alias="LOCAL_SANDBOX_ROOT",
         description="Local backend: the home of sandbox <id> is <root>/<id>.",
     )
+    local_fsync: bool = Field(
+        default=False,
+        validation_alias="SANDBOX_LOCAL_FSYNC",
+        description="Local backend: also fsync each written file and its directory (survives a host crash; "
+        "~4 ms per injection). Writes are atomic (temp file + rename) either way.",
+    )
     hpke_private_key: SecretStr | None = Field(
         default=None,
         validation_alias="SANDBOX_HPKE_PRIVATE_KEY",

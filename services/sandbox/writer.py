@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -32,8 +32,20 @@ async def write_credentials(
     mcp_package: str | None = None,
 ) -> Written:
     """Create the dirs (0700), then write each file (0600) whose bytes differ from what is there.
-    A backend with `read_files`/`write_files` (local) does it in two calls instead of ~10."""
+    A backend with `update_files` (local) does it in one call; with `read_files`/`write_files`
+    in two; otherwise one call per file operation."""
     existing: dict[PurePosixPath, bytes | None]
+    update_files = getattr(sandbox, "update_files", None)
+    if update_files is not None:
+        dirs = [(directory, domain.DIR_MODE) for directory in layout.dirs(mode)]
+
+        def build(found: Mapping[PurePosixPath, bytes | None]) -> tuple[
+                list[tuple[PurePosixPath, int]], list[tuple[PurePosixPath, bytes, int]]]:
+            specs = domain.build_files(layout, mode, bundle, dict(found), mcp_package=mcp_package)
+            return dirs, [(spec.path, spec.content, spec.mode) for spec in specs]
+
+        built, done = await update_files(list(layout.merged_paths), build)
+        return Written(tuple(str(path) for path, _, _ in built), tuple(str(path) for path in done))
     read_files = getattr(sandbox, "read_files", None)
     write_files = getattr(sandbox, "write_files", None)
     if read_files is not None and write_files is not None:  # one round trip each (local backend)

@@ -35,6 +35,8 @@ async def test_open_creates_home_under_root_and_satisfies_the_port(tmp_path: Pat
     async with backend.open(SandboxCreated(user_id="u", sandbox_id="sbx-7")) as sandbox:
         assert isinstance(sandbox, SandboxBackend)
         assert Path(str(sandbox.home)) == (tmp_path / "sandboxes" / "sbx-7").resolve()
+        # created by the first worker-thread call, not by a thread hop of its own
+        assert await sandbox.read_file(PurePosixPath(".claude.json")) is None
     home = tmp_path / "sandboxes" / "sbx-7"
     assert home.is_dir()
     assert mode_of(home) == 0o700

@@ -2,9 +2,15 @@
 HOME (the event's `home`/`user` do not apply here).
 
 Every path is resolved (symlinks included) and must stay inside that directory. Writes are
-atomic: a temp file created in the same directory with the final mode, written, fsynced,
-then `os.replace`d over the target and the directory fsynced — a reader (or a crash) sees the
-old file or the new one, never half a file.
+atomic: a temp file created in the same directory with the final mode, written, then
+`os.replace`d over the target — a reader, or a process killed at any point, sees the old file
+or the new one, never half a file. With `durable=True` (`SANDBOX_LOCAL_FSYNC`) the temp file
+and then each touched directory are also fsynced, so the new file survives a host crash too;
+that costs ~4 ms per injection on a VM disk and is off by default (the bus's own file store
+syncs on an interval, not per message, either — docs/sandbox.md).
+
+One injection is one worker-thread call (`update_files`): read what is there, build the new
+contents, create the dirs, write what changed.
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ import glob
 import os
 import secrets
 import shutil
+import stat
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path, PurePosixPath
 
@@ -48,12 +55,39 @@ def stale_temps(target: Path, *, min_age: float) -> list[Path]:
     return found
 
 
+def _discard_stale_temps(targets: Sequence[Path], *, min_age: float) -> None:
+    """`stale_temps` of several targets, one directory listing per directory."""
+    by_dir: dict[Path, set[str]] = {}
+    for target in targets:
+        by_dir.setdefault(target.parent, set()).add(target.name)
+    now = time.time()
+    for directory, names in by_dir.items():
+        try:
+            entries = list(os.scandir(directory))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            name = entry.name
+            if not (name.startswith(".") and name.endswith(_TMP_SUFFIX)):
+                continue
+            # `.<target>.<12 hex>.ccbridge-tmp`
+            original = name[1 : -len(_TMP_SUFFIX)].rpartition(".")[0]
+            if original not in names:
+                continue
+            try:
+                if now - entry.stat(follow_symlinks=False).st_mtime >= min_age:
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+
+
 def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def _write_temp(target: Path, data: bytes, mode: int) -> Path:
-    """A fsynced temp file beside `target` holding `data` with permission bits exactly `mode`."""
+def _write_temp(target: Path, data: bytes, mode: int, *, durable: bool = True) -> Path:
+    """A temp file beside `target` holding `data` with permission bits exactly `mode`
+    (fsynced when `durable`)."""
     tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}{_TMP_SUFFIX}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(tmp, flags, mode)
@@ -63,7 +97,8 @@ def _write_temp(target: Path, data: bytes, mode: int) -> Path:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
     except BaseException:
@@ -72,15 +107,16 @@ def _write_temp(target: Path, data: bytes, mode: int) -> Path:
     return tmp
 
 
-def atomic_write(target: Path, data: bytes, mode: int) -> None:
+def atomic_write(target: Path, data: bytes, mode: int, *, durable: bool = True) -> None:
     """Write `data` to `target` atomically with permission bits exactly `mode`."""
-    tmp = _write_temp(target, data, mode)
+    tmp = _write_temp(target, data, mode, durable=durable)
     try:
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    if durable:
+        _fsync_dir(target.parent)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -97,30 +133,67 @@ def _fsync_dir(directory: Path) -> None:
 
 
 class LocalSandbox:
-    """One local sandbox home. Blocking file I/O runs in a worker thread."""
+    """One local sandbox home. Blocking file I/O runs in a worker thread.
 
-    def __init__(self, home_dir: Path) -> None:
+    `prepare` (from `LocalBackend.open`) creates the home; it runs inside the first worker-thread
+    call instead of costing a thread hop of its own."""
+
+    def __init__(self, home_dir: Path, *, durable: bool = True,
+                 prepare: Callable[[], None] | None = None) -> None:
         self._home_dir = Path(os.path.realpath(home_dir))
+        self._durable = durable
+        self._prepare = prepare
 
     @property
     def home(self) -> PurePosixPath:
         return PurePosixPath(self._home_dir.as_posix())
 
+    def _prepared(self) -> None:
+        """In the worker thread, before touching the home: create it if asked to (once)."""
+        prepare, self._prepare = self._prepare, None
+        if prepare is not None:
+            prepare()
+
     def resolve(self, path: PurePosixPath | str) -> Path:
-        """The real host path of a sandbox path; refuses anything outside the home."""
+        """The real host path of a sandbox path; refuses anything outside the home.
+
+        Same answer as `os.path.realpath`, but a path below the (already real) home is walked
+        from the home, one `lstat` per component, instead of from `/`; a symlink or `..` on
+        the way falls back to `realpath`."""
         candidate = Path(path)
         if not candidate.is_absolute():
             candidate = self._home_dir / candidate
-        real = Path(os.path.realpath(candidate))
+        real = self._walk_from_home(candidate)
+        if real is None:
+            real = Path(os.path.realpath(candidate))
         if not _inside(real, self._home_dir):
             raise PathOutsideSandbox(f"{path} is outside the sandbox")
         return real
+
+    def _walk_from_home(self, candidate: Path) -> Path | None:
+        try:
+            parts = candidate.relative_to(self._home_dir).parts
+        except ValueError:
+            return None
+        current = self._home_dir
+        for index, part in enumerate(parts):
+            if part == "..":
+                return None
+            current = current / part
+            try:
+                info = os.lstat(current)
+            except (FileNotFoundError, NotADirectoryError):
+                return current.joinpath(*parts[index + 1 :]) if ".." not in parts[index + 1 :] else None
+            if stat.S_ISLNK(info.st_mode):
+                return None
+        return current
 
     # --- SandboxBackend -----------------------------------------------------------
     async def read_file(self, path: PurePosixPath) -> bytes | None:
         real = self.resolve(path)
 
         def read() -> bytes | None:
+            self._prepared()
             try:
                 return real.read_bytes()
             except FileNotFoundError:
@@ -135,8 +208,13 @@ class LocalSandbox:
         real = self.resolve(path)
         if real == self._home_dir:
             raise PathOutsideSandbox("cannot replace the sandbox home with a file")
+
+        def write() -> None:
+            self._prepared()
+            atomic_write(real, data, mode, durable=self._durable)
+
         try:
-            await asyncio.to_thread(atomic_write, real, data, mode)
+            await asyncio.to_thread(write)
         except OSError as exc:
             raise _io_error("write", path, exc) from None
 
@@ -144,6 +222,7 @@ class LocalSandbox:
         real = self.resolve(path)
 
         def make() -> None:
+            self._prepared()
             real.mkdir(mode=mode, parents=True, exist_ok=True)
             # mkdir honours the umask and leaves existing dirs alone: set the bits exactly.
             os.chmod(real, mode)  # `real` is already symlink-free
@@ -156,20 +235,24 @@ class LocalSandbox:
             raise _io_error("make_dir", path, exc) from None
 
     # --- batched: one worker-thread call for a whole injection --------------------
+    def _read_all(self, paths: Sequence[PurePosixPath]) -> dict[PurePosixPath, bytes | None]:
+        found: dict[PurePosixPath, bytes | None] = {}
+        for path in paths:
+            real = self.resolve(path)
+            try:
+                found[path] = real.read_bytes()
+            except FileNotFoundError:
+                found[path] = None
+            except OSError as exc:
+                raise _io_error("read", path, exc) from None
+        return found
+
     async def read_files(self, paths: Sequence[PurePosixPath]) -> dict[PurePosixPath, bytes | None]:
         """`read_file` of several paths in one worker-thread call (paths resolved there too)."""
 
         def read_all() -> dict[PurePosixPath, bytes | None]:
-            found: dict[PurePosixPath, bytes | None] = {}
-            for path in paths:
-                real = self.resolve(path)
-                try:
-                    found[path] = real.read_bytes()
-                except FileNotFoundError:
-                    found[path] = None
-                except OSError as exc:
-                    raise _io_error("read", path, exc) from None
-            return found
+            self._prepared()
+            return self._read_all(paths)
 
         return await asyncio.to_thread(read_all)
 
@@ -182,66 +265,98 @@ class LocalSandbox:
     ) -> list[PurePosixPath]:
         """`make_dir` each of `dirs`, then write each of `files` whose bytes differ from what is
         there (what `known` says, else read) — in one worker-thread call. Same guarantees as the
-        one-file calls: every file is a temp file (fsynced) `os.replace`d over the target, with
-        exactly its mode; stale temp copies beside a target are removed first. Each touched
-        directory is fsynced once, after all the renames. Returns the paths written."""
-        known = dict(known or {})
+        one-file calls: every file is a temp file `os.replace`d over the target, with exactly
+        its mode; stale temp copies beside a target are removed first. When durable, each
+        touched directory is fsynced once, after all the renames. Returns the paths written."""
 
         def apply() -> list[PurePosixPath]:
-            written: list[PurePosixPath] = []
-            for path, mode in dirs:
-                real = self.resolve(path)
-                try:
-                    real.mkdir(mode=mode, parents=True, exist_ok=True)
-                    os.chmod(real, mode)
-                except OSError as exc:
-                    raise _io_error("make_dir", path, exc) from None
-                self.resolve(path)  # nothing swapped in a symlink meanwhile
-            staged: list[tuple[PurePosixPath, Path, Path]] = []
-            try:
-                for path, data, mode in files:
-                    real = self.resolve(path)
-                    if real == self._home_dir:
-                        raise PathOutsideSandbox("cannot replace the sandbox home with a file")
-                    try:
-                        for temp in stale_temps(real, min_age=1.0):
-                            temp.unlink(missing_ok=True)
-                        if path in known:
-                            current = known[path]
-                        else:
-                            try:
-                                current = real.read_bytes()
-                            except FileNotFoundError:
-                                current = None
-                        if current == data:
-                            continue
-                        staged.append((path, real, _write_temp(real, data, mode)))
-                    except OSError as exc:
-                        raise _io_error("write", path, exc) from None
-                touched: dict[Path, None] = {}
-                while staged:
-                    path, real, tmp = staged[0]
-                    try:
-                        os.replace(tmp, real)
-                    except OSError as exc:
-                        raise _io_error("write", path, exc) from None
-                    staged.pop(0)
-                    touched[real.parent] = None
-                    written.append(path)
-                for directory in touched:
-                    _fsync_dir(directory)
-            finally:
-                for _, _, tmp in staged:  # not renamed: never leave a copy behind
-                    tmp.unlink(missing_ok=True)
-            return written
+            self._prepared()
+            return self._apply(dirs, files, dict(known or {}))
 
         return await asyncio.to_thread(apply)
+
+    async def update_files(
+        self,
+        paths: Sequence[PurePosixPath],
+        build: Callable[[Mapping[PurePosixPath, bytes | None]], tuple[
+            Sequence[tuple[PurePosixPath, int]], Sequence[tuple[PurePosixPath, bytes, int]]]],
+    ) -> tuple[list[tuple[PurePosixPath, bytes, int]], list[PurePosixPath]]:
+        """`read_files(paths)`, `build(what was read) -> (dirs, files)`, `write_files` — all in
+        ONE worker-thread call. Returns (the files built, the paths written)."""
+
+        def run() -> tuple[list[tuple[PurePosixPath, bytes, int]], list[PurePosixPath]]:
+            self._prepared()
+            existing = self._read_all(paths)
+            dirs, files = build(existing)
+            return list(files), self._apply(dirs, files, existing)
+
+        return await asyncio.to_thread(run)
+
+    def _apply(
+        self,
+        dirs: Sequence[tuple[PurePosixPath, int]],
+        files: Sequence[tuple[PurePosixPath, bytes, int]],
+        known: Mapping[PurePosixPath, bytes | None],
+    ) -> list[PurePosixPath]:
+        written: list[PurePosixPath] = []
+        for path, mode in dirs:
+            real = self.resolve(path)
+            try:
+                real.mkdir(mode=mode, parents=True, exist_ok=True)
+                os.chmod(real, mode)
+            except OSError as exc:
+                raise _io_error("make_dir", path, exc) from None
+            self.resolve(path)  # nothing swapped in a symlink meanwhile
+        targets: list[tuple[PurePosixPath, Path, bytes, int]] = []
+        for path, data, mode in files:
+            real = self.resolve(path)
+            if real == self._home_dir:
+                raise PathOutsideSandbox("cannot replace the sandbox home with a file")
+            targets.append((path, real, data, mode))
+        try:
+            _discard_stale_temps([real for _, real, _, _ in targets], min_age=1.0)
+        except OSError as exc:
+            raise _io_error("write", targets[0][0], exc) from None
+        staged: list[tuple[PurePosixPath, Path, Path]] = []
+        try:
+            for path, real, data, mode in targets:
+                try:
+                    if path in known:
+                        current = known[path]
+                    else:
+                        try:
+                            current = real.read_bytes()
+                        except FileNotFoundError:
+                            current = None
+                    if current == data:
+                        continue
+                    staged.append((path, real, _write_temp(real, data, mode, durable=self._durable)))
+                except OSError as exc:
+                    raise _io_error("write", path, exc) from None
+            touched: dict[Path, None] = {}
+            while staged:
+                path, real, tmp = staged[0]
+                try:
+                    os.replace(tmp, real)
+                except OSError as exc:
+                    raise _io_error("write", path, exc) from None
+                staged.pop(0)
+                touched[real.parent] = None
+                written.append(path)
+            if self._durable:
+                for directory in touched:
+                    _fsync_dir(directory)
+        finally:
+            for _, _, tmp in staged:  # not renamed: never leave a copy behind
+                tmp.unlink(missing_ok=True)
+        return written
 
     async def discard_temps(self, path: PurePosixPath, *, min_age: float = 1.0) -> int:
         """Remove stale temp copies of `path` left by an interrupted write; returns how many."""
         real = self.resolve(path)
 
         def discard() -> int:
+            self._prepared()
             removed = 0
             for temp in stale_temps(real, min_age=min_age):
                 try:
@@ -262,6 +377,7 @@ class LocalSandbox:
             raise PathOutsideSandbox("refusing to remove the sandbox home itself")
 
         def rm() -> None:
+            self._prepared()
             if real.is_dir() and not real.is_symlink():
                 shutil.rmtree(real)
             else:
@@ -279,12 +395,14 @@ class LocalSandbox:
 
 
 class LocalBackend:
-    """`BackendProvider` for `backend: "local"`."""
+    """`BackendProvider` for `backend: "local"`. `durable`: fsync written files and their
+    directories (`SANDBOX_LOCAL_FSYNC`)."""
 
     kind = "local"
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, durable: bool = True) -> None:
         self.root = Path(root)
+        self.durable = durable
 
     def home_dir(self, sandbox_id: str) -> Path:
         """`<root>/<sandbox_id>`, checked to be a direct child of the root."""
@@ -297,18 +415,22 @@ class LocalBackend:
     @asynccontextmanager
     async def open(self, event: SandboxTarget) -> AsyncIterator[LocalSandbox]:
         home = self.home_dir(event.sandbox_id)
-        must_exist = bool(getattr(event, "must_exist", False))
+        if bool(getattr(event, "must_exist", False)):
 
-        def ensure_home() -> None:
-            if must_exist:
+            def check_home() -> None:
                 if not home.is_dir():
                     raise SandboxNotFound(f"sandbox {event.sandbox_id} has no home under the local root")
-                return
-            self.root.mkdir(parents=True, exist_ok=True)
-            home.mkdir(mode=HOME_MODE, exist_ok=True)
 
-        try:
-            await asyncio.to_thread(ensure_home)
-        except OSError as exc:
-            raise _io_error("create home", PurePosixPath(home.as_posix()), exc) from None
-        yield LocalSandbox(home)
+            await asyncio.to_thread(check_home)
+            yield LocalSandbox(home, durable=self.durable)
+            return
+
+        def ensure_home() -> None:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                home.mkdir(mode=HOME_MODE, exist_ok=True)
+            except OSError as exc:
+                raise _io_error("create home", PurePosixPath(home.as_posix()), exc) from None
+
+        # the home is created by the sandbox's first worker-thread call (no extra hop)
+        yield LocalSandbox(home, durable=self.durable, prepare=ensure_home)
