@@ -4,14 +4,21 @@ stale temp copies discarded, confinement to the home, unchanged files not rewrit
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
+import time
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from services.sandbox.adapters.backends.local import LocalSandbox
+from services.sandbox.adapters.backends import local as local_module
+from services.sandbox.adapters.backends.local import LocalBackend, LocalSandbox, _discard_stale_temps
 from services.sandbox.errors import PathOutsideSandbox
+from shared.events import SandboxCreated
 
 CREDS = PurePosixPath(".claude/.credentials.json")
 CONFIG = PurePosixPath(".claude.json")
@@ -84,3 +91,396 @@ async def test_write_files_refuses_paths_outside_and_leaves_nothing(home: Path, 
         await sandbox.read_files([PurePosixPath("../../etc/passwd")])
     assert not (home / "ok.json").exists()  # nothing renamed before every path was checked
     assert leftovers(home) == [] and not (tmp_path / "x").exists()
+
+
+# --- durable flag: fsync only when asked ---------------------------------------------------
+
+
+def record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Replace `os.fsync` by a recorder (no disk flush): ("dir" | "file", real path) per call."""
+    calls: list[tuple[str, str]] = []
+
+    def fake_fsync(fd: int) -> None:
+        kind = "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        calls.append((kind, os.readlink(f"/proc/self/fd/{fd}")))
+
+    monkeypatch.setattr(os, "fsync", fake_fsync)
+    return calls
+
+
+def count_to_thread(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    calls: list[object] = []
+    real = asyncio.to_thread
+
+    async def counting(func, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(func)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(local_module.asyncio, "to_thread", counting)
+    return calls
+
+
+async def test_not_durable_never_fsyncs(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = record_fsyncs(monkeypatch)
+    old = os.umask(0o077)
+    try:
+        sandbox = LocalSandbox(home, durable=False)
+        await sandbox.write_files(
+            [(PurePosixPath(".claude"), 0o700)], [(CREDS, b'{"a":1}', 0o600), (CONFIG, b"{}", 0o644)]
+        )
+        await sandbox.update_files(
+            [CREDS, CONFIG], lambda found: ([], [(CREDS, b'{"a":2}', 0o600), (CONFIG, b"{}", 0o644)])
+        )
+        await sandbox.write_file(PurePosixPath("single.json"), b"1", 0o640)
+    finally:
+        os.umask(old)
+    assert calls == []
+    assert (home / ".claude/.credentials.json").read_bytes() == b'{"a":2}'
+    assert (home / ".claude.json").read_bytes() == b"{}"
+    assert mode_of(home / ".claude") == 0o700
+    assert mode_of(home / ".claude/.credentials.json") == 0o600
+    assert mode_of(home / ".claude.json") == 0o644
+    assert mode_of(home / "single.json") == 0o640
+    assert leftovers(home) == [] and leftovers(home / ".claude") == []
+
+
+async def test_durable_fsyncs_every_written_file_and_its_directory(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = record_fsyncs(monkeypatch)
+    sandbox = LocalSandbox(home, durable=True)
+    real_home = os.path.realpath(home)
+    written = await sandbox.write_files(
+        [(PurePosixPath(".claude"), 0o700)], [(CREDS, b'{"a":1}', 0o600), (CONFIG, b"{}", 0o644)]
+    )
+    assert written == [CREDS, CONFIG]
+    # the new directory's entry first (in its parent, the home)
+    assert calls[0] == ("dir", real_home)
+    # then each temp file, before its rename (it had its temp name then)
+    file_syncs = [path for kind, path in calls[1:3] if kind == "file"]
+    assert len(file_syncs) == 2 and [kind for kind, _ in calls].count("file") == 2
+    assert all(Path(path).name.endswith(".ccbridge-tmp") for path in file_syncs)
+    # then each touched directory exactly once, after the renames
+    assert all(kind == "dir" for kind, _ in calls[3:])
+    assert sorted(path for _, path in calls[3:]) == sorted([real_home, os.path.join(real_home, ".claude")])
+
+    calls.clear()  # update_files: only the changed file, only its directory
+    _, written = await sandbox.update_files(
+        [CREDS, CONFIG], lambda found: ([], [(CREDS, b'{"a":2}', 0o600), (CONFIG, b"{}", 0o644)])
+    )
+    assert written == [CREDS]
+    assert [kind for kind, _ in calls] == ["file", "dir"]
+    assert calls[1][1] == os.path.join(real_home, ".claude")
+    assert (home / ".claude/.credentials.json").read_bytes() == b'{"a":2}'
+    assert mode_of(home / ".claude/.credentials.json") == 0o600
+    assert leftovers(home) == [] and leftovers(home / ".claude") == []
+
+    calls.clear()  # nothing changed: nothing to sync
+    assert await sandbox.write_files([], [(CONFIG, b"{}", 0o644)]) == []
+    assert calls == []
+
+
+async def test_backend_durable_flag_reaches_its_sandboxes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = record_fsyncs(monkeypatch)
+    async with LocalBackend(tmp_path / "fast", durable=False).open(
+        SandboxCreated(user_id="u", sandbox_id="sbx-1")
+    ) as sandbox:
+        await sandbox.write_files([], [(CONFIG, b"{}", 0o600)])
+    assert calls == []
+    async with LocalBackend(tmp_path / "safe", durable=True).open(
+        SandboxCreated(user_id="u", sandbox_id="sbx-1")
+    ) as sandbox:
+        await sandbox.write_files([], [(CONFIG, b"{}", 0o600)])
+    # the new home's entry in the root, the temp file, the home after the rename
+    assert [kind for kind, _ in calls] == ["dir", "file", "dir"]
+    assert calls[0][1] == os.path.realpath(tmp_path / "safe")
+
+
+# --- resolve: the same answer as os.path.realpath, confined to the home --------------------
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """A home with dirs, a file, and symlinks pointing inside, outside, and in a loop."""
+    home = tmp_path / "root" / "sbx-1"
+    (home / "a" / "b").mkdir(parents=True)
+    (home / "f").write_text("file")
+    (home / "a" / "b" / "g").write_text("file")
+    (tmp_path / "outside").mkdir()
+    (home / "in").symlink_to("a")  # relative, inside
+    (home / "a" / "up").symlink_to("..")  # back to the home
+    (home / "abs").symlink_to(home / "a" / "b")  # absolute, inside
+    (home / "round").symlink_to("../sbx-1/a")  # leaves and re-enters the home
+    (home / "out").symlink_to(tmp_path / "outside")
+    (home / "loop").symlink_to("loop")
+    return home
+
+
+def check_resolve(sandbox: LocalSandbox, home: Path, path: str) -> None:
+    candidate = Path(path) if path.startswith("/") else home / path
+    expected = os.path.realpath(candidate)
+    real_home = os.path.realpath(home)
+    if expected == real_home or expected.startswith(real_home + "/"):
+        assert str(sandbox.resolve(path)) == expected, path
+        assert str(sandbox.resolve(PurePosixPath(path))) == expected, path
+    else:
+        with pytest.raises(PathOutsideSandbox):
+            sandbox.resolve(path)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "",
+        ".",
+        "a",
+        "a/b/g",
+        "a/b/missing/deeper",
+        "missing/x/y",
+        "f/x",  # through a regular file
+        "a/../f",
+        "a/b/../../a/./b",
+        "missing/../a",
+        "in/b/g",
+        "in/b/../b",
+        "a/up/a/up/f",
+        "abs/g",
+        "round/b",
+        "loop",
+        "loop/x",
+        "..",
+        "../sbx-1/a",
+        "../sbx-10",
+        "a/../../sbx-1x/f",
+        "out",
+        "out/x",
+        "a/up/out/x",
+        "/etc/passwd",
+        "/",
+    ],
+)
+def test_resolve_matches_realpath(tree: Path, path: str) -> None:
+    check_resolve(LocalSandbox(tree), tree, path)
+
+
+def test_resolve_of_absolute_paths_inside_the_home(tree: Path) -> None:
+    sandbox = LocalSandbox(tree)
+    for rel in ("a/b/g", "in/b", "a/../f", "missing/y"):
+        check_resolve(sandbox, tree, f"{tree}/{rel}")
+    assert sandbox.resolve(f"{tree}/a/b/g") == Path(os.path.realpath(tree)) / "a/b/g"
+    with pytest.raises(PathOutsideSandbox):
+        sandbox.resolve(f"{tree}/out/x")
+    with pytest.raises(PathOutsideSandbox):
+        sandbox.resolve(f"{tree}x/a")  # a sibling whose name merely starts with the home's
+
+
+def test_resolve_from_a_home_given_through_a_symlink(tree: Path, tmp_path: Path) -> None:
+    alias = tmp_path / "alias"
+    alias.symlink_to(tree)
+    sandbox = LocalSandbox(alias)
+    assert sandbox.home == PurePosixPath(os.path.realpath(tree))
+    assert sandbox.resolve("in/b") == Path(os.path.realpath(tree)) / "a/b"
+    assert sandbox.resolve(f"{alias}/a/b") == Path(os.path.realpath(tree)) / "a/b"  # via realpath
+    with pytest.raises(PathOutsideSandbox):
+        sandbox.resolve("out")
+
+
+NAMES = st.sampled_from(["a", "b", "f", "g", "in", "up", "abs", "round", "out", "loop", "missing", "..", ".", ""])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(NAMES, max_size=7), absolute=st.booleans())
+def test_resolve_matches_realpath_for_generated_paths(tree: Path, parts: list[str], absolute: bool) -> None:
+    """`tree` is only read, so sharing it across examples is fine."""
+    path = "/".join(parts)
+    if absolute:
+        path = f"{tree}/{path}"
+    check_resolve(LocalSandbox(tree), tree, path)
+
+
+async def test_symlinked_claude_dir_pointing_outside_is_refused(home: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (home / ".claude").symlink_to(outside)
+    sandbox = LocalSandbox(home)
+    with pytest.raises(PathOutsideSandbox):
+        sandbox.resolve(CREDS)
+    with pytest.raises(PathOutsideSandbox):
+        await sandbox.update_files([CONFIG], lambda found: ([], [(CONFIG, b"{}", 0o600), (CREDS, b"t", 0o600)]))
+    with pytest.raises(PathOutsideSandbox):
+        await sandbox.update_files([CREDS], lambda found: ([], []))  # reading through it too
+    assert list(outside.iterdir()) == []
+    assert not (home / ".claude.json").exists() and leftovers(home) == []
+
+
+def test_resolve_of_an_overlong_name_matches_realpath(home: Path) -> None:
+    long = "x" * 300
+    assert LocalSandbox(home).resolve(f"{long}/y") == Path(os.path.realpath(home / long / "y"))
+
+
+# --- update_files: one worker-thread call per injection -------------------------------------
+
+
+async def test_update_files_is_one_thread_call_reading_what_is_on_disk(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (home / ".claude").mkdir(mode=0o700)
+    (home / ".claude/.credentials.json").write_bytes(b"old-token")
+    (home / ".claude.json").write_bytes(b"{}")
+    keep_inode = (home / ".claude.json").stat().st_ino
+    creds_inode = (home / ".claude/.credentials.json").stat().st_ino
+    settings_path = PurePosixPath(".claude/settings.json")
+    seen: list[dict[PurePosixPath, bytes | None]] = []
+
+    def build(found: Mapping[PurePosixPath, bytes | None]):  # type: ignore[no-untyped-def]
+        seen.append(dict(found))
+        return (
+            [(PurePosixPath(".claude"), 0o700)],
+            [(CREDS, b"new-token", 0o600), (CONFIG, b"{}", 0o644), (settings_path, b"s", 0o644)],
+        )
+
+    threads = count_to_thread(monkeypatch)
+    built, written = await LocalSandbox(home, durable=False).update_files([CREDS, CONFIG, settings_path], build)
+    assert len(threads) == 1
+    assert seen == [{CREDS: b"old-token", CONFIG: b"{}", settings_path: None}]
+    assert built == [(CREDS, b"new-token", 0o600), (CONFIG, b"{}", 0o644), (settings_path, b"s", 0o644)]
+    assert written == [CREDS, settings_path]
+    assert (home / ".claude.json").stat().st_ino == keep_inode  # unchanged: not rewritten
+    assert (home / ".claude/.credentials.json").stat().st_ino != creds_inode  # replaced, not edited
+    assert (home / ".claude/.credentials.json").read_bytes() == b"new-token"
+    assert mode_of(home / ".claude/.credentials.json") == 0o600
+    assert (home / ".claude/settings.json").read_bytes() == b"s"
+    assert leftovers(home) == [] and leftovers(home / ".claude") == []
+
+
+async def test_update_files_build_failure_writes_nothing(home: Path) -> None:
+    (home / ".claude.json").write_bytes(b"{}")
+
+    def build(found: Mapping[PurePosixPath, bytes | None]):  # type: ignore[no-untyped-def]
+        raise ValueError("bad credentials")
+
+    with pytest.raises(ValueError, match="bad credentials"):
+        await LocalSandbox(home).update_files([CONFIG], build)
+    assert (home / ".claude.json").read_bytes() == b"{}"
+    assert sorted(p.name for p in home.iterdir()) == [".claude.json"]
+
+
+async def test_first_operation_after_open_creates_the_home_without_an_extra_thread_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "sandboxes"
+    threads = count_to_thread(monkeypatch)
+    async with LocalBackend(root, durable=False).open(SandboxCreated(user_id="u", sandbox_id="sbx-9")) as sandbox:
+        assert threads == [] and not (root / "sbx-9").exists()  # open itself does no I/O
+        seen: list[dict[PurePosixPath, bytes | None]] = []
+
+        def build(found: Mapping[PurePosixPath, bytes | None]):  # type: ignore[no-untyped-def]
+            seen.append(dict(found))
+            return [(PurePosixPath(".claude"), 0o700)], [(CREDS, b"t", 0o600)]
+
+        _, written = await sandbox.update_files([CREDS], build)
+        assert len(threads) == 1
+        assert seen == [{CREDS: None}]
+        assert written == [CREDS]
+        # later calls still work and do not re-create anything
+        assert await sandbox.read_files([CREDS]) == {CREDS: b"t"}
+    home = root / "sbx-9"
+    assert home.is_dir() and mode_of(home) == 0o700
+    assert (home / ".claude/.credentials.json").read_bytes() == b"t"
+    assert mode_of(home / ".claude/.credentials.json") == 0o600
+
+
+@pytest.mark.parametrize("first", ["read_files", "write_files", "update_files", "read_file", "write_file", "make_dir"])
+async def test_every_first_operation_creates_the_home(tmp_path: Path, first: str) -> None:
+    root = tmp_path / "sandboxes"
+    async with LocalBackend(root, durable=False).open(SandboxCreated(user_id="u", sandbox_id="sbx-3")) as sandbox:
+        if first == "read_files":
+            assert await sandbox.read_files([CONFIG]) == {CONFIG: None}
+        elif first == "write_files":
+            await sandbox.write_files([], [(CONFIG, b"{}", 0o600)])
+        elif first == "update_files":
+            await sandbox.update_files([CONFIG], lambda found: ([], []))
+        elif first == "read_file":
+            assert await sandbox.read_file(CONFIG) is None
+        elif first == "write_file":
+            await sandbox.write_file(CONFIG, b"{}", 0o600)
+        else:
+            await sandbox.make_dir(PurePosixPath(".claude"), 0o700)
+    assert (root / "sbx-3").is_dir() and mode_of(root / "sbx-3") == 0o700
+
+
+# --- _discard_stale_temps: one scan per directory, only the targets' own old copies ---------
+
+
+def age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then), follow_symlinks=False)
+
+
+def test_discard_stale_temps_removes_only_old_copies_of_the_targets(home: Path) -> None:
+    (home / ".claude").mkdir()
+    claude = home / ".claude"
+    old_creds = claude / "..credentials.json.0123456789ab.ccbridge-tmp"
+    young_creds = claude / "..credentials.json.ba9876543210.ccbridge-tmp"
+    old_settings = claude / ".settings.json.0123456789ab.ccbridge-tmp"  # another file's copy
+    old_prefix = claude / "..credentials.json.bak.0123456789ab.ccbridge-tmp"  # of ".credentials.json.bak"
+    old_config = home / "..claude.json.00112233aabb.ccbridge-tmp"
+    old_unrelated = home / ".claude.json"  # the target itself, old
+    for path in (old_creds, young_creds, old_settings, old_prefix, old_config, old_unrelated):
+        path.write_text("secret copy")
+    for path in (old_creds, old_settings, old_prefix, old_config, old_unrelated):
+        age(path, 60)
+    _discard_stale_temps([claude / ".credentials.json", home / ".claude.json"], min_age=1.0)
+    assert not old_creds.exists() and not old_config.exists()
+    assert young_creds.exists() and old_settings.exists() and old_prefix.exists() and old_unrelated.exists()
+
+
+def test_discard_stale_temps_lists_each_directory_once_and_skips_missing_ones(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (home / "d").mkdir()
+    temp = home / "d" / ".x.0123456789ab.ccbridge-tmp"
+    temp.write_text("copy")
+    age(temp, 60)
+    scans: list[str] = []
+    real_scandir = os.scandir
+
+    def counting_scandir(path):  # type: ignore[no-untyped-def]
+        scans.append(os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", counting_scandir)
+    _discard_stale_temps(
+        [home / "d" / "x", home / "d" / "y", home / "d" / "z", home / "missing" / "w", home / "f" / "v"], min_age=1.0
+    )
+    assert sorted(scans) == sorted([str(home / "d"), str(home / "missing"), str(home / "f")])
+    assert not temp.exists()
+
+
+def test_discard_stale_temps_age_threshold(home: Path) -> None:
+    temp = home / ".t.0123456789ab.ccbridge-tmp"
+    temp.write_text("copy")
+    age(temp, 5)
+    _discard_stale_temps([home / "t"], min_age=10.0)
+    assert temp.exists()
+    _discard_stale_temps([home / "t"], min_age=1.0)
+    assert not temp.exists()
+
+
+async def test_concurrent_first_operations_all_wait_for_the_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_mkdir = Path.mkdir
+
+    def slow_mkdir(self: Path, *args: object, **kwargs: object) -> None:
+        time.sleep(0.05)  # the other first operation arrives while the home is being made
+        real_mkdir(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "mkdir", slow_mkdir)
+    async with LocalBackend(tmp_path / "root", durable=False).open(
+        SandboxCreated(user_id="u", sandbox_id="sbx-1")
+    ) as sandbox:
+        await asyncio.gather(
+            sandbox.write_file(PurePosixPath("a"), b"1", 0o600), sandbox.write_file(PurePosixPath("b"), b"2", 0o600)
+        )
+    home = tmp_path / "root" / "sbx-1"
+    assert (home / "a").read_bytes() == b"1" and (home / "b").read_bytes() == b"2"
+    assert mode_of(home) == 0o700

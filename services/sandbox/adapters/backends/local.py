@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 import stat
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -71,8 +72,8 @@ def _discard_stale_temps(targets: Sequence[Path], *, min_age: float) -> None:
             if not (name.startswith(".") and name.endswith(_TMP_SUFFIX)):
                 continue
             # `.<target>.<12 hex>.ccbridge-tmp`
-            original = name[1 : -len(_TMP_SUFFIX)].rpartition(".")[0]
-            if original not in names:
+            original, _, tag = name[1 : -len(_TMP_SUFFIX)].rpartition(".")
+            if original not in names or len(tag) != 12 or not all(c in "0123456789abcdef" for c in tag):
                 continue
             try:
                 if now - entry.stat(follow_symlinks=False).st_mtime >= min_age:
@@ -143,16 +144,21 @@ class LocalSandbox:
         self._home_dir = Path(os.path.realpath(home_dir))
         self._durable = durable
         self._prepare = prepare
+        self._prepare_lock = threading.Lock()
 
     @property
     def home(self) -> PurePosixPath:
         return PurePosixPath(self._home_dir.as_posix())
 
     def _prepared(self) -> None:
-        """In the worker thread, before touching the home: create it if asked to (once)."""
-        prepare, self._prepare = self._prepare, None
-        if prepare is not None:
-            prepare()
+        """In the worker thread, before touching the home: create it if asked to (once; a
+        concurrent first call waits for it, a failed one is tried again by the next call)."""
+        if self._prepare is None:
+            return
+        with self._prepare_lock:
+            if self._prepare is not None:
+                self._prepare()
+                self._prepare = None
 
     def resolve(self, path: PurePosixPath | str) -> Path:
         """The real host path of a sandbox path; refuses anything outside the home.
@@ -184,6 +190,8 @@ class LocalSandbox:
                 info = os.lstat(current)
             except (FileNotFoundError, NotADirectoryError):
                 return current.joinpath(*parts[index + 1 :]) if ".." not in parts[index + 1 :] else None
+            except OSError:  # ENAMETOOLONG, EACCES, ...: realpath's own rules decide
+                return None
             if stat.S_ISLNK(info.st_mode):
                 return None
         return current
@@ -287,8 +295,9 @@ class LocalSandbox:
         def run() -> tuple[list[tuple[PurePosixPath, bytes, int]], list[PurePosixPath]]:
             self._prepared()
             existing = self._read_all(paths)
-            dirs, files = build(existing)
-            return list(files), self._apply(dirs, files, existing)
+            dirs, built = build(existing)
+            files = list(built)
+            return files, self._apply(list(dirs), files, existing)
 
         return await asyncio.to_thread(run)
 
@@ -307,6 +316,9 @@ class LocalSandbox:
             except OSError as exc:
                 raise _io_error("make_dir", path, exc) from None
             self.resolve(path)  # nothing swapped in a symlink meanwhile
+        if self._durable:  # a new directory's entry must survive a host crash too
+            for parent in dict.fromkeys(self.resolve(path).parent for path, _ in dirs):
+                _fsync_dir(parent)
         targets: list[tuple[PurePosixPath, Path, bytes, int]] = []
         for path, data, mode in files:
             real = self.resolve(path)
@@ -429,6 +441,8 @@ class LocalBackend:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
                 home.mkdir(mode=HOME_MODE, exist_ok=True)
+                if self.durable:
+                    _fsync_dir(home.parent)
             except OSError as exc:
                 raise _io_error("create home", PurePosixPath(home.as_posix()), exc) from None
 
