@@ -12,6 +12,7 @@ import contextlib
 import os
 import secrets
 import socket
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self
 
@@ -30,6 +31,7 @@ from services.vault.handlers import (
     revoked_consumer_config,
     tokens_consumer_config,
 )
+from services.vault.domain import Connection
 from services.vault.keyring import Keyring, LiveKeyring, kek_source
 from services.vault.metrics import VaultMetrics
 from services.vault.ports import EventPublisher, RecordCipher, Store, TokenEndpoint, UnitOfWork
@@ -60,7 +62,7 @@ def build_broker(settings: VaultSettings, vault: Vault) -> NatsBroker:
     broker = make_broker(settings, name="vault")
     broker.include_router(build_tokens_router(vault, settings))
     broker.include_router(build_revoked_router(vault, settings))
-    broker.include_router(build_credentials_router(vault, settings.request_concurrency))
+    broker.include_router(build_credentials_router(vault, settings.effective_request_concurrency))
     broker.include_router(build_status_router(vault))
     document_publishers(broker, PUBLISHES)
     return broker
@@ -167,6 +169,14 @@ class VaultService:
         assert self.vault is not None, "VaultService not started"
         return self.vault.trust
 
+    def _grant_reader(self) -> Callable[[str], Awaitable[Connection | None]] | None:
+        """The store's read-only lookup for grants, when it has one (a test double may not)."""
+        read = getattr(self._store, "read_connection", None)
+        keyring = self._keyring
+        if read is None or keyring is None:
+            return None
+        return lambda user_id: read(user_id, keyring)
+
     def unit_of_work(self) -> UnitOfWork:
         assert self._store is not None and self._keyring is not None, "VaultService not started"
         return self._store.unit_of_work(self._keyring)
@@ -203,6 +213,7 @@ class VaultService:
                 audit_writer=self._audit_writer if settings.audit_grants else None,
                 request_timeout_s=settings.request_timeout_s,
                 audit_grants=settings.audit_grants,
+                read_connection=self._grant_reader(),
             )
             self.broker = broker = build_broker(settings, self.vault)
             await broker.connect()

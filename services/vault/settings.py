@@ -114,7 +114,9 @@ class VaultSettings(ServiceSettings):
     # vault.credentials.get
     request_concurrency: int = Field(
         default=16, ge=1, le=1024, validation_alias="VAULT_REQUEST_CONCURRENCY",
-        description="Credential requests served at once by one replica.",
+        description="Credential requests served at once by one replica. When not set and the database is "
+        "SQLite, 2: every aiosqlite connection is a thread, and more of them only trade the GIL (measured: "
+        "518 grants/s at 2, 392/s at 8, 329/s at 16 on 2 cores).",
     )
     # tokens.issued consumer
     fetch_batch: int = Field(
@@ -141,10 +143,20 @@ class VaultSettings(ServiceSettings):
         return self
 
     @property
+    def _sqlite(self) -> bool:
+        return self.database_url.get_secret_value().startswith("sqlite")
+
+    @property
     def effective_fetch_batch(self) -> int:
-        if "fetch_batch" not in self.model_fields_set and self.database_url.get_secret_value().startswith("sqlite"):
+        if "fetch_batch" not in self.model_fields_set and self._sqlite:
             return 1
         return self.fetch_batch
+
+    @property
+    def effective_request_concurrency(self) -> int:
+        if "request_concurrency" not in self.model_fields_set and self._sqlite:
+            return 2
+        return self.request_concurrency
 
     @property
     def kek_path(self) -> Path:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -159,8 +159,12 @@ class Vault:
         audit_writer: AuditWriter | None = None,
         request_timeout_s: float | None = None,
         audit_grants: bool = True,
+        read_connection: Callable[[str], Awaitable[Connection | None]] | None = None,
     ) -> None:
+        """`read_connection`: a cheaper read-only lookup for the grant path (the store's
+        `read_connection`); without it grants read through a unit of work."""
         self._uow = unit_of_work
+        self._read_connection = read_connection
         self._keypair = keypair
         self._trusted = trusted if isinstance(trusted, TrustStore) else TrustStore.fixed(trusted)
         self._clock = clock
@@ -380,6 +384,12 @@ class Vault:
         except TimeoutError:
             raise RequestTimeout(f"no answer within {self._request_timeout}s") from None
 
+    async def _load_for_grant(self, user_id: str) -> Connection | None:
+        if self._read_connection is not None:
+            return await self._read_connection(user_id)
+        async with self._uow() as uow:
+            return await uow.connections.get(user_id)
+
     async def _grant(self, request: CredentialsRequest) -> CredentialsReply:
         try:
             recipient = self._trusted.recipient(request.requester_public_key, request.requester_key_id)
@@ -391,8 +401,7 @@ class Vault:
             raise
         try:
             with self.metrics.store_timer("grant"):
-                async with self._uow() as uow:
-                    connection = await uow.connections.get(request.user_id)
+                connection = await self._load_for_grant(request.user_id)
         except KeyringError as exc:
             await self.record_keyring_failure(request.user_id, exc, action="credentials_decrypt_failed")
             raise

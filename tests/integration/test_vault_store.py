@@ -5,6 +5,7 @@ lease, retention, concurrency and outage errors."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -180,6 +181,8 @@ async def test_ciphertext_moved_to_another_row_does_not_decrypt(env: Env) -> Non
         with pytest.raises(DecryptionFailed):
             await uow.connections.get(attacker)
         assert await uow.connections.get(victim) is not None
+    with pytest.raises(DecryptionFailed):  # the grant read path checks the same binding
+        await env.store.read_connection(attacker, env.keyring)
 
 
 async def test_row_with_unknown_kek_id(env: Env) -> None:
@@ -188,6 +191,29 @@ async def test_row_with_unknown_kek_id(env: Env) -> None:
     async with env.store.unit_of_work(Keyring.generate()) as uow:
         with pytest.raises(UnknownKeyId):
             await uow.connections.get(user)
+    with pytest.raises(UnknownKeyId):
+        await env.store.read_connection(user, Keyring.generate())
+
+
+async def test_the_grant_read_path_sees_what_a_unit_of_work_sees(env: Env) -> None:
+    """`read_connection` (one statement; one worker-thread call on SQLite) returns the same
+    decrypted connection as the repository, follows updates and revocations, and never writes."""
+    user, access = new_user(), canary("access")
+    assert await env.store.read_connection(user, env.keyring) is None
+    await env.vault.store_issued_tokens(issued_event(env.vault_key.recipient, user_id=user, access_token=access,
+                                                     refresh_token=canary("refresh")))
+    read = await env.store.read_connection(user, env.keyring)
+    async with env.store.unit_of_work(env.keyring) as uow:
+        via_uow = await uow.connections.get(user)
+    assert read is not None and via_uow is not None and read.credentials.access_token == access
+    for field in dataclasses.fields(read):  # Connection compares by identity (eq=False)
+        assert getattr(read, field.name) == getattr(via_uow, field.name), field.name
+    newer = canary("access")
+    await env.vault.store_issued_tokens(issued_event(env.vault_key.recipient, user_id=user, access_token=newer))
+    read = await env.store.read_connection(user, env.keyring)
+    assert read is not None and (read.version, read.credentials.access_token) == (2, newer)
+    await env.vault.revoke(TokensRevoked(user_id=user))
+    assert await env.store.read_connection(user, env.keyring) is None
 
 
 async def test_concurrent_change_is_a_retryable_conflict(env: Env) -> None:

@@ -276,3 +276,21 @@ def test_trust_store_reloads_on_an_unknown_key_rate_limited(tmp_path) -> None:
     assert store.reload(force=True)
     with pytest.raises(UnauthorizedRequester):
         store.recipient(first.recipient.public_b64, first.key_id)
+
+
+@pytest.mark.parametrize(
+    ("url", "env", "fetch_batch", "request_concurrency"),
+    [
+        ("sqlite+aiosqlite:///var/vault.db", {}, 1, 2),  # one writer, one thread per connection
+        ("postgresql+asyncpg://vault@db/vault", {}, 16, 16),
+        ("sqlite+aiosqlite:///var/vault.db", {"VAULT_FETCH_BATCH": "8", "VAULT_REQUEST_CONCURRENCY": "12"}, 8, 12),
+    ],
+)
+def test_sqlite_defaults_for_batch_and_concurrency_yield_to_explicit_settings(
+    url: str, env: dict[str, str], fetch_batch: int, request_concurrency: int
+) -> None:
+    from services.vault.settings import VaultSettings
+
+    settings = VaultSettings(DATABASE_URL=url, **env)
+    assert settings.effective_fetch_batch == fetch_batch
+    assert settings.effective_request_concurrency == request_concurrency
