@@ -109,14 +109,15 @@ def record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
 
 
 def count_to_thread(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every hop to a worker thread (the backend's I/O thread or the default pool)."""
     calls: list[object] = []
-    real = asyncio.to_thread
+    real = LocalSandbox._in_thread
 
-    async def counting(func, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+    async def counting(self: LocalSandbox, func):  # type: ignore[no-untyped-def]
         calls.append(func)
-        return await real(func, *args, **kwargs)
+        return await real(self, func)
 
-    monkeypatch.setattr(local_module.asyncio, "to_thread", counting)
+    monkeypatch.setattr(LocalSandbox, "_in_thread", counting)
     return calls
 
 

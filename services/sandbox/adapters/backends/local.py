@@ -19,19 +19,23 @@ import asyncio
 import errno
 import glob
 import os
+import random
 import secrets
 import shutil
 import stat
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
 from services.sandbox.adapters.backends.base import SandboxTarget
 from services.sandbox.errors import BackendError, PathOutsideSandbox, SandboxNotFound
 
 HOME_MODE = 0o700
+T = TypeVar("T")
 _TMP_SUFFIX = ".ccbridge-tmp"
 
 
@@ -86,12 +90,42 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
+# Temp-file names only need to be unique in their directory (O_EXCL refuses a taken one, and
+# we pick again): a seeded PRNG spares a getrandom system call per file.
+_TEMP_NAMES = random.Random(secrets.randbits(128))
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def _read_bytes(real: Path) -> bytes | None:
+    """The content of `real` (already resolved), None when it does not exist — with 3–4
+    system calls where `Path.read_bytes` makes 6."""
+    try:
+        fd = os.open(real, _READ_FLAGS)
+    except FileNotFoundError:
+        return None
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def _write_temp(target: Path, data: bytes, mode: int, *, durable: bool = True) -> Path:
     """A temp file beside `target` holding `data` with permission bits exactly `mode`
     (fsynced when `durable`)."""
-    tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}{_TMP_SUFFIX}"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(tmp, flags, mode)
+    for attempt in range(8):
+        tmp = target.parent / f".{target.name}.{_TEMP_NAMES.getrandbits(48):012x}{_TMP_SUFFIX}"
+        try:
+            fd = os.open(tmp, _CREATE_FLAGS, mode)
+            break
+        except FileExistsError:
+            if attempt == 7:
+                raise
+    else:  # pragma: no cover - the loop either breaks or raises
+        raise FileExistsError(tmp)
     try:
         try:
             os.fchmod(fd, mode)  # the umask may have dropped bits of `mode`
@@ -120,6 +154,22 @@ def atomic_write(target: Path, data: bytes, mode: int, *, durable: bool = True) 
         _fsync_dir(target.parent)
 
 
+def _ensure_dir(real: Path, mode: int) -> bool:
+    """`real` (already resolved) is a directory with permission bits exactly `mode`; an
+    existing one that already is costs one `lstat`. True when it had to be made or fixed."""
+    try:
+        info = os.lstat(real)
+    except FileNotFoundError:
+        pass
+    else:
+        if stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == mode:
+            return False
+    real.mkdir(mode=mode, parents=True, exist_ok=True)
+    # mkdir honours the umask and leaves existing dirs alone: set the bits exactly.
+    os.chmod(real, mode)
+    return True
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -140,11 +190,19 @@ class LocalSandbox:
     call instead of costing a thread hop of its own."""
 
     def __init__(self, home_dir: Path, *, durable: bool = True,
-                 prepare: Callable[[], None] | None = None) -> None:
+                 prepare: Callable[[], None] | None = None, executor: Executor | None = None) -> None:
         self._home_dir = Path(os.path.realpath(home_dir))
+        self._home_str = str(self._home_dir)
         self._durable = durable
         self._prepare = prepare
         self._prepare_lock = threading.Lock()
+        self._executor = executor
+
+    async def _in_thread(self, fn: Callable[[], T]) -> T:
+        """Run blocking file work in the backend's I/O thread (else the default pool)."""
+        if self._executor is None:
+            return await asyncio.to_thread(fn)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     @property
     def home(self) -> PurePosixPath:
@@ -165,31 +223,38 @@ class LocalSandbox:
 
         Same answer as `os.path.realpath`, but a path below the (already real) home is walked
         from the home, one `lstat` per component, instead of from `/`; a symlink or `..` on
-        the way falls back to `realpath`."""
-        candidate = Path(path)
-        if not candidate.is_absolute():
-            candidate = self._home_dir / candidate
-        real = self._walk_from_home(candidate)
+        the way falls back to `realpath`. (String operations: pathlib's parsing cost more
+        than the system calls.)"""
+        raw = str(path)
+        # normalised like pathlib (no empty or "." parts): realpath mishandles "//" after a loop
+        text = "/" + "/".join(p for p in raw.split("/") if p not in ("", "."))
+        if not raw.startswith("/"):
+            text = self._home_str + (text if text != "/" else "")
+        real = self._walk_from_home(text)
         if real is None:
-            real = Path(os.path.realpath(candidate))
-        if not _inside(real, self._home_dir):
+            real = os.path.realpath(text)
+        home = self._home_str
+        if real != home and not real.startswith(home + "/"):
             raise PathOutsideSandbox(f"{path} is outside the sandbox")
-        return real
+        return Path(real)
 
-    def _walk_from_home(self, candidate: Path) -> Path | None:
-        try:
-            parts = candidate.relative_to(self._home_dir).parts
-        except ValueError:
+    def _walk_from_home(self, candidate: str) -> str | None:
+        home = self._home_str
+        if candidate == home:
+            return home
+        if not candidate.startswith(home + "/"):
             return None
-        current = self._home_dir
+        parts = [part for part in candidate[len(home) + 1 :].split("/") if part not in ("", ".")]
+        if ".." in parts:
+            return None
+        current = home
         for index, part in enumerate(parts):
-            if part == "..":
-                return None
-            current = current / part
+            current = f"{current}/{part}"
             try:
                 info = os.lstat(current)
             except (FileNotFoundError, NotADirectoryError):
-                return current.joinpath(*parts[index + 1 :]) if ".." not in parts[index + 1 :] else None
+                rest = parts[index + 1 :]
+                return "/".join([current, *rest]) if rest else current
             except OSError:  # ENAMETOOLONG, EACCES, ...: realpath's own rules decide
                 return None
             if stat.S_ISLNK(info.st_mode):
@@ -208,7 +273,7 @@ class LocalSandbox:
                 return None
 
         try:
-            return await asyncio.to_thread(read)
+            return await self._in_thread(read)
         except OSError as exc:
             raise _io_error("read", path, exc) from None
 
@@ -222,7 +287,7 @@ class LocalSandbox:
             atomic_write(real, data, mode, durable=self._durable)
 
         try:
-            await asyncio.to_thread(write)
+            await self._in_thread(write)
         except OSError as exc:
             raise _io_error("write", path, exc) from None
 
@@ -238,22 +303,30 @@ class LocalSandbox:
             self.resolve(path)
 
         try:
-            await asyncio.to_thread(make)
+            await self._in_thread(make)
         except OSError as exc:
             raise _io_error("make_dir", path, exc) from None
 
     # --- batched: one worker-thread call for a whole injection --------------------
-    def _read_all(self, paths: Sequence[PurePosixPath]) -> dict[PurePosixPath, bytes | None]:
+    def _read_all(self, paths: Sequence[PurePosixPath],
+                  resolved: dict[PurePosixPath, Path] | None = None) -> dict[PurePosixPath, bytes | None]:
         found: dict[PurePosixPath, bytes | None] = {}
         for path in paths:
-            real = self.resolve(path)
+            real = self._resolved(path, resolved)
             try:
-                found[path] = real.read_bytes()
-            except FileNotFoundError:
-                found[path] = None
+                found[path] = _read_bytes(real)
             except OSError as exc:
                 raise _io_error("read", path, exc) from None
         return found
+
+    def _resolved(self, path: PurePosixPath, cache: dict[PurePosixPath, Path] | None) -> Path:
+        """`resolve`, remembered for the rest of one worker-thread call."""
+        if cache is None:
+            return self.resolve(path)
+        real = cache.get(path)
+        if real is None:
+            real = cache[path] = self.resolve(path)
+        return real
 
     async def read_files(self, paths: Sequence[PurePosixPath]) -> dict[PurePosixPath, bytes | None]:
         """`read_file` of several paths in one worker-thread call (paths resolved there too)."""
@@ -262,7 +335,7 @@ class LocalSandbox:
             self._prepared()
             return self._read_all(paths)
 
-        return await asyncio.to_thread(read_all)
+        return await self._in_thread(read_all)
 
     async def write_files(
         self,
@@ -281,7 +354,7 @@ class LocalSandbox:
             self._prepared()
             return self._apply(dirs, files, dict(known or {}))
 
-        return await asyncio.to_thread(apply)
+        return await self._in_thread(apply)
 
     async def update_files(
         self,
@@ -294,34 +367,38 @@ class LocalSandbox:
 
         def run() -> tuple[list[tuple[PurePosixPath, bytes, int]], list[PurePosixPath]]:
             self._prepared()
-            existing = self._read_all(paths)
+            resolved: dict[PurePosixPath, Path] = {}
+            existing = self._read_all(paths, resolved)
             dirs, built = build(existing)
             files = list(built)
-            return files, self._apply(list(dirs), files, existing)
+            return files, self._apply(list(dirs), files, existing, resolved)
 
-        return await asyncio.to_thread(run)
+        return await self._in_thread(run)
 
     def _apply(
         self,
         dirs: Sequence[tuple[PurePosixPath, int]],
         files: Sequence[tuple[PurePosixPath, bytes, int]],
         known: Mapping[PurePosixPath, bytes | None],
+        resolved: dict[PurePosixPath, Path] | None = None,
     ) -> list[PurePosixPath]:
         written: list[PurePosixPath] = []
+        created: dict[Path, None] = {}
         for path, mode in dirs:
             real = self.resolve(path)
             try:
-                real.mkdir(mode=mode, parents=True, exist_ok=True)
-                os.chmod(real, mode)
+                made = _ensure_dir(real, mode)
             except OSError as exc:
                 raise _io_error("make_dir", path, exc) from None
-            self.resolve(path)  # nothing swapped in a symlink meanwhile
+            if made:
+                self.resolve(path)  # nothing swapped in a symlink meanwhile
+                created[real.parent] = None
         if self._durable:  # a new directory's entry must survive a host crash too
-            for parent in dict.fromkeys(self.resolve(path).parent for path, _ in dirs):
+            for parent in created:
                 _fsync_dir(parent)
         targets: list[tuple[PurePosixPath, Path, bytes, int]] = []
         for path, data, mode in files:
-            real = self.resolve(path)
+            real = self._resolved(path, resolved)
             if real == self._home_dir:
                 raise PathOutsideSandbox("cannot replace the sandbox home with a file")
             targets.append((path, real, data, mode))
@@ -333,13 +410,7 @@ class LocalSandbox:
         try:
             for path, real, data, mode in targets:
                 try:
-                    if path in known:
-                        current = known[path]
-                    else:
-                        try:
-                            current = real.read_bytes()
-                        except FileNotFoundError:
-                            current = None
+                    current = known[path] if path in known else _read_bytes(real)
                     if current == data:
                         continue
                     staged.append((path, real, _write_temp(real, data, mode, durable=self._durable)))
@@ -379,7 +450,7 @@ class LocalSandbox:
             return removed
 
         try:
-            return await asyncio.to_thread(discard)
+            return await self._in_thread(discard)
         except OSError as exc:
             raise _io_error("discard temps of", path, exc) from None
 
@@ -399,7 +470,7 @@ class LocalSandbox:
                     temp.unlink(missing_ok=True)
 
         try:
-            await asyncio.to_thread(rm)
+            await self._in_thread(rm)
         except FileNotFoundError:
             return
         except OSError as exc:
@@ -415,6 +486,11 @@ class LocalBackend:
     def __init__(self, root: Path, *, durable: bool = True) -> None:
         self.root = Path(root)
         self.durable = durable
+        # One I/O thread for all local sandboxes: file work is many tiny system calls, each
+        # releasing the GIL; spread over a pool, the threads and the event loop hand the GIL
+        # back and forth (measured: 1.8 ms CPU per injection with the default pool, 1.1 ms
+        # with one thread).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccbridge-local-io")
 
     def home_dir(self, sandbox_id: str) -> Path:
         """`<root>/<sandbox_id>`, checked to be a direct child of the root."""
@@ -433,18 +509,23 @@ class LocalBackend:
                 if not home.is_dir():
                     raise SandboxNotFound(f"sandbox {event.sandbox_id} has no home under the local root")
 
-            await asyncio.to_thread(check_home)
-            yield LocalSandbox(home, durable=self.durable)
+            await asyncio.get_running_loop().run_in_executor(self._executor, check_home)
+            yield LocalSandbox(home, durable=self.durable, executor=self._executor)
             return
 
         def ensure_home() -> None:
             try:
-                self.root.mkdir(parents=True, exist_ok=True)
-                home.mkdir(mode=HOME_MODE, exist_ok=True)
+                try:
+                    os.mkdir(home, HOME_MODE)
+                except FileExistsError:
+                    return
+                except FileNotFoundError:  # no root yet
+                    self.root.mkdir(parents=True, exist_ok=True)
+                    home.mkdir(mode=HOME_MODE, exist_ok=True)
                 if self.durable:
                     _fsync_dir(home.parent)
             except OSError as exc:
                 raise _io_error("create home", PurePosixPath(home.as_posix()), exc) from None
 
-        # the home is created by the sandbox's first worker-thread call (no extra hop)
-        yield LocalSandbox(home, durable=self.durable, prepare=ensure_home)
+        # the home is created by the sandbox's first I/O-thread call (no extra hop)
+        yield LocalSandbox(home, durable=self.durable, prepare=ensure_home, executor=self._executor)
