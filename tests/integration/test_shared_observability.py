@@ -47,6 +47,9 @@ async def test_traceparent_travels_in_headers_and_the_consumer_continues_the_tra
         async with producer, consumer:
             await consumer.start()
             await producer.connect()
+            # the consumer's SUB must reach the server before the publish (start() does not
+            # flush; without this the message was missed in ~1 of 8 runs)
+            await consumer.connection.flush()
             await producer.publish({"hello": "world"}, subject)
             headers = await asyncio.wait_for(seen_headers, 5)
             trace_id_in_consumer = await asyncio.wait_for(consumer_trace, 5)
