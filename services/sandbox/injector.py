@@ -17,6 +17,7 @@ refresh or revoke that touched the record while we worked forces a redo.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -233,13 +234,15 @@ class CredentialInjector:
         opts = self._options
         mcp_package = self.mcp_package_of(event)
         async with self._locks.hold(event.backend, event.sandbox_id):
-            lookup = await self._registry.get(event.user_id, event.sandbox_id)
+            # two independent reads: one round trip of waiting instead of two
+            lookup, revoked_at = await asyncio.gather(
+                self._registry.get(event.user_id, event.sandbox_id), self._registry.revoked_at(event.user_id)
+            )
             if lookup.destroyed:
                 raise SandboxGone(f"sandbox.destroyed was received for {event.sandbox_id} before this event")
             record, revision = lookup.record, lookup.revision
             if record is not None and record.state == "injected" and record.created_event_id == event.event_id:
                 return Injected(self._injected_event(event, record), (), duplicate=True)
-            revoked_at = await self._registry.revoked_at(event.user_id)
             if revoked_at is not None and occurred_ms(event) <= revoked_at:
                 raise Revoked("the person's credentials were revoked after this sandbox.created")
             if record is None:  # the intent, so a concurrent refresh / revoke sees this sandbox
