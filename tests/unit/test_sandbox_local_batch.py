@@ -485,3 +485,34 @@ async def test_concurrent_first_operations_all_wait_for_the_home(tmp_path: Path,
     home = tmp_path / "root" / "sbx-1"
     assert (home / "a").read_bytes() == b"1" and (home / "b").read_bytes() == b"2"
     assert mode_of(home) == 0o700
+
+
+async def test_a_home_created_by_this_injection_is_not_read_or_scanned_but_an_existing_one_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[Path] = []
+    scans: list[object] = []
+    real_read, real_scandir = local_module._read_bytes, local_module.os.scandir
+    monkeypatch.setattr(local_module, "_read_bytes", lambda path: reads.append(path) or real_read(path))
+    monkeypatch.setattr(local_module.os, "scandir", lambda path: scans.append(path) or real_scandir(path))
+    backend = LocalBackend(tmp_path / "root", durable=False)
+    seen: list[dict[PurePosixPath, bytes | None]] = []
+
+    def build(found: Mapping[PurePosixPath, bytes | None]):  # type: ignore[no-untyped-def]
+        seen.append(dict(found))
+        return [(PurePosixPath(".claude"), 0o700)], [(CREDS, b"t", 0o600), (CONFIG, b"{}", 0o600)]
+
+    event = SandboxCreated(user_id="u", sandbox_id="sbx-1")
+    async with backend.open(event) as sandbox:
+        _, written = await sandbox.update_files([CREDS, CONFIG], build)
+    assert written == [CREDS, CONFIG] and seen[-1] == {CREDS: None, CONFIG: None}
+    assert reads == [] and scans == []  # made just now: nothing to read, no stale temps
+
+    home = tmp_path / "root" / "sbx-1"
+    stale = home / f".{CONFIG.name}.0123456789ab.ccbridge-tmp"
+    stale.write_text("old copy")
+    os.utime(stale, (time.time() - 60, time.time() - 60))
+    async with backend.open(event) as sandbox:  # the same sandbox again: it holds files now
+        _, written = await sandbox.update_files([CREDS, CONFIG], build)
+    assert seen[-1] == {CREDS: b"t", CONFIG: b"{}"} and written == []
+    assert len(reads) == 2 and len(scans) == 2 and not stale.exists()

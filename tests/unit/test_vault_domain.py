@@ -281,7 +281,7 @@ def test_trust_store_reloads_on_an_unknown_key_rate_limited(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("url", "env", "fetch_batch", "request_concurrency"),
     [
-        ("sqlite+aiosqlite:///var/vault.db", {}, 1, 2),  # one writer, one thread per connection
+        ("sqlite+aiosqlite:///var/vault.db", {}, 1, 1),  # one writer; a grant is one short thread call
         ("postgresql+asyncpg://vault@db/vault", {}, 16, 16),
         ("sqlite+aiosqlite:///var/vault.db", {"VAULT_FETCH_BATCH": "8", "VAULT_REQUEST_CONCURRENCY": "12"}, 8, 12),
     ],

@@ -154,20 +154,27 @@ def atomic_write(target: Path, data: bytes, mode: int, *, durable: bool = True) 
         _fsync_dir(target.parent)
 
 
-def _ensure_dir(real: Path, mode: int) -> bool:
+def _ensure_dir(real: Path, mode: int) -> str | None:
     """`real` (already resolved) is a directory with permission bits exactly `mode`; an
-    existing one that already is costs one `lstat`. True when it had to be made or fixed."""
+    existing one that already is costs one `lstat`. Returns "new" when it was created,
+    "fixed" when an existing one was changed, None when it was fine."""
     try:
         info = os.lstat(real)
     except FileNotFoundError:
-        pass
+        outcome = "new"
     else:
         if stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == mode:
-            return False
-    real.mkdir(mode=mode, parents=True, exist_ok=True)
+            return None
+        outcome = "fixed"
+    try:
+        os.mkdir(real, mode)
+    except FileExistsError:
+        outcome = "fixed"  # someone made it meanwhile: it may hold anything
+    except FileNotFoundError:
+        real.mkdir(mode=mode, parents=True, exist_ok=True)
     # mkdir honours the umask and leaves existing dirs alone: set the bits exactly.
     os.chmod(real, mode)
-    return True
+    return outcome
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -190,7 +197,7 @@ class LocalSandbox:
     call instead of costing a thread hop of its own."""
 
     def __init__(self, home_dir: Path, *, durable: bool = True,
-                 prepare: Callable[[], None] | None = None, executor: Executor | None = None) -> None:
+                 prepare: Callable[[], bool] | None = None, executor: Executor | None = None) -> None:
         self._home_dir = Path(os.path.realpath(home_dir))
         self._home_str = str(self._home_dir)
         self._durable = durable
@@ -208,15 +215,18 @@ class LocalSandbox:
     def home(self) -> PurePosixPath:
         return PurePosixPath(self._home_dir.as_posix())
 
-    def _prepared(self) -> None:
+    def _prepared(self) -> bool:
         """In the worker thread, before touching the home: create it if asked to (once; a
-        concurrent first call waits for it, a failed one is tried again by the next call)."""
+        concurrent first call waits for it, a failed one is tried again by the next call).
+        True for the one call that has just created the home: it knows the home is empty."""
         if self._prepare is None:
-            return
+            return False
         with self._prepare_lock:
-            if self._prepare is not None:
-                self._prepare()
-                self._prepare = None
+            if self._prepare is None:
+                return False
+            created = self._prepare()
+            self._prepare = None
+            return bool(created)
 
     def resolve(self, path: PurePosixPath | str) -> Path:
         """The real host path of a sandbox path; refuses anything outside the home.
@@ -351,8 +361,8 @@ class LocalSandbox:
         touched directory is fsynced once, after all the renames. Returns the paths written."""
 
         def apply() -> list[PurePosixPath]:
-            self._prepared()
-            return self._apply(dirs, files, dict(known or {}))
+            fresh = self._prepared()
+            return self._apply(dirs, files, dict(known or {}), fresh_home=fresh)
 
         return await self._in_thread(apply)
 
@@ -366,12 +376,18 @@ class LocalSandbox:
         ONE worker-thread call. Returns (the files built, the paths written)."""
 
         def run() -> tuple[list[tuple[PurePosixPath, bytes, int]], list[PurePosixPath]]:
-            self._prepared()
+            fresh = self._prepared()
             resolved: dict[PurePosixPath, Path] = {}
-            existing = self._read_all(paths, resolved)
+            if fresh:  # a home created just now holds nothing: confine the paths, read nothing
+                existing: dict[PurePosixPath, bytes | None] = {}
+                for path in paths:
+                    self._resolved(path, resolved)
+                    existing[path] = None
+            else:
+                existing = self._read_all(paths, resolved)
             dirs, built = build(existing)
             files = list(built)
-            return files, self._apply(list(dirs), files, existing, resolved)
+            return files, self._apply(list(dirs), files, existing, resolved, fresh_home=fresh)
 
         return await self._in_thread(run)
 
@@ -381,18 +397,23 @@ class LocalSandbox:
         files: Sequence[tuple[PurePosixPath, bytes, int]],
         known: Mapping[PurePosixPath, bytes | None],
         resolved: dict[PurePosixPath, Path] | None = None,
+        *,
+        fresh_home: bool = False,
     ) -> list[PurePosixPath]:
         written: list[PurePosixPath] = []
         created: dict[Path, None] = {}
+        empty: set[Path] = {self._home_dir} if fresh_home else set()  # made now: no stale temps
         for path, mode in dirs:
             real = self.resolve(path)
             try:
                 made = _ensure_dir(real, mode)
             except OSError as exc:
                 raise _io_error("make_dir", path, exc) from None
-            if made:
+            if made is not None:
                 self.resolve(path)  # nothing swapped in a symlink meanwhile
                 created[real.parent] = None
+                if made == "new":
+                    empty.add(real)
         if self._durable:  # a new directory's entry must survive a host crash too
             for parent in created:
                 _fsync_dir(parent)
@@ -403,7 +424,7 @@ class LocalSandbox:
                 raise PathOutsideSandbox("cannot replace the sandbox home with a file")
             targets.append((path, real, data, mode))
         try:
-            _discard_stale_temps([real for _, real, _, _ in targets], min_age=1.0)
+            _discard_stale_temps([real for _, real, _, _ in targets if real.parent not in empty], min_age=1.0)
         except OSError as exc:
             raise _io_error("write", targets[0][0], exc) from None
         staged: list[tuple[PurePosixPath, Path, Path]] = []
@@ -513,17 +534,22 @@ class LocalBackend:
             yield LocalSandbox(home, durable=self.durable, executor=self._executor)
             return
 
-        def ensure_home() -> None:
+        def ensure_home() -> bool:
+            """True when this call created the (then empty) home."""
             try:
                 try:
                     os.mkdir(home, HOME_MODE)
                 except FileExistsError:
-                    return
+                    return False
                 except FileNotFoundError:  # no root yet
                     self.root.mkdir(parents=True, exist_ok=True)
-                    home.mkdir(mode=HOME_MODE, exist_ok=True)
+                    try:
+                        os.mkdir(home, HOME_MODE)
+                    except FileExistsError:
+                        return False
                 if self.durable:
                     _fsync_dir(home.parent)
+                return True
             except OSError as exc:
                 raise _io_error("create home", PurePosixPath(home.as_posix()), exc) from None
 
