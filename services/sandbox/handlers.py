@@ -56,22 +56,31 @@ def delivery_count(message: Any) -> int:
 
 @contextlib.asynccontextmanager
 async def working(msg: NatsMessage, ack_wait: float) -> AsyncIterator[None]:
-    """Tell JetStream we are still on it (`+WPI`) every ack_wait/3 while the body runs."""
+    """Tell JetStream we are still on it (`+WPI`) every ack_wait/3 while the body runs.
+
+    A timer, not a task per message: most messages are done long before the first beat."""
     interval = max(0.2, ack_wait / 3)
+    loop = asyncio.get_running_loop()
+    beats: set[asyncio.Task[None]] = set()
 
-    async def beat() -> None:
-        while True:
-            await asyncio.sleep(interval)
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
+    async def in_progress() -> None:
+        with contextlib.suppress(Exception):
+            await msg.in_progress()
 
-    task = asyncio.create_task(beat())
+    def beat() -> None:
+        nonlocal timer
+        task = loop.create_task(in_progress())
+        beats.add(task)
+        task.add_done_callback(beats.discard)
+        timer = loop.call_later(interval, beat)
+
+    timer = loop.call_later(interval, beat)
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        timer.cancel()
+        for task in list(beats):
+            task.cancel()
 
 
 def consumer_max_deliver(settings: SandboxSettings) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from services.sandbox import errors
 from services.sandbox.app import load_key
-from services.sandbox.handlers import delivery_count, salvage_failure
+from services.sandbox.handlers import delivery_count, salvage_failure, working
 from services.sandbox.settings import SandboxSettings
 from shared.events import FailureReason, derived_event_id
 from shared.sealing import KeyPair
@@ -141,3 +142,23 @@ def test_build_broker_declares_four_consumers_and_three_published_events() -> No
     for subject in ("sandbox.created", "sandbox.destroyed", "tokens.refreshed", "tokens.revoked",
                     "sandbox.credentials.injected", "sandbox.credentials.failed", "sandbox.credentials.scrubbed"):
         assert subject in channels
+
+
+async def test_working_beats_in_progress_while_the_body_runs_and_stops_after() -> None:
+
+    class Msg:
+        def __init__(self) -> None:
+            self.beats = 0
+
+        async def in_progress(self) -> None:
+            self.beats += 1
+
+    quick, slow = Msg(), Msg()
+    async with working(quick, ack_wait=0.6):  # beats every 0.2 s
+        await asyncio.sleep(0.05)
+    async with working(slow, ack_wait=0.6):
+        await asyncio.sleep(0.5)
+    after = slow.beats
+    await asyncio.sleep(0.3)
+    assert quick.beats == 0  # done before the first beat: nothing sent
+    assert after >= 2 and slow.beats == after  # beat while running, never after
