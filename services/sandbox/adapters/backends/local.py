@@ -86,10 +86,6 @@ def _discard_stale_temps(targets: Sequence[Path], *, min_age: float) -> None:
                 continue
 
 
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
-
-
 # Temp-file names only need to be unique in their directory (O_EXCL refuses a taken one, and
 # we pick again): a seeded PRNG spares a getrandom system call per file.
 _TEMP_NAMES = random.Random(secrets.randbits(128))
@@ -113,19 +109,22 @@ def _read_bytes(real: Path) -> bytes | None:
         os.close(fd)
 
 
+def _create_temp(target: Path, mode: int, attempts: int = 8) -> tuple[Path, int]:
+    """A new, exclusively created `.<name>.<12 hex>.ccbridge-tmp` beside `target`, open for writing."""
+    for attempt in range(1, attempts + 1):
+        tmp = target.parent / f".{target.name}.{_TEMP_NAMES.getrandbits(48):012x}{_TMP_SUFFIX}"
+        try:
+            return tmp, os.open(tmp, _CREATE_FLAGS, mode)
+        except FileExistsError:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _write_temp(target: Path, data: bytes, mode: int, *, durable: bool = True) -> Path:
     """A temp file beside `target` holding `data` with permission bits exactly `mode`
     (fsynced when `durable`)."""
-    for attempt in range(8):
-        tmp = target.parent / f".{target.name}.{_TEMP_NAMES.getrandbits(48):012x}{_TMP_SUFFIX}"
-        try:
-            fd = os.open(tmp, _CREATE_FLAGS, mode)
-            break
-        except FileExistsError:
-            if attempt == 7:
-                raise
-    else:  # pragma: no cover - the loop either breaks or raises
-        raise FileExistsError(tmp)
+    tmp, fd = _create_temp(target, mode)
     try:
         try:
             os.fchmod(fd, mode)  # the umask may have dropped bits of `mode`
