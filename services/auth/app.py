@@ -38,7 +38,7 @@ from shared.broker import document_publishers, make_broker, provision
 from shared.events import TokensIssued, TokensRevoked
 from shared.health import bind_socket
 from shared.logging import configure_logging, get_logger
-from shared.runtime import stop_on_signals
+from shared.runtime import freeze_startup_heap, stop_on_signals
 
 log = get_logger(__name__)
 
@@ -386,6 +386,7 @@ async def _serve_until(stop: asyncio.Event, service: AuthService) -> None:
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if starting.done():
             starting.result()  # a failed start raises here
+            freeze_startup_heap()
             closed = asyncio.create_task(service.wait_closed())
             try:
                 await asyncio.wait({stopping, closed}, return_when=asyncio.FIRST_COMPLETED)
