@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import glob
 import os
 import random
 import secrets
@@ -25,7 +24,7 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path, PurePosixPath
@@ -46,44 +45,49 @@ def _io_error(action: str, path: PurePosixPath, exc: OSError) -> BackendError:
     return BackendError(f"{action} {path}: {name}", retryable=not final)
 
 
-def stale_temps(target: Path, *, min_age: float) -> list[Path]:
-    """Temp files `atomic_write` left next to `target` (a SIGKILL between write and rename),
-    older than `min_age` seconds — a live writer's temp file exists for milliseconds."""
+def _temp_target(name: str) -> str | None:
+    """The file name a temp copy `.<name>.<12 hex>.ccbridge-tmp` belongs to, else None."""
+    if not (name.startswith(".") and name.endswith(_TMP_SUFFIX)):
+        return None
+    original, _, tag = name[1 : -len(_TMP_SUFFIX)].rpartition(".")
+    if not original or len(tag) != 12 or not all(c in "0123456789abcdef" for c in tag):
+        return None
+    return original
+
+
+def _stale_temps_in(directory: Path, names: Collection[str], *, min_age: float) -> list[Path]:
+    """Temp copies of any of `names` in `directory` older than `min_age` s, from one listing."""
     now = time.time()
     found = []
-    for candidate in target.parent.glob(f".{glob.escape(target.name)}.*{_TMP_SUFFIX}"):
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    for entry in entries:
+        if _temp_target(entry.name) not in names:
+            continue
         try:
-            if now - candidate.lstat().st_mtime >= min_age:
-                found.append(candidate)
+            if now - entry.stat(follow_symlinks=False).st_mtime >= min_age:
+                found.append(Path(entry.path))
         except FileNotFoundError:
             continue
     return found
 
 
+def stale_temps(target: Path, *, min_age: float) -> list[Path]:
+    """Temp files `atomic_write` left next to `target` (a SIGKILL between write and rename),
+    older than `min_age` seconds — a live writer's temp file exists for milliseconds."""
+    return _stale_temps_in(target.parent, {target.name}, min_age=min_age)
+
+
 def _discard_stale_temps(targets: Sequence[Path], *, min_age: float) -> None:
-    """`stale_temps` of several targets, one directory listing per directory."""
+    """Remove the `stale_temps` of several targets, one directory listing per directory."""
     by_dir: dict[Path, set[str]] = {}
     for target in targets:
         by_dir.setdefault(target.parent, set()).add(target.name)
-    now = time.time()
     for directory, names in by_dir.items():
-        try:
-            entries = list(os.scandir(directory))
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        for entry in entries:
-            name = entry.name
-            if not (name.startswith(".") and name.endswith(_TMP_SUFFIX)):
-                continue
-            # `.<target>.<12 hex>.ccbridge-tmp`
-            original, _, tag = name[1 : -len(_TMP_SUFFIX)].rpartition(".")
-            if original not in names or len(tag) != 12 or not all(c in "0123456789abcdef" for c in tag):
-                continue
-            try:
-                if now - entry.stat(follow_symlinks=False).st_mtime >= min_age:
-                    os.unlink(entry.path)
-            except FileNotFoundError:
-                continue
+        for temp in _stale_temps_in(directory, names, min_age=min_age):
+            temp.unlink(missing_ok=True)
 
 
 # Temp-file names only need to be unique in their directory (O_EXCL refuses a taken one, and
@@ -276,10 +280,7 @@ class LocalSandbox:
 
         def read() -> bytes | None:
             self._prepared()
-            try:
-                return real.read_bytes()
-            except FileNotFoundError:
-                return None
+            return _read_bytes(real)
 
         try:
             return await self._in_thread(read)
@@ -305,11 +306,8 @@ class LocalSandbox:
 
         def make() -> None:
             self._prepared()
-            real.mkdir(mode=mode, parents=True, exist_ok=True)
-            # mkdir honours the umask and leaves existing dirs alone: set the bits exactly.
-            os.chmod(real, mode)  # `real` is already symlink-free
-            # the path was checked before mkdir; re-check nothing swapped in a symlink
-            self.resolve(path)
+            if _ensure_dir(real, mode) is not None:  # `real` is already symlink-free
+                self.resolve(path)  # checked before mkdir; nothing swapped in a symlink since
 
         try:
             await self._in_thread(make)
