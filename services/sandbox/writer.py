@@ -32,9 +32,8 @@ async def write_credentials(
     mcp_package: str | None = None,
 ) -> Written:
     """Create the dirs (0700), then write each file (0600) whose bytes differ from what is there.
-    A backend with `update_files` (local) does it in one call; with `read_files`/`write_files`
-    in two; otherwise one call per file operation."""
-    existing: dict[PurePosixPath, bytes | None]
+    A backend with `update_files` (local) does it in one call, any other with one call per
+    file operation."""
     update_files = getattr(sandbox, "update_files", None)
     if update_files is not None:
         dirs = [(directory, domain.DIR_MODE) for directory in layout.dirs(mode)]
@@ -46,28 +45,14 @@ async def write_credentials(
 
         built, done = await update_files(list(layout.merged_paths), build)
         return Written(tuple(str(path) for path, _, _ in built), tuple(str(path) for path in done))
-    read_files = getattr(sandbox, "read_files", None)
-    write_files = getattr(sandbox, "write_files", None)
-    if read_files is not None and write_files is not None:  # one round trip each (local backend)
-        existing = dict(await read_files(list(layout.merged_paths)))
-        files = domain.build_files(layout, mode, bundle, existing, mcp_package=mcp_package)
-        done = await write_files(
-            [(directory, domain.DIR_MODE) for directory in layout.dirs(mode)],
-            [(spec.path, spec.content, spec.mode) for spec in files],
-            known=existing,
-        )
-        return Written(tuple(str(spec.path) for spec in files), tuple(str(path) for path in done))
-    existing = {}
+    existing: dict[PurePosixPath, bytes | None] = {}
     for path in layout.merged_paths:
         existing[path] = await sandbox.read_file(path)
     files = domain.build_files(layout, mode, bundle, existing, mcp_package=mcp_package)
     for directory in layout.dirs(mode):
         await sandbox.make_dir(directory, domain.DIR_MODE)
     written: list[str] = []
-    discard_temps = getattr(sandbox, "discard_temps", None)
     for spec in files:
-        if discard_temps is not None:  # an interrupted earlier write may have left a copy
-            await discard_temps(spec.path)
         current = existing[spec.path] if spec.path in existing else await sandbox.read_file(spec.path)
         if current == spec.content:
             continue
