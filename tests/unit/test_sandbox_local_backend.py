@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -13,21 +12,7 @@ from services.sandbox.adapters.backends.base import SandboxBackend
 from services.sandbox.adapters.backends.local import LocalBackend, LocalSandbox, atomic_write
 from services.sandbox.errors import BackendError, PathOutsideSandbox
 from shared.events import SandboxCreated
-
-
-def mode_of(path: Path) -> int:
-    return stat.S_IMODE(path.lstat().st_mode)
-
-
-def leftovers(directory: Path) -> list[str]:
-    return [p.name for p in directory.iterdir() if "ccbridge-tmp" in p.name]
-
-
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    path = tmp_path / "root" / "sbx-1"
-    path.mkdir(parents=True)
-    return path
+from tests.local_fs import home, leftovers, mode_of  # noqa: F401 - fixture
 
 
 async def test_open_creates_home_under_root_and_satisfies_the_port(tmp_path: Path) -> None:

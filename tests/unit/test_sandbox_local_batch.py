@@ -19,24 +19,10 @@ from services.sandbox.adapters.backends import local as local_module
 from services.sandbox.adapters.backends.local import LocalBackend, LocalSandbox, _discard_stale_temps
 from services.sandbox.errors import PathOutsideSandbox
 from shared.events import SandboxCreated
+from tests.local_fs import home, leftovers, mode_of  # noqa: F401 - fixture
 
 CREDS = PurePosixPath(".claude/.credentials.json")
 CONFIG = PurePosixPath(".claude.json")
-
-
-def mode_of(path: Path) -> int:
-    return stat.S_IMODE(path.lstat().st_mode)
-
-
-def leftovers(directory: Path) -> list[str]:
-    return [p.name for p in directory.iterdir() if "ccbridge-tmp" in p.name]
-
-
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    path = tmp_path / "root" / "sbx-1"
-    path.mkdir(parents=True)
-    return path
 
 
 async def test_write_files_creates_dirs_and_files_with_exact_modes(home: Path) -> None:

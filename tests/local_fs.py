@@ -1,0 +1,27 @@
+"""Small helpers of the local sandbox backend's tests: a home directory, exact permission bits,
+temp files left behind. Import the fixture you use (`from tests.local_fs import home, …`)."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+
+def mode_of(path: Path) -> int:
+    """Permission bits of `path` itself (a symlink is not followed)."""
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def leftovers(directory: Path) -> list[str]:
+    """Temp files (`*ccbridge-tmp*`) in `directory`."""
+    return [p.name for p in directory.iterdir() if "ccbridge-tmp" in p.name]
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """An empty sandbox home `<tmp>/root/sbx-1`."""
+    path = tmp_path / "root" / "sbx-1"
+    path.mkdir(parents=True)
+    return path
