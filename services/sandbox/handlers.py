@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from faststream import AckPolicy, ExceptionMiddleware
@@ -109,6 +109,17 @@ def register_handlers(
         log.exception("sandbox.report_failed", what=what, delivery=delivery)
         await msg.nack(delay=delay)
 
+    async def run_live(what: str, msg: NatsMessage, use_case: Callable[[int], Awaitable[Any]]) -> None:
+        """A live-sandbox use case (re-inject, scrub) under the heartbeat, then ack / nack / term."""
+        delivery = delivery_count(msg)
+        try:
+            async with working(msg, settings.ack_wait):
+                outcome = await use_case(delivery)
+        except Exception:  # noqa: BLE001 - could not even report: let JetStream redeliver
+            await report_failed(msg, what, delivery, live.retry_policy.delay(delivery))
+            return
+        await _settle_live(msg, outcome)
+
     @subscribe(CREATED, bus.SANDBOX, "sandbox.created → inject credentials",
                "Injects the person's Claude Code credentials into the new sandbox.")
     async def on_sandbox_created(event: SandboxCreated, msg: bus.Message) -> None:
@@ -130,26 +141,14 @@ def register_handlers(
     @subscribe(REFRESHED, bus.TOKENS, "tokens.refreshed → re-inject into live sandboxes",
                "Writes the refreshed credentials into every live sandbox of the person.")
     async def on_tokens_refreshed(event: TokensRefreshed, msg: bus.Message) -> None:
-        delivery = delivery_count(msg)
-        try:
-            async with working(msg, settings.ack_wait):
-                outcome = await live.on_refreshed(event, delivery=delivery, body=msg.body)
-        except Exception:  # noqa: BLE001
-            await report_failed(msg, f"tokens.refreshed {event.event_id}", delivery, live.retry_policy.delay(delivery))
-            return
-        await _settle_live(msg, outcome)
+        await run_live(f"tokens.refreshed {event.event_id}", msg, lambda delivery: live.on_refreshed(
+            event, delivery=delivery, body=msg.body))
 
     @subscribe(REVOKED, bus.TOKENS, "tokens.revoked → scrub live sandboxes",
                "Removes the person's credential files from every live sandbox and reports it.")
     async def on_tokens_revoked(event: TokensRevoked, msg: bus.Message) -> None:
-        delivery = delivery_count(msg)
-        try:
-            async with working(msg, settings.ack_wait):
-                outcome = await live.on_revoked(event, delivery=delivery, body=msg.body)
-        except Exception:  # noqa: BLE001
-            await report_failed(msg, f"tokens.revoked {event.event_id}", delivery, live.retry_policy.delay(delivery))
-            return
-        await _settle_live(msg, outcome)
+        await run_live(f"tokens.revoked {event.event_id}", msg, lambda delivery: live.on_revoked(
+            event, delivery=delivery, body=msg.body))
 
     @subscribe(DESTROYED, bus.SANDBOX, "sandbox.destroyed → forget the sandbox",
                "Stops tracking the sandbox (no more re-injection or scrub).")
