@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -49,7 +51,7 @@ async def _diff(store: SqlStore) -> list:
 
 
 async def test_concurrent_migrations_reach_head_once_and_match_the_models(db: VaultDb) -> None:
-    stores = [_store(db) for _ in range(3)]  # three "replicas" starting at the same time
+    stores = [_store(db) for _ in range(3)]  # three stores of one process starting at the same time
     try:
         await asyncio.gather(*(s.migrate() for s in stores))
         assert await stores[0].current_revision() == head_revision()
@@ -59,6 +61,29 @@ async def test_concurrent_migrations_reach_head_once_and_match_the_models(db: Va
     finally:
         for store in stores:
             await store.dispose()
+
+
+async def test_replica_processes_migrating_at_once_all_reach_head(db: VaultDb, tmp_path: Path) -> None:
+    """Replicas are processes: each runs Alembic with the database's lock as the only referee."""
+    env = {**os.environ, "DATABASE_URL": db.url, "CCBRIDGE_DATA_DIR": str(tmp_path / "data")}
+    if db.schema:
+        env["VAULT_DATABASE_SCHEMA"] = db.schema
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ccbridge.cli", "vault", "migrate",
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        for _ in range(3)
+    ]
+    outputs = [(await proc.communicate())[0].decode() for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0], outputs
+    assert all(f"→ {head_revision()}" in out for out in outputs), outputs
+    store = _store(db)
+    try:
+        assert await store.current_revision() == head_revision()
+        assert await _diff(store) == []
+    finally:
+        await store.dispose()
 
 
 async def _legacy_row(store: SqlStore, keyring: Keyring, user: str, token: str) -> None:
@@ -136,3 +161,27 @@ def test_ccbridge_vault_migrate(tmp_path: Path, monkeypatch) -> None:
     again = CliRunner().invoke(app, ["vault", "migrate"])
     assert again.exit_code == 0 and f"{head_revision()} → {head_revision()}" in again.output
     assert path.exists()
+
+
+async def test_a_new_sqlite_file_switches_to_wal_while_another_connection_writes(tmp_path: Path) -> None:
+    """SQLite refuses to leave rollback-journal mode while another connection writes, at once and
+    without its busy handler; the migration waits that writer out instead of failing."""
+    import sqlite3
+
+    from sqlalchemy.engine import make_url
+
+    from services.vault.adapters.store import _switch_sqlite_to_wal
+
+    path = tmp_path / "new.db"
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("CREATE TABLE early (x)")
+    switching = asyncio.create_task(asyncio.to_thread(_switch_sqlite_to_wal, make_url(f"sqlite+aiosqlite:///{path}")))
+    await asyncio.sleep(0.3)
+    assert not switching.done()  # still waiting for the writer, not failed
+    writer.execute("COMMIT")
+    await asyncio.wait_for(switching, 10)
+    writer.close()
+    with closing(sqlite3.connect(path)) as reader:
+        assert reader.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert reader.execute("SELECT count(*) FROM early").fetchone() == (0,)  # the writer's work is kept

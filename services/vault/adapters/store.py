@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
+import weakref
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -644,10 +646,10 @@ def _sqlite_reader_pragmas(dbapi_connection: Any, _record: Any) -> None:
 def _sqlite_migration_connect(dbapi_connection: Any, _record: Any) -> None:
     # Take transaction control from pysqlite (it would not wrap DDL in a transaction) and
     # turn FK enforcement off: SQLite's copy-and-move ALTER must not cascade deletes.
+    # WAL is already on (_switch_sqlite_to_wal ran first).
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA busy_timeout=60000")
         cursor.execute("PRAGMA foreign_keys=OFF")
     finally:
@@ -656,6 +658,40 @@ def _sqlite_migration_connect(dbapi_connection: Any, _record: Any) -> None:
 
 def _sqlite_begin_immediate(conn: SyncConnection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock first: concurrent migrators queue here
+
+
+def _switch_sqlite_to_wal(url: Any, deadline_s: float = 60.0) -> None:
+    """Put a SQLite file in WAL mode (persistent), before any migrator takes the write lock.
+    Leaving rollback-journal mode needs the file to itself: SQLite answers "database is locked"
+    at once, without its busy handler, while another connection writes — so retry here."""
+    engine = create_engine(url.set(drivername="sqlite"), poolclass=NullPool, connect_args={"timeout": 5})
+    deadline = time.monotonic() + deadline_s
+    try:
+        while True:
+            try:
+                with engine.connect() as conn:
+                    conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+                return
+            except sa_exc.OperationalError as exc:
+                if "locked" not in str(exc.orig) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)  # a worker thread: the event loop keeps running
+    finally:
+        engine.dispose()
+
+
+# Alembic keeps the running command's context in module globals (`alembic.context`, `op`):
+# two commands interleaved on one event loop (several stores migrating at once) would run
+# each other's scripts on the wrong connection. One command per process at a time; across
+# processes the database's own lock (advisory lock / BEGIN IMMEDIATE) serialises them.
+_ALEMBIC_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def _alembic_lock() -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    if (lock := _ALEMBIC_LOCKS.get(loop)) is None:
+        lock = _ALEMBIC_LOCKS[loop] = asyncio.Lock()
+    return lock
 
 
 def ensure_sqlite_parent(url: str) -> None:
@@ -779,8 +815,11 @@ class SqlStore:
     async def _run_migration(self, fn: Any, *args: Any) -> Any:
         engine = self._migration_engine()
         try:
-            async with engine.connect() as conn:
-                return await conn.run_sync(fn, *args)
+            async with _alembic_lock():
+                if self.dialect == "sqlite":
+                    await asyncio.to_thread(_switch_sqlite_to_wal, engine.url)
+                async with engine.connect() as conn:
+                    return await conn.run_sync(fn, *args)
         except BaseException as exc:
             if (mapped := translate_error(exc)) is not None:
                 raise mapped from exc
