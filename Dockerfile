@@ -18,11 +18,11 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /src
 
-# 1) Third-party wheels: this layer is rebuilt only when pyproject.toml changes.
-COPY pyproject.toml ./
+# 1) Third-party wheels, the versions constraints.txt pins: rebuilt only when either file changes.
+COPY pyproject.toml constraints.txt ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
- && pip wheel --wheel-dir /wheels -r /tmp/requirements.txt
+ && pip wheel --wheel-dir /wheels -r /tmp/requirements.txt -c constraints.txt
 
 # 2) ccbridge itself, installed (not editable) into a venv that the runtime stage copies whole.
 COPY shared ./shared

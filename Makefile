@@ -12,11 +12,21 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]' -c constraints.txt
 	@touch $(STAMP)
+
+# Re-pin constraints.txt to the newest releases pyproject.toml allows (a scratch venv), then
+# `make test` before committing it.
+.PHONY: lock
+lock:
+	rm -rf var/lock-venv && $(PY) -m venv var/lock-venv
+	var/lock-venv/bin/python -m pip install --quiet --upgrade pip
+	var/lock-venv/bin/python -m pip install --quiet -e '.[dev]'
+	{ sed -n '/^#/p' constraints.txt; var/lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^#'; } > constraints.new
+	mv constraints.new constraints.txt && rm -rf var/lock-venv
 
 # The real Claude Code CLI from npm, into a cache dir (tests check injected homes with it).
 claude-cli: $(CLAUDE_BIN)
