@@ -682,8 +682,9 @@ def _switch_sqlite_to_wal(url: Any, deadline_s: float = 60.0) -> None:
 
 # Alembic keeps the running command's context in module globals (`alembic.context`, `op`):
 # two commands interleaved on one event loop (several stores migrating at once) would run
-# each other's scripts on the wrong connection. One command per process at a time; across
-# processes the database's own lock (advisory lock / BEGIN IMMEDIATE) serialises them.
+# each other's scripts on the wrong connection. One command per event loop at a time (a
+# service runs one loop); across processes the database's own lock (advisory lock /
+# BEGIN IMMEDIATE) serialises them.
 _ALEMBIC_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
