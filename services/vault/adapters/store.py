@@ -106,20 +106,25 @@ def _aware(value: datetime | None) -> datetime | None:
     return value
 
 
+def _described(row: Any) -> dict[str, Any]:
+    """The fields `Connection` and `ConnectionSummary` share, from a `connections` row (ORM or
+    Core: same attribute names)."""
+    return {
+        "user_id": row.user_id,
+        "kind": row.kind,
+        "state": row.state,
+        "scopes": tuple(row.scopes or ()),
+        "expires_at": row.expires_at,
+        "refresh_token_expires_at": row.refresh_token_expires_at,
+        "account": Account.from_dict(row.account),
+        "version": row.version,
+        "created_at": _aware(row.created_at),
+        "issued_at": _aware(row.issued_at),
+    }
+
+
 def _summary(row: ConnectionRow, kek_id: str | None = None) -> ConnectionSummary:
-    return ConnectionSummary(
-        user_id=row.user_id,
-        kind=row.kind,  # type: ignore[arg-type]
-        state=row.state,  # type: ignore[arg-type]
-        scopes=tuple(row.scopes or ()),
-        expires_at=row.expires_at,
-        refresh_token_expires_at=row.refresh_token_expires_at,
-        account=Account.from_dict(row.account),
-        version=row.version,
-        issued_at=_aware(row.issued_at),
-        kek_id=kek_id,
-        created_at=_aware(row.created_at),
-    )
+    return ConnectionSummary(**_described(row), kek_id=kek_id)
 
 
 def _record(secret: SealedSecretRow) -> EncryptedRecord:
@@ -390,18 +395,9 @@ def _connection(row: Any, secret: tuple[int, EncryptedRecord] | None, cipher: Re
     except (ValueError, KeyError, TypeError):
         raise DecryptionFailed("decrypted record is not a credentials document") from None
     return Connection(
-        user_id=row.user_id,
-        kind=row.kind,  # type: ignore[arg-type]
-        state=row.state,  # type: ignore[arg-type]
+        **_described(row),
         credentials=credentials,
-        scopes=tuple(row.scopes or ()),
-        expires_at=row.expires_at,
-        refresh_token_expires_at=row.refresh_token_expires_at,
-        account=Account.from_dict(row.account),
-        version=row.version,
-        created_at=_aware(row.created_at),
         updated_at=_aware(row.updated_at),
-        issued_at=_aware(row.issued_at),
         refresh_failures=row.refresh_failures or 0,
         next_refresh_at=row.next_refresh_at,
         last_refresh_error=row.last_refresh_error,
