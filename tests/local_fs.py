@@ -1,5 +1,5 @@
 """Small helpers of the local sandbox backend's tests: a home directory, exact permission bits,
-temp files left behind. Import the fixture you use (`from tests.local_fs import home, …`)."""
+temp files left behind, a `.claude` that links out of the home. Import the fixture you use (`from tests.local_fs import home, …`)."""
 
 from __future__ import annotations
 
@@ -24,4 +24,13 @@ def home(tmp_path: Path) -> Path:
     """An empty sandbox home `<tmp>/root/sbx-1`."""
     path = tmp_path / "root" / "sbx-1"
     path.mkdir(parents=True)
+    return path
+
+
+@pytest.fixture
+def outside(home: Path, tmp_path: Path) -> Path:
+    """An empty directory outside the home that the home's `.claude` is a symlink to."""
+    path = tmp_path / "outside"
+    path.mkdir()
+    (home / ".claude").symlink_to(path)
     return path

@@ -12,7 +12,7 @@ from services.sandbox.adapters.backends.base import SandboxBackend
 from services.sandbox.adapters.backends.local import LocalBackend, LocalSandbox, atomic_write
 from services.sandbox.errors import BackendError, PathOutsideSandbox
 from shared.events import SandboxCreated
-from tests.local_fs import home, leftovers, mode_of  # noqa: F401 - fixture
+from tests.local_fs import home, leftovers, mode_of, outside  # noqa: F401 - fixtures
 
 
 async def test_open_creates_home_under_root_and_satisfies_the_port(tmp_path: Path) -> None:
@@ -111,10 +111,7 @@ async def test_paths_outside_the_home_are_refused(home: Path, path: str) -> None
     assert not (home.parent / "escape.json").exists()
 
 
-async def test_symlink_out_of_the_home_is_refused(home: Path, tmp_path: Path) -> None:
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (home / ".claude").symlink_to(outside)
+async def test_symlink_out_of_the_home_is_refused(home: Path, outside: Path) -> None:
     sandbox = LocalSandbox(home)
     with pytest.raises(PathOutsideSandbox):
         await sandbox.write_file(PurePosixPath(".claude/.credentials.json"), b"secret", 0o600)

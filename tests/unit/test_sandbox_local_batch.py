@@ -19,7 +19,7 @@ from services.sandbox.adapters.backends import local as local_module
 from services.sandbox.adapters.backends.local import LocalBackend, LocalSandbox, _discard_stale_temps
 from services.sandbox.errors import PathOutsideSandbox
 from shared.events import SandboxCreated
-from tests.local_fs import home, leftovers, mode_of  # noqa: F401 - fixture
+from tests.local_fs import home, leftovers, mode_of, outside  # noqa: F401 - fixtures
 
 CREDS = PurePosixPath(".claude/.credentials.json")
 CONFIG = PurePosixPath(".claude.json")
@@ -285,10 +285,7 @@ def test_resolve_matches_realpath_for_generated_paths(tree: Path, parts: list[st
     check_resolve(LocalSandbox(tree), tree, path)
 
 
-async def test_symlinked_claude_dir_pointing_outside_is_refused(home: Path, tmp_path: Path) -> None:
-    outside = tmp_path / "elsewhere"
-    outside.mkdir()
-    (home / ".claude").symlink_to(outside)
+async def test_symlinked_claude_dir_pointing_outside_is_refused(home: Path, outside: Path) -> None:
     sandbox = LocalSandbox(home)
     with pytest.raises(PathOutsideSandbox):
         sandbox.resolve(CREDS)
