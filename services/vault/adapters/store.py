@@ -735,6 +735,7 @@ class SqlStore:
         self.engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
         self._sqlite_reader: Engine | None = None
+        self._in_wal = False
         if self.dialect == "sqlite":  # no connection is made until the first read
             self._sqlite_reader = create_engine(
                 engine.url.set(drivername="sqlite"), hide_parameters=True, connect_args={"timeout": 10}
@@ -813,8 +814,9 @@ class SqlStore:
         engine = self._migration_engine()
         try:
             async with _alembic_lock():
-                if self.dialect == "sqlite":
+                if self.dialect == "sqlite" and not self._in_wal:  # persistent: once per store
                     await asyncio.to_thread(_switch_sqlite_to_wal, engine.url)
+                    self._in_wal = True
                 async with engine.connect() as conn:
                     return await conn.run_sync(fn, *args)
         except BaseException as exc:
