@@ -26,7 +26,7 @@ from nats.js.errors import NotFoundError
 
 from ccbridge.stack import Stack
 from shared import subjects
-from shared.broker import stream_for
+from shared.broker import settle, stream_for
 from shared.events import (
     Event,
     SandboxCreated,
@@ -151,7 +151,7 @@ class ResultWatcher:
 
     async def start(self) -> ResultWatcher:
         self._sub = await self.nc.subscribe("sandbox.credentials.*", cb=self._on_msg)
-        await self.nc.flush()
+        await settle(self.nc)
         return self
 
     async def stop(self) -> None:

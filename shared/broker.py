@@ -82,6 +82,19 @@ def make_broker(settings: ServiceSettings, *, name: str, middlewares: tuple = ()
     )
 
 
+async def settle(nc: nats.NATS) -> None:
+    """Return once the server has processed everything this connection sent so far — above all
+    its SUBs, so that what another connection publishes next is routed here.
+
+    One `flush()` does not promise that: nats-py (2.16) writes flush's PING straight to the
+    socket, ahead of commands still queued for its flusher task, so the PONG can arrive before a
+    SUB just made has left the process. That PING also kicks the flusher, which writes the queue
+    before the PONG is read; the second PING therefore follows the SUB on the wire, and its PONG
+    proves the server has it."""
+    await nc.flush()
+    await nc.flush()
+
+
 def _stream_config(spec: StreamSpec, replicas: int) -> StreamConfig:
     return StreamConfig(
         name=spec.name,

@@ -36,6 +36,7 @@ from services.auth.domain import CodeExchange, TokenGrant
 from services.auth.errors import BusUnavailable, UpstreamError, VaultUnavailable
 from services.auth.settings import AuthSettings
 from shared import subjects
+from shared.broker import settle
 from shared.events import (
     ConnectionStatusReply,
     ConnectionStatusRequest,
@@ -253,7 +254,7 @@ class VaultResponder:
         await self._nc.subscribe(subjects.VAULT_CONNECTIONS_STATUS, cb=self._on_status)
         await self._nc.subscribe(subjects.TOKENS_ISSUED, cb=self._on_issued)
         await self._nc.subscribe(subjects.TOKENS_REVOKED, cb=self._on_revoked)
-        await self._nc.flush()
+        await settle(self._nc)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

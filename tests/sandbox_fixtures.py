@@ -30,6 +30,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from services.sandbox.app import SandboxService
 from services.sandbox.settings import SandboxSettings
 from shared import subjects
+from shared.broker import settle
 from shared.events import CredentialsReply, CredentialsRequest, Event, SandboxCreated, TokenBundle
 from shared.sealing import Recipient, seal
 from standins.e2b import E2BStandin
@@ -162,7 +163,7 @@ async def collector(nc: Client) -> AsyncIterator[Collector]:
         await nc.subscribe("sandbox.credentials.*", cb=collector.on_msg),
         await nc.subscribe(f"{subjects.DLQ_PREFIX}.>", cb=collector.on_msg),
     ]
-    await nc.flush()
+    await settle(nc)
     yield collector
     for sub in subs:
         await sub.unsubscribe()

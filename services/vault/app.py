@@ -40,7 +40,7 @@ from services.vault.settings import VaultSettings
 from services.vault.trust import TrustedRequesters, TrustStore
 from services.vault.use_cases import AuditWriter, Vault
 from shared import subjects
-from shared.broker import document_publishers, make_broker, provision
+from shared.broker import document_publishers, make_broker, provision, settle
 from shared.health import HealthServer
 from shared.events import TokensLoginExpiring, TokensReconnectRequired, TokensRefreshed
 from shared.logging import configure_logging, get_logger
@@ -220,6 +220,8 @@ class VaultService:
             await provision(broker, settings)
             await self._ensure_consumers(broker)
             await broker.start()
+            # started (and ready) means the server routes credential requests here already
+            await settle(broker.connection)
             self._audit_writer.start()
 
             if settings.refresh_enabled:

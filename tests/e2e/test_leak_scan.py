@@ -36,6 +36,7 @@ from ccbridge.demo import connect_claude_account, mint_caller_token, prepare_whe
 from ccbridge.embedded_nats import EmbeddedNats, free_port
 from ccbridge.stack import Stack
 from shared import subjects
+from shared.broker import settle
 from shared.events import SandboxCredentialsInjected
 from standins.oauth import OAuthStandin
 
@@ -126,7 +127,7 @@ async def test_canary_only_in_the_sandbox_credentials_file(tmp_path: Path) -> No
             captured.append(msg.subject.encode() + b" " + json.dumps(msg.headers or {}).encode() + b" " + msg.data)
 
         await spy.subscribe(">", cb=capture)
-        await spy.flush()
+        await settle(spy)
         env = common.stack_env(
             data_dir,
             AUTH_JWT_SECRET=jwt_secret,

@@ -29,6 +29,7 @@ from ccbridge.demo import (
 )
 from ccbridge.embedded_nats import free_port
 from ccbridge.stack import Stack
+from shared.broker import settle
 from shared.events import SandboxCredentialsInjected
 from standins.oauth import OAuthStandin
 
@@ -56,6 +57,7 @@ async def test_login_to_injected_home_accepted_by_real_cli(tmp_path: Path, nats_
                 captured.append(msg.subject.encode() + b" " + json.dumps(msg.headers or {}).encode() + b" " + msg.data)
 
             await spy.subscribe(">", cb=capture)
+            await settle(spy)
             try:
                 async with httpx.AsyncClient(timeout=30) as http:
                     connected = await connect_claude_account(http, stack.auth_url, mint_caller_token(jwt_secret, user))

@@ -25,6 +25,7 @@ from ccbridge.embedded_nats import EmbeddedNats
 from services.auth.app import AuthService
 from services.auth.callers import mint_caller_token
 from shared import subjects
+from shared.broker import settle
 from shared.events import TokenBundle, TokensIssued
 from shared.sealing import KeyPair, load_or_create_keypair, open_sealed
 from standins.oauth import OAuthStandin
@@ -430,6 +431,7 @@ async def test_canary_token_never_leaves_sealed(
         seen.append(msg.subject.encode() + b" " + json.dumps(msg.headers or {}).encode() + b" " + msg.data)
 
     await spy.subscribe(">", cb=capture)
+    await settle(spy)
     try:
         async with (
             OAuthStandin(

@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -22,7 +21,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig, StreamSource
 
 from ccbridge.embedded_nats import nats_server_binary
 from shared import subjects as s
-from shared.broker import ensure_streams
+from shared.broker import ensure_streams, settle
 from tests.nats_perms_fixtures import (
     USERS,
     SecuredNats,
@@ -192,8 +191,8 @@ async def test_the_whole_event_flow_runs_under_least_privilege(bus: dict[str, Co
 
     responder = await vault.nc.subscribe(s.VAULT_CREDENTIALS_GET, queue=s.VAULT_QUEUE, cb=answer)
     results_live = await platform.nc.subscribe("sandbox.credentials.*")
-    await vault.nc.flush()
-    await platform.nc.flush()
+    await settle(vault.nc)
+    await settle(platform.nc)
 
     # platform -> sandbox.created (JetStream ack)
     ack = await platform.js.publish(s.SANDBOX_CREATED, json.dumps({"sandbox_id": run}).encode(),
@@ -256,7 +255,7 @@ async def test_the_whole_event_flow_runs_under_least_privilege(bus: dict[str, Co
         await msg.respond(json.dumps({"connected": True, "state": "connected"}).encode())
 
     status_responder = await vault.nc.subscribe(CONNECTIONS_STATUS, queue=s.VAULT_QUEUE, cb=status)
-    await vault.nc.flush()
+    await settle(vault.nc)
     for conn in (auth, platform):
         answer_ = await conn.nc.request(CONNECTIONS_STATUS, json.dumps({"user_id": run}).encode(), timeout=5)
         assert json.loads(answer_.data)["connected"] is True
@@ -358,20 +357,6 @@ async def test_auth_cannot_read_back_the_tokens_it_publishes(bus: dict[str, Conn
     assert spy.pending_msgs == 0
 
 
-async def _request_when_answered(conn: Conn, subject: str, payload: bytes, *, within_s: float = 5.0):  # noqa: ANN202
-    """A request, retried while the server has not yet routed the responder's fresh interest
-    to the requester (a flushed SUB is known to its own server at once, not always to the
-    requester's account import at the same instant)."""
-    deadline = time.monotonic() + within_s
-    while True:
-        try:
-            return await conn.nc.request(subject, payload, timeout=within_s)
-        except nats.errors.NoRespondersError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
-
-
 async def test_only_the_vault_receives_credential_requests(bus: dict[str, Conn]) -> None:
     sandbox, vault, platform = bus["sandbox"], bus["vault"], bus["platform"]
     spies = [await conn.nc.subscribe(s.VAULT_CREDENTIALS_GET) for conn in (sandbox, platform)]
@@ -384,9 +369,9 @@ async def test_only_the_vault_receives_credential_requests(bus: dict[str, Conn])
         await msg.respond(b"ok")
 
     sub = await vault.nc.subscribe(s.VAULT_CREDENTIALS_GET, queue=s.VAULT_QUEUE, cb=answer)
-    await vault.nc.flush()
+    await settle(vault.nc)
     run = uid().encode()
-    assert (await _request_when_answered(sandbox, s.VAULT_CREDENTIALS_GET, run)).data == b"ok"
+    assert (await sandbox.nc.request(s.VAULT_CREDENTIALS_GET, run, timeout=5)).data == b"ok"
     await sub.unsubscribe()
     for conn, spy in zip((sandbox, platform), spies, strict=True):
         await conn.nc.flush()

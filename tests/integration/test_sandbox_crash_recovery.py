@@ -36,6 +36,7 @@ from ccbridge.embedded_nats import EmbeddedNats
 from ccbridge.stack import Stack
 from services.sandbox.adapters.live_registry import open_live_bucket, record_key
 from shared import subjects
+from shared.broker import settle
 from shared.events import (
     CredentialMode,
     CredentialsReply,
@@ -157,6 +158,7 @@ async def test_sigkill_mid_way_through_500_events_then_restart_injects_each_sand
 
         await nc.subscribe(subjects.SANDBOX_CREDENTIALS_INJECTED, cb=on_result)
         await nc.subscribe(subjects.SANDBOX_CREDENTIALS_FAILED, cb=on_result)
+        await settle(nc)
 
         log_path = data / "logs" / "sandbox.log"
 

@@ -19,6 +19,7 @@ from ccbridge.embedded_nats import EmbeddedNats
 from services.sandbox.adapters.backends.local import LocalBackend
 from services.sandbox.adapters.bus import BrokerPublisher
 from shared import subjects
+from shared.broker import settle
 from shared.events import Event, SandboxCreated, TokensRefreshed
 from tests.sandbox_fixtures import (  # noqa: F401 - fixtures
     WAIT,
@@ -67,6 +68,7 @@ async def test_failed_report_on_the_last_delivery_is_retried_not_stuck(
     try:
         vault = FakeVault(client)
         await client.subscribe(subjects.VAULT_CREDENTIALS_GET, cb=vault.handle)
+        await settle(client)
         user, sandbox_id = uid("user"), uid("sbx")
         vault.users[user] = "silent"
         FlakyPublisher.attempts = []

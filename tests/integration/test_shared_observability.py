@@ -15,7 +15,7 @@ import structlog
 from faststream.nats import NatsMessage
 from opentelemetry import trace
 
-from shared.broker import make_broker
+from shared.broker import make_broker, settle
 from shared.logging import configure_logging, get_logger
 from shared.settings import ServiceSettings
 
@@ -42,14 +42,13 @@ async def test_traceparent_travels_in_headers_and_the_consumer_continues_the_tra
 
     raw = await nats.connect(nats_url)
     await raw.subscribe(subject, cb=spy)
-    await raw.flush()
+    await settle(raw)
     try:
         async with producer, consumer:
             await consumer.start()
             await producer.connect()
-            # the consumer's SUB must reach the server before the publish (start() does not
-            # flush; without this the message was missed in ~1 of 8 runs)
-            await consumer.connection.flush()
+            # the consumer's SUB must reach the server before the publish (start() does not wait)
+            await settle(consumer.connection)
             await producer.publish({"hello": "world"}, subject)
             headers = await asyncio.wait_for(seen_headers, 5)
             trace_id_in_consumer = await asyncio.wait_for(consumer_trace, 5)
