@@ -13,7 +13,7 @@ from faststream._internal.context import Context
 from faststream.nats import JStream, NatsBroker, StorageType
 from faststream.nats.broker import NatsBroker as _Broker
 from faststream.nats.message import NatsMessage as _Message
-from nats.js.api import StreamConfig
+from nats.js.api import DiscardPolicy, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 from pydantic import BaseModel
 
@@ -95,12 +95,14 @@ async def settle(nc: nats.NATS) -> None:
     await nc.flush()
 
 
-def _stream_config(spec: StreamSpec, replicas: int) -> StreamConfig:
+def _stream_config(spec: StreamSpec, replicas: int, max_bytes: int) -> StreamConfig:
     return StreamConfig(
         name=spec.name,
         subjects=list(spec.subjects),
         duplicate_window=spec.duplicate_window_s,
         max_age=spec.max_age_s,
+        max_bytes=max_bytes,
+        discard=DiscardPolicy(spec.discard),
         storage="file",
         num_replicas=replicas,
     )
@@ -111,17 +113,24 @@ def _matches(current: StreamConfig, wanted: StreamConfig) -> bool:
         sorted(current.subjects or []) == sorted(wanted.subjects or [])
         and current.duplicate_window == wanted.duplicate_window
         and current.max_age == wanted.max_age
+        and current.max_bytes == wanted.max_bytes
+        and current.discard == wanted.discard
         and (current.num_replicas or 1) == wanted.num_replicas
     )
 
 
-async def ensure_streams(js: nats.js.JetStreamContext, *, replicas: int = 1, attempts: int = 5) -> None:
+DEFAULT_STREAM_MAX_BYTES = 1 << 30
+
+
+async def ensure_streams(
+    js: nats.js.JetStreamContext, *, replicas: int = 1, max_bytes: int = DEFAULT_STREAM_MAX_BYTES, attempts: int = 5
+) -> None:
     """Create or update every ccbridge stream. Safe to call from every replica at start.
 
     A stream that already has the wanted config is left alone (an update is a cluster-wide
     operation); timeouts — a cluster electing a leader, a loaded server — are retried."""
     for spec in ALL_STREAMS:
-        wanted = _stream_config(spec, replicas)
+        wanted = _stream_config(spec, replicas, max_bytes)
         for attempt in range(1, attempts + 1):
             try:
                 await _ensure_stream(js, wanted)
@@ -147,7 +156,9 @@ async def _ensure_stream(js: nats.js.JetStreamContext, wanted: StreamConfig) -> 
 
 
 async def provision(broker: NatsBroker, settings: ServiceSettings) -> None:
-    await ensure_streams(broker.connection.jetstream(), replicas=settings.stream_replicas)
+    await ensure_streams(
+        broker.connection.jetstream(), replicas=settings.stream_replicas, max_bytes=settings.stream_max_bytes
+    )
 
 
 async def publish_event(broker: NatsBroker, subject: str, event: Event) -> None:

@@ -38,6 +38,18 @@ SandboxId = Annotated[
 ]
 CredentialMode = Literal["file", "access_only", "env"]
 Backend = Literal["local", "e2b"]
+# A compact JWS (header.payload.signature, base64url): auth's signed grant for one sandbox.
+GrantToken = Annotated[
+    str,
+    Field(
+        min_length=16,
+        max_length=4096,
+        pattern=r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$",
+        description="The person's grant for this sandbox: a compact JWS (EdDSA) from "
+        "`POST /v1/claude-code/grants`. Required unless the vault runs with CCBRIDGE_GRANTS=off.",
+        examples=["eyJhbGciOiJFZERTQSIsImtpZCI6Ij…"],
+    ),
+]
 
 
 def new_event_id() -> str:
@@ -156,6 +168,7 @@ class SandboxCreated(Event):
     home: str | None = Field(default=None, max_length=512, examples=["/home/user"])
     user: str | None = Field(default=None, max_length=64, pattern=r"^[a-z_][a-z0-9_-]*$", examples=["user"])
     template: str | None = Field(default=None, max_length=128, description="e2b: create from this template.")
+    grant: GrantToken | None = None
     options: SandboxOptions = Field(default_factory=SandboxOptions)
 
 
@@ -164,6 +177,8 @@ class SandboxDestroyed(Event):
 
 
 FailureReason = Literal[
+    "grant_required",
+    "grant_invalid",
     "not_connected",
     "reconnect_required",
     "vault_unavailable",
@@ -200,7 +215,7 @@ class SandboxCredentialsInjected(Event):
 
 
 class SandboxCredentialsScrubbed(Event):
-    """After tokens.revoked: the person's credential files were removed from this sandbox."""
+    """After tokens.revoked or grants.ended: the person's credential files were removed from this sandbox."""
 
     sandbox_id: SandboxId
     cause_event_id: str = Field(description="event_id of the tokens.revoked this answers.")
@@ -209,7 +224,11 @@ class SandboxCredentialsScrubbed(Event):
     sandbox_gone: bool = Field(
         default=False, description="True when the sandbox no longer existed, so nothing was left to remove."
     )
-    reason: str = Field(default="user_request", max_length=200, description="Copied from tokens.revoked.")
+    reason: str = Field(
+        default="user_request",
+        max_length=200,
+        description="Copied from tokens.revoked, or from grants.ended (`lease_expired`, `grant_ended`).",
+    )
 
 
 class SandboxCredentialsFailed(Event):
@@ -227,14 +246,23 @@ class CredentialsRequest(BaseModel):
     schema_version: Literal[1] = SCHEMA_VERSION
     request_id: str = Field(default_factory=new_event_id, min_length=8, max_length=64)
     user_id: UserId
-    mode: CredentialMode = "file"
+    sandbox_id: SandboxId | None = Field(default=None, description="The sandbox the credentials are for.")
+    grant: GrantToken | None = None
+    mode: CredentialMode = "access_only"
     requester_key_id: str = Field(min_length=1, max_length=64)
     requester_public_key: str = Field(min_length=1, max_length=512, description="base64url raw public key.")
 
 
 # `unavailable`: the vault could not answer in time (database outage, overload) — retry later.
 CredentialsError = Literal[
-    "not_connected", "reconnect_required", "unauthorized_requester", "invalid_request", "internal", "unavailable"
+    "not_connected",
+    "reconnect_required",
+    "unauthorized_requester",
+    "invalid_request",
+    "internal",
+    "unavailable",
+    "grant_required",
+    "grant_invalid",
 ]
 
 
@@ -248,6 +276,10 @@ class CredentialsReply(BaseModel):
     sealed: Sealed | None = Field(default=None, description="TokenBundle sealed to the requester.")
     expires_at: int | None = None
     scopes: list[str] = Field(default_factory=list)
+    detail: str = Field(default="", max_length=200, description="Why a request was refused (no secrets).")
+    lease_expires_at: int | None = Field(
+        default=None, description="When the sandbox's lease (its newest grant) ends (ms epoch); None without grants."
+    )
 
 
 # --- vault.connections.status (core request/reply) ---------------------------
@@ -280,6 +312,57 @@ class ConnectionStatusReply(BaseModel):
     version: int | None = Field(default=None, ge=1, description="Connection version (1 = first connect).")
 
 
+# --- grants (leases of a person's credentials to one sandbox) -----------------------------
+class GrantIssued(Event):
+    """auth → vault: a grant was signed. How a newer lease (longer, shorter) reaches a sandbox
+    that is already live; the vault keeps the newest grant per person and sandbox."""
+
+    sandbox_id: SandboxId
+    grant: GrantToken
+
+
+class GrantRevoked(Event):
+    """auth → vault: the person ended the lease of one sandbox."""
+
+    sandbox_id: SandboxId
+    reason: str = Field(default="grant_ended", max_length=200)
+
+
+class GrantEnded(Event):
+    """vault → sandbox service (and the platform): a lease is over; the sandbox is scrubbed.
+    A grant issued after `ended_at` starts a new lease."""
+
+    sandbox_id: SandboxId
+    reason: Literal["lease_expired", "grant_ended"]
+    ended_at: int = Field(description="When the lease ended (ms epoch, the vault's clock).")
+
+
+class GrantsListRequest(BaseModel):
+    """auth → vault: the live leases of a person."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    user_id: UserId
+
+
+class GrantView(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sandbox_id: SandboxId
+    mode: CredentialMode = Field(description="The strongest mode the grant allows.")
+    issued_at: int = Field(description="When the newest grant was signed (ms epoch).")
+    expires_at: int = Field(description="When the lease ends (ms epoch).")
+    last_injected_at: int | None = Field(default=None, description="Last release of credentials (ms epoch).")
+
+
+class GrantsListReply(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    grants: list[GrantView] = Field(default_factory=list)
+
+
 EVENT_MODELS: dict[str, type[Event]] = {}
 
 
@@ -298,6 +381,9 @@ def _register() -> None:
             s.SANDBOX_CREDENTIALS_INJECTED: SandboxCredentialsInjected,
             s.SANDBOX_CREDENTIALS_FAILED: SandboxCredentialsFailed,
             s.SANDBOX_CREDENTIALS_SCRUBBED: SandboxCredentialsScrubbed,
+            s.GRANTS_ISSUED: GrantIssued,
+            s.GRANTS_REVOKED: GrantRevoked,
+            s.GRANTS_ENDED: GrantEnded,
         }
     )
 

@@ -39,8 +39,21 @@ def b64d(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def info_for(subject: str, message_id: str) -> bytes:
-    return f"ccbridge/v1\x00{subject}\x00{message_id}".encode()
+def info_for(subject: str, message_id: str, bind: tuple[str, ...] = ()) -> bytes:
+    """HPKE `info`: the subject, the message id and whatever else the box must not be lifted
+    away from (`bind`: e.g. the user id and kind of a `tokens.issued`, see `issued_binding`)."""
+    return "\x00".join(("ccbridge/v1", subject, message_id, *bind)).encode()
+
+
+def issued_binding(user_id: str, kind: str) -> tuple[str, ...]:
+    """What a `tokens.issued` box is bound to besides its subject and event id: relabelling
+    the event with another user (or kind) makes the box unopenable."""
+    return ("user", user_id, "kind", kind)
+
+
+def reply_binding(user_id: str, sandbox_id: str | None) -> tuple[str, ...]:
+    """What a credentials reply box is bound to besides its subject and request id."""
+    return ("user", user_id, "sandbox", sandbox_id or "")
 
 
 def public_key_bytes(key: X25519PublicKey) -> bytes:
@@ -108,12 +121,14 @@ class KeyPair:
         return b64e(self.private_key.private_bytes(_RAW, _RAW_PRIV, serialization.NoEncryption()))
 
 
-def seal(plaintext: bytes, to: Recipient, *, subject: str, message_id: str) -> Sealed:
-    ciphertext = SUITE.encrypt(plaintext, to.public_key, info=info_for(subject, message_id))
+def seal(plaintext: bytes, to: Recipient, *, subject: str, message_id: str, bind: tuple[str, ...] = ()) -> Sealed:
+    ciphertext = SUITE.encrypt(plaintext, to.public_key, info=info_for(subject, message_id, bind))
     return Sealed(suite=SUITE_NAME, key_id=to.key_id, ciphertext=b64e(ciphertext))
 
 
-def open_sealed(box: Sealed, key: KeyPair, *, subject: str, message_id: str) -> bytes:
+def open_sealed(
+    box: Sealed, key: KeyPair, *, subject: str, message_id: str, bind: tuple[str, ...] = ()
+) -> bytes:
     if box.key_id != key.key_id:
         raise SealingError(f"sealed to key {box.key_id}, not to ours ({key.key_id})")
     try:
@@ -121,13 +136,13 @@ def open_sealed(box: Sealed, key: KeyPair, *, subject: str, message_id: str) -> 
     except Exception as exc:  # noqa: BLE001
         raise SealingError("ciphertext is not base64url") from exc
     try:
-        return SUITE.decrypt(raw, key.private_key, info=info_for(subject, message_id))
+        return SUITE.decrypt(raw, key.private_key, info=info_for(subject, message_id, bind))
     except (InvalidTag, ValueError) as exc:
         raise SealingError("box does not open with our key in this context") from exc
 
 
 # --- key files ---------------------------------------------------------------
-def _write_private(path: Path, text: str) -> None:
+def write_private_file(path: Path, text: str) -> None:
     """Create the file 0600 atomically; if another process won the race, keep theirs."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
@@ -150,7 +165,7 @@ def load_or_create_keypair(keys_dir: Path, name: str) -> KeyPair:
     """Our key from `<keys_dir>/<name>.hpke.key`, generated on first start (0600)."""
     private_path, public_path = key_paths(keys_dir, name)
     if not private_path.exists():
-        _write_private(private_path, KeyPair.generate().private_b64())
+        write_private_file(private_path, KeyPair.generate().private_b64())
     pair = KeyPair.from_b64(private_path.read_text())
     if not public_path.exists() or public_path.read_text().strip() != pair.recipient.public_b64:
         public_path.write_text(pair.recipient.public_b64 + "\n")

@@ -21,6 +21,12 @@ class ServiceSettings(BaseSettings):
     log_level: str = Field(default="INFO", validation_alias="LOG_LEVEL")
     log_format: str = Field(default="console", validation_alias="LOG_FORMAT", description="console | json")
     stream_replicas: int = Field(default=1, validation_alias="CCBRIDGE_STREAM_REPLICAS", ge=1, le=5)
+    stream_max_bytes: int = Field(
+        default=1 << 30,
+        validation_alias="CCBRIDGE_STREAM_MAX_BYTES",
+        ge=1 << 20,
+        description="Size cap of each ccbridge stream (bytes); when full, its oldest messages are dropped.",
+    )
 
     @property
     def nats_servers(self) -> list[str]:
