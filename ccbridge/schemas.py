@@ -20,6 +20,8 @@ from shared.events import (
     ConnectionStatusRequest,
     CredentialsReply,
     CredentialsRequest,
+    GrantsListReply,
+    GrantsListRequest,
 )
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "docs" / "schemas" / f"v{SCHEMA_VERSION}"
@@ -31,6 +33,8 @@ def all_models() -> dict[str, type[BaseModel]]:
     models[f"{subjects.VAULT_CREDENTIALS_GET}.reply"] = CredentialsReply
     models[f"{subjects.VAULT_CONNECTIONS_STATUS}.request"] = ConnectionStatusRequest
     models[f"{subjects.VAULT_CONNECTIONS_STATUS}.reply"] = ConnectionStatusReply
+    models[f"{subjects.VAULT_GRANTS_LIST}.request"] = GrantsListRequest
+    models[f"{subjects.VAULT_GRANTS_LIST}.reply"] = GrantsListReply
     return models
 
 

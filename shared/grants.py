@@ -25,7 +25,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shared.events import CredentialMode
 from shared.sealing import b64d, b64e, write_private_file
 
 ALGORITHM = "EdDSA"
@@ -33,6 +32,7 @@ TOKEN_TYPE = "ccbridge-grant+jwt"
 ISSUER = "ccbridge-auth"
 AUDIENCE = "ccbridge-vault"
 KEY_NAME = "auth.grant"
+UNTRUSTED_KEY = "signed by a key the vault does not trust"
 MAX_TTL_S = 31 * 24 * 3600
 """No grant outlives a login (~30 days), whatever a signer asks for."""
 
@@ -171,7 +171,7 @@ class GrantVerifier:
             raise GrantError("not a ccbridge grant (alg/typ)")
         key = self._keys.get(str(header.get("kid", "")))
         if key is None:
-            raise GrantError("signed by a key the vault does not trust")
+            raise GrantError(UNTRUSTED_KEY)
         try:
             payload: Mapping[str, Any] = jwt.decode(
                 token, key, algorithms=[ALGORITHM], audience=AUDIENCE, issuer=self._issuer,

@@ -28,7 +28,7 @@ from typing import Any, Self, TypeVar
 
 import pytest
 
-from services.vault.domain import AuditEntry, AuditRecord, Connection, ConnectionSummary
+from services.vault.domain import AuditEntry, AuditRecord, Connection, ConnectionSummary, SandboxLease
 from services.vault.errors import ConcurrencyConflict, StoreUnavailable
 from services.vault.ports import DueRefresh
 from shared import subjects
@@ -41,7 +41,9 @@ from shared.events import (
     TokensIssued,
     new_event_id,
 )
-from shared.sealing import KeyPair, Recipient, open_sealed, seal
+from shared.sealing import KeyPair, Recipient, issued_binding, open_sealed, reply_binding, seal
+from tests import grants
+from tests.grants import grant_for
 
 SCOPES = ["user:inference", "user:profile"]
 EXPIRES_AT = 1_893_456_000_000  # 2030-01-01, ms
@@ -160,7 +162,8 @@ def issued_event(
     event_id = event_id or new_event_id()
     scopes = scopes if scopes is not None else list(SCOPES)
     bundle = TokenBundle(access_token=access_token, refresh_token=refresh_token, expires_at=expires_at, scopes=scopes)
-    sealed = seal(bundle.model_dump_json().encode(), vault, subject=subjects.TOKENS_ISSUED, message_id=event_id)
+    sealed = seal(bundle.model_dump_json().encode(), vault, subject=subjects.TOKENS_ISSUED, message_id=event_id,
+                  bind=issued_binding(user_id, kind))
     return TokensIssued(
         event_id=event_id,
         user_id=user_id,
@@ -173,21 +176,53 @@ def issued_event(
     )
 
 
-def credentials_request(requester: KeyPair, *, user_id: str, mode: CredentialMode = "file") -> CredentialsRequest:
+def credentials_request(
+    requester: KeyPair, *, user_id: str, mode: CredentialMode = "file", sandbox_id: str = "sbx-test",
+    grant: str | None | bool = True,
+) -> CredentialsRequest:
+    """A request as the sandbox service makes it; `grant=True`: a fresh grant of the test
+    authority (tests/grants.py) for this person and sandbox, allowing every mode (the newest
+    grant governs a sandbox: grants of different modes for one sandbox would narrow it)."""
     return CredentialsRequest(
         user_id=user_id,
+        sandbox_id=sandbox_id,
+        grant=grant_for(user_id, sandbox_id, "file") if grant is True else grant or None,
         mode=mode,
         requester_key_id=requester.key_id,
         requester_public_key=requester.recipient.public_b64,
     )
 
 
-def open_reply(reply: CredentialsReply, requester: KeyPair) -> TokenBundle:
+def open_reply(reply: CredentialsReply, requester: KeyPair, *, user_id: str, sandbox_id: str | None = "sbx-test"
+               ) -> TokenBundle:
     assert reply.ok and reply.sealed is not None, reply
     plaintext = open_sealed(
-        reply.sealed, requester, subject=subjects.VAULT_CREDENTIALS_GET, message_id=reply.request_id
+        reply.sealed, requester, subject=subjects.VAULT_CREDENTIALS_GET, message_id=reply.request_id,
+        bind=reply_binding(user_id, sandbox_id),
     )
     return TokenBundle.model_validate_json(plaintext)
+
+
+def make_vault(store: Any, *, keypair: KeyPair, trusted: Any, keyring: Any = None, publisher: Any = None,
+               grants_required: bool = True, **kwargs: Any) -> Any:
+    """A `Vault` on `store` (FakeStore or SqlStore) whose leases trust the test grant authority."""
+    from services.vault.leases import Leases
+    from services.vault.trust import TrustStore
+    from services.vault.use_cases import Vault
+    from tests.grants import verifier
+
+    def unit_of_work() -> Any:
+        return store.unit_of_work(keyring)
+
+    return Vault(
+        unit_of_work=unit_of_work,
+        read_for_release=lambda user_id, sandbox_id: store.read_for_release(user_id, sandbox_id, keyring),
+        leases=Leases(unit_of_work=unit_of_work, verifier=verifier(), required=grants_required,
+                      publisher=publisher),
+        keypair=keypair,
+        trusted=trusted if isinstance(trusted, TrustStore) else TrustStore.fixed(trusted),
+        **kwargs,
+    )
 
 
 # --- in-memory store ------------------------------------------------------------------
@@ -203,6 +238,7 @@ class FakeStore:
     audit: list[tuple[AuditEntry, datetime]] = field(default_factory=list)
     leases: dict[str, tuple[str, int]] = field(default_factory=dict)
     login_warned: dict[str, int] = field(default_factory=dict)
+    sandbox_leases: dict[tuple[str, str], SandboxLease] = field(default_factory=dict)
     undecryptable: dict[str, Exception] = field(default_factory=dict)
     unavailable: bool = False
     commits: int = 0
@@ -219,6 +255,17 @@ class FakeStore:
 
     async def ping(self) -> bool:
         return not self.unavailable
+
+    async def read_for_release(
+        self, user_id: str, sandbox_id: str | None, keyring: object = None
+    ) -> tuple[Connection | None, SandboxLease | None]:
+        if self.unavailable:
+            raise StoreUnavailable("fake database is down")
+        if user_id in self.undecryptable and user_id in self.connections:
+            raise self.undecryptable[user_id]
+        found = self.connections.get(user_id)
+        lease = self.sandbox_leases.get((user_id, sandbox_id)) if sandbox_id is not None else None
+        return (copy.deepcopy(found) if found else None), (copy.deepcopy(lease) if lease else None)
 
     async def dispose(self) -> None:
         self.disposed = True
@@ -401,6 +448,56 @@ class _FakeAudit:
         return before - len(self._uow.store.audit)
 
 
+class _FakeSandboxLeases:
+    def __init__(self, uow: FakeUnitOfWork) -> None:
+        self._uow = uow
+
+    def _all(self) -> dict[tuple[str, str], SandboxLease]:
+        return {**self._uow.store.sandbox_leases, **self._uow.staged_sandbox_leases}
+
+    async def get(self, user_id: str, sandbox_id: str, *, for_update: bool = False) -> SandboxLease | None:
+        found = self._all().get((user_id, sandbox_id))
+        return copy.deepcopy(found) if found else None
+
+    async def save(self, lease: SandboxLease) -> None:
+        saved = copy.deepcopy(lease)
+        current = self._all().get((lease.user_id, lease.sandbox_id))
+        saved.last_released_at = current.last_released_at if current else None
+        self._uow.staged_sandbox_leases[(lease.user_id, lease.sandbox_id)] = saved
+
+    async def live_for(self, user_id: str, now_ms: int, *, limit: int = 1000) -> list[SandboxLease]:
+        live = [copy.deepcopy(x) for (u, _), x in self._all().items()
+                if u == user_id and x.ended_at is None and x.expires_at > now_ms]
+        return sorted(live, key=lambda x: x.expires_at)[:limit]
+
+    async def due(self, now_ms: int, *, limit: int) -> list[SandboxLease]:
+        due = [copy.deepcopy(x) for x in self._all().values()
+               if (x.ended_at is None and x.expires_at <= now_ms) or (x.ended_at is not None and not x.announced)]
+        return sorted(due, key=lambda x: x.expires_at)[:limit]
+
+    async def mark_announced(self, user_id: str, sandbox_id: str, ended_at: int) -> None:
+        current = self._all().get((user_id, sandbox_id))
+        if current is not None and current.ended_at == ended_at:
+            marked = copy.deepcopy(current)
+            marked.announced = True
+            self._uow.staged_sandbox_leases[(user_id, sandbox_id)] = marked
+
+    async def record_releases(self, releases: Sequence[tuple[str, str, int]]) -> None:
+        for user_id, sandbox_id, at in releases:
+            current = self._all().get((user_id, sandbox_id))
+            if current is not None and (current.last_released_at or 0) < at:
+                updated = copy.deepcopy(current)
+                updated.last_released_at = at
+                self._uow.staged_sandbox_leases[(user_id, sandbox_id)] = updated
+
+    async def delete_ended_before(self, cutoff_ms: int) -> int:
+        doomed = [k for k, x in self._uow.store.sandbox_leases.items()
+                  if x.ended_at is not None and x.ended_at < cutoff_ms and x.announced]
+        for key in doomed:
+            del self._uow.store.sandbox_leases[key]
+        return len(doomed)
+
+
 class FakeUnitOfWork:
     def __init__(self, store: FakeStore) -> None:
         self.store = store
@@ -410,6 +507,7 @@ class FakeUnitOfWork:
         self.staged_audit: list[tuple[AuditEntry, datetime]] = []
         self.staged_leases: dict[str, tuple[str, int]] = {}
         self.staged_warned: dict[str, int | None] = {}
+        self.staged_sandbox_leases: dict[tuple[str, str], SandboxLease] = {}
         self.deleted: set[str] = set()
         self.released: set[str] = set()
         self.loaded: dict[str, int] = {}
@@ -417,6 +515,7 @@ class FakeUnitOfWork:
         self.processed_events = _FakeProcessed(self)
         self.revocations = _FakeRevocations(self)
         self.audit = _FakeAudit(self)
+        self.sandbox_leases = _FakeSandboxLeases(self)
 
     async def __aenter__(self) -> Self:
         if self.store.unavailable:
@@ -452,13 +551,14 @@ class FakeUnitOfWork:
             store.processed[event_id] = subject
             store.processed_at[event_id] = now
         store.revocations.update(self.staged_revocations)
+        store.sandbox_leases.update(self.staged_sandbox_leases)
         store.audit.extend(self.staged_audit)
         store.commits += 1
         await self.rollback()
 
     async def rollback(self) -> None:
         for staged in (self.staged_connections, self.staged_events, self.staged_revocations, self.staged_leases,
-                       self.staged_warned):
+                       self.staged_warned, self.staged_sandbox_leases):
             staged.clear()
         self.staged_audit.clear()
         self.deleted.clear()
@@ -487,6 +587,15 @@ class FakeTokenEndpoint:
 
     script: list[Any] = field(default_factory=list)
     calls: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
+    revoke_script: list[Any] = field(default_factory=list)
+    revoked: list[str] = field(default_factory=list)
+
+    async def revoke(self, refresh_token: str) -> None:
+        """Answers from `revoke_script` (None = ok, or an exception); ok when it is empty."""
+        answer = self.revoke_script.pop(0) if self.revoke_script else None
+        if isinstance(answer, BaseException):
+            raise answer
+        self.revoked.append(refresh_token)
 
     async def refresh(self, refresh_token: str, scopes: Sequence[str]) -> Any:
         self.calls.append((refresh_token, tuple(scopes)))
@@ -621,6 +730,8 @@ def vault_settings(tmp_path: Path, nats_url: str, db: VaultDb, **env: Any) -> An
         "VAULT_REFRESH_ENABLED": False,
         "OAUTH_TOKEN_URL": "http://127.0.0.1:9/v1/oauth/token",
         "VAULT_KEK_CHECK_INTERVAL_S": 0.2,
+        "VAULT_REVOKE_ATTEMPTS": 1,
+        "VAULT_GRANT_PUBLIC_KEYS": grants.PUBLIC_KEY,
     }
     values.update(env)
     return VaultSettings(**values)
@@ -638,6 +749,8 @@ def service_env(tmp_path: Path, nats_url: str, db: VaultDb, **extra: str) -> dic
         "VAULT_REFRESH_ENABLED": "false",
         "OAUTH_TOKEN_URL": "http://127.0.0.1:9/v1/oauth/token",
         "VAULT_KEK_CHECK_INTERVAL_S": "0.2",
+        "VAULT_REVOKE_ATTEMPTS": "1",
+        **grants.env(),
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "INFO",
         "PYTHONUNBUFFERED": "1",

@@ -25,24 +25,24 @@ from services.vault.adapters.oauth import USER_AGENT, HttpTokenEndpoint
 from services.vault.adapters.store import SqlStore
 from services.vault.handlers import (
     build_credentials_router,
+    build_grants_router,
     build_revoked_router,
     build_status_router,
     build_tokens_router,
-    revoked_consumer_config,
-    tokens_consumer_config,
+    durable_configs,
 )
-from services.vault.domain import Connection
 from services.vault.keyring import Keyring, LiveKeyring, kek_source
+from services.vault.leases import Leases
 from services.vault.metrics import VaultMetrics
 from services.vault.ports import EventPublisher, RecordCipher, Store, TokenEndpoint, UnitOfWork
 from services.vault.refresher import Refresher, RefreshPolicy
 from services.vault.settings import VaultSettings
-from services.vault.trust import TrustedRequesters, TrustStore
+from services.vault.trust import GrantKeys, TrustedRequesters, TrustStore
 from services.vault.use_cases import AuditWriter, Vault
 from shared import subjects
 from shared.broker import document_publishers, make_broker, provision, settle
 from shared.health import HealthServer
-from shared.events import TokensLoginExpiring, TokensReconnectRequired, TokensRefreshed
+from shared.events import GrantEnded, TokensLoginExpiring, TokensReconnectRequired, TokensRefreshed
 from shared.logging import configure_logging, get_logger
 from shared.runtime import run_until_stopped
 from shared.sealing import KeyPair, key_paths, load_or_create_keypair
@@ -54,14 +54,16 @@ PUBLISHES = {
     subjects.TOKENS_REFRESHED: TokensRefreshed,
     subjects.TOKENS_RECONNECT_REQUIRED: TokensReconnectRequired,
     subjects.TOKENS_LOGIN_EXPIRING: TokensLoginExpiring,
+    subjects.GRANTS_ENDED: GrantEnded,
 }
 
 
-def build_broker(settings: VaultSettings, vault: Vault) -> NatsBroker:
+def build_broker(settings: VaultSettings, vault: Vault, broker: NatsBroker | None = None) -> NatsBroker:
     """The vault's subscribers (streams and request/reply) and declared publishers."""
-    broker = make_broker(settings, name="vault")
+    broker = broker or make_broker(settings, name="vault")
     broker.include_router(build_tokens_router(vault, settings))
     broker.include_router(build_revoked_router(vault, settings))
+    broker.include_router(build_grants_router(vault, settings))
     broker.include_router(build_credentials_router(vault, settings.effective_request_concurrency))
     broker.include_router(build_status_router(vault))
     document_publishers(broker, PUBLISHES)
@@ -144,6 +146,7 @@ class VaultService:
         self._http: httpx.AsyncClient | None = None
         self._audit_writer: AuditWriter | None = None
         self._maintenance_task: asyncio.Task[None] | None = None
+        self._sweep_task: asyncio.Task[None] | None = None
         self._started = False
 
     def __repr__(self) -> str:
@@ -168,14 +171,6 @@ class VaultService:
     def trust(self) -> TrustStore:
         assert self.vault is not None, "VaultService not started"
         return self.vault.trust
-
-    def _grant_reader(self) -> Callable[[str], Awaitable[Connection | None]] | None:
-        """The store's read-only lookup for grants, when it has one (a test double may not)."""
-        read = getattr(self._store, "read_connection", None)
-        keyring = self._keyring
-        if read is None or keyring is None:
-            return None
-        return lambda user_id: read(user_id, keyring)
 
     def unit_of_work(self) -> UnitOfWork:
         assert self._store is not None and self._keyring is not None, "VaultService not started"
@@ -204,8 +199,23 @@ class VaultService:
                 await self._store.migrate()
 
             self._audit_writer = AuditWriter(self.unit_of_work, metrics=self.metrics)
+            if settings.grants == "off":
+                log.warning("CCBRIDGE_GRANTS=off: credentials leave for ANY sandbox a bus publisher names; "
+                            "use only while migrating platforms to grants")
+            grant_keys = GrantKeys(settings.grant_public_keys, settings.keys_dir)
+            if settings.grants == "required" and not len(grant_keys):
+                log.warning("no grant key trusted yet (VAULT_GRANT_PUBLIC_KEYS, keys/auth.grant.pub): every "
+                            "credentials request is refused until auth's public key is found")
+            broker = make_broker(settings, name="vault")
+            publisher = self._publisher or BrokerPublisher(broker)
+            store = self._store
+            keyring = self._keyring
             self.vault = Vault(
                 unit_of_work=self.unit_of_work,
+                read_for_release=lambda user_id, sandbox_id: store.read_for_release(user_id, sandbox_id, keyring),
+                leases=Leases(unit_of_work=self.unit_of_work, verifier=grant_keys,
+                              required=settings.grants == "required", publisher=publisher, metrics=self.metrics,
+                              actor=f"vault:{self.instance}"),
                 keypair=self._keypair,
                 trusted=trusted,
                 actor=f"vault:{self.instance}",
@@ -213,9 +223,10 @@ class VaultService:
                 audit_writer=self._audit_writer if settings.audit_grants else None,
                 request_timeout_s=settings.request_timeout_s,
                 audit_grants=settings.audit_grants,
-                read_connection=self._grant_reader(),
+                token_endpoint=self._endpoint(),
+                revoke_attempts=settings.revoke_attempts,
             )
-            self.broker = broker = build_broker(settings, self.vault)
+            self.broker = build_broker(settings, self.vault, broker)
             await broker.connect()
             await provision(broker, settings)
             await self._ensure_consumers(broker)
@@ -223,9 +234,10 @@ class VaultService:
             # started (and ready) means the server routes credential requests here already
             await settle(broker.connection)
             self._audit_writer.start()
+            self._sweep_task = asyncio.create_task(self._sweep_loop(), name="vault-lease-sweeper")
 
             if settings.refresh_enabled:
-                self.refresher = self._build_refresher(broker)
+                self.refresher = self._build_refresher(broker, publisher)
                 self.refresher.start(settings.refresh_interval_s)
             self._maintenance_task = asyncio.create_task(self._maintenance_loop(), name="vault-maintenance")
             if settings.metrics_port:
@@ -244,20 +256,25 @@ class VaultService:
             metrics=self.health.url if self.health else None,
         )
 
-    def _build_refresher(self, broker: NatsBroker) -> Refresher:
-        settings = self.settings
-        endpoint = self._token_endpoint
-        if endpoint is None:
+    def _endpoint(self) -> TokenEndpoint:
+        """The OAuth token endpoint (refresh, revoke): the one given, else HTTP on one pool."""
+        if self._token_endpoint is None:
+            settings = self.settings
             self._http = httpx.AsyncClient(
                 timeout=httpx.Timeout(settings.refresh_timeout_s),
                 follow_redirects=False,
                 headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
                 limits=httpx.Limits(max_connections=max(4, settings.refresh_concurrency * 2)),
             )
-            endpoint = HttpTokenEndpoint(
+            self._token_endpoint = HttpTokenEndpoint(
                 token_url=settings.oauth_token_url, client_id=settings.oauth_client_id,
                 timeout_s=settings.refresh_timeout_s, client=self._http,
             )
+        return self._token_endpoint
+
+    def _build_refresher(self, broker: NatsBroker, publisher: EventPublisher) -> Refresher:
+        settings = self.settings
+        endpoint = self._endpoint()
         policy = RefreshPolicy(
             margin_s=settings.refresh_margin_s,
             lease_s=settings.refresh_lease_s,
@@ -273,7 +290,7 @@ class VaultService:
         return Refresher(
             unit_of_work=self.unit_of_work,
             endpoint=endpoint,
-            publisher=self._publisher or BrokerPublisher(broker),
+            publisher=publisher,
             owner=self.instance,
             policy=policy,
             metrics=self.metrics,
@@ -308,6 +325,7 @@ class VaultService:
         result = await self.vault.housekeeping(
             processed_retention_s=self.settings.processed_events_retention_s,
             audit_retention_s=self.settings.audit_retention_s,
+            lease_retention_s=self.settings.lease_retention_s,
         )
         if self.vault.trust.reload(force=True):
             self.metrics.trust_reloads.inc()
@@ -319,17 +337,30 @@ class VaultService:
             try:
                 with self.metrics.store_timer("maintenance"):
                     result = await self.run_maintenance()
-                if any(result.get(k) for k in ("processed_events", "revocations", "audit")):
+                if any(result.get(k) for k in ("processed_events", "revocations", "audit", "sandbox_leases")):
                     log.info("housekeeping", **result)
             except Exception as exc:  # noqa: BLE001 - next time
                 log.warning("housekeeping failed", error=type(exc).__name__)
             await asyncio.sleep(self.settings.maintenance_interval_s)
 
+    async def _sweep_loop(self) -> None:
+        """End expired leases and announce ended ones (grants.ended) every VAULT_LEASE_SWEEP_INTERVAL_S."""
+        assert self.vault is not None
+        leases = self.vault.leases
+        while True:
+            try:
+                swept = await leases.sweep()
+                if swept["expired"] or swept["announced"]:
+                    log.info("leases swept", **swept)
+            except Exception as exc:  # noqa: BLE001 - next time
+                log.warning("lease sweep failed", error=type(exc).__name__)
+            await asyncio.sleep(self.settings.lease_sweep_interval_s)
+
     async def _ensure_consumers(self, broker: NatsBroker) -> None:
         """Create the durable consumers, or bring existing ones' config up to date
         (pull_subscribe alone would keep whatever config it was first created with)."""
         js = broker.connection.jetstream()
-        for config in (tokens_consumer_config(self.settings), revoked_consumer_config(self.settings)):
+        for config in durable_configs(self.settings):
             config.name = config.durable_name
             try:
                 await js.add_consumer(subjects.TOKENS_STREAM.name, config=config)
@@ -344,11 +375,12 @@ class VaultService:
         self._started = False
 
     async def _close(self) -> None:
-        task, self._maintenance_task = self._maintenance_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task in (self._maintenance_task, self._sweep_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._maintenance_task = self._sweep_task = None
         refresher, self.refresher = self.refresher, None
         if refresher is not None:
             await refresher.stop()  # lets a refresh in flight finish and commit

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal, get_args
 
-from services.vault.errors import ReconnectRequired
+from services.vault.errors import GrantInvalid, ReconnectRequired
+from shared.grants import GrantClaims, mode_allows
 from shared.logging import redact_text
 
 ConnectionState = Literal["connected", "refresh_failed", "reconnect_required"]
@@ -77,7 +78,7 @@ class Account:
 
 
 @dataclass(frozen=True, slots=True)
-class Grant:
+class Release:
     """Credentials released for one request, in the shape the requested mode allows."""
 
     credentials: Credentials
@@ -294,13 +295,89 @@ class Connection:
             created_at=self.created_at,
         )
 
-    def grant(self, mode: CredentialMode) -> Grant:
+    def release(self, mode: CredentialMode) -> Release:
         """What may leave the vault for `mode`. Only `file` ever carries the refresh token:
         whoever holds a refresh token can rotate it and log everybody else out."""
         if self.state == "reconnect_required":
             raise ReconnectRequired(f"user {self.user_id} must connect again")
         credentials = self.credentials if mode == "file" else self.credentials.without_refresh_token()
-        return Grant(credentials=credentials, expires_at=self.expires_at, scopes=self.scopes)
+        return Release(credentials=credentials, expires_at=self.expires_at, scopes=self.scopes)
+
+
+# --- leases ------------------------------------------------------------------------
+LeaseEndReason = Literal["lease_expired", "grant_ended"]
+
+
+@dataclass(eq=False)
+class SandboxLease:
+    """A person's lease of their credentials to one sandbox: the newest grant the vault has
+    seen for (user, sandbox), and whether it has ended. Times in ms epoch.
+
+    Rules: the newest grant (by `iat`, then `jti`) wins — a later one extends or shortens the
+    lease, widens or narrows its mode. Ending a lease voids every grant signed before the second
+    it ended in; a grant signed after it starts the lease again."""
+
+    user_id: str
+    sandbox_id: str
+    jti: str
+    mode: CredentialMode
+    issued_at: int
+    expires_at: int
+    ended_at: int | None = None
+    end_reason: LeaseEndReason | None = None
+    announced: bool = True
+    """False while the end of this lease still has to be published (grants.ended)."""
+    last_released_at: int | None = None
+
+    @classmethod
+    def of(cls, claims: GrantClaims) -> SandboxLease:
+        return cls(user_id=claims.sub, sandbox_id=claims.sbx, jti=claims.jti, mode=claims.mode,
+                   issued_at=claims.iat_ms, expires_at=claims.exp_ms)
+
+    @classmethod
+    def ended_before_seen(cls, user_id: str, sandbox_id: str, at_ms: int, reason: LeaseEndReason) -> SandboxLease:
+        """The person ended a lease whose grant never reached the vault: remember the end, so
+        that grant is void when it arrives."""
+        lease = cls(user_id=user_id, sandbox_id=sandbox_id, jti="", mode="access_only", issued_at=0, expires_at=at_ms)
+        lease.end(at_ms, reason)
+        return lease
+
+    @property
+    def ended(self) -> bool:
+        return self.ended_at is not None
+
+    def voids(self, claims: GrantClaims) -> bool:
+        """A grant signed before the second this lease ended in is void."""
+        return self.ended_at is not None and claims.iat < self.ended_at // 1000
+
+    def offer(self, claims: GrantClaims) -> bool:
+        """Take `claims` if it is a newer, non-void grant for this lease. True if it changed."""
+        if self.voids(claims) or not claims.newer_than(self.issued_at // 1000, self.jti):
+            return False
+        self.jti, self.mode = claims.jti, claims.mode
+        self.issued_at, self.expires_at = claims.iat_ms, claims.exp_ms
+        self.ended_at, self.end_reason, self.announced = None, None, True
+        return True
+
+    def check(self, mode: CredentialMode, now_ms: int) -> None:
+        """May credentials in `mode` be released under this lease now?"""
+        if self.ended_at is not None:
+            raise GrantInvalid("the lease of this sandbox has ended")
+        if self.expires_at <= now_ms:
+            raise GrantInvalid("the lease of this sandbox has expired")
+        if not mode_allows(self.mode, mode):
+            raise GrantInvalid(f"mode {mode} is not within the lease ({self.mode})")
+
+    def end(self, at_ms: int, reason: LeaseEndReason) -> bool:
+        """End the lease (once; an earlier end stands). True if this call ended it."""
+        if self.ended_at is not None:
+            return False
+        self.ended_at, self.end_reason, self.announced = at_ms, reason, False
+        return True
+
+    def expire_if_due(self, now_ms: int) -> bool:
+        """A lease past its expiry ends at its expiry."""
+        return self.ended_at is None and self.expires_at <= now_ms and self.end(self.expires_at, "lease_expired")
 
 
 def refresh_backoff_s(

@@ -35,6 +35,19 @@ class InvalidRequest(VaultError):
     reason = "invalid_request"
 
 
+class GrantRequired(VaultError):
+    """CCBRIDGE_GRANTS=required and the request carries no grant."""
+
+    reason = "grant_required"
+
+
+class GrantInvalid(VaultError):
+    """The grant is forged, expired, for another person / sandbox / weaker mode, or its lease
+    ended. `detail` says which (no secret in it)."""
+
+    reason = "grant_invalid"
+
+
 # --- events ------------------------------------------------------------------
 class InvalidEvent(VaultError):
     """A message that can never be processed (poison): dead-lettered, never retried."""

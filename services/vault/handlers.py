@@ -7,8 +7,11 @@
 - `vault.credentials.get`: core request/reply in queue group `vault`. Always answers:
   bad JSON / schema → `invalid_request`, database down or over the latency budget →
   `unavailable` (retry), unexpected failure → `internal`.
-- `vault.connections.status`: core request/reply in queue group `vault`; metadata only. If the
-  database is down it does not answer (the asker's timeout says "vault unavailable").
+- `vault.connections.status`, `vault.grants.list`: core request/reply in queue group `vault`;
+  metadata only. If the database is down they do not answer (the asker's timeout says "vault
+  unavailable").
+- `grants.issued`, `grants.revoked`: durable pull consumers like tokens.*: a newer grant for a
+  sandbox (recorded if it verifies; a forged one is dead-lettered), the end of a lease.
 """
 
 import json
@@ -34,6 +37,10 @@ from shared.events import (
     ConnectionStatusRequest,
     CredentialsReply,
     CredentialsRequest,
+    GrantIssued,
+    GrantRevoked,
+    GrantsListReply,
+    GrantsListRequest,
     TokensIssued,
     TokensRevoked,
 )
@@ -42,7 +49,8 @@ from shared.logging import get_logger
 log = get_logger(__name__)
 
 # Reasons a CredentialsReply may carry (shared.events.CredentialsError); others become "internal".
-REPLY_ERRORS = frozenset({"not_connected", "reconnect_required", "unauthorized_requester", "invalid_request"})
+REPLY_ERRORS = frozenset({"not_connected", "reconnect_required", "unauthorized_requester", "invalid_request",
+                          "grant_required", "grant_invalid"})
 UNAVAILABLE = frozenset({"store_unavailable", "request_timeout", "concurrency_conflict"})
 
 
@@ -74,6 +82,20 @@ def tokens_consumer_config(settings: VaultSettings) -> ConsumerConfig:
 
 def revoked_consumer_config(settings: VaultSettings) -> ConsumerConfig:
     return consumer_config(settings, subjects.VAULT_TOKENS_REVOKED_DURABLE, subjects.TOKENS_REVOKED)
+
+
+def grants_issued_consumer_config(settings: VaultSettings) -> ConsumerConfig:
+    return consumer_config(settings, subjects.VAULT_GRANTS_ISSUED_DURABLE, subjects.GRANTS_ISSUED)
+
+
+def grants_revoked_consumer_config(settings: VaultSettings) -> ConsumerConfig:
+    return consumer_config(settings, subjects.VAULT_GRANTS_REVOKED_DURABLE, subjects.GRANTS_REVOKED)
+
+
+def durable_configs(settings: VaultSettings) -> tuple[ConsumerConfig, ...]:
+    """Every durable consumer of the vault (all on CCBRIDGE_TOKENS)."""
+    return (tokens_consumer_config(settings), revoked_consumer_config(settings),
+            grants_issued_consumer_config(settings), grants_revoked_consumer_config(settings))
 
 
 def retry_delay(delivered: int, cap: float) -> float:
@@ -133,9 +155,11 @@ def on_failure(exc: BaseException, delivered: int, settings: VaultSettings) -> F
 
 
 # --- tokens.issued / tokens.revoked ---------------------------------------------------
-def _malformed_handler(vault: Vault, subject: str) -> Any:
+def _malformed_handler(vault: Vault, default_subject: str) -> Any:
+    """Dead letter for a payload that fails validation, on whichever subject of the router it came."""
     async def on_malformed(exc: ValidationError, message: bus.Message, broker: bus.Broker) -> None:
         # Never log the error itself: pydantic quotes the input.
+        subject = getattr(getattr(message, "raw_message", None), "subject", None) or default_subject
         message_id = _message_id(message)
         await bus.dead_letter(broker, subject, _body(message), "invalid_event: schema", message_id=message_id)
         if subject == subjects.TOKENS_ISSUED:
@@ -236,6 +260,60 @@ def build_revoked_router(vault: Vault, settings: VaultSettings) -> NatsRouter:
     return router
 
 
+def build_grants_router(vault: Vault, settings: VaultSettings) -> NatsRouter:
+    leases = vault.leases
+    router = NatsRouter(
+        middlewares=(ExceptionMiddleware(handlers={
+            ValidationError: _malformed_handler(vault, subjects.GRANTS_ISSUED),
+        }),)
+    )
+    pull = PullSub(batch_size=settings.effective_fetch_batch, timeout=settings.fetch_timeout_s)
+
+    @router.subscriber(
+        subjects.GRANTS_ISSUED,
+        stream=bus.TOKENS,
+        durable=subjects.VAULT_GRANTS_ISSUED_DURABLE,
+        pull_sub=pull,
+        config=grants_issued_consumer_config(settings),
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+        title="vault: record a newer grant",
+        description="Keeps the newest grant per person and sandbox: how a longer or shorter lease reaches a "
+        "sandbox that is already live. A grant that does not verify is dead-lettered.",
+    )
+    async def on_grant_issued(event: GrantIssued, message: bus.Message, broker: bus.Broker) -> None:
+        ids = {"user_id": event.user_id, "event_id": event.event_id, "sandbox_id": event.sandbox_id}
+        try:
+            outcome = await leases.record_grant(event)
+        except Exception as exc:  # noqa: BLE001 - every failure is mapped by on_failure
+            await _on_error(exc, vault=vault, settings=settings, subject=subjects.GRANTS_ISSUED, message=message,
+                            broker=broker, event_id=event.event_id, user_id=event.user_id)
+            return
+        log.info("grants.issued handled", outcome=outcome, **ids)
+
+    @router.subscriber(
+        subjects.GRANTS_REVOKED,
+        stream=bus.TOKENS,
+        durable=subjects.VAULT_GRANTS_REVOKED_DURABLE,
+        pull_sub=pull,
+        config=grants_revoked_consumer_config(settings),
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+        title="vault: end a lease",
+        description="The person ended a sandbox's lease: no credentials leave for it any more, and "
+        "grants.ended tells the sandbox service to scrub it.",
+    )
+    async def on_grant_revoked(event: GrantRevoked, message: bus.Message, broker: bus.Broker) -> None:
+        ids = {"user_id": event.user_id, "event_id": event.event_id, "sandbox_id": event.sandbox_id}
+        try:
+            outcome = await leases.end(event)
+        except Exception as exc:  # noqa: BLE001 - every failure is mapped by on_failure
+            await _on_error(exc, vault=vault, settings=settings, subject=subjects.GRANTS_REVOKED, message=message,
+                            broker=broker, event_id=event.event_id, user_id=event.user_id)
+            return
+        log.info("grants.revoked handled", outcome=outcome, **ids)
+
+    return router
+
+
 # --- vault.credentials.get ------------------------------------------------------------
 def _request_id_of(message: Any) -> str:
     """Best effort: echo the request_id of a request we could not parse."""
@@ -270,20 +348,22 @@ def build_credentials_router(vault: Vault, concurrency: int = 16) -> NatsRouter:
         queue=subjects.VAULT_QUEUE,
         max_workers=concurrency,
         title="vault: credentials for a sandbox",
-        description="Seals the user's tokens to the (trusted) requester key; never sends a refresh "
-        "token unless mode is `file`.",
+        description="Checks the sandbox's grant, then seals the user's tokens to the (trusted) requester key; "
+        "never sends a refresh token unless mode is `file` and the grant allows it.",
     )
     async def on_credentials_get(request: CredentialsRequest) -> CredentialsReply:
         ids = {"user_id": request.user_id, "request_id": request.request_id}
         started = time.perf_counter()
         try:
-            reply = await vault.grant_credentials(request)
+            reply = await vault.release_credentials(request)
         except VaultError as exc:
             error = reply_error(exc)
             vault.metrics.credential_request(error, time.perf_counter() - started)
             level = log.error if error == "internal" else log.warning if error == "unavailable" else log.info
-            level("credentials refused", reason=exc.reason, **ids)
-            return CredentialsReply(request_id=request.request_id, ok=False, error=error)  # type: ignore[arg-type]
+            detail = exc.detail if error.startswith("grant_") else ""
+            level("credentials refused", reason=exc.reason, detail=detail, sandbox_id=request.sandbox_id, **ids)
+            return CredentialsReply(request_id=request.request_id, ok=False, error=error,  # type: ignore[arg-type]
+                                    detail=detail[:200])
         vault.metrics.credential_request("ok", time.perf_counter() - started)
         log.debug("credentials granted", mode=request.mode, **ids)
         return reply
@@ -303,5 +383,14 @@ def build_status_router(vault: Vault) -> NatsRouter:
     )
     async def on_connection_status(request: ConnectionStatusRequest) -> ConnectionStatusReply:
         return await vault.connection_status(request)
+
+    @router.subscriber(
+        subjects.VAULT_GRANTS_LIST,
+        queue=subjects.VAULT_QUEUE,
+        title="vault: a person's live grants",
+        description="The sandboxes whose lease is live: mode, expiry, last injection. Never a token.",
+    )
+    async def on_grants_list(request: GrantsListRequest) -> GrantsListReply:
+        return await vault.leases.list_live(request)
 
     return router

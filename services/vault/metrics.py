@@ -17,6 +17,8 @@ REQUEST_OUTCOMES = (
     "invalid_request",
     "unavailable",
     "internal",
+    "grant_required",
+    "grant_invalid",
 )
 REFRESH_OUTCOMES = (
     "ok",
@@ -33,7 +35,8 @@ REFRESH_OUTCOMES = (
 )
 ISSUED_OUTCOMES = ("stored", "replaced_undecryptable", "duplicate", "stale", "revoked", "dead_lettered", "retried")
 STORE_OPERATIONS = (
-    "grant",
+    "release",
+    "lease",
     "status",
     "store_issued",
     "revoke",
@@ -89,6 +92,13 @@ class VaultMetrics:
             "ccbridge_vault_events_published", "Events the vault published, by subject and outcome.",
             ["subject", "outcome"], registry=r,
         )
+        self.leases_ended = Counter(
+            "ccbridge_vault_leases_ended", "Sandbox leases ended, by reason.", ["reason"], registry=r
+        )
+        self.provider_revocations = Counter(
+            "ccbridge_vault_provider_revocations", "Logins revoked at the OAuth server on disconnect, by outcome.",
+            ["outcome"], registry=r,
+        )
         self.connections = Gauge(
             "ccbridge_vault_connections", "Connections by state (last maintenance scan).", ["state"], registry=r
         )
@@ -115,6 +125,13 @@ class VaultMetrics:
 
     def revocation(self, outcome: str) -> None:
         self.revocations.labels(outcome=_closed(outcome, ("revoked", "not_connected", "duplicate"), "other")).inc()
+
+    def lease_ended(self, reason: str) -> None:
+        self.leases_ended.labels(reason=_closed(reason, ("lease_expired", "grant_ended"), "grant_ended")).inc()
+
+    def provider_revocation(self, outcome: str) -> None:
+        allowed = ("revoked", "already_invalid", "failed", "no_refresh_token")
+        self.provider_revocations.labels(outcome=_closed(outcome, allowed, "failed")).inc()
 
     def decrypt_failure(self, reason: str) -> None:
         allowed = ("decryption_failed", "unknown_key_id", "retired_key_id", "keyring_error")

@@ -10,7 +10,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Protocol, Self
 
-from services.vault.domain import AuditEntry, AuditRecord, Connection, ConnectionSummary
+from services.vault.domain import AuditEntry, AuditRecord, Connection, ConnectionSummary, SandboxLease
 from services.vault.keyring import EncryptedRecord, RecordContext
 from shared.events import Event
 
@@ -135,6 +135,27 @@ class AuditLog(Protocol):
     async def delete_older_than(self, cutoff: datetime) -> int: ...
 
 
+class SandboxLeases(Protocol):
+    """The newest grant per (person, sandbox) and whether its lease ended (domain.SandboxLease)."""
+
+    async def get(self, user_id: str, sandbox_id: str, *, for_update: bool = False) -> SandboxLease | None: ...
+
+    async def save(self, lease: SandboxLease) -> None:
+        """Insert or replace the lease (its `last_released_at` is kept: `record_releases` owns it)."""
+
+    async def live_for(self, user_id: str, now_ms: int, *, limit: int = 1000) -> list[SandboxLease]: ...
+
+    async def due(self, now_ms: int, *, limit: int) -> list[SandboxLease]:
+        """Unended leases past their expiry, and ended leases whose end is not announced yet."""
+
+    async def mark_announced(self, user_id: str, sandbox_id: str, ended_at: int) -> None: ...
+
+    async def record_releases(self, releases: Sequence[tuple[str, str, int]]) -> None:
+        """(user, sandbox, at ms): when credentials last left for each sandbox (newest wins)."""
+
+    async def delete_ended_before(self, cutoff_ms: int) -> int: ...
+
+
 class UnitOfWork(Protocol):
     """One transaction. Leaving the block without `commit()` rolls back."""
 
@@ -143,6 +164,7 @@ class UnitOfWork(Protocol):
     processed_events: ProcessedEvents
     revocations: Revocations
     audit: AuditLog
+    sandbox_leases: SandboxLeases
 
     async def __aenter__(self) -> Self: ...
 
@@ -161,6 +183,12 @@ class Store(Protocol):
     async def migrate(self) -> None: ...
 
     def unit_of_work(self, cipher: RecordCipher) -> UnitOfWork: ...
+
+    async def read_for_release(
+        self, user_id: str, sandbox_id: str | None, cipher: RecordCipher
+    ) -> tuple[Connection | None, SandboxLease | None]:
+        """The connection (decrypted) and the sandbox's lease, read-only, outside a unit of work
+        (the hot path of vault.credentials.get)."""
 
     async def ping(self) -> bool: ...
 
@@ -187,6 +215,10 @@ class TokenResponse:
 class TokenEndpoint(Protocol):
     async def refresh(self, refresh_token: str, scopes: Sequence[str]) -> TokenResponse:
         """`RefreshRejected` for invalid_grant, `RefreshTransient` for anything worth retrying."""
+
+    async def revoke(self, refresh_token: str) -> None:
+        """Revoke the login at the provider (what `claude auth logout` does). `RefreshTransient`
+        for anything worth retrying; `RefreshRejected` when the provider refuses for good."""
 
 
 class EventPublisher(Protocol):

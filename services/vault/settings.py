@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
@@ -97,7 +98,31 @@ class VaultSettings(ServiceSettings):
         "the streams keep messages (7 d) and the dead letters (30 d), so replays stay deduplicated.",
     )
     audit_retention_s: float = Field(
-        default=0.0, ge=0, validation_alias="VAULT_AUDIT_RETENTION_S", description="0 = keep the audit log forever."
+        default=365 * 24 * 3600.0, ge=0, validation_alias="VAULT_AUDIT_RETENTION_S",
+        description="Audit entries older than this are deleted (default one year); 0 = keep forever.",
+    )
+    # grants (leases of credentials to sandboxes)
+    grants: Literal["required", "off"] = Field(
+        default="required", validation_alias="CCBRIDGE_GRANTS",
+        description="required: credentials leave only for a sandbox the person granted (a signed, unexpired "
+        "grant). off: no grant is checked — for migrating platforms only; warned about at every start.",
+    )
+    grant_public_keys: str = Field(
+        default="", validation_alias="VAULT_GRANT_PUBLIC_KEYS",
+        description="Comma-separated base64url Ed25519 public keys of auth's grant key (several during a "
+        "rotation), plus <keys_dir>/auth.grant.pub when present.",
+    )
+    lease_sweep_interval_s: float = Field(
+        default=5.0, gt=0, le=3600, validation_alias="VAULT_LEASE_SWEEP_INTERVAL_S",
+        description="How often expired leases are ended and announced (grants.ended → the sandbox is scrubbed).",
+    )
+    lease_retention_s: float = Field(
+        default=35 * 24 * 3600.0, gt=0, validation_alias="VAULT_LEASE_RETENTION_S",
+        description="Ended leases are kept this long (a grant signed before the end stays void meanwhile).",
+    )
+    revoke_attempts: int = Field(
+        default=3, ge=1, le=10, validation_alias="VAULT_REVOKE_ATTEMPTS",
+        description="Disconnect: tries at revoking the login at the OAuth server (1 s, 2 s, … apart).",
     )
     migrate_on_start: bool = Field(default=True, validation_alias="VAULT_MIGRATE_ON_START")
     db_pool_timeout_s: float = Field(default=5.0, gt=0, validation_alias="VAULT_DB_POOL_TIMEOUT_S")

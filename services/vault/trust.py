@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.vault.errors import InvalidKeyring, InvalidRequest, UnauthorizedRequester
+from shared.grants import UNTRUSTED_KEY, GrantClaims, GrantError, GrantVerifier, trusted_public_keys
 from shared.sealing import Recipient, SealingError, public_key_bytes
 
 log = logging.getLogger(__name__)
@@ -150,4 +151,63 @@ class TrustStore:
             return self._current.recipient(public_key_b64, key_id)
 
 
-__all__ = ["TRUSTED_KEY_GLOB", "TrustStore", "TrustedRequesters"]
+
+
+class GrantKeys:
+    """Auth's grant keys as the vault trusts them (VAULT_GRANT_PUBLIC_KEYS + `auth.grant.pub`),
+    re-read when a grant names a key id it does not know — auth may have started after the
+    vault, or rotated — at most once per `min_interval_s`."""
+
+    def __init__(self, env_value: str | None, keys_dir: Path | None, *, min_interval_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._env_value = env_value
+        self._keys_dir = keys_dir
+        self._min_interval = min_interval_s
+        self._clock = clock
+        self._verifier = self._load()
+        self._loaded_at = clock()
+
+    def _load(self) -> GrantVerifier:
+        try:
+            return GrantVerifier(trusted_public_keys(self._env_value, self._keys_dir))
+        except GrantError as exc:
+            raise InvalidKeyring(f"VAULT_GRANT_PUBLIC_KEYS: {exc.detail}") from None
+
+    def __len__(self) -> int:
+        return len(self._verifier)
+
+    def __repr__(self) -> str:
+        return f"GrantKeys({self._verifier!r})"
+
+    def _reload(self) -> bool:
+        now = self._clock()
+        if now - self._loaded_at < self._min_interval:
+            return False
+        self._loaded_at = now
+        try:
+            fresh = self._load()
+        except (InvalidKeyring, OSError):
+            log.warning("grant keys not reloaded: VAULT_GRANT_PUBLIC_KEYS or auth.grant.pub is invalid")
+            return False
+        changed = repr(fresh) != repr(self._verifier)
+        self._verifier = fresh
+        if changed:
+            log.info("grant keys reloaded: %d keys", len(fresh))
+        return changed
+
+    def _retrying(self, call: Callable[[GrantVerifier], GrantClaims]) -> GrantClaims:
+        try:
+            return call(self._verifier)
+        except GrantError as exc:
+            if exc.detail != UNTRUSTED_KEY or not self._reload():
+                raise
+            return call(self._verifier)
+
+    def verify(self, token: str, *, now_s: float) -> GrantClaims:
+        return self._retrying(lambda v: v.verify(token, now_s=now_s))
+
+    def check(self, token: str, *, user_id: str, sandbox_id: str | None, mode: str, now_s: float) -> GrantClaims:
+        return self._retrying(lambda v: v.check(token, user_id=user_id, sandbox_id=sandbox_id, mode=mode, now_s=now_s))
+
+
+__all__ = ["TRUSTED_KEY_GLOB", "GrantKeys", "TrustStore", "TrustedRequesters"]

@@ -23,17 +23,21 @@ from datetime import datetime, timedelta
 
 from pydantic import ValidationError
 
-from services.vault.domain import Account, AuditEntry, Connection, ConnectionSummary, Credentials
+from services.vault.domain import Account, AuditEntry, Connection, ConnectionSummary, Credentials, SandboxLease
 from services.vault.errors import (
+    GrantInvalid,
     InvalidEvent,
     KeyringError,
     NotConnected,
+    RefreshRejected,
+    RefreshTransient,
     RequestTimeout,
     UnopenableBox,
     VaultError,
 )
+from services.vault.leases import Leases
 from services.vault.metrics import VaultMetrics
-from services.vault.ports import UnitOfWork
+from services.vault.ports import TokenEndpoint, UnitOfWork
 from services.vault.trust import TrustStore
 from shared import subjects
 from shared.events import (
@@ -48,9 +52,11 @@ from shared.events import (
     utcnow,
 )
 from shared.logging import get_logger
-from shared.sealing import KeyPair, SealingError, open_sealed, seal
+from shared.sealing import KeyPair, SealingError, issued_binding, open_sealed, reply_binding, seal
 
 log = get_logger(__name__)
+
+ReadForRelease = Callable[[str, str | None], Awaitable[tuple[Connection | None, SandboxLease | None]]]
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,7 @@ class AuditWriter:
     ) -> None:
         self._uow = unit_of_work
         self._buffer: list[tuple[AuditEntry, datetime]] = []
+        self._releases: dict[tuple[str, str], int] = {}
         self._max_buffer = max_buffer
         self._batch = batch
         self._interval = interval_s
@@ -100,8 +107,24 @@ class AuditWriter:
         if len(self._buffer) >= self._batch:
             self._wakeup.set()
 
+    def submit_release(self, user_id: str, sandbox_id: str, at_ms: int) -> None:
+        """When credentials last left for a sandbox (shown by GET /v1/claude-code/grants)."""
+        key = (user_id, sandbox_id)
+        if key in self._releases or len(self._releases) < self._max_buffer:
+            self._releases[key] = max(at_ms, self._releases.get(key, 0))
+
     async def flush(self) -> int:
         written = 0
+        if self._releases:
+            releases, self._releases = self._releases, {}
+            try:
+                async with self._uow() as uow:
+                    await uow.sandbox_leases.record_releases([(u, s, at) for (u, s), at in releases.items()])
+                    await uow.commit()
+            except Exception:
+                for key, at in releases.items():  # keep them for the next attempt
+                    self._releases[key] = max(at, self._releases.get(key, 0))
+                raise
         while self._buffer:
             chunk, self._buffer = self._buffer[: self._batch], self._buffer[self._batch :]
             try:
@@ -159,12 +182,20 @@ class Vault:
         audit_writer: AuditWriter | None = None,
         request_timeout_s: float | None = None,
         audit_grants: bool = True,
-        read_connection: Callable[[str], Awaitable[Connection | None]] | None = None,
+        read_for_release: ReadForRelease,
+        leases: Leases,
+        token_endpoint: TokenEndpoint | None = None,
+        revoke_attempts: int = 3,
+        revoke_backoff_s: float = 1.0,
     ) -> None:
-        """`read_connection`: a cheaper read-only lookup for the grant path (the store's
-        `read_connection`); without it grants read through a unit of work."""
+        """`read_for_release`: the store's read-only lookup of a connection and a sandbox lease
+        (the hot path). `token_endpoint`: where disconnecting revokes the login (None: nowhere)."""
         self._uow = unit_of_work
-        self._read_connection = read_connection
+        self._read_for_release = read_for_release
+        self.leases = leases
+        self._token_endpoint = token_endpoint
+        self._revoke_attempts = revoke_attempts
+        self._revoke_backoff = revoke_backoff_s
         self._keypair = keypair
         self._trusted = trusted if isinstance(trusted, TrustStore) else TrustStore.fixed(trusted)
         self._clock = clock
@@ -228,7 +259,8 @@ class Vault:
     def open_bundle(self, event: TokensIssued) -> TokenBundle:
         try:
             plaintext = open_sealed(
-                event.sealed, self._keypair, subject=subjects.TOKENS_ISSUED, message_id=event.event_id
+                event.sealed, self._keypair, subject=subjects.TOKENS_ISSUED, message_id=event.event_id,
+                bind=issued_binding(event.user_id, event.kind),
             )
         except SealingError as exc:
             raise UnopenableBox(str(exc)) from None
@@ -242,6 +274,8 @@ class Vault:
         bundle = self.open_bundle(event)
         credentials = Credentials(access_token=bundle.access_token, refresh_token=bundle.refresh_token)
         actor = f"event:{subjects.TOKENS_ISSUED}"
+        now = self._clock()
+        issued_at = min(event.occurred_at, now)  # a publisher's clock cannot date a login in the future
         # Values inside the sealed box are authenticated; the plaintext event fields are not.
         facts = {
             "kind": event.kind,
@@ -250,8 +284,8 @@ class Vault:
             "expires_at": bundle.expires_at,
             "refresh_token_expires_at": event.refresh_token_expires_at,
             "account": Account(**event.account.model_dump()) if event.account else None,
-            "now": self._clock(),
-            "issued_at": event.occurred_at,
+            "now": now,
+            "issued_at": issued_at,
         }
 
         def entry(action: str, outcome: str = "ok", **extra: object) -> AuditEntry:
@@ -263,7 +297,7 @@ class Vault:
                 if not await uow.processed_events.mark_processed(event.event_id, subjects.TOKENS_ISSUED):
                     return StoreOutcome(duplicate=True, outcome="duplicate")
                 revoked_at = await uow.revocations.revoked_at(event.user_id)
-                if revoked_at is not None and event.occurred_at <= revoked_at:
+                if revoked_at is not None and issued_at <= revoked_at:
                     await uow.audit.add(entry("tokens_ignored", "ignored", reason="revoked_after_issue"))
                     await uow.commit()
                     return StoreOutcome(duplicate=False, outcome="revoked")
@@ -272,7 +306,7 @@ class Vault:
                     connection = Connection.connect(user_id=event.user_id, **facts)  # type: ignore[arg-type]
                     await uow.connections.add(connection)
                     outcome = "stored"
-                elif current.issued_at is not None and event.occurred_at < current.issued_at:
+                elif current.issued_at is not None and issued_at < current.issued_at:
                     await uow.audit.add(entry("tokens_ignored", "ignored", reason="older_than_current_login",
                                               version=current.version))
                     await uow.commit()
@@ -305,17 +339,30 @@ class Vault:
     # --- tokens.revoked ---------------------------------------------------------------
     async def revoke(self, event: TokensRevoked, *, actor: str | None = None) -> RevokeOutcome:
         """Crypto-shred: the sealed secret (the only copy of the wrapped data key) and the
-        connection row are deleted in one transaction, with a tombstone and an audit entry."""
+        connection row are deleted in one transaction, with a tombstone and an audit entry;
+        then the login is revoked at the OAuth server (as `claude auth logout` does), so a
+        refresh token that ever left the vault (`file` mode) dies too.
+
+        The tombstone's time is the event's, but never later than now: a publisher's clock
+        must not lock the person out of logins they make after it."""
+        actor = actor or f"event:{subjects.TOKENS_REVOKED}"
+        refresh_token: str | None = None
         with self.metrics.store_timer("revoke"):
             async with self._uow() as uow:
                 if not await uow.processed_events.mark_processed(event.event_id, subjects.TOKENS_REVOKED):
                     return RevokeOutcome("duplicate")
+                try:
+                    existing = await uow.connections.get(event.user_id, for_update=True)
+                except KeyringError:  # unreadable: nothing to revoke with, shred it all the same
+                    existing = None
+                if existing is not None and existing.can_refresh:
+                    refresh_token = existing.credentials.refresh_token
                 removed: ConnectionSummary | None = await uow.connections.delete(event.user_id)
-                await uow.revocations.record(event.user_id, event.occurred_at, event.event_id)
+                await uow.revocations.record(event.user_id, min(event.occurred_at, self._clock()), event.event_id)
                 outcome = "revoked" if removed is not None else "not_connected"
                 await uow.audit.add(
                     AuditEntry(
-                        actor=actor or f"event:{subjects.TOKENS_REVOKED}",
+                        actor=actor,
                         action="revoked",
                         outcome=outcome,
                         user_id=event.user_id,
@@ -327,7 +374,40 @@ class Vault:
                     self._clock(),
                 )
                 await uow.commit()
+        if removed is not None:
+            await self._revoke_at_provider(event, refresh_token, actor=actor)
         return RevokeOutcome(outcome, removed.version if removed else None)
+
+    async def _revoke_at_provider(self, event: TokensRevoked, refresh_token: str | None, *, actor: str) -> None:
+        """`POST <token URL>/revoke`, retried with backoff; the outcome is audited. The vault's
+        copy is already gone, so a provider that stays down leaves only a login nobody holds
+        (by default the refresh token never left the vault), which lapses on its own."""
+        if self._token_endpoint is None:
+            return
+        if refresh_token is None:
+            self.metrics.provider_revocation("no_refresh_token")
+            return
+        outcome, detail = "failed", ""
+        for attempt in range(1, self._revoke_attempts + 1):
+            try:
+                await self._token_endpoint.revoke(refresh_token)
+            except RefreshTransient as exc:
+                detail = exc.detail
+                if attempt < self._revoke_attempts:
+                    await asyncio.sleep(self._revoke_backoff * 2 ** (attempt - 1))
+                continue
+            except RefreshRejected as exc:
+                outcome, detail = "already_invalid", exc.detail
+            else:
+                outcome, detail = "revoked", ""
+            break
+        self.metrics.provider_revocation(outcome)
+        level = log.warning if outcome == "failed" else log.info
+        level("login revoked at the OAuth server" if outcome != "failed" else "login not revoked at the OAuth server",
+              user_id=event.user_id, outcome=outcome, event_id=event.event_id)
+        await self.audit(AuditEntry(actor=actor, action="provider_revoke", user_id=event.user_id,
+                                    outcome="ok" if outcome != "failed" else "error", reason=detail[:200] or outcome,
+                                    event_id=event.event_id))
 
     # --- vault.connections.status ------------------------------------------------------
     async def connection_status(self, request: ConnectionStatusRequest) -> ConnectionStatusReply:
@@ -349,13 +429,16 @@ class Vault:
         )
 
     # --- housekeeping ---------------------------------------------------------------------
-    async def housekeeping(self, *, processed_retention_s: float, audit_retention_s: float = 0.0) -> dict[str, int]:
+    async def housekeeping(
+        self, *, processed_retention_s: float, audit_retention_s: float = 0.0, lease_retention_s: float = 0.0
+    ) -> dict[str, int]:
         """Retention: processed event ids and revocation tombstones older than
-        `processed_retention_s`, audit entries older than `audit_retention_s` (0 = keep);
-        refreshes the connections-by-state gauge. Idempotent: every replica may run it."""
+        `processed_retention_s`, audit entries older than `audit_retention_s` (0 = keep), ended
+        sandbox leases older than `lease_retention_s` (0 = keep); refreshes the
+        connections-by-state gauge. Idempotent: every replica may run it."""
         now = self._clock()
         cutoff = now - timedelta(seconds=processed_retention_s)
-        removed = {"processed_events": 0, "revocations": 0, "audit": 0}
+        removed = {"processed_events": 0, "revocations": 0, "audit": 0, "sandbox_leases": 0}
         while True:  # in batches, so one huge backlog never holds a long transaction
             async with self._uow() as uow:
                 deleted = await uow.processed_events.delete_older_than(cutoff)
@@ -367,70 +450,89 @@ class Vault:
             removed["revocations"] = await uow.revocations.delete_older_than(cutoff)
             if audit_retention_s > 0:
                 removed["audit"] = await uow.audit.delete_older_than(now - timedelta(seconds=audit_retention_s))
+            if lease_retention_s > 0:
+                removed["sandbox_leases"] = await uow.sandbox_leases.delete_ended_before(
+                    int((now.timestamp() - lease_retention_s) * 1000))
             counts = await uow.connections.count_by_state()
             await uow.commit()
         self.metrics.set_connections(counts)
         return removed
 
     # --- vault.credentials.get ----------------------------------------------------
-    async def grant_credentials(self, request: CredentialsRequest) -> CredentialsReply:
-        """Seal the user's tokens to a trusted requester, within the request's latency budget
-        (`RequestTimeout` after VAULT_REQUEST_TIMEOUT_S)."""
+    async def release_credentials(self, request: CredentialsRequest) -> CredentialsReply:
+        """Seal the user's tokens to a trusted requester for a granted sandbox, within the
+        request's latency budget (`RequestTimeout` after VAULT_REQUEST_TIMEOUT_S)."""
         if self._request_timeout is None:
-            return await self._grant(request)
+            return await self._release(request)
         try:
             async with asyncio.timeout(self._request_timeout):
-                return await self._grant(request)
+                return await self._release(request)
         except TimeoutError:
             raise RequestTimeout(f"no answer within {self._request_timeout}s") from None
 
-    async def _load_for_grant(self, user_id: str) -> Connection | None:
-        if self._read_connection is not None:
-            return await self._read_connection(user_id)
-        async with self._uow() as uow:
-            return await uow.connections.get(user_id)
+    def _refused(self, request: CredentialsRequest, exc: VaultError, requester: str) -> None:
+        if self._audit_grants:
+            self._buffered(AuditEntry(actor=f"requester:{requester[:64]}", action="credentials_refused",
+                                      outcome="error", user_id=request.user_id, reason=exc.reason,
+                                      detail={"sandbox_id": request.sandbox_id, "why": exc.detail[:120]}))
 
-    async def _grant(self, request: CredentialsRequest) -> CredentialsReply:
+    async def _release(self, request: CredentialsRequest) -> CredentialsReply:
+        """Nothing is read, sealed or sent before the requester and the grant check out."""
         try:
             recipient = self._trusted.recipient(request.requester_public_key, request.requester_key_id)
+            claims = self.leases.claims_of(request)
         except VaultError as exc:
-            if self._audit_grants and exc.reason == "unauthorized_requester":
-                self._buffered(AuditEntry(actor=f"requester:{request.requester_key_id[:64]}",
-                                          action="credentials_refused", outcome="error", user_id=request.user_id,
-                                          reason=exc.reason))
+            if exc.reason in ("unauthorized_requester", "grant_required", "grant_invalid"):
+                self._refused(request, exc, request.requester_key_id)
             raise
         try:
-            with self.metrics.store_timer("grant"):
-                connection = await self._load_for_grant(request.user_id)
+            with self.metrics.store_timer("release"):
+                connection, lease = await self._read_for_release(
+                    request.user_id, request.sandbox_id if claims is not None else None
+                )
         except KeyringError as exc:
             await self.record_keyring_failure(request.user_id, exc, action="credentials_decrypt_failed")
             raise
+        lease_expires_at: int | None = None
+        if claims is not None:
+            try:
+                lease = await self.leases.admit(claims, lease)
+                lease.check(request.mode, self.leases.now_ms())
+            except GrantInvalid as exc:
+                self._refused(request, exc, recipient.key_id)
+                raise
+            lease_expires_at = lease.expires_at
         if connection is None:
             raise NotConnected(f"no connection for user {request.user_id}")
-        grant = connection.grant(request.mode)
+        release = connection.release(request.mode)
         bundle = TokenBundle(
-            access_token=grant.credentials.access_token,
-            refresh_token=grant.credentials.refresh_token,
-            expires_at=grant.expires_at,
-            scopes=list(grant.scopes),
+            access_token=release.credentials.access_token,
+            refresh_token=release.credentials.refresh_token,
+            expires_at=release.expires_at,
+            scopes=list(release.scopes),
         )
         sealed = seal(
             bundle.model_dump_json().encode(),
             recipient,
             subject=subjects.VAULT_CREDENTIALS_GET,
             message_id=request.request_id,
+            bind=reply_binding(request.user_id, request.sandbox_id),
         )
         if self._audit_grants:
             self._buffered(AuditEntry(actor=f"requester:{recipient.key_id}", action="credentials_granted",
                                       user_id=request.user_id, version=connection.version,
-                                      detail={"mode": request.mode, "request_id": request.request_id}))
+                                      detail={"mode": request.mode, "request_id": request.request_id,
+                                              "sandbox_id": request.sandbox_id}))
+        if claims is not None and self.audit_writer is not None:
+            self.audit_writer.submit_release(request.user_id, claims.sbx, self.leases.now_ms())
         return CredentialsReply(
             request_id=request.request_id,
             ok=True,
             sealed=sealed,
-            expires_at=grant.expires_at,
-            scopes=list(grant.scopes),
+            expires_at=release.expires_at,
+            scopes=list(release.scopes),
+            lease_expires_at=lease_expires_at,
         )
 
 
-__all__ = ["AuditWriter", "RevokeOutcome", "StoreOutcome", "Vault"]
+__all__ = ["AuditWriter", "ReadForRelease", "RevokeOutcome", "StoreOutcome", "Vault"]

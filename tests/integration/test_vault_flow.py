@@ -27,6 +27,7 @@ from shared import subjects
 from shared.broker import REASON_HEADER, dead_letter_msg_id, make_broker, publish_event
 from shared.events import CredentialsReply, Sealed
 from shared.sealing import KeyPair, b64d, b64e
+from tests import grants
 from tests.vault_fixtures import (  # noqa: F401 - fixtures
     VaultDb,
     canary,
@@ -154,7 +155,8 @@ async def test_issued_tokens_stored_encrypted(running: Running) -> None:
     row = await running.wait_row(user)
     assert (row.version, row.state, row.kind, row.expires_at) == (1, "connected", "oauth", event.expires_at)
     # positive control: the vault can give the tokens back ...
-    bundle = open_reply(await running.ask(credentials_request(running.requester, user_id=user)), running.requester)
+    bundle = open_reply(await running.ask(credentials_request(running.requester, user_id=user)), running.requester,
+                        user_id=user)
     assert (bundle.access_token, bundle.refresh_token) == (access, refresh)
 
     # ... yet they are nowhere in the database in the clear
@@ -198,7 +200,8 @@ async def test_duplicates_have_one_effect_and_new_events_bump_the_version(runnin
     await running.publish(issued_event(running.vault_key.recipient, user_id=user, access_token=second_token))
     row = await running.wait_row(user, version=2)
     assert row.version == 2
-    bundle = open_reply(await running.ask(credentials_request(running.requester, user_id=user)), running.requester)
+    bundle = open_reply(await running.ask(credentials_request(running.requester, user_id=user)), running.requester,
+                        user_id=user)
     assert bundle.access_token == second_token
 
 
@@ -250,7 +253,7 @@ async def test_credentials_request_reply(running: Running) -> None:
             reply = await running.ask(request)
             assert reply.ok and reply.request_id == request.request_id
             assert reply.scopes == ["user:inference", "user:profile"]
-            bundle = open_reply(reply, requester)
+            bundle = open_reply(reply, requester, user_id=user)
             assert (bundle.access_token, bundle.refresh_token) == (access, expected_refresh)
 
     untrusted = await running.ask(credentials_request(KeyPair.generate(), user_id=user))
@@ -371,6 +374,7 @@ async def test_python_m_services_vault_runs_and_stops_on_sigterm(tmp_path: Path,
         "CCBRIDGE_DATA_DIR": str(tmp_path / "data"),
         "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'db' / 'vault.db'}",
         "VAULT_TRUSTED_REQUESTER_KEYS": requester.recipient.public_b64,
+        **grants.env(),
         "LOG_FORMAT": "json",
         "PYTHONUNBUFFERED": "1",
     }
@@ -401,7 +405,7 @@ async def test_python_m_services_vault_runs_and_stops_on_sigterm(tmp_path: Path,
                 return reply if reply.ok else None
 
             reply = await eventually(granted, "the vault process to store and grant")
-            assert open_reply(reply, requester).refresh_token is None
+            assert open_reply(reply, requester, user_id=user).refresh_token is None
         finally:
             await client.close()
         proc.send_signal(signal.SIGTERM)
@@ -468,7 +472,7 @@ async def test_a_sandbox_key_added_after_start_is_trusted_without_restart(runnin
         return reply if reply.ok else None
 
     reply = await eventually(trusted, "the new sandbox key to be trusted")  # re-read at most once a second
-    assert open_reply(reply, late).access_token
+    assert open_reply(reply, late, user_id=user).access_token
 
 
 def test_ccbridge_vault_revoke_waits_for_the_vault(tmp_path: Path, nats_url: str, monkeypatch) -> None:

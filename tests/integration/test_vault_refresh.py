@@ -148,7 +148,7 @@ async def test_refreshes_rotate_and_the_vault_keeps_the_live_token(rig: Rig) -> 
     assert connection.credentials.refresh_token in rig.oauth.state.refresh_tokens
     assert grant["refresh_token"] not in rig.oauth.state.refresh_tokens
     assert rig.stat("token:refresh_token") == rig.stat("token:refresh_token:ok") == connection.version - 1
-    bundle = open_reply(await rig.ask(user), rig.requester)
+    bundle = open_reply(await rig.ask(user), rig.requester, user_id=user)
     assert rig.oauth.state.access_token_valid(bundle.access_token)
     assert bundle.refresh_token == connection.credentials.refresh_token
     for event in events:  # the event carries no token

@@ -81,7 +81,7 @@ async def test_rotation_under_load_has_zero_failures(tmp_path: Path, nats_url: s
                     reply = CredentialsReply.model_validate_json(msg.data)
                     if not reply.ok:
                         failures.append(f"{user}: {reply.error}")
-                    elif open_reply(reply, requester).access_token != tokens[user]:
+                    elif open_reply(reply, requester, user_id=user).access_token != tokens[user]:
                         failures.append(f"{user}: wrong token")
                 except Exception as exc:  # noqa: BLE001 - every failure counts
                     failures.append(f"{user}: {type(exc).__name__}")

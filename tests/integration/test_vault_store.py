@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import socket
 import uuid
+from typing import Any
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -43,6 +44,7 @@ from tests.vault_fixtures import (  # noqa: F401 - fixtures
     canary,
     db,
     issued_event,
+    make_vault,
     new_user,
     vault_log_tee,
 )
@@ -64,7 +66,7 @@ async def env(db: VaultDb) -> AsyncIterator[Env]:
     store = SqlStore.from_url(db.url, schema=db.schema)
     await store.migrate()
     keyring, vault_key = Keyring.generate(), KeyPair.generate()
-    vault = Vault(unit_of_work=lambda: store.unit_of_work(keyring), keypair=vault_key, trusted=TrustedRequesters.of([]))
+    vault = make_vault(store, keyring=keyring, keypair=vault_key, trusted=TrustedRequesters.of([]))
     try:
         yield Env(db, store, keyring, vault_key, vault)
     finally:
@@ -182,7 +184,7 @@ async def test_ciphertext_moved_to_another_row_does_not_decrypt(env: Env) -> Non
             await uow.connections.get(attacker)
         assert await uow.connections.get(victim) is not None
     with pytest.raises(DecryptionFailed):  # the grant read path checks the same binding
-        await env.store.read_connection(attacker, env.keyring)
+        await env.store.read_for_release(attacker, None, env.keyring)
 
 
 async def test_row_with_unknown_kek_id(env: Env) -> None:
@@ -192,17 +194,21 @@ async def test_row_with_unknown_kek_id(env: Env) -> None:
         with pytest.raises(UnknownKeyId):
             await uow.connections.get(user)
     with pytest.raises(UnknownKeyId):
-        await env.store.read_connection(user, Keyring.generate())
+        await env.store.read_for_release(user, None, Keyring.generate())
 
 
-async def test_the_grant_read_path_sees_what_a_unit_of_work_sees(env: Env) -> None:
-    """`read_connection` (one statement; one worker-thread call on SQLite) returns the same
-    decrypted connection as the repository, follows updates and revocations, and never writes."""
+async def _read_connection(env: Env, user: str) -> Any:
+    return (await env.store.read_for_release(user, None, env.keyring))[0]
+
+
+async def test_the_release_read_path_sees_what_a_unit_of_work_sees(env: Env) -> None:
+    """`read_for_release` (one worker-thread call on SQLite) returns the same decrypted
+    connection as the repository, follows updates and revocations, and never writes."""
     user, access = new_user(), canary("access")
-    assert await env.store.read_connection(user, env.keyring) is None
+    assert await _read_connection(env, user) is None
     await env.vault.store_issued_tokens(issued_event(env.vault_key.recipient, user_id=user, access_token=access,
                                                      refresh_token=canary("refresh")))
-    read = await env.store.read_connection(user, env.keyring)
+    read = await _read_connection(env, user)
     async with env.store.unit_of_work(env.keyring) as uow:
         via_uow = await uow.connections.get(user)
     assert read is not None and via_uow is not None and read.credentials.access_token == access
@@ -210,10 +216,10 @@ async def test_the_grant_read_path_sees_what_a_unit_of_work_sees(env: Env) -> No
         assert getattr(read, field.name) == getattr(via_uow, field.name), field.name
     newer = canary("access")
     await env.vault.store_issued_tokens(issued_event(env.vault_key.recipient, user_id=user, access_token=newer))
-    read = await env.store.read_connection(user, env.keyring)
+    read = await _read_connection(env, user)
     assert read is not None and (read.version, read.credentials.access_token) == (2, newer)
     await env.vault.revoke(TokensRevoked(user_id=user))
-    assert await env.store.read_connection(user, env.keyring) is None
+    assert await _read_connection(env, user) is None
 
 
 async def test_concurrent_change_is_a_retryable_conflict(env: Env) -> None:
@@ -279,8 +285,7 @@ def _closed_port() -> int:
 async def test_unreachable_database_is_store_unavailable() -> None:
     url = f"postgresql+asyncpg://postgres@127.0.0.1:{_closed_port()}/nothing"
     store = SqlStore.from_url(url)
-    vault = Vault(unit_of_work=lambda: store.unit_of_work(Keyring.generate()), keypair=KeyPair.generate(),
-                  trusted=TrustedRequesters.of([]))
+    vault = make_vault(store, keyring=Keyring.generate(), keypair=KeyPair.generate(), trusted=TrustedRequesters.of([]))
     try:
         with pytest.raises(StoreUnavailable):
             await store.migrate()
@@ -347,7 +352,7 @@ async def test_an_older_login_arriving_late_does_not_overwrite_a_newer_one(env: 
 
 async def test_revoke_crypto_shreds_and_a_late_issue_cannot_resurrect(env: Env) -> None:
     user, token = new_user(), canary("revoked")
-    t0 = datetime.now(UTC)
+    t0 = datetime.now(UTC) - timedelta(seconds=60)  # times in the past: the vault clamps future ones to now
     issued = issued_event(env.vault_key.recipient, user_id=user, access_token=token).model_copy(
         update={"occurred_at": t0})
     await env.vault.store_issued_tokens(issued)
@@ -394,8 +399,7 @@ async def test_a_new_login_replaces_a_row_that_cannot_be_decrypted(env: Env) -> 
     await env.vault.store_issued_tokens(issued_event(env.vault_key.recipient, user_id=user, access_token=canary()))
     lost_kek = env.keyring.active_kek_id
     other = Keyring.generate()  # the old KEK is gone (lost, or retired without a rewrap)
-    vault = Vault(unit_of_work=lambda: env.store.unit_of_work(other), keypair=env.vault_key,
-                  trusted=TrustedRequesters.of([]))
+    vault = make_vault(env.store, keyring=other, keypair=env.vault_key, trusted=TrustedRequesters.of([]))
 
     outcome = await vault.store_issued_tokens(issued_event(env.vault_key.recipient, user_id=user, access_token=token))
 

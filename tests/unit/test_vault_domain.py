@@ -76,7 +76,7 @@ def test_reconnect_replaces_tokens_bumps_version_and_clears_failure_state() -> N
 
 @pytest.mark.parametrize(("mode", "refresh"), [("file", REFRESH), ("access_only", None), ("env", None)])
 def test_grant_only_file_mode_releases_the_refresh_token(mode: str, refresh: str | None) -> None:
-    grant = _connection().grant(mode)  # type: ignore[arg-type]
+    grant = _connection().release(mode)  # type: ignore[arg-type]
     assert grant.credentials.access_token == ACCESS
     assert grant.credentials.refresh_token == refresh
     assert (grant.expires_at, grant.scopes) == (1000, ("user:inference",))
@@ -85,17 +85,17 @@ def test_grant_only_file_mode_releases_the_refresh_token(mode: str, refresh: str
 def test_refresh_failed_still_grants_but_reconnect_required_does_not() -> None:
     conn = _connection()
     conn.state = "refresh_failed"
-    assert conn.grant("file").credentials.access_token == ACCESS
+    assert conn.release("file").credentials.access_token == ACCESS
     conn.state = "reconnect_required"
     with pytest.raises(ReconnectRequired) as info:
-        conn.grant("access_only")
+        conn.release("access_only")
     assert info.value.reason == "reconnect_required"
 
 
 def test_setup_token_connection_cannot_refresh() -> None:
     conn = _connection(kind="setup_token", credentials=Credentials("sk-ant-oat01-year"))
     assert not conn.can_refresh
-    assert conn.grant("file").credentials.refresh_token is None
+    assert conn.release("file").credentials.refresh_token is None
 
 
 # --- trust -------------------------------------------------------------------------

@@ -32,12 +32,13 @@ from services.vault.use_cases import Vault
 from shared import subjects
 from shared.broker import DLQ, REASON_HEADER, TOKENS, dead_letter_msg_id
 from shared.events import ConnectionStatusReply, ConnectionStatusRequest, CredentialsReply, Sealed, TokensRevoked
-from shared.sealing import KeyPair, SealingError, b64d, b64e, seal
+from shared.sealing import issued_binding, KeyPair, SealingError, b64d, b64e, seal
 from tests.vault_fixtures import (
     FakeStore,
     canary,
     credentials_request,
     issued_event,
+    make_vault,
     new_user,
     open_reply,
 )
@@ -101,7 +102,7 @@ async def harness() -> Any:
     store = FakeStore()
     vault_key, requester = KeyPair.generate(), KeyPair.generate()
     trusted = TrustedRequesters.of([requester.recipient])
-    vault = Vault(unit_of_work=store.unit_of_work, keypair=vault_key, trusted=trusted, request_timeout_s=0.2)
+    vault = make_vault(store, keypair=vault_key, trusted=trusted, request_timeout_s=0.2)
     broker = NatsBroker()
     settings = VaultSettings(VAULT_POISON_AFTER=3)
     broker.include_router(build_tokens_router(vault, settings))
@@ -209,7 +210,8 @@ async def test_box_with_a_non_bundle_inside_is_dead_lettered_without_leaking(
     secret = canary()
     event = issued_event(harness.vault_key.recipient, user_id=new_user(), access_token=canary())
     inner = json.dumps({"access_token": secret, "expires_at": "not-a-number"}).encode()
-    box = seal(inner, harness.vault_key.recipient, subject=subjects.TOKENS_ISSUED, message_id=event.event_id)
+    box = seal(inner, harness.vault_key.recipient, subject=subjects.TOKENS_ISSUED, message_id=event.event_id,
+               bind=issued_binding(event.user_id, event.kind))
     await harness.issue(_json(event.model_copy(update={"sealed": box})))
 
     assert [h[REASON_HEADER] for _, h in harness.dead_letters] == ["invalid_event"]
@@ -286,13 +288,16 @@ async def test_trusted_request_gets_sealed_tokens_per_mode(
 
     assert reply.ok and reply.error is None and reply.request_id == request.request_id
     assert reply.scopes == ["user:inference", "user:profile"] and reply.expires_at is not None
-    bundle = open_reply(reply, harness.requester)
+    bundle = open_reply(reply, harness.requester, user_id=user)
     assert bundle.access_token == access
     assert bundle.refresh_token == (refresh if with_refresh else None)
     assert refresh not in reply.model_dump_json() and access not in reply.model_dump_json()
     # the box is bound to this request id: nobody can pass it off as another reply
     with pytest.raises(SealingError):
-        open_reply(reply.model_copy(update={"request_id": "0" * 32}), harness.requester)
+        open_reply(reply.model_copy(update={"request_id": "0" * 32}), harness.requester, user_id=user)
+    # ... and to this person and sandbox
+    with pytest.raises(SealingError):
+        open_reply(reply, harness.requester, user_id=user, sandbox_id="sbx-other")
 
 
 async def test_untrusted_requester_is_refused(harness: Harness, acks: Acks) -> None:
@@ -353,7 +358,7 @@ async def test_unexpected_bug_still_answers(harness: Harness, monkeypatch: pytes
     async def boom(self: Any, request: Any) -> Any:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(Vault, "grant_credentials", boom)
+    monkeypatch.setattr(Vault, "release_credentials", boom)
     request = credentials_request(harness.requester, user_id=new_user())
     reply = await harness.ask(_json(request))
     assert (reply.ok, reply.error, reply.request_id) == (False, "internal", request.request_id)
@@ -450,7 +455,7 @@ async def test_grants_and_refusals_are_audited_and_counted(harness: Harness, ack
     assert audit == [("credentials_granted", f"requester:{harness.requester.key_id}", user),
                      ("credentials_refused", f"requester:{stranger.key_id}", user)]
     granted = next(e for e, _ in harness.store.audit if e.action == "credentials_granted")
-    assert granted.detail == {"mode": "access_only", "request_id": request.request_id}
+    assert granted.detail == {"mode": "access_only", "request_id": request.request_id, "sandbox_id": "sbx-test"}
     metrics = harness.vault.metrics
     assert metrics.value("ccbridge_vault_credential_requests_total", outcome="ok") == 1
     assert metrics.value("ccbridge_vault_credential_requests_total", outcome="unauthorized_requester") == 1

@@ -138,12 +138,31 @@ class AuditRow(Base):
     detail: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
+class SandboxLeaseRow(Base):
+    """A person's lease of their credentials to one sandbox: the newest grant seen (ms epoch)."""
+
+    __tablename__ = "sandbox_leases"
+    __table_args__ = (Index("ix_sandbox_leases_sweep", "ended_at", "expires_at"),)
+
+    user_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    sandbox_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    jti: Mapped[str] = mapped_column(String(64))
+    mode: Mapped[str] = mapped_column(String(16))
+    issued_at: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[int] = mapped_column(BigInteger)
+    ended_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    end_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    announced: Mapped[bool] = mapped_column(Boolean, default=True)
+    last_released_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
 metadata = Base.metadata
 
 __all__ = [
     "AuditRow",
     "Base",
     "ConnectionRow",
+    "SandboxLeaseRow",
     "ProcessedEventRow",
     "RevocationRow",
     "SealedSecretRow",

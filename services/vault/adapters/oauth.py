@@ -1,6 +1,8 @@
 """The OAuth token endpoint, as the refresher uses it: exactly the request the real Claude Code
 CLI sends — `POST OAUTH_TOKEN_URL`, JSON `{"grant_type":"refresh_token","refresh_token",
-"client_id","scope"}` — over one reused `httpx.AsyncClient`.
+"client_id","scope"}` — over one reused `httpx.AsyncClient`. Disconnecting revokes the login the
+way `claude auth logout` does: `POST <OAUTH_TOKEN_URL>/revoke`, JSON `{"token", "token_type_hint":
+"refresh_token", "client_id"}`, 5 s timeout.
 
 Answers map to the vault's error tree: 400/401 `invalid_grant` → `RefreshRejected` (only a
 new login helps); 429 / 5xx / timeouts / connection errors / a body that is not a token
@@ -25,6 +27,7 @@ from shared.oauth import retry_after_seconds as parse_retry_after
 log = get_logger(__name__)
 
 USER_AGENT = "ccbridge-vault/0.1"
+REVOKE_TIMEOUT_S = 5.0  # what the CLI allows its logout revoke
 
 
 def _token_response(body: Any) -> TokenResponse:
@@ -81,6 +84,30 @@ class HttpTokenEndpoint:
     async def aclose(self) -> None:
         if self._owns_client:
             await self._client.aclose()
+
+    @property
+    def revoke_url(self) -> str:
+        return self.token_url.rstrip("/") + "/revoke"
+
+    async def revoke(self, refresh_token: str) -> None:
+        body = {"token": refresh_token, "token_type_hint": "refresh_token", "client_id": self.client_id}
+        try:
+            response = await self._client.post(
+                self.revoke_url, json=body, timeout=httpx.Timeout(REVOKE_TIMEOUT_S),
+                headers={"Content-Type": "application/json", "Accept": "application/json"},
+            )
+        except httpx.TimeoutException:
+            raise RefreshTransient("the revoke endpoint timed out", outcome="timeout") from None
+        except httpx.HTTPError as exc:
+            raise RefreshTransient(f"the revoke endpoint is unreachable ({type(exc).__name__})") from None
+        status = response.status_code
+        if 200 <= status < 300:
+            return
+        if status == 429 or status >= 500:
+            raise RefreshTransient(f"the revoke endpoint answered {status}",
+                                   retry_after_s=parse_retry_after(response.headers.get("retry-after")))
+        # 400 invalid_grant/invalid_token: the token is dead already — as good as revoked.
+        raise RefreshRejected(oauth_error_code(response) or f"status {status}")
 
     async def refresh(self, refresh_token: str, scopes: Sequence[str]) -> TokenResponse:
         body: dict[str, str] = {

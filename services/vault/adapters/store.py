@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import time
 import weakref
@@ -47,13 +48,22 @@ from services.vault.adapters.models import (
     AuditRow,
     Base,
     ConnectionRow,
+    SandboxLeaseRow,
     ProcessedEventRow,
     RevocationRow,
     SealedSecretRow,
     metadata,
     utcnow,
 )
-from services.vault.domain import Account, AuditEntry, AuditRecord, Connection, ConnectionSummary, Credentials
+from services.vault.domain import (
+    Account,
+    AuditEntry,
+    AuditRecord,
+    Connection,
+    ConnectionSummary,
+    Credentials,
+    SandboxLease,
+)
 from services.vault.errors import ConcurrencyConflict, DecryptionFailed, StoreUnavailable
 from services.vault.keyring import EncryptedRecord, RecordContext
 from services.vault.ports import DueRefresh, RecordCipher, SecretRef
@@ -68,9 +78,11 @@ __all__ = [
     "AuditRow",
     "Base",
     "ConnectionRow",
+    "SandboxLeaseRow",
     "ProcessedEventRow",
     "RevocationRow",
     "SealedSecretRow",
+    "SqlSandboxLeases",
     "SqlStore",
     "SqlUnitOfWork",
     "metadata",
@@ -563,6 +575,91 @@ class SqlAuditLog:
         return int(result.rowcount or 0)
 
 
+_SANDBOX_LEASES = SandboxLeaseRow.__table__
+_LEASE_FIELDS = ("user_id", "sandbox_id", "jti", "mode", "issued_at", "expires_at", "ended_at", "end_reason",
+                 "announced", "last_released_at")
+_READ_SANDBOX_LEASE = select(_SANDBOX_LEASES).where(_SANDBOX_LEASES.c.user_id == bindparam("user_id"),
+                                    _SANDBOX_LEASES.c.sandbox_id == bindparam("sandbox_id"))
+
+
+_ROW = SandboxLeaseRow
+
+
+def _sandbox_lease(row: Any) -> SandboxLease:
+    return SandboxLease(**{name: getattr(row, name) for name in _LEASE_FIELDS})
+
+
+class SqlSandboxLeases:
+    """Leases (the newest grant per person and sandbox). Writes are upserts of the whole row:
+    the use cases decide with the domain's rules, under the row lock of `get(for_update=True)`."""
+
+    def __init__(self, session: AsyncSession, dialect: str) -> None:
+        self._session = session
+        self._dialect = dialect
+
+    async def get(self, user_id: str, sandbox_id: str, *, for_update: bool = False) -> SandboxLease | None:
+        stmt = select(_ROW).where(_ROW.user_id == user_id, _ROW.sandbox_id == sandbox_id)
+        if for_update:
+            stmt = stmt.with_for_update()
+        row = (await self._session.execute(stmt)).scalar_one_or_none()
+        return None if row is None else _sandbox_lease(row)
+
+    async def save(self, lease: SandboxLease) -> None:
+        values = {name: getattr(lease, name) for name in _LEASE_FIELDS}
+        stmt = _dialect_insert(self._dialect)(SandboxLeaseRow).values(**values)
+        keys = ("user_id", "sandbox_id", "last_released_at")
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[SandboxLeaseRow.user_id, SandboxLeaseRow.sandbox_id],
+            set_={name: stmt.excluded[name] for name in _LEASE_FIELDS if name not in keys},
+        )
+        await self._session.execute(stmt)
+
+    async def live_for(self, user_id: str, now_ms: int, *, limit: int = 1000) -> list[SandboxLease]:
+        stmt = (
+            select(SandboxLeaseRow)
+            .where(_ROW.user_id == user_id, _ROW.ended_at.is_(None), _ROW.expires_at > now_ms)
+            .order_by(SandboxLeaseRow.expires_at)
+            .limit(limit)
+        )
+        return [_sandbox_lease(row) for row in (await self._session.execute(stmt)).scalars()]
+
+    async def due(self, now_ms: int, *, limit: int) -> list[SandboxLease]:
+        """Leases past their expiry that have not ended yet, and ended ones not announced yet."""
+        stmt = (
+            select(SandboxLeaseRow)
+            .where(or_(
+                (SandboxLeaseRow.ended_at.is_(None)) & (SandboxLeaseRow.expires_at <= now_ms),
+                (SandboxLeaseRow.ended_at.is_not(None)) & (SandboxLeaseRow.announced.is_(False)),
+            ))
+            .order_by(SandboxLeaseRow.expires_at)
+            .limit(limit)
+        )
+        return [_sandbox_lease(row) for row in (await self._session.execute(stmt)).scalars()]
+
+    async def mark_announced(self, user_id: str, sandbox_id: str, ended_at: int) -> None:
+        await self._session.execute(
+            update(SandboxLeaseRow)
+            .where(_ROW.user_id == user_id, _ROW.sandbox_id == sandbox_id, _ROW.ended_at == ended_at)
+            .values(announced=True)
+        )
+
+    async def record_releases(self, releases: Sequence[tuple[str, str, int]]) -> None:
+        """(user, sandbox, at) — the last time credentials left for each sandbox (newest wins)."""
+        for user_id, sandbox_id, at in releases:
+            await self._session.execute(
+                update(SandboxLeaseRow)
+                .where(SandboxLeaseRow.user_id == user_id, SandboxLeaseRow.sandbox_id == sandbox_id,
+                       or_(SandboxLeaseRow.last_released_at.is_(None), SandboxLeaseRow.last_released_at < at))
+                .values(last_released_at=at)
+            )
+
+    async def delete_ended_before(self, cutoff_ms: int) -> int:
+        result = await self._session.execute(
+            delete(SandboxLeaseRow).where(SandboxLeaseRow.ended_at < cutoff_ms, SandboxLeaseRow.announced.is_(True))
+        )
+        return int(result.rowcount or 0)
+
+
 # --- unit of work ----------------------------------------------------------------
 class SqlUnitOfWork:
     """`async with store.unit_of_work(cipher) as uow: ...; await uow.commit()`.
@@ -575,6 +672,7 @@ class SqlUnitOfWork:
     processed_events: SqlProcessedEvents
     revocations: SqlRevocations
     audit: SqlAuditLog
+    sandbox_leases: SqlSandboxLeases
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession], cipher: RecordCipher, *, dialect: str) -> None:
         self._sessions = sessions
@@ -589,6 +687,7 @@ class SqlUnitOfWork:
         self.processed_events = SqlProcessedEvents(self._session, self._dialect)
         self.revocations = SqlRevocations(self._session, self._dialect)
         self.audit = SqlAuditLog(self._session)
+        self.sandbox_leases = SqlSandboxLeases(self._session, self._dialect)
         return self
 
     async def __aexit__(
@@ -691,15 +790,29 @@ def _alembic_lock() -> asyncio.Lock:
     return lock
 
 
-def ensure_sqlite_parent(url: str) -> None:
-    """Create the directory of a SQLite file URL (no-op for memory and other databases)."""
+SQLITE_FILE_MODE = 0o600
+
+
+def prepare_sqlite_file(url: str) -> None:
+    """A SQLite database file (and its -wal/-shm, which SQLite creates with the database file's
+    own permissions) readable by its owner only: it holds every sealed secret and the audit
+    log. Creates the directory (0700) and the file (0600) if missing; tightens existing ones.
+    No-op for memory and other databases."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         return
     database = parsed.database or ""
     if database in ("", ":memory:") or database.startswith("file:"):
         return
-    Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    path = Path(database).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), SQLITE_FILE_MODE))
+    for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            if os.stat(name).st_mode & 0o077:
+                os.chmod(name, SQLITE_FILE_MODE)
+        except FileNotFoundError:
+            continue
 
 
 def alembic_config(connection: SyncConnection | None = None) -> Any:
@@ -746,7 +859,7 @@ class SqlStore:
     def from_url(
         cls, url: str, *, schema: str | None = None, echo: bool = False, pool_timeout_s: float = 5.0
     ) -> SqlStore:
-        ensure_sqlite_parent(url)
+        prepare_sqlite_file(url)
         backend = make_url(url).get_backend_name()
         # hide_parameters: bound values (ciphertext, ids) never appear in driver error messages.
         # SQLite is a file: nothing to ping; a server connection may have been dropped.
@@ -857,25 +970,36 @@ class SqlStore:
         if self._sqlite_reader is not None:
             self._sqlite_reader.dispose()
 
-    # --- the grant read path ---------------------------------------------------------
-    async def read_connection(self, user_id: str, cipher: RecordCipher) -> Connection | None:
-        """One connection with its secret, decrypted: a single read-only statement outside a
-        unit of work (the hot path of `vault.credentials.get`). On SQLite it runs on a plain
-        pysqlite connection in ONE worker-thread call — aiosqlite would hop threads ~6 times
-        per statement (measured: 0.27 ms instead of 1.3 ms per read)."""
+    # --- the release read path -------------------------------------------------------
+    async def read_for_release(
+        self, user_id: str, sandbox_id: str | None, cipher: RecordCipher
+    ) -> tuple[Connection | None, SandboxLease | None]:
+        """A connection with its secret (decrypted) and the sandbox's lease: read-only
+        statements outside a unit of work (the hot path of `vault.credentials.get`). On SQLite
+        they run on a plain pysqlite connection in ONE worker-thread call — aiosqlite would hop
+        threads ~6 times per statement (measured: 0.27 ms instead of 1.3 ms per read)."""
         try:
             if self.dialect == "sqlite":
-                row = await asyncio.to_thread(self._read_sqlite, user_id)
+                row, lease_row = await asyncio.to_thread(self._read_sqlite, user_id, sandbox_id)
             else:
                 async with self.engine.connect() as conn:
-                    row = (await conn.execute(_READ_CONNECTION, {"user_id": user_id})).one_or_none()
+                    row, lease_row = await conn.run_sync(_read_release_rows, user_id, sandbox_id)
         except Exception as exc:
             if (mapped := translate_error(exc)) is not None:
                 raise mapped from exc
             raise
-        return None if row is None else _connection_of_read(row, cipher)
+        connection = None if row is None else _connection_of_read(row, cipher)
+        return connection, None if lease_row is None else _sandbox_lease(lease_row)
 
-    def _read_sqlite(self, user_id: str) -> Any:
+    def _read_sqlite(self, user_id: str, sandbox_id: str | None) -> tuple[Any, Any]:
         assert self._sqlite_reader is not None
         with self._sqlite_reader.connect() as conn:
-            return conn.execute(_READ_CONNECTION, {"user_id": user_id}).one_or_none()
+            return _read_release_rows(conn, user_id, sandbox_id)
+
+
+def _read_release_rows(conn: SyncConnection, user_id: str, sandbox_id: str | None) -> tuple[Any, Any]:
+    row = conn.execute(_READ_CONNECTION, {"user_id": user_id}).one_or_none()
+    lease = None
+    if sandbox_id is not None:
+        lease = conn.execute(_READ_SANDBOX_LEASE, {"user_id": user_id, "sandbox_id": sandbox_id}).one_or_none()
+    return row, lease
