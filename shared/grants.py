@@ -206,6 +206,16 @@ class GrantVerifier:
         return claims
 
 
+def unverified_issued_at(token: str) -> int | None:
+    """A grant's `iat` WITHOUT checking its signature — only for ordering a grant the vault has
+    already accepted against a lease end (never to decide whether credentials may leave)."""
+    try:
+        value = jwt.decode(token, options={"verify_signature": False}).get("iat")
+    except jwt.PyJWTError:
+        return None
+    return value if isinstance(value, int) else None
+
+
 # --- keys ----------------------------------------------------------------------------
 def key_paths(keys_dir: Path) -> tuple[Path, Path]:
     return keys_dir / f"{KEY_NAME}.key", keys_dir / f"{KEY_NAME}.pub"

@@ -5,7 +5,9 @@ tests build (`VAULT_GRANT_PUBLIC_KEYS` for service processes, `verifier()` in pr
 from __future__ import annotations
 
 import time
+from typing import Any
 
+from shared.events import SandboxCreated
 from shared.grants import GrantSigner, GrantVerifier
 
 SIGNER = GrantSigner.generate()
@@ -26,3 +28,11 @@ def verifier() -> GrantVerifier:
 def env() -> dict[str, str]:
     """What a vault process needs to trust this authority."""
     return {"VAULT_GRANT_PUBLIC_KEYS": PUBLIC_KEY}
+
+
+def sandbox_created(**fields: Any) -> SandboxCreated:
+    """`SandboxCreated(**fields)` carrying a grant of the test authority for its person and
+    sandbox (allowing every mode), as a platform would publish it — unless `grant` is given."""
+    if "grant" not in fields:
+        fields["grant"] = grant_for(fields["user_id"], fields["sandbox_id"], "file")
+    return SandboxCreated(**fields)

@@ -32,7 +32,8 @@ from services.sandbox.settings import SandboxSettings
 from shared import subjects
 from shared.broker import settle
 from shared.events import CredentialsReply, CredentialsRequest, Event, SandboxCreated, TokenBundle
-from shared.sealing import Recipient, seal
+from shared.grants import GrantError
+from shared.sealing import Recipient, reply_binding, seal
 from standins.e2b import E2BStandin
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,10 +55,26 @@ def make_bundle(*, refresh: bool = True) -> TokenBundle:
 
 
 # --- a stand-in vault on real NATS ------------------------------------------------------
+def _grant_refusal(request: CredentialsRequest) -> tuple[Any, str] | None:
+    """(error, detail) when the real vault would refuse this request's grant."""
+    from tests.grants import verifier
+
+    if request.grant is None:
+        return "grant_required", "no grant"
+    try:
+        verifier().check(request.grant, user_id=request.user_id, sandbox_id=request.sandbox_id, mode=request.mode,
+                         now_s=time.time())
+    except GrantError as exc:
+        return "grant_invalid", exc.detail
+    return None
+
+
 @dataclass
 class FakeVault:
-    """Answers `vault.credentials.get` like the vault: TokenBundle sealed to the requester
-    (without the refresh token unless the mode is `file`, as the real vault does).
+    """Answers `vault.credentials.get` like the vault: checks the grant (signed by the test
+    authority in tests/grants.py, for this person, sandbox and mode), then the TokenBundle sealed
+    to the requester and bound to person and sandbox (without the refresh token unless the mode
+    is `file`, as the real vault does).
 
     users: user_id → TokenBundle | "not_connected" | "reconnect_required" | "silent" (never
     answers) | "silent_once" (ignores the first request, then answers with `late_bundles`)."""
@@ -71,6 +88,11 @@ class FakeVault:
         request = CredentialsRequest.model_validate_json(msg.data)
         self.requests.append(request)
         entry = self.users.get(request.user_id, "not_connected")
+        refusal = _grant_refusal(request)
+        if refusal is not None and entry != "silent":
+            await msg.respond(CredentialsReply(request_id=request.request_id, ok=False, error=refusal[0],
+                                               detail=refusal[1]).model_dump_json().encode())
+            return
         if entry == "silent":
             return
         if entry == "silent_once":
@@ -86,6 +108,7 @@ class FakeVault:
                 Recipient.from_b64(request.requester_public_key),
                 subject=subjects.VAULT_CREDENTIALS_GET,
                 message_id=request.request_id,
+                bind=reply_binding(request.user_id, request.sandbox_id),
             )
             reply = CredentialsReply(
                 request_id=request.request_id, ok=True, sealed=box, expires_at=entry.expires_at, scopes=entry.scopes

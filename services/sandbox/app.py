@@ -87,7 +87,7 @@ def wire_broker(broker: NatsBroker, settings: SandboxSettings, injector: Credent
 
 
 class _NoVault:
-    async def fetch(self, user_id: str, mode: str) -> Any:
+    async def fetch(self, want: Any) -> Any:
         raise RuntimeError("documentation build: no vault")
 
 

@@ -47,7 +47,9 @@ REQUIRED_SCOPE = "user:inference"
 
 DEFAULT_ENV_FILE = ".config/ccbridge/env"
 MCP_SERVER_NAME = "claude-code-mcp"
-DEFAULT_MCP_PACKAGE = "@steipete/claude-code-mcp@latest"
+# Pinned: the MCP server runs inside sandboxes that hold a Claude login; `@latest` would run
+# whatever was published last (SANDBOX_MCP_PACKAGE overrides it).
+DEFAULT_MCP_PACKAGE = "@steipete/claude-code-mcp@1.10.12"
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -321,7 +323,7 @@ class LiveSandbox:
     backend: str
     created_event_id: str
     state: LiveState = "pending"
-    mode: CredentialMode = "file"
+    mode: CredentialMode = "access_only"
     home: str | None = None
     user: str | None = None
     template: str | None = None
@@ -334,6 +336,11 @@ class LiveSandbox:
     env: Mapping[str, str] = field(default_factory=dict)
     touched_by: str | None = None
     """The last lifecycle event (refresh / revoke) that changed the record."""
+    grant: str | None = None
+    """The grant the sandbox.created carried: re-injections present it to the vault again (the
+    vault then applies the newest grant it knows for this sandbox)."""
+    lease_expires_at: int | None = None
+    """When the lease ended / ends, as the vault said at the last injection (ms epoch)."""
 
     def to_json(self) -> bytes:
         data = {k: getattr(self, k) for k in self.__dataclass_fields__}

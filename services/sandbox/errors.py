@@ -45,6 +45,19 @@ class ReconnectRequired(SandboxError):
     reason: FailureReason = "reconnect_required"
 
 
+class GrantRequired(SandboxError):
+    """The sandbox.created carries no grant (and the vault requires one): nothing is written."""
+
+    reason: FailureReason = "grant_required"
+
+
+class GrantInvalid(SandboxError):
+    """The vault refused the grant (forged, expired, another person/sandbox, mode not within
+    it, lease ended): nothing is written."""
+
+    reason: FailureReason = "grant_invalid"
+
+
 class VaultError(SandboxError):
     """The vault answered, but not with usable credentials (refused us, internal error,
     a reply we cannot parse or open)."""

@@ -1,9 +1,10 @@
 """Bus entry points: thin FastStream subscribers that turn a message into one use-case call
 and its outcome into ack / nack(delay) / term.
 
-Four durable pull consumers (explicit acks, manual ack policy), shared by all replicas:
+Five durable pull consumers (explicit acks, manual ack policy), shared by all replicas:
 - `sandbox.created` → `CredentialInjector.handle`;
 - `tokens.refreshed` → `LiveSandboxes.on_refreshed`; `tokens.revoked` → `on_revoked`;
+- `grants.ended` → `on_grant_ended` (scrub the sandbox whose lease is over);
 - `sandbox.destroyed` → `on_destroyed`.
 
 Outcomes: done → ack (after the result events are published); `Retry` → nack with the delay
@@ -33,10 +34,25 @@ from pydantic import ValidationError
 
 from shared import broker as bus
 from shared import subjects
-from shared.events import SandboxCreated, SandboxCredentialsFailed, SandboxDestroyed, TokensRefreshed, TokensRevoked
+from shared.events import (
+    GrantEnded,
+    SandboxCreated,
+    SandboxCredentialsFailed,
+    SandboxDestroyed,
+    TokensRefreshed,
+    TokensRevoked,
+)
 from shared.events import derived_event_id
 from shared.logging import get_logger
-from services.sandbox.adapters.bus import CREATED, DESTROYED, REFRESHED, REVOKED, ConsumerSpec, consumer_config
+from services.sandbox.adapters.bus import (
+    CREATED,
+    DESTROYED,
+    GRANT_ENDED,
+    REFRESHED,
+    REVOKED,
+    ConsumerSpec,
+    consumer_config,
+)
 from services.sandbox.injector import CredentialInjector, Failed, Retry
 from services.sandbox.live import Exhausted, LiveSandboxes
 from services.sandbox.settings import SandboxSettings
@@ -148,6 +164,12 @@ def register_handlers(
                "Removes the person's credential files from every live sandbox and reports it.")
     async def on_tokens_revoked(event: TokensRevoked, msg: bus.Message) -> None:
         await run_live(f"tokens.revoked {event.event_id}", msg, lambda delivery: live.on_revoked(
+            event, delivery=delivery, body=msg.body))
+
+    @subscribe(GRANT_ENDED, bus.TOKENS, "grants.ended → scrub the sandbox whose lease is over",
+               "Removes the person's credential files from that one sandbox (lease expired or ended).")
+    async def on_grant_ended(event: GrantEnded, msg: bus.Message) -> None:
+        await run_live(f"grants.ended {event.event_id}", msg, lambda delivery: live.on_grant_ended(
             event, delivery=delivery, body=msg.body))
 
     @subscribe(DESTROYED, bus.SANDBOX, "sandbox.destroyed → forget the sandbox",

@@ -35,7 +35,7 @@ from shared.logging import get_logger
 from services.sandbox import domain
 from services.sandbox.adapters.backends.base import BackendProvider, Target, backend_sandbox_id_of
 from services.sandbox.adapters.live_registry import LiveRegistry, MemoryLiveRegistry
-from services.sandbox.adapters.vault_client import VaultClient
+from services.sandbox.adapters.vault_client import CredentialsFor, VaultClient
 from services.sandbox.errors import (
     BackendError,
     BackendUnavailable,
@@ -106,7 +106,7 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class InjectionOptions:
-    default_mode: CredentialMode = "file"
+    default_mode: CredentialMode = "access_only"
     env_file: str = domain.DEFAULT_ENV_FILE
     mcp_package: str = domain.DEFAULT_MCP_PACKAGE
     fingerprint_key: bytes = b"ccbridge-unkeyed"
@@ -127,7 +127,7 @@ class CredentialInjector:
         vault: VaultClient,
         backends: Mapping[str, BackendProvider],
         publisher: EventPublisher,
-        default_mode: CredentialMode = "file",
+        default_mode: CredentialMode = "access_only",
         retry: RetryPolicy | None = None,
         registry: LiveRegistry | None = None,
         dead_letters: DeadLetters | None = None,
@@ -257,10 +257,13 @@ class CredentialInjector:
                     template=event.template,
                     config_dir=event.options.config_dir,
                     mcp=event.options.mcp,
+                    grant=event.grant,
                 )
                 revision = await self._registry.save(record, revision=None)
 
-            credentials = await self._vault.fetch(event.user_id, mode)
+            # the vault checks the grant before it seals anything: a refusal writes nothing
+            credentials = await self._vault.fetch(
+                CredentialsFor(user_id=event.user_id, sandbox_id=event.sandbox_id, grant=event.grant, mode=mode))
             bundle = domain.check_usable(credentials.bundle)
             fp = domain.fingerprint(
                 opts.fingerprint_key,
@@ -299,6 +302,8 @@ class CredentialInjector:
                 files=tuple(files),
                 env=domain.env_names(mode),
                 touched_by=None,
+                grant=event.grant,
+                lease_expires_at=credentials.lease_expires_at,
             )
             await self._registry.save(record, revision=revision)
         return Injected(self._injected_event(event, record), tuple(written))

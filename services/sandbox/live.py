@@ -9,6 +9,9 @@ credentials when those credentials change.
 - `tokens.revoked` → remember the revocation time (a later-delivered sandbox.created from
   before it is refused), remove the credential files from each live sandbox, mark the record
   `scrubbed` and publish `sandbox.credentials.scrubbed`.
+- `grants.ended` → the lease of one sandbox is over (expired, or the person ended it): remove
+  the credential files from it and publish `sandbox.credentials.scrubbed` with the reason —
+  unless the sandbox holds a grant signed after the end (a new lease).
 - `sandbox.destroyed` → forget the sandbox, leaving a tombstone.
 
 Every record update is compare-and-set; a conflict retries the whole message, and whatever was
@@ -19,12 +22,13 @@ re-announced with the same derived event id.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 
 from shared import subjects
 from shared.events import (
-    CredentialMode,
+    GrantEnded,
     SandboxCredentialsFailed,
     SandboxCredentialsInjected,
     SandboxCredentialsScrubbed,
@@ -37,8 +41,16 @@ from shared.logging import get_logger
 from services.sandbox import domain
 from services.sandbox.adapters.backends.base import BackendProvider, Target
 from services.sandbox.adapters.live_registry import LiveRegistry
-from services.sandbox.adapters.vault_client import VaultClient, VaultCredentials
-from services.sandbox.errors import BackendError, BackendUnavailable, SandboxError, SandboxNotFound
+from services.sandbox.adapters.vault_client import CredentialsFor, VaultClient
+from services.sandbox.errors import (
+    BackendError,
+    BackendUnavailable,
+    GrantInvalid,
+    GrantRequired,
+    SandboxError,
+    SandboxNotFound,
+)
+from shared.grants import unverified_issued_at
 from services.sandbox.injector import (
     DeadLetters,
     EventPublisher,
@@ -125,23 +137,10 @@ class LiveSandboxes:
         records = [(r, rev) for r, rev in await self._registry.for_user(event.user_id) if r.state != "scrubbed"]
         if not records:
             return Done()
-        fetched: dict[CredentialMode, asyncio.Task[VaultCredentials]] = {}
-
-        def credentials(mode: CredentialMode) -> Awaitable[VaultCredentials]:
-            if mode not in fetched:  # one vault request per mode, shared by the sandboxes
-                fetched[mode] = asyncio.ensure_future(self._vault.fetch(event.user_id, mode))
-            return asyncio.shield(fetched[mode])
-
-        results = await self._each(records, lambda rec, rev: self._refresh_one(event, rec, rev, credentials))
+        results = await self._each(records, lambda rec, rev: self._refresh_one(event, rec, rev))
         return await self._conclude(event, subjects.TOKENS_REFRESHED, results, delivery, body, action="re-inject")
 
-    async def _refresh_one(
-        self,
-        event: TokensRefreshed,
-        record: domain.LiveSandbox,
-        revision: int,
-        credentials: Callable[[CredentialMode], Awaitable[VaultCredentials]],
-    ) -> str | None:
+    async def _refresh_one(self, event: TokensRefreshed, record: domain.LiveSandbox, revision: int) -> str | None:
         async with self._locks.hold(record.backend, record.sandbox_id):
             lookup = await self._registry.get(record.user_id, record.sandbox_id)
             if lookup.record is None or lookup.revision is None:
@@ -156,7 +155,15 @@ class LiveSandboxes:
             provider = self._backends.get(record.backend)
             if provider is None:
                 raise BackendUnavailable(f"backend {record.backend!r} is not configured in this service")
-            creds = await credentials(record.mode)
+            try:  # each sandbox under its own grant: the vault applies its newest lease
+                creds = await self._vault.fetch(CredentialsFor(
+                    user_id=record.user_id, sandbox_id=record.sandbox_id, grant=record.grant, mode=record.mode))
+            except (GrantInvalid, GrantRequired):
+                if record.lease_expires_at is not None and record.lease_expires_at <= time.time() * 1000:
+                    # the lease is over: grants.ended (from the vault's sweeper) scrubs it
+                    log.info("sandbox.lease_over_on_refresh", sandbox_id=record.sandbox_id, user_id=record.user_id)
+                    return None
+                raise
             bundle = domain.check_usable(creds.bundle)
             mcp_package = self._options.mcp_package if record.mcp else None
             fp = domain.fingerprint(
@@ -186,6 +193,7 @@ class LiveSandboxes:
                 expires_at=creds.expires_at,
                 files=written.files,
                 touched_by=event.event_id,
+                lease_expires_at=creds.lease_expires_at,
             )
             await self._registry.save(record, revision=revision)
             log.info(
@@ -218,14 +226,30 @@ class LiveSandboxes:
 
     # --- tokens.revoked ---------------------------------------------------------------------
     async def on_revoked(self, event: TokensRevoked, *, delivery: int = 1, body: bytes | None = None) -> LiveOutcome:
-        await self._registry.mark_revoked(event.user_id, occurred_ms(event))
+        # never later than now: a publisher's clock must not refuse the person's future sandboxes
+        await self._registry.mark_revoked(event.user_id, min(occurred_ms(event), int(time.time() * 1000)))
         records = list(await self._registry.for_user(event.user_id))
         if not records:
             return Done()
         results = await self._each(records, lambda rec, rev: self._scrub_one(event, rec))
         return await self._conclude(event, subjects.TOKENS_REVOKED, results, delivery, body, action="scrub")
 
-    async def _scrub_one(self, event: TokensRevoked, record: domain.LiveSandbox) -> str | None:
+    # --- grants.ended -----------------------------------------------------------------------
+    async def on_grant_ended(self, event: GrantEnded, *, delivery: int = 1, body: bytes | None = None) -> LiveOutcome:
+        """Scrub the one sandbox whose lease ended — not one that holds a newer grant."""
+        lookup = await self._registry.get(event.user_id, event.sandbox_id)
+        record = lookup.record
+        if record is None or lookup.revision is None:
+            return Done()
+        issued_at = unverified_issued_at(record.grant) if record.grant else None
+        if issued_at is not None and issued_at >= event.ended_at // 1000:
+            log.info("sandbox.grant_end_ignored", sandbox_id=event.sandbox_id, user_id=event.user_id,
+                     why="the sandbox holds a grant signed after the lease ended")
+            return Done()
+        results = await self._each([(record, lookup.revision)], lambda rec, rev: self._scrub_one(event, rec))
+        return await self._conclude(event, subjects.GRANTS_ENDED, results, delivery, body, action="scrub")
+
+    async def _scrub_one(self, event: TokensRevoked | GrantEnded, record: domain.LiveSandbox) -> str | None:
         async with self._locks.hold(record.backend, record.sandbox_id):
             lookup = await self._registry.get(record.user_id, record.sandbox_id)
             if lookup.record is None or lookup.revision is None:
@@ -265,7 +289,9 @@ class LiveSandboxes:
             await self._announce_scrubbed(event, record, gone=gone)
             return record.sandbox_id
 
-    async def _announce_scrubbed(self, event: TokensRevoked, record: domain.LiveSandbox, *, gone: bool) -> None:
+    async def _announce_scrubbed(
+        self, event: TokensRevoked | GrantEnded, record: domain.LiveSandbox, *, gone: bool
+    ) -> None:
         await self._publisher.publish(
             subjects.SANDBOX_CREDENTIALS_SCRUBBED,
             SandboxCredentialsScrubbed(
@@ -302,7 +328,7 @@ class LiveSandboxes:
 
     async def _conclude(
         self,
-        event: TokensRefreshed | TokensRevoked,
+        event: TokensRefreshed | TokensRevoked | GrantEnded,
         subject: str,
         results: list[tuple[domain.LiveSandbox, str | None | SandboxError]],
         delivery: int,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr
 
+from services.sandbox.domain import DEFAULT_MCP_PACKAGE
 from shared.events import CredentialMode
 from shared.settings import ServiceSettings
 
@@ -28,9 +29,10 @@ class SandboxSettings(ServiceSettings):
         description="base64url X25519 private key; else <keys_dir>/sandbox.hpke.key (created on first start).",
     )
     default_mode: CredentialMode = Field(
-        default="file",
+        default="access_only",
         validation_alias="SANDBOX_DEFAULT_MODE",
-        description="Credential mode when sandbox.created carries no options.mode.",
+        description="Credential mode when sandbox.created carries no options.mode. access_only (default) keeps "
+        "the refresh token in the vault; file also writes it (and needs a grant that allows file).",
     )
     vault_request_timeout: float = Field(
         default=2.0, gt=0, le=60, validation_alias="VAULT_REQUEST_TIMEOUT", description="Seconds."
@@ -95,10 +97,11 @@ class SandboxSettings(ServiceSettings):
         description="env mode: the file (relative to the sandbox home) holding `export CLAUDE_CODE_OAUTH_TOKEN=…`.",
     )
     mcp_package: str = Field(
-        default="@steipete/claude-code-mcp@latest",
+        default=DEFAULT_MCP_PACKAGE,
         min_length=1,
         max_length=200,
-        pattern=r"^[@A-Za-z0-9._/:^~<>=-]+$",
+        # an exact version: a range or a tag (`@latest`) would run whatever was published last
+        pattern=r"^(@[a-z0-9][a-z0-9._-]*/)?[a-z0-9][a-z0-9._-]*@[0-9]+\.[0-9]+\.[0-9]+([-+][0-9A-Za-z.-]+)?$",
         validation_alias="SANDBOX_MCP_PACKAGE",
         description="options.mcp: the npm package registered as stdio MCP server `claude-code-mcp` (npx -y <pkg>).",
     )

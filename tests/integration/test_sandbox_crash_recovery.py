@@ -40,13 +40,13 @@ from shared.broker import settle
 from shared.events import (
     CredentialMode,
     CredentialsReply,
-    CredentialsRequest,
-    SandboxCreated,
     SandboxOptions,
     TokenBundle,
-    TokensIssued,
 )
-from shared.sealing import load_or_create_keypair, open_sealed, read_public_key, seal
+from shared.sealing import load_or_create_keypair, read_public_key
+from tests import grants
+from tests.grants import sandbox_created
+from tests.vault_fixtures import credentials_request, issued_event, open_reply
 from tests.sandbox_fixtures import SCOPES, as_json, stored
 
 EVENTS = 500
@@ -94,6 +94,7 @@ async def test_sigkill_mid_way_through_500_events_then_restart_injects_each_sand
         "SANDBOX_RETRY_BASE_DELAY": "0.2",
         "SANDBOX_RETRY_MAX_DELAY": "1",
         "VAULT_REQUEST_TIMEOUT": "3",
+        **grants.env(),
     }
     stack = Stack(data, nats_url=embedded_nats.url, env=env, services=("vault",))
     await stack.astart()  # the real vault; keys for vault and sandbox exist before it starts
@@ -114,22 +115,14 @@ async def test_sigkill_mid_way_through_500_events_then_restart_injects_each_sand
                 scopes=SCOPES,
             )
             bundles[user] = bundle
-            event_id = uuid.uuid4().hex
-            issued = TokensIssued(
-                event_id=event_id,
-                user_id=user,
-                sealed=seal(bundle.model_dump_json().encode(), vault_key, subject=subjects.TOKENS_ISSUED,
-                            message_id=event_id),
-                scopes=bundle.scopes,
-                expires_at=bundle.expires_at,
-            )
+            issued = issued_event(vault_key, user_id=user, access_token=bundle.access_token,
+                                  refresh_token=bundle.refresh_token, expires_at=bundle.expires_at, scopes=SCOPES)
             await js.publish(subjects.TOKENS_ISSUED, issued.model_dump_json().encode(),
-                             headers={"Nats-Msg-Id": event_id}, stream=subjects.TOKENS_STREAM.name)
+                             headers={"Nats-Msg-Id": issued.event_id}, stream=subjects.TOKENS_STREAM.name)
 
         async def vault_holds_everyone() -> bool:
             for user in bundles:
-                request = CredentialsRequest(user_id=user, mode="file", requester_key_id=sandbox_key.key_id,
-                                             requester_public_key=sandbox_key.recipient.public_b64)
+                request = credentials_request(sandbox_key, user_id=user)
                 try:
                     msg = await nc.request(subjects.VAULT_CREDENTIALS_GET, request.model_dump_json().encode(),
                                            timeout=2)
@@ -138,9 +131,7 @@ async def test_sigkill_mid_way_through_500_events_then_restart_injects_each_sand
                 reply = CredentialsReply.model_validate_json(msg.data)
                 if not reply.ok or reply.sealed is None:
                     return False
-                opened = TokenBundle.model_validate_json(open_sealed(
-                    reply.sealed, sandbox_key, subject=subjects.VAULT_CREDENTIALS_GET, message_id=request.request_id))
-                assert opened.access_token == bundles[user].access_token
+                assert open_reply(reply, sandbox_key, user_id=user).access_token == bundles[user].access_token
             return True
 
         await wait_for(vault_holds_everyone, "the vault to store every person's tokens", stack)
@@ -171,7 +162,7 @@ async def test_sigkill_mid_way_through_500_events_then_restart_injects_each_sand
         # --- 500 sandboxes, mixed modes and people, plus raw duplicates
         users = list(bundles)
         events = [
-            SandboxCreated(
+            sandbox_created(
                 user_id=users[i % USERS],
                 sandbox_id=f"crash-sbx-{i:03d}-{uuid.uuid4().hex[:6]}",
                 options=SandboxOptions(mode=MODES[i % len(MODES)]),

@@ -20,7 +20,8 @@ from services.sandbox.adapters.backends.local import LocalBackend
 from services.sandbox.adapters.bus import BrokerPublisher
 from shared import subjects
 from shared.broker import settle
-from shared.events import Event, SandboxCreated, TokensRefreshed
+from shared.events import Event, TokensRefreshed
+from tests.grants import sandbox_created
 from tests.sandbox_fixtures import (  # noqa: F401 - fixtures
     WAIT,
     Collector,
@@ -74,7 +75,7 @@ async def test_failed_report_on_the_last_delivery_is_retried_not_stuck(
         FlakyPublisher.attempts = []
         settings = settings_for(embedded_nats.url, tmp_path, vault_request_timeout=0.3, max_deliver=2, report_grace=5,
                                 ack_wait=5.0)
-        event = SandboxCreated(user_id=user, sandbox_id=sandbox_id)
+        event = sandbox_created(user_id=user, sandbox_id=sandbox_id)
         js = client.jetstream()
         factory = lambda broker: FlakyPublisher(broker, subjects.SANDBOX_CREDENTIALS_FAILED, failures=2)  # noqa: E731
         async with running(settings, publisher=factory):
@@ -109,7 +110,7 @@ async def test_malformed_lifecycle_events_are_dead_lettered_and_the_consumer_mov
     fake_vault.users[user] = make_bundle()
     garbage = f'{{"user_id": "{user}", "version": "not a number {uid("x")}"}}'.encode()
     async with running(settings_for(nats_url, tmp_path)):
-        await publish_created(nc, SandboxCreated(user_id=user, sandbox_id=sandbox_id))
+        await publish_created(nc, sandbox_created(user_id=user, sandbox_id=sandbox_id))
         await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, sandbox_id)
         await nc.jetstream().publish(subjects.TOKENS_REFRESHED, garbage, stream=subjects.TOKENS_STREAM.name)
         await nc.jetstream().publish(subjects.TOKENS_REVOKED, b"not json", stream=subjects.TOKENS_STREAM.name)
@@ -142,7 +143,7 @@ async def test_concurrency_per_replica_is_bounded(
             finally:
                 state["now"] -= 1
 
-    events = [SandboxCreated(user_id=user, sandbox_id=uid("sbx")) for _ in range(24)]
+    events = [sandbox_created(user_id=user, sandbox_id=uid("sbx")) for _ in range(24)]
     settings = settings_for(nats_url, tmp_path, concurrency=3)
     async with running(settings, backend=Slow(settings.local_sandbox_root)):
         for event in events:

@@ -16,8 +16,9 @@ from services.sandbox.adapters.backends.base import Target
 from services.sandbox.adapters.backends.e2b import E2BBackend, E2BConfig
 from services.sandbox.errors import BackendError, BackendUnavailable, SandboxNotFound
 from shared import subjects
-from shared.events import CredentialMode, SandboxCreated, SandboxOptions
+from shared.events import CredentialMode, SandboxOptions
 from standins.e2b import E2BStandin
+from tests.grants import sandbox_created
 from tests.sandbox_fixtures import (  # noqa: F401 - fixtures
     SCOPES,
     Collector,
@@ -154,7 +155,7 @@ async def test_every_mode_into_e2b_is_accepted_by_the_real_cli(
     # the template already put a config there: it must survive the merge
     sbx.host(f"{HOME}/.claude.json").write_text(json.dumps({"numStartups": 2}))
     sbx.owners[f"{HOME}/.claude.json"] = "user:user"
-    event = SandboxCreated(user_id=user, sandbox_id=sbx.sandbox_id, backend="e2b", home=HOME, user="user",
+    event = sandbox_created(user_id=user, sandbox_id=sbx.sandbox_id, backend="e2b", home=HOME, user="user",
                            options=SandboxOptions(mode=mode, mcp=mcp))
 
     async with running(settings_for(nats_url, tmp_path, **e2b_settings(e2b_standin))):
@@ -189,7 +190,7 @@ async def test_every_mode_into_e2b_is_accepted_by_the_real_cli(
     assert (status["loggedIn"], status["authMethod"]) == (True, "claude.ai")
     if mcp:
         assert config["mcpServers"]["claude-code-mcp"] == {
-            "type": "stdio", "command": "npx", "args": ["-y", "@steipete/claude-code-mcp@latest"], "env": {}
+            "type": "stdio", "command": "npx", "args": ["-y", "@steipete/claude-code-mcp@1.10.12"], "env": {}
         }
 
 
@@ -199,7 +200,7 @@ async def test_template_creates_one_sandbox_even_when_the_event_comes_twice(
 ) -> None:
     user, platform_id = uid("user"), uid("sbx")
     fake_vault.users[user] = make_bundle()
-    event = SandboxCreated(user_id=user, sandbox_id=platform_id, backend="e2b", template="")
+    event = sandbox_created(user_id=user, sandbox_id=platform_id, backend="e2b", template="")
     settings = settings_for(nats_url, tmp_path, **e2b_settings(e2b_standin, e2b_template="claude-base"))
     async with running(settings):
         await publish_created(nc, event, msg_id=None)
@@ -207,7 +208,7 @@ async def test_template_creates_one_sandbox_even_when_the_event_comes_twice(
         await publish_created(nc, event, msg_id=None)  # stored again (no Nats-Msg-Id)
         await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, platform_id, count=2)
         # another event for the same platform sandbox reuses the e2b sandbox created for it
-        again = SandboxCreated(user_id=user, sandbox_id=platform_id, backend="e2b", template="")
+        again = sandbox_created(user_id=user, sandbox_id=platform_id, backend="e2b", template="")
         await publish_created(nc, again)
         second = await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, platform_id,
                                        cause_event_id=again.event_id)
@@ -229,7 +230,7 @@ async def test_envd_5xx_is_retried_then_injected(
     fake_vault.users[user] = make_bundle()
     sbx = e2b_standin.add_sandbox()
     e2b_standin.fail("files.write", status=503, times=2, sandbox_id=sbx.sandbox_id)
-    event = SandboxCreated(user_id=user, sandbox_id=sbx.sandbox_id, backend="e2b")
+    event = sandbox_created(user_id=user, sandbox_id=sbx.sandbox_id, backend="e2b")
     async with running(settings_for(nats_url, tmp_path, **e2b_settings(e2b_standin))):
         await publish_created(nc, event)
         injected = await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, sbx.sandbox_id)
@@ -249,7 +250,7 @@ async def test_envd_5xx_that_never_ends_is_dead_lettered(
     fake_vault.users[user] = make_bundle()
     sbx = e2b_standin.add_sandbox()
     e2b_standin.fail("files.write", status=500, times=None, sandbox_id=sbx.sandbox_id)
-    event = SandboxCreated(user_id=user, sandbox_id=sbx.sandbox_id, backend="e2b")
+    event = sandbox_created(user_id=user, sandbox_id=sbx.sandbox_id, backend="e2b")
     async with running(settings_for(nats_url, tmp_path, max_deliver=3, **e2b_settings(e2b_standin))):
         await publish_created(nc, event)
         failed = await collector.event(subjects.SANDBOX_CREDENTIALS_FAILED, sbx.sandbox_id)
@@ -271,7 +272,7 @@ async def test_envd_timeout_is_retried(
     fake_vault.users[user] = make_bundle()
     sbx = e2b_standin.add_sandbox()
     e2b_standin.slow("process", 3.0, times=1, sandbox_id=sbx.sandbox_id)
-    event = SandboxCreated(user_id=user, sandbox_id=sbx.sandbox_id, backend="e2b")
+    event = sandbox_created(user_id=user, sandbox_id=sbx.sandbox_id, backend="e2b")
     settings = settings_for(nats_url, tmp_path, **e2b_settings(e2b_standin, e2b_request_timeout=1.0))
     async with running(settings):
         await publish_created(nc, event)
@@ -287,7 +288,7 @@ async def test_unknown_sandbox_fails_with_sandbox_not_found_at_once(
 ) -> None:
     user, sandbox_id = uid("user"), uid("gone")
     fake_vault.users[user] = make_bundle()
-    event = SandboxCreated(user_id=user, sandbox_id=sandbox_id, backend="e2b")
+    event = sandbox_created(user_id=user, sandbox_id=sandbox_id, backend="e2b")
     async with running(settings_for(nats_url, tmp_path, **e2b_settings(e2b_standin))):
         await publish_created(nc, event)
         failed = await collector.event(subjects.SANDBOX_CREDENTIALS_FAILED, sandbox_id)
@@ -304,7 +305,7 @@ async def test_permission_denied_is_final(
     fake_vault.users[user] = make_bundle()
     sbx = e2b_standin.add_sandbox()
     e2b_standin.deny(f"{HOME}/.claude", sandbox_id=sbx.sandbox_id)
-    event = SandboxCreated(user_id=user, sandbox_id=sbx.sandbox_id, backend="e2b")
+    event = sandbox_created(user_id=user, sandbox_id=sbx.sandbox_id, backend="e2b")
     async with running(settings_for(nats_url, tmp_path, **e2b_settings(e2b_standin))):
         await publish_created(nc, event)
         failed = await collector.event(subjects.SANDBOX_CREDENTIALS_FAILED, sbx.sandbox_id)
@@ -321,7 +322,7 @@ async def test_a_sandbox_created_for_an_event_that_finally_fails_is_killed(
     user, platform_id = uid("user"), uid("sbx")
     fake_vault.users[user] = make_bundle()
     e2b_standin.deny(f"{HOME}/.claude")  # every sandbox, including the one about to be created
-    event = SandboxCreated(user_id=user, sandbox_id=platform_id, backend="e2b", template="base")
+    event = sandbox_created(user_id=user, sandbox_id=platform_id, backend="e2b", template="base")
     async with running(settings_for(nats_url, tmp_path, **e2b_settings(e2b_standin))):
         await publish_created(nc, event)
         failed = await collector.event(subjects.SANDBOX_CREDENTIALS_FAILED, platform_id)

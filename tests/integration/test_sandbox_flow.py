@@ -23,6 +23,7 @@ from nats.aio.client import Client
 from services.sandbox.adapters.backends.local import LocalBackend
 from shared import subjects
 from shared.events import CredentialMode, SandboxCreated, SandboxOptions
+from tests.grants import sandbox_created
 from tests.sandbox_fixtures import (  # noqa: F401 - fixtures
     SCOPES,
     WAIT,
@@ -57,7 +58,7 @@ async def test_injected_home_logs_in_the_real_cli(
     home = tmp_path / "sandboxes" / sandbox_id
     home.mkdir(parents=True)
     (home / ".claude.json").write_text(json.dumps({"numStartups": 3, "userID": "keep-me"}))
-    event = SandboxCreated(user_id=user, sandbox_id=sandbox_id, options=SandboxOptions(mode=mode))
+    event = sandbox_created(user_id=user, sandbox_id=sandbox_id, options=SandboxOptions(mode=mode))
 
     async with running(settings_for(nats_url, tmp_path)) as service:
         await publish_created(nc, event)
@@ -104,7 +105,7 @@ async def test_config_dir_is_read_by_the_real_cli(
 ) -> None:
     user, sandbox_id = uid("user"), uid("sbx")
     fake_vault.users[user] = make_bundle()
-    event = SandboxCreated(user_id=user, sandbox_id=sandbox_id,
+    event = sandbox_created(user_id=user, sandbox_id=sandbox_id,
                            options=SandboxOptions(mode="access_only", config_dir="cfg/claude"))
     async with running(settings_for(nats_url, tmp_path)):
         await publish_created(nc, event)
@@ -127,7 +128,7 @@ async def test_env_mode_writes_no_credentials_and_names_the_variable(
     user, sandbox_id = uid("user"), uid("sbx")
     bundle = make_bundle()
     fake_vault.users[user] = bundle
-    event = SandboxCreated(user_id=user, sandbox_id=sandbox_id, options=SandboxOptions(mode="env"))
+    event = sandbox_created(user_id=user, sandbox_id=sandbox_id, options=SandboxOptions(mode="env"))
     async with running(settings_for(nats_url, tmp_path)):
         await publish_created(nc, event)
         injected = await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, sandbox_id)
@@ -147,7 +148,7 @@ async def test_user_without_connection_gets_failed_not_connected(
     nats_url: str, tmp_path: Path, nc: Client, fake_vault: FakeVault, collector: Collector,
 ) -> None:
     user, sandbox_id = uid("nobody"), uid("sbx")
-    event = SandboxCreated(user_id=user, sandbox_id=sandbox_id)
+    event = sandbox_created(user_id=user, sandbox_id=sandbox_id)
     async with running(settings_for(nats_url, tmp_path)):
         await publish_created(nc, event)
         failed = await collector.event(subjects.SANDBOX_CREDENTIALS_FAILED, sandbox_id)
@@ -170,7 +171,7 @@ async def test_malformed_payloads_are_dead_lettered_and_the_consumer_moves_on(
         {"event_id": bad_id, "user_id": user, "sandbox_id": "../../etc", "options": {"mode": "plaintext"}}
     ).encode()
     garbage = f"not json {uuid.uuid4().hex}".encode()
-    good = SandboxCreated(user_id=user, sandbox_id=good_sandbox)
+    good = sandbox_created(user_id=user, sandbox_id=good_sandbox)
 
     async with running(settings_for(nats_url, tmp_path)):
         await publish_created(nc, raw=salvageable, msg_id=bad_id)
@@ -234,7 +235,7 @@ async def test_duplicate_event_has_one_effect(
 ) -> None:
     user, sandbox_id = uid("user"), uid("sbx")
     fake_vault.users[user] = make_bundle()
-    event = SandboxCreated(user_id=user, sandbox_id=sandbox_id)
+    event = sandbox_created(user_id=user, sandbox_id=sandbox_id)
     settings = settings_for(nats_url, tmp_path)
     backend = CountingBackend(LocalBackend(settings.local_sandbox_root))
 
@@ -260,7 +261,7 @@ async def test_vault_that_never_answers_is_retried_then_dead_lettered(
 ) -> None:
     user, sandbox_id = uid("user"), uid("sbx")
     fake_vault.users[user] = "silent"
-    event = SandboxCreated(user_id=user, sandbox_id=sandbox_id)
+    event = sandbox_created(user_id=user, sandbox_id=sandbox_id)
     settings = settings_for(nats_url, tmp_path, vault_request_timeout=0.3, max_deliver=3)
     async with running(settings):
         # the setting reached the durable consumer, even though it already existed
@@ -286,7 +287,7 @@ async def test_vault_timeout_is_retried_until_it_answers(
     user, sandbox_id = uid("user"), uid("sbx")
     fake_vault.users[user] = "silent_once"
     fake_vault.late_bundles[user] = make_bundle()
-    event = SandboxCreated(user_id=user, sandbox_id=sandbox_id)
+    event = sandbox_created(user_id=user, sandbox_id=sandbox_id)
     async with running(settings_for(nats_url, tmp_path, vault_request_timeout=0.3)):
         await publish_created(nc, event)
         injected = await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, sandbox_id)
@@ -304,7 +305,7 @@ async def test_reconnect_required_is_final(
     user, sandbox_id = uid("user"), uid("sbx")
     fake_vault.users[user] = "reconnect_required"
     async with running(settings_for(nats_url, tmp_path)):
-        await publish_created(nc, SandboxCreated(user_id=user, sandbox_id=sandbox_id))
+        await publish_created(nc, sandbox_created(user_id=user, sandbox_id=sandbox_id))
         failed = await collector.event(subjects.SANDBOX_CREDENTIALS_FAILED, sandbox_id)
     assert (failed["reason"], failed["retryable"]) == ("reconnect_required", False)
     assert len(fake_vault.requests_for(user)) == 1
@@ -341,7 +342,7 @@ async def test_python_m_services_sandbox_serves_until_sigterm(
 
     try:
         await asyncio.wait_for(started(), WAIT)
-        event = SandboxCreated(user_id=user, sandbox_id=sandbox_id)
+        event = sandbox_created(user_id=user, sandbox_id=sandbox_id)
         await publish_created(nc, event)
         injected = await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, sandbox_id)
         assert injected["mode"] == "access_only"  # SANDBOX_DEFAULT_MODE applied

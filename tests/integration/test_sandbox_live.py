@@ -24,13 +24,13 @@ from services.sandbox.adapters.live_registry import open_live_bucket, record_key
 from services.sandbox.app import SandboxService
 from shared import subjects
 from shared.events import (
-    SandboxCreated,
     SandboxDestroyed,
     SandboxOptions,
     TokensRefreshed,
     TokensRevoked,
 )
 from standins.e2b import E2BStandin
+from tests.grants import sandbox_created
 from tests.sandbox_fixtures import (  # noqa: F401 - fixtures
     WAIT,
     Collector,
@@ -98,9 +98,9 @@ async def test_refresh_reinjects_and_revoke_scrubs_every_live_sandbox(
         ids = [uid("sbx") for _ in range(3)]
     mine, theirs = ids[:2], ids[2]
     settings = settings_for(nats_url, tmp_path, **e2b_settings(e2b_standin))
-    created = [SandboxCreated(user_id=user, sandbox_id=sid, backend=backend,  # type: ignore[arg-type]
+    created = [sandbox_created(user_id=user, sandbox_id=sid, backend=backend,  # type: ignore[arg-type]
                               options=SandboxOptions(mode="access_only")) for sid in mine]
-    created.append(SandboxCreated(user_id=other_user, sandbox_id=theirs, backend=backend))  # type: ignore[arg-type]
+    created.append(sandbox_created(user_id=other_user, sandbox_id=theirs, backend=backend))  # type: ignore[arg-type]
 
     async with running(settings):
         for event in created:
@@ -123,7 +123,9 @@ async def test_refresh_reinjects_and_revoke_scrubs_every_live_sandbox(
     for event, sid in zip(reinjected, mine, strict=True):
         assert event["cause_event_id"] in {e.event_id for e in created}
         assert event["expires_at"] == refreshed.expires_at and event["mode"] == "access_only"
-    assert len(fake_vault.requests_for(user)) == 3  # two creations, ONE fetch shared by the refresh
+    # two creations, then one fetch per sandbox for the refresh: each under its own grant
+    assert len(fake_vault.requests_for(user)) == 4
+    assert {r.sandbox_id for r in fake_vault.requests_for(user)[2:]} == set(mine)
     creds = "/home/user/.claude/.credentials.json" if backend == "e2b" else None
     for event, sid in zip(scrubbed, mine, strict=True):
         assert (event["cause_event_id"], event["reason"], event["sandbox_gone"]) == (revoke.event_id, "user_request",
@@ -158,7 +160,7 @@ async def test_refreshed_token_reaches_the_real_cli(
     old, new = make_bundle(), make_bundle()
     fake_vault.users[user] = old
     async with running(settings_for(nats_url, tmp_path)):
-        await publish_created(nc, SandboxCreated(user_id=user, sandbox_id=sid, options=SandboxOptions(mode="env")))
+        await publish_created(nc, sandbox_created(user_id=user, sandbox_id=sid, options=SandboxOptions(mode="env")))
         await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, sid)
         fake_vault.users[user] = new
         refresh = TokensRefreshed(user_id=user, expires_at=new.expires_at, scopes=new.scopes, version=2)
@@ -181,7 +183,7 @@ async def test_destroyed_sandbox_is_forgotten_and_a_late_created_is_refused(
     async with running(settings_for(nats_url, tmp_path)) as service:
         registry = service.injector.registry  # type: ignore[union-attr]
         for sid in (kept, gone):
-            await publish_created(nc, SandboxCreated(user_id=user, sandbox_id=sid))
+            await publish_created(nc, sandbox_created(user_id=user, sandbox_id=sid))
             await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, sid)
         await publish(nc, subjects.SANDBOX_DESTROYED, SandboxDestroyed(user_id=user, sandbox_id=gone))
         # destroyed before its sandbox.created was handled (different consumers: any order)
@@ -191,7 +193,7 @@ async def test_destroyed_sandbox_is_forgotten_and_a_late_created_is_refused(
             return (await registry.get(user, gone)).destroyed and (await registry.get(user, never)).destroyed
 
         await until(forgotten, "the destroyed sandboxes to be forgotten")
-        late = SandboxCreated(user_id=user, sandbox_id=never)
+        late = sandbox_created(user_id=user, sandbox_id=never)
         await publish_created(nc, late)
         failed = await collector.event(subjects.SANDBOX_CREDENTIALS_FAILED, never)
 
@@ -215,7 +217,7 @@ async def test_created_from_before_a_revocation_is_not_injected(
     tokens.revoked: the revocation time decides, not the order of arrival."""
     user, sid = uid("user"), uid("sbx")
     fake_vault.users[user] = make_bundle()  # the vault has not processed the revocation yet
-    stale = SandboxCreated(user_id=user, sandbox_id=sid, occurred_at=datetime.now(UTC) - timedelta(minutes=5))
+    stale = sandbox_created(user_id=user, sandbox_id=sid, occurred_at=datetime.now(UTC) - timedelta(minutes=5))
     async with running(settings_for(nats_url, tmp_path)) as service:
         await publish(nc, subjects.TOKENS_REVOKED, TokensRevoked(user_id=user))
 
@@ -225,7 +227,7 @@ async def test_created_from_before_a_revocation_is_not_injected(
         await until(marked, "the revocation to be recorded")
         await publish_created(nc, stale)
         failed = await collector.event(subjects.SANDBOX_CREDENTIALS_FAILED, sid)
-        fresh = SandboxCreated(user_id=user, sandbox_id=uid("sbx"))  # after the revocation: fine
+        fresh = sandbox_created(user_id=user, sandbox_id=uid("sbx"))  # after the revocation: fine
         await publish_created(nc, fresh)
         await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, fresh.sandbox_id)
     assert (failed["reason"], failed["retryable"]) == ("not_connected", False)
@@ -277,7 +279,7 @@ async def test_replicas_share_the_work_and_each_sandbox_is_injected_once(
 ) -> None:
     user = uid("user")
     fake_vault.users[user] = make_bundle()
-    events = [SandboxCreated(user_id=user, sandbox_id=uid("sbx")) for _ in range(12)]
+    events = [sandbox_created(user_id=user, sandbox_id=uid("sbx")) for _ in range(12)]
     async with gated_replicas(nats_url, tmp_path) as (handled, _):
         for event in events:
             await publish_created(nc, event)
@@ -297,7 +299,7 @@ async def test_mcp_server_is_registered_where_the_real_cli_reads_it(
     existing = {"type": "stdio", "command": "other-server", "args": [], "env": {}}
     (home / ".claude.json").write_text(json.dumps({"mcpServers": {"mine": existing}}))
     async with running(settings_for(nats_url, tmp_path)):
-        await publish_created(nc, SandboxCreated(user_id=user, sandbox_id=sid, options=SandboxOptions(mcp=True)))
+        await publish_created(nc, sandbox_created(user_id=user, sandbox_id=sid, options=SandboxOptions(mcp=True)))
         await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, sid)
     servers = json.loads((home / ".claude.json").read_text())["mcpServers"]
     assert servers["mine"] == existing  # kept
@@ -318,9 +320,9 @@ async def test_mcp_server_is_registered_where_the_real_cli_reads_it(
     assert rc == 0, err.decode()[-500:]
     assert "Scope: User config" in text
     assert "Type: stdio" in text and "Command: npx" in text
-    assert "Args: -y @steipete/claude-code-mcp@latest" in text
+    assert "Args: -y @steipete/claude-code-mcp@1.10.12" in text  # pinned: never a moving tag
     rc, out, _ = await run_claude(claude_bin, config_home, "mcp", "list", PATH=path)
-    assert "claude-code-mcp: npx -y @steipete/claude-code-mcp@latest" in out.decode()
+    assert "claude-code-mcp: npx -y @steipete/claude-code-mcp@1.10.12" in out.decode()
     assert "mine: other-server" in out.decode()
     assert (await claude_status(claude_bin, home))["loggedIn"] is True
 
@@ -332,13 +334,14 @@ async def test_live_registry_is_a_shared_kv_bucket_without_tokens(
     bundle = make_bundle()
     fake_vault.users[user] = bundle
     async with running(settings_for(nats_url, tmp_path)):
-        await publish_created(nc, SandboxCreated(user_id=user, sandbox_id=sid))
+        await publish_created(nc, sandbox_created(user_id=user, sandbox_id=sid))
         await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, sid)
     # read it as any other replica (or a restarted service) would
     kv = await open_live_bucket(nc.jetstream())
     entry = await kv.get(record_key(user, sid))
     record = json.loads(entry.value)
-    assert (record["user_id"], record["sandbox_id"], record["state"], record["mode"]) == (user, sid, "injected", "file")
+    assert (record["user_id"], record["sandbox_id"], record["state"], record["mode"]) == (
+        user, sid, "injected", "access_only")  # the default mode: the refresh token stays in the vault
     assert record["expires_at"] == bundle.expires_at and len(record["fingerprint"]) == 32
     assert bundle.access_token not in entry.value.decode() and bundle.refresh_token not in entry.value.decode()  # type: ignore[operator]
     assert PurePosixPath(record["files"][0]).name == ".credentials.json"

@@ -212,7 +212,7 @@ def test_file_spec_repr_hides_content() -> None:
 
 
 # --- MCP registration --------------------------------------------------------------------------
-MCP_ENTRY = {"type": "stdio", "command": "npx", "args": ["-y", "@steipete/claude-code-mcp@latest"], "env": {}}
+MCP_ENTRY = {"type": "stdio", "command": "npx", "args": ["-y", "@steipete/claude-code-mcp@1.10.12"], "env": {}}
 
 
 def test_mcp_entry_has_the_shape_claude_mcp_add_writes() -> None:

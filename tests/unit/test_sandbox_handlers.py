@@ -56,16 +56,17 @@ def test_settings_defaults_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     defaults = SandboxSettings()
     assert defaults.local_sandbox_root == Path("./var/sandboxes")
     assert defaults.hpke_private_key is None
-    assert (defaults.default_mode, defaults.vault_request_timeout, defaults.max_deliver) == ("file", 2.0, 5)
+    # the refresh token stays in the vault unless a platform asks for (and is granted) file mode
+    assert (defaults.default_mode, defaults.vault_request_timeout, defaults.max_deliver) == ("access_only", 2.0, 5)
     monkeypatch.setenv("LOCAL_SANDBOX_ROOT", "/srv/sbx")
-    monkeypatch.setenv("SANDBOX_DEFAULT_MODE", "access_only")
+    monkeypatch.setenv("SANDBOX_DEFAULT_MODE", "file")
     monkeypatch.setenv("VAULT_REQUEST_TIMEOUT", "0.5")
     monkeypatch.setenv("SANDBOX_MAX_DELIVER", "9")
     key = KeyPair.generate()
     monkeypatch.setenv("SANDBOX_HPKE_PRIVATE_KEY", key.private_b64())
     settings = SandboxSettings()
     assert settings.local_sandbox_root == Path("/srv/sbx")
-    assert (settings.default_mode, settings.vault_request_timeout, settings.max_deliver) == ("access_only", 0.5, 9)
+    assert (settings.default_mode, settings.vault_request_timeout, settings.max_deliver) == ("file", 0.5, 9)
     assert key.private_b64() not in repr(settings)
     assert load_key(settings).key_id == key.key_id
 
@@ -102,7 +103,12 @@ def test_e2b_and_live_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None
     defaults = SandboxSettings()
     assert (defaults.e2b_api_key, defaults.e2b_domain, defaults.e2b_template) == (None, "e2b.app", "base")
     assert (defaults.env_file, defaults.report_grace) == (".config/ccbridge/env", 5)
-    assert defaults.mcp_package == "@steipete/claude-code-mcp@latest"
+    assert defaults.mcp_package == "@steipete/claude-code-mcp@1.10.12"  # pinned, never a moving tag
+    for unpinned in ("@steipete/claude-code-mcp@latest", "@steipete/claude-code-mcp", "pkg@^1.0.0", "pkg@>=1"):
+        monkeypatch.setenv("SANDBOX_MCP_PACKAGE", unpinned)
+        with pytest.raises(ValueError):
+            SandboxSettings()
+    monkeypatch.delenv("SANDBOX_MCP_PACKAGE")
     monkeypatch.setenv("E2B_API_KEY", "e2b_very_secret")
     monkeypatch.setenv("E2B_API_URL", "http://127.0.0.1:1234")
     monkeypatch.setenv("E2B_SANDBOX_URL", "http://127.0.0.1:5678")

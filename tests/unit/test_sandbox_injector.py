@@ -10,7 +10,7 @@ from pathlib import PurePosixPath
 
 import pytest
 
-from services.sandbox.adapters.vault_client import VaultCredentials
+from services.sandbox.adapters.vault_client import CredentialsFor, VaultCredentials
 from services.sandbox.errors import BackendError, NotConnected, ReconnectRequired, SandboxError, VaultUnavailable
 from services.sandbox.injector import CredentialInjector, Failed, Injected, Retry, RetryPolicy
 from shared import subjects
@@ -39,9 +39,12 @@ class FakeVault:
             scopes=("user:inference", "user:profile"),
         )
         self.calls: list[tuple[str, CredentialMode]] = []
+        self.wants: list[CredentialsFor] = []
 
-    async def fetch(self, user_id: str, mode: CredentialMode) -> VaultCredentials:
+    async def fetch(self, want: CredentialsFor) -> VaultCredentials:
+        user_id, mode = want.user_id, want.mode
         self.calls.append((user_id, mode))
+        self.wants.append(want)
         if isinstance(self.result, Exception):
             raise self.result
         return self.result

@@ -16,7 +16,7 @@ import pytest
 
 from services.sandbox import domain
 from services.sandbox.adapters.live_registry import Lookup, MemoryLiveRegistry
-from services.sandbox.adapters.vault_client import VaultCredentials
+from services.sandbox.adapters.vault_client import CredentialsFor, VaultCredentials
 from services.sandbox.errors import BackendError, LiveRecordChanged, NotConnected, SandboxNotFound
 from services.sandbox.injector import CredentialInjector, Failed, Injected, InjectionOptions, NoDeadLetters, Retry
 from services.sandbox.injector import RetryPolicy
@@ -41,6 +41,11 @@ from shared.events import (
 EXPIRES = 1_900_000_000_000
 
 
+def fake_grant(user: str, sandbox_id: str) -> str:
+    """Shaped like a grant (the fake vault does not verify: the real one's tests do)."""
+    return f"hdr.{user}-{sandbox_id}.signature"
+
+
 def bundle(n: int = 1) -> TokenBundle:
     return TokenBundle(access_token=f"sk-ant-oat01-token-{n}", refresh_token=f"sk-ant-ort01-refresh-{n}",
                        expires_at=EXPIRES + n, scopes=["user:inference"])
@@ -50,9 +55,12 @@ class Vault:
     def __init__(self) -> None:
         self.bundles: dict[str, TokenBundle | Exception] = {}
         self.calls: list[tuple[str, CredentialMode]] = []
+        self.wants: list[CredentialsFor] = []
 
-    async def fetch(self, user_id: str, mode: CredentialMode) -> VaultCredentials:
+    async def fetch(self, want: CredentialsFor) -> VaultCredentials:
+        user_id, mode = want.user_id, want.mode
         self.calls.append((user_id, mode))
+        self.wants.append(want)
         value = self.bundles.get(user_id, NotConnected("no connection"))
         if isinstance(value, Exception):
             raise value
@@ -144,6 +152,7 @@ class World:
         self.live = LiveSandboxes(**common, concurrency=2)  # type: ignore[arg-type]
 
     async def create(self, user: str, sandbox_id: str, mode: CredentialMode = "access_only", **kw: Any) -> Any:
+        kw.setdefault("grant", fake_grant(user, sandbox_id))
         event = SandboxCreated(user_id=user, sandbox_id=sandbox_id, options=SandboxOptions(mode=mode), **kw)
         return await self.injector.handle(event)
 
@@ -279,7 +288,7 @@ async def test_report_failure_on_the_last_delivery_raises_so_the_message_comes_b
 
 
 # --- tokens.refreshed ------------------------------------------------------------------------
-async def test_refresh_reinjects_each_live_sandbox_of_the_person_with_one_fetch_per_mode() -> None:
+async def test_refresh_reinjects_each_live_sandbox_of_the_person_under_its_own_grant() -> None:
     world = World()
     world.vault.bundles = {"u": bundle(1), "other": bundle(9)}
     for sid in ("s1", "s2"):
@@ -288,10 +297,14 @@ async def test_refresh_reinjects_each_live_sandbox_of_the_person_with_one_fetch_
     await world.create("other", "s4")
     world.vault.bundles["u"] = bundle(2)
     world.vault.calls.clear()
+    world.vault.wants.clear()
     refresh = TokensRefreshed(user_id="u", expires_at=EXPIRES + 2, version=2)
     outcome = await world.live.on_refreshed(refresh)
     assert isinstance(outcome, Done) and sorted(outcome.sandboxes) == ["s1", "s2", "s3"]
-    assert sorted(world.vault.calls) == [("u", "access_only"), ("u", "file")]
+    # one request per sandbox: the vault checks each sandbox's grant (and its newest lease)
+    assert sorted((w.sandbox_id, w.mode, w.grant) for w in world.vault.wants) == [
+        ("s1", "access_only", fake_grant("u", "s1")), ("s2", "access_only", fake_grant("u", "s2")),
+        ("s3", "file", fake_grant("u", "s3"))]
     for sid in ("s1", "s2", "s3"):
         assert world.backend.creds(sid)["accessToken"] == "sk-ant-oat01-token-2"  # type: ignore[index]
     assert "refreshToken" not in world.backend.creds("s1")  # type: ignore[operator]

@@ -1,6 +1,6 @@
 """Bus adapters: publishing result events, dead letters, and the durable consumers' config.
 
-The four consumers are durable JetStream *pull* consumers: every replica of the service
+The five consumers are durable JetStream *pull* consumers: every replica of the service
 pulls from the same durable, so each message goes to one replica at a time — the JetStream
 equivalent of a NATS queue group (`shared.subjects.SANDBOX_QUEUE`), with acks, redelivery and
 backoff on top.
@@ -56,7 +56,8 @@ REFRESHED = ConsumerSpec(
     subjects.TOKENS_REFRESHED, subjects.SANDBOX_TOKENS_REFRESHED_DURABLE, subjects.TOKENS_STREAM.name
 )
 REVOKED = ConsumerSpec(subjects.TOKENS_REVOKED, subjects.SANDBOX_TOKENS_REVOKED_DURABLE, subjects.TOKENS_STREAM.name)
-CONSUMERS = (CREATED, DESTROYED, REFRESHED, REVOKED)
+GRANT_ENDED = ConsumerSpec(subjects.GRANTS_ENDED, subjects.SANDBOX_GRANTS_ENDED_DURABLE, subjects.TOKENS_STREAM.name)
+CONSUMERS = (CREATED, DESTROYED, REFRESHED, REVOKED, GRANT_ENDED)
 
 
 def consumer_config(spec: ConsumerSpec, *, max_deliver: int, ack_wait: float) -> ConsumerConfig:

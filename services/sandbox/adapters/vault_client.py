@@ -18,8 +18,16 @@ from pydantic import ValidationError
 
 from shared import subjects
 from shared.events import CredentialMode, CredentialsReply, CredentialsRequest, TokenBundle
-from shared.sealing import KeyPair, SealingError, open_sealed
-from services.sandbox.errors import NotConnected, ReconnectRequired, SandboxError, VaultError, VaultUnavailable
+from shared.sealing import KeyPair, SealingError, open_sealed, reply_binding
+from services.sandbox.errors import (
+    GrantInvalid,
+    GrantRequired,
+    NotConnected,
+    ReconnectRequired,
+    SandboxError,
+    VaultError,
+    VaultUnavailable,
+)
 
 
 @dataclass(frozen=True)
@@ -29,10 +37,22 @@ class VaultCredentials:
     bundle: TokenBundle | None = field(repr=False)
     expires_at: int
     scopes: tuple[str, ...] = ()
+    lease_expires_at: int | None = None
+    """When the sandbox's lease ends (ms epoch); None when the vault checks no grants."""
+
+
+@dataclass(frozen=True)
+class CredentialsFor:
+    """Whose credentials, for which sandbox, under which grant, in which mode."""
+
+    user_id: str
+    sandbox_id: str
+    grant: str | None
+    mode: CredentialMode
 
 
 class VaultClient(Protocol):
-    async def fetch(self, user_id: str, mode: CredentialMode) -> VaultCredentials: ...
+    async def fetch(self, want: CredentialsFor) -> VaultCredentials: ...
 
 
 def _reply_error(reply: CredentialsReply) -> SandboxError:
@@ -45,6 +65,10 @@ def _reply_error(reply: CredentialsReply) -> SandboxError:
             return VaultError("the vault reported an internal error", retryable=True)
         case "unavailable":
             return VaultUnavailable("the vault could not answer in time (its database is unavailable)")
+        case "grant_required":
+            return GrantRequired(reply.detail or "no grant for this sandbox")
+        case "grant_invalid":
+            return GrantInvalid(reply.detail or "the vault refused the grant")
         case other:
             return VaultError(f"the vault refused the request: {other or 'no reason given'}")
 
@@ -56,14 +80,15 @@ class NatsVaultClient:
         self._key = key
         self._timeout = timeout
 
-    def build_request(self, user_id: str, mode: CredentialMode) -> CredentialsRequest:
+    def build_request(self, want: CredentialsFor) -> CredentialsRequest:
         recipient = self._key.recipient
         return CredentialsRequest(
-            user_id=user_id, mode=mode, requester_key_id=recipient.key_id, requester_public_key=recipient.public_b64
+            user_id=want.user_id, sandbox_id=want.sandbox_id, grant=want.grant, mode=want.mode,
+            requester_key_id=recipient.key_id, requester_public_key=recipient.public_b64,
         )
 
-    async def fetch(self, user_id: str, mode: CredentialMode) -> VaultCredentials:
-        request = self.build_request(user_id, mode)
+    async def fetch(self, want: CredentialsFor) -> VaultCredentials:
+        request = self.build_request(want)
         try:
             response = await self._connection().request(
                 subjects.VAULT_CREDENTIALS_GET, request.model_dump_json().encode(), timeout=self._timeout
@@ -88,7 +113,8 @@ class NatsVaultClient:
         if reply.sealed is not None:
             try:
                 plaintext = open_sealed(
-                    reply.sealed, self._key, subject=subjects.VAULT_CREDENTIALS_GET, message_id=request.request_id
+                    reply.sealed, self._key, subject=subjects.VAULT_CREDENTIALS_GET, message_id=request.request_id,
+                    bind=reply_binding(request.user_id, request.sandbox_id),
                 )
                 bundle = TokenBundle.model_validate_json(plaintext)
             except SealingError as exc:
@@ -101,4 +127,5 @@ class NatsVaultClient:
         if expires_at is None:
             raise VaultError("the vault's reply carries no expiry")
         scopes = tuple(bundle.scopes if bundle is not None else reply.scopes)
-        return VaultCredentials(bundle=bundle, expires_at=expires_at, scopes=scopes)
+        return VaultCredentials(bundle=bundle, expires_at=expires_at, scopes=scopes,
+                                lease_expires_at=reply.lease_expires_at)
