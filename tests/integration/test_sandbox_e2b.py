@@ -461,3 +461,12 @@ async def test_a_sandbox_created_for_an_event_that_finally_fails_is_killed(
     [created] = [s for s in e2b_standin.sandboxes.values() if s.metadata.get("ccbridge_sandbox_id") == platform_id]
     assert created.alive is False  # killed: nobody else knows its id
     assert e2b_standin.count("DELETE", "/sandboxes/{id}", created.sandbox_id) == 1
+
+
+async def test_the_round_trip_benchmark_reports_what_the_bench_reads() -> None:
+    from bench.e2b_roundtrips import measure
+
+    result = await measure(2)
+    assert result["round_trips_per_injection"] <= 4
+    assert result["round_trips_fresh"] <= 4 and result["round_trips_reinjection"] <= 4
+    assert 0 < result["injection_ms_p50"] <= result["injection_ms_p99"]
