@@ -36,12 +36,23 @@ Wire protocol (as the SDK speaks it):
   envelopes: 1 flag byte + 4-byte big-endian length + JSON; events `{"event":{"start":{"pid"}}}`,
   `{"event":{"data":{"stdout":<base64>}}}`, `{"event":{"end":{"exitCode","exited","status"}}}`,
   then the end-stream envelope (flag 0x02) `{}` or `{"error":{"code","message"}}`).
-- `process.Process/Start` runs `/bin/bash -l -c <cmd>`; the stand-in interprets a small
-  allow-list against the sandbox's files (`&&` chains of `true`, `id`, `echo`, `mkdir [-p]
-  [-m MODE]`, `chmod MODE`, `chown OWNER[:[GROUP]]`, `mv [-f]`, `rm [-rf] [--]`, `cat`,
-  `test -e|-f|-d`, `stat -c FMT`); anything else exits 127. Ownership is simulated (recorded,
-  checked like POSIX: only root chowns to others; writing needs the dir's w bit for you);
-  modes are real on the host files.
+- `process.Process/Start` runs `/bin/bash -l -c <cmd>` as the request's user; the stand-in's
+  `Shell` interprets the subset of bash it models (lists, `&&`/`||`, pipes, quotes, `exit`,
+  `trap … EXIT`; coreutils-like `mkdir chmod chown mv rm cat head base64 cmp sha256sum stat test
+  find`, see `Shell`) with the kernel's permission checks simulated; anything it does not model
+  exits 2 (syntax) or 127 (command), never a guess.
+
+Who acts as whom — modelled on envd's source (e2b-dev/infra `packages/envd`): envd runs as
+root. Its file API (`GET|POST /files`, `MakeDir`, `Remove`) works AS ROOT: it follows symbolic
+links, checks no permission of the request's user, and only chowns what it creates (and a file it
+overwrites) to that user (`api/upload.go` processFile, `permissions.EnsureDirs`). Processes run
+with the user's uid, so there the kernel's checks apply. The stand-in does the same: symbolic
+links are real (relative) host links, so the host kernel follows them exactly as the sandbox's
+would (`StandinSandbox.symlink()` plants one); ownership is recorded per canonical path
+(`owners`); modes are real on the host files (directories keep u+rwx on the host so the test
+can get in; groups are not modelled: a non-owner gets the "other" bits). `deny()` stops
+everyone, root and envd included (like a read-only mount). Every request is recorded with its
+sandbox id (`requests`, `count()`, `round_trips()`).
 """
 
 from __future__ import annotations
@@ -49,16 +60,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import fnmatch
+import hashlib
 import itertools
 import json
 import os
 import posixpath
 import secrets
-import shlex
 import shutil
 import socket
 import stat
 import struct
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from email.parser import BytesParser
@@ -74,6 +87,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 DEFAULT_API_KEY = "e2b_standin_0123456789abcdef"
+ROOT = "root"
 DEFAULT_ENVD_VERSION = "0.5.7"
 CONNECT_JSON = "application/connect+json"
 END_STREAM = 0x02
@@ -122,6 +136,13 @@ class Fault:
 
 @dataclass
 class StandinSandbox:
+    """One sandbox: its files under `fs` on the host, ownership simulated in `owners`.
+
+    Paths in `owners` are canonical sandbox paths (every symbolic link resolved). A symbolic
+    link is a real host link whose target is RELATIVE (`symlink()` writes it so), so the host
+    kernel follows it to the right place inside `fs` exactly as the sandbox's kernel would —
+    `host(path)` then names what the sandbox's `open(path)` would open."""
+
     sandbox_id: str
     root: Path
     template: str
@@ -131,7 +152,7 @@ class StandinSandbox:
     env_vars: dict[str, str] = field(default_factory=dict)
     alive: bool = True
     owners: dict[str, str] = field(default_factory=dict)
-    """sandbox path → "user:group" (simulated ownership)."""
+    """canonical sandbox path → "user:group" (simulated ownership; unlisted → its parent's)."""
     commands: list[tuple[str, str, int]] = field(default_factory=list)
     """(user, command, exit code) of every process started."""
     denied: list[str] = field(default_factory=list)
@@ -144,8 +165,16 @@ class StandinSandbox:
     def home_of(self, user: str) -> str:
         return self.users.get(user, f"/home/{user}")
 
+    def uid_of(self, user: str) -> int:
+        if user == ROOT:
+            return 0
+        others = [name for name in self.users if name != ROOT]
+        return 1000 + others.index(user) if user in others else 65534
+
+    # --- paths ------------------------------------------------------------------------------
     def host(self, path: str) -> Path:
-        """The host path of an absolute sandbox path, confined to the sandbox."""
+        """The host path of an absolute sandbox path, confined to the sandbox. Opening it on the
+        host follows symbolic links the way the sandbox would."""
         if not path.startswith("/"):
             raise EnvdError("invalid_argument", f"path {path!r} is not absolute")
         norm = posixpath.normpath(path)
@@ -155,8 +184,49 @@ class StandinSandbox:
             raise EnvdError("permission_denied", f"{path}: outside the sandbox")
         return host
 
-    def owner(self, path: str) -> str:
+    def at(self, canonical: str) -> Path:
+        """The host path of a canonical sandbox path (use with lstat/unlink: no link is followed)."""
+        return self.fs / canonical.lstrip("/")
+
+    def real(self, path: str) -> str:
+        """`path` with every symbolic link followed (realpath(3)), as a sandbox path."""
+        real = os.path.realpath(self.host(path))
+        rel = os.path.relpath(real, os.path.realpath(self.fs))
+        return "/" if rel == "." else "/" + rel.replace(os.sep, "/")
+
+    def entry(self, path: str) -> str:
+        """The directory entry `path` names (lstat(2)): its parent resolved, its last component not."""
         norm = posixpath.normpath(path)
+        if norm == "/":
+            return "/"
+        return posixpath.join(self.real(posixpath.dirname(norm)), posixpath.basename(norm))
+
+    def lexists(self, path: str) -> bool:
+        return os.path.lexists(self.at(self.entry(path)))
+
+    def is_link(self, path: str) -> bool:
+        return os.path.islink(self.at(self.entry(path)))
+
+    def symlink(self, path: str, target: str, *, owner: str = "user") -> None:
+        """Plant a symbolic link `path` → `target` (an absolute sandbox path), owned by `owner`
+        — what `ln -s target path` run by `owner` would leave behind."""
+        entry = self.entry(path)
+        norm_target = posixpath.normpath(target)
+        if not norm_target.startswith("/"):
+            raise ValueError("give the link target as an absolute sandbox path")
+        relative = os.path.relpath(self.fs / norm_target.lstrip("/"), self.at(posixpath.dirname(entry)))
+        os.symlink(relative, self.at(entry))
+        self.owners[entry] = f"{owner}:{owner}"
+
+    def link_target(self, path: str) -> str:
+        """The absolute sandbox path a symbolic link points at (readlink(2), made absolute)."""
+        entry = self.entry(path)
+        return posixpath.normpath(posixpath.join(posixpath.dirname(entry), os.readlink(self.at(entry))))
+
+    # --- ownership & permissions -------------------------------------------------------------
+    def owner(self, path: str, *, follow: bool = True) -> str:
+        """"user:group" of what `path` names (of the link itself with follow=False)."""
+        norm = self.real(path) if follow else self.entry(path)
         while True:
             if norm in self.owners:
                 return self.owners[norm]
@@ -164,15 +234,89 @@ class StandinSandbox:
                 return "root:root"
             norm = posixpath.dirname(norm)
 
-    def owner_user(self, path: str) -> str:
-        return self.owner(path).split(":", 1)[0]
+    def owner_user(self, path: str, *, follow: bool = True) -> str:
+        return self.owner(path, follow=follow).split(":", 1)[0]
 
+    def forget(self, canonical: str) -> None:
+        """Drop the ownership records of `canonical` and everything under it."""
+        for key in [k for k in self.owners if k == canonical or k.startswith(canonical.rstrip("/") + "/")]:
+            del self.owners[key]
+
+    def _bits(self, user: str, canonical: str) -> int:
+        """The rwx bits (as 4|2|1) that apply to `user` on the entry `canonical`. Groups are not
+        modelled: the owner gets the owner bits, everyone else the 'other' bits."""
+        mode = stat.S_IMODE(os.lstat(self.at(canonical)).st_mode)
+        return (mode >> 6) & 7 if self.owner_user(canonical, follow=False) == user else mode & 7
+
+    def traversable(self, user: str, path: str, *, follow: bool = True) -> bool:
+        """Whether `user` may search every directory on the way to what `path` names (to the
+        link itself with follow=False): x on each."""
+        if user == ROOT:
+            return True
+        parent = posixpath.dirname(self.real(path) if follow else self.entry(path))
+        while True:
+            if os.path.isdir(self.at(parent)) and not self._bits(user, parent) & 1:
+                return False
+            if parent == "/":
+                return True
+            parent = posixpath.dirname(parent)
+
+    def may(self, user: str, path: str, want: int) -> bool:
+        """access(2): `want` of r=4 w=2 x=1 on what `path` names, as `user` (root: always r/w)."""
+        if not self.traversable(user, path):
+            return False
+        if not self.host(path).exists():
+            return False
+        if user == ROOT:
+            return not want & 1 or self.host(path).is_dir() or bool(self.mode(path) & 0o111)
+        return self._bits(user, self.real(path)) & want == want
+
+    def check_denied(self, path: str) -> None:
+        for candidate in {posixpath.normpath(path), self.entry(path)}:
+            for prefix in self.denied:
+                if candidate == prefix or candidate.startswith(prefix.rstrip("/") + "/"):
+                    raise EnvdError("permission_denied", f"{path}: Permission denied")
+
+    def check_entry(self, user: str, path: str) -> None:
+        """Raise permission_denied unless `user` may create, replace, rename or remove the entry
+        `path`: write+search on its directory, and the sticky-bit rule (in a sticky directory
+        only the entry's owner or the directory's owner may remove or rename it)."""
+        self.check_denied(path)
+        if user == ROOT:
+            return
+        entry = self.entry(path)
+        parent = posixpath.dirname(entry)
+        if not os.path.isdir(self.at(parent)):
+            raise EnvdError("not_found", f"{path}: No such file or directory")
+        if not self.traversable(user, parent) or self._bits(user, parent) & 3 != 3:
+            raise EnvdError("permission_denied", f"{path}: Permission denied")
+        sticky = os.lstat(self.at(parent)).st_mode & stat.S_ISVTX
+        if sticky and os.path.lexists(self.at(entry)) and user not in (
+            self.owner_user(entry, follow=False), self.owner_user(parent, follow=False)
+        ):
+            raise EnvdError("permission_denied", f"{path}: Operation not permitted")
+
+    # --- for tests ----------------------------------------------------------------------------
     def read(self, path: str) -> bytes:
         """The bytes of a file in this sandbox (for tests)."""
         return self.host(path).read_bytes()
 
     def mode(self, path: str) -> int:
         return stat.S_IMODE(self.host(path).stat().st_mode)
+
+    def put(self, path: str, data: bytes | str = b"", *, owner: str = ROOT, mode: int = 0o644) -> None:
+        """Create a file as `owner` would have (for tests: what a template or an attacker left)."""
+        host = self.host(path)
+        host.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.chmod(host, mode)
+        self.owners[self.real(path)] = f"{owner}:{owner}"
+
+    def make(self, path: str, *, owner: str = ROOT, mode: int = 0o755) -> None:
+        """Create a directory as `owner` would have (for tests)."""
+        host = self.host(path)
+        host.mkdir(parents=True, exist_ok=True)
+        os.chmod(host, mode | 0o700)  # the host user (the test) must still get in
+        self.owners[self.real(path)] = f"{owner}:{owner}"
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -269,14 +413,13 @@ class E2BStandin:
             env_vars=dict(env_vars or {}),
             denied=list(self._deny_all),
         )
-        for path, owner, mode in [("/", "root", 0o755), ("/home", "root", 0o755), ("/root", "root", 0o700),
-                                  ("/tmp", "root", 0o1777)]:
-            sbx.host(path).mkdir(parents=True, exist_ok=True)
-            os.chmod(sbx.host(path), mode | 0o700)  # the host user (the test) must still get in
-            sbx.owners[path] = f"{owner}:{owner}"
+        for path, owner, mode in [("/", ROOT, 0o755), ("/home", ROOT, 0o755), ("/root", ROOT, 0o700),
+                                  ("/tmp", ROOT, 0o1777), ("/etc", ROOT, 0o755)]:
+            sbx.make(path, owner=owner, mode=mode)
         for user, home in homes.items():
-            sbx.host(home).mkdir(parents=True, exist_ok=True)
-            sbx.owners[home] = f"{user}:{user}"
+            sbx.make(home, owner=user, mode=0o700 if user == ROOT else 0o750)
+        passwd = "".join(f"{u}:x:{sbx.uid_of(u)}:{sbx.uid_of(u)}::{h}:/bin/bash\n" for u, h in homes.items())
+        sbx.put("/etc/passwd", passwd, owner=ROOT, mode=0o644)
         self.sandboxes[sandbox_id] = sbx
         return sbx
 
@@ -308,6 +451,11 @@ class E2BStandin:
 
     def count(self, method: str, path: str, sandbox_id: str | None = None) -> int:
         return sum(1 for m, p, s in self.requests if m == method and p == path and (sandbox_id in (None, s)))
+
+    def round_trips(self, sandbox_id: str) -> int:
+        """Requests received for one sandbox so far, control plane (create, connect, kill) and
+        envd together: each is one network round trip for the SDK."""
+        return sum(1 for _, _, s in self.requests if s == sandbox_id)
 
     async def _apply_faults(self, op: str, sandbox_id: str | None, request: Request | None = None) -> Fault | None:
         """Sleep for matching `slow` faults; return a matching `status` fault to answer with.
@@ -381,6 +529,7 @@ class E2BStandin:
 
         async def create(request: Request) -> Response:
             self.requests.append(("POST", "/v2/sandboxes", None))
+            index = len(self.requests) - 1
             if not authorised(request):
                 return error(401, "Invalid API key")
             if fault := await self._apply_faults("create", None):
@@ -394,6 +543,7 @@ class E2BStandin:
                 return error(400, "templateID is required")
             key = request.headers.get("idempotency-key")
             if key and key in self.idempotency:
+                self.requests[index] = ("POST", "/v2/sandboxes", self.idempotency[key])
                 return JSONResponse(self._sandbox_json(self.sandboxes[self.idempotency[key]]), status_code=201)
             sbx = self.add_sandbox(
                 template=template,
@@ -402,6 +552,7 @@ class E2BStandin:
             )
             if key:
                 self.idempotency[key] = sbx.sandbox_id
+            self.requests[index] = ("POST", "/v2/sandboxes", sbx.sandbox_id)
             return JSONResponse(self._sandbox_json(sbx), status_code=201)
 
         async def connect(request: Request) -> Response:
@@ -458,53 +609,43 @@ class E2BStandin:
             raise EnvdError("unauthenticated", f"user {user!r} does not exist")
         return user
 
-    def _writable(self, sbx: StandinSandbox, user: str, path: str) -> None:
-        """Raise permission_denied unless `user` may create/replace `path`."""
-        norm = posixpath.normpath(path)
-        for prefix in sbx.denied:
-            if norm == prefix or norm.startswith(prefix.rstrip("/") + "/"):
-                raise EnvdError("permission_denied", f"open {path}: permission denied")
-        if user == "root":
-            return
-        parent = posixpath.dirname(norm)
-        while not sbx.host(parent).exists():  # would be created: check the first existing ancestor
-            parent = posixpath.dirname(parent)
-        host = sbx.host(parent)
-        mode = stat.S_IMODE(host.stat().st_mode)
-        bit = 0o200 if sbx.owner_user(parent) == user else 0o002
-        if not mode & bit:
-            raise EnvdError("permission_denied", f"open {path}: permission denied")
-
-    def _mkdirs(self, sbx: StandinSandbox, user: str, path: str, mode: int = 0o755) -> bool:
-        """mkdir -p; new dirs belong to `user`. Returns False when it already existed."""
-        host = sbx.host(path)
-        if host.exists():
-            if not host.is_dir():
-                raise EnvdError("invalid_argument", f"{path} exists and is not a directory")
-            return False
-        self._writable(sbx, user, path)
-        missing = []
-        current = posixpath.normpath(path)
-        while not sbx.host(current).exists():
-            missing.append(current)
-            current = posixpath.dirname(current)
-        for item in reversed(missing):
-            sbx.host(item).mkdir()
-            os.chmod(sbx.host(item), mode | 0o700)
-            sbx.owners[item] = f"{user}:{user}"
-        return True
+    # envd's own file API runs as root (envd is root: e2b-dev/infra packages/envd,
+    # api/upload.go processFile, permissions.EnsureDirs, services/filesystem/dir.go MakeDir):
+    # it follows symbolic links, checks no permission of the request's user, and chowns what it
+    # creates (and a file it overwrites) to that user. Only `deny()` stops it.
+    def _ensure_dirs(self, sbx: StandinSandbox, user: str, directory: str) -> bool:
+        """permissions.EnsureDirs: create the missing directories of `directory` (0755, chowned
+        to `user`), following links. Returns False when it already existed."""
+        norm = posixpath.normpath(directory)
+        parts = [p for p in norm.split("/") if p]
+        made = False
+        for depth in range(len(parts) + 1):
+            sub = "/" + "/".join(parts[:depth])
+            host = sbx.host(sub)
+            if host.exists():
+                if not host.is_dir():
+                    raise EnvdError("invalid_argument", f"path is a file: {sub}")
+                continue
+            sbx.check_denied(sub)
+            host.mkdir()
+            os.chmod(host, 0o755)
+            sbx.owners[sbx.real(sub)] = f"{user}:{user}"
+            made = True
+        return made
 
     def _write(self, sbx: StandinSandbox, user: str, path: str, data: bytes) -> None:
-        self._writable(sbx, user, path)
+        """processFile: as root — through any link — chown an existing file to `user`, then
+        create/truncate and write it (a new file is 0644: envd's umask)."""
+        sbx.check_denied(path)
+        self._ensure_dirs(sbx, user, posixpath.dirname(posixpath.normpath(path)))
         host = sbx.host(path)
         if host.is_dir():
-            raise EnvdError("invalid_argument", f"{path} is a directory")
-        self._mkdirs(sbx, user, posixpath.dirname(posixpath.normpath(path)))
+            raise EnvdError("invalid_argument", f"path is a directory: {path}")
         existed = host.exists()
         host.write_bytes(data)
         if not existed:
-            os.chmod(host, 0o644)  # envd's umask: a new file is world-readable until chmod
-            sbx.owners[posixpath.normpath(path)] = f"{user}:{user}"
+            os.chmod(host, 0o644)
+        sbx.owners[sbx.real(path)] = f"{user}:{user}"
 
     def _envd_app(self) -> Starlette:
         async def guarded(request: Request, op: str, handler: Any) -> Response:
@@ -586,8 +727,12 @@ class E2BStandin:
                 try:
                     user = self._user_of(req, sbx)
                     path = _unary_path(await req.body())
-                    if not self._mkdirs(sbx, user, path):
-                        raise EnvdError("already_exists", f"directory {path} already exists")
+                    host = sbx.host(path)
+                    if host.exists():
+                        if host.is_dir():
+                            raise EnvdError("already_exists", f"directory already exists: {path}")
+                        raise EnvdError("invalid_argument", f"path already exists but it is not a directory: {path}")
+                    self._ensure_dirs(sbx, user, path)
                 except EnvdError as exc:
                     return _connect_error(exc)
                 return JSONResponse({"entry": _entry(sbx, path)})
@@ -596,14 +741,19 @@ class E2BStandin:
 
         async def remove(request: Request) -> Response:
             async def handle(req: Request, sbx: StandinSandbox) -> Response:
-                try:
-                    user = self._user_of(req, sbx)
+                try:  # os.RemoveAll as root: a final link is removed, not followed
+                    self._user_of(req, sbx)
                     path = _unary_path(await req.body())
-                    self._writable(sbx, user, path)
-                    host = sbx.host(path)
-                    if not host.exists():
+                    sbx.check_denied(path)
+                    entry = sbx.entry(path)
+                    host = sbx.at(entry)
+                    if not os.path.lexists(host):
                         raise EnvdError("not_found", f"path {path} not found")
-                    shutil.rmtree(host) if host.is_dir() else host.unlink()
+                    if host.is_dir() and not host.is_symlink():
+                        shutil.rmtree(host)
+                    else:
+                        host.unlink()
+                    sbx.forget(entry)
                 except EnvdError as exc:
                     return _connect_error(exc)
                 return JSONResponse({})
@@ -720,221 +870,628 @@ def _connect_error(exc: EnvdError) -> JSONResponse:
     return JSONResponse({"code": exc.code, "message": exc.message}, status_code=_CONNECT_STATUS.get(exc.code, 500))
 
 
+class _Unsupported(Exception):
+    """Syntax the stand-in does not model: the command exits 2 instead of guessing."""
+
+
+class _Exit(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+_OPERATORS = ("&&", "||", ";;", ">>", "<<", "|", ";", "&", "<", ">", "(", ")")
+_SUPPORTED_OPERATORS = {"&&", "||", "|", ";", "\n"}
+_UNQUOTED_SPECIAL = set("$`*?[]{}~")
+
+
+def _tokenize(command: str) -> list[tuple[str, str]]:
+    """bash's word splitting and quoting for the subset modelled: ("word", text) and ("op", op).
+    Anything that would expand (`$`, backquotes, globs, braces, `~`) or redirect is refused."""
+    tokens: list[tuple[str, str]] = []
+    word: list[str] | None = None
+    i, n = 0, len(command)
+
+    def end() -> None:
+        nonlocal word
+        if word is not None:
+            tokens.append(("word", "".join(word)))
+            word = None
+
+    while i < n:
+        c = command[i]
+        if c in " \t":
+            end()
+            i += 1
+        elif c == "\n":
+            end()
+            tokens.append(("op", "\n"))
+            i += 1
+        elif c == "#" and word is None:
+            while i < n and command[i] != "\n":
+                i += 1
+        elif c in "&|;<>()":
+            end()
+            op = next(o for o in _OPERATORS if command.startswith(o, i))
+            if op not in _SUPPORTED_OPERATORS:
+                raise _Unsupported(op)
+            tokens.append(("op", op))
+            i += len(op)
+        elif c == "'":
+            close = command.find("'", i + 1)
+            if close < 0:
+                raise ValueError("unexpected EOF while looking for matching `''")
+            word = (word or []) + [command[i + 1 : close]]
+            i = close + 1
+        elif c == '"':
+            chars: list[str] = []
+            i += 1
+            while True:
+                if i >= n:
+                    raise ValueError("unexpected EOF while looking for matching `\"'")
+                ch = command[i]
+                if ch == '"':
+                    break
+                if ch in "$`":
+                    raise _Unsupported(ch)
+                if ch == "\\" and i + 1 < n and command[i + 1] in '"\\\n':
+                    if command[i + 1] != "\n":
+                        chars.append(command[i + 1])
+                    i += 2
+                    continue
+                chars.append(ch)
+                i += 1
+            word = (word or []) + chars
+            i += 1
+        elif c == "\\":
+            if i + 1 < n and command[i + 1] != "\n":
+                word = (word or []) + [command[i + 1]]
+            i += 2
+        elif c in _UNQUOTED_SPECIAL:
+            raise _Unsupported(c)
+        else:
+            word = (word or []) + [c]
+            i += 1
+    end()
+    return tokens
+
+
+Pipeline = tuple[bool, list[list[str]]]
+AndOr = list[tuple[str, Pipeline]]
+
+
+def _parse(command: str) -> list[AndOr]:
+    """program := and_or ((';' | newline) and_or)* ; and_or := pipeline (('&&'|'||') pipeline)* ;
+    pipeline := ['!'] simple ('|' simple)*"""
+    program: list[AndOr] = []
+    current: AndOr = []
+    pipeline: list[list[str]] = []
+    simple: list[str] = []
+    negate = False
+    pending = ""  # the operator joining the next pipeline to `current`
+
+    def close_simple(op: str) -> None:
+        if not simple:
+            raise ValueError(f"syntax error near unexpected token `{op.strip() or 'newline'}'")
+        pipeline.append(list(simple))
+        simple.clear()
+
+    for kind, text in _tokenize(command):
+        if kind == "word":
+            if text == "!" and not simple and not pipeline:
+                negate = not negate
+                continue
+            simple.append(text)
+            continue
+        if text == "|":
+            close_simple(text)
+            continue
+        if text in ("&&", "||"):
+            close_simple(text)
+            current.append((pending, (negate, list(pipeline))))
+            pipeline.clear()
+            negate, pending = False, text
+            continue
+        # ';' or newline: end of an and-or list (an empty one is fine after a newline)
+        if not simple and not pipeline:
+            if pending or (text == ";" and not current):
+                raise ValueError(f"syntax error near unexpected token `{text.strip() or 'newline'}'")
+            continue
+        close_simple(text)
+        current.append((pending, (negate, list(pipeline))))
+        program.append(current)
+        current, pipeline, negate, pending = [], [], False, ""
+    if simple or pipeline:
+        close_simple("")
+        current.append((pending, (negate, list(pipeline))))
+    elif pending:
+        raise ValueError("syntax error: unexpected end of file")
+    if current:
+        program.append(current)
+    return program
+
+
+Result = tuple[int, bytes, bytes]
+
+
 class Shell:
-    """The tiny allow-listed command interpreter behind process.Process/Start."""
+    """The small shell behind process.Process/Start: `bash -c` for the subset it models, run as
+    `user` against the sandbox's files with the kernel's permission checks simulated.
+
+    Syntax: commands separated by `;` or newlines, `&&`/`||` lists, `|` pipelines, `!`, quotes,
+    backslashes, comments. Refused (exit 2): expansions (`$`, backquotes, globs, braces, `~`),
+    redirections, subshells, background jobs. Commands: true false echo exit umask trap id test
+    mkdir chmod chown mv rm cat head base64 cmp sha256sum stat find; anything else exits 127.
+
+    Permissions as Linux applies them to a process of `user` (root bypasses all but `deny()`):
+    search (x) on every directory on the way, r to read, w+x on a directory to create, rename or
+    remove an entry in it, the sticky-bit rule, chmod/chown only by the owner (chown to another
+    user only by root). Symbolic links are followed except by `rm`, `mv`, `stat` (without -L),
+    `test -L|-h`, `chown -h` and `find`."""
 
     def __init__(self, standin: E2BStandin, sbx: StandinSandbox, user: str, cwd: str) -> None:
         self.standin = standin
         self.sbx = sbx
         self.user = user
         self.cwd = cwd
+        self.umask = 0o022
+        self.exit_trap: str | None = None
 
     def path(self, arg: str) -> str:
         return posixpath.normpath(arg if arg.startswith("/") else posixpath.join(self.cwd, arg))
 
-    def run(self, command: str) -> tuple[int, bytes, bytes]:
+    # --- the interpreter ----------------------------------------------------------------------
+    def run(self, command: str) -> Result:
         try:
-            lexer = shlex.shlex(command, posix=True, punctuation_chars="&|;<>")
-            lexer.whitespace_split = True
-            tokens = list(lexer)
+            program = _parse(command)
+        except _Unsupported as exc:
+            return 2, b"", f"standin: unsupported shell syntax {str(exc)!r}\n".encode()
         except ValueError as exc:
-            return 2, b"", f"bash: syntax error: {exc}\n".encode()
+            return 2, b"", f"bash: {exc}\n".encode()
         out, err = bytearray(), bytearray()
-        for word in tokens:
-            if word in {"|", ";", "||", ">", "<", ">>", "&"} or (set(word) <= set("&|;<>") and word != "&&"):
-                return 2, b"", f"standin: unsupported shell syntax {word!r}\n".encode()
-        chain: list[list[str]] = [[]]
-        for word in tokens:
-            if word == "&&":
-                chain.append([])
-            else:
-                chain[-1].append(word)
         code = 0
-        for argv in chain:
-            if not argv:
-                return 2, bytes(out), b"bash: syntax error near `&&'\n"
-            code, o, e = self.one(argv)
-            out += o
-            err += e
-            if code:
-                break
+        try:
+            for and_or in program:
+                code = self._and_or(and_or, out, err)
+        except _Exit as exc:
+            code = exc.code
+        if self.exit_trap is not None:
+            trap, self.exit_trap = self.exit_trap, None
+            trap_code, trap_out, trap_err = self.run(trap)
+            out += trap_out
+            err += trap_err
+            if trap.strip().startswith("exit"):
+                code = trap_code
         return code, bytes(out), bytes(err)
 
-    def one(self, argv: list[str]) -> tuple[int, bytes, bytes]:
+    def _and_or(self, and_or: AndOr, out: bytearray, err: bytearray) -> int:
+        code = 0
+        for op, pipeline in and_or:
+            if (op == "&&" and code != 0) or (op == "||" and code == 0):
+                continue
+            code = self._pipeline(pipeline, out, err)
+        return code
+
+    def _pipeline(self, pipeline: Pipeline, out: bytearray, err: bytearray) -> int:
+        negate, commands = pipeline
+        data = b""
+        code = 0
+        for index, argv in enumerate(commands):
+            code, stdout, stderr = self.one(argv, data)
+            err += stderr
+            if index == len(commands) - 1:
+                out += stdout
+            data = stdout
+        return (0 if code else 1) if negate else code
+
+    def one(self, argv: list[str], stdin: bytes = b"") -> Result:
         name, args = argv[0], argv[1:]
-        handler = getattr(self, f"cmd_{name}", None)
+        handler = getattr(self, f"cmd_{name}", None) if name.isidentifier() else None
         if handler is None:
             return 127, b"", f"bash: {name}: command not found\n".encode()
         try:
-            return handler(args)
+            return handler(args, stdin)
+        except _Exit:
+            raise
         except EnvdError as exc:
-            return 1, b"", f"{name}: {exc.message}\n".encode()
+            message = exc.message if exc.message.startswith(f"{name}:") else f"{name}: {exc.message}"
+            return 1, b"", f"{message}\n".encode()
         except (OSError, ValueError, IndexError) as exc:
             return 1, b"", f"{name}: {exc}\n".encode()
 
     @staticmethod
-    def _flags(args: list[str], allowed: str) -> tuple[set[str], list[str]]:
-        flags: set[str] = set()
+    def _flags(args: list[str], allowed: str, with_value: str = "") -> tuple[dict[str, str], list[str]]:
+        """getopt: `-abc`, `-m VALUE` / `-mVALUE` for options in `with_value`, `--`."""
+        flags: dict[str, str] = {}
         rest: list[str] = []
-        parsing = True
-        for arg in args:
-            if parsing and arg == "--":
-                parsing = False
-            elif parsing and arg.startswith("-") and len(arg) > 1:
-                for ch in arg[1:]:
+        i = 0
+        while i < len(args):
+            arg = args[i]
+            if arg == "--":
+                rest.extend(args[i + 1 :])
+                break
+            if arg.startswith("-") and len(arg) > 1:
+                j = 1
+                while j < len(arg):
+                    ch = arg[j]
+                    if ch in with_value:
+                        value = arg[j + 1 :]
+                        if not value:
+                            i += 1
+                            value = args[i]
+                        flags[ch] = value
+                        break
                     if ch not in allowed:
                         raise ValueError(f"invalid option -- '{ch}'")
-                    flags.add(ch)
+                    flags[ch] = ""
+                    j += 1
             else:
                 rest.append(arg)
+            i += 1
         return flags, rest
 
-    def cmd_true(self, args: list[str]) -> tuple[int, bytes, bytes]:
+    # --- file system access as this process ---------------------------------------------------
+    def _fail(self, message: str, path: str, what: str) -> EnvdError:
+        return EnvdError("io", f"{message} '{path}': {what}")
+
+    def _read(self, verb: str, arg: str) -> bytes:
+        """The bytes of a file, read as this process (open(2) follows links)."""
+        path = self.path(arg)
+        if not self.sbx.traversable(self.user, path):
+            raise self._fail(verb, arg, "Permission denied")
+        host = self.sbx.host(path)
+        if not host.exists():
+            raise self._fail(verb, arg, "No such file or directory")
+        if host.is_dir():
+            raise self._fail(verb, arg, "Is a directory")
+        if not self.sbx.may(self.user, path, 4):
+            raise self._fail(verb, arg, "Permission denied")
+        return host.read_bytes()
+
+    def _entry_ok(self, verb: str, arg: str) -> None:
+        try:
+            self.sbx.check_entry(self.user, self.path(arg))
+        except EnvdError as exc:
+            what = "No such file or directory" if exc.code == "not_found" else (
+                "Operation not permitted" if "not permitted" in exc.message else "Permission denied")
+            raise self._fail(verb, arg, what) from None
+
+    # --- builtins -----------------------------------------------------------------------------
+    def cmd_true(self, args: list[str], stdin: bytes) -> Result:
         return 0, b"", b""
 
-    def cmd_echo(self, args: list[str]) -> tuple[int, bytes, bytes]:
+    def cmd_false(self, args: list[str], stdin: bytes) -> Result:
+        return 1, b"", b""
+
+    def cmd_echo(self, args: list[str], stdin: bytes) -> Result:
         return 0, (" ".join(args) + "\n").encode(), b""
 
-    def cmd_id(self, args: list[str]) -> tuple[int, bytes, bytes]:
-        uid = 0 if self.user == "root" else 1000
-        if args in (["-u"],):
+    def cmd_exit(self, args: list[str], stdin: bytes) -> Result:
+        raise _Exit(int(args[0]) & 0xFF if args else 0)
+
+    def cmd_umask(self, args: list[str], stdin: bytes) -> Result:
+        if not args:
+            return 0, f"{self.umask:04o}\n".encode(), b""
+        self.umask = int(args[0], 8) & 0o777
+        return 0, b"", b""
+
+    def cmd_trap(self, args: list[str], stdin: bytes) -> Result:
+        if len(args) != 2 or args[1] not in ("EXIT", "0"):
+            return 2, b"", b"trap: the stand-in models only 'trap COMMAND EXIT'\n"
+        self.exit_trap = None if args[0] == "-" else args[0]
+        return 0, b"", b""
+
+    def cmd_id(self, args: list[str], stdin: bytes) -> Result:
+        uid = self.sbx.uid_of(self.user)
+        if args == ["-u"]:
             return 0, f"{uid}\n".encode(), b""
         if args in (["-un"], ["-nu"], ["-n", "-u"], ["-u", "-n"]):
             return 0, f"{self.user}\n".encode(), b""
         return 0, f"uid={uid}({self.user}) gid={uid}({self.user}) groups={uid}({self.user})\n".encode(), b""
 
-    def cmd_mkdir(self, args: list[str]) -> tuple[int, bytes, bytes]:
-        mode = 0o755
-        if "-m" in args:
-            index = args.index("-m")
-            mode = int(args[index + 1], 8)
-            args = args[:index] + args[index + 2 :]
-        flags, paths = self._flags(args, "p")
+    def cmd_test(self, args: list[str], stdin: bytes) -> Result:
+        negate = False
+        if args and args[0] == "!" and len(args) > 1:
+            negate, args = True, args[1:]
+        if len(args) != 2 or args[0] not in {"-e", "-f", "-d", "-L", "-h", "-O", "-r", "-w", "-x", "-s"}:
+            return 2, b"", b"test: unsupported expression\n"
+        op, path = args[0], self.path(args[1])
+        sbx = self.sbx
+        if op in ("-L", "-h"):
+            ok = sbx.traversable(self.user, path, follow=False) and sbx.is_link(path)
+        elif not sbx.traversable(self.user, path) or not sbx.host(path).exists():
+            ok = False
+        else:
+            host = sbx.host(path)
+            ok = {
+                "-e": True,
+                "-f": host.is_file(),
+                "-d": host.is_dir(),
+                "-s": host.stat().st_size > 0,
+                "-O": sbx.owner_user(path) == self.user,
+                "-r": sbx.may(self.user, path, 4),
+                "-w": sbx.may(self.user, path, 2),
+                "-x": sbx.may(self.user, path, 1),
+            }[op]
+        return (0 if ok != negate else 1), b"", b""
+
+    # --- coreutils & co -------------------------------------------------------------------------
+    def cmd_mkdir(self, args: list[str], stdin: bytes) -> Result:
+        flags, paths = self._flags(args, "p", with_value="m")
+        if not paths:
+            return 1, b"", b"mkdir: missing operand\n"
+        final_mode = int(flags["m"], 8) if "m" in flags else 0o777 & ~self.umask
         for arg in paths:
-            path = self.path(arg)
-            if self.sbx.host(path).exists() and "p" not in flags:
-                return 1, b"", f"mkdir: cannot create directory '{arg}': File exists\n".encode()
-            if "p" not in flags and not self.sbx.host(posixpath.dirname(path)).is_dir():
-                return 1, b"", f"mkdir: cannot create directory '{arg}': No such file or directory\n".encode()
-            self.standin._mkdirs(self.sbx, self.user, path, mode)
+            target = self.path(arg)
+            if self.sbx.host(target).is_dir():
+                if "p" in flags:
+                    continue
+                raise self._fail("mkdir: cannot create directory", arg, "File exists")
+            parts = [p for p in target.split("/") if p]
+            for depth in range(1, len(parts) + 1):
+                sub = "/" + "/".join(parts[:depth])
+                host = self.sbx.host(sub)
+                if host.is_dir():
+                    continue
+                if self.sbx.lexists(sub):
+                    raise self._fail("mkdir: cannot create directory", arg, "File exists")
+                if sub != target and "p" not in flags:
+                    raise self._fail("mkdir: cannot create directory", arg, "No such file or directory")
+                self._entry_ok("mkdir: cannot create directory", sub)
+                host.mkdir()
+                mode = final_mode if sub == target else (0o777 & ~self.umask) | 0o300
+                os.chmod(host, mode | 0o700)  # the host user (the test) must still get in
+                self.sbx.owners[self.sbx.real(sub)] = f"{self.user}:{self.user}"
         return 0, b"", b""
 
-    def _owned(self, path: str, verb: str) -> None:
-        if self.user != "root" and self.sbx.owner_user(path) != self.user:
-            raise EnvdError("permission_denied", f"changing {verb} of '{path}': Operation not permitted")
-        for prefix in self.sbx.denied:
-            if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
-                raise EnvdError("permission_denied", f"changing {verb} of '{path}': Permission denied")
-
-    def cmd_chmod(self, args: list[str]) -> tuple[int, bytes, bytes]:
-        flags, rest = self._flags(args, "")
-        mode, paths = int(rest[0], 8), rest[1:]
-        if not paths:
+    def cmd_chmod(self, args: list[str], stdin: bytes) -> Result:
+        _, rest = self._flags(args, "")
+        if len(rest) < 2:
             return 1, b"", b"chmod: missing operand\n"
+        mode, paths = int(rest[0], 8), rest[1:]
         for arg in paths:
             path = self.path(arg)
+            if not self.sbx.traversable(self.user, path):
+                raise self._fail("chmod: cannot access", arg, "Permission denied")
             host = self.sbx.host(path)
             if not host.exists():
-                return 1, b"", f"chmod: cannot access '{arg}': No such file or directory\n".encode()
-            self._owned(path, "permissions")
+                raise self._fail("chmod: cannot access", arg, "No such file or directory")
+            if self.user != ROOT and self.sbx.owner_user(path) != self.user:
+                raise self._fail("chmod: changing permissions of", arg, "Operation not permitted")
+            self.sbx.check_denied(path)
             os.chmod(host, mode | (0o700 if host.is_dir() else 0))  # the host user keeps access to dirs
         return 0, b"", b""
 
-    def cmd_chown(self, args: list[str]) -> tuple[int, bytes, bytes]:
-        _, rest = self._flags(args, "")
+    def cmd_chown(self, args: list[str], stdin: bytes) -> Result:
+        flags, rest = self._flags(args, "h")
+        if len(rest) < 2:
+            return 1, b"", b"chown: missing operand\n"
         spec, paths = rest[0], rest[1:]
         owner, _, group = spec.partition(":")
         group = group or owner
         if owner not in self.sbx.users:
             return 1, b"", f"chown: invalid user: '{spec}'\n".encode()
+        follow = "h" not in flags
         for arg in paths:
             path = self.path(arg)
-            if not self.sbx.host(path).exists():
-                return 1, b"", f"chown: cannot access '{arg}': No such file or directory\n".encode()
-            if self.user != "root" and owner != self.user:
-                return 1, b"", f"chown: changing ownership of '{arg}': Operation not permitted\n".encode()
-            self._owned(path, "ownership")
-            self.sbx.owners[path] = f"{owner}:{group}"
+            if not self.sbx.traversable(self.user, path, follow=follow):
+                raise self._fail("chown: cannot access", arg, "Permission denied")
+            exists = self.sbx.host(path).exists() if follow else self.sbx.lexists(path)
+            if not exists:
+                raise self._fail("chown: cannot access", arg, "No such file or directory")
+            current = self.sbx.owner_user(path, follow=follow)
+            if self.user != ROOT and (owner != self.user or current != self.user):
+                raise self._fail("chown: changing ownership of", arg, "Operation not permitted")
+            self.sbx.check_denied(path)
+            key = self.sbx.real(path) if follow else self.sbx.entry(path)
+            self.sbx.owners[key] = f"{owner}:{group}"
         return 0, b"", b""
 
-    def cmd_mv(self, args: list[str]) -> tuple[int, bytes, bytes]:
+    def cmd_mv(self, args: list[str], stdin: bytes) -> Result:
         _, rest = self._flags(args, "f")
         if len(rest) != 2:
             return 1, b"", b"mv: expects SOURCE DEST\n"
+        sbx = self.sbx
         src, dst = self.path(rest[0]), self.path(rest[1])
-        host_src, host_dst = self.sbx.host(src), self.sbx.host(dst)
-        if not host_src.exists():
-            return 1, b"", f"mv: cannot stat '{rest[0]}': No such file or directory\n".encode()
-        if host_dst.is_dir():
-            dst = posixpath.join(dst, posixpath.basename(src))
-            host_dst = self.sbx.host(dst)
-        self.standin._writable(self.sbx, self.user, src)
-        self.standin._writable(self.sbx, self.user, dst)
-        os.replace(host_src, host_dst)
-        owner = self.sbx.owners.pop(src, None)
-        if owner:
-            self.sbx.owners[dst] = owner
+        if not sbx.traversable(self.user, src, follow=False) or not sbx.lexists(src):
+            raise self._fail("mv: cannot stat", rest[0], "No such file or directory")
+        if sbx.host(dst).is_dir():  # into a directory (following a link to one, like mv does)
+            dst = posixpath.join(sbx.real(dst), posixpath.basename(src))
+        src_entry, dst_entry = sbx.entry(src), sbx.entry(dst)
+        src_host, dst_host = sbx.at(src_entry), sbx.at(dst_entry)
+        if dst_host.is_dir() and not dst_host.is_symlink() and not src_host.is_dir():
+            raise self._fail(f"mv: cannot overwrite directory '{rest[1]}' with non-directory", rest[0], "Is a directory")
+        self._entry_ok("mv: cannot move", rest[0])
+        self._entry_ok("mv: cannot move to", rest[1])
+        link = sbx.link_target(src) if src_host.is_symlink() else None
+        os.replace(src_host, dst_host)
+        if link is not None:  # the host link is relative: point it at the same sandbox path again
+            dst_host.unlink()
+            os.symlink(os.path.relpath(sbx.fs / link.lstrip("/"), dst_host.parent), dst_host)
+        moved = {k: v for k, v in sbx.owners.items() if k == src_entry or k.startswith(src_entry + "/")}
+        sbx.forget(src_entry)
+        sbx.forget(dst_entry)
+        for key, value in moved.items():
+            sbx.owners[dst_entry + key[len(src_entry):]] = value
         return 0, b"", b""
 
-    def cmd_rm(self, args: list[str]) -> tuple[int, bytes, bytes]:
+    def cmd_rm(self, args: list[str], stdin: bytes) -> Result:
         flags, paths = self._flags(args, "frR")
         for arg in paths:
             path = self.path(arg)
-            host = self.sbx.host(path)
-            if not host.exists():
+            if not self.sbx.traversable(self.user, path, follow=False):
+                raise self._fail("rm: cannot remove", arg, "Permission denied")
+            if not self.sbx.lexists(path):
                 if "f" in flags:
                     continue
-                return 1, b"", f"rm: cannot remove '{arg}': No such file or directory\n".encode()
-            self.standin._writable(self.sbx, self.user, path)
-            if host.is_dir():
-                if not flags & {"r", "R"}:
-                    return 1, b"", f"rm: cannot remove '{arg}': Is a directory\n".encode()
-                shutil.rmtree(host)
-            else:
-                host.unlink()
-            for key in [k for k in self.sbx.owners if k == path or k.startswith(path + "/")]:
-                del self.sbx.owners[key]
+                raise self._fail("rm: cannot remove", arg, "No such file or directory")
+            entry = self.sbx.entry(path)
+            host = self.sbx.at(entry)
+            if host.is_dir() and not host.is_symlink() and not {"r", "R"} & flags.keys():
+                raise self._fail("rm: cannot remove", arg, "Is a directory")
+            self._entry_ok("rm: cannot remove", arg)
+            shutil.rmtree(host) if host.is_dir() and not host.is_symlink() else host.unlink()
+            self.sbx.forget(entry)
         return 0, b"", b""
 
-    def cmd_cat(self, args: list[str]) -> tuple[int, bytes, bytes]:
-        out = bytearray()
-        for arg in args:
-            host = self.sbx.host(self.path(arg))
-            if not host.is_file():
-                return 1, bytes(out), f"cat: {arg}: No such file or directory\n".encode()
-            out += host.read_bytes()
-        return 0, bytes(out), b""
+    def cmd_cat(self, args: list[str], stdin: bytes) -> Result:
+        if not args:
+            return 0, stdin, b""
+        return 0, b"".join(self._read("cat:", arg) for arg in args), b""
 
-    def cmd_test(self, args: list[str]) -> tuple[int, bytes, bytes]:
-        if len(args) != 2 or args[0] not in {"-e", "-f", "-d"}:
-            return 2, b"", b"test: unsupported expression\n"
-        host = self.sbx.host(self.path(args[1]))
-        ok = {"-e": host.exists(), "-f": host.is_file(), "-d": host.is_dir()}[args[0]]
-        return (0 if ok else 1), b"", b""
+    def cmd_head(self, args: list[str], stdin: bytes) -> Result:
+        flags, paths = self._flags(args, "", with_value="c")
+        if "c" not in flags or len(paths) > 1:
+            return 1, b"", b"head: the stand-in models only 'head -c N [FILE]'\n"
+        data = self._read("head: cannot open", paths[0]) if paths else stdin
+        return 0, data[: int(flags["c"])], b""
 
-    def cmd_stat(self, args: list[str]) -> tuple[int, bytes, bytes]:
-        if len(args) < 3 or args[0] != "-c":
-            return 1, b"", b"stat: only 'stat -c FORMAT FILE...' is supported\n"
-        fmt, paths = args[1], args[2:]
-        out = bytearray()
+    def cmd_base64(self, args: list[str], stdin: bytes) -> Result:
+        flags, paths = self._flags(args, "d", with_value="w")
+        data = self._read("base64:", paths[0]) if paths else stdin
+        if "d" in flags:
+            try:
+                return 0, base64.b64decode(b"".join(data.split()), validate=True), b""
+            except ValueError:
+                return 1, b"", b"base64: invalid input\n"
+        text = base64.b64encode(data)
+        wrap = int(flags.get("w", "76"))
+        if not text:
+            return 0, b"", b""
+        lines = [text[i : i + wrap] for i in range(0, len(text), wrap)] if wrap else [text]
+        return 0, b"\n".join(lines) + b"\n", b""
+
+    def cmd_cmp(self, args: list[str], stdin: bytes) -> Result:
+        flags, paths = self._flags(args, "s")
+        if len(paths) != 2:
+            return 2, b"", b"cmp: expects FILE1 FILE2\n"
+        try:
+            first, second = self._read("cmp:", paths[0]), self._read("cmp:", paths[1])
+        except EnvdError as exc:
+            return 2, b"", f"{exc.message}\n".encode()
+        if first == second:
+            return 0, b"", b""
+        return 1, b"" if "s" in flags else f"{paths[0]} {paths[1]} differ\n".encode(), b""
+
+    def cmd_sha256sum(self, args: list[str], stdin: bytes) -> Result:
+        _, paths = self._flags(args, "")
+        out, err, code = bytearray(), bytearray(), 0
         for arg in paths:
-            path = self.path(arg)
-            host = self.sbx.host(path)
-            if not host.exists():
-                return 1, bytes(out), f"stat: cannot statx '{arg}': No such file or directory\n".encode()
-            st = host.stat()
-            owner, _, group = self.sbx.owner(path).partition(":")
-            mode = stat.S_IMODE(st.st_mode)
-            line = (
-                fmt.replace("%a", format(mode, "o"))
-                .replace("%U", owner)
-                .replace("%G", group or owner)
-                .replace("%n", arg)
-                .replace("%s", str(st.st_size))
-            )
-            out += (line + "\n").encode()
-        return 0, bytes(out), b""
+            try:
+                data = self._read("sha256sum:", arg)
+            except EnvdError as exc:
+                err += f"{exc.message}\n".encode()
+                code = 1
+                continue
+            out += f"{hashlib.sha256(data).hexdigest()}  {arg}\n".encode()
+        return code, bytes(out), bytes(err)
 
+    def _lstat(self, verb: str, arg: str, follow: bool) -> tuple[str, os.stat_result]:
+        path = self.path(arg)
+        canonical = self.sbx.real(path) if follow else self.sbx.entry(path)
+        if not self.sbx.traversable(self.user, canonical, follow=False):
+            raise self._fail(verb, arg, "Permission denied")
+        if not os.path.lexists(self.sbx.at(canonical)):
+            raise self._fail(verb, arg, "No such file or directory")
+        return canonical, os.lstat(self.sbx.at(canonical))
+
+    def cmd_stat(self, args: list[str], stdin: bytes) -> Result:
+        flags, paths = self._flags(args, "L", with_value="c")
+        if "c" not in flags or not paths:
+            return 1, b"", b"stat: only 'stat [-L] -c FORMAT FILE...' is supported\n"
+        out, err, code = bytearray(), bytearray(), 0
+        for arg in paths:
+            try:
+                canonical, st = self._lstat("stat: cannot statx", arg, "L" in flags)
+            except EnvdError as exc:
+                err += f"{exc.message}\n".encode()
+                code = 1
+                continue
+            owner, _, group = self.sbx.owner(canonical, follow=False).partition(":")
+            group = group or owner
+            if stat.S_ISLNK(st.st_mode):
+                kind = "symbolic link"
+            elif stat.S_ISDIR(st.st_mode):
+                kind = "directory"
+            else:
+                kind = "regular file" if st.st_size else "regular empty file"
+            fields = {
+                "a": format(stat.S_IMODE(st.st_mode), "o"),
+                "U": owner,
+                "u": str(self.sbx.uid_of(owner)),
+                "G": group,
+                "g": str(self.sbx.uid_of(group)),
+                "s": str(st.st_size),
+                "F": kind,
+                "n": arg,
+                "%": "%",
+            }
+            fmt, line, i = flags["c"], [], 0
+            while i < len(fmt):
+                if fmt[i] == "%" and i + 1 < len(fmt) and fmt[i + 1] in fields:
+                    line.append(fields[fmt[i + 1]])
+                    i += 2
+                else:
+                    line.append(fmt[i])
+                    i += 1
+            out += ("".join(line) + "\n").encode()
+        return code, bytes(out), bytes(err)
+
+    def cmd_find(self, args: list[str], stdin: bytes) -> Result:
+        """Only `find DIR -maxdepth 1 [-type f|d|l] [-user U] [-name PATTERN] [-mmin ±N] [-delete|-print]`."""
+        if len(args) < 3 or args[1:3] != ["-maxdepth", "1"]:
+            return 1, b"", b"find: the stand-in models only 'find DIR -maxdepth 1 ...'\n"
+        top, rest = args[0], args[3:]
+        tests: list[tuple[str, str]] = []
+        action = "-print"
+        i = 0
+        while i < len(rest):
+            if rest[i] in ("-delete", "-print"):
+                action = rest[i]
+                i += 1
+            elif rest[i] in ("-type", "-user", "-name", "-mmin") and i + 1 < len(rest):
+                tests.append((rest[i], rest[i + 1]))
+                i += 2
+            else:
+                return 1, b"", f"find: unknown predicate '{rest[i]}'\n".encode()
+        directory = self.path(top)
+        if not self.sbx.may(self.user, directory, 5) or not self.sbx.host(directory).is_dir():
+            return 1, b"", f"find: '{top}': Permission denied\n".encode()
+        base = self.sbx.real(directory)
+        out, err, code = bytearray(), bytearray(), 0
+        now = time.time()
+        for name in sorted(os.listdir(self.sbx.at(base))):
+            entry = posixpath.join(base, name)
+            st = os.lstat(self.sbx.at(entry))
+            kind = "l" if stat.S_ISLNK(st.st_mode) else "d" if stat.S_ISDIR(st.st_mode) else "f"
+            ok = True
+            for predicate, value in tests:
+                if predicate == "-type":
+                    ok = kind == value
+                elif predicate == "-user":
+                    ok = self.sbx.owner_user(entry, follow=False) == value
+                elif predicate == "-name":
+                    ok = fnmatch.fnmatchcase(name, value)
+                else:
+                    age, limit = (now - st.st_mtime) / 60, float(value.lstrip("+-"))
+                    ok = age > limit if value.startswith("+") else age < limit if value.startswith("-") else (
+                        int(age) == int(limit))
+                if not ok:
+                    break
+            if not ok:
+                continue
+            shown = top.rstrip("/") + "/" + name
+            if action == "-print":
+                out += f"{shown}\n".encode()
+                continue
+            try:
+                self.sbx.check_entry(self.user, entry)
+                shutil.rmtree(self.sbx.at(entry)) if kind == "d" else os.unlink(self.sbx.at(entry))
+                self.sbx.forget(entry)
+            except EnvdError:
+                err += f"find: cannot delete '{shown}': Permission denied\n".encode()
+                code = 1
+        return code, bytes(out), bytes(err)
 
 
 __all__ = ["DEFAULT_API_KEY", "E2BStandin", "Fault", "Shell", "StandinSandbox", "envelope", "read_envelopes"]

@@ -32,8 +32,8 @@ async def write_credentials(
     mcp_package: str | None = None,
 ) -> Written:
     """Create the dirs (0700), then write each file (0600) whose bytes differ from what is there.
-    A backend with `update_files` (local) does it in one call, any other with one call per
-    file operation."""
+    A backend with `update_files` (local: one worker-thread call; e2b: one read, one upload,
+    one command) does it in one call, any other with one call per file operation."""
     update_files = getattr(sandbox, "update_files", None)
     if update_files is not None:
         dirs = [(directory, domain.DIR_MODE) for directory in layout.dirs(mode)]

@@ -6,18 +6,21 @@ back out of the stand-in sandbox."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path, PurePosixPath
 
 import pytest
 from nats.aio.client import Client
 from pydantic import SecretStr
 
+from services.sandbox import domain
 from services.sandbox.adapters.backends.base import Target
 from services.sandbox.adapters.backends.e2b import E2BBackend, E2BConfig
 from services.sandbox.errors import BackendError, BackendUnavailable, SandboxNotFound
+from services.sandbox.writer import Written, write_credentials
 from shared import subjects
 from shared.events import CredentialMode, SandboxOptions
-from standins.e2b import E2BStandin
+from standins.e2b import E2BStandin, StandinSandbox
 from tests.grants import sandbox_created
 from tests.sandbox_fixtures import (  # noqa: F401 - fixtures
     SCOPES,
@@ -67,22 +70,25 @@ async def test_backend_writes_0600_files_owned_by_the_user_and_reads_them_back(e
 
     assert sbx.mode(f"{HOME}/.claude") == 0o700
     assert sbx.owner(f"{HOME}/.claude") == "user:user"
-    commands = [(user, cmd.split()[0]) for user, cmd, _ in sbx.commands]
-    assert ("root", "chown") in commands  # the dir made the user's by root
-    assert ("user", "chmod") in commands  # chmod 600 before the move
+    assert {user for user, _, _ in sbx.commands} == {"user"}  # never root
     assert all(code == 0 for _, _, code in sbx.commands)
     assert [p.name for p in sbx.fs.rglob("*ccbridge-tmp*")] == []
+    assert list(sbx.host("/tmp").iterdir()) == []  # no staged copy left
 
 
 async def test_backend_file_is_never_visible_with_other_bits(e2b_standin: E2BStandin) -> None:
-    """envd creates files 0644; the temp file is chmod-ed before it is moved into place."""
+    """envd creates files 0644 (in /tmp, under a name nobody can guess); the staged copy is
+    chmod-ed before it is moved next to the target and renamed over it."""
     sbx = e2b_standin.add_sandbox()
     async with backend(e2b_standin).open(Target(event_id="evt-00000002", sandbox_id=sbx.sandbox_id,
                                                 backend="e2b")) as sandbox:
         await sandbox.make_dir(PurePosixPath(f"{HOME}/.claude"), 0o700)
         await sandbox.write_file(PurePosixPath(CREDS), b"{}", 0o600)
     [move] = [cmd for _, cmd, _ in sbx.commands if " mv -f " in cmd]
-    assert move.index("chmod 600") < move.index("mv -f")
+    [staged] = {word.strip("'") for word in move.split() if word.startswith("/tmp/.ccbridge-stage-")}
+    assert len(staged) > len("/tmp/.ccbridge-stage-") + 32  # 128 random bits
+    assert move.index(f"chmod 600 -- {staged}") < move.index(f"mv -f -- {staged}")
+    assert move.index("umask 077") == 0
     assert sbx.mode(CREDS) == 0o600 and sbx.owner(CREDS) == "user:user"
 
 
@@ -90,7 +96,7 @@ async def test_backend_file_is_never_visible_with_other_bits(e2b_standin: E2BSta
     ("inject", "error", "retryable", "reason"),
     [
         (lambda s: s.fail("files.write", status=500), BackendError, True, "backend_error"),
-        (lambda s: s.fail("make_dir", status=500), BackendError, True, "backend_error"),
+        (lambda s: s.fail("process", status=403), BackendError, False, "backend_error"),
         (lambda s: s.fail("process", status=500), BackendError, True, "backend_error"),
         (lambda s: s.fail("files.write", status=403), BackendError, False, "backend_error"),
         (lambda s: s.deny(f"{HOME}/.claude"), BackendError, False, "backend_error"),
@@ -98,7 +104,7 @@ async def test_backend_file_is_never_visible_with_other_bits(e2b_standin: E2BSta
         (lambda s: s.slow("process", 2.5), BackendUnavailable, True, "backend_unavailable"),
         (lambda s: s.fail("files.write", status=429), BackendUnavailable, True, "backend_unavailable"),
     ],
-    ids=["files-500", "mkdir-500", "process-500", "files-403", "permission-denied", "files-timeout",
+    ids=["files-500", "process-403", "process-500", "files-403", "permission-denied", "files-timeout",
          "process-timeout", "rate-limited"],
 )
 async def test_backend_maps_envd_failures(e2b_standin: E2BStandin, inject, error, retryable, reason) -> None:  # type: ignore[no-untyped-def]
@@ -138,6 +144,132 @@ async def test_backend_maps_control_plane_failures(e2b_standin: E2BStandin) -> N
     with pytest.raises(SandboxNotFound):
         async with backend(e2b_standin).open(target):
             pass
+
+
+# --- a sandbox user who plants links (agent code runs as that user) ------------------------
+async def inject(standin: E2BStandin, sbx: StandinSandbox, mode: CredentialMode = "file", **kwargs: object) -> Written:
+    bundle = kwargs.pop("bundle", None) or make_bundle()
+    async with backend(standin, **kwargs).open(Target(event_id="evt-00000009", sandbox_id=sbx.sandbox_id,
+                                                      backend="e2b")) as sandbox:
+        layout = domain.resolve_layout(sandbox.home)
+        return await write_credentials(sandbox, layout, mode, bundle)  # type: ignore[arg-type]
+
+
+async def attempt(standin: E2BStandin, sbx: StandinSandbox) -> BackendError | None:
+    try:
+        await inject(standin, sbx)
+    except BackendError as exc:
+        return exc
+    return None
+
+
+def no_root_process(sbx: StandinSandbox) -> None:
+    assert [cmd for user, cmd, _ in sbx.commands if user != "user"] == []
+
+
+async def test_a_config_dir_planted_as_a_link_to_a_root_dir_gains_the_user_nothing(e2b_standin: E2BStandin) -> None:
+    sbx = e2b_standin.add_sandbox()
+    before = sorted(os.listdir(sbx.host("/etc")))
+    sbx.symlink(f"{HOME}/.claude", "/etc")  # ~/.claude -> /etc, planted by the sandbox user
+
+    error = await attempt(e2b_standin, sbx)
+
+    assert (sbx.owner("/etc"), sbx.mode("/etc")) == ("root:root", 0o755)  # not handed to the user
+    assert sorted(os.listdir(sbx.host("/etc"))) == before  # no credential (or temp copy) landed there
+    assert sbx.owner("/etc/passwd") == "root:root"
+    no_root_process(sbx)
+    assert error is not None and error.retryable is False
+    assert "symbolic link" in error.detail and f"{HOME}/.claude" in error.detail
+    assert list(sbx.host("/tmp").iterdir()) == []  # the staged copies are gone too
+
+
+async def test_a_temp_name_planted_as_a_link_is_replaced_not_followed(e2b_standin: E2BStandin) -> None:
+    sbx = e2b_standin.add_sandbox()
+    sbx.make(f"{HOME}/.claude", owner="user", mode=0o700)
+    passwd = sbx.read("/etc/passwd")
+    for name in (".credentials.json", "settings.json"):  # where the old backend put its temp copies
+        sbx.symlink(f"{HOME}/.claude/.{name}.ccbridge-tmp", "/etc/passwd")
+
+    await inject(e2b_standin, sbx)
+
+    assert (sbx.read("/etc/passwd"), sbx.owner("/etc/passwd"), sbx.mode("/etc/passwd")) == (passwd, "root:root", 0o644)
+    assert not sbx.is_link(CREDS) and sbx.owner(CREDS) == "user:user" and sbx.mode(CREDS) == 0o600
+    assert json.loads(sbx.read(CREDS))["claudeAiOauth"]["scopes"] == SCOPES
+    no_root_process(sbx)
+
+
+async def test_a_merged_file_linked_to_a_root_file_is_not_read_as_root(e2b_standin: E2BStandin) -> None:
+    sbx = e2b_standin.add_sandbox()
+    sbx.put("/root/.claude.json", json.dumps({"primaryApiKey": "sk-root-only"}), owner="root", mode=0o600)
+    sbx.symlink(f"{HOME}/.claude.json", "/root/.claude.json")
+
+    await inject(e2b_standin, sbx)
+
+    config = sbx.read(f"{HOME}/.claude.json")
+    assert b"sk-root-only" not in config and json.loads(config)["hasCompletedOnboarding"] is True
+    assert not sbx.is_link(f"{HOME}/.claude.json") and sbx.owner(f"{HOME}/.claude.json") == "user:user"
+    assert (sbx.owner("/root/.claude.json"), sbx.mode("/root/.claude.json")) == ("root:root", 0o600)
+    no_root_process(sbx)
+
+
+async def test_a_config_dir_the_template_made_as_root_fails_for_good_and_says_why(e2b_standin: E2BStandin) -> None:
+    sbx = e2b_standin.add_sandbox()
+    sbx.make(f"{HOME}/.claude", owner="root", mode=0o755)
+
+    error = await attempt(e2b_standin, sbx)
+
+    assert error is not None and error.retryable is False
+    assert "template" in error.detail and f"{HOME}/.claude" in error.detail
+    assert (sbx.owner(f"{HOME}/.claude"), sbx.mode(f"{HOME}/.claude")) == ("root:root", 0o755)
+    assert not sbx.host(CREDS).exists()
+    no_root_process(sbx)
+
+
+# --- round trips ------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["file", "access_only", "env"])
+async def test_an_injection_takes_at_most_four_round_trips(e2b_standin: E2BStandin, mode: CredentialMode) -> None:
+    """connect, one read (the files to merge), one upload (every changed file), one command
+    (dirs, modes, renames, and what the service verifies) — fresh home or not."""
+    sbx = e2b_standin.add_sandbox()
+    trips, results = [], []
+    first, second = make_bundle(), make_bundle()
+    for bundle in (first, second, second):  # a fresh home, new tokens, the same tokens again
+        before = e2b_standin.round_trips(sbx.sandbox_id)
+        results.append(await inject(e2b_standin, sbx, mode, bundle=bundle))
+        trips.append(e2b_standin.round_trips(sbx.sandbox_id) - before)
+    assert trips == [4, 4, 4]
+    secret = ENV_FILE if mode == "env" else CREDS
+    assert set(results[0].written) == {secret, f"{HOME}/.claude.json", f"{HOME}/.claude/settings.json"}
+    assert results[1].written == (secret,)  # the merged files already hold the flags
+    assert results[2].written == ()  # the same bytes are never rewritten
+    assert sbx.mode(secret) == 0o600 and sbx.owner(secret) == "user:user"
+    assert list(sbx.host("/tmp").iterdir()) == []
+    no_root_process(sbx)
+
+
+async def test_a_merged_file_too_large_to_merge_fails_for_good(e2b_standin: E2BStandin) -> None:
+    from services.sandbox.adapters.backends.e2b import MAX_MERGE_BYTES
+
+    sbx = e2b_standin.add_sandbox()
+    sbx.put(f"{HOME}/.claude.json", b"{" + b" " * MAX_MERGE_BYTES + b"}", owner="user", mode=0o600)
+    error = await attempt(e2b_standin, sbx)
+    assert error is not None and error.retryable is False and "larger than" in error.detail
+    assert not sbx.host(CREDS).exists()
+
+
+async def test_a_merged_path_that_is_a_directory_fails_for_good(e2b_standin: E2BStandin) -> None:
+    sbx = e2b_standin.add_sandbox()
+    sbx.make(f"{HOME}/.claude.json", owner="user", mode=0o700)
+    error = await attempt(e2b_standin, sbx)
+    assert error is not None and error.retryable is False and "not a regular file" in error.detail
+
+
+async def test_staged_copies_a_crash_left_are_swept(e2b_standin: E2BStandin) -> None:
+    sbx = e2b_standin.add_sandbox()
+    sbx.put("/tmp/.ccbridge-stage-" + "ab" * 16 + "-0", "token", owner="user", mode=0o644)
+    os.utime(sbx.host("/tmp/.ccbridge-stage-" + "ab" * 16 + "-0"), (1, 1))
+    await inject(e2b_standin, sbx)
+    assert list(sbx.host("/tmp").iterdir()) == []
 
 
 # --- the service over NATS --------------------------------------------------------------------
@@ -330,3 +462,12 @@ async def test_a_sandbox_created_for_an_event_that_finally_fails_is_killed(
     [created] = [s for s in e2b_standin.sandboxes.values() if s.metadata.get("ccbridge_sandbox_id") == platform_id]
     assert created.alive is False  # killed: nobody else knows its id
     assert e2b_standin.count("DELETE", "/sandboxes/{id}", created.sandbox_id) == 1
+
+
+async def test_the_round_trip_benchmark_reports_what_the_bench_reads() -> None:
+    from bench.e2b_roundtrips import measure
+
+    result = await measure(2)
+    assert result["round_trips_per_injection"] <= 4
+    assert result["round_trips_fresh"] <= 4 and result["round_trips_reinjection"] <= 4
+    assert 0 < result["injection_ms_p50"] <= result["injection_ms_p99"]

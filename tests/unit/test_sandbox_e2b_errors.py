@@ -3,6 +3,7 @@ and the small pure helpers of the backend. No I/O."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import PurePosixPath
 
 import httpx
@@ -26,7 +27,18 @@ from e2b import (
 from pydantic import SecretStr
 
 from services.sandbox.adapters.backends.base import Target
-from services.sandbox.adapters.backends.e2b import E2BBackend, E2BConfig, E2BSandbox, idempotency_key, map_e2b_error
+from services.sandbox.adapters.backends.e2b import (
+    MAX_MERGE_BYTES,
+    E2BBackend,
+    E2BConfig,
+    E2BSandbox,
+    _Output,
+    idempotency_key,
+    map_e2b_error,
+    put_script,
+    read_script,
+    staged_name,
+)
 from services.sandbox.errors import BackendError, BackendUnavailable, SandboxNotFound
 
 
@@ -99,3 +111,63 @@ def test_config_repr_hides_the_api_key() -> None:
 def test_temp_name_is_next_to_the_target() -> None:
     assert E2BSandbox.tmp_of(PurePosixPath("/home/user/.claude/.credentials.json")) == PurePosixPath(
         "/home/user/.claude/..credentials.json.ccbridge-tmp")
+
+
+# --- the scripts the sandbox runs --------------------------------------------------------------
+HOME = PurePosixPath("/home/user")
+CREDS = HOME / ".claude/.credentials.json"
+
+
+def test_no_root_no_content_in_any_command_line() -> None:
+    """envd logs command lines: token bytes travel only in the upload, never in a script."""
+    staged = staged_name("ab" * 16, 0)
+    script = put_script("ccbT", [(HOME / ".claude", 0o700)], [(CREDS, staged, 0o600)])
+    assert "sk-ant" not in script and "root" not in script and "sudo" not in script
+    assert script.startswith("umask 077\ntrap 'rm -f -- /tmp/.ccbridge-stage-")
+    assert f"mv -f -- {staged} /home/user/.claude/..credentials.json.ccbridge-tmp" in script
+    assert "mv -f -- /home/user/.claude/..credentials.json.ccbridge-tmp /home/user/.claude/.credentials.json" in script
+    assert "test -L /home/user/.claude && exit 3" in script
+
+
+def test_the_read_is_bounded_and_as_the_user() -> None:
+    script = read_script("ccbT", "user", [HOME / ".claude.json"])
+    assert f"head -c {MAX_MERGE_BYTES + 1} -- /home/user/.claude.json | base64" in script
+    assert "find /tmp -maxdepth 1 -type f -user user -name '.ccbridge-stage-*' -mmin +2 -delete" in script
+
+
+def sandbox() -> E2BSandbox:
+    return E2BSandbox(None, home=HOME, user="user", request_timeout=1.0, created=False)  # type: ignore[arg-type]
+
+
+def test_verification_ignores_noise_and_catches_a_mismatch() -> None:
+    data = b'{"claudeAiOauth": {}}'
+    sha = hashlib.sha256(data).hexdigest()
+    good = "\n".join([
+        "Welcome to the sandbox! ccbT vf 0 600 user 21 regular file",  # a login profile's noise
+        "ccbT n 0", "ccbT v",
+        "ccbT vd 0 700 user directory",
+        f"ccbT vf 0 600 user {len(data)} regular file", f"{sha}  {CREDS}",
+    ])
+    dirs, files = [(HOME / ".claude", 0o700)], [(CREDS, data, 0o600)]
+    assert sandbox()._verify("ccbT", _Output(0, good, ""), dirs, files, "write") == {CREDS}
+    for wrong in (good.replace("600 user 21", "644 user 21"), good.replace("600 user 21", "600 root 21"),
+                  good.replace(sha, "0" * 64), good.replace("700 user directory", "700 user symbolic link")):
+        with pytest.raises(BackendError) as info:
+            sandbox()._verify("ccbT", _Output(0, wrong, ""), dirs, files, "write")
+        assert info.value.retryable is True
+    with pytest.raises(BackendError) as denied:
+        sandbox()._verify("ccbT", _Output(0, good.replace(sha, "0" * 64), "mv: Permission denied"), dirs, files, "w")
+    assert denied.value.retryable is False
+
+
+@pytest.mark.parametrize(("code", "err", "words", "retryable"), [
+    (3, "", "symbolic link", False),
+    (5, "", "template must give", False),
+    (4, "mkdir: cannot create directory: Permission denied", "permission denied", False),
+    (4, "mkdir: No space left on device", "cannot create", True),
+])
+def test_directory_failures_say_why(code: int, err: str, words: str, retryable: bool) -> None:
+    out = "ccbT d 0\nccbT do 0 root 755 directory\n"
+    with pytest.raises(BackendError) as info:
+        sandbox()._verify("ccbT", _Output(code, out, err), [(HOME / ".claude", 0o700)], [], "write")
+    assert words in info.value.detail and info.value.retryable is retryable
