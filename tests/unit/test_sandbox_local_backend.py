@@ -208,3 +208,17 @@ async def test_open_of_a_known_sandbox_does_not_recreate_a_missing_home(tmp_path
         async with backend.open(Target(event_id="e" * 8, sandbox_id="gone", backend="local")):
             pass
     assert not (tmp_path / "sandboxes" / "gone").exists()
+
+
+async def test_close_stops_the_io_thread(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path / "sandboxes")
+    async with backend.open(SandboxCreated(user_id="u", sandbox_id="sbx-1")) as sandbox:
+        await sandbox.write_file(PurePosixPath("a"), b"1", 0o600)
+    threads = list(backend._executor._threads)  # this backend's own I/O thread
+    assert [t.name.startswith("ccbridge-local-io") and t.is_alive() for t in threads] == [True]
+    await backend.aclose()
+    assert not any(t.is_alive() for t in threads)
+    backend.close()  # idempotent
+    with pytest.raises(RuntimeError):
+        async with backend.open(SandboxCreated(user_id="u", sandbox_id="sbx-1")) as sandbox:
+            await sandbox.read_file(PurePosixPath("a"))

@@ -497,7 +497,7 @@ class LocalSandbox:
 
 class LocalBackend:
     """`BackendProvider` for `backend: "local"`. `durable`: fsync written files and their
-    directories (`SANDBOX_LOCAL_FSYNC`)."""
+    directories (`SANDBOX_LOCAL_FSYNC`). `close`/`aclose` stop its I/O thread."""
 
     kind = "local"
 
@@ -552,3 +552,10 @@ class LocalBackend:
 
         # the home is created by the sandbox's first I/O-thread call (no extra hop)
         yield LocalSandbox(home, durable=self.durable, prepare=ensure_home, executor=self._executor)
+
+    def close(self) -> None:
+        """Stop the I/O thread (after the work already queued). Idempotent."""
+        self._executor.shutdown(wait=True)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
