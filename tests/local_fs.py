@@ -1,8 +1,10 @@
 """Small helpers of the local sandbox backend's tests: a home directory, exact permission bits,
-temp files left behind, a `.claude` that links out of the home. Import the fixture you use (`from tests.local_fs import home, …`)."""
+temp files left behind, a `.claude` that links out of the home, the process's open descriptors.
+Import the fixture you use (`from tests.local_fs import home, …`)."""
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -17,6 +19,11 @@ def mode_of(path: Path) -> int:
 def leftovers(directory: Path) -> list[str]:
     """Temp files (`*ccbridge-tmp*`) in `directory`."""
     return [p.name for p in directory.iterdir() if "ccbridge-tmp" in p.name]
+
+
+def open_fds() -> int:
+    """How many file descriptors this process has open."""
+    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Local backend: atomic writes, exact modes, paths confined to the sandbox home."""
+"""Local backend: atomic writes, exact modes, paths confined to the sandbox home (walked by
+descriptor: a symlink or `..` on the way is refused)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from services.sandbox.adapters.backends.base import SandboxBackend
-from services.sandbox.adapters.backends.local import LocalBackend, LocalSandbox, atomic_write
-from services.sandbox.errors import BackendError, PathOutsideSandbox
+from services.sandbox.adapters.backends.base import SandboxBackend, Target
+from services.sandbox.adapters.backends.local import LocalBackend, LocalSandbox
+from services.sandbox.errors import BackendError, PathOutsideSandbox, SandboxNotFound
 from shared.events import SandboxCreated
 from tests.local_fs import home, leftovers, mode_of, outside  # noqa: F401 - fixtures
 
@@ -84,17 +85,19 @@ async def test_failed_write_leaves_old_file_and_no_temp(home: Path, monkeypatch:
     assert leftovers(home) == []
 
 
-def test_atomic_write_never_exposes_a_partial_file(tmp_path: Path) -> None:
-    target = tmp_path / "big.json"
+async def test_a_big_write_never_exposes_a_partial_file(home: Path) -> None:
+    target = home / "big.json"
+    target.write_bytes(b"old")
     payload = b"x" * (4 * 1024 * 1024)
-    atomic_write(target, payload, 0o600)
+    await LocalSandbox(home).write_file(PurePosixPath("big.json"), payload, 0o600)
     assert target.read_bytes() == payload
-    assert leftovers(tmp_path) == []
+    assert leftovers(home) == []
 
 
 @pytest.mark.parametrize(
     "path",
-    ["../escape.json", "../../etc/passwd", "/etc/passwd", ".claude/../../sbx-2/x", "/"],
+    ["../escape.json", "../../etc/passwd", "/etc/passwd", ".claude/../../sbx-2/x", "/",
+     ".claude/../escape.json"],  # `..` is refused even where it would stay inside
 )
 async def test_paths_outside_the_home_are_refused(home: Path, path: str) -> None:
     sandbox = LocalSandbox(home)
@@ -119,6 +122,27 @@ async def test_symlink_out_of_the_home_is_refused(home: Path, outside: Path) -> 
     with pytest.raises(PathOutsideSandbox):
         await sandbox.write_file(PurePosixPath("link.json"), b"secret", 0o600)
     assert list(outside.iterdir()) == []
+
+
+async def test_a_symlink_pointing_inside_the_home_is_refused_too(home: Path) -> None:
+    """Only real directories are walked: a link is refused wherever it points."""
+    (home / "dotfiles" / "claude").mkdir(parents=True)
+    (home / "dotfiles" / "claude" / "settings.json").write_text("{}")
+    (home / ".claude").symlink_to("dotfiles/claude")
+    (home / "conf.json").symlink_to("dotfiles/claude/settings.json")
+    sandbox = LocalSandbox(home)
+    for call in (
+        sandbox.read_file(PurePosixPath(".claude/settings.json")),
+        sandbox.read_file(PurePosixPath("conf.json")),
+        sandbox.write_file(PurePosixPath(".claude/.credentials.json"), b"t", 0o600),
+        sandbox.write_file(PurePosixPath("conf.json"), b"t", 0o600),
+        sandbox.make_dir(PurePosixPath(".claude"), 0o700),
+        sandbox.remove(PurePosixPath(".claude/settings.json")),
+    ):
+        with pytest.raises(PathOutsideSandbox):
+            await call
+    assert sorted(p.name for p in (home / "dotfiles" / "claude").iterdir()) == ["settings.json"]
+    assert (home / ".claude").is_symlink() and (home / "conf.json").is_symlink()
 
 
 async def test_home_itself_cannot_be_replaced_or_removed(home: Path) -> None:
@@ -164,17 +188,37 @@ async def test_permission_error_is_retryable(home: Path) -> None:
         locked.chmod(0o700)
 
 
-def test_home_dir_must_be_a_direct_child_of_root(tmp_path: Path) -> None:
+async def test_home_is_a_direct_child_of_root_and_never_a_symlink(tmp_path: Path) -> None:
     root = tmp_path / "root"
-    root.mkdir()
+    (root / "sbx-2").mkdir(parents=True)
     backend = LocalBackend(root)
     assert backend.home_dir("sbx-1") == root.resolve() / "sbx-1"
-    for bad in ("..", ".", "a/b", "../x", "/etc"):
+    for bad in ("..", ".", "a/b", "../x", "/etc", ""):
         with pytest.raises(PathOutsideSandbox):
             backend.home_dir(bad)
-    (root / "evil").symlink_to(tmp_path)
-    with pytest.raises(PathOutsideSandbox):
-        backend.home_dir("evil")
+    # a home that is a symlink (to anywhere, even another sandbox) is refused when opened
+    for name, to in (("evil", tmp_path), ("alias", root / "sbx-2")):
+        (root / name).symlink_to(to)
+        async with backend.open(SandboxCreated(user_id="u", sandbox_id=name)) as sandbox:
+            with pytest.raises(PathOutsideSandbox):
+                await sandbox.write_file(PurePosixPath("x.json"), b"x", 0o600)
+            with pytest.raises(PathOutsideSandbox):
+                await sandbox.read_file(PurePosixPath("x.json"))
+        with pytest.raises(PathOutsideSandbox):
+            async with backend.open(Target(event_id="e" * 8, sandbox_id=name, backend="local")):
+                pass
+    assert list((root / "sbx-2").iterdir()) == [] and not (tmp_path / "x.json").exists()
+    backend.close()
+
+
+async def test_a_root_given_through_a_symlink_is_fine(home: Path, tmp_path: Path) -> None:
+    """The root is the operator's: its path may hold symlinks; the home is its real path."""
+    (tmp_path / "alias").symlink_to(home.parent)
+    sandbox = LocalSandbox(tmp_path / "alias" / home.name)
+    assert sandbox.home == PurePosixPath(os.path.realpath(home))
+    await sandbox.write_file(PurePosixPath("a.json"), b"1", 0o600)
+    assert await sandbox.read_file(sandbox.home / "a.json") == b"1"
+    assert (home / "a.json").read_bytes() == b"1"
 
 
 async def test_stale_temp_copies_are_discarded_and_removed_with_their_file(home: Path) -> None:
@@ -200,11 +244,31 @@ async def test_stale_temp_copies_are_discarded_and_removed_with_their_file(home:
 
 
 async def test_open_of_a_known_sandbox_does_not_recreate_a_missing_home(tmp_path: Path) -> None:
-    from services.sandbox.adapters.backends.base import Target
-    from services.sandbox.errors import SandboxNotFound
-
     backend = LocalBackend(tmp_path / "sandboxes")
     with pytest.raises(SandboxNotFound):
         async with backend.open(Target(event_id="e" * 8, sandbox_id="gone", backend="local")):
             pass
     assert not (tmp_path / "sandboxes" / "gone").exists()
+    (tmp_path / "sandboxes").mkdir()
+    (tmp_path / "sandboxes" / "afile").write_text("not a home")
+    with pytest.raises(SandboxNotFound):
+        async with backend.open(Target(event_id="e" * 8, sandbox_id="afile", backend="local")):
+            pass
+    (tmp_path / "sandboxes" / "there").mkdir()
+    async with backend.open(Target(event_id="e" * 8, sandbox_id="there", backend="local")) as sandbox:
+        assert await sandbox.read_file(PurePosixPath(".claude.json")) is None
+    await backend.aclose()
+
+
+async def test_close_stops_the_io_thread(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path / "sandboxes")
+    async with backend.open(SandboxCreated(user_id="u", sandbox_id="sbx-1")) as sandbox:
+        await sandbox.write_file(PurePosixPath("a"), b"1", 0o600)
+    threads = list(backend._executor._threads)  # this backend's own I/O thread
+    assert [t.name.startswith("ccbridge-local-io") and t.is_alive() for t in threads] == [True]
+    await backend.aclose()
+    assert not any(t.is_alive() for t in threads)
+    backend.close()  # idempotent
+    with pytest.raises(RuntimeError):
+        async with backend.open(SandboxCreated(user_id="u", sandbox_id="sbx-1")) as sandbox:
+            await sandbox.read_file(PurePosixPath("a"))

@@ -1,6 +1,6 @@
-"""Local backend, batched path (`read_files` / `write_files`, one worker-thread call each):
-same guarantees as the one-file calls — exact modes, atomic replace, no temp files left,
-stale temp copies discarded, confinement to the home, unchanged files not rewritten."""
+"""Local backend, batched path (`read_files` / `write_files` / `update_files`, one worker-thread
+call each): same guarantees as the one-file calls — exact modes, atomic replace, no temp files
+left, stale temp copies discarded, confinement to the home, unchanged files not rewritten."""
 
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.sandbox.adapters.backends import local as local_module
-from services.sandbox.adapters.backends.local import LocalBackend, LocalSandbox, _discard_stale_temps
-from services.sandbox.errors import PathOutsideSandbox
+from services.sandbox.adapters.backends.local import LocalBackend, LocalSandbox
+from services.sandbox.errors import BackendError, PathOutsideSandbox
 from shared.events import SandboxCreated
 from tests.local_fs import home, leftovers, mode_of, outside  # noqa: F401 - fixtures
 
@@ -183,7 +182,7 @@ async def test_backend_durable_flag_reaches_its_sandboxes(tmp_path: Path, monkey
     assert calls[0][1] == os.path.realpath(tmp_path / "safe")
 
 
-# --- resolve: the same answer as os.path.realpath, confined to the home --------------------
+# --- confinement: what a read of any path answers, by the rules ------------------------------
 
 
 @pytest.fixture
@@ -192,8 +191,9 @@ def tree(tmp_path: Path) -> Path:
     home = tmp_path / "root" / "sbx-1"
     (home / "a" / "b").mkdir(parents=True)
     (home / "f").write_text("file")
-    (home / "a" / "b" / "g").write_text("file")
+    (home / "a" / "b" / "g").write_text("file g")
     (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "x").write_text("outside")
     (home / "in").symlink_to("a")  # relative, inside
     (home / "a" / "up").symlink_to("..")  # back to the home
     (home / "abs").symlink_to(home / "a" / "b")  # absolute, inside
@@ -203,73 +203,105 @@ def tree(tmp_path: Path) -> Path:
     return home
 
 
-def check_resolve(sandbox: LocalSandbox, home: Path, path: str) -> None:
-    candidate = Path(path) if path.startswith("/") else home / path
-    expected = os.path.realpath(candidate)
+REFUSED, FINAL = "refused", "final error"
+
+
+def expected_read(home: Path, path: str) -> object:
+    """What `read_file(path)` must answer: REFUSED (PathOutsideSandbox) for a path outside the
+    home, a `..`, or a symlink anywhere on the way (wherever it points); FINAL (a final
+    BackendError) through a file or for a directory; else the file's bytes, None when absent."""
     real_home = os.path.realpath(home)
-    if expected == real_home or expected.startswith(real_home + "/"):
-        assert str(sandbox.resolve(path)) == expected, path
-        assert str(sandbox.resolve(PurePosixPath(path))) == expected, path
-    else:
-        with pytest.raises(PathOutsideSandbox):
-            sandbox.resolve(path)
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    if path.startswith("/"):
+        prefix = real_home.split("/")[1:]
+        if parts[: len(prefix)] != prefix:
+            return REFUSED
+        parts = parts[len(prefix) :]
+    if ".." in parts:
+        return REFUSED
+    current = Path(real_home)
+    for index, part in enumerate(parts):
+        current = current / part
+        try:
+            info = current.lstat()
+        except FileNotFoundError:
+            return None
+        if stat.S_ISLNK(info.st_mode):
+            return REFUSED
+        if index < len(parts) - 1 and not stat.S_ISDIR(info.st_mode):
+            return FINAL
+    if not parts or current.is_dir():
+        return FINAL
+    return current.read_bytes()
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
-        "",
-        ".",
-        "a",
-        "a/b/g",
-        "a/b/missing/deeper",
-        "missing/x/y",
-        "f/x",  # through a regular file
-        "a/../f",
-        "a/b/../../a/./b",
-        "missing/../a",
-        "in/b/g",
-        "in/b/../b",
-        "a/up/a/up/f",
-        "abs/g",
-        "round/b",
-        "loop",
-        "loop/x",
-        "..",
-        "../sbx-1/a",
-        "../sbx-10",
-        "a/../../sbx-1x/f",
-        "out",
-        "out/x",
-        "a/up/out/x",
-        "/etc/passwd",
-        "/",
-    ],
-)
-def test_resolve_matches_realpath(tree: Path, path: str) -> None:
-    check_resolve(LocalSandbox(tree), tree, path)
+async def answer(sandbox: LocalSandbox, path: str) -> object:
+    try:
+        return await sandbox.read_file(PurePosixPath(path) if path else path)  # type: ignore[arg-type]
+    except PathOutsideSandbox:
+        return REFUSED
+    except BackendError as exc:
+        assert exc.retryable is False, exc
+        return FINAL
 
 
-def test_resolve_of_absolute_paths_inside_the_home(tree: Path) -> None:
+PATHS = [
+    "",
+    ".",
+    "a",
+    "a/b/g",
+    "a/b/missing/deeper",
+    "missing/x/y",
+    "f",
+    "f/x",  # through a regular file
+    "a/../f",
+    "a/b/../../a/./b",
+    "missing/../a",
+    "in/b/g",
+    "in/b/../b",
+    "a/up/a/up/f",
+    "abs/g",
+    "round/b",
+    "loop",
+    "loop/x",
+    "..",
+    "../sbx-1/a",
+    "../sbx-10",
+    "a/../../sbx-1x/f",
+    "out",
+    "out/x",
+    "a/up/out/x",
+    "/etc/passwd",
+    "/",
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_reads_follow_the_confinement_rules(tree: Path, path: str) -> None:
+    assert await answer(LocalSandbox(tree), path) == expected_read(tree, path), path
+
+
+async def test_reads_of_absolute_paths_inside_the_home(tree: Path) -> None:
     sandbox = LocalSandbox(tree)
-    for rel in ("a/b/g", "in/b", "a/../f", "missing/y"):
-        check_resolve(sandbox, tree, f"{tree}/{rel}")
-    assert sandbox.resolve(f"{tree}/a/b/g") == Path(os.path.realpath(tree)) / "a/b/g"
+    for rel in ("a/b/g", "in/b", "a/../f", "missing/y", "a//b/./g", "out/x"):
+        path = f"{tree}/{rel}"
+        assert await answer(sandbox, path) == expected_read(tree, path), path
+    assert await sandbox.read_file(PurePosixPath(f"{tree}/a/b/g")) == b"file g"
     with pytest.raises(PathOutsideSandbox):
-        sandbox.resolve(f"{tree}/out/x")
+        await sandbox.read_file(PurePosixPath(f"{tree}x/a"))  # a sibling whose name merely starts with the home's
     with pytest.raises(PathOutsideSandbox):
-        sandbox.resolve(f"{tree}x/a")  # a sibling whose name merely starts with the home's
+        await sandbox.read_file(PurePosixPath(f"{tree}/../sbx-1/f"))
 
 
-def test_resolve_from_a_home_given_through_a_symlink(tree: Path, tmp_path: Path) -> None:
-    alias = tmp_path / "alias"
+async def test_a_home_given_through_a_symlink_is_refused(tree: Path, tmp_path: Path) -> None:
+    alias = tmp_path / "root" / "alias"
     alias.symlink_to(tree)
     sandbox = LocalSandbox(alias)
-    assert sandbox.home == PurePosixPath(os.path.realpath(tree))
-    assert sandbox.resolve("in/b") == Path(os.path.realpath(tree)) / "a/b"
-    assert sandbox.resolve(f"{alias}/a/b") == Path(os.path.realpath(tree)) / "a/b"  # via realpath
     with pytest.raises(PathOutsideSandbox):
-        sandbox.resolve("out")
+        await sandbox.read_file(PurePosixPath("f"))
+    with pytest.raises(PathOutsideSandbox):
+        await sandbox.write_files([], [(PurePosixPath("new.json"), b"1", 0o600)])
+    assert not (tree / "new.json").exists()
 
 
 NAMES = st.sampled_from(["a", "b", "f", "g", "in", "up", "abs", "round", "out", "loop", "missing", "..", ".", ""])
@@ -277,18 +309,18 @@ NAMES = st.sampled_from(["a", "b", "f", "g", "in", "up", "abs", "round", "out", 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(parts=st.lists(NAMES, max_size=7), absolute=st.booleans())
-def test_resolve_matches_realpath_for_generated_paths(tree: Path, parts: list[str], absolute: bool) -> None:
+def test_reads_follow_the_confinement_rules_for_generated_paths(tree: Path, parts: list[str], absolute: bool) -> None:
     """`tree` is only read, so sharing it across examples is fine."""
     path = "/".join(parts)
     if absolute:
         path = f"{tree}/{path}"
-    check_resolve(LocalSandbox(tree), tree, path)
+    assert asyncio.run(answer(LocalSandbox(tree), path)) == expected_read(tree, path), path
 
 
 async def test_symlinked_claude_dir_pointing_outside_is_refused(home: Path, outside: Path) -> None:
     sandbox = LocalSandbox(home)
     with pytest.raises(PathOutsideSandbox):
-        sandbox.resolve(CREDS)
+        await sandbox.read_file(CREDS)
     with pytest.raises(PathOutsideSandbox):
         await sandbox.update_files([CONFIG], lambda found: ([], [(CONFIG, b"{}", 0o600), (CREDS, b"t", 0o600)]))
     with pytest.raises(PathOutsideSandbox):
@@ -297,9 +329,13 @@ async def test_symlinked_claude_dir_pointing_outside_is_refused(home: Path, outs
     assert not (home / ".claude.json").exists() and leftovers(home) == []
 
 
-def test_resolve_of_an_overlong_name_matches_realpath(home: Path) -> None:
+async def test_an_overlong_name_is_a_final_error(home: Path) -> None:
     long = "x" * 300
-    assert LocalSandbox(home).resolve(f"{long}/y") == Path(os.path.realpath(home / long / "y"))
+    for call in (LocalSandbox(home).read_file(PurePosixPath(f"{long}/y")),
+                 LocalSandbox(home).write_file(PurePosixPath(long), b"1", 0o600)):
+        with pytest.raises(BackendError) as info:
+            await call
+        assert info.value.retryable is False and "ENAMETOOLONG" in info.value.detail
 
 
 # --- update_files: one worker-thread call per injection -------------------------------------
@@ -393,7 +429,7 @@ async def test_every_first_operation_creates_the_home(tmp_path: Path, first: str
     assert (root / "sbx-3").is_dir() and mode_of(root / "sbx-3") == 0o700
 
 
-# --- _discard_stale_temps: one scan per directory, only the targets' own old copies ---------
+# --- stale temp copies: one scan per directory, only the targets' own old copies ------------
 
 
 def age(path: Path, seconds: float) -> None:
@@ -401,7 +437,7 @@ def age(path: Path, seconds: float) -> None:
     os.utime(path, (then, then), follow_symlinks=False)
 
 
-def test_discard_stale_temps_removes_only_old_copies_of_the_targets(home: Path) -> None:
+async def test_write_files_discards_only_old_copies_of_its_targets(home: Path) -> None:
     (home / ".claude").mkdir()
     claude = home / ".claude"
     old_creds = claude / "..credentials.json.0123456789ab.ccbridge-tmp"
@@ -409,62 +445,61 @@ def test_discard_stale_temps_removes_only_old_copies_of_the_targets(home: Path) 
     old_settings = claude / ".settings.json.0123456789ab.ccbridge-tmp"  # another file's copy
     old_prefix = claude / "..credentials.json.bak.0123456789ab.ccbridge-tmp"  # of ".credentials.json.bak"
     old_config = home / "..claude.json.00112233aabb.ccbridge-tmp"
-    old_unrelated = home / ".claude.json"  # the target itself, old
-    for path in (old_creds, young_creds, old_settings, old_prefix, old_config, old_unrelated):
+    old_dir = home / "..claude.json.aabb00112233.ccbridge-tmp"  # a directory with a temp's name: not ours
+    for path in (old_creds, young_creds, old_settings, old_prefix, old_config):
         path.write_text("secret copy")
-    for path in (old_creds, old_settings, old_prefix, old_config, old_unrelated):
+    old_dir.mkdir()
+    for path in (old_creds, old_settings, old_prefix, old_config, old_dir):
         age(path, 60)
-    _discard_stale_temps([claude / ".credentials.json", home / ".claude.json"], min_age=1.0)
+    await LocalSandbox(home).write_files([], [(CREDS, b"c", 0o600), (CONFIG, b"{}", 0o600)])
     assert not old_creds.exists() and not old_config.exists()
-    assert young_creds.exists() and old_settings.exists() and old_prefix.exists() and old_unrelated.exists()
+    assert young_creds.exists() and old_settings.exists() and old_prefix.exists() and old_dir.is_dir()
 
 
-def test_discard_stale_temps_lists_each_directory_once_and_skips_missing_ones(
-    home: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_stale_temps_are_listed_once_per_directory(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (home / "d").mkdir()
     temp = home / "d" / ".x.0123456789ab.ccbridge-tmp"
     temp.write_text("copy")
     age(temp, 60)
-    scans: list[str] = []
+    scans: list[object] = []
     real_scandir = os.scandir
 
     def counting_scandir(path):  # type: ignore[no-untyped-def]
-        scans.append(os.fspath(path))
+        scans.append(path)
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", counting_scandir)
-    _discard_stale_temps(
-        [home / "d" / "x", home / "d" / "y", home / "d" / "z", home / "missing" / "w", home / "f" / "v"], min_age=1.0
-    )
-    assert sorted(scans) == sorted([str(home / "d"), str(home / "missing"), str(home / "f")])
+    files = [(PurePosixPath(name), b"1", 0o600) for name in ("d/x", "d/y", "d/z", "top")]
+    await LocalSandbox(home, durable=False).write_files([], files)
+    assert len(scans) == 2  # the home and d
     assert not temp.exists()
 
 
-def test_discard_stale_temps_age_threshold(home: Path) -> None:
+async def test_discard_temps_age_threshold(home: Path) -> None:
     temp = home / ".t.0123456789ab.ccbridge-tmp"
     temp.write_text("copy")
     age(temp, 5)
-    _discard_stale_temps([home / "t"], min_age=10.0)
+    sandbox = LocalSandbox(home)
+    assert await sandbox.discard_temps(PurePosixPath("t"), min_age=10.0) == 0
     assert temp.exists()
-    _discard_stale_temps([home / "t"], min_age=1.0)
+    assert await sandbox.discard_temps(PurePosixPath("t"), min_age=1.0) == 1
     assert not temp.exists()
+    assert await sandbox.discard_temps(PurePosixPath("missing/t")) == 0
 
 
 async def test_concurrent_first_operations_all_wait_for_the_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_mkdir = Path.mkdir
+    real_mkdir = os.mkdir
 
-    def slow_mkdir(self: Path, *args: object, **kwargs: object) -> None:
+    def slow_mkdir(*args: object, **kwargs: object) -> None:
         time.sleep(0.05)  # the other first operation arrives while the home is being made
-        real_mkdir(self, *args, **kwargs)  # type: ignore[arg-type]
+        real_mkdir(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Path, "mkdir", slow_mkdir)
-    async with LocalBackend(tmp_path / "root", durable=False).open(
-        SandboxCreated(user_id="u", sandbox_id="sbx-1")
-    ) as sandbox:
-        await asyncio.gather(
-            sandbox.write_file(PurePosixPath("a"), b"1", 0o600), sandbox.write_file(PurePosixPath("b"), b"2", 0o600)
-        )
+    monkeypatch.setattr(os, "mkdir", slow_mkdir)
+    # the default thread pool (no backend executor): the two calls really run at once
+    sandbox = LocalSandbox(tmp_path / "root" / "sbx-1", durable=False, create=True)
+    await asyncio.gather(
+        sandbox.write_file(PurePosixPath("a"), b"1", 0o600), sandbox.write_file(PurePosixPath("b"), b"2", 0o600)
+    )
     home = tmp_path / "root" / "sbx-1"
     assert (home / "a").read_bytes() == b"1" and (home / "b").read_bytes() == b"2"
     assert mode_of(home) == 0o700
@@ -473,11 +508,17 @@ async def test_concurrent_first_operations_all_wait_for_the_home(tmp_path: Path,
 async def test_a_home_created_by_this_injection_is_not_read_or_scanned_but_an_existing_one_is(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    reads: list[Path] = []
+    reads: list[object] = []
     scans: list[object] = []
-    real_read, real_scandir = local_module._read_bytes, local_module.os.scandir
-    monkeypatch.setattr(local_module, "_read_bytes", lambda path: reads.append(path) or real_read(path))
-    monkeypatch.setattr(local_module.os, "scandir", lambda path: scans.append(path) or real_scandir(path))
+    real_open, real_scandir = os.open, os.scandir
+
+    def counting_open(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if not flags & (os.O_WRONLY | os.O_RDWR | os.O_DIRECTORY):  # a file opened for reading
+            reads.append(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", counting_open)
+    monkeypatch.setattr(os, "scandir", lambda path: scans.append(path) or real_scandir(path))
     backend = LocalBackend(tmp_path / "root", durable=False)
     seen: list[dict[PurePosixPath, bytes | None]] = []
 
