@@ -13,6 +13,7 @@ from pathlib import PurePosixPath
 from shared.events import CredentialMode, TokenBundle
 from services.sandbox import domain
 from services.sandbox.adapters.backends.base import SandboxBackend
+from services.sandbox.errors import SandboxError
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,18 @@ async def write_credentials(
 
 async def scrub_credentials(sandbox: SandboxBackend, layout: domain.Layout) -> tuple[str, ...]:
     """Remove every file that can hold token material (credentials file and env file, whatever
-    the mode was). Returns the ones that were there."""
+    the mode was). Returns the ones that were there. Something the backend refuses to read (a
+    link, a FIFO the sandbox put there) counts as there and is removed all the same — a scrub
+    that stopped at the first file would leave the second one in place."""
     removed: list[str] = []
     for path in (layout.credentials_path, layout.env_path):
-        if await sandbox.read_file(path) is not None:
+        try:
+            present = await sandbox.read_file(path) is not None
+        except SandboxError as exc:
+            if exc.retryable:
+                raise
+            present = True
+        if present:
             removed.append(str(path))
         await sandbox.remove(path)  # always: also takes temp copies an interrupted write left
     return tuple(removed)

@@ -351,3 +351,24 @@ async def test_no_descriptor_is_leaked_when_the_home_or_root_is_missing(tmp_path
             await sandbox.remove(paths[1])
         assert not home.exists()
     assert open_fds() == fds
+
+
+async def test_a_linked_credentials_file_does_not_stop_the_scrub(
+    backend: LocalBackend, attacker: Path, victim: Path
+) -> None:
+    """The sandbox replaced its credentials file by a link (to the victim's): the scrub still
+    removes the env file after it, and removes the link itself, never what it points at."""
+    await inject(backend, "attacker", "attacker-token")
+    env_file = attacker / domain.DEFAULT_ENV_FILE
+    env_file.parent.mkdir(parents=True, exist_ok=True)
+    env_file.write_text("export CLAUDE_CODE_OAUTH_TOKEN=attacker-token\n")
+    creds = attacker / ".claude" / ".credentials.json"
+    creds.unlink()
+    creds.symlink_to(victim / ".claude" / ".credentials.json")
+    before = state(victim)
+
+    removed = await scrub(backend, "attacker")
+
+    assert set(removed) == {str(creds), str(env_file)}
+    assert not creds.is_symlink() and not creds.exists() and not env_file.exists()
+    assert state(victim) == before
