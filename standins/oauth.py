@@ -1,7 +1,9 @@
 """A loopback stand-in for Anthropic's OAuth server, close enough to the real one that the auth
 service (and the real Claude Code CLI, pointed at it) cannot tell the difference in the flows
 ccbridge uses. Facts it copies are in docs/design (authorize query, manual-redirect page showing
-`<code>#<state>`, JSON-only token endpoint, PKCE S256, refresh-token rotation).
+`<code>#<state>`, JSON-only token endpoint, PKCE S256, refresh-token rotation, and the revoke call
+`claude auth logout` makes: `POST <token URL>/revoke` `{"token", "token_type_hint", "client_id"}`,
+which ends the whole login).
 
     async with OAuthStandin(port=0, access_token_factory=lambda: CANARY) as oauth:
         oauth.authorize_url, oauth.token_url, oauth.callback_url
@@ -55,6 +57,7 @@ AUTHORIZE_PATH = "/oauth/authorize"  # platform.claude.com/oauth/authorize: Cons
 CAI_AUTHORIZE_PATH = "/cai/oauth/authorize"  # claude.com/cai/oauth/authorize: Claude.ai accounts
 CALLBACK_PATH = "/oauth/code/callback"
 TOKEN_PATH = "/v1/oauth/token"
+REVOKE_PATH = f"{TOKEN_PATH}/revoke"
 PROFILE_PATH = "/api/oauth/profile"
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 
@@ -136,6 +139,7 @@ class StandinState:
     refresh_tokens: dict[str, str] = field(default_factory=dict)  # live refresh token -> login id
     access_tokens: dict[str, AccessRecord] = field(default_factory=dict)
     failures: deque[InjectedFailure] = field(default_factory=deque)
+    revocations: list[dict[str, Any]] = field(default_factory=list)  # bodies of accepted revoke calls
     stats: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -312,6 +316,32 @@ def create_oauth_app(state: StandinState | None = None) -> FastAPI:
         if isinstance(grant_type, str) and grant_type:
             return _oauth_error("unsupported_grant_type", "Unsupported grant_type")
         return _invalid_request()
+
+    @app.post(REVOKE_PATH)
+    async def revoke(request: Request) -> Response:
+        state.stats["revoke"] += 1
+        if (failure := state.take_failure()) is not None:
+            state.stats["revoke:injected_failure"] += 1
+            return JSONResponse(failure.body, status_code=failure.status, headers=failure.headers)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        try:
+            body = json.loads(await request.body()) if content_type == "application/json" else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = None
+        if not isinstance(body, dict) or not _str_fields(body, ("token", "token_type_hint", "client_id")):
+            return _invalid_request()
+        if body["client_id"] != state.client_id:
+            return _oauth_error("invalid_client", "client_id mismatch.", 401)
+        state.revocations.append(dict(body))
+        login_id = state.refresh_tokens.get(body["token"])
+        if login_id is not None:  # the whole login ends: every refresh and access token of it
+            state.logins.pop(login_id, None)
+            for token in [t for t, owner in state.refresh_tokens.items() if owner == login_id]:
+                del state.refresh_tokens[token]
+            for token in [t for t, record in state.access_tokens.items() if record.login_id == login_id]:
+                del state.access_tokens[token]
+            state.stats["revoke:ok"] += 1
+        return Response(status_code=200)  # RFC 7009: an unknown token is answered the same way
 
     @app.get(PROFILE_PATH)
     async def profile(request: Request) -> Response:

@@ -36,7 +36,7 @@ from shared.events import (
     derived_event_id,
     utcnow,
 )
-from shared.grants import GrantClaims, GrantError
+from shared.grants import EXPIRED, GrantClaims, GrantError
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -45,9 +45,7 @@ log = get_logger(__name__)
 class GrantChecker(Protocol):
     """shared.grants.GrantVerifier, or the vault's reloading `trust.GrantKeys`."""
 
-    def verify(self, token: str, *, now_s: float) -> GrantClaims: ...
-
-    def check(self, token: str, *, user_id: str, sandbox_id: str | None, mode: str, now_s: float) -> GrantClaims: ...
+    def verify(self, token: str, *, now_s: float, allow_expired: bool = False) -> GrantClaims: ...
 
 
 def ms(at: datetime) -> int:
@@ -94,8 +92,10 @@ class Leases:
 
     # --- vault.credentials.get --------------------------------------------------------
     def claims_of(self, request: CredentialsRequest) -> GrantClaims | None:
-        """The request's grant, checked (signature, person, sandbox, mode, expiry); None when
-        grants are off. Raises `GrantRequired` / `GrantInvalid`."""
+        """The request's grant: signed by auth, for this person and this sandbox; None when
+        grants are off. Raises `GrantRequired` / `GrantInvalid`. Expiry and mode are the lease's
+        business (`admit`, `SandboxLease.check`): a live sandbox still presents the grant it was
+        created with after a newer one extended, shortened or narrowed its lease."""
         if not self.required:
             return None
         if request.grant is None:
@@ -103,15 +103,23 @@ class Leases:
         if self._verifier is None:
             raise GrantInvalid("the vault trusts no grant key (VAULT_GRANT_PUBLIC_KEYS / auth.grant.pub)")
         try:
-            return self._verifier.check(request.grant, user_id=request.user_id, sandbox_id=request.sandbox_id,
-                                        mode=request.mode, now_s=self.now_ms() / 1000)
+            claims = self._verifier.verify(request.grant, now_s=self.now_ms() / 1000, allow_expired=True)
         except GrantError as exc:
             raise GrantInvalid(exc.detail) from None
+        if claims.sub != request.user_id:
+            raise GrantInvalid("grant is for another person")
+        if request.sandbox_id is None or claims.sbx != request.sandbox_id:
+            raise GrantInvalid("grant is for another sandbox")
+        return claims
 
     async def admit(self, claims: GrantClaims, lease: SandboxLease | None) -> SandboxLease:
         """The lease that governs `claims`' sandbox after taking them into account: the stored
-        one if it is newer, else `claims` (stored now). `GrantInvalid` if an end voids them."""
-        if lease is not None and not claims.newer_than(lease.issued_at // 1000, lease.jti):
+        one if it is newer, else `claims` (stored now). `GrantInvalid` if an end voids them, or
+        if they are expired and nothing newer is known."""
+        newest = lease is None or claims.newer_than(lease.issued_at // 1000, lease.jti)
+        if newest and claims.exp_ms <= self.now_ms():
+            raise GrantInvalid(EXPIRED)
+        if lease is not None and not newest:
             if lease.voids(claims):
                 raise GrantInvalid("this grant was ended")
             return lease  # the newest grant the vault knows governs
@@ -137,7 +145,7 @@ class Leases:
         try:
             claims = self._verifier.verify(event.grant, now_s=self.now_ms() / 1000)
         except GrantError as exc:
-            if exc.detail == "grant expired":
+            if exc.detail == EXPIRED:
                 return "expired"
             raise InvalidEvent(f"grant does not verify: {exc.detail}") from None
         if claims.sub != event.user_id or claims.sbx != event.sandbox_id:

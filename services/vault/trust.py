@@ -203,8 +203,8 @@ class GrantKeys:
                 raise
             return call(self._verifier)
 
-    def verify(self, token: str, *, now_s: float) -> GrantClaims:
-        return self._retrying(lambda v: v.verify(token, now_s=now_s))
+    def verify(self, token: str, *, now_s: float, allow_expired: bool = False) -> GrantClaims:
+        return self._retrying(lambda v: v.verify(token, now_s=now_s, allow_expired=allow_expired))
 
     def check(self, token: str, *, user_id: str, sandbox_id: str | None, mode: str, now_s: float) -> GrantClaims:
         return self._retrying(lambda v: v.check(token, user_id=user_id, sandbox_id=sandbox_id, mode=mode, now_s=now_s))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -17,7 +18,7 @@ import pytest
 from services.sandbox import domain
 from services.sandbox.adapters.live_registry import Lookup, MemoryLiveRegistry
 from services.sandbox.adapters.vault_client import CredentialsFor, VaultCredentials
-from services.sandbox.errors import BackendError, LiveRecordChanged, NotConnected, SandboxNotFound
+from services.sandbox.errors import BackendError, GrantInvalid, LiveRecordChanged, NotConnected, SandboxNotFound
 from services.sandbox.injector import CredentialInjector, Failed, Injected, InjectionOptions, NoDeadLetters, Retry
 from services.sandbox.injector import RetryPolicy
 from services.sandbox.live import Done, Exhausted, LiveSandboxes
@@ -26,6 +27,7 @@ from shared import subjects
 from shared.events import (
     CredentialMode,
     Event,
+    GrantEnded,
     SandboxCreated,
     SandboxCredentialsFailed,
     SandboxCredentialsInjected,
@@ -37,6 +39,7 @@ from shared.events import (
     TokensRevoked,
     derived_event_id,
 )
+from tests.grants import grant_for
 
 EXPIRES = 1_900_000_000_000
 
@@ -451,3 +454,52 @@ async def test_memory_registry_compare_and_set_and_tombstones() -> None:
     await registry.mark_revoked("u", 10)
     await registry.mark_revoked("u", 5)
     assert await registry.revoked_at("u") == 10
+
+
+# --- grants -----------------------------------------------------------------------------------
+async def test_a_refused_grant_writes_nothing_and_reports_the_reason() -> None:
+    world = World()
+    world.vault.bundles["u"] = GrantInvalid("grant is for another sandbox")
+    outcome = await world.create("u", "s1")
+    assert isinstance(outcome, Failed) and (outcome.event.reason, outcome.exhausted) == ("grant_invalid", False)
+    assert outcome.event.detail == "grant is for another sandbox"
+    assert "s1" not in world.backend.homes  # the sandbox was never even opened
+    assert (await world.registry.get("u", "s1")).record is None  # nor remembered
+
+
+async def test_grant_ended_scrubs_that_sandbox_only_and_says_why() -> None:
+    world = World()
+    world.vault.bundles["u"] = bundle()
+    await world.create("u", "s1")
+    await world.create("u", "s2")
+    ended = GrantEnded(user_id="u", sandbox_id="s1", reason="lease_expired", ended_at=int(time.time() * 1000))
+    outcome = await world.live.on_grant_ended(ended)
+    assert isinstance(outcome, Done) and outcome.sandboxes == ("s1",)
+    assert world.backend.creds("s1") is None and world.backend.creds("s2") is not None
+    [scrubbed] = world.publisher.of(SandboxCredentialsScrubbed)
+    assert (scrubbed.sandbox_id, scrubbed.reason, scrubbed.cause_event_id) == ("s1", "lease_expired", ended.event_id)
+    assert isinstance(await world.live.on_grant_ended(ended), Done)  # a redelivery scrubs nothing new ...
+    again = world.publisher.of(SandboxCredentialsScrubbed)
+    assert [e.event_id for e in again] == [scrubbed.event_id] * 2  # ... and its report dedupes on the bus
+
+
+async def test_grant_ended_leaves_a_sandbox_that_holds_a_newer_grant() -> None:
+    """A lease ended, then the person granted the sandbox again and it was re-created with the new
+    grant: the late grants.ended must not scrub the new lease's credentials."""
+    world = World()
+    world.vault.bundles["u"] = bundle()
+    ended_at = int(time.time() * 1000) - 10_000
+    await world.create("u", "s1", grant=grant_for("u", "s1", now_s=time.time()))
+    outcome = await world.live.on_grant_ended(GrantEnded(user_id="u", sandbox_id="s1", reason="grant_ended",
+                                                         ended_at=ended_at))
+    assert isinstance(outcome, Done) and outcome.sandboxes == ()
+    assert world.backend.creds("s1") is not None
+
+
+async def test_a_revocation_dated_in_the_future_does_not_refuse_later_sandboxes() -> None:
+    """A publisher's clock (or a forged tokens.revoked) must not lock the person out for good."""
+    world = World()
+    world.vault.bundles["u"] = bundle()
+    await world.live.on_revoked(TokensRevoked(user_id="u", occurred_at=datetime.now(UTC) + timedelta(days=3650)))
+    await asyncio.sleep(0.01)
+    assert isinstance(await world.create("u", "s1"), Injected)
