@@ -83,12 +83,12 @@ class TooManyPendingLogins(RateLimited):
 
 class InvalidSetupToken(AuthError):
     status, slug, title = 400, "invalid-token-format", "Not a Claude Code long-lived token"
-    default_detail = "Paste the token `claude setup-token` printed (it starts with `sk-ant-oat01-`)."
+    default_detail = "Paste the token that claude setup-token printed (it starts with sk-ant-oat01-)."
 
 
 class InvalidPaste(AuthError):
     status, slug, title = 400, "invalid-code-format", "Malformed authorization code"
-    default_detail = "Paste the whole `code#state` string shown after authorizing."
+    default_detail = "Paste the whole code#state string shown after authorizing."
 
 
 class InvalidState(AuthError):
