@@ -355,6 +355,67 @@ def openapi_examples_missing(spec: dict[str, Any]) -> list[str]:
     return missing
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The process environment without any auth/OAuth/vault setting of the machine, plus `extra`."""
+    import os
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AUTH_", "OAUTH_", "VAULT_", "GRANT_"))}
+    return {**base, **extra}
+
+
+class AuthProcess:
+    """`python -m services.auth` as its own process (as `ccbridge up` runs it), ready when
+    /readyz says 200. `lines()` are its JSON log lines."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.port = int(env["AUTH_PORT"])
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.process: Any = None
+
+    def __enter__(self) -> AuthProcess:
+        import subprocess
+        import sys
+
+        with open(self.log_path, "wb") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "services.auth"], env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log_path.read_text()
+            try:
+                if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.__exit__()
+        raise AssertionError("auth did not become ready: " + self.log_path.read_text()[-2000:])
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+        import subprocess
+
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def lines(self) -> list[dict[str, Any]]:
+        import json
+
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.startswith("{")]
+
+
 # --- pytest fixtures (import them into a test module to use them) ------------------------------
 @pytest.fixture
 def vault_key() -> KeyPair:
@@ -431,6 +492,7 @@ __all__ = [
     "JWT_SECRET",
     "PROBLEM",
     "REFRESH",
+    "AuthProcess",
     "AuthStackThread",
     "FakeClock",
     "FakeOAuth",
@@ -444,6 +506,7 @@ __all__ = [
     "auth_stack_thread",
     "begin",
     "bearer",
+    "clean_env",
     "exchange",
     "follow_authorize",
     "new_user",
