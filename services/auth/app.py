@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import ipaddress
+import logging
+import os
 import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -20,7 +24,7 @@ from faststream.nats import NatsBroker
 from pydantic import ValidationError
 
 from services.auth.adapters.bus import BrokerPublisher
-from services.auth.adapters.keys import VaultKeySource, load_or_create_jwt_secret
+from services.auth.adapters.keys import JWT_SECRET_FILE, VaultKeySource, load_or_create_jwt_secret
 from services.auth.adapters.oauth_client import HttpOAuthClient
 from services.auth.adapters.pending_store import KvPendingStore, RecordCipher
 from services.auth.adapters.vault_status import NatsVaultStatus
@@ -41,6 +45,9 @@ from shared.logging import configure_logging, get_logger
 from shared.runtime import freeze_startup_heap, stop_on_signals
 
 log = get_logger(__name__)
+
+EXIT_INVALID_SETTINGS = 2
+EXIT_CANNOT_LISTEN = 3
 
 # What auth puts on the bus (AsyncAPI documents these; `publish_event` sends them).
 PUBLISHES = {subjects.TOKENS_ISSUED: TokensIssued, subjects.TOKENS_REVOKED: TokensRevoked}
@@ -156,6 +163,12 @@ class AuthRuntime:
         def dev_secret() -> str:
             if not cached:
                 cached.append(load_or_create_jwt_secret(settings.keys_dir))
+                # On loopback this is the development setup `ccbridge up` makes: not news. A
+                # listener other hosts can reach with a secret from a file is worth a warning.
+                (log.info if is_loopback(settings.host) else log.warning)(
+                    "AUTH_JWT_SECRET is not set: caller tokens use the dev secret file (development only)",
+                    path=str(settings.keys_dir / JWT_SECRET_FILE), host=settings.host,
+                )
             return cached[0]
 
         callers = build_verifier(settings, dev_secret)  # a bad key fails the start, loudly
@@ -241,6 +254,40 @@ class AuthRuntime:
                 await self.broker.stop()
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class ProbeAccessFilter(logging.Filter):
+    """uvicorn's access line of a probe (/healthz, /readyz, /metrics) goes out at DEBUG: the
+    stack's readiness wait, orchestrators and scrapers call them every few seconds, and a 503
+    from /readyz while starting is expected, not a refusal worth reading."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and str(args[2]).split("?", 1)[0] in OPS_PATHS:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+PROBE_ACCESS_FILTER = ProbeAccessFilter()
+
+
+def quiet_probe_access_logs() -> None:
+    access = logging.getLogger("uvicorn.access")
+    if PROBE_ACCESS_FILTER not in access.filters:
+        access.addFilter(PROBE_ACCESS_FILTER)
+
+
 def _without_credentials(url: str) -> str:
     head, sep, tail = url.rpartition("@")
     return f"{head.split('//')[0]}//***@{tail}" if sep else url
@@ -275,6 +322,20 @@ def create_app(
     )
     app.state.runtime = runtime
     return app
+
+
+class CannotListen(Exception):
+    """The HTTP listener cannot be opened (port taken, address not on this host, no permission)."""
+
+    def __init__(self, host: str, port: int, error: OSError) -> None:
+        self.host, self.port, self.errno = host, port, error.errno
+        reason = os.strerror(error.errno).lower() if error.errno else str(error)
+        hint = "AUTH_HOST" if error.errno == errno.EADDRNOTAVAIL else "AUTH_PORT"
+        super().__init__(f"auth: cannot listen on {_host_port(host, port)}: {reason} (set {hint})")
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -319,8 +380,12 @@ class AuthService:
     async def start(self) -> None:
         """HTTP first (so /healthz answers and /readyz says 503 while the bus is awaited), then
         the runtime; a runtime that fails to start takes the HTTP server down with it."""
-        sock = bind_socket(self.settings.host, self.settings.port)
+        try:
+            sock = bind_socket(self.settings.host, self.settings.port)
+        except OSError as exc:
+            raise CannotListen(self.settings.host, self.settings.port, exc) from None
         self.port = sock.getsockname()[1]
+        quiet_probe_access_logs()
         config = uvicorn.Config(
             self.app, log_config=None, lifespan="off", server_header=False, timeout_graceful_shutdown=10
         )
@@ -408,13 +473,18 @@ def main() -> None:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         print(f"ccbridge auth: invalid settings: {problems}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_INVALID_SETTINGS) from None
     configure_logging(settings.log_level, settings.log_format, service="auth")
     try:
         # Caller-key settings are checked before anything connects (a bad PEM is not a crash).
         build_verifier(settings, lambda: "x" * 32)
     except ValueError as exc:
         print(f"ccbridge auth: invalid settings: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(EXIT_INVALID_SETTINGS) from None
+    try:
         asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        pass
+    except CannotListen as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(EXIT_CANNOT_LISTEN) from None
