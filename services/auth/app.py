@@ -204,6 +204,7 @@ class AuthRuntime:
                 console_authorize_url=settings.oauth_console_authorize_url,
                 legacy_redirect_uri=settings.legacy_redirect_uri,
                 max_pending_per_caller=settings.max_pending_logins,
+                code_attempts=settings.login_code_attempts,
             ),
             pending=pending,
             oauth=oauth,

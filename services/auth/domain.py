@@ -80,6 +80,7 @@ class PendingLogin:
     created_at: datetime
     expires_at: datetime
     account_type: str = "claude_ai"
+    rejected_codes: int = 0  # pastes the token endpoint refused with invalid_grant (a typo does not end it)
 
     def expired(self, now: datetime) -> bool:
         return now >= self.expires_at
@@ -97,6 +98,7 @@ class PendingLogin:
                 "created_at": self.created_at.isoformat(),
                 "expires_at": self.expires_at.isoformat(),
                 "account_type": self.account_type,
+                "rejected_codes": self.rejected_codes,
             }
         ).encode()
 
@@ -117,8 +119,9 @@ class PendingLogin:
                 created_at=_aware(datetime.fromisoformat(raw["created_at"])),
                 expires_at=_aware(datetime.fromisoformat(raw["expires_at"])),
                 account_type=str(raw.get("account_type", "claude_ai")),
+                rejected_codes=int(raw.get("rejected_codes", 0)),
             )
-        except (KeyError, TypeError, AttributeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (KeyError, TypeError, AttributeError, ValueError, UnicodeDecodeError) as exc:
             raise ValueError("not a pending-login record") from exc
 
 

@@ -32,9 +32,12 @@ class AuthError(Exception):
     title: str = "Internal error"
     default_detail: str = "The request could not be completed."
 
-    def __init__(self, detail: str | None = None, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, detail: str | None = None, *, headers: dict[str, str] | None = None, **extensions: Any
+    ) -> None:
         self.detail = detail or self.default_detail
         self.headers = headers or {}
+        self.extensions = extensions  # extra members of the problem document (RFC 9457 §3.2)
         super().__init__(self.detail)
 
     @property
@@ -110,8 +113,15 @@ class UpstreamError(AuthError):
 
 
 class InvalidCode(UpstreamError):
+    """The token endpoint refused the code (400/401/403). `oauth_error` is the OAuth `error` name
+    it gave, if any (`invalid_grant` for a wrong, used or expired code)."""
+
     status, slug, title = 400, "invalid-code", "Authorization code rejected"
     default_detail = "The authorization server rejected the code; this login is used up: start a new login."
+
+    def __init__(self, detail: str | None = None, *, oauth_error: str | None = None, **extensions: Any) -> None:
+        self.oauth_error = oauth_error
+        super().__init__(detail, **extensions)
 
 
 class UpstreamRateLimited(UpstreamError):
@@ -196,7 +206,8 @@ def problem(
 
 async def _auth_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AuthError)
-    return problem(exc.status, exc.slug, exc.title, exc.detail, instance=request.url.path, headers=exc.headers)
+    return problem(exc.status, exc.slug, exc.title, exc.detail, instance=request.url.path, headers=exc.headers,
+                   **exc.extensions)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -103,6 +103,11 @@ class AuthSettings(ServiceSettings):
     login_ttl_s: int = Field(
         default=600, ge=30, le=3600, validation_alias="AUTH_LOGIN_TTL", description="Life of a pending login (s)."
     )
+    login_code_attempts: int = Field(
+        default=3, ge=1, le=10, validation_alias="AUTH_LOGIN_CODE_ATTEMPTS",
+        description="Pastes of one login the token endpoint may refuse with invalid_grant (a typo) before the "
+        "login is used up.",
+    )
     max_pending_logins: int = Field(
         default=5, ge=1, le=100, validation_alias="AUTH_MAX_PENDING_LOGINS",
         description="Live pending logins one caller may hold.",
