@@ -86,7 +86,9 @@ def build_api(
     max_body_bytes: int = 16_384,
     frame_ancestors: str = "'self'",
 ) -> FastAPI:
-    app = FastAPI(title="ccbridge auth", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # /docs is served by routes.py from local files (no CDN); ReDoc would load from a CDN: off.
+    app = FastAPI(title="ccbridge auth", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     app.state.metrics = metrics or AuthMetrics()
     app.state.components = components
     app.state.frame_ancestors = frame_ancestors

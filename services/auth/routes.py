@@ -6,6 +6,10 @@ caller."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import importlib.resources
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +17,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Request, Response, Security
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -180,7 +185,7 @@ async def start_login(
     status_code=202,
     response_model=ConnectedOut,
     responses=problem_responses(400, *COMMON_PROBLEMS, 429, 502, 504),
-    summary="Complete the login with the pasted `code#state`",
+    summary="Complete the login with the pasted code#state",
     description="Exchanges the code, hands the tokens (sealed) to the vault. Never returns a token.",
     tags=["claude-code"],
 )
@@ -201,7 +206,7 @@ async def exchange(
     status_code=202,
     response_model=ConnectedOut,
     responses=problem_responses(400, *COMMON_PROBLEMS, 429),
-    summary="Connect with a long-lived token from `claude setup-token`",
+    summary="Connect with a long-lived token from claude setup-token",
     description="Stores an access-only connection: no refresh token, `user:inference` only, valid ~1 year "
     "(`sk-ant-oat01-…`). The token goes to the vault sealed and is never returned.",
     tags=["claude-code"],
@@ -223,7 +228,7 @@ async def setup_token(
     "/user-settings/mcp/claude-code",
     response_model=LegacyExchangeOut,
     responses=problem_responses(400, *COMMON_PROBLEMS, 429, 502, 504),
-    summary="Seed-compatible exchange of `<code>#<verifier>`",
+    summary="Seed-compatible exchange of <code>#<verifier>",
     description="For older clients that made the PKCE pair themselves and sent the verifier as the OAuth `state` "
     "(their authorize page showed `code#verifier`). The exchange sends that verifier as `code_verifier` and as "
     "`state`. Prefer `/v1/claude-code/login` + `/v1/claude-code/exchange`.",
@@ -318,6 +323,57 @@ async def connect_asset(name: str, request: Request) -> Response:
     if name not in ASSETS:
         raise AssetNotFound()
     return Response((STATIC_DIR / name).read_bytes(), media_type=ASSETS[name], headers=_page_headers(request))
+
+
+# --- API docs, offline ---------------------------------------------------------------------------
+# Swagger UI's files come from the `fastapi-offline` package (pinned in constraints.txt), served
+# from here: /docs works on a machine without internet and loads nothing from another host.
+SWAGGER_DIR = Path(str(importlib.resources.files("fastapi_offline") / "static"))
+DOCS_ASSETS = {
+    "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
+    "swagger-ui.css": "text/css; charset=utf-8",
+    "favicon.png": "image/png",
+}
+_INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.DOTALL)
+
+
+def _docs_headers(script_hashes: list[str]) -> dict[str, str]:
+    scripts = " ".join(f"'sha256-{h}'" for h in script_hashes)
+    return {
+        "Content-Security-Policy": (
+            f"default-src 'none'; script-src 'self' {scripts}; style-src 'self'; img-src 'self' data:; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        ),
+        "Referrer-Policy": "no-referrer",
+        "X-Content-Type-Options": "nosniff",
+    }
+
+
+@router.get("/docs", include_in_schema=False)
+async def swagger_ui(request: Request) -> HTMLResponse:
+    root = request.scope.get("root_path", "")
+    page = get_swagger_ui_html(
+        openapi_url=f"{root}{request.app.openapi_url}",
+        title=f"{request.app.title} · API",
+        swagger_js_url=f"{root}/docs/assets/swagger-ui-bundle.js",
+        swagger_css_url=f"{root}/docs/assets/swagger-ui.css",
+        swagger_favicon_url=f"{root}/docs/assets/favicon.png",
+        oauth2_redirect_url=None,
+        swagger_ui_parameters={"validatorUrl": None},  # no badge from validator.swagger.io (FastAPI's defaults stay)
+    )
+    # Swagger UI starts from one inline script: the CSP allows exactly that script (by hash).
+    hashes = [base64.b64encode(hashlib.sha256(s).digest()).decode() for s in _INLINE_SCRIPT.findall(page.body)]
+    return HTMLResponse(page.body, headers=_docs_headers(hashes))
+
+
+@router.get("/docs/assets/{name}", include_in_schema=False)
+async def swagger_asset(name: str) -> Response:
+    if name not in DOCS_ASSETS:
+        raise AssetNotFound()
+    return Response(
+        (SWAGGER_DIR / name).read_bytes(), media_type=DOCS_ASSETS[name],
+        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "public, max-age=86400"},
+    )
 
 
 # --- ops ----------------------------------------------------------------------------------------

@@ -172,3 +172,26 @@ async def test_vault_down_is_shown_not_hidden(browser, auth: AuthService) -> Non
     await expect(page.locator("#message")).to_contain_text("vault is not answering")
     await expect(page.locator("#status-state")).to_contain_text("vault is not answering")
     await page.close()
+
+
+async def test_api_docs_render_offline_under_their_csp(browser, auth: AuthService) -> None:  # noqa: ANN001
+    """/docs in a real browser: Swagger UI renders every route from the service's own files, a
+    request can be tried out, nothing is fetched from another host and the CSP blocks nothing."""
+    from playwright.async_api import expect
+
+    page = await browser.new_page()
+    seen: list[str] = []
+    complaints: list[str] = []
+    page.on("request", lambda request: seen.append(request.url))
+    page.on("console", lambda message: complaints.append(message.text) if message.type == "error" else None)
+    await page.goto(f"{auth.base_url}/docs")
+    await expect(page.locator(".opblock").first).to_be_visible()
+    assert await page.locator(".opblock").count() >= 10
+    healthz = page.locator("#operations-ops-healthz_healthz_get")
+    await healthz.locator(".opblock-summary").click()
+    await healthz.get_by_role("button", name="Try it out").click()
+    await healthz.get_by_role("button", name="Execute").click()
+    await expect(healthz.locator(".live-responses-table tbody .response-col_status").first).to_have_text("200")
+    assert complaints == []
+    assert seen and all(url.startswith(auth.base_url) for url in seen), seen
+    await page.close()
