@@ -1,11 +1,12 @@
 """Helpers shared by the auth service's tests.
 
 Unit fakes (hand-written, no mocks): FakeClock, FakeOAuth, FakeVaultKeys, FakePublisher,
-FakeVaultStatus, a_grant. Real-parts helpers: settings for an AuthService wired to the OAuth
-stand-in, the browser-like `begin`/`exchange` steps, `VaultResponder` (a small real-NATS
-stand-in for the vault's `vault.connections.status` answer, built by the vault team in
-issue 5), caller-token minting for HS256 / RSA / JWKS, and `AuthStackThread` (the whole thing
-on its own event loop in a thread, for sync clients such as schemathesis).
+FakeVaultStatus, FakeVaultGrants, a_grant. Real-parts helpers: settings for an AuthService wired
+to the OAuth stand-in, the browser-like `begin`/`exchange` steps, `VaultResponder` (a small
+real-NATS stand-in for the vault's `vault.connections.status` and `vault.grants.list` answers),
+caller-token minting for HS256 / RSA / JWKS, `AuthStackThread` (the whole thing on its own event
+loop in a thread, for sync clients such as schemathesis) and `AuthProcess` (`python -m
+services.auth` as a process).
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ from shared.events import (
     ConnectionStatusReply,
     ConnectionStatusRequest,
     Event,
+    GrantIssued,
+    GrantRevoked,
+    GrantsListReply,
+    GrantsListRequest,
+    GrantView,
     TokensIssued,
     TokensRevoked,
 )
@@ -108,6 +114,28 @@ class FakeVaultStatus:
         if self.down:
             raise VaultUnavailable()
         return self.replies.get(user_id, ConnectionStatusReply(connected=False))
+
+
+@dataclass
+class FakeVaultGrants:
+    """The vault's leases per (user, sandbox), as `vault.grants.list` would answer them."""
+
+    leases: dict[tuple[str, str], GrantView] = field(default_factory=dict)
+    asked: list[str] = field(default_factory=list)
+    down: bool = False
+
+    def lease(self, user_id: str, sandbox_id: str, *, mode: str = "access_only", issued_at: int = 1_764_331_200_000,
+              expires_at: int = 1_764_417_600_000, last_injected_at: int | None = None) -> None:
+        self.leases[(user_id, sandbox_id)] = GrantView(
+            sandbox_id=sandbox_id, mode=mode, issued_at=issued_at, expires_at=expires_at,  # type: ignore[arg-type]
+            last_injected_at=last_injected_at,
+        )
+
+    async def grants(self, user_id: str) -> GrantsListReply:
+        self.asked.append(user_id)
+        if self.down:
+            raise VaultUnavailable()
+        return GrantsListReply(grants=[view for (user, _), view in self.leases.items() if user == user_id])
 
 
 def a_grant(**overrides: object) -> TokenGrant:
@@ -234,10 +262,12 @@ def assert_problem(response: httpx.Response, status: int, slug: str | None = Non
 
 
 class VaultResponder:
-    """A stand-in for the vault's side of `vault.connections.status`, on a real NATS server.
+    """A stand-in for the vault's side of `vault.connections.status` and `vault.grants.list`, on
+    a real NATS server.
 
     It learns connections from what auth publishes (core subscriptions also see JetStream
-    publishes): `tokens.issued` → connected (or what `override` says), `tokens.revoked` → gone.
+    publishes): `tokens.issued` → connected (or what `override` says), `tokens.revoked` → gone;
+    and leases: `grants.issued` → the newest grant per (person, sandbox), `grants.revoked` → gone.
     `mode`: "answer" | "silent" (subscribed, never answers) | "garbage" (answers nonsense)."""
 
     def __init__(self, nats_url: str, *, mode: str = "answer") -> None:
@@ -247,6 +277,10 @@ class VaultResponder:
         self.requests: list[ConnectionStatusRequest] = []
         self.revoked: list[TokensRevoked] = []
         self.issued: list[TokensIssued] = []
+        self.leases: dict[tuple[str, str], GrantView] = {}
+        self.grants_issued: list[GrantIssued] = []
+        self.grants_revoked: list[GrantRevoked] = []
+        self.grant_requests: list[GrantsListRequest] = []
         self._nc: Client | None = None
 
     async def __aenter__(self) -> VaultResponder:
@@ -254,6 +288,9 @@ class VaultResponder:
         await self._nc.subscribe(subjects.VAULT_CONNECTIONS_STATUS, cb=self._on_status)
         await self._nc.subscribe(subjects.TOKENS_ISSUED, cb=self._on_issued)
         await self._nc.subscribe(subjects.TOKENS_REVOKED, cb=self._on_revoked)
+        await self._nc.subscribe(subjects.VAULT_GRANTS_LIST, cb=self._on_grants_list)
+        await self._nc.subscribe(subjects.GRANTS_ISSUED, cb=self._on_grant_issued)
+        await self._nc.subscribe(subjects.GRANTS_REVOKED, cb=self._on_grant_revoked)
         await settle(self._nc)
         return self
 
@@ -294,6 +331,32 @@ class VaultResponder:
         event = TokensRevoked.model_validate_json(msg.data)
         self.revoked.append(event)
         self.connections.pop(event.user_id, None)
+
+    async def _on_grants_list(self, msg) -> None:  # noqa: ANN001
+        if self.mode == "silent":
+            return
+        if self.mode == "garbage":
+            await msg.respond(b'{"grants": "many"}')
+            return
+        request = GrantsListRequest.model_validate_json(msg.data)
+        self.grant_requests.append(request)
+        mine = [view for (user, _), view in sorted(self.leases.items()) if user == request.user_id]
+        await msg.respond(GrantsListReply(grants=mine).model_dump_json().encode())
+
+    async def _on_grant_issued(self, msg) -> None:  # noqa: ANN001
+        event = GrantIssued.model_validate_json(msg.data)
+        self.grants_issued.append(event)
+        claims = jwt.decode(event.grant, options={"verify_signature": False})  # the real vault verifies
+        key = (event.user_id, event.sandbox_id)
+        previous = self.leases.get(key)
+        if previous is None or claims["iat"] * 1000 >= previous.issued_at:  # the newest grant wins
+            self.leases[key] = GrantView(sandbox_id=event.sandbox_id, mode=claims["mode"],
+                                         issued_at=claims["iat"] * 1000, expires_at=claims["exp"] * 1000)
+
+    async def _on_grant_revoked(self, msg) -> None:  # noqa: ANN001
+        event = GrantRevoked.model_validate_json(msg.data)
+        self.grants_revoked.append(event)
+        self.leases.pop((event.user_id, event.sandbox_id), None)
 
     async def wait_for(self, predicate, timeout: float = 10.0) -> None:  # noqa: ANN001
         async def poll() -> None:
@@ -345,7 +408,9 @@ def openapi_examples_missing(spec: dict[str, Any]) -> list[str]:
     missing = []
     for path, item in spec.get("paths", {}).items():
         for method, operation in item.items():
-            ok = [r for code, r in operation.get("responses", {}).items() if code.startswith("2")]
+            ok = [r for code, r in operation.get("responses", {}).items() if code.startswith("2") and code != "204"]
+            if not ok and "204" in operation.get("responses", {}):
+                ok = [{"content": {"none": {"example": ""}}}]  # 204 No Content: nothing to exemplify
             medias = [m for r in ok for m in r.get("content", {}).values()]
             if not medias or not all(has_example(m) for m in medias):
                 missing.append(f"{method.upper()} {path} response")
@@ -498,6 +563,7 @@ __all__ = [
     "FakeOAuth",
     "FakePublisher",
     "FakeVaultKeys",
+    "FakeVaultGrants",
     "FakeVaultStatus",
     "SigningKey",
     "VaultResponder",

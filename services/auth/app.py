@@ -27,19 +27,22 @@ from services.auth.adapters.bus import BrokerPublisher
 from services.auth.adapters.keys import JWT_SECRET_FILE, VaultKeySource, load_or_create_jwt_secret
 from services.auth.adapters.oauth_client import HttpOAuthClient
 from services.auth.adapters.pending_store import KvPendingStore, RecordCipher
-from services.auth.adapters.vault_status import NatsVaultStatus
+from services.auth.adapters.vault_status import NatsVaultGrants, NatsVaultStatus
 from services.auth.callers import CallerVerifier, JwksKeys, load_public_key
 from services.auth.connections import ConnectionService
 from services.auth.errors import BodyLimitMiddleware, install_error_handlers
-from services.auth.limits import RateLimiter
+from services.auth.grants import GrantPolicy, GrantService
+from services.auth.limits import Limit, RateLimiter
 from services.auth.login import LoginPolicy, LoginService
 from services.auth.metrics import AuthMetrics
-from services.auth.ports import Clock, OAuthClient, PendingStore, VaultKeys, VaultStatus
+from services.auth.ports import Clock, OAuthClient, PendingStore, VaultGrants, VaultKeys, VaultStatus
 from services.auth.routes import AuthComponents, router
 from services.auth.settings import AuthSettings
 from shared import subjects
 from shared.broker import document_publishers, make_broker, provision
-from shared.events import TokensIssued, TokensRevoked
+from shared.events import GrantIssued, GrantRevoked, TokensIssued, TokensRevoked
+from shared.grants import GrantSigner, load_or_create_signer
+from shared.grants import key_paths as grant_key_paths
 from shared.health import bind_socket
 from shared.logging import configure_logging, get_logger
 from shared.runtime import freeze_startup_heap, stop_on_signals
@@ -50,11 +53,16 @@ EXIT_INVALID_SETTINGS = 2
 EXIT_CANNOT_LISTEN = 3
 
 # What auth puts on the bus (AsyncAPI documents these; `publish_event` sends them).
-PUBLISHES = {subjects.TOKENS_ISSUED: TokensIssued, subjects.TOKENS_REVOKED: TokensRevoked}
+PUBLISHES = {
+    subjects.TOKENS_ISSUED: TokensIssued,
+    subjects.TOKENS_REVOKED: TokensRevoked,
+    subjects.GRANTS_ISSUED: GrantIssued,
+    subjects.GRANTS_REVOKED: GrantRevoked,
+}
 
 
 def build_broker(settings: AuthSettings) -> NatsBroker:
-    """Auth's broker: it consumes nothing; it publishes and asks the vault for status."""
+    """Auth's broker: it consumes nothing; it publishes and asks the vault (status, grants)."""
     broker = make_broker(settings, name="auth")
     document_publishers(broker, PUBLISHES)
     return broker
@@ -68,6 +76,11 @@ DESCRIPTION = """Connect a person's Claude account to ccbridge.
 Other ways in: a `claude setup-token` token (`POST /v1/claude-code/token`), the seed-compatible
 `POST /user-settings/mcp/claude-code`, and the web page `GET /connect`. `GET /v1/claude-code/status`
 asks the vault; `DELETE /v1/claude-code` disconnects.
+
+Grants (least authority): the vault releases a person's credentials only to a sandbox that person
+granted. `POST /v1/claude-code/grants` signs a grant (EdDSA JWS) for one sandbox, for a while, for the
+platform to put into `sandbox.created`; `GET /v1/claude-code/grants` lists the live ones;
+`DELETE /v1/claude-code/grants/{sandbox_id}` ends one.
 
 Callers authenticate with a JWT (`sub` = user id): HS256 (AUTH_JWT_SECRET), or an asymmetric key
 (AUTH_JWT_PUBLIC_KEY / AUTH_JWKS_URL). Errors are RFC 9457 problem+json. Details: docs/auth.md.
@@ -124,6 +137,32 @@ def build_verifier(settings: AuthSettings, dev_secret: Callable[[], str]) -> Cal
     )
 
 
+def build_limiter(settings: AuthSettings) -> RateLimiter:
+    """One bucket per (action, caller). Connect actions (login; exchange, setup token, seed route)
+    and disconnect use AUTH_RATE_LIMIT_*; reads (status, grant list) AUTH_READ_RATE_LIMIT_*;
+    grants issued and ended AUTH_GRANT_RATE_LIMIT_*."""
+    read = Limit(settings.read_rate_limit_per_minute, settings.read_rate_limit_burst)
+    grant = Limit(settings.grant_rate_limit_per_minute, settings.grant_rate_limit_burst)
+    return RateLimiter(
+        per_minute=settings.rate_limit_per_minute, burst=settings.rate_limit_burst,
+        limits={"status": read, "grant_list": read, "grant_issue": grant, "grant_end": grant},
+    )
+
+
+def load_grant_signer(settings: AuthSettings) -> GrantSigner:
+    """AUTH_GRANT_PRIVATE_KEY, else `<keys_dir>/auth.grant.key` (created on first start, 0600, with
+    `auth.grant.pub` beside it: a vault sharing the data dir trusts that file). With the env key
+    nothing is written: give the vault its public half (logged at start) in its trust settings."""
+    if settings.grant_private_key is not None:
+        signer = GrantSigner.from_b64(settings.grant_private_key.get_secret_value())
+        source = "AUTH_GRANT_PRIVATE_KEY"
+    else:
+        signer = load_or_create_signer(settings.keys_dir)
+        source = str(grant_key_paths(settings.keys_dir)[0])
+    log.info("grant key loaded", kid=signer.kid, public_key=signer.public_b64, source=source)
+    return signer
+
+
 def state_secret(settings: AuthSettings, dev_secret: Callable[[], str]) -> str:
     """The key of pending-login records: AUTH_STATE_SECRET, else AUTH_JWT_SECRET, else the dev file."""
     for candidate in (settings.state_secret, settings.jwt_secret):
@@ -147,6 +186,8 @@ class AuthRuntime:
         clock: Clock | None = None,
         vault_keys: VaultKeys | None = None,
         vault_status: VaultStatus | None = None,
+        vault_grants: VaultGrants | None = None,
+        grant_signer: GrantSigner | None = None,
     ) -> None:
         self.settings = settings
         self.broker = broker
@@ -155,6 +196,8 @@ class AuthRuntime:
         self._clock = clock or utc_now
         self._vault_keys = vault_keys
         self._vault_status = vault_status
+        self._vault_grants = vault_grants
+        self._grant_signer = grant_signer
         self._owned_oauth: OAuthClient | None = None
         self._broker_started = False
 
@@ -175,6 +218,7 @@ class AuthRuntime:
 
         callers = build_verifier(settings, dev_secret)  # a bad key fails the start, loudly
         secret = state_secret(settings, dev_secret)
+        signer = self._grant_signer or load_grant_signer(settings)
         vault_keys = self._vault_keys or VaultKeySource(env_value=settings.vault_public_key, keys_dir=settings.keys_dir)
         log.info("connecting to the bus", nats_url=_without_credentials(settings.nats_url))
         self._broker_started = True
@@ -220,16 +264,24 @@ class AuthRuntime:
             publisher=publisher,
             clock=self._clock,
         )
+        grants = GrantService(
+            signer=signer,
+            publisher=publisher,
+            vault=self._vault_grants or NatsVaultGrants(lambda: self.broker.connection, timeout=settings.vault_timeout),
+            clock=self._clock,
+            policy=GrantPolicy(max_ttl_s=settings.grant_max_ttl_s),
+        )
 
         async def readiness() -> dict[str, bool]:
-            return {"bus": self.bus_connected(), "vault_key": vault_keys.current() is not None}
+            return {"bus": self.bus_connected(), "vault_key": vault_keys.current() is not None, "grant_key": True}
 
         app.state.components = AuthComponents(
             login=login,
             callers=callers,
             readiness=readiness,
             connections=connections,
-            limiter=RateLimiter(per_minute=settings.rate_limit_per_minute, burst=settings.rate_limit_burst),
+            limiter=build_limiter(settings),
+            grants=grants,
         )
         log.info(
             "auth runtime started",
@@ -238,6 +290,8 @@ class AuthRuntime:
             console_authorize_url=settings.oauth_console_authorize_url,
             callers=repr(callers),
             vault_key=vault_keys.current() is not None,
+            grant_kid=signer.kid,
+            grant_max_ttl_s=settings.grant_max_ttl_s,
         )
 
     def bus_connected(self) -> bool:
@@ -305,10 +359,12 @@ def create_app(
     clock: Clock | None = None,
     vault_keys: VaultKeys | None = None,
     vault_status: VaultStatus | None = None,
+    vault_grants: VaultGrants | None = None,
+    grant_signer: GrantSigner | None = None,
 ) -> FastAPI:
     runtime = AuthRuntime(
         settings, broker=broker, oauth_client=oauth_client, pending_store=pending_store, clock=clock,
-        vault_keys=vault_keys, vault_status=vault_status,
+        vault_keys=vault_keys, vault_status=vault_status, vault_grants=vault_grants, grant_signer=grant_signer,
     )
 
     @contextlib.asynccontextmanager
@@ -360,12 +416,14 @@ class AuthService:
         clock: Clock | None = None,
         vault_keys: VaultKeys | None = None,
         vault_status: VaultStatus | None = None,
+        vault_grants: VaultGrants | None = None,
+        grant_signer: GrantSigner | None = None,
     ) -> None:
         self.settings = settings
         self.broker = build_broker(settings)
         self.app = create_app(
             settings, broker=self.broker, oauth_client=oauth_client, pending_store=pending_store, clock=clock,
-            vault_keys=vault_keys, vault_status=vault_status,
+            vault_keys=vault_keys, vault_status=vault_status, vault_grants=vault_grants, grant_signer=grant_signer,
         )
         self._runtime: AuthRuntime = self.app.state.runtime
         self._server: uvicorn.Server | None = None

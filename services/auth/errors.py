@@ -73,7 +73,7 @@ class CallerKeysUnavailable(AuthError):
 
 class RateLimited(AuthError):
     status, slug, title = 429, "rate-limited", "Too many requests"
-    default_detail = "Too many connect requests from this caller; retry after the indicated delay."
+    default_detail = "Too many requests of this kind from this caller; retry after the indicated delay."
 
     def __init__(self, retry_after_s: int, detail: str | None = None) -> None:
         self.retry_after_s = retry_after_s
@@ -178,12 +178,23 @@ class VaultUnavailable(AuthError):
 
 class VaultBadReply(AuthError):
     status, slug, title = 502, "vault-bad-reply", "Unexpected answer from the vault"
-    default_detail = "The vault answered with something that is not a connection status."
+    default_detail = "The vault answered with something this service does not understand."
 
 
 class BusUnavailable(AuthError):
     status, slug, title = 503, "bus-unavailable", "Event bus unavailable"
     default_detail = "The tokens could not be handed to the vault; start a new login."
+
+
+class InvalidGrantRequest(AuthError):
+    """A grant request that is well formed but outside what this service allows (a setting, so
+    the schema cannot say it): the same 422 `invalid-request` as any other invalid field."""
+
+    status, slug, title = 422, "invalid-request", "Invalid request"
+    default_detail = "The request body or parameters are not valid."
+
+    def __init__(self, detail: str, *, field: str, msg: str, type_: str) -> None:
+        super().__init__(detail, errors=[{"loc": ["body", field], "msg": msg, "type": type_}])
 
 
 # --- rendering --------------------------------------------------------------------

@@ -312,7 +312,7 @@ async def test_vault_key_read_lazily_from_the_keys_dir(
     async with AuthService(settings) as service:
         not_ready = await http.get(f"{service.base_url}/readyz")
         assert not_ready.status_code == 503
-        assert not_ready.json()["checks"] == {"bus": True, "vault_key": False}
+        assert not_ready.json()["checks"] == {"bus": True, "vault_key": False, "grant_key": True}
         user = new_user()
         pasted = await begin(http, service.base_url, user)
         assert_problem(await exchange(http, service.base_url, user, pasted), 503, "vault-key-unavailable")
@@ -395,7 +395,7 @@ async def test_readiness_follows_the_bus(
 async def test_ops_endpoints(auth: AuthService, http: httpx.AsyncClient) -> None:
     assert (await http.get(f"{auth.base_url}/healthz")).json() == {"status": "ok"}
     assert (await http.get(f"{auth.base_url}/readyz")).json() == {
-        "status": "ready", "checks": {"bus": True, "vault_key": True}
+        "status": "ready", "checks": {"bus": True, "vault_key": True, "grant_key": True}
     }
     user = new_user()
     assert (await exchange(http, auth.base_url, user, await begin(http, auth.base_url, user))).status_code == 202

@@ -20,6 +20,8 @@ ROUTES = {
     ("post", "/v1/claude-code/login"), ("post", "/v1/claude-code/exchange"), ("post", "/v1/claude-code/token"),
     ("get", "/v1/claude-code/status"), ("delete", "/v1/claude-code"), ("post", "/user-settings/mcp/claude-code"),
     ("get", "/connect"), ("get", "/healthz"), ("get", "/readyz"), ("get", "/metrics"),
+    ("post", "/v1/claude-code/grants"), ("get", "/v1/claude-code/grants"),
+    ("delete", "/v1/claude-code/grants/{sandbox_id}"),
 }
 
 
