@@ -231,11 +231,17 @@ class LoginService:
                 )
             )
         except UpstreamError as exc:
-            log.warning("code exchange failed", user_id=user_id, outcome=exc.slug, retryable=exc.retryable)
+            # A refused code is the person's mistake (a typo, a stale paste): info. The server
+            # failing us is worth a warning.
+            refused = exc if isinstance(exc, InvalidCode) else None
+            (log.info if refused else log.warning)(
+                "code exchange failed", user_id=user_id, outcome=exc.slug, retryable=exc.retryable,
+                oauth_error=refused.oauth_error if refused else None,
+            )
             if exc.retryable:
                 await self._restore(login)
                 raise
-            if isinstance(exc, InvalidCode) and exc.oauth_error == INVALID_GRANT:
+            if refused is not None and refused.oauth_error == INVALID_GRANT:
                 raise await self._after_rejected_code(login) from None
             raise
 
