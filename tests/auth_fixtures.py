@@ -1,11 +1,12 @@
 """Helpers shared by the auth service's tests.
 
 Unit fakes (hand-written, no mocks): FakeClock, FakeOAuth, FakeVaultKeys, FakePublisher,
-FakeVaultStatus, a_grant. Real-parts helpers: settings for an AuthService wired to the OAuth
-stand-in, the browser-like `begin`/`exchange` steps, `VaultResponder` (a small real-NATS
-stand-in for the vault's `vault.connections.status` answer, built by the vault team in
-issue 5), caller-token minting for HS256 / RSA / JWKS, and `AuthStackThread` (the whole thing
-on its own event loop in a thread, for sync clients such as schemathesis).
+FakeVaultStatus, FakeVaultGrants, a_grant. Real-parts helpers: settings for an AuthService wired
+to the OAuth stand-in, the browser-like `begin`/`exchange` steps, `VaultResponder` (a small
+real-NATS stand-in for the vault's `vault.connections.status` and `vault.grants.list` answers),
+caller-token minting for HS256 / RSA / JWKS, `AuthStackThread` (the whole thing on its own event
+loop in a thread, for sync clients such as schemathesis) and `AuthProcess` (`python -m
+services.auth` as a process).
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ from shared.events import (
     ConnectionStatusReply,
     ConnectionStatusRequest,
     Event,
+    GrantIssued,
+    GrantRevoked,
+    GrantsListReply,
+    GrantsListRequest,
+    GrantView,
     TokensIssued,
     TokensRevoked,
 )
@@ -108,6 +114,28 @@ class FakeVaultStatus:
         if self.down:
             raise VaultUnavailable()
         return self.replies.get(user_id, ConnectionStatusReply(connected=False))
+
+
+@dataclass
+class FakeVaultGrants:
+    """The vault's leases per (user, sandbox), as `vault.grants.list` would answer them."""
+
+    leases: dict[tuple[str, str], GrantView] = field(default_factory=dict)
+    asked: list[str] = field(default_factory=list)
+    down: bool = False
+
+    def lease(self, user_id: str, sandbox_id: str, *, mode: str = "access_only", issued_at: int = 1_764_331_200_000,
+              expires_at: int = 1_764_417_600_000, last_injected_at: int | None = None) -> None:
+        self.leases[(user_id, sandbox_id)] = GrantView(
+            sandbox_id=sandbox_id, mode=mode, issued_at=issued_at, expires_at=expires_at,  # type: ignore[arg-type]
+            last_injected_at=last_injected_at,
+        )
+
+    async def grants(self, user_id: str) -> GrantsListReply:
+        self.asked.append(user_id)
+        if self.down:
+            raise VaultUnavailable()
+        return GrantsListReply(grants=[view for (user, _), view in self.leases.items() if user == user_id])
 
 
 def a_grant(**overrides: object) -> TokenGrant:
@@ -234,10 +262,12 @@ def assert_problem(response: httpx.Response, status: int, slug: str | None = Non
 
 
 class VaultResponder:
-    """A stand-in for the vault's side of `vault.connections.status`, on a real NATS server.
+    """A stand-in for the vault's side of `vault.connections.status` and `vault.grants.list`, on
+    a real NATS server.
 
     It learns connections from what auth publishes (core subscriptions also see JetStream
-    publishes): `tokens.issued` → connected (or what `override` says), `tokens.revoked` → gone.
+    publishes): `tokens.issued` → connected (or what `override` says), `tokens.revoked` → gone;
+    and leases: `grants.issued` → the newest grant per (person, sandbox), `grants.revoked` → gone.
     `mode`: "answer" | "silent" (subscribed, never answers) | "garbage" (answers nonsense)."""
 
     def __init__(self, nats_url: str, *, mode: str = "answer") -> None:
@@ -247,6 +277,10 @@ class VaultResponder:
         self.requests: list[ConnectionStatusRequest] = []
         self.revoked: list[TokensRevoked] = []
         self.issued: list[TokensIssued] = []
+        self.leases: dict[tuple[str, str], GrantView] = {}
+        self.grants_issued: list[GrantIssued] = []
+        self.grants_revoked: list[GrantRevoked] = []
+        self.grant_requests: list[GrantsListRequest] = []
         self._nc: Client | None = None
 
     async def __aenter__(self) -> VaultResponder:
@@ -254,6 +288,9 @@ class VaultResponder:
         await self._nc.subscribe(subjects.VAULT_CONNECTIONS_STATUS, cb=self._on_status)
         await self._nc.subscribe(subjects.TOKENS_ISSUED, cb=self._on_issued)
         await self._nc.subscribe(subjects.TOKENS_REVOKED, cb=self._on_revoked)
+        await self._nc.subscribe(subjects.VAULT_GRANTS_LIST, cb=self._on_grants_list)
+        await self._nc.subscribe(subjects.GRANTS_ISSUED, cb=self._on_grant_issued)
+        await self._nc.subscribe(subjects.GRANTS_REVOKED, cb=self._on_grant_revoked)
         await settle(self._nc)
         return self
 
@@ -294,6 +331,32 @@ class VaultResponder:
         event = TokensRevoked.model_validate_json(msg.data)
         self.revoked.append(event)
         self.connections.pop(event.user_id, None)
+
+    async def _on_grants_list(self, msg) -> None:  # noqa: ANN001
+        if self.mode == "silent":
+            return
+        if self.mode == "garbage":
+            await msg.respond(b'{"grants": "many"}')
+            return
+        request = GrantsListRequest.model_validate_json(msg.data)
+        self.grant_requests.append(request)
+        mine = [view for (user, _), view in sorted(self.leases.items()) if user == request.user_id]
+        await msg.respond(GrantsListReply(grants=mine).model_dump_json().encode())
+
+    async def _on_grant_issued(self, msg) -> None:  # noqa: ANN001
+        event = GrantIssued.model_validate_json(msg.data)
+        self.grants_issued.append(event)
+        claims = jwt.decode(event.grant, options={"verify_signature": False})  # the real vault verifies
+        key = (event.user_id, event.sandbox_id)
+        previous = self.leases.get(key)
+        if previous is None or claims["iat"] * 1000 >= previous.issued_at:  # the newest grant wins
+            self.leases[key] = GrantView(sandbox_id=event.sandbox_id, mode=claims["mode"],
+                                         issued_at=claims["iat"] * 1000, expires_at=claims["exp"] * 1000)
+
+    async def _on_grant_revoked(self, msg) -> None:  # noqa: ANN001
+        event = GrantRevoked.model_validate_json(msg.data)
+        self.grants_revoked.append(event)
+        self.leases.pop((event.user_id, event.sandbox_id), None)
 
     async def wait_for(self, predicate, timeout: float = 10.0) -> None:  # noqa: ANN001
         async def poll() -> None:
@@ -345,7 +408,9 @@ def openapi_examples_missing(spec: dict[str, Any]) -> list[str]:
     missing = []
     for path, item in spec.get("paths", {}).items():
         for method, operation in item.items():
-            ok = [r for code, r in operation.get("responses", {}).items() if code.startswith("2")]
+            ok = [r for code, r in operation.get("responses", {}).items() if code.startswith("2") and code != "204"]
+            if not ok and "204" in operation.get("responses", {}):
+                ok = [{"content": {"none": {"example": ""}}}]  # 204 No Content: nothing to exemplify
             medias = [m for r in ok for m in r.get("content", {}).values()]
             if not medias or not all(has_example(m) for m in medias):
                 missing.append(f"{method.upper()} {path} response")
@@ -353,6 +418,67 @@ def openapi_examples_missing(spec: dict[str, Any]) -> list[str]:
             if body and not all(has_example(m) for m in body.values()):
                 missing.append(f"{method.upper()} {path} body")
     return missing
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The process environment without any auth/OAuth/vault setting of the machine, plus `extra`."""
+    import os
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AUTH_", "OAUTH_", "VAULT_", "GRANT_"))}
+    return {**base, **extra}
+
+
+class AuthProcess:
+    """`python -m services.auth` as its own process (as `ccbridge up` runs it), ready when
+    /readyz says 200. `lines()` are its JSON log lines."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.port = int(env["AUTH_PORT"])
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.process: Any = None
+
+    def __enter__(self) -> AuthProcess:
+        import subprocess
+        import sys
+
+        with open(self.log_path, "wb") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "services.auth"], env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log_path.read_text()
+            try:
+                if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.__exit__()
+        raise AssertionError("auth did not become ready: " + self.log_path.read_text()[-2000:])
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+        import subprocess
+
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def lines(self) -> list[dict[str, Any]]:
+        import json
+
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.startswith("{")]
 
 
 # --- pytest fixtures (import them into a test module to use them) ------------------------------
@@ -431,11 +557,13 @@ __all__ = [
     "JWT_SECRET",
     "PROBLEM",
     "REFRESH",
+    "AuthProcess",
     "AuthStackThread",
     "FakeClock",
     "FakeOAuth",
     "FakePublisher",
     "FakeVaultKeys",
+    "FakeVaultGrants",
     "FakeVaultStatus",
     "SigningKey",
     "VaultResponder",
@@ -444,6 +572,7 @@ __all__ = [
     "auth_stack_thread",
     "begin",
     "bearer",
+    "clean_env",
     "exchange",
     "follow_authorize",
     "new_user",

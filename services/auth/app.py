@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import ipaddress
+import logging
+import os
 import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -20,34 +24,45 @@ from faststream.nats import NatsBroker
 from pydantic import ValidationError
 
 from services.auth.adapters.bus import BrokerPublisher
-from services.auth.adapters.keys import VaultKeySource, load_or_create_jwt_secret
+from services.auth.adapters.keys import JWT_SECRET_FILE, VaultKeySource, load_or_create_jwt_secret
 from services.auth.adapters.oauth_client import HttpOAuthClient
 from services.auth.adapters.pending_store import KvPendingStore, RecordCipher
-from services.auth.adapters.vault_status import NatsVaultStatus
+from services.auth.adapters.vault_status import NatsVaultGrants, NatsVaultStatus
 from services.auth.callers import CallerVerifier, JwksKeys, load_public_key
 from services.auth.connections import ConnectionService
 from services.auth.errors import BodyLimitMiddleware, install_error_handlers
-from services.auth.limits import RateLimiter
+from services.auth.grants import GrantPolicy, GrantService
+from services.auth.limits import Limit, RateLimiter
 from services.auth.login import LoginPolicy, LoginService
 from services.auth.metrics import AuthMetrics
-from services.auth.ports import Clock, OAuthClient, PendingStore, VaultKeys, VaultStatus
+from services.auth.ports import Clock, OAuthClient, PendingStore, VaultGrants, VaultKeys, VaultStatus
 from services.auth.routes import AuthComponents, router
 from services.auth.settings import AuthSettings
 from shared import subjects
 from shared.broker import document_publishers, make_broker, provision
-from shared.events import TokensIssued, TokensRevoked
+from shared.events import GrantIssued, GrantRevoked, TokensIssued, TokensRevoked
+from shared.grants import GrantSigner, load_or_create_signer
+from shared.grants import key_paths as grant_key_paths
 from shared.health import bind_socket
 from shared.logging import configure_logging, get_logger
 from shared.runtime import freeze_startup_heap, stop_on_signals
 
 log = get_logger(__name__)
 
+EXIT_INVALID_SETTINGS = 2
+EXIT_CANNOT_LISTEN = 3
+
 # What auth puts on the bus (AsyncAPI documents these; `publish_event` sends them).
-PUBLISHES = {subjects.TOKENS_ISSUED: TokensIssued, subjects.TOKENS_REVOKED: TokensRevoked}
+PUBLISHES = {
+    subjects.TOKENS_ISSUED: TokensIssued,
+    subjects.TOKENS_REVOKED: TokensRevoked,
+    subjects.GRANTS_ISSUED: GrantIssued,
+    subjects.GRANTS_REVOKED: GrantRevoked,
+}
 
 
 def build_broker(settings: AuthSettings) -> NatsBroker:
-    """Auth's broker: it consumes nothing; it publishes and asks the vault for status."""
+    """Auth's broker: it consumes nothing; it publishes and asks the vault (status, grants)."""
     broker = make_broker(settings, name="auth")
     document_publishers(broker, PUBLISHES)
     return broker
@@ -61,6 +76,11 @@ DESCRIPTION = """Connect a person's Claude account to ccbridge.
 Other ways in: a `claude setup-token` token (`POST /v1/claude-code/token`), the seed-compatible
 `POST /user-settings/mcp/claude-code`, and the web page `GET /connect`. `GET /v1/claude-code/status`
 asks the vault; `DELETE /v1/claude-code` disconnects.
+
+Grants (least authority): the vault releases a person's credentials only to a sandbox that person
+granted. `POST /v1/claude-code/grants` signs a grant (EdDSA JWS) for one sandbox, for a while, for the
+platform to put into `sandbox.created`; `GET /v1/claude-code/grants` lists the live ones;
+`DELETE /v1/claude-code/grants/{sandbox_id}` ends one.
 
 Callers authenticate with a JWT (`sub` = user id): HS256 (AUTH_JWT_SECRET), or an asymmetric key
 (AUTH_JWT_PUBLIC_KEY / AUTH_JWKS_URL). Errors are RFC 9457 problem+json. Details: docs/auth.md.
@@ -79,7 +99,9 @@ def build_api(
     max_body_bytes: int = 16_384,
     frame_ancestors: str = "'self'",
 ) -> FastAPI:
-    app = FastAPI(title="ccbridge auth", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # /docs is served by routes.py from local files (no CDN); ReDoc would load from a CDN: off.
+    app = FastAPI(title="ccbridge auth", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     app.state.metrics = metrics or AuthMetrics()
     app.state.components = components
     app.state.frame_ancestors = frame_ancestors
@@ -115,6 +137,32 @@ def build_verifier(settings: AuthSettings, dev_secret: Callable[[], str]) -> Cal
     )
 
 
+def build_limiter(settings: AuthSettings) -> RateLimiter:
+    """One bucket per (action, caller). Connect actions (login; exchange, setup token, seed route)
+    and disconnect use AUTH_RATE_LIMIT_*; reads (status, grant list) AUTH_READ_RATE_LIMIT_*;
+    grants issued and ended AUTH_GRANT_RATE_LIMIT_*."""
+    read = Limit(settings.read_rate_limit_per_minute, settings.read_rate_limit_burst)
+    grant = Limit(settings.grant_rate_limit_per_minute, settings.grant_rate_limit_burst)
+    return RateLimiter(
+        per_minute=settings.rate_limit_per_minute, burst=settings.rate_limit_burst,
+        limits={"status": read, "grant_list": read, "grant_issue": grant, "grant_end": grant},
+    )
+
+
+def load_grant_signer(settings: AuthSettings) -> GrantSigner:
+    """AUTH_GRANT_PRIVATE_KEY, else `<keys_dir>/auth.grant.key` (created on first start, 0600, with
+    `auth.grant.pub` beside it: a vault sharing the data dir trusts that file). With the env key
+    nothing is written: give the vault its public half (logged at start) in its trust settings."""
+    if settings.grant_private_key is not None:
+        signer = GrantSigner.from_b64(settings.grant_private_key.get_secret_value())
+        source = "AUTH_GRANT_PRIVATE_KEY"
+    else:
+        signer = load_or_create_signer(settings.keys_dir)
+        source = str(grant_key_paths(settings.keys_dir)[0])
+    log.info("grant key loaded", kid=signer.kid, public_key=signer.public_b64, source=source)
+    return signer
+
+
 def state_secret(settings: AuthSettings, dev_secret: Callable[[], str]) -> str:
     """The key of pending-login records: AUTH_STATE_SECRET, else AUTH_JWT_SECRET, else the dev file."""
     for candidate in (settings.state_secret, settings.jwt_secret):
@@ -138,6 +186,8 @@ class AuthRuntime:
         clock: Clock | None = None,
         vault_keys: VaultKeys | None = None,
         vault_status: VaultStatus | None = None,
+        vault_grants: VaultGrants | None = None,
+        grant_signer: GrantSigner | None = None,
     ) -> None:
         self.settings = settings
         self.broker = broker
@@ -146,6 +196,8 @@ class AuthRuntime:
         self._clock = clock or utc_now
         self._vault_keys = vault_keys
         self._vault_status = vault_status
+        self._vault_grants = vault_grants
+        self._grant_signer = grant_signer
         self._owned_oauth: OAuthClient | None = None
         self._broker_started = False
 
@@ -156,10 +208,17 @@ class AuthRuntime:
         def dev_secret() -> str:
             if not cached:
                 cached.append(load_or_create_jwt_secret(settings.keys_dir))
+                # On loopback this is the development setup `ccbridge up` makes: not news. A
+                # listener other hosts can reach with a secret from a file is worth a warning.
+                (log.info if is_loopback(settings.host) else log.warning)(
+                    "AUTH_JWT_SECRET is not set: caller tokens use the dev secret file (development only)",
+                    path=str(settings.keys_dir / JWT_SECRET_FILE), host=settings.host,
+                )
             return cached[0]
 
         callers = build_verifier(settings, dev_secret)  # a bad key fails the start, loudly
         secret = state_secret(settings, dev_secret)
+        signer = self._grant_signer or load_grant_signer(settings)
         vault_keys = self._vault_keys or VaultKeySource(env_value=settings.vault_public_key, keys_dir=settings.keys_dir)
         log.info("connecting to the bus", nats_url=_without_credentials(settings.nats_url))
         self._broker_started = True
@@ -191,6 +250,7 @@ class AuthRuntime:
                 console_authorize_url=settings.oauth_console_authorize_url,
                 legacy_redirect_uri=settings.legacy_redirect_uri,
                 max_pending_per_caller=settings.max_pending_logins,
+                code_attempts=settings.login_code_attempts,
             ),
             pending=pending,
             oauth=oauth,
@@ -204,16 +264,24 @@ class AuthRuntime:
             publisher=publisher,
             clock=self._clock,
         )
+        grants = GrantService(
+            signer=signer,
+            publisher=publisher,
+            vault=self._vault_grants or NatsVaultGrants(lambda: self.broker.connection, timeout=settings.vault_timeout),
+            clock=self._clock,
+            policy=GrantPolicy(max_ttl_s=settings.grant_max_ttl_s),
+        )
 
         async def readiness() -> dict[str, bool]:
-            return {"bus": self.bus_connected(), "vault_key": vault_keys.current() is not None}
+            return {"bus": self.bus_connected(), "vault_key": vault_keys.current() is not None, "grant_key": True}
 
         app.state.components = AuthComponents(
             login=login,
             callers=callers,
             readiness=readiness,
             connections=connections,
-            limiter=RateLimiter(per_minute=settings.rate_limit_per_minute, burst=settings.rate_limit_burst),
+            limiter=build_limiter(settings),
+            grants=grants,
         )
         log.info(
             "auth runtime started",
@@ -222,6 +290,8 @@ class AuthRuntime:
             console_authorize_url=settings.oauth_console_authorize_url,
             callers=repr(callers),
             vault_key=vault_keys.current() is not None,
+            grant_kid=signer.kid,
+            grant_max_ttl_s=settings.grant_max_ttl_s,
         )
 
     def bus_connected(self) -> bool:
@@ -241,6 +311,40 @@ class AuthRuntime:
                 await self.broker.stop()
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+class ProbeAccessFilter(logging.Filter):
+    """uvicorn's access line of a probe (/healthz, /readyz, /metrics) goes out at DEBUG: the
+    stack's readiness wait, orchestrators and scrapers call them every few seconds, and a 503
+    from /readyz while starting is expected, not a refusal worth reading."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and str(args[2]).split("?", 1)[0] in OPS_PATHS:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+PROBE_ACCESS_FILTER = ProbeAccessFilter()
+
+
+def quiet_probe_access_logs() -> None:
+    access = logging.getLogger("uvicorn.access")
+    if PROBE_ACCESS_FILTER not in access.filters:
+        access.addFilter(PROBE_ACCESS_FILTER)
+
+
 def _without_credentials(url: str) -> str:
     head, sep, tail = url.rpartition("@")
     return f"{head.split('//')[0]}//***@{tail}" if sep else url
@@ -255,10 +359,12 @@ def create_app(
     clock: Clock | None = None,
     vault_keys: VaultKeys | None = None,
     vault_status: VaultStatus | None = None,
+    vault_grants: VaultGrants | None = None,
+    grant_signer: GrantSigner | None = None,
 ) -> FastAPI:
     runtime = AuthRuntime(
         settings, broker=broker, oauth_client=oauth_client, pending_store=pending_store, clock=clock,
-        vault_keys=vault_keys, vault_status=vault_status,
+        vault_keys=vault_keys, vault_status=vault_status, vault_grants=vault_grants, grant_signer=grant_signer,
     )
 
     @contextlib.asynccontextmanager
@@ -275,6 +381,20 @@ def create_app(
     )
     app.state.runtime = runtime
     return app
+
+
+class CannotListen(Exception):
+    """The HTTP listener cannot be opened (port taken, address not on this host, no permission)."""
+
+    def __init__(self, host: str, port: int, error: OSError) -> None:
+        self.host, self.port, self.errno = host, port, error.errno
+        reason = os.strerror(error.errno).lower() if error.errno else str(error)
+        hint = "AUTH_HOST" if error.errno == errno.EADDRNOTAVAIL else "AUTH_PORT"
+        super().__init__(f"auth: cannot listen on {_host_port(host, port)}: {reason} (set {hint})")
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -296,12 +416,14 @@ class AuthService:
         clock: Clock | None = None,
         vault_keys: VaultKeys | None = None,
         vault_status: VaultStatus | None = None,
+        vault_grants: VaultGrants | None = None,
+        grant_signer: GrantSigner | None = None,
     ) -> None:
         self.settings = settings
         self.broker = build_broker(settings)
         self.app = create_app(
             settings, broker=self.broker, oauth_client=oauth_client, pending_store=pending_store, clock=clock,
-            vault_keys=vault_keys, vault_status=vault_status,
+            vault_keys=vault_keys, vault_status=vault_status, vault_grants=vault_grants, grant_signer=grant_signer,
         )
         self._runtime: AuthRuntime = self.app.state.runtime
         self._server: uvicorn.Server | None = None
@@ -319,8 +441,12 @@ class AuthService:
     async def start(self) -> None:
         """HTTP first (so /healthz answers and /readyz says 503 while the bus is awaited), then
         the runtime; a runtime that fails to start takes the HTTP server down with it."""
-        sock = bind_socket(self.settings.host, self.settings.port)
+        try:
+            sock = bind_socket(self.settings.host, self.settings.port)
+        except OSError as exc:
+            raise CannotListen(self.settings.host, self.settings.port, exc) from None
         self.port = sock.getsockname()[1]
+        quiet_probe_access_logs()
         config = uvicorn.Config(
             self.app, log_config=None, lifespan="off", server_header=False, timeout_graceful_shutdown=10
         )
@@ -408,13 +534,18 @@ def main() -> None:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         print(f"ccbridge auth: invalid settings: {problems}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_INVALID_SETTINGS) from None
     configure_logging(settings.log_level, settings.log_format, service="auth")
     try:
         # Caller-key settings are checked before anything connects (a bad PEM is not a crash).
         build_verifier(settings, lambda: "x" * 32)
     except ValueError as exc:
         print(f"ccbridge auth: invalid settings: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(EXIT_INVALID_SETTINGS) from None
+    try:
         asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        pass
+    except CannotListen as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(EXIT_CANNOT_LISTEN) from None

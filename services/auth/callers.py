@@ -82,7 +82,7 @@ class JwksKeys:
 
     async def key_for(self, kid: str | None) -> jwt.PyJWK:
         if not kid:
-            raise Unauthorized("The bearer token names no key (`kid`), which the JWKS needs.", token_sent=True)
+            raise Unauthorized("The bearer token names no key (no kid header), which the JWKS needs.", token_sent=True)
         return await asyncio.to_thread(self._key_for, kid)
 
     def _key_for(self, kid: str) -> jwt.PyJWK:
@@ -133,10 +133,10 @@ class CallerVerifier:
 
     async def verify_header(self, authorization: str | None) -> Caller:
         if not authorization:
-            raise Unauthorized("Missing Authorization header: send `Authorization: Bearer <token>`.")
+            raise Unauthorized("Missing Authorization header: send Authorization: Bearer <token>.")
         scheme, _, token = authorization.strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthorized("The Authorization header must be `Bearer <token>`.")
+            raise Unauthorized("The Authorization header must be Bearer <token>.")
         return await self.verify(token.strip())
 
     async def verify(self, token: str) -> Caller:
@@ -178,15 +178,15 @@ class CallerVerifier:
             raise ForbiddenToken() from None
         except jwt.MissingRequiredClaimError as exc:
             if exc.claim in ("aud", "iss"):
-                raise ForbiddenToken(f"The bearer token has no `{exc.claim}`; this service requires one.") from None
-            raise Unauthorized(f"The bearer token has no `{exc.claim}`.", token_sent=True) from None
+                raise ForbiddenToken(f"The bearer token has no {exc.claim} claim; this service requires one.") from None
+            raise Unauthorized(f"The bearer token has no {exc.claim} claim.", token_sent=True) from None
         except jwt.PyJWTError:
             raise Unauthorized("The bearer token is not valid.", token_sent=True) from None
         except Exception:  # noqa: BLE001 - a key/algorithm mismatch deep in cryptography: still just invalid
             raise Unauthorized("The bearer token is not valid.", token_sent=True) from None
         sub = claims.get("sub")
         if not isinstance(sub, str) or not _USER_ID_RE.fullmatch(sub):
-            raise Unauthorized("The bearer token has no usable `sub`.", token_sent=True)
+            raise Unauthorized("The bearer token has no usable sub claim.", token_sent=True)
         return Caller(user_id=sub)
 
 

@@ -80,6 +80,7 @@ class PendingLogin:
     created_at: datetime
     expires_at: datetime
     account_type: str = "claude_ai"
+    rejected_codes: int = 0  # pastes the token endpoint refused with invalid_grant (a typo does not end it)
 
     def expired(self, now: datetime) -> bool:
         return now >= self.expires_at
@@ -97,6 +98,7 @@ class PendingLogin:
                 "created_at": self.created_at.isoformat(),
                 "expires_at": self.expires_at.isoformat(),
                 "account_type": self.account_type,
+                "rejected_codes": self.rejected_codes,
             }
         ).encode()
 
@@ -117,8 +119,9 @@ class PendingLogin:
                 created_at=_aware(datetime.fromisoformat(raw["created_at"])),
                 expires_at=_aware(datetime.fromisoformat(raw["expires_at"])),
                 account_type=str(raw.get("account_type", "claude_ai")),
+                rejected_codes=int(raw.get("rejected_codes", 0)),
             )
-        except (KeyError, TypeError, AttributeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (KeyError, TypeError, AttributeError, ValueError, UnicodeDecodeError) as exc:
             raise ValueError("not a pending-login record") from exc
 
 
@@ -147,16 +150,16 @@ def parse_paste(code: str, state: str | None = None) -> PastedCode:
     elif "#" in text:
         text_code, _, text_state = text.partition("#")
         if "#" in text_state:
-            raise InvalidPaste("The pasted value has more than one `#`: paste exactly `code#state`.")
+            raise InvalidPaste("The pasted value has more than one #: paste exactly code#state.")
     else:
         text_code, text_state = text, None
     text_code = text_code.strip()
     text_state = (text_state.strip() or None) if text_state is not None else None
     if text_state is not None and given_state and text_state != given_state:
-        raise InvalidPaste("The state in `code#state` differs from the `state` field.")
+        raise InvalidPaste("The state in code#state differs from the state field.")
     final_state = text_state or given_state
     if not final_state:
-        raise InvalidPaste("The state is missing: paste the whole `code#state` string.")
+        raise InvalidPaste("The state is missing: paste the whole code#state string.")
     if not CODE_RE.fullmatch(text_code):
         raise InvalidPaste("The code part is empty or contains characters a code never has.")
     if len(final_state) > 512 or not CODE_RE.fullmatch(final_state):
@@ -171,7 +174,7 @@ def _from_url(text: str) -> tuple[str, str | None]:
         raise InvalidPaste() from exc
     codes, states = query.get("code", []), query.get("state", [])
     if len(codes) != 1 or len(states) > 1:
-        raise InvalidPaste("The pasted URL carries no single `code`.")
+        raise InvalidPaste("The pasted URL carries no single code parameter.")
     return codes[0], (states[0] if states else None)
 
 
@@ -189,12 +192,12 @@ def parse_legacy_paste(text: str) -> LegacyPaste:
         raise InvalidPaste()
     text = text.strip()
     if not text or len(text) > MAX_PASTE or text.count("#") != 1:
-        raise InvalidPaste("Send `authorization_code` as `<code>#<verifier>` (exactly one `#`).")
+        raise InvalidPaste("Send authorization_code as <code>#<verifier> (exactly one #).")
     code, _, verifier = (part.strip() for part in text.partition("#"))
     if not CODE_RE.fullmatch(code):
         raise InvalidPaste("The code part is empty or contains characters a code never has.")
     if not VERIFIER_RE.fullmatch(verifier):
-        raise InvalidPaste("The part after `#` must be the PKCE verifier: 43-128 characters of [A-Za-z0-9-._~].")
+        raise InvalidPaste("The part after # must be the PKCE verifier: 43-128 characters of [A-Za-z0-9-._~].")
     return LegacyPaste(code=code, verifier=verifier)
 
 
@@ -206,9 +209,9 @@ def parse_setup_token(text: str) -> str:
     if SETUP_TOKEN_RE.fullmatch(token):
         return token
     if token.startswith("sk-ant-ort01-"):
-        raise InvalidSetupToken("That is a refresh token; paste the token `claude setup-token` printed (sk-ant-oat01-…).")
+        raise InvalidSetupToken("That is a refresh token; paste the token that claude setup-token printed (sk-ant-oat01-…).")
     if token.startswith("sk-ant-api"):
-        raise InvalidSetupToken("That is an Anthropic API key, not a Claude Code token; run `claude setup-token`.")
+        raise InvalidSetupToken("That is an Anthropic API key, not a Claude Code token; run claude setup-token.")
     raise InvalidSetupToken()
 
 

@@ -8,6 +8,7 @@ way, so clients only ever see problem documents.
 
 from __future__ import annotations
 
+import asyncio
 from http import HTTPStatus
 from typing import Any
 
@@ -31,9 +32,12 @@ class AuthError(Exception):
     title: str = "Internal error"
     default_detail: str = "The request could not be completed."
 
-    def __init__(self, detail: str | None = None, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, detail: str | None = None, *, headers: dict[str, str] | None = None, **extensions: Any
+    ) -> None:
         self.detail = detail or self.default_detail
         self.headers = headers or {}
+        self.extensions = extensions  # extra members of the problem document (RFC 9457 §3.2)
         super().__init__(self.detail)
 
     @property
@@ -69,7 +73,7 @@ class CallerKeysUnavailable(AuthError):
 
 class RateLimited(AuthError):
     status, slug, title = 429, "rate-limited", "Too many requests"
-    default_detail = "Too many connect requests from this caller; retry after the indicated delay."
+    default_detail = "Too many requests of this kind from this caller; retry after the indicated delay."
 
     def __init__(self, retry_after_s: int, detail: str | None = None) -> None:
         self.retry_after_s = retry_after_s
@@ -83,12 +87,12 @@ class TooManyPendingLogins(RateLimited):
 
 class InvalidSetupToken(AuthError):
     status, slug, title = 400, "invalid-token-format", "Not a Claude Code long-lived token"
-    default_detail = "Paste the token `claude setup-token` printed (it starts with `sk-ant-oat01-`)."
+    default_detail = "Paste the token that claude setup-token printed (it starts with sk-ant-oat01-)."
 
 
 class InvalidPaste(AuthError):
     status, slug, title = 400, "invalid-code-format", "Malformed authorization code"
-    default_detail = "Paste the whole `code#state` string shown after authorizing."
+    default_detail = "Paste the whole code#state string shown after authorizing."
 
 
 class InvalidState(AuthError):
@@ -109,8 +113,15 @@ class UpstreamError(AuthError):
 
 
 class InvalidCode(UpstreamError):
+    """The token endpoint refused the code (400/401/403). `oauth_error` is the OAuth `error` name
+    it gave, if any (`invalid_grant` for a wrong, used or expired code)."""
+
     status, slug, title = 400, "invalid-code", "Authorization code rejected"
     default_detail = "The authorization server rejected the code; this login is used up: start a new login."
+
+    def __init__(self, detail: str | None = None, *, oauth_error: str | None = None, **extensions: Any) -> None:
+        self.oauth_error = oauth_error
+        super().__init__(detail, **extensions)
 
 
 class UpstreamRateLimited(UpstreamError):
@@ -167,12 +178,23 @@ class VaultUnavailable(AuthError):
 
 class VaultBadReply(AuthError):
     status, slug, title = 502, "vault-bad-reply", "Unexpected answer from the vault"
-    default_detail = "The vault answered with something that is not a connection status."
+    default_detail = "The vault answered with something this service does not understand."
 
 
 class BusUnavailable(AuthError):
     status, slug, title = 503, "bus-unavailable", "Event bus unavailable"
     default_detail = "The tokens could not be handed to the vault; start a new login."
+
+
+class InvalidGrantRequest(AuthError):
+    """A grant request that is well formed but outside what this service allows (a setting, so
+    the schema cannot say it): the same 422 `invalid-request` as any other invalid field."""
+
+    status, slug, title = 422, "invalid-request", "Invalid request"
+    default_detail = "The request body or parameters are not valid."
+
+    def __init__(self, detail: str, *, field: str, msg: str, type_: str) -> None:
+        super().__init__(detail, errors=[{"loc": ["body", field], "msg": msg, "type": type_}])
 
 
 # --- rendering --------------------------------------------------------------------
@@ -195,7 +217,8 @@ def problem(
 
 async def _auth_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AuthError)
-    return problem(exc.status, exc.slug, exc.title, exc.detail, instance=request.url.path, headers=exc.headers)
+    return problem(exc.status, exc.slug, exc.title, exc.detail, instance=request.url.path, headers=exc.headers,
+                   **exc.extensions)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -214,16 +237,19 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 class PayloadTooLarge(StarletteHTTPException):
     """Raised while a body is read (so FastAPI passes it through untouched); rendered as a problem."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, *, drained: bool = True) -> None:
         self.limit = limit
-        super().__init__(413, f"The request body is larger than {limit} bytes.")
+        super().__init__(
+            413, f"The request body is larger than {limit} bytes.", headers=None if drained else {"Connection": "close"}
+        )
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 413:
         detail = exc.detail if isinstance(exc, PayloadTooLarge) else "The request body is too large."
-        return problem(413, "payload-too-large", "Payload too large", detail, instance=request.url.path)
+        return problem(413, "payload-too-large", "Payload too large", detail, instance=request.url.path,
+                       headers=dict(exc.headers or {}))
     if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
         # FastAPI's answer to a body that is not even text (e.g. not UTF-8): the same problem as
         # any other body that is not valid JSON.
@@ -268,13 +294,50 @@ class CatchAllMiddleware:
             await response(scope, receive, send)
 
 
+# A refused body is still read (and dropped) up to these bounds before the 413 goes out: a server
+# that answers and closes while the client is still sending makes the kernel reset the
+# connection, and the client then sees a broken connection instead of the 413.
+DRAIN_MAX_BYTES = 8 << 20
+DRAIN_MAX_SECONDS = 5.0
+
+
+async def drain(receive: Receive, *, max_bytes: int = DRAIN_MAX_BYTES, max_seconds: float = DRAIN_MAX_SECONDS) -> bool:
+    """Read and drop the rest of a request body. True when it ended within the bounds (the
+    connection can carry on); False when the client went away, sent too much or too slowly."""
+    read = 0
+    try:
+        async with asyncio.timeout(max_seconds):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return False  # http.disconnect
+                read += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return True
+                if read > max_bytes:
+                    return False
+    except TimeoutError:
+        return False
+
+
 class BodyLimitMiddleware:
     """Refuse bodies over `limit` bytes with a 413 problem: at once when Content-Length says so,
-    else as soon as the streamed body passes the limit (chunked uploads)."""
+    else as soon as the streamed body passes the limit (chunked uploads).
+
+    Either way the rest of the body is drained first (bounded: `drain`), so the client reads
+    the 413 rather than a connection reset. A client that sent `Expect: 100-continue` has not
+    sent its body yet: it gets the 413 at once (and no `100 Continue`)."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
         self.limit = limit
+
+    def _too_large(self, scope: Scope, *, drained: bool) -> JSONResponse:
+        return problem(
+            413, "payload-too-large", "Payload too large",
+            f"The request body is larger than {self.limit} bytes.", instance=scope.get("path"),
+            headers=None if drained else {"Connection": "close"},
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -282,13 +345,10 @@ class BodyLimitMiddleware:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.limit:
-            log.info("request body refused", path=scope.get("path"), declared_bytes=declared, limit=self.limit)
-            response = problem(
-                413, "payload-too-large", "Payload too large",
-                f"The request body is larger than {self.limit} bytes.", instance=scope.get("path"),
-                headers={"Connection": "close"},
-            )
-            await response(scope, receive, send)
+            drained = False if _expects_continue(scope) else await drain(receive)
+            log.info("request body refused", path=scope.get("path"), declared_bytes=declared, limit=self.limit,
+                     drained=drained)
+            await self._too_large(scope, drained=drained)(scope, receive, send)
             return
         seen = 0
 
@@ -298,10 +358,17 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise PayloadTooLarge(self.limit)
+                    drained = not message.get("more_body", False) or await drain(receive)
+                    log.info("request body refused", path=scope.get("path"), read_bytes=seen, limit=self.limit,
+                             drained=drained)
+                    raise PayloadTooLarge(self.limit, drained=drained)
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+def _expects_continue(scope: Scope) -> bool:
+    return any(name == b"expect" and value.lower() == b"100-continue" for name, value in scope.get("headers", ()))
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -7,14 +7,15 @@ Order in `complete_login` is deliberate:
 2. the pending login is consumed with compare-and-set before the exchange, so a code#state can
    be exchanged at most once even with many replicas racing;
 3. if the token endpoint fails transiently (429, 5xx, timeout, unreachable) the login is put
-   back, so the same paste can be retried after Retry-After; a rejection (`invalid_grant`)
-   leaves it consumed;
+   back, so the same paste can be retried after Retry-After; a rejection with `invalid_grant`
+   (a typo in the paste, most often: the real code was never spent) puts it back too, for at
+   most `code_attempts` rejected pastes in all; any other rejection leaves it consumed;
 4. tokens only leave this process sealed to the vault's key.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Literal
 from urllib.parse import urlencode
@@ -33,7 +34,14 @@ from services.auth.domain import (
     new_state,
     to_ms,
 )
-from services.auth.errors import ForeignState, InvalidState, StoreUnavailable, UpstreamError, VaultKeyUnavailable
+from services.auth.errors import (
+    ForeignState,
+    InvalidCode,
+    InvalidState,
+    StoreUnavailable,
+    UpstreamError,
+    VaultKeyUnavailable,
+)
 from services.auth.ports import Clock, EventPublisher, OAuthClient, PendingStore, VaultKeys
 from shared import subjects
 from shared.events import AccountInfo, TokenBundle, TokensIssued, new_event_id
@@ -41,6 +49,8 @@ from shared.logging import get_logger
 from shared.sealing import Recipient, seal
 
 log = get_logger(__name__)
+
+INVALID_GRANT = "invalid_grant"
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,7 @@ class LoginPolicy:
     console_authorize_url: str | None = None  # None: the claude.ai one serves both
     legacy_redirect_uri: str | None = None  # None: redirect_uri
     max_pending_per_caller: int | None = 5
+    code_attempts: int = 3  # pastes refused with invalid_grant before the login is used up
 
     def authorize_url_for(self, account_type: str) -> str:
         if account_type == "console" and self.console_authorize_url:
@@ -220,9 +231,18 @@ class LoginService:
                 )
             )
         except UpstreamError as exc:
-            log.warning("code exchange failed", user_id=user_id, outcome=exc.slug, retryable=exc.retryable)
+            # A refused code is the person's mistake (a typo, a stale paste): info. The server
+            # failing us is worth a warning.
+            refused = exc if isinstance(exc, InvalidCode) else None
+            (log.info if refused else log.warning)(
+                "code exchange failed", user_id=user_id, outcome=exc.slug, retryable=exc.retryable,
+                oauth_error=refused.oauth_error if refused else None,
+            )
             if exc.retryable:
                 await self._restore(login)
+                raise
+            if refused is not None and refused.oauth_error == INVALID_GRANT:
+                raise await self._after_rejected_code(login) from None
             raise
 
         connected = await self._hand_to_vault(user_id, login.scopes, grant, vault)
@@ -282,11 +302,28 @@ class LoginService:
             scopes=tuple(scopes),
         )
 
-    async def _restore(self, login: PendingLogin) -> None:
+    async def _after_rejected_code(self, login: PendingLogin) -> InvalidCode:
+        """`invalid_grant`: most often a typo in the paste, and the real code was never spent
+        upstream. The login (state, PKCE verifier) is put back for a few more pastes within its
+        life; the error says how many are left (`attempts_left`, 0 = start a new login)."""
+        rejected = login.rejected_codes + 1
+        left = self.policy.code_attempts - rejected
+        if left > 0 and not login.expired(self.clock()) and await self._restore(replace(login, rejected_codes=rejected)):
+            tries = "1 try" if left == 1 else f"{left} tries"
+            return InvalidCode(
+                "The authorization server rejected this code. Check that you copied all of it and paste it "
+                f"again ({tries} left), or start a new login.",
+                oauth_error=INVALID_GRANT, attempts_left=left,
+            )
+        return InvalidCode(oauth_error=INVALID_GRANT, attempts_left=0)
+
+    async def _restore(self, login: PendingLogin) -> bool:
         try:
             await self.pending.restore(login)
         except StoreUnavailable:
-            log.warning("could not put a login back after a transient upstream failure")
+            log.warning("could not put a login back after a failed exchange")
+            return False
+        return True
 
     async def _discard(self, state: str, revision: int) -> None:
         try:

@@ -23,6 +23,7 @@ EXCHANGE_OUTCOMES = (
 )
 # How a person connected: the `code#state` paste, the seed's `code#verifier`, a setup token.
 CONNECT_PATHS = ("paste", "legacy", "setup_token")
+GRANT_MODES = ("access_only", "env", "file")
 REJECTIONS = ("rate_limited", "too_many_pending_logins", "payload_too_large", "unauthorized", "forbidden_token")
 
 
@@ -43,6 +44,14 @@ class AuthMetrics:
         self.disconnects = Counter(
             "ccbridge_auth_disconnects", "Disconnects requested (tokens.revoked published).", registry=self.registry
         )
+        self.grants_issued = Counter(
+            "ccbridge_auth_grants_issued", "Grants signed and handed to the vault (grants.issued), by mode.", ["mode"],
+            registry=self.registry,
+        )
+        self.grants_ended = Counter(
+            "ccbridge_auth_grants_ended", "Leases ended by their person (grants.revoked published).",
+            registry=self.registry,
+        )
         self.rejections = Counter(
             "ccbridge_auth_rejections", "Requests refused before any work: limits and caller authentication.",
             ["reason"], registry=self.registry,
@@ -51,6 +60,8 @@ class AuthMetrics:
             self.exchanges.labels(outcome=outcome)
         for path in CONNECT_PATHS:
             self.connects.labels(path=path, outcome="connected")
+        for mode in GRANT_MODES:
+            self.grants_issued.labels(mode=mode)
         for reason in REJECTIONS:
             self.rejections.labels(reason=reason)
 

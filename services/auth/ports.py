@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Protocol
 
 from services.auth.domain import CodeExchange, PendingLogin, TokenGrant
-from shared.events import ConnectionStatusReply, Event
+from shared.events import ConnectionStatusReply, Event, GrantsListReply
 from shared.sealing import Recipient
 
 Clock = Callable[[], datetime]
@@ -62,3 +62,10 @@ class VaultStatus(Protocol):
     `VaultBadReply`."""
 
     async def status(self, user_id: str) -> ConnectionStatusReply: ...
+
+
+class VaultGrants(Protocol):
+    """The vault's live leases of a person (request/reply on `vault.grants.list`). Errors:
+    `VaultUnavailable`, `VaultBadReply`."""
+
+    async def grants(self, user_id: str) -> GrantsListReply: ...

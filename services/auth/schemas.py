@@ -7,6 +7,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from shared.events import CredentialMode, SandboxId
+from shared.grants import MAX_TTL_S as MAX_GRANT_TTL_S
+
 _EXAMPLE_STATE = "q5S7l0m0xY8c6pE0XJv7Yb0rQm9bV3wH2tXo1kZ4cGs"
 _EXAMPLE_VERIFIER = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXkdBjftJeZ4CVP"
 
@@ -128,6 +131,7 @@ class AccountOut(BaseModel):
 
 
 class StatusOut(BaseModel):
+    user_id: str = Field(description="Whose status this is: the `sub` of the caller token (the ccbridge user id).")
     connected: bool = Field(description="The vault holds a connection for the caller.")
     state: Literal["connected", "refresh_failed", "reconnect_required", "not_connected"] = Field(
         description="`refresh_failed`: the last refresh failed, the vault keeps trying; `reconnect_required`: "
@@ -146,6 +150,7 @@ class StatusOut(BaseModel):
         json_schema_extra={
             "examples": [
                 {
+                    "user_id": "user-42",
                     "connected": True,
                     "state": "connected",
                     "kind": "oauth",
@@ -160,7 +165,7 @@ class StatusOut(BaseModel):
                     },
                     "version": 2,
                 },
-                {"connected": False, "state": "not_connected", "kind": None, "scopes": [], "expires_at": None,
+                {"user_id": "user-42", "connected": False, "state": "not_connected", "kind": None, "scopes": [], "expires_at": None,
                  "login_expires_at": None, "account": None, "version": None},
             ]
         }
@@ -173,6 +178,89 @@ class RevokedOut(BaseModel):
 
     model_config = ConfigDict(
         json_schema_extra={"examples": [{"status": "revoked", "event_id": "6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d"}]}
+    )
+
+
+_EXAMPLE_GRANT = (
+    "eyJhbGciOiJFZERTQSIsImtpZCI6IjNmMmE5YzFkOGU3YjZhNTQiLCJ0eXAiOiJjY2JyaWRnZS1ncmFudCtqd3QifQ."
+    "eyJpc3MiOiJjY2JyaWRnZS1hdXRoIiwiYXVkIjoiY2NicmlkZ2UtdmF1bHQiLCJzdWIiOiJ1c2VyLTQyIiwic2J4Ijoic2J4LTEyMyIs"
+    "Im1vZGUiOiJhY2Nlc3Nfb25seSIsImlhdCI6MTc2NDMzMTIwMCwiZXhwIjoxNzY0NDE3NjAwLCJqdGkiOiI5YjFkZTY0YzNhN2Y0ZTIw"
+    "YjhjNWQxZjBhMmU0YjZjOCJ9.mC3pQ0wQm9Vd0tGZ0VhS1pLVnF6dWJ4b3l3a2N0Q0x6a2ZqVnR5b2Fhc0h0d2V6a0xvQ2hQZ2VaQQ"
+)
+
+
+class GrantIn(BaseModel):
+    """Body of `POST /v1/claude-code/grants`: which sandbox may hold the caller's Claude credentials, how, how long."""
+
+    sandbox_id: SandboxId
+    mode: CredentialMode = Field(
+        default="access_only",
+        description="The strongest credential mode the sandbox may receive: `access_only` and `env` carry the "
+        "access token only, `file` also the refresh token (the whole login).",
+    )
+    ttl_s: int | None = Field(
+        default=None, ge=60, le=MAX_GRANT_TTL_S,
+        description="Length of the lease in seconds: 60 up to GRANT_MAX_TTL_S (default 7 days). Default: 86400, "
+        "or GRANT_MAX_TTL_S if that is shorter.",
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"sandbox_id": "sbx-123"},
+                {"sandbox_id": "sbx-123", "mode": "file", "ttl_s": 3600},
+            ]
+        },
+    )
+
+
+class GrantOut(BaseModel):
+    grant: str = Field(
+        description="The grant: a compact JWS (EdDSA) for the platform to put into `sandbox.created`. It names the "
+        "caller (`sub`), the sandbox (`sbx`), the mode and the expiry (`exp`)."
+    )
+    sandbox_id: str
+    mode: CredentialMode
+    expires_at: datetime = Field(description="When the lease ends (UTC): the sandbox is scrubbed then.")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"grant": _EXAMPLE_GRANT, "sandbox_id": "sbx-123", "mode": "access_only",
+                 "expires_at": "2026-11-29T12:00:00Z"}
+            ]
+        }
+    )
+
+
+class LeaseOut(BaseModel):
+    sandbox_id: str
+    mode: CredentialMode = Field(description="The strongest mode the newest grant allows.")
+    issued_at: datetime = Field(description="When the newest grant for this sandbox was signed (UTC).")
+    expires_at: datetime = Field(description="When the lease ends (UTC).")
+    last_injected_at: datetime | None = Field(
+        default=None, description="When the vault last released credentials for this sandbox (UTC), if ever."
+    )
+
+
+class GrantsOut(BaseModel):
+    grants: list[LeaseOut] = Field(description="The caller's live leases, as the vault holds them.")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "grants": [
+                        {"sandbox_id": "sbx-123", "mode": "access_only", "issued_at": "2026-11-28T12:00:00Z",
+                         "expires_at": "2026-11-29T12:00:00Z", "last_injected_at": "2026-11-28T12:00:02Z"},
+                        {"sandbox_id": "sbx-456", "mode": "file", "issued_at": "2026-11-28T13:00:00Z",
+                         "expires_at": "2026-11-28T14:00:00Z", "last_injected_at": None},
+                    ]
+                },
+                {"grants": []},
+            ]
+        }
     )
 
 
@@ -196,10 +284,12 @@ class Problem(BaseModel):
 
 class ReadinessOut(BaseModel):
     status: Literal["ready", "not_ready"]
-    checks: dict[str, bool] = Field(examples=[{"bus": True, "vault_key": True}])
+    checks: dict[str, bool] = Field(examples=[{"bus": True, "vault_key": True, "grant_key": True}])
 
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"status": "ready", "checks": {"bus": True, "vault_key": True}}]}
+        json_schema_extra={
+            "examples": [{"status": "ready", "checks": {"bus": True, "vault_key": True, "grant_key": True}}]
+        }
     )
 
 
@@ -247,7 +337,7 @@ PROBLEM_EXAMPLES = {
     413: _problem_example(413, "payload-too-large", "Payload too large", "The request body is larger than 16384 bytes."),
     422: _problem_example(422, "invalid-request", "Invalid request", "The request body or parameters are not valid."),
     429: _problem_example(429, "rate-limited", "Too many requests",
-                          "Too many connect requests from this caller; retry after the indicated delay."),
+                          "Too many requests of this kind from this caller; retry after the indicated delay."),
     502: _problem_example(502, "upstream-error", "Authorization server error",
                           "The authorization server failed or could not be reached; retry shortly."),
     503: _problem_example(503, "upstream-rate-limited", "Authorization server busy",

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from shared.grants import MAX_TTL_S as MAX_GRANT_TTL_S
+from shared.grants import GrantError, GrantSigner
 from shared.oauth import CLAUDE_CODE_CLIENT_ID, TOKEN_URL
 from shared.settings import ServiceSettings
 
@@ -99,9 +101,26 @@ class AuthSettings(ServiceSettings):
         description="How long GET /v1/claude-code/status waits for the vault (s).",
     )
 
+    # --- grants (shared/grants.py) ---------------------------------------------------------
+    grant_private_key: SecretStr | None = Field(
+        default=None,
+        validation_alias="AUTH_GRANT_PRIVATE_KEY",
+        description="Auth's grant signing key: base64url raw Ed25519 private key (32 bytes). Unset: "
+        "<keys_dir>/auth.grant.key, created on first start, with auth.grant.pub beside it for the vault.",
+    )
+    grant_max_ttl_s: int = Field(
+        default=7 * 86_400, ge=60, le=MAX_GRANT_TTL_S, validation_alias="GRANT_MAX_TTL_S",
+        description="Longest lease a grant may give (s). A request without ttl_s gets min(86400, this).",
+    )
+
     # --- logins and abuse limits ---------------------------------------------------------
     login_ttl_s: int = Field(
         default=600, ge=30, le=3600, validation_alias="AUTH_LOGIN_TTL", description="Life of a pending login (s)."
+    )
+    login_code_attempts: int = Field(
+        default=3, ge=1, le=10, validation_alias="AUTH_LOGIN_CODE_ATTEMPTS",
+        description="Pastes of one login the token endpoint may refuse with invalid_grant (a typo) before the "
+        "login is used up.",
     )
     max_pending_logins: int = Field(
         default=5, ge=1, le=100, validation_alias="AUTH_MAX_PENDING_LOGINS",
@@ -115,6 +134,23 @@ class AuthSettings(ServiceSettings):
         default=10, ge=1, le=100_000, validation_alias="AUTH_RATE_LIMIT_BURST",
         description="Connect requests a caller may make at once before the rate applies.",
     )
+    read_rate_limit_per_minute: float = Field(
+        default=120.0, gt=0, le=100_000, validation_alias="AUTH_READ_RATE_LIMIT_PER_MINUTE",
+        description="Sustained GET /v1/claude-code/status and GET /v1/claude-code/grants per caller and minute "
+        "(each its own bucket, per replica).",
+    )
+    read_rate_limit_burst: int = Field(
+        default=30, ge=1, le=100_000, validation_alias="AUTH_READ_RATE_LIMIT_BURST",
+        description="Status and grant-list requests a caller may make at once.",
+    )
+    grant_rate_limit_per_minute: float = Field(
+        default=60.0, gt=0, le=100_000, validation_alias="AUTH_GRANT_RATE_LIMIT_PER_MINUTE",
+        description="Sustained grants issued, and grants ended, per caller and minute (each its own bucket).",
+    )
+    grant_rate_limit_burst: int = Field(
+        default=30, ge=1, le=100_000, validation_alias="AUTH_GRANT_RATE_LIMIT_BURST",
+        description="Grants a caller may have issued (or ended) at once, e.g. for a batch of sandboxes.",
+    )
     max_body_bytes: int = Field(default=16_384, ge=1024, le=1_048_576, validation_alias="AUTH_MAX_BODY_BYTES")
     connect_frame_ancestors: str = Field(
         default="'self'",
@@ -127,6 +163,16 @@ class AuthSettings(ServiceSettings):
     def _secret_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value().strip()) < 32:
             raise ValueError("secrets must be at least 32 characters (HS256 needs a 256-bit key)")
+        return value
+
+    @field_validator("grant_private_key")
+    @classmethod
+    def _grant_key_is_ed25519(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            try:
+                GrantSigner.from_b64(value.get_secret_value())
+            except GrantError:
+                raise ValueError("AUTH_GRANT_PRIVATE_KEY must be a base64url raw Ed25519 private key (32 bytes)") from None
         return value
 
     @field_validator("oauth_scopes")
@@ -155,7 +201,7 @@ class AuthSettings(ServiceSettings):
 
     @field_validator(
         "vault_public_key", "jwt_audience", "jwt_issuer", "jwt_secret", "state_secret", "jwt_public_key", "jwks_url",
-        "oauth_token_url", "oauth_legacy_redirect_uri",
+        "oauth_token_url", "oauth_legacy_redirect_uri", "grant_private_key",
         mode="before",
     )
     @classmethod

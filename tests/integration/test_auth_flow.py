@@ -22,7 +22,7 @@ from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from ccbridge.embedded_nats import EmbeddedNats
-from services.auth.app import AuthService
+from services.auth.app import AuthService, CannotListen
 from services.auth.callers import mint_caller_token
 from shared import subjects
 from shared.broker import settle
@@ -237,14 +237,36 @@ async def test_server_error_is_502(auth: AuthService, standin: OAuthStandin, htt
     assert "bodyleak" not in response.text
 
 
-async def test_invalid_grant_is_400_invalid_code_and_consumes_the_login(
+async def test_a_mistyped_code_keeps_the_login_for_another_paste(
     auth: AuthService, standin: OAuthStandin, http: httpx.AsyncClient
 ) -> None:
+    """invalid_grant for a code the server never issued (a typo): 400 invalid-code that says how
+    many pastes are left, and the right code then connects. Three refusals use the login up."""
     user = new_user()
     pasted = await begin(http, auth.base_url, user)
     code, _, state = pasted.partition("#")
     response = await exchange(http, auth.base_url, user, f"{code}x#{state}")  # a code the server never issued
-    assert_problem(response, 400, "invalid-code")
+    body = assert_problem(response, 400, "invalid-code")
+    assert body["attempts_left"] == 2 and "2 tries left" in body["detail"]
+    assert (await exchange(http, auth.base_url, user, pasted)).status_code == 202
+    assert_problem(await exchange(http, auth.base_url, user, pasted), 400, "invalid-state")  # single use
+
+    other = await begin(http, auth.base_url, user)
+    code, _, state = other.partition("#")
+    left = [assert_problem(await exchange(http, auth.base_url, user, f"{code}{n}#{state}"), 400, "invalid-code")
+            ["attempts_left"] for n in range(3)]
+    assert left == [2, 1, 0]
+    assert_problem(await exchange(http, auth.base_url, user, other), 400, "invalid-state")
+
+
+async def test_a_refusal_other_than_invalid_grant_consumes_the_login(
+    auth: AuthService, standin: OAuthStandin, http: httpx.AsyncClient
+) -> None:
+    user = new_user()
+    pasted = await begin(http, auth.base_url, user)
+    standin.state.fail_next(400, body={"error": "invalid_request", "error_description": "Invalid request format"})
+    body = assert_problem(await exchange(http, auth.base_url, user, pasted), 400, "invalid-code")
+    assert "attempts_left" not in body and "used up" in body["detail"]
     assert_problem(await exchange(http, auth.base_url, user, pasted), 400, "invalid-state")
 
 
@@ -290,7 +312,7 @@ async def test_vault_key_read_lazily_from_the_keys_dir(
     async with AuthService(settings) as service:
         not_ready = await http.get(f"{service.base_url}/readyz")
         assert not_ready.status_code == 503
-        assert not_ready.json()["checks"] == {"bus": True, "vault_key": False}
+        assert not_ready.json()["checks"] == {"bus": True, "vault_key": False, "grant_key": True}
         user = new_user()
         pasted = await begin(http, service.base_url, user)
         assert_problem(await exchange(http, service.base_url, user, pasted), 503, "vault-key-unavailable")
@@ -373,7 +395,7 @@ async def test_readiness_follows_the_bus(
 async def test_ops_endpoints(auth: AuthService, http: httpx.AsyncClient) -> None:
     assert (await http.get(f"{auth.base_url}/healthz")).json() == {"status": "ok"}
     assert (await http.get(f"{auth.base_url}/readyz")).json() == {
-        "status": "ready", "checks": {"bus": True, "vault_key": True}
+        "status": "ready", "checks": {"bus": True, "vault_key": True, "grant_key": True}
     }
     user = new_user()
     assert (await exchange(http, auth.base_url, user, await begin(http, auth.base_url, user))).status_code == 202
@@ -405,7 +427,7 @@ async def test_start_fails_loudly_when_the_port_is_taken(
     taken.listen(1)
     try:
         service = AuthService(settings_for(nats_url, tmp_path, standin, vault_key, port=taken.getsockname()[1]))
-        with pytest.raises(OSError):
+        with pytest.raises(CannotListen, match="address already in use"):
             await service.start()
         await service.stop()  # harmless after a failed start
     finally:

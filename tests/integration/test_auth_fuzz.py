@@ -1,5 +1,5 @@
 """schemathesis against the live OpenAPI schema of a running AuthService (real NATS, the OAuth
-stand-in, a vault stand-in answering status requests), with a valid caller token.
+stand-in, a vault stand-in answering status and grant-list requests), with a valid caller token.
 
 Bounded: at most 30 generated examples per operation, plus schemathesis' explicit examples and
 coverage cases. Properties: no 5xx at all, responses conform to the documented statuses,
@@ -29,7 +29,8 @@ def auth_stack(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     # have their own tests.
     with AuthStackThread(
         nats_url, tmp_path_factory.mktemp("auth-fuzz"), rate_limit_per_minute=100_000, rate_limit_burst=100_000,
-        max_pending_logins=100,
+        read_rate_limit_per_minute=100_000, read_rate_limit_burst=100_000, grant_rate_limit_per_minute=100_000,
+        grant_rate_limit_burst=100_000, max_pending_logins=100,
     ) as stack:
         yield stack
 
@@ -108,4 +109,6 @@ def test_the_fuzzer_reached_the_service(auth_stack: AuthStackThread) -> None:
     """Runs after the fuzz test (file order): the vault stand-in was asked, logins happened."""
     assert auth_stack.responder is not None and auth_stack.standin is not None
     assert any(request.user_id == USER for request in auth_stack.responder.requests)
+    assert any(request.user_id == USER for request in auth_stack.responder.grant_requests)
+    assert any(event.user_id == USER for event in auth_stack.responder.grants_issued)
     assert auth_stack.standin.state.stats["token:authorization_code"] >= 1  # legacy exchanges went out

@@ -12,9 +12,12 @@ from services.auth.app import AuthService
 from shared.sealing import KeyPair
 from standins.oauth import OAuthStandin
 from tests.auth_fixtures import (  # noqa: F401 - fixtures
+    JWT_SECRET,
+    AuthProcess,
     assert_problem,
     bearer,
     begin,
+    clean_env,
     exchange,
     http,
     new_user,
@@ -115,3 +118,40 @@ async def test_racing_logins_never_exceed_the_cap(
         codes = sorted(r.status_code for r in results)
         assert codes.count(201) == 3, codes
         assert all(code in (201, 429) for code in codes), [r.text for r in results]
+
+
+def test_an_oversized_body_always_gets_its_413(nats_url: str, tmp_path: Path) -> None:
+    """A paste far over the limit, to the real process over real sockets: the client must read the
+    413 every time, never a reset connection (the service drains the body before it answers)."""
+    from ccbridge.embedded_nats import free_port
+    from shared.sealing import load_or_create_keypair
+
+    load_or_create_keypair(tmp_path / "keys", "vault")
+    env = clean_env(NATS_URL=nats_url, CCBRIDGE_DATA_DIR=str(tmp_path), AUTH_PORT=str(free_port()),
+                    LOG_FORMAT="json", AUTH_JWT_SECRET=JWT_SECRET)
+    with AuthProcess(env, tmp_path / "auth.log") as auth:
+        url = f"{auth.base_url}/v1/claude-code/exchange"
+        outcomes: list[object] = []
+
+        def post(client: httpx.Client, size: int) -> None:
+            try:
+                response = client.post(url, headers=bearer(new_user()), json={"code": "x" * size})
+            except httpx.TransportError as exc:
+                outcomes.append(type(exc).__name__)
+                return
+            outcomes.append(response.status_code)
+            assert_problem(response, 413, "payload-too-large")
+
+        for _ in range(30):  # a new connection each time, as a browser paste would
+            with httpx.Client(timeout=20) as client:
+                post(client, 200_000)
+        with httpx.Client(timeout=20) as client:  # one kept-alive connection, bigger bodies
+            for _ in range(10):
+                post(client, 2_000_000)
+        assert outcomes == [413] * 40, outcomes
+        with httpx.Client(timeout=20) as client:  # expect: 100-continue gets its answer before sending
+            response = client.post(url, headers={**bearer(new_user()), "Expect": "100-continue"}, json={"code": "x"})
+            assert response.status_code == 400
+        assert httpx.get(f"{auth.base_url}/healthz").status_code == 200
+    refused = [line for line in auth.lines() if line.get("event") == "request body refused"]
+    assert len(refused) == 40 and all(line["drained"] for line in refused)

@@ -4,7 +4,9 @@ there with a summary and examples, and every documented error is problem+json wi
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+import re
 from pathlib import Path
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 import pytest
@@ -18,6 +20,8 @@ ROUTES = {
     ("post", "/v1/claude-code/login"), ("post", "/v1/claude-code/exchange"), ("post", "/v1/claude-code/token"),
     ("get", "/v1/claude-code/status"), ("delete", "/v1/claude-code"), ("post", "/user-settings/mcp/claude-code"),
     ("get", "/connect"), ("get", "/healthz"), ("get", "/readyz"), ("get", "/metrics"),
+    ("post", "/v1/claude-code/grants"), ("get", "/v1/claude-code/grants"),
+    ("delete", "/v1/claude-code/grants/{sandbox_id}"),
 }
 
 
@@ -42,6 +46,27 @@ async def test_openapi_has_every_route_with_examples(auth: AuthService, http: ht
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
 
 
-async def test_docs_page_is_served(auth: AuthService, http: httpx.AsyncClient) -> None:
+async def test_docs_work_offline(auth: AuthService, http: httpx.AsyncClient) -> None:
+    """Every asset /docs references is served by the service itself (no CDN): same host, 200,
+    the right content type; the page's CSP allows 'self' (and its one inline script, by hash)."""
     docs = await http.get(f"{auth.base_url}/docs")
-    assert docs.status_code == 200 and "/openapi.json" in docs.text
+    assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
+    assert "/openapi.json" in docs.text
+    refs = re.findall(r'(?:src|href)="([^"]+)"', docs.text) + re.findall(r"url: '([^']+)'", docs.text)
+    assert refs, docs.text
+    wanted = {".js": "text/javascript", ".css": "text/css", ".png": "image/png", ".json": "application/json"}
+    for ref in refs:
+        url = urljoin(f"{auth.base_url}/docs", ref)
+        assert urlsplit(url).netloc == urlsplit(auth.base_url).netloc, f"/docs loads {ref} from another host"
+        asset = await http.get(url)
+        assert asset.status_code == 200, ref
+        suffix = next(s for s in wanted if urlsplit(url).path.endswith(s))
+        assert asset.headers["content-type"].startswith(wanted[suffix]), (ref, asset.headers["content-type"])
+    assert {urlsplit(ref).path.rsplit("/", 1)[-1] for ref in refs} >= {"swagger-ui-bundle.js", "swagger-ui.css"}
+    csp = dict(part.strip().split(" ", 1) for part in docs.headers["content-security-policy"].split(";"))
+    assert csp["default-src"] == "'none'"
+    for directive, sources in csp.items():
+        for source in sources.split():
+            assert source in ("'self'", "'none'", "data:") or source.startswith("'sha256-"), (directive, source)
+    assert (await http.get(f"{auth.base_url}/redoc")).status_code == 404  # ReDoc would need a CDN: off
+    assert (await http.get(f"{auth.base_url}/docs/assets/..%2Fcore.py")).status_code == 404

@@ -322,11 +322,12 @@ async def test_status_maps_the_vault_reply(api: httpx.AsyncClient, fakes) -> Non
         account=AccountInfo(email="a@example.com", organization_name="Org"), version=3,
     )
     body = (await api.get("/v1/claude-code/status", headers=auth())).json()
+    assert body["user_id"] == "user-1"
     assert body["connected"] is True and body["state"] == "refresh_failed" and body["version"] == 3
     assert body["expires_at"].startswith("2026-01-01T00:00:00") and body["login_expires_at"].startswith("2026-01-31")
     assert body["account"]["email"] == "a@example.com"
     other = (await api.get("/v1/claude-code/status", headers=auth("nobody"))).json()
-    assert other == {"connected": False, "state": "not_connected", "kind": None, "scopes": [], "expires_at": None,
+    assert other == {"user_id": "nobody", "connected": False, "state": "not_connected", "kind": None, "scopes": [], "expires_at": None,
                      "login_expires_at": None, "account": None, "version": None}
     vault_status.down = True
     response = await api.get("/v1/claude-code/status", headers=auth())

@@ -156,14 +156,65 @@ async def test_missing_vault_key_spends_nothing(world: World) -> None:
     assert await world.pending.get(started.state) is not None
 
 
-async def test_rejected_code_consumes_the_login(world: World) -> None:
-    world.oauth.error = InvalidCode()
+@pytest.mark.parametrize("oauth_error", [None, "invalid_request", "unauthorized_client"])
+async def test_a_refusal_other_than_invalid_grant_consumes_the_login(world: World, oauth_error: str | None) -> None:
+    world.oauth.error = InvalidCode(oauth_error=oauth_error)
     started = await world.service.start_login("u")
     with pytest.raises(InvalidCode) as caught:
         await world.service.complete_login("u", PastedCode(code="c", state=started.state))
     assert (caught.value.status, caught.value.slug) == (400, "invalid-code")
     assert await world.pending.get(started.state) is None
     assert world.publisher.published == []
+
+
+async def test_a_typo_does_not_use_up_the_login(world: World) -> None:
+    """invalid_grant (a mistyped code): the pending login is put back, with its PKCE verifier,
+    and the next paste of the right code connects."""
+    started = await world.service.start_login("u")
+    world.oauth.error = InvalidCode(oauth_error="invalid_grant")
+    with pytest.raises(InvalidCode) as caught:
+        await world.service.complete_login("u", PastedCode(code="typo", state=started.state))
+    assert caught.value.extensions == {"attempts_left": 2}
+    assert "paste it again (2 tries left)" in caught.value.detail and "`" not in caught.value.detail
+    kept = await world.pending.get(started.state)
+    assert kept is not None and kept.login.rejected_codes == 1
+    world.oauth.error = None
+    connected = await world.service.complete_login("u", PastedCode(code="right", state=started.state))
+    assert connected.scopes
+    first, second = world.oauth.requests
+    assert first.code_verifier == second.code_verifier and (first.code, second.code) == ("typo", "right")
+    assert await world.pending.get(started.state) is None  # connected: used up
+
+
+async def test_a_login_takes_three_rejected_codes_at_most(world: World) -> None:
+    started = await world.service.start_login("u")
+    world.oauth.error = InvalidCode(oauth_error="invalid_grant")
+    left = []
+    for _ in range(3):
+        with pytest.raises(InvalidCode) as caught:
+            await world.service.complete_login("u", PastedCode(code="typo", state=started.state))
+        left.append(caught.value.extensions["attempts_left"])
+    assert left == [2, 1, 0]
+    assert "used up" in caught.value.detail
+    assert await world.pending.get(started.state) is None
+    with pytest.raises(InvalidState):
+        await world.service.complete_login("u", PastedCode(code="right", state=started.state))
+    assert len(world.oauth.requests) == 3
+
+
+async def test_a_rejected_code_at_the_end_of_the_login_ends_it(world: World) -> None:
+    started = await world.service.start_login("u")
+
+    class SlowOAuth(FakeOAuth):
+        async def exchange_code(self, request):  # noqa: ANN001, ANN201 - the login expires meanwhile
+            world.clock.now = started.expires_at + timedelta(seconds=1)
+            raise InvalidCode(oauth_error="invalid_grant")
+
+    world.service.oauth = SlowOAuth()
+    with pytest.raises(InvalidCode) as caught:
+        await world.service.complete_login("u", PastedCode(code="typo", state=started.state))
+    assert caught.value.extensions == {"attempts_left": 0}
+    assert await world.pending.get(started.state) is None
 
 
 @pytest.mark.parametrize(

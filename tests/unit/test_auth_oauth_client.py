@@ -269,3 +269,20 @@ async def test_logs_carry_status_and_error_names_never_bodies(stdlib_logs, caplo
     assert any(e["event"] == "token endpoint not found" and e["status"] == 404 for e in events)
     text = "\n".join(repr(r.__dict__) for r in caplog.records)
     assert leak not in text and "the-code" not in text and "v" * 64 not in text
+
+
+@pytest.mark.parametrize(
+    ("response", "oauth_error"),
+    [
+        (httpx.Response(400, json={"error": "invalid_grant"}), "invalid_grant"),
+        (httpx.Response(400, json={"error": "invalid_request"}), "invalid_request"),
+        (httpx.Response(403, text="<html>forbidden</html>"), None),
+    ],
+)
+async def test_a_refused_code_names_the_oauth_error(response: httpx.Response, oauth_error: str | None) -> None:
+    """The login use case keeps a login after invalid_grant (a typo) only: it needs the name."""
+    transport = httpx.MockTransport(lambda request: response)
+    client = HttpOAuthClient(token_url=TOKEN_URL, client=httpx.AsyncClient(transport=transport))
+    with pytest.raises(InvalidCode) as caught:
+        await client.exchange_code(REQUEST)
+    assert caught.value.oauth_error == oauth_error

@@ -53,3 +53,14 @@ def test_memory_is_bounded() -> None:
 def test_nonsense_is_refused(rate: float, burst: int) -> None:
     with pytest.raises(ValueError):
         RateLimiter(per_minute=rate, burst=burst)
+
+
+def test_an_action_may_have_its_own_rate_and_burst() -> None:
+    from services.auth.limits import Limit
+
+    clock = Ticks()
+    limiter = RateLimiter(per_minute=6, burst=1, limits={"status": Limit(per_minute=60, burst=3)}, clock=clock)
+    assert [limiter.acquire("status", "u") for _ in range(4)] == [None, None, None, 1]  # one token a second
+    assert [limiter.acquire("login", "u") for _ in range(2)] == [None, 10]  # the default
+    with pytest.raises(ValueError):
+        Limit(per_minute=0, burst=1)

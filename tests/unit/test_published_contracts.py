@@ -25,7 +25,8 @@ def _addresses(service: str) -> set[str]:
 
 
 def test_each_service_documents_what_it_consumes_and_publishes() -> None:
-    assert {subjects.TOKENS_ISSUED, subjects.TOKENS_REVOKED} <= _addresses("auth")
+    assert {subjects.TOKENS_ISSUED, subjects.TOKENS_REVOKED, subjects.GRANTS_ISSUED,
+            subjects.GRANTS_REVOKED} <= _addresses("auth")
     assert {subjects.TOKENS_ISSUED, subjects.VAULT_CREDENTIALS_GET, subjects.TOKENS_REFRESHED} <= _addresses("vault")
     assert {subjects.SANDBOX_CREATED, subjects.SANDBOX_CREDENTIALS_INJECTED, subjects.SANDBOX_CREDENTIALS_FAILED} <= _addresses("sandbox")
     # Only the vault answers credential requests.
@@ -35,5 +36,6 @@ def test_each_service_documents_what_it_consumes_and_publishes() -> None:
 def test_openapi_lists_the_public_routes() -> None:
     paths = json.loads(RENDERED["openapi/auth.json"])["paths"]
     for route in ("/v1/claude-code/login", "/v1/claude-code/exchange", "/v1/claude-code/status",
-                  "/v1/claude-code", "/user-settings/mcp/claude-code"):
+                  "/v1/claude-code", "/user-settings/mcp/claude-code", "/v1/claude-code/grants",
+                  "/v1/claude-code/grants/{sandbox_id}"):
         assert route in paths

@@ -64,5 +64,4 @@ def load_or_create_jwt_secret(keys_dir: Path) -> str:
     secret = path.read_text().strip()
     if len(secret) < 32:
         raise RuntimeError(f"{path} holds a secret shorter than 32 characters: delete it or set AUTH_JWT_SECRET")
-    log.warning("AUTH_JWT_SECRET is not set: using the dev secret file (fine for development only)", path=str(path))
     return secret

@@ -133,7 +133,7 @@ class HttpOAuthClient:
         if status in (400, 401, 403):
             error = oauth_error_code(response)
             log.info("token endpoint refused the grant", grant_type=grant_type, status=status, error=error)
-            raise InvalidCode()
+            raise InvalidCode(oauth_error=error)
         if status >= 500:
             raise UpstreamUnavailable()
         if status != 200:
