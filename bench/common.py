@@ -37,7 +37,7 @@ from shared.events import (
     TokensIssued,
     new_event_id,
 )
-from shared.sealing import Recipient, read_public_key, seal
+from shared.sealing import Recipient, issued_binding, read_public_key, seal
 
 SCOPES = ["user:inference", "user:profile", "user:sessions:claude_code"]
 HOUR_MS = 3600 * 1000
@@ -81,7 +81,8 @@ def tokens_issued(
         expires_at=expires_at,
         scopes=list(scopes),
     )
-    sealed = seal(bundle.model_dump_json().encode(), vault, subject=subjects.TOKENS_ISSUED, message_id=event_id)
+    sealed = seal(bundle.model_dump_json().encode(), vault, subject=subjects.TOKENS_ISSUED, message_id=event_id,
+                  bind=issued_binding(user_id, "oauth"))
     return TokensIssued(event_id=event_id, user_id=user_id, sealed=sealed, scopes=list(scopes), expires_at=expires_at)
 
 

@@ -13,7 +13,7 @@ import nats
 
 from shared import subjects
 from shared.events import TokenBundle, TokensIssued, new_event_id
-from shared.sealing import Recipient, read_public_key, seal
+from shared.sealing import Recipient, issued_binding, read_public_key, seal
 
 DEFAULT_SCOPES = ["user:profile", "user:inference", "user:sessions:claude_code"]
 
@@ -39,11 +39,13 @@ def sealed_tokens_issued(
     scopes = scopes or DEFAULT_SCOPES
     expires_at = int((time.time() + expires_in_s) * 1000)
     bundle = TokenBundle(access_token=access_token, refresh_token=refresh_token, expires_at=expires_at, scopes=scopes)
-    box = seal(bundle.model_dump_json().encode(), vault, subject=subjects.TOKENS_ISSUED, message_id=event_id)
+    kind = "oauth" if refresh_token else "setup_token"
+    box = seal(bundle.model_dump_json().encode(), vault, subject=subjects.TOKENS_ISSUED, message_id=event_id,
+               bind=issued_binding(user_id, kind))
     return TokensIssued(
         event_id=event_id,
         user_id=user_id,
-        kind="oauth" if refresh_token else "setup_token",
+        kind=kind,
         sealed=box,
         scopes=scopes,
         expires_at=expires_at,

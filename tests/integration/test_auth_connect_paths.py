@@ -19,7 +19,7 @@ from services.auth.app import AuthService
 from services.auth.domain import s256_challenge
 from shared import subjects
 from shared.events import TokenBundle, TokensRevoked
-from shared.sealing import KeyPair, open_sealed
+from shared.sealing import issued_binding, KeyPair, open_sealed
 from standins.oauth import REAL_CLIENT_ID, OAuthStandin
 from tests.auth_fixtures import (  # noqa: F401 - fixtures
     PROBLEM,
@@ -48,7 +48,8 @@ async def auth(nats_url: str, tmp_path: Path, standin: OAuthStandin, vault_key: 
 
 def open_bundle(event, key: KeyPair) -> TokenBundle:  # noqa: ANN001
     return TokenBundle.model_validate_json(
-        open_sealed(event.sealed, key, subject=subjects.TOKENS_ISSUED, message_id=event.event_id)
+        open_sealed(event.sealed, key, subject=subjects.TOKENS_ISSUED, message_id=event.event_id,
+            bind=issued_binding(event.user_id, event.kind))
     )
 
 

@@ -42,7 +42,7 @@ from shared.events import (
     TokenBundle,
     new_event_id,
 )
-from shared.sealing import KeyPair, b64e, load_or_create_keypair, seal
+from shared.sealing import KeyPair, b64e, issued_binding, load_or_create_keypair, seal
 
 pytestmark = [pytest.mark.timeout(300)]
 
@@ -180,10 +180,11 @@ def issued_doc(t: Target, *, box: Sealed, user: str | None = None, event_id: str
     }
 
 
-def valid_box(t: Target, event_id: str, plaintext: bytes | None = None) -> Sealed:
+def valid_box(t: Target, event_id: str, plaintext: bytes | None = None, *, user: str = "lifted") -> Sealed:
     bundle = plaintext or TokenBundle(access_token="sk-ant-oat01-" + "h" * 40, expires_at=1_893_456_000_000,
                                       scopes=["user:inference"]).model_dump_json().encode()
-    return seal(bundle, t.vault_key, subject=subjects.TOKENS_ISSUED, message_id=event_id)
+    return seal(bundle, t.vault_key, subject=subjects.TOKENS_ISSUED, message_id=event_id,
+                bind=issued_binding(user, "oauth"))
 
 
 def hostile_boxes(t: Target) -> st.SearchStrategy[bytes]:
@@ -211,8 +212,9 @@ def hostile_boxes(t: Target) -> st.SearchStrategy[bytes]:
         return json.dumps(issued_doc(t, box=box)).encode()
 
     def junk_inside(plaintext: bytes) -> bytes:  # opens, but is not a TokenBundle
-        event_id = new_event_id()
-        return json.dumps(issued_doc(t, box=valid_box(t, event_id, plaintext or b"{}"), event_id=event_id)).encode()
+        event_id, user = new_event_id(), f"{HOSTILE}{uuid.uuid4().hex[:8]}"
+        box = valid_box(t, event_id, plaintext or b"{}", user=user)
+        return json.dumps(issued_doc(t, box=box, event_id=event_id, user=user)).encode()
 
     def not_base64(text: str) -> bytes:
         doc = issued_doc(t, box=valid_box(t, new_event_id()))
