@@ -236,7 +236,7 @@ def sandbox_create(
     nats_url = _nats_url()
 
     async def _create():
-        async with CcbridgeClient(nats_url) as ccb:
+        async with CcbridgeClient(nats_url, inbox_prefix=_inbox_prefix("platform")) as ccb:
             return await ccb.prepare_sandbox(sandbox_id, user, backend=backend, mode=mode, timeout=timeout)  # type: ignore[arg-type]
 
     try:
@@ -249,7 +249,9 @@ def sandbox_create(
             console.print(f"[red]{exc}[/red]")
         raise typer.Exit(3) from None
     except Exception as exc:  # noqa: BLE001 - a clear message instead of a traceback
-        console.print(f"[red]cannot talk to ccbridge at {nats_url}: {type(exc).__name__}: {exc}[/red]")
+        from ccbridge.nats_users import redact_url
+
+        console.print(f"[red]cannot talk to ccbridge at {redact_url(nats_url)}: {type(exc).__name__}: {exc}[/red]")
         raise typer.Exit(3) from None
     ready = isinstance(result, SandboxCredentialsInjected)
     if as_json:
@@ -269,10 +271,19 @@ def _nats_url() -> str:
     return os.environ.get("NATS_URL") or "nats://127.0.0.1:4222"
 
 
+def _inbox_prefix(user: str) -> str:
+    """NATS_INBOX_PREFIX if set, else ccbridge's prefix of that NATS user (`_INBOX.ccbridge-<user>`):
+    deploy/nats/accounts.conf lets each user read replies on its own prefix only."""
+    from shared.subjects import inbox_prefix
+
+    return os.environ.get("NATS_INBOX_PREFIX") or inbox_prefix(user)
+
+
 async def _with_nats(work):
+    """A connection for the operators' verbs (dlq …): NATS_URL is the `ops` user's."""
     import nats
 
-    nc = await nats.connect(_nats_url(), connect_timeout=5, max_reconnect_attempts=1)
+    nc = await nats.connect(_nats_url(), connect_timeout=5, max_reconnect_attempts=1, inbox_prefix=_inbox_prefix("ops"))
     try:
         return await work(nc)
     finally:

@@ -17,7 +17,7 @@ import re
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from ccbridge.embedded_nats import EmbeddedNats, free_port
 
@@ -72,19 +72,25 @@ def start_secured_nats(
                         http_port=http_port or free_port()).start()
 
 
+def _host_port(parts: SplitResult) -> str:
+    return parts.netloc.rpartition("@")[2]
+
+
 def user_url(address: str, user: str, password: str) -> str:
     """`nats://host:port` + a user → `nats://user:password@host:port` (passwords are hex)."""
     parts = urlsplit(address)
-    return urlunsplit(parts._replace(netloc=f"{user}:{password}@{parts.hostname}:{parts.port}"))
+    return urlunsplit(parts._replace(netloc=f"{user}:{password}@{_host_port(parts)}"))
 
 
 def redact_url(url: str) -> str:
-    """A NATS URL safe to print: the user stays, the password goes (each server of a list)."""
+    """A NATS URL safe to print: a user name stays, a password or a token (`nats://<token>@…`)
+    goes; each server of a comma-separated list."""
     def one(server: str) -> str:
         parts = urlsplit(server.strip())
-        if parts.password is None:
+        if "@" not in parts.netloc:
             return server.strip()
-        return urlunsplit(parts._replace(netloc=f"{parts.username}@{parts.hostname}:{parts.port}"))
+        who = f"{parts.username}:***" if parts.password is not None else "***"
+        return urlunsplit(parts._replace(netloc=f"{who}@{_host_port(parts)}"))
 
     return ",".join(one(server) for server in url.split(","))
 
