@@ -55,12 +55,16 @@ def up(
     data_dir: Annotated[Path, typer.Option(help="Keys, database, sandboxes, logs.")] = None,  # type: ignore[assignment]
 ) -> None:
     """Run the whole stack: embedded nats-server (unless NATS_URL is set) and the three services."""
+    from ccbridge.nats_users import redact_url
     from ccbridge.stack import Stack
 
     stack = Stack(data_dir or _data_dir(), nats_url=os.environ.get("NATS_URL") or None)
     console.print("[bold]ccbridge[/bold]: starting nats, vault, sandbox, auth …")
     stack.start()
-    console.print(f"  NATS      {stack.nats_url}" + ("  (embedded)" if stack.nats else ""))
+    # Never a password on screen: the embedded server's users and passwords are in a 0600 file.
+    console.print(f"  NATS      {redact_url(stack.nats_url or '')}" + (
+        f"  (embedded; one user per service as in production; passwords in {stack.nats_users_file})"
+        if stack.nats else ""))
     console.print(f"  auth      {stack.auth_url}   (connect page: {stack.auth_url}/connect, API docs: /docs)")
     console.print(f"  data      {stack.data_dir}   (logs in {stack.log_dir})")
     console.print("  caller token for a user: [cyan]ccbridge token --user <id>[/cyan]    Ctrl-C stops everything.")
@@ -126,6 +130,7 @@ async def _demo(user: str, data_dir: Path) -> bool:
         standin_oauth_env,
     )
     from ccbridge.embedded_nats import free_port
+    from ccbridge.nats_users import redact_url
     from ccbridge.stack import Stack
     from standins.oauth import OAuthStandin
 
@@ -138,14 +143,14 @@ async def _demo(user: str, data_dir: Path) -> bool:
         console.print(f"1. OAuth stand-in on {oauth.base_url}; starting the stack in {data_dir}")
         stack = Stack(data_dir, nats_url=os.environ.get("NATS_URL") or None, env=env, auth_port=free_port())
         async with stack:
-            console.print(f"2. stack up: auth {stack.auth_url}, NATS {stack.nats_url}")
+            console.print(f"2. stack up: auth {stack.auth_url}, NATS {redact_url(stack.nats_url or '')}")
             async with httpx.AsyncClient(timeout=30) as http:
                 connected = await connect_claude_account(http, stack.auth_url, mint_caller_token(jwt_secret, user))
             console.print(f"3. login + paste → HTTP {connected.status} {json.dumps(connected.body)}")
             if connected.status != 202:
                 return False
             sandbox_id = f"demo-{uuid.uuid4().hex[:8]}"
-            async with CcbridgeClient(stack.nats_url) as ccb:
+            async with CcbridgeClient(stack.nats_url_for("platform")) as ccb:
                 result = await prepare_when_connected(ccb, sandbox_id, user, timeout=30)
             console.print(f"4. sandbox.created → {type(result).__name__}: {result.model_dump_json()}")
             if result.__class__.__name__ != "SandboxCredentialsInjected":
