@@ -55,12 +55,16 @@ def up(
     data_dir: Annotated[Path, typer.Option(help="Keys, database, sandboxes, logs.")] = None,  # type: ignore[assignment]
 ) -> None:
     """Run the whole stack: embedded nats-server (unless NATS_URL is set) and the three services."""
+    from ccbridge.nats_users import redact_url
     from ccbridge.stack import Stack
 
     stack = Stack(data_dir or _data_dir(), nats_url=os.environ.get("NATS_URL") or None)
     console.print("[bold]ccbridge[/bold]: starting nats, vault, sandbox, auth …")
     stack.start()
-    console.print(f"  NATS      {stack.nats_url}" + ("  (embedded)" if stack.nats else ""))
+    # Never a password on screen: the embedded server's users and passwords are in a 0600 file.
+    console.print(f"  NATS      {redact_url(stack.nats_url or '')}" + (
+        f"  (embedded; one user per service as in production; passwords in {stack.nats_users_file})"
+        if stack.nats else ""))
     console.print(f"  auth      {stack.auth_url}   (connect page: {stack.auth_url}/connect, API docs: /docs)")
     console.print(f"  data      {stack.data_dir}   (logs in {stack.log_dir})")
     console.print("  caller token for a user: [cyan]ccbridge token --user <id>[/cyan]    Ctrl-C stops everything.")
@@ -126,6 +130,7 @@ async def _demo(user: str, data_dir: Path) -> bool:
         standin_oauth_env,
     )
     from ccbridge.embedded_nats import free_port
+    from ccbridge.nats_users import redact_url
     from ccbridge.stack import Stack
     from standins.oauth import OAuthStandin
 
@@ -138,14 +143,14 @@ async def _demo(user: str, data_dir: Path) -> bool:
         console.print(f"1. OAuth stand-in on {oauth.base_url}; starting the stack in {data_dir}")
         stack = Stack(data_dir, nats_url=os.environ.get("NATS_URL") or None, env=env, auth_port=free_port())
         async with stack:
-            console.print(f"2. stack up: auth {stack.auth_url}, NATS {stack.nats_url}")
+            console.print(f"2. stack up: auth {stack.auth_url}, NATS {redact_url(stack.nats_url or '')}")
             async with httpx.AsyncClient(timeout=30) as http:
                 connected = await connect_claude_account(http, stack.auth_url, mint_caller_token(jwt_secret, user))
             console.print(f"3. login + paste → HTTP {connected.status} {json.dumps(connected.body)}")
             if connected.status != 202:
                 return False
             sandbox_id = f"demo-{uuid.uuid4().hex[:8]}"
-            async with CcbridgeClient(stack.nats_url) as ccb:
+            async with CcbridgeClient(stack.nats_url_for("platform")) as ccb:
                 result = await prepare_when_connected(ccb, sandbox_id, user, timeout=30)
             console.print(f"4. sandbox.created → {type(result).__name__}: {result.model_dump_json()}")
             if result.__class__.__name__ != "SandboxCredentialsInjected":
@@ -236,7 +241,7 @@ def sandbox_create(
     nats_url = _nats_url()
 
     async def _create():
-        async with CcbridgeClient(nats_url) as ccb:
+        async with CcbridgeClient(nats_url, inbox_prefix=_inbox_prefix("platform")) as ccb:
             return await ccb.prepare_sandbox(sandbox_id, user, backend=backend, mode=mode, timeout=timeout)  # type: ignore[arg-type]
 
     try:
@@ -249,7 +254,9 @@ def sandbox_create(
             console.print(f"[red]{exc}[/red]")
         raise typer.Exit(3) from None
     except Exception as exc:  # noqa: BLE001 - a clear message instead of a traceback
-        console.print(f"[red]cannot talk to ccbridge at {nats_url}: {type(exc).__name__}: {exc}[/red]")
+        from ccbridge.nats_users import redact_url
+
+        console.print(f"[red]cannot talk to ccbridge at {redact_url(nats_url)}: {type(exc).__name__}: {exc}[/red]")
         raise typer.Exit(3) from None
     ready = isinstance(result, SandboxCredentialsInjected)
     if as_json:
@@ -269,10 +276,19 @@ def _nats_url() -> str:
     return os.environ.get("NATS_URL") or "nats://127.0.0.1:4222"
 
 
+def _inbox_prefix(user: str) -> str:
+    """NATS_INBOX_PREFIX if set, else ccbridge's prefix of that NATS user (`_INBOX.ccbridge-<user>`):
+    deploy/nats/accounts.conf lets each user read replies on its own prefix only."""
+    from shared.subjects import inbox_prefix
+
+    return os.environ.get("NATS_INBOX_PREFIX") or inbox_prefix(user)
+
+
 async def _with_nats(work):
+    """A connection for the operators' verbs (dlq …): NATS_URL is the `ops` user's."""
     import nats
 
-    nc = await nats.connect(_nats_url(), connect_timeout=5, max_reconnect_attempts=1)
+    nc = await nats.connect(_nats_url(), connect_timeout=5, max_reconnect_attempts=1, inbox_prefix=_inbox_prefix("ops"))
     try:
         return await work(nc)
     finally:

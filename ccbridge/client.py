@@ -5,6 +5,10 @@
 
 It subscribes to results before publishing (no race), sets `event_id` = `Nats-Msg-Id` (a retried
 publish is deduplicated by JetStream) and serves many concurrent calls on one connection.
+
+Connect as the NATS user `platform` (deploy/nats/accounts.conf). Its replies come on the inbox
+prefix `_INBOX.ccbridge-platform`, the only inbox that user may read; pass `inbox_prefix` if your
+NATS account grants another one.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from shared.events import (
 from shared.settings import nats_servers
 
 SandboxResult = SandboxCredentialsInjected | SandboxCredentialsFailed
+PLATFORM_INBOX_PREFIX = subjects.inbox_prefix("platform")
 
 
 class CcbridgeTimeout(TimeoutError):
@@ -54,9 +59,18 @@ class CcbridgeUnavailable(ConnectionError):
 
 
 class CcbridgeClient:
-    def __init__(self, nats_url: str, *, connection: NatsClient | None = None, name: str = "ccbridge-client") -> None:
+    def __init__(
+        self,
+        nats_url: str,
+        *,
+        connection: NatsClient | None = None,
+        name: str = "ccbridge-client",
+        inbox_prefix: str = PLATFORM_INBOX_PREFIX,
+    ) -> None:
+        """`connection`: use this one (its own inbox prefix) instead of connecting to `nats_url`."""
         self._url = nats_url
         self._name = name
+        self._inbox_prefix = inbox_prefix
         self._nc = connection
         self._owns_connection = connection is None
         self._waiters: dict[str, asyncio.Future[SandboxResult]] = {}
@@ -64,7 +78,8 @@ class CcbridgeClient:
 
     async def __aenter__(self) -> CcbridgeClient:
         if self._nc is None:
-            self._nc = await nats.connect(servers=nats_servers(self._url), name=self._name)
+            self._nc = await nats.connect(servers=nats_servers(self._url), name=self._name,
+                                          inbox_prefix=self._inbox_prefix)
         self._subscription = await self._nc.subscribe("sandbox.credentials.*", cb=self._on_result)
         return self
 

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -29,32 +30,56 @@ def free_port() -> int:
 
 
 class EmbeddedNats:
-    """`with EmbeddedNats(store_dir) as nats: nats.url` — stopped and reaped on exit."""
+    """`with EmbeddedNats(store_dir) as nats: nats.url` — stopped and reaped on exit.
+
+    Without `config`: anonymous, JetStream in `store_dir`. With `config` (a rendered
+    deploy/nats/nats.conf, see ccbridge.nats_users): that file's users and permissions, its
+    `$NATS_<USER>_PASSWORD` variables from `env`; address and ports still come from here (the
+    command line wins over the file)."""
+
+    host = "127.0.0.1"
 
     def __init__(self, store_dir: Path, *, port: int | None = None, extra_args: tuple[str, ...] = (),
-                 log_file: Path | None = None) -> None:
+                 log_file: Path | None = None, config: Path | None = None, env: Mapping[str, str] | None = None,
+                 http_port: int | None = None) -> None:
         self.store_dir = Path(store_dir)
         self.port = port or free_port()
         self.extra_args = extra_args
         self.log_file = log_file
+        self.config = config
+        self.env = dict(env or {})
+        self.http_port = http_port
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        """The server's address, without credentials."""
+        return f"nats://{self.host}:{self.port}"
+
+    def _args(self) -> list[str]:
+        listen = ["-a", self.host, "-p", str(self.port), *(["-m", str(self.http_port)] if self.http_port else [])]
+        if self.config:  # the file sets JetStream and its store_dir (nats-server refuses -sd beside it)
+            return [nats_server_binary(), "-c", str(self.config), *listen, *self.extra_args]
+        return [nats_server_binary(), *listen, "-js", "-sd", str(self.store_dir), *self.extra_args]
+
+    def _log_tail(self) -> str:
+        if not self.log_file or not Path(self.log_file).exists():
+            return ""
+        return ":\n" + Path(self.log_file).read_text(errors="replace")[-2000:]
 
     def start(self, timeout: float = 15.0) -> EmbeddedNats:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        args = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store_dir),
-                *self.extra_args]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
-        self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(self._args(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                        env={**os.environ, **self.env} if self.env else None)
+        if self.log_file:
+            out.close()  # type: ignore[union-attr] - the child holds its own descriptor
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"nats-server exited with {self.process.returncode}")
+                raise RuntimeError(f"nats-server exited with {self.process.returncode}{self._log_tail()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                with socket.create_connection((self.host, self.port), timeout=0.2) as sock:
                     if sock.recv(4).startswith(b"INFO"):
                         return self
             except OSError:

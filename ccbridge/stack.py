@@ -1,6 +1,11 @@
 """Run the whole ccbridge stack as separate processes: an embedded nats-server (unless
 NATS_URL names one) and the three services. Used by `ccbridge up`, `ccbridge demo` and the
-end-to-end tests, so all three start the stack the same way."""
+end-to-end tests, so all three start the stack the same way.
+
+The embedded nats-server runs production's users and permissions (deploy/nats/accounts.conf,
+see ccbridge.nats_users): each service connects as its own user, `nats_url` is the `ops` user's
+URL (harnesses, CLI verbs) and `nats_url_for(user)` any other's. A NATS_URL given by the operator
+is used unchanged, by every service, as before."""
 
 from __future__ import annotations
 
@@ -12,11 +17,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import nats
 from nats.js.errors import NotFoundError
 
+from ccbridge import nats_users
 from ccbridge.embedded_nats import EmbeddedNats, free_port
 from shared import subjects
 from shared.sealing import load_or_create_keypair
@@ -35,6 +42,8 @@ class ServiceProcess:
 @dataclass
 class Stack:
     data_dir: Path
+    # An external NATS (used as is by everyone), or None: an embedded one; once started, the
+    # embedded server's `ops` URL.
     nats_url: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     services: tuple[str, ...] = SERVICES
@@ -48,6 +57,8 @@ class Stack:
         self.data_dir = Path(self.data_dir).resolve()
         self.log_dir = Path(self.log_dir or self.data_dir / "logs").resolve()
         self.nats: EmbeddedNats | None = None
+        self.external_nats_url = self.nats_url
+        self.nats_passwords: dict[str, str] = {}
         self.processes: dict[str, ServiceProcess] = {}
         # Health/metrics listeners on free ports: 9100/9101 often belong to node_exporter & co.
         self.metrics_ports = {name: free_port() for name in ("vault", "sandbox")}
@@ -58,11 +69,30 @@ class Stack:
         host = self.service_env().get("AUTH_HOST", "127.0.0.1")
         return f"http://{host}:{self.service_env()['AUTH_PORT']}"
 
-    def service_env(self) -> dict[str, str]:
+    def nats_url_for(self, user: str) -> str:
+        """`user`'s URL (nats://<user>:<password>@…) on the embedded server; with an external
+        NATS, that URL unchanged, whoever asks."""
+        if self.external_nats_url:
+            return self.external_nats_url
+        if self.nats is None:
+            raise RuntimeError("the embedded nats-server is not running")
+        return nats_users.user_url(self.nats.url, user, self.nats_passwords[user])
+
+    @property
+    def nats_urls(self) -> dict[str, str]:
+        """Every user's URL (what a `stack.json` would hold)."""
+        return {user: self.nats_url_for(user) for user in nats_users.USERS}
+
+    def service_env(self, name: str | None = None) -> dict[str, str]:
+        """The environment of service `name` (its own NATS user); without a name, a harness's
+        (NATS_URL = `nats_url`, the ops user)."""
         env = dict(os.environ)
+        if not self.external_nats_url:
+            # the embedded users are ccbridge's own: each service's default prefix is the right one
+            env.pop("NATS_INBOX_PREFIX", None)
         env.update(
             {
-                "NATS_URL": self.nats_url or "",
+                "NATS_URL": self.nats_url_for(name) if name else self.nats_url or "",
                 "CCBRIDGE_DATA_DIR": str(self.data_dir),
                 "DATABASE_URL": env.get("DATABASE_URL") or f"sqlite+aiosqlite:///{self.data_dir / 'vault.db'}",
                 "LOCAL_SANDBOX_ROOT": env.get("LOCAL_SANDBOX_ROOT") or str(self.data_dir / "sandboxes"),
@@ -83,9 +113,8 @@ class Stack:
     async def astart(self, timeout: float = 60.0) -> Stack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        if not self.nats_url:
-            self.nats = EmbeddedNats(self.data_dir / "nats", log_file=self.log_dir / "nats-server.log").start()
-            self.nats_url = self.nats.url
+        if not self.external_nats_url:
+            self.start_nats()
         if self.auth_port is None and "AUTH_PORT" not in self.env and not os.environ.get("AUTH_PORT"):
             self.auth_port = 8000 if _port_free(8000) else free_port()
         # Keys exist before any service starts, so auth can seal to the vault at once.
@@ -103,12 +132,32 @@ class Stack:
             raise
         return self
 
+    def start_nats(self) -> EmbeddedNats:
+        """The embedded nats-server: production's config and users, this data dir's passwords
+        (<data_dir>/nats/users.json, generated once), JetStream in <data_dir>/nats."""
+        self.nats_passwords = nats_users.load_or_create_passwords(self.data_dir)
+        store = self.data_dir / nats_users.STORE_DIRNAME
+        self.nats = nats_users.start_secured_nats(store / "conf", store, self.nats_passwords,
+                                                  log_file=self.log_dir / "nats-server.log")
+        nats_users.record_server(self.data_dir, self.nats.url)
+        self.nats_url = self.nats_url_for("ops")
+        return self.nats
+
+    async def connect_nats(self, user: str = "ops", **options: Any) -> nats.NATS:
+        """A connection as `user`, replying on that user's inbox prefix (for harnesses and tests)."""
+        return await nats.connect(servers=nats_servers(self.nats_url_for(user)),
+                                  inbox_prefix=subjects.inbox_prefix(user), **options)
+
+    @property
+    def nats_users_file(self) -> Path:
+        return nats_users.users_file(self.data_dir)
+
     def start_service(self, name: str) -> ServiceProcess:
         log_path = self.log_dir / f"{name}.log"
         out = open(log_path, "ab")  # noqa: SIM115 - handed to the child
         process = subprocess.Popen(
             [sys.executable, "-m", f"services.{name}"],
-            env={**self.service_env(), **self.per_service_env.get(name, {})},
+            env={**self.service_env(name), **self.per_service_env.get(name, {})},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -141,6 +190,7 @@ class Stack:
         if self.nats:
             self.nats.stop()
             self.nats = None
+            nats_users.record_server(self.data_dir, None)
 
     def __enter__(self) -> Stack:
         return self.start()
@@ -163,7 +213,8 @@ class Stack:
     async def wait_ready(self, timeout: float) -> None:
         """Ready = durable consumers exist, the vault answers requests, auth says /readyz 200."""
         deadline = time.monotonic() + timeout
-        nc = await nats.connect(servers=nats_servers(self.nats_url), max_reconnect_attempts=-1)
+        nc = await nats.connect(servers=nats_servers(self.nats_url), max_reconnect_attempts=-1,
+                                inbox_prefix=subjects.inbox_prefix("ops"))
         try:
             js = nc.jetstream()
             pending = []

@@ -13,6 +13,7 @@ from faststream._internal.context import Context
 from faststream.nats import JStream, NatsBroker, StorageType
 from faststream.nats.broker import NatsBroker as _Broker
 from faststream.nats.message import NatsMessage as _Message
+from nats.js import api as js_api
 from nats.js.api import DiscardPolicy, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 from pydantic import BaseModel
@@ -70,9 +71,39 @@ def stream_for(subject: str) -> str:
     raise ValueError(f"no stream holds {subject}")
 
 
-def make_broker(settings: ServiceSettings, *, name: str, middlewares: tuple = ()) -> NatsBroker:
-    return NatsBroker(
+class CcbridgeBroker(NatsBroker):
+    """A NatsBroker whose durable pull subscribers fetch into the connection's own inbox prefix.
+
+    FastStream hands every pull subscriber `inbox_prefix=b"_INBOX."` unless told otherwise, which
+    ignores the connection's prefix: fetched messages (sealed tokens, for the vault) would land on
+    `_INBOX.<nuid>`, a subject this service's NATS user may not subscribe to — and must not, as it
+    would let every user read everyone's. Rewriting FastStream's default at start covers every
+    subscriber, routers' included, without each one having to remember."""
+
+    def __init__(self, *args: Any, inbox_prefix: str, **kwargs: Any) -> None:
+        super().__init__(*args, inbox_prefix=inbox_prefix, **kwargs)
+        self.inbox_prefix = inbox_prefix
+
+    def own_pull_inboxes(self) -> None:
+        own = f"{self.inbox_prefix}.".encode()
+        for subscriber in self.subscribers:
+            options = getattr(subscriber, "extra_options", None)
+            if isinstance(options, dict) and options.get("inbox_prefix") == js_api.INBOX_PREFIX:
+                options["inbox_prefix"] = own
+
+    async def start(self) -> None:
+        self.own_pull_inboxes()
+        await super().start()
+
+
+def make_broker(
+    settings: ServiceSettings, *, name: str, middlewares: tuple = (), inbox_prefix: str | None = None
+) -> CcbridgeBroker:
+    """The broker of service `name`, replying on `NATS_INBOX_PREFIX`, else `inbox_prefix`, else
+    `_INBOX.ccbridge-<name>` (what deploy/nats/accounts.conf grants the user of that name)."""
+    return CcbridgeBroker(
         settings.nats_servers,
+        inbox_prefix=settings.nats_inbox_prefix or inbox_prefix or subjects.inbox_prefix(name),
         name=f"ccbridge-{name}",
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
@@ -201,6 +232,7 @@ def reply_model(model: BaseModel) -> bytes:
 __all__ = [
     "DLQ",
     "SANDBOX",
+    "CcbridgeBroker",
     "TOKENS",
     "ExceptionMiddleware",
     "dead_letter",

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -27,6 +28,24 @@ class ServiceSettings(BaseSettings):
         ge=1 << 20,
         description="Size cap of each ccbridge stream (bytes); when full, its oldest messages are dropped.",
     )
+
+    nats_inbox_prefix: str | None = Field(
+        default=None,
+        validation_alias="NATS_INBOX_PREFIX",
+        description="Reply-inbox prefix of this service's NATS connection; default `_INBOX.ccbridge-<service>`, "
+        "the prefix deploy/nats/accounts.conf lets that service's user (and only it) subscribe to.",
+    )
+
+    @field_validator("nats_inbox_prefix")
+    @classmethod
+    def _plain_subject(cls, value: str | None) -> str | None:
+        # nats-py appends `.<nuid>`: a wildcard, a space or a trailing dot would make inboxes
+        # that are invalid subjects, or that a permission rule cannot name exactly.
+        if not value:
+            return None  # unset or empty: the service's default
+        if not re.fullmatch(r"[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*", value):
+            raise ValueError("NATS_INBOX_PREFIX must be a plain subject like _INBOX.ccbridge-vault (no *, >, spaces or trailing dot)")
+        return value
 
     @property
     def nats_servers(self) -> list[str]:

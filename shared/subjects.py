@@ -27,6 +27,18 @@ GRANTS_REVOKED = "grants.revoked"  # auth → vault: the person ended a lease (D
 GRANTS_ENDED = "grants.ended"  # vault → sandbox service, platform: a lease is over (expired or ended)
 VAULT_GRANTS_LIST = "vault.grants.list"  # core NATS request/reply (auth asks, vault answers)
 
+# --- reply inboxes (ccbridge's own) ------------------------------------------
+# Every connection gets its own inbox prefix, so that NATS permissions can let each user
+# subscribe to its own replies only (`_INBOX.ccbridge-vault.>`), never to another's: replies
+# carry JetStream messages fetched from a durable, stream acks and request/reply answers.
+INBOX_ROOT = "_INBOX"
+
+
+def inbox_prefix(user: str) -> str:
+    """`_INBOX.ccbridge-<user>`: nats-py appends `.<nuid>` (and request() `.<nuid>.<token>`)."""
+    return f"{INBOX_ROOT}.ccbridge-{user}"
+
+
 # --- dead letters (ccbridge's own) -----------------------------------------
 DLQ_PREFIX = "dlq"
 

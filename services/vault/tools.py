@@ -329,7 +329,9 @@ async def revoke_user(
     """Publish `tokens.revoked` (the vault shreds the secret, the sandbox service scrubs live
     sandboxes). With `wait_s`, wait until the vault's audit log shows it was handled."""
     event = TokensRevoked(user_id=user_id, reason=reason)
-    broker = make_broker(settings, name="vault-cli")
+    # An operator's verb: only `ops` (or auth / the platform) may publish tokens.revoked, so it
+    # replies on the ops inbox prefix unless NATS_INBOX_PREFIX says otherwise.
+    broker = make_broker(settings, name="vault-cli", inbox_prefix=subjects.inbox_prefix("ops"))
     async with broker:
         await broker.connect()
         await provision(broker, settings)

@@ -1,4 +1,5 @@
-"""`ccbridge login` and `ccbridge sandbox create` as a person runs them, against the running stack."""
+"""`ccbridge login` and `ccbridge sandbox create` as a person runs them, against the running stack
+(its own nats-server, production's NATS users: `sandbox create` connects as `platform`)."""
 
 from __future__ import annotations
 
@@ -25,14 +26,14 @@ CCBRIDGE = [sys.executable, "-m", "ccbridge.cli"]
 
 
 @pytest.fixture
-async def running(tmp_path: Path, embedded_nats):
+async def running(tmp_path: Path):
     secret = secrets.token_urlsafe(32)
     async with OAuthStandin(port=0) as oauth:
         env = {
             "AUTH_JWT_SECRET": secret,
             **standin_oauth_env(oauth),
         }
-        async with Stack(tmp_path / "data", nats_url=embedded_nats.url, env=env, auth_port=free_port()) as stack:
+        async with Stack(tmp_path / "data", env=env, auth_port=free_port()) as stack:
             yield stack, secret
 
 
@@ -90,7 +91,7 @@ async def test_terminal_login_bad_token_exit_code(running) -> None:
 
 async def test_sandbox_create_exit_codes(running) -> None:
     stack, secret = running
-    env = {**os.environ, "NATS_URL": stack.nats_url}
+    env = {**os.environ, "NATS_URL": stack.nats_url_for("platform")}
     user = f"cli-{uuid.uuid4().hex[:6]}"
     not_connected = await asyncio.to_thread(
         subprocess.run,

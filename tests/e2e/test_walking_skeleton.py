@@ -1,5 +1,6 @@
-"""The walking skeleton end to end, with every part real: the stack as separate processes on a
-real nats-server, the OAuth stand-in over HTTP, a real SQLite file and the real Claude Code CLI.
+"""The walking skeleton end to end, with every part real: the stack as separate processes on its
+own nats-server (production's NATS users and permissions, as `ccbridge up` runs it), the OAuth
+stand-in over HTTP, a real SQLite file and the real Claude Code CLI.
 
 A canary access token goes through the whole flow; afterwards it must be found only inside the
 sandbox's credentials file: not on any bus subject, not in the database, not in any log.
@@ -38,7 +39,7 @@ pytestmark = pytest.mark.e2e
 CANARY = f"sk-ant-oat01-CANARY{secrets.token_hex(16)}"
 
 
-async def test_login_to_injected_home_accepted_by_real_cli(tmp_path: Path, nats_url: str, claude_bin: str) -> None:
+async def test_login_to_injected_home_accepted_by_real_cli(tmp_path: Path, claude_bin: str) -> None:
     jwt_secret = secrets.token_urlsafe(32)
     user = f"user-{uuid.uuid4().hex[:8]}"
     sandbox_id = f"sbx-{uuid.uuid4().hex[:8]}"
@@ -50,8 +51,8 @@ async def test_login_to_injected_home_accepted_by_real_cli(tmp_path: Path, nats_
             **standin_oauth_env(oauth),
             "LOG_LEVEL": "DEBUG",
         }
-        async with Stack(tmp_path / "data", nats_url=nats_url, env=env, auth_port=free_port()) as stack:
-            spy = await nats.connect(nats_url)
+        async with Stack(tmp_path / "data", env=env, auth_port=free_port()) as stack:
+            spy = await stack.connect_nats("ops")  # only ops may listen to everything
 
             async def capture(msg: nats.aio.msg.Msg) -> None:
                 captured.append(msg.subject.encode() + b" " + json.dumps(msg.headers or {}).encode() + b" " + msg.data)
@@ -66,7 +67,7 @@ async def test_login_to_injected_home_accepted_by_real_cli(tmp_path: Path, nats_
                 assert "user:inference" in connected.body["scopes"]
                 assert CANARY not in json.dumps(connected.body)
 
-                async with CcbridgeClient(nats_url) as ccb:
+                async with CcbridgeClient(stack.nats_url_for("platform")) as ccb:
                     result = await prepare_when_connected(ccb, sandbox_id, user, timeout=30)
                 assert isinstance(result, SandboxCredentialsInjected), result
                 assert result.mode == "file"
@@ -104,3 +105,6 @@ async def test_login_to_injected_home_accepted_by_real_cli(tmp_path: Path, nats_
         assert scanned >= 4  # database, its journal or WAL, logs, keys
         log_text = "".join(p.read_text(errors="replace") for p in (tmp_path / "data" / "logs").glob("*.log"))
         assert "tokens.issued" in log_text or "injected" in log_text, "services logged nothing: the scan proves nothing"
+        # each service ran as its own NATS user without one refusal, and no password reached a log
+        assert "permissions violation" not in log_text.lower()
+        assert not [user for user, password in stack.nats_passwords.items() if password in log_text]

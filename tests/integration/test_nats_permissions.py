@@ -25,6 +25,7 @@ from shared.broker import ensure_streams, settle
 from tests.nats_perms_fixtures import (
     USERS,
     SecuredNats,
+    inbox_prefix,
     password_env_name,
     render_nats_config,
     secured_nats,  # noqa: F401 - pytest fixture
@@ -49,8 +50,10 @@ class Conn:
         self.errors.append(str(error).lower())
         self._changed.set()
 
-    async def connect(self, url: str) -> Conn:
-        self.nc = await nats.connect(url, error_cb=self.on_error, allow_reconnect=False, name=f"perm-test-{self.user}")
+    async def connect(self, url: str, *, inbox: str | None = None) -> Conn:
+        """As ccbridge connects: replies on the user's own prefix `_INBOX.ccbridge-<user>`."""
+        self.nc = await nats.connect(url, error_cb=self.on_error, allow_reconnect=False, name=f"perm-test-{self.user}",
+                                     inbox_prefix=inbox or inbox_prefix(self.user))
         return self
 
     @property
@@ -330,6 +333,43 @@ CORE_DENIED = [
     ("platform", "subscribe", "vault.credentials.get"),
     ("platform", "subscribe", CONNECTIONS_STATUS),
     ("platform", "subscribe", ">"),
+    # grants: auth signs and ends them, the vault ends leases, nobody else writes any
+    ("auth", "publish", "grants.ended"),
+    ("auth", "publish", "tokens.login_expiring"),
+    ("auth", "subscribe", "grants.>"),
+    ("auth", "subscribe", "grants.ended"),
+    ("auth", "subscribe", s.VAULT_GRANTS_LIST),
+    ("vault", "publish", "grants.issued"),
+    ("vault", "publish", "grants.revoked"),
+    ("vault", "subscribe", "grants.issued"),
+    ("vault", "subscribe", "grants.ended"),
+    ("sandbox", "publish", "grants.issued"),
+    ("sandbox", "publish", "grants.revoked"),
+    ("sandbox", "publish", "grants.ended"),
+    ("sandbox", "publish", "tokens.login_expiring"),
+    ("sandbox", "publish", s.VAULT_GRANTS_LIST),
+    ("sandbox", "subscribe", s.VAULT_GRANTS_LIST),
+    ("sandbox", "subscribe", "grants.ended"),
+    ("platform", "publish", "grants.issued"),
+    ("platform", "publish", "grants.revoked"),
+    ("platform", "publish", "grants.ended"),
+    ("platform", "publish", "tokens.login_expiring"),
+    ("platform", "publish", "tokens.reconnect_required"),
+    ("platform", "publish", s.VAULT_GRANTS_LIST),
+    # the notices it may read do not open the token subjects around them
+    ("platform", "subscribe", "tokens.issued"),
+    ("platform", "subscribe", "tokens.refreshed"),
+    ("platform", "subscribe", "tokens.revoked"),
+    ("platform", "subscribe", "tokens.*"),
+    ("platform", "subscribe", "grants.issued"),
+    ("platform", "subscribe", "grants.revoked"),
+    ("platform", "subscribe", "grants.>"),
+    ("platform", "subscribe", s.VAULT_GRANTS_LIST),
+    # replies: each user reads its own inbox only (what the vault fetches is the sealed tokens)
+    *[(spy, "subscribe", "_INBOX.>") for spy in ("auth", "vault", "sandbox", "platform")],
+    *[(spy, "subscribe", "_INBOX.*") for spy in ("auth", "vault", "sandbox", "platform")],
+    *[(spy, "subscribe", f"{inbox_prefix(owner)}.>")
+      for spy in ("auth", "vault", "sandbox", "platform") for owner in USERS if owner != spy],
 ]
 
 
@@ -344,6 +384,32 @@ async def test_forbidden_core_traffic_is_refused(bus: dict[str, Conn], user: str
         await conn.nc.subscribe(subject)
         await conn.nc.flush()
         await conn.expect_violation("subscription", subject)
+
+
+# --- single rules the whole-flow tests depend on, one by one ------------------------------------
+CORE_ALLOWED = [
+    ("vault", "publish", s.TOKENS_LOGIN_EXPIRING),
+    ("vault", "publish", s.GRANTS_ENDED),
+    ("auth", "publish", s.GRANTS_ISSUED),
+    ("auth", "publish", s.GRANTS_REVOKED),
+    ("platform", "subscribe", s.TOKENS_RECONNECT_REQUIRED),
+    ("platform", "subscribe", s.TOKENS_LOGIN_EXPIRING),
+    ("platform", "subscribe", s.GRANTS_ENDED),
+    ("vault", "subscribe", s.VAULT_GRANTS_LIST),
+    *[(user, "subscribe", f"{inbox_prefix(user)}.>") for user in ("auth", "vault", "sandbox", "platform")],
+]
+
+
+@pytest.mark.parametrize(("user", "verb", "subject"), CORE_ALLOWED, ids=lambda v: str(v))
+async def test_allowed_core_traffic_is_accepted(bus: dict[str, Conn], user: str, verb: str, subject: str) -> None:
+    conn = bus[user]
+    before = len(conn.violations())
+    if verb == "publish":
+        await conn.nc.publish(subject, json.dumps({"user_id": f"allowed-{uid()}"}).encode())
+    else:
+        await (await conn.nc.subscribe(subject)).unsubscribe()
+    await settle(conn.nc)  # a refusal is sent before the PONG that ends this
+    assert conn.violations()[before:] == []
 
 
 async def test_auth_cannot_read_back_the_tokens_it_publishes(bus: dict[str, Conn]) -> None:
@@ -377,6 +443,102 @@ async def test_only_the_vault_receives_credential_requests(bus: dict[str, Conn])
         await conn.nc.flush()
         assert spy.pending_msgs == 0
     assert run in got
+
+
+async def test_messages_the_vault_fetches_reach_only_the_vaults_inbox(bus: dict[str, Conn]) -> None:
+    """The review's case: JetStream delivers what the vault pulls from its durable (the sealed
+    tokens.issued) on the vault's inbox. No other user may listen there, nor on `_INBOX.>`."""
+    auth, vault = bus["auth"], bus["vault"]
+    vault_violations = len(vault.violations())  # the module's server is shared: count from here
+    spies = {user: bus[user] for user in ("auth", "sandbox", "platform")}
+    spy_subs = []
+    for conn in spies.values():
+        for pattern in ("_INBOX.>", f"{inbox_prefix('vault')}.>"):
+            spy_subs.append((conn, await conn.nc.subscribe(pattern)))
+            await conn.expect_violation("subscription", pattern)
+    run = uid()
+    await auth.js.publish(s.TOKENS_ISSUED, json.dumps({"user_id": run, "sealed": "box"}).encode(),
+                          headers={s.MSG_ID_HEADER: f"inbox-spy-{run}"})
+    issued = await vault.js.pull_subscribe(s.TOKENS_ISSUED, durable=s.VAULT_TOKENS_ISSUED_DURABLE,
+                                           stream=s.TOKENS_STREAM.name, config=explicit_ack())
+    # fetched into the vault's own `_INBOX.ccbridge-vault.<nuid>` (nats-py keeps that subject private)
+    assert issued._deliver.startswith(f"{inbox_prefix('vault')}.")
+    await (await pull_until(issued, run)).ack_sync()
+    for conn, sub in spy_subs:
+        await conn.nc.flush()
+        assert sub.pending_msgs == 0, f"{conn.user} read the vault's inbox"
+    assert vault.violations()[vault_violations:] == []
+
+
+@pytest.mark.parametrize("user", ["auth", "vault", "sandbox", "platform"])
+async def test_a_client_on_the_default_inbox_prefix_gets_no_replies(secured_nats: SecuredNats, user: str) -> None:  # noqa: F811
+    """Every ccbridge connection must set its inbox prefix: on nats-py's default `_INBOX` the
+    server refuses the reply subscription, so requests and JetStream calls time out (here
+    $JS.API.INFO, which every service user may ask)."""
+    conn = await Conn(user).connect(secured_nats.url(user), inbox="_INBOX")
+    try:
+        with pytest.raises(nats.errors.TimeoutError):
+            await conn.nc.request("$JS.API.INFO", b"", timeout=DENIED_API_TIMEOUT_S)
+        assert any('permissions violation for subscription to "_inbox.' in e for e in conn.errors), conn.errors
+    finally:
+        await conn.close()
+
+
+async def test_the_platform_reads_the_notices_the_vault_publishes(bus: dict[str, Conn]) -> None:
+    """docs/events.md promises the platform tokens.reconnect_required, tokens.login_expiring and
+    grants.ended: the vault may publish them (JetStream, acked) and the platform reads them live."""
+    vault, platform = bus["vault"], bus["platform"]
+    before = {conn.user: len(conn.violations()) for conn in (vault, platform)}
+    run = uid()
+    notices = (s.TOKENS_RECONNECT_REQUIRED, s.TOKENS_LOGIN_EXPIRING, s.GRANTS_ENDED)
+    live = {subject: await platform.nc.subscribe(subject) for subject in notices}
+    await settle(platform.nc)
+    for subject in notices:
+        ack = await vault.js.publish(subject, json.dumps({"user_id": run}).encode(),
+                                     headers={s.MSG_ID_HEADER: f"{subject}-{run}"})
+        assert ack.stream == s.TOKENS_STREAM.name
+    for subject, sub in live.items():
+        msg = await sub.next_msg(timeout=5)
+        assert msg.subject == subject and run.encode() in msg.data
+        await sub.unsubscribe()
+    for conn in (vault, platform):
+        assert conn.violations()[before[conn.user]:] == [], (conn.user, conn.violations())
+
+
+async def test_the_grants_flow_under_least_privilege(bus: dict[str, Conn]) -> None:
+    """grants.issued / grants.revoked from auth reach the vault's durables, grants.ended from the
+    vault reaches the sandbox service's durable, auth asks vault.grants.list and the vault answers."""
+    auth, vault, sandbox = bus["auth"], bus["vault"], bus["sandbox"]
+    before = {conn.user: len(conn.violations()) for conn in (auth, vault, sandbox)}
+    run = uid()
+    for subject, durable in ((s.GRANTS_ISSUED, s.VAULT_GRANTS_ISSUED_DURABLE),
+                             (s.GRANTS_REVOKED, s.VAULT_GRANTS_REVOKED_DURABLE)):
+        ack = await auth.js.publish(subject, json.dumps({"user_id": run, "sandbox_id": run}).encode(),
+                                    headers={s.MSG_ID_HEADER: f"{subject}-{run}"})
+        assert ack.stream == s.TOKENS_STREAM.name
+        grants = await vault.js.pull_subscribe(subject, durable=durable, stream=s.TOKENS_STREAM.name,
+                                               config=explicit_ack())
+        first = await pull_until(grants, run)
+        await first.in_progress()
+        await first.ack_sync()
+
+    ack = await vault.js.publish(s.GRANTS_ENDED, json.dumps({"user_id": run}).encode(),
+                                 headers={s.MSG_ID_HEADER: f"ended-{run}"})
+    assert ack.stream == s.TOKENS_STREAM.name
+    ended = await sandbox.js.pull_subscribe(s.GRANTS_ENDED, durable=s.SANDBOX_GRANTS_ENDED_DURABLE,
+                                            stream=s.TOKENS_STREAM.name, config=explicit_ack())
+    await (await pull_until(ended, run)).ack_sync()
+
+    async def grants_list(msg) -> None:  # noqa: ANN001
+        await msg.respond(json.dumps({"grants": [{"sandbox_id": run}]}).encode())
+
+    responder = await vault.nc.subscribe(s.VAULT_GRANTS_LIST, queue=s.VAULT_QUEUE, cb=grants_list)
+    await settle(vault.nc)
+    reply = await auth.nc.request(s.VAULT_GRANTS_LIST, json.dumps({"user_id": run}).encode(), timeout=5)
+    assert json.loads(reply.data) == {"grants": [{"sandbox_id": run}]}
+    await responder.unsubscribe()
+    for conn in (auth, vault, sandbox):
+        assert conn.violations()[before[conn.user]:] == [], (conn.user, conn.violations())
 
 
 # --- what each user may NOT do: JetStream API ------------------------------------------------
@@ -423,6 +585,22 @@ JS_DENIED = [
     ("platform", f"$JS.API.STREAM.INFO.{TOKENS}", lambda c: c.js_denied.stream_info(TOKENS)),
     ("platform", f"$JS.API.STREAM.CREATE.{TOKENS}",
      lambda c: c.js_denied.add_stream(StreamConfig(name=TOKENS, subjects=["tokens.>"]))),
+    # grants: each durable is its owner's, on its own filter; the platform reads grants.ended live only
+    ("auth", f"$JS.API.CONSUMER.CREATE.{TOKENS}.auth-spy.grants.ended", _add_consumer(TOKENS, "auth-spy", "grants.ended")),
+    ("auth", f"$JS.API.CONSUMER.MSG.NEXT.{TOKENS}.{s.SANDBOX_GRANTS_ENDED_DURABLE}",
+     _raw(f"$JS.API.CONSUMER.MSG.NEXT.{TOKENS}.{s.SANDBOX_GRANTS_ENDED_DURABLE}", b'{"batch":1}')),
+    ("platform", f"$JS.API.CONSUMER.CREATE.{TOKENS}.platform-results.grants.ended",
+     _add_consumer(TOKENS, "platform-results", "grants.ended")),
+    ("platform", f"$JS.API.CONSUMER.MSG.NEXT.{TOKENS}.{s.SANDBOX_GRANTS_ENDED_DURABLE}",
+     _raw(f"$JS.API.CONSUMER.MSG.NEXT.{TOKENS}.{s.SANDBOX_GRANTS_ENDED_DURABLE}", b'{"batch":1}')),
+    ("sandbox", f"$JS.API.CONSUMER.CREATE.{TOKENS}.{s.SANDBOX_GRANTS_ENDED_DURABLE}.grants.issued",
+     _add_consumer(TOKENS, s.SANDBOX_GRANTS_ENDED_DURABLE, "grants.issued")),
+    ("sandbox", f"$JS.API.CONSUMER.MSG.NEXT.{TOKENS}.{s.VAULT_GRANTS_ISSUED_DURABLE}",
+     _raw(f"$JS.API.CONSUMER.MSG.NEXT.{TOKENS}.{s.VAULT_GRANTS_ISSUED_DURABLE}", b'{"batch":1}')),
+    ("vault", f"$JS.API.CONSUMER.CREATE.{TOKENS}.{s.VAULT_GRANTS_ISSUED_DURABLE}.grants.>",
+     _add_consumer(TOKENS, s.VAULT_GRANTS_ISSUED_DURABLE, "grants.>")),
+    ("vault", f"$JS.API.CONSUMER.MSG.NEXT.{TOKENS}.{s.SANDBOX_GRANTS_ENDED_DURABLE}",
+     _raw(f"$JS.API.CONSUMER.MSG.NEXT.{TOKENS}.{s.SANDBOX_GRANTS_ENDED_DURABLE}", b'{"batch":1}')),
 ]
 
 
@@ -440,13 +618,14 @@ async def test_forbidden_jetstream_api_calls_are_refused(
 async def test_faststream_wiring_of_the_services_works_under_their_users(tmp_path: Path) -> None:
     """make_broker + provision + a durable pull subscriber + publish_event + request/reply +
     dead_letter, each service on its own NATS user: the API subjects FastStream really uses are
-    all granted (a violation would show up in the error list or as a timeout)."""
+    all granted (a violation would show up in the error list or as a timeout). Pull subscribers,
+    routers' included, fetch into the service's own inbox prefix (CcbridgeBroker)."""
     from faststream.nats import AckPolicy as FsAckPolicy
     from faststream.nats import ConsumerConfig as FsConsumerConfig
-    from faststream.nats import PullSub
+    from faststream.nats import NatsRouter, PullSub
 
     from shared.broker import DLQ, SANDBOX, TOKENS, dead_letter, make_broker, provision, publish_event
-    from shared.events import Sealed, SandboxCreated, TokensIssued
+    from shared.events import GrantEnded, GrantRevoked, Sealed, SandboxCreated, TokensIssued
     from shared.settings import ServiceSettings
 
     with SecuredNats.start(tmp_path) as server:
@@ -471,6 +650,8 @@ async def test_faststream_wiring_of_the_services_works_under_their_users(tmp_pat
         loop = asyncio.get_running_loop()
         issued_seen: asyncio.Future[str] = loop.create_future()
         created_seen: asyncio.Future[str] = loop.create_future()
+        revoked_seen: asyncio.Future[str] = loop.create_future()
+        ended_seen: asyncio.Future[str] = loop.create_future()
         consumer = FsConsumerConfig(ack_policy=FsAckPolicy.EXPLICIT, max_deliver=5, ack_wait=30)
 
         @vault.subscriber(s.TOKENS_ISSUED, stream=TOKENS, durable=s.VAULT_TOKENS_ISSUED_DURABLE,
@@ -482,6 +663,26 @@ async def test_faststream_wiring_of_the_services_works_under_their_users(tmp_pat
         @vault.subscriber(s.VAULT_CREDENTIALS_GET, queue=s.VAULT_QUEUE)
         async def on_get(body: dict) -> dict:
             return {"request_id": body["request_id"], "ok": True}
+
+        grants_router = NatsRouter()  # the vault's real subscribers live on routers
+
+        @grants_router.subscriber(s.GRANTS_REVOKED, stream=TOKENS, durable=s.VAULT_GRANTS_REVOKED_DURABLE,
+                                  pull_sub=PullSub(batch_size=1, timeout=1.0), config=consumer)
+        async def on_grant_revoked(body: dict) -> None:
+            if not revoked_seen.done():
+                revoked_seen.set_result(body["event_id"])
+
+        @grants_router.subscriber(s.VAULT_GRANTS_LIST, queue=s.VAULT_QUEUE)
+        async def on_grants_list(body: dict) -> dict:
+            return {"grants": []}
+
+        vault.include_router(grants_router)
+
+        @sandbox.subscriber(s.GRANTS_ENDED, stream=TOKENS, durable=s.SANDBOX_GRANTS_ENDED_DURABLE,
+                            pull_sub=PullSub(batch_size=1, timeout=1.0), config=consumer)
+        async def on_grant_ended(body: dict) -> None:
+            if not ended_seen.done():
+                ended_seen.set_result(body["event_id"])
 
         @sandbox.subscriber(s.SANDBOX_CREATED, stream=SANDBOX, durable=s.SANDBOX_CREATED_DURABLE,
                             pull_sub=PullSub(batch_size=1, timeout=1.0), config=consumer)
@@ -506,6 +707,17 @@ async def test_faststream_wiring_of_the_services_works_under_their_users(tmp_pat
 
             reply = await sandbox.request({"request_id": "req-12345678"}, s.VAULT_CREDENTIALS_GET, timeout=5)
             assert json.loads(reply.body) == {"request_id": "req-12345678", "ok": True}
+
+            revoked = GrantRevoked(user_id="u-1", sandbox_id="sbx-1")
+            await publish_event(brokers["auth"], s.GRANTS_REVOKED, revoked)
+            ended = GrantEnded(user_id="u-1", sandbox_id="sbx-1", reason="grant_ended", ended_at=1)
+            await publish_event(vault, s.GRANTS_ENDED, ended)
+            assert await asyncio.wait_for(revoked_seen, 20) == revoked.event_id
+            assert await asyncio.wait_for(ended_seen, 20) == ended.event_id
+            listed = await brokers["auth"].request({"user_id": "u-1"}, s.VAULT_GRANTS_LIST, timeout=5)
+            assert json.loads(listed.body) == {"grants": []}
+            for user, broker in brokers.items():
+                assert broker.connection.new_inbox().startswith(f"{inbox_prefix(user)}."), user
 
             await dead_letter(vault, s.TOKENS_ISSUED, b"not json", "invalid_event", message_id=issued.event_id)
             await dead_letter(sandbox, s.SANDBOX_CREATED, b"not json", "invalid_event", message_id=created.event_id)

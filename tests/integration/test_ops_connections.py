@@ -10,18 +10,16 @@ import sys
 import uuid
 from pathlib import Path
 
-import nats
-
 from ccbridge.client import CcbridgeClient
 from ccbridge.devtools import connect_user_on_bus, vault_recipient
 from ccbridge.stack import Stack
 
 
-async def test_connections_list_shows_state_and_no_secret(tmp_path: Path, embedded_nats) -> None:
+async def test_connections_list_shows_state_and_no_secret(tmp_path: Path) -> None:
     token = f"sk-ant-oat01-list-{uuid.uuid4().hex}"
     users = [f"list-{uuid.uuid4().hex[:6]}" for _ in range(2)]
-    async with Stack(tmp_path / "data", nats_url=embedded_nats.url, services=("vault",)) as stack:
-        nc = await nats.connect(stack.nats_url)
+    async with Stack(tmp_path / "data", services=("vault",)) as stack:
+        nc = await stack.connect_nats("ops")
         try:
             for user in users:
                 await connect_user_on_bus(nc, vault_recipient(stack.data_dir / "keys"), user, token)

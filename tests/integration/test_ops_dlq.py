@@ -1,4 +1,5 @@
-"""`ccbridge dlq list|replay` against a real nats-server and the running services."""
+"""`ccbridge dlq list|replay` against the running services on the stack's own nats-server, which
+runs production's NATS users: the verbs and the harness connect as `ops`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import sys
 import uuid
 from pathlib import Path
 
-import nats
 import pytest
 
 from ccbridge.client import CcbridgeClient
@@ -36,13 +36,13 @@ async def _wait_for(predicate, timeout: float = 15.0):
 
 
 @pytest.fixture
-async def stack(tmp_path: Path, embedded_nats):
-    async with Stack(tmp_path / "data", nats_url=embedded_nats.url, services=("vault", "sandbox")) as running:
+async def stack(tmp_path: Path):
+    async with Stack(tmp_path / "data", services=("vault", "sandbox")) as running:
         yield running
 
 
 async def test_malformed_event_is_listed_with_its_reason(stack: Stack) -> None:
-    nc = await nats.connect(stack.nats_url)
+    nc = await stack.connect_nats("ops")
     try:
         await nc.jetstream().publish(subjects.SANDBOX_CREATED, b'{"sandbox_id": 42}', stream=subjects.SANDBOX_STREAM.name)
         letters = await _wait_for(lambda: list_dead_letters(nc, subject=subjects.SANDBOX_CREATED))
@@ -59,7 +59,7 @@ async def test_malformed_event_is_listed_with_its_reason(stack: Stack) -> None:
 async def test_replay_sends_a_fixed_dead_letter_back_and_removes_it(stack: Stack) -> None:
     user = f"dlq-{uuid.uuid4().hex[:6]}"
     event = SandboxCreated(user_id=user, sandbox_id=f"sbx-{uuid.uuid4().hex[:6]}")
-    nc = await nats.connect(stack.nats_url)
+    nc = await stack.connect_nats("ops")
     try:
         # As if the event had exhausted its deliveries while the user was not yet connected …
         await nc.jetstream().publish(
