@@ -120,7 +120,7 @@ async def _demo(user: str, data_dir: Path) -> bool:
 
     import httpx
 
-    from ccbridge.client import CcbridgeClient
+    from ccbridge.client import CcbridgeClient, request_grant
     from ccbridge.demo import (
         claude_auth_status,
         connect_claude_account,
@@ -150,22 +150,24 @@ async def _demo(user: str, data_dir: Path) -> bool:
             if connected.status != 202:
                 return False
             sandbox_id = f"demo-{uuid.uuid4().hex[:8]}"
+            grant = await request_grant(stack.auth_url, mint_caller_token(jwt_secret, user), sandbox_id)
+            console.print(f"4. {user} grants {sandbox_id}: mode {grant.mode}, lease until {grant.expires_at}")
             async with CcbridgeClient(stack.nats_url_for("platform")) as ccb:
-                result = await prepare_when_connected(ccb, sandbox_id, user, timeout=30)
-            console.print(f"4. sandbox.created → {type(result).__name__}: {result.model_dump_json()}")
+                result = await prepare_when_connected(ccb, sandbox_id, user, timeout=30, grant=grant.token)
+            console.print(f"5. sandbox.created → {type(result).__name__}: {result.model_dump_json()}")
             if result.__class__.__name__ != "SandboxCredentialsInjected":
                 return False
             home = Path(stack.service_env()["LOCAL_SANDBOX_ROOT"]) / result.sandbox_id
-            console.print(f"5. injected home {home}:")
+            console.print(f"6. injected home {home}:")
             for path in sorted(home.rglob("*")):
                 if path.is_file():
                     console.print(f"     {oct(path.stat().st_mode & 0o777)}  {path.relative_to(home)}")
             claude = find_claude()
             if not claude:
-                console.print("6. the `claude` CLI is not installed here (make demo installs it); skipping its verdict")
+                console.print("7. the `claude` CLI is not installed here (make demo installs it); skipping its verdict")
                 return True
             status = claude_auth_status(claude, home)
-            console.print(f"6. HOME={home} claude auth status --json → {json.dumps(status)}")
+            console.print(f"7. HOME={home} claude auth status --json → {json.dumps(status)}")
             return bool(status.get("loggedIn"))
 
 
@@ -233,20 +235,35 @@ def sandbox_create(
     mode: Annotated[str | None, typer.Option(help="file | access_only | env (default: the service's)")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the result.")] = 30.0,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable result on stdout.")] = False,
+    grant: Annotated[str | None, typer.Option(help="The person's grant for this sandbox; else asked of auth.")] = None,
+    token: Annotated[str | None, typer.Option(help="The person's caller token (asks auth for the grant); "
+                                                   "or CCBRIDGE_TOKEN; a dev stack mints one.")] = None,
+    auth_url: Annotated[str, typer.Option(envvar="CCBRIDGE_AUTH_URL", help="Auth service URL.")] = "http://127.0.0.1:8000",
 ) -> None:
-    """Publish sandbox.created and wait for the result; exit 0 only when the sandbox is ready."""
-    from ccbridge.client import CcbridgeClient, CcbridgeTimeout
+    """Get the person's grant for the sandbox (auth), publish sandbox.created and wait for the
+    result. Exit 0 when the sandbox is ready, 1 when ccbridge refused (grant, connection), 3 when
+    it could not be reached in time."""
+    from ccbridge.client import CcbridgeClient, CcbridgeTimeout, GrantRefused, request_grant
     from shared.events import SandboxCredentialsInjected
 
     nats_url = _nats_url()
+    caller = None if grant else _caller_token(token, user)
 
     async def _create():
+        granted = grant or (await request_grant(auth_url, caller, sandbox_id, mode=mode)).token  # type: ignore[arg-type]
         async with CcbridgeClient(nats_url, inbox_prefix=_inbox_prefix("platform")) as ccb:
-            return await ccb.prepare_sandbox(sandbox_id, user, backend=backend, mode=mode, timeout=timeout)  # type: ignore[arg-type]
+            return await ccb.prepare_sandbox(sandbox_id, user, backend=backend, mode=mode, timeout=timeout,  # type: ignore[arg-type]
+                                             grant=granted)
 
     try:
         with console.status(f"preparing sandbox {sandbox_id} for {user} …", spinner="dots"):
             result = asyncio.run(_create())
+    except GrantRefused as exc:
+        if as_json:
+            typer.echo(json.dumps({"ok": False, "error": "grant_refused", "status": exc.status, "detail": exc.detail}))
+        else:
+            console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
     except CcbridgeTimeout as exc:
         if as_json:
             typer.echo(json.dumps({"ok": False, "error": "timeout", "detail": str(exc)}))

@@ -1,7 +1,12 @@
-"""A small typed client for platform services that talk to ccbridge over NATS.
+"""A small typed client for platform services that talk to ccbridge.
 
+    grant = await request_grant(auth_url, caller_token, "sbx-1")    # the person's grant (HTTP)
     async with CcbridgeClient(nats_url) as ccb:
-        result = await ccb.prepare_sandbox("sbx-1", "user-42", mode="access_only")
+        result = await ccb.prepare_sandbox("sbx-1", "user-42", grant=grant.token)
+
+A grant is the person's signed permission for ONE sandbox to hold their credentials
+(`POST /v1/claude-code/grants` on auth, with that person's caller token); without one the vault
+releases nothing (`sandbox.credentials.failed`, reason `grant_required`).
 
 It subscribes to results before publishing (no race), sets `event_id` = `Nats-Msg-Id` (a retried
 publish is deduplicated by JetStream) and serves many concurrent calls on one connection.
@@ -14,9 +19,11 @@ NATS account grants another one.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -56,6 +63,63 @@ class CcbridgeTimeout(TimeoutError):
 
 class CcbridgeUnavailable(ConnectionError):
     """The service that answers this question is not reachable on the bus."""
+
+
+class GrantRefused(Exception):
+    """Auth did not grant the sandbox: `status` and the problem's `detail` say why (a bad caller
+    token is 401, a sandbox id or ttl out of bounds 422, rate limits 429, auth busy 503)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"auth refused the grant ({status}): {detail}")
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Grant:
+    """`POST /v1/claude-code/grants`' answer. `token` goes into `prepare_sandbox(grant=...)`."""
+
+    token: str
+    sandbox_id: str
+    mode: str
+    expires_at: str
+
+    def __repr__(self) -> str:  # the JWS authorises a sandbox: keep it out of logs
+        return f"Grant(sandbox_id={self.sandbox_id!r}, mode={self.mode!r}, expires_at={self.expires_at!r})"
+
+
+async def request_grant(
+    auth_url: str,
+    caller_token: str,
+    sandbox_id: str,
+    *,
+    mode: CredentialMode | None = None,
+    ttl_s: int | None = None,
+    http: httpx.AsyncClient | None = None,
+    timeout: float = 10.0,
+) -> Grant:
+    """Ask auth for the person's grant for one sandbox (`caller_token`: that person's JWT).
+    Asking again for the same sandbox extends or shortens its lease (the newest grant wins)."""
+    body: dict[str, Any] = {"sandbox_id": sandbox_id}
+    if mode is not None:
+        body["mode"] = mode
+    if ttl_s is not None:
+        body["ttl_s"] = ttl_s
+    url = f"{auth_url.rstrip('/')}/v1/claude-code/grants"
+    headers = {"Authorization": f"Bearer {caller_token}"}
+    if http is None:
+        async with httpx.AsyncClient(timeout=timeout) as own:
+            response = await own.post(url, json=body, headers=headers)
+    else:
+        response = await http.post(url, json=body, headers=headers, timeout=timeout)
+    if response.status_code != 201:
+        try:
+            detail = str(response.json().get("detail") or response.reason_phrase)
+        except ValueError:
+            detail = response.reason_phrase
+        raise GrantRefused(response.status_code, detail[:300])
+    doc = response.json()
+    return Grant(token=doc["grant"], sandbox_id=doc["sandbox_id"], mode=doc["mode"], expires_at=doc["expires_at"])
 
 
 class CcbridgeClient:
@@ -127,8 +191,10 @@ class CcbridgeClient:
         config_dir: str | None = None,
         timeout: float = 30.0,
         event_id: str | None = None,
+        grant: str | None = None,
     ) -> SandboxResult:
-        """Publish `sandbox.created` and wait for `injected` or `failed` for exactly this event."""
+        """Publish `sandbox.created` and wait for `injected` or `failed` for exactly this event.
+        `grant`: the person's grant for this sandbox (`request_grant(...).token`)."""
         assert self._nc is not None, "use `async with CcbridgeClient(...)`"
         event = SandboxCreated(
             event_id=event_id or new_event_id(),
@@ -138,6 +204,7 @@ class CcbridgeClient:
             home=home,
             user=user,
             template=template,
+            grant=grant,
             options=SandboxOptions(mode=mode, mcp=mcp, config_dir=config_dir),
         )
         waiter = self.expect_result(event.event_id)

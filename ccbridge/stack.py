@@ -26,6 +26,7 @@ from nats.js.errors import NotFoundError
 from ccbridge import nats_users
 from ccbridge.embedded_nats import EmbeddedNats, free_port
 from shared import subjects
+from shared.grants import load_or_create_signer
 from shared.sealing import load_or_create_keypair
 from shared.settings import nats_servers
 
@@ -117,12 +118,15 @@ class Stack:
             self.start_nats()
         if self.auth_port is None and "AUTH_PORT" not in self.env and not os.environ.get("AUTH_PORT"):
             self.auth_port = 8000 if _port_free(8000) else free_port()
-        # Keys exist before any service starts, so auth can seal to the vault at once.
+        # Keys exist before any service starts, so auth can seal to the vault at once and the
+        # vault trusts auth's grant key from its first request.
         keys_dir = self.data_dir / "keys"
         if not self.service_env().get("VAULT_HPKE_PRIVATE_KEY"):
             load_or_create_keypair(keys_dir, "vault")
         if not self.service_env().get("SANDBOX_HPKE_PRIVATE_KEY"):
             load_or_create_keypair(keys_dir, "sandbox")
+        if not self.service_env().get("AUTH_GRANT_PRIVATE_KEY"):
+            load_or_create_signer(keys_dir)
         for name in self.services:
             self.start_service(name)
         try:

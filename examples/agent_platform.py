@@ -4,8 +4,10 @@ for the user, then run Claude Code in it.
     python examples/agent_platform.py --user alice                     # local sandbox
     python examples/agent_platform.py --user alice --backend e2b       # real E2B (E2B_API_KEY)
 
-Environment: NATS_URL (the bus ccbridge listens on), LOCAL_SANDBOX_ROOT (local backend),
-E2B_API_KEY / E2B_TEMPLATE (e2b backend), CLAUDE_BIN (local backend's claude binary).
+Environment: NATS_URL (the bus ccbridge listens on), CCBRIDGE_AUTH_URL (ccbridge's auth service,
+which grants each sandbox), CCBRIDGE_TOKEN (the person's caller token: your platform mints it),
+LOCAL_SANDBOX_ROOT (local backend), E2B_API_KEY / E2B_TEMPLATE (e2b backend), CLAUDE_BIN (local
+backend's claude binary).
 `claude -p` only runs with --run-claude: it needs a real Claude account and network access to
 Anthropic, which a demo or CI machine does not have.
 """
@@ -22,16 +24,21 @@ import sys
 import uuid
 from pathlib import Path
 
-from ccbridge.client import CcbridgeClient
+from ccbridge.client import CcbridgeClient, request_grant
 from shared.events import SandboxCredentialsInjected
 
 PROMPT = "Say hello from inside the sandbox in one short sentence."
 
 
-async def prepare(nats_url: str, sandbox_id: str, user: str, backend: str, mode: str) -> SandboxCredentialsInjected:
+async def prepare(nats_url: str, auth_url: str, caller_token: str, sandbox_id: str, user: str, backend: str,
+                  mode: str) -> SandboxCredentialsInjected:
     # --- the integration: these lines are all a platform needs ---------------------
+    # 1. the person grants this one sandbox (their caller token; the lease lasts a day by default)
+    grant = await request_grant(auth_url, caller_token, sandbox_id, mode=mode)  # type: ignore[arg-type]
+    # 2. ccbridge prepares it
     async with CcbridgeClient(nats_url) as ccb:
-        result = await ccb.prepare_sandbox(sandbox_id, user, backend=backend, mode=mode, timeout=60)
+        result = await ccb.prepare_sandbox(sandbox_id, user, backend=backend, mode=mode, grant=grant.token,
+                                           timeout=60)  # type: ignore[arg-type]
     if not isinstance(result, SandboxCredentialsInjected):
         raise SystemExit(f"ccbridge could not prepare {sandbox_id}: {result.reason} ({result.detail})")
     return result
@@ -78,6 +85,10 @@ async def main() -> int:
     parser.add_argument("--run-claude", action="store_true")
     args = parser.parse_args()
     nats_url = os.environ.get("NATS_URL", "nats://127.0.0.1:4222")
+    auth_url = os.environ.get("CCBRIDGE_AUTH_URL", "http://127.0.0.1:8000")
+    caller_token = os.environ.get("CCBRIDGE_TOKEN")
+    if not caller_token:
+        raise SystemExit("set CCBRIDGE_TOKEN to the person's caller token (dev stack: ccbridge token --user <id>)")
 
     if args.backend == "e2b":
         from e2b import AsyncSandbox
@@ -87,7 +98,7 @@ async def main() -> int:
     else:
         sandbox_id = f"agent-{uuid.uuid4().hex[:8]}"
     print(f"sandbox {sandbox_id} created ({args.backend}); asking ccbridge to prepare it for {args.user} …")
-    result = await prepare(nats_url, sandbox_id, args.user, args.backend, args.mode)
+    result = await prepare(nats_url, auth_url, caller_token, sandbox_id, args.user, args.backend, args.mode)
     print(f"ready: {result.mode} credentials, access valid until {result.expires_at} ms; files: {result.files}")
     if args.backend == "e2b":
         return await run_e2b(sandbox_id, args.run_claude)

@@ -36,3 +36,19 @@ def sandbox_created(**fields: Any) -> SandboxCreated:
     if "grant" not in fields:
         fields["grant"] = grant_for(fields["user_id"], fields["sandbox_id"], "file")
     return SandboxCreated(**fields)
+
+
+async def stack_grant(stack: Any, user_id: str, sandbox_id: str, mode: str | None = None) -> str:
+    """The person's grant for a sandbox of a running `ccbridge.stack.Stack`: through auth's route
+    with a dev caller token when the stack runs auth; otherwise signed with the key auth would
+    use (`<data>/keys/auth.grant.key`, which the stack's vault trusts)."""
+    from ccbridge.client import request_grant
+    from ccbridge.demo import dev_jwt_secret, mint_caller_token
+    from shared.grants import load_or_create_signer
+
+    if "auth" in stack.services:
+        secret = stack.service_env().get("AUTH_JWT_SECRET") or dev_jwt_secret(stack.data_dir / "keys")
+        assert secret, "auth writes its dev secret at start"
+        return (await request_grant(stack.auth_url, mint_caller_token(secret, user_id), sandbox_id,
+                                    mode=mode)).token  # type: ignore[arg-type]
+    return grant_for(user_id, sandbox_id, mode or "access_only", signer=load_or_create_signer(stack.data_dir / "keys"))

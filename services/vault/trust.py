@@ -165,7 +165,7 @@ class GrantKeys:
         self._min_interval = min_interval_s
         self._clock = clock
         self._verifier = self._load()
-        self._loaded_at = clock()
+        self._loaded_at = float("-inf")  # the first unknown key may look again at once
 
     def _load(self) -> GrantVerifier:
         try:

@@ -19,6 +19,7 @@ import pytest
 from ccbridge.demo import PASTE_CODE, mint_caller_token, standin_oauth_env
 from ccbridge.embedded_nats import free_port
 from ccbridge.stack import Stack
+from tests.grants import stack_grant
 from standins.oauth import OAuthStandin
 
 pytestmark = pytest.mark.e2e
@@ -91,7 +92,9 @@ async def test_terminal_login_bad_token_exit_code(running) -> None:
 
 async def test_sandbox_create_exit_codes(running) -> None:
     stack, secret = running
-    env = {**os.environ, "NATS_URL": stack.nats_url_for("platform")}
+    # the CLI asks auth for the person's grant with a caller token it mints from the dev secret
+    env = {**os.environ, "NATS_URL": stack.nats_url_for("platform"), "CCBRIDGE_AUTH_URL": stack.auth_url,
+           "AUTH_JWT_SECRET": secret}
     user = f"cli-{uuid.uuid4().hex[:6]}"
     not_connected = await asyncio.to_thread(
         subprocess.run,
@@ -111,5 +114,15 @@ async def test_sandbox_create_exit_codes(running) -> None:
         if ready.returncode == 0:
             break
     assert ready.returncode == 0, ready.stdout + ready.stderr
-    assert json.loads(ready.stdout)["mode"] == "file"
+    assert json.loads(ready.stdout)["mode"] == "access_only"  # the default: the refresh token stays in the vault
     assert (Path(stack.service_env()["LOCAL_SANDBOX_ROOT"]) / "cli-sbx-2/.claude/.credentials.json").exists()
+
+    # the person's genuine grant, but for another sandbox: refused (exit 1), nothing written
+    other_grant = await stack_grant(stack, user, "cli-sbx-2")
+    other = await asyncio.to_thread(
+        subprocess.run,
+        [*CCBRIDGE, "sandbox", "create", "--user", user, "--sandbox-id", "cli-sbx-3", "--json", "--grant", other_grant],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert other.returncode == 1 and json.loads(other.stdout)["reason"] == "grant_invalid", other.stdout
+    assert not (Path(stack.service_env()["LOCAL_SANDBOX_ROOT"]) / "cli-sbx-3").exists()

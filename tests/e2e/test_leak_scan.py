@@ -35,6 +35,7 @@ from ccbridge.client import CcbridgeClient
 from ccbridge.demo import connect_claude_account, mint_caller_token, prepare_when_connected
 from ccbridge.embedded_nats import EmbeddedNats, free_port
 from ccbridge.stack import Stack
+from tests.grants import stack_grant
 from shared import subjects
 from shared.broker import settle
 from shared.events import SandboxCredentialsInjected
@@ -156,7 +157,8 @@ async def test_canary_only_in_the_sandbox_credentials_file(tmp_path: Path) -> No
                 api_answers.append(status.content)
 
                 async with CcbridgeClient(server.url) as ccb:
-                    result = await prepare_when_connected(ccb, sandbox_id, user, timeout=30)
+                    grant = await stack_grant(stack, user, sandbox_id)
+                    result = await prepare_when_connected(ccb, sandbox_id, user, timeout=30, grant=grant)
                 assert isinstance(result, SandboxCredentialsInjected), result
                 first_token = common.credentials_token(data_dir, sandbox_id)
                 assert first_token is not None and MARKER in first_token

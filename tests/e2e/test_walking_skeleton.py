@@ -30,6 +30,7 @@ from ccbridge.demo import (
 )
 from ccbridge.embedded_nats import free_port
 from ccbridge.stack import Stack
+from tests.grants import stack_grant
 from shared.broker import settle
 from shared.events import SandboxCredentialsInjected
 from standins.oauth import OAuthStandin
@@ -68,9 +69,10 @@ async def test_login_to_injected_home_accepted_by_real_cli(tmp_path: Path, claud
                 assert CANARY not in json.dumps(connected.body)
 
                 async with CcbridgeClient(stack.nats_url_for("platform")) as ccb:
-                    result = await prepare_when_connected(ccb, sandbox_id, user, timeout=30)
+                    grant = await stack_grant(stack, user, sandbox_id)
+                    result = await prepare_when_connected(ccb, sandbox_id, user, timeout=30, grant=grant)
                 assert isinstance(result, SandboxCredentialsInjected), result
-                assert result.mode == "file"
+                assert result.mode == "access_only"  # the default: the login's refresh token stays in the vault
                 await spy.flush()
                 await asyncio.sleep(0.3)  # let the spy drain what was already in flight
             finally:
@@ -82,13 +84,13 @@ async def test_login_to_injected_home_accepted_by_real_cli(tmp_path: Path, claud
         assert stat.S_IMODE((home / ".claude").stat().st_mode) == 0o700
         oauth_blob = json.loads(credentials_file.read_text())["claudeAiOauth"]
         assert oauth_blob["accessToken"] == CANARY
-        assert oauth_blob["refreshToken"].startswith("sk-ant-ort01-")
+        assert "refreshToken" not in oauth_blob
         assert oauth_blob["expiresAt"] > (time.time() + 3600) * 1000  # ms epoch, hours ahead
         assert "user:inference" in oauth_blob["scopes"]
         assert json.loads((home / ".claude.json").read_text())["hasCompletedOnboarding"] is True
         assert json.loads((home / ".claude" / "settings.json").read_text())["skipDangerousModePermissionPrompt"] is True
 
-        status = claude_auth_status(claude_bin, home)
+        status = claude_auth_status(claude_bin, home)  # the real CLI accepts the default (access-only) home
         assert status["loggedIn"] is True, status
         assert status["authMethod"] == "claude.ai"
 

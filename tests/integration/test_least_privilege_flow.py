@@ -16,7 +16,7 @@ import httpx
 import nats
 import pytest
 
-from ccbridge.client import CcbridgeClient
+from ccbridge.client import CcbridgeClient, request_grant
 from ccbridge.demo import connect_claude_account, mint_caller_token, prepare_when_connected, standin_oauth_env
 from ccbridge.devtools import connect_user_on_bus, vault_recipient
 from ccbridge.embedded_nats import free_port
@@ -48,8 +48,9 @@ async def test_flow_works_with_one_nats_user_per_service(tmp_path: Path) -> None
                 async with httpx.AsyncClient(timeout=30) as http:
                     connected = await connect_claude_account(http, stack.auth_url, mint_caller_token(jwt_secret, user))
                     assert connected.status == 202, connected.body
+                    grant = await request_grant(stack.auth_url, mint_caller_token(jwt_secret, user), "sbx-lp")
                     async with CcbridgeClient(server.url("platform")) as ccb:
-                        result = await prepare_when_connected(ccb, "sbx-lp", user, timeout=30)
+                        result = await prepare_when_connected(ccb, "sbx-lp", user, timeout=30, grant=grant.token)
                     # auth asks the vault over vault.connections.status with its own user
                     status = await http.get(f"{stack.auth_url}/v1/claude-code/status",
                                             headers={"Authorization": f"Bearer {mint_caller_token(jwt_secret, user)}"})

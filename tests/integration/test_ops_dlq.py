@@ -20,6 +20,7 @@ from ccbridge.stack import Stack
 from shared import subjects
 from shared.broker import ORIGINAL_SUBJECT_HEADER, REASON_HEADER
 from shared.events import SandboxCreated, SandboxCredentialsInjected
+from tests.grants import stack_grant
 
 
 def _cli(*args: str, nats_url: str) -> subprocess.CompletedProcess[str]:
@@ -58,7 +59,8 @@ async def test_malformed_event_is_listed_with_its_reason(stack: Stack) -> None:
 
 async def test_replay_sends_a_fixed_dead_letter_back_and_removes_it(stack: Stack) -> None:
     user = f"dlq-{uuid.uuid4().hex[:6]}"
-    event = SandboxCreated(user_id=user, sandbox_id=f"sbx-{uuid.uuid4().hex[:6]}")
+    sandbox_id = f"sbx-{uuid.uuid4().hex[:6]}"
+    event = SandboxCreated(user_id=user, sandbox_id=sandbox_id, grant=await stack_grant(stack, user, sandbox_id))
     nc = await stack.connect_nats("ops")
     try:
         # As if the event had exhausted its deliveries while the user was not yet connected …

@@ -13,6 +13,7 @@ import nats
 from ccbridge.client import CcbridgeClient
 from ccbridge.devtools import connect_user_on_bus, vault_recipient
 from ccbridge.stack import Stack
+from tests.grants import stack_grant
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
@@ -42,8 +43,11 @@ async def test_vault_and_sandbox_serve_health_and_metrics(tmp_path: Path, embedd
                         if (await ccb.connection_status(user)).connected:
                             break
                         await asyncio.sleep(0.1)
-                    await ccb.prepare_sandbox("sbx-metrics-1", user, timeout=20)
-                    await ccb.prepare_sandbox("sbx-metrics-2", f"nobody-{uuid.uuid4().hex[:6]}", timeout=20)
+                    nobody = f"nobody-{uuid.uuid4().hex[:6]}"
+                    await ccb.prepare_sandbox("sbx-metrics-1", user, timeout=20,
+                                              grant=await stack_grant(stack, user, "sbx-metrics-1"))
+                    await ccb.prepare_sandbox("sbx-metrics-2", nobody, timeout=20,
+                                              grant=await stack_grant(stack, nobody, "sbx-metrics-2"))
             finally:
                 await nc.close()
             # The result event reaches us a moment before the service counts it: poll briefly.

@@ -353,3 +353,20 @@ async def test_a_provider_that_stays_down_is_audited_and_the_vault_copy_is_gone(
     await world.vault.revoke(TokensRevoked(user_id=user))
     assert world.endpoint.revoked == [] and user not in world.store.connections
     assert ("provider_revoke", "error") in [(e.action, e.outcome) for e, _ in world.store.audit]
+
+
+def test_the_vault_finds_auths_grant_key_when_auth_starts_after_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The vault may start before auth has written `auth.grant.pub`: the first grant naming an
+    unknown key re-reads the keys (at most once per interval) instead of being refused."""
+    from services.vault.trust import GrantKeys
+    from shared.grants import GrantError, load_or_create_signer
+
+    ticks = iter(range(0, 100))
+    keys = GrantKeys(None, tmp_path, min_interval_s=10, clock=lambda: float(next(ticks)))
+    assert len(keys) == 0
+    signer = load_or_create_signer(tmp_path)  # auth starts now
+    token = grant_for("u", "sbx-1", signer=signer)
+    assert keys.verify(token, now_s=datetime.now(UTC).timestamp()).sub == "u"
+    stranger = grant_for("u", "sbx-1", signer=GrantSigner.generate())
+    with pytest.raises(GrantError, match="does not trust"):  # re-read (nothing new), still refused
+        keys.verify(stranger, now_s=datetime.now(UTC).timestamp())
