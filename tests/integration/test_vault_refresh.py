@@ -26,6 +26,7 @@ from shared.events import (
     TokensLoginExpiring,
     TokensReconnectRequired,
     TokensRefreshed,
+    TokensRevoked,
 )
 from shared.sealing import KeyPair
 from standins.oauth import OAuthStandin
@@ -252,3 +253,30 @@ async def test_login_expiry_warning_is_published_once(rig: Rig) -> None:
     connection = await rig.connection(user)
     assert warning.expires_at == connection.refresh_token_expires_at and warning.state == "connected"
     assert rig.stat("token:refresh_token") == 0  # the access token is far from expiry
+
+
+async def test_disconnect_revokes_the_login_at_the_oauth_server(rig: Rig) -> None:
+    """tokens.revoked: the vault shreds its copy, then revokes the login at the OAuth server with
+    exactly what `claude auth logout` sends — so a refresh token that left the vault (file mode)
+    is dead too."""
+    user = new_user()
+    grant = await rig.connect(user)
+    await eventually(lambda: rig.connection(user), "the vault to store the login")
+    await _stop_refresher(rig)
+    live = (await rig.connection(user)).credentials.refresh_token
+    async with make_broker(rig.settings, name="test-publisher") as publisher:
+        await publisher.connect()
+        await publish_event(publisher, subjects.TOKENS_REVOKED, TokensRevoked(user_id=user))
+
+    async def revoked() -> bool:
+        return bool(rig.oauth.state.revocations)
+
+    await eventually(revoked, "the revoke call at the stand-in")
+    assert rig.oauth.state.revocations == [
+        {"token": live, "token_type_hint": "refresh_token", "client_id": rig.settings.oauth_client_id}]
+    assert live not in rig.oauth.state.refresh_tokens  # the login is dead at the server
+    assert grant["refresh_token"] not in rig.oauth.state.refresh_tokens
+    assert await rig.connection(user) is None
+    async with rig.service.unit_of_work() as uow:
+        audit = [(r.entry.action, r.entry.outcome) for r in await uow.audit.list(user_id=user)]
+    assert ("provider_revoke", "ok") in audit

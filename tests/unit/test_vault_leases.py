@@ -370,3 +370,17 @@ def test_the_vault_finds_auths_grant_key_when_auth_starts_after_it(tmp_path) -> 
     stranger = grant_for("u", "sbx-1", signer=GrantSigner.generate())
     with pytest.raises(GrantError, match="does not trust"):  # re-read (nothing new), still refused
         keys.verify(stranger, now_s=datetime.now(UTC).timestamp())
+
+
+async def test_a_grant_from_the_very_second_of_the_end_is_void(world: World) -> None:
+    """Grants carry whole seconds: one signed in the second the lease ended may have been signed
+    just before the end (grant, then End, in one click-second) — it must not survive the end."""
+    user = new_user()
+    await world.connect(user)
+    same_second = world.grant(user, "sbx-1")
+    world.clock.advance(0.4)
+    await world.leases.end(GrantRevoked(user_id=user, sandbox_id="sbx-1", occurred_at=world.clock()))
+    with pytest.raises(GrantInvalid, match="this grant was ended"):
+        await world.ask(user, "sbx-1", same_second)
+    world.clock.advance(1)
+    assert (await world.ask(user, "sbx-1", world.grant(user, "sbx-1"))).ok
