@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 NATS_USERS = ("auth", "vault", "sandbox", "platform", "ops")
@@ -42,6 +43,15 @@ def x25519_pair() -> tuple[str, str]:
     return b64url(private), b64url(public)
 
 
+def ed25519_pair() -> tuple[str, str]:
+    """Auth's grant key (shared.grants format: base64url raw Ed25519)."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return b64url(private), b64url(public)
+
+
 def keks_json(kid: str = "kek-1") -> str:
     return json.dumps({"active": kid, "keys": {kid: b64url(secrets.token_bytes(32))}}, separators=(",", ":"))
 
@@ -50,6 +60,7 @@ def generate() -> dict[str, str]:
     """All values, keyed by environment variable name."""
     vault_private, vault_public = x25519_pair()
     sandbox_private, sandbox_public = x25519_pair()
+    grant_private, grant_public = ed25519_pair()
     values = {f"NATS_{user.upper()}_PASSWORD": secrets.token_hex(32) for user in NATS_USERS}
     values |= {
         "POSTGRES_PASSWORD": secrets.token_hex(24),
@@ -60,12 +71,14 @@ def generate() -> dict[str, str]:
         "SANDBOX_HPKE_PRIVATE_KEY": sandbox_private,
         "SANDBOX_PUBLIC_KEY": sandbox_public,  # informational: the vault trusts it below
         "VAULT_TRUSTED_REQUESTER_KEYS": sandbox_public,
+        "AUTH_GRANT_PRIVATE_KEY": grant_private,  # signs grants; one key for every auth replica
+        "VAULT_GRANT_PUBLIC_KEYS": grant_public,  # the vault verifies grants with it
     }
     return values
 
 
 KEY_VARS = ("VAULT_HPKE_PRIVATE_KEY", "VAULT_PUBLIC_KEY", "VAULT_KEKS", "SANDBOX_HPKE_PRIVATE_KEY",
-            "VAULT_TRUSTED_REQUESTER_KEYS")
+            "VAULT_TRUSTED_REQUESTER_KEYS", "AUTH_GRANT_PRIVATE_KEY", "VAULT_GRANT_PUBLIC_KEYS")
 
 
 def render_env(values: dict[str, str], *, keys_in_files: bool) -> str:
@@ -88,6 +101,8 @@ def write_key_files(values: dict[str, str], keys_dir: Path) -> list[Path]:
         "vault-kek.json": values["VAULT_KEKS"],
         "sandbox.hpke.key": values["SANDBOX_HPKE_PRIVATE_KEY"],
         "sandbox.hpke.pub": values["SANDBOX_PUBLIC_KEY"],
+        "auth.grant.key": values["AUTH_GRANT_PRIVATE_KEY"],
+        "auth.grant.pub": values["VAULT_GRANT_PUBLIC_KEYS"],
     }
     written = []
     for name, content in files.items():
@@ -103,11 +118,13 @@ def render_k8s(values: dict[str, str], namespace: str) -> str:
     """The Secrets the kustomize base references, as one multi-document YAML (stringData)."""
     secrets_by_name = {
         "ccbridge-nats": {f"{u}-password": values[f"NATS_{u.upper()}_PASSWORD"] for u in NATS_USERS},
-        "ccbridge-auth": {"jwt-secret": values["AUTH_JWT_SECRET"], "vault-public-key": values["VAULT_PUBLIC_KEY"]},
+        "ccbridge-auth": {"jwt-secret": values["AUTH_JWT_SECRET"], "vault-public-key": values["VAULT_PUBLIC_KEY"],
+                          "grant-private-key": values["AUTH_GRANT_PRIVATE_KEY"]},
         "ccbridge-vault": {
             "hpke-private-key": values["VAULT_HPKE_PRIVATE_KEY"],
             "keks": values["VAULT_KEKS"],
             "trusted-requester-keys": values["VAULT_TRUSTED_REQUESTER_KEYS"],
+            "grant-public-keys": values["VAULT_GRANT_PUBLIC_KEYS"],
             "database-url": "postgresql+asyncpg://ccbridge:" + values["POSTGRES_PASSWORD"]
             + "@postgresql:5432/ccbridge",
         },

@@ -513,3 +513,30 @@ async def test_retention_removes_only_old_processed_events_and_tombstones(env: E
         assert await uow.revocations.revoked_at(old_user) is None
         assert await uow.revocations.revoked_at(new_user_) is not None
         assert not await uow.audit.list(action="ancient")
+
+
+async def test_the_sqlite_file_and_its_wal_are_readable_by_the_owner_only(tmp_path: Path) -> None:
+    """vault.db holds every sealed secret and the audit log: 0600, and so are -wal / -shm (SQLite
+    gives them the database file's mode); an existing world-readable file is tightened."""
+    import os
+    import stat
+
+    db_file = tmp_path / "new" / "vault.db"
+    store = SqlStore.from_url(f"sqlite+aiosqlite:///{db_file}")
+    try:
+        await store.migrate()
+        vault = make_vault(store, keyring=Keyring.generate(), keypair=KeyPair.generate(),
+                           trusted=TrustedRequesters.of([]))
+        await vault.store_issued_tokens(issued_event(vault._keypair.recipient, user_id=new_user(), access_token=canary()))
+        files = [p for p in db_file.parent.iterdir() if p.name.startswith("vault.db")]
+        assert {p.name for p in files} >= {"vault.db", "vault.db-wal", "vault.db-shm"}
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o600 for p in files}
+        assert stat.S_IMODE(db_file.parent.stat().st_mode) == 0o700
+    finally:
+        await store.dispose()
+    old = tmp_path / "old.db"
+    old.touch()
+    os.chmod(old, 0o644)
+    again = SqlStore.from_url(f"sqlite+aiosqlite:///{old}")
+    await again.dispose()
+    assert stat.S_IMODE(old.stat().st_mode) == 0o600
