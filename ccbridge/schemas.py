@@ -1,7 +1,9 @@
 """JSON Schemas of every bus message, generated from the pydantic models in `shared.events`.
 
 `python -m ccbridge.schemas` rewrites docs/schemas/v<N>/; a test fails when they are stale.
-Non-Python publishers validate their payloads against these files.
+Non-Python publishers validate their payloads against these files. Version 1 holds every event
+and the version-1 requests; version 2 holds what changed shape in version 2 (the batched
+`vault.credentials.get`), both versions being accepted on the same subject.
 """
 
 from __future__ import annotations
@@ -15,56 +17,64 @@ from pydantic import BaseModel
 from shared import subjects
 from shared.events import (
     EVENT_MODELS,
-    SCHEMA_VERSION,
     ConnectionStatusReply,
     ConnectionStatusRequest,
+    CredentialsBatchReply,
+    CredentialsBatchRequest,
     CredentialsReply,
     CredentialsRequest,
     GrantsListReply,
     GrantsListRequest,
 )
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "docs" / "schemas" / f"v{SCHEMA_VERSION}"
+SCHEMA_ROOT = Path(__file__).resolve().parent.parent / "docs" / "schemas"
+SCHEMA_DIR = SCHEMA_ROOT / "v1"
 
 
 def all_models() -> dict[str, type[BaseModel]]:
-    models: dict[str, type[BaseModel]] = dict(EVENT_MODELS)
-    models[f"{subjects.VAULT_CREDENTIALS_GET}.request"] = CredentialsRequest
-    models[f"{subjects.VAULT_CREDENTIALS_GET}.reply"] = CredentialsReply
-    models[f"{subjects.VAULT_CONNECTIONS_STATUS}.request"] = ConnectionStatusRequest
-    models[f"{subjects.VAULT_CONNECTIONS_STATUS}.reply"] = ConnectionStatusReply
-    models[f"{subjects.VAULT_GRANTS_LIST}.request"] = GrantsListRequest
-    models[f"{subjects.VAULT_GRANTS_LIST}.reply"] = GrantsListReply
+    """`v<N>/<name>` → model."""
+    models: dict[str, type[BaseModel]] = {f"v1/{subject}": model for subject, model in EVENT_MODELS.items()}
+    models[f"v1/{subjects.VAULT_CREDENTIALS_GET}.request"] = CredentialsRequest
+    models[f"v1/{subjects.VAULT_CREDENTIALS_GET}.reply"] = CredentialsReply
+    models[f"v1/{subjects.VAULT_CONNECTIONS_STATUS}.request"] = ConnectionStatusRequest
+    models[f"v1/{subjects.VAULT_CONNECTIONS_STATUS}.reply"] = ConnectionStatusReply
+    models[f"v1/{subjects.VAULT_GRANTS_LIST}.request"] = GrantsListRequest
+    models[f"v1/{subjects.VAULT_GRANTS_LIST}.reply"] = GrantsListReply
+    models[f"v2/{subjects.VAULT_CREDENTIALS_GET}.request"] = CredentialsBatchRequest
+    models[f"v2/{subjects.VAULT_CREDENTIALS_GET}.reply"] = CredentialsBatchReply
     return models
 
 
 def schema_for(name: str, model: type[BaseModel]) -> dict:
+    version, _, subject = name.partition("/")
     schema = model.model_json_schema(mode="validation")
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": f"https://ccbridge.dev/schemas/v{SCHEMA_VERSION}/{name}.json",
-        "x-subject": name.removesuffix(".request").removesuffix(".reply"),
+        "$id": f"https://ccbridge.dev/schemas/{name}.json",
+        "x-subject": subject.removesuffix(".request").removesuffix(".reply"),
+        "x-schema-version": int(version.removeprefix("v")),
         **schema,
     }
 
 
 def render() -> dict[str, str]:
+    """`v<N>/<name>.json` → text."""
     return {
         f"{name}.json": json.dumps(schema_for(name, model), indent=2, sort_keys=True) + "\n"
         for name, model in sorted(all_models().items())
     }
 
 
-def write(target: Path = SCHEMA_DIR) -> list[Path]:
-    target.mkdir(parents=True, exist_ok=True)
+def write(root: Path = SCHEMA_ROOT) -> list[Path]:
     written = []
-    for filename, text in render().items():
-        path = target / filename
+    for relative, text in render().items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         written.append(path)
     return written
 
 
 if __name__ == "__main__":
-    for path in write(Path(sys.argv[1]) if len(sys.argv) > 1 else SCHEMA_DIR):
+    for path in write(Path(sys.argv[1]) if len(sys.argv) > 1 else SCHEMA_ROOT):
         print(path)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -280,6 +280,100 @@ class CredentialsReply(BaseModel):
     lease_expires_at: int | None = Field(
         default=None, description="When the sandbox's lease (its newest grant) ends (ms epoch); None without grants."
     )
+
+
+# --- vault.credentials.get, version 2: many sandboxes in one request -------------------
+MAX_BATCH_ITEMS = 256
+
+
+class CredentialsItem(BaseModel):
+    """One sandbox's part of a batched credentials request."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    request_id: str = Field(default_factory=new_event_id, min_length=8, max_length=64)
+    user_id: UserId
+    sandbox_id: SandboxId | None = None
+    grant: GrantToken | None = None
+    mode: CredentialMode = "access_only"
+
+
+class CredentialsBatchRequest(BaseModel):
+    """sandbox → vault: credentials for several sandboxes (of any people) at once. One database
+    read and one sealed box answer them all; each item succeeds or fails on its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[2] = 2
+    request_id: str = Field(default_factory=new_event_id, min_length=8, max_length=64)
+    requester_key_id: str = Field(min_length=1, max_length=64)
+    requester_public_key: str = Field(min_length=1, max_length=512, description="base64url raw public key.")
+    items: list[CredentialsItem] = Field(min_length=1, max_length=MAX_BATCH_ITEMS)
+
+    @model_validator(mode="after")
+    def _unique_item_ids(self) -> CredentialsBatchRequest:
+        if len({item.request_id for item in self.items}) != len(self.items):
+            raise ValueError("item request_ids must be unique")
+        return self
+
+
+class CredentialsItemResult(BaseModel):
+    """The answer for one item: ok (its bundle is in the reply's sealed box), or why not."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    request_id: str
+    ok: bool
+    error: CredentialsError | None = None
+    detail: str = Field(default="", max_length=200)
+    expires_at: int | None = None
+    scopes: list[str] = Field(default_factory=list)
+    lease_expires_at: int | None = None
+
+
+class CredentialsBatchReply(BaseModel):
+    """vault → sandbox. `ok` false (with `error`) when the whole request was refused (untrusted
+    requester, malformed, vault unavailable); otherwise one result per item, and `sealed` holds
+    a `ReleasedItems` with the bundle of every ok item, sealed to the requester."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[2] = 2
+    request_id: str
+    ok: bool
+    error: CredentialsError | None = None
+    items: list[CredentialsItemResult] = Field(default_factory=list)
+    sealed: Sealed | None = Field(default=None, description="ReleasedItems sealed to the requester.")
+
+
+class ReleasedItem(BaseModel):
+    """Inside the sealed box: whose bundle, for which sandbox (checked by the requester)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    request_id: str
+    user_id: UserId
+    sandbox_id: SandboxId | None = None
+    bundle: TokenBundle
+
+
+class ReleasedItems(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    items: list[ReleasedItem]
+
+
+def _request_version(value: Any) -> str:
+    raw = value.get("schema_version") if isinstance(value, dict) else getattr(value, "schema_version", None)
+    return "v2" if raw == 2 else "v1"
+
+
+# What `vault.credentials.get` accepts and answers: version 1 (one sandbox) or 2 (a batch).
+AnyCredentialsRequest = Annotated[
+    Annotated[CredentialsRequest, Tag("v1")] | Annotated[CredentialsBatchRequest, Tag("v2")],
+    Discriminator(_request_version),
+]
+AnyCredentialsReply = CredentialsReply | CredentialsBatchReply
 
 
 # --- vault.connections.status (core request/reply) ---------------------------

@@ -64,21 +64,23 @@ class GrantClaims(BaseModel):
     sub: str = Field(min_length=1, max_length=256)
     sbx: str = Field(min_length=1, max_length=128)
     mode: GrantMode
-    iat: int = Field(ge=0)
+    # milliseconds in a NumericDate (RFC 7519 allows fractions): two grants for one sandbox
+    # signed in the same second must still be ordered, and a lease's end compared exactly
+    iat: float = Field(ge=0)
     exp: int = Field(ge=0)
     jti: str = Field(min_length=8, max_length=64)
 
     @property
     def iat_ms(self) -> int:
-        return self.iat * 1000
+        return round(self.iat * 1000)
 
     @property
     def exp_ms(self) -> int:
         return self.exp * 1000
 
-    def newer_than(self, iat: int, jti: str) -> bool:
-        """The newest grant wins; of two signed in the same second, the larger jti (stable)."""
-        return (self.iat, self.jti) > (iat, jti)
+    def newer_than(self, iat_ms: int, jti: str) -> bool:
+        """The newest grant wins; of two signed in the same millisecond, the larger jti (stable)."""
+        return (self.iat_ms, self.jti) > (iat_ms, jti)
 
 
 def key_id_of(public_key: Ed25519PublicKey) -> str:
@@ -134,10 +136,10 @@ class GrantSigner:
             )
         )
 
-    def sign(self, *, user_id: str, sandbox_id: str, mode: str, ttl_s: int, now_s: int) -> tuple[str, GrantClaims]:
+    def sign(self, *, user_id: str, sandbox_id: str, mode: str, ttl_s: int, now_s: float) -> tuple[str, GrantClaims]:
         claims = GrantClaims(
             iss=self.issuer, aud=AUDIENCE, sub=user_id, sbx=sandbox_id, mode=mode,  # type: ignore[arg-type]
-            iat=now_s, exp=now_s + ttl_s, jti=uuid.uuid4().hex,
+            iat=round(now_s, 3), exp=int(now_s) + ttl_s, jti=uuid.uuid4().hex,
         )
         token = jwt.encode(
             claims.model_dump(), self.private_key, algorithm=ALGORITHM, headers={"kid": self.kid, "typ": TOKEN_TYPE}
@@ -208,14 +210,14 @@ class GrantVerifier:
         return claims
 
 
-def unverified_issued_at(token: str) -> int | None:
-    """A grant's `iat` WITHOUT checking its signature — only for ordering a grant the vault has
-    already accepted against a lease end (never to decide whether credentials may leave)."""
+def unverified_issued_at_ms(token: str) -> int | None:
+    """A grant's `iat` (ms) WITHOUT checking its signature — only for ordering a grant the vault
+    has already accepted against a lease end (never to decide whether credentials may leave)."""
     try:
         value = jwt.decode(token, options={"verify_signature": False}).get("iat")
     except jwt.PyJWTError:
         return None
-    return value if isinstance(value, int) else None
+    return round(value * 1000) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 # --- keys ----------------------------------------------------------------------------

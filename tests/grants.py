@@ -17,7 +17,7 @@ PUBLIC_KEY = SIGNER.public_b64
 def grant_for(user_id: str, sandbox_id: str, mode: str = "file", *, ttl_s: int = 3600,
               now_s: float | None = None, signer: GrantSigner = SIGNER) -> str:
     token, _ = signer.sign(user_id=user_id, sandbox_id=sandbox_id, mode=mode, ttl_s=ttl_s,
-                           now_s=int(now_s if now_s is not None else time.time()))
+                           now_s=now_s if now_s is not None else time.time())
     return token
 
 

@@ -31,7 +31,22 @@ from services.sandbox.app import SandboxService
 from services.sandbox.settings import SandboxSettings
 from shared import subjects
 from shared.broker import settle
-from shared.events import CredentialsReply, CredentialsRequest, Event, SandboxCreated, TokenBundle
+from pydantic import TypeAdapter
+
+from shared.events import (
+    AnyCredentialsRequest,
+    CredentialsBatchReply,
+    CredentialsBatchRequest,
+    CredentialsItem,
+    CredentialsItemResult,
+    CredentialsReply,
+    CredentialsRequest,
+    Event,
+    ReleasedItem,
+    ReleasedItems,
+    SandboxCreated,
+    TokenBundle,
+)
 from shared.grants import GrantError
 from shared.sealing import Recipient, reply_binding, seal
 from standins.e2b import E2BStandin
@@ -55,7 +70,10 @@ def make_bundle(*, refresh: bool = True) -> TokenBundle:
 
 
 # --- a stand-in vault on real NATS ------------------------------------------------------
-def _grant_refusal(request: CredentialsRequest) -> tuple[Any, str] | None:
+_REQUEST: TypeAdapter[Any] = TypeAdapter(AnyCredentialsRequest)
+
+
+def _grant_refusal(request: CredentialsRequest | CredentialsItem) -> tuple[Any, str] | None:
     """(error, detail) when the real vault would refuse this request's grant."""
     from tests.grants import verifier
 
@@ -81,39 +99,67 @@ class FakeVault:
 
     nc: Client
     users: dict[str, Any] = field(default_factory=dict)
-    requests: list[CredentialsRequest] = field(default_factory=list)
+    requests: list[CredentialsRequest | CredentialsItem] = field(default_factory=list)
+    requesters: list[str] = field(default_factory=list)  # the key id each request named
     late_bundles: dict[str, TokenBundle] = field(default_factory=dict)
 
     async def handle(self, msg: Msg) -> None:
-        request = CredentialsRequest.model_validate_json(msg.data)
-        self.requests.append(request)
-        entry = self.users.get(request.user_id, "not_connected")
-        refusal = _grant_refusal(request)
-        if refusal is not None and entry != "silent":
-            await msg.respond(CredentialsReply(request_id=request.request_id, ok=False, error=refusal[0],
-                                               detail=refusal[1]).model_dump_json().encode())
-            return
-        if entry == "silent":
-            return
-        if entry == "silent_once":
-            self.users[request.user_id] = self.late_bundles[request.user_id]
-            return
-        if isinstance(entry, str):
-            reply = CredentialsReply(request_id=request.request_id, ok=False, error=entry)
+        request = _REQUEST.validate_json(msg.data)
+        self.requesters.append(request.requester_key_id)
+        if isinstance(request, CredentialsRequest):  # version 1: one sandbox
+            reply = self._answer_v1(request)
         else:
-            if request.mode != "file":
-                entry = entry.model_copy(update={"refresh_token": None})
-            box = seal(
-                entry.model_dump_json().encode(),
-                Recipient.from_b64(request.requester_public_key),
-                subject=subjects.VAULT_CREDENTIALS_GET,
-                message_id=request.request_id,
-                bind=reply_binding(request.user_id, request.sandbox_id),
-            )
-            reply = CredentialsReply(
-                request_id=request.request_id, ok=True, sealed=box, expires_at=entry.expires_at, scopes=entry.scopes
-            )
-        await msg.respond(reply.model_dump_json().encode())
+            reply = self._answer_batch(request)
+        if reply is not None:
+            await msg.respond(reply.model_dump_json().encode())
+
+    def _entry(self, item: CredentialsRequest | CredentialsItem) -> Any:
+        """The user's TokenBundle (refresh token only in file mode), an error name, or None (silent)."""
+        self.requests.append(item)
+        entry = self.users.get(item.user_id, "not_connected")
+        if entry == "silent":
+            return None
+        if entry == "silent_once":
+            self.users[item.user_id] = self.late_bundles[item.user_id]
+            return None
+        if (refusal := _grant_refusal(item)) is not None:
+            return refusal
+        if isinstance(entry, str):
+            return (entry, "")
+        return entry if item.mode == "file" else entry.model_copy(update={"refresh_token": None})
+
+    def _answer_v1(self, request: CredentialsRequest) -> CredentialsReply | None:
+        entry = self._entry(request)
+        if entry is None:
+            return None
+        if isinstance(entry, tuple):
+            return CredentialsReply(request_id=request.request_id, ok=False, error=entry[0], detail=entry[1])
+        box = seal(entry.model_dump_json().encode(), Recipient.from_b64(request.requester_public_key),
+                   subject=subjects.VAULT_CREDENTIALS_GET, message_id=request.request_id,
+                   bind=reply_binding(request.user_id, request.sandbox_id))
+        return CredentialsReply(request_id=request.request_id, ok=True, sealed=box, expires_at=entry.expires_at,
+                                scopes=entry.scopes)
+
+    def _answer_batch(self, request: CredentialsBatchRequest) -> CredentialsBatchReply | None:
+        entries = [self._entry(item) for item in request.items]
+        if any(entry is None for entry in entries):  # a silent user: the vault "does not answer"
+            return None
+        results, released = [], []
+        for item, entry in zip(request.items, entries, strict=True):
+            if isinstance(entry, tuple):
+                results.append(CredentialsItemResult(request_id=item.request_id, ok=False, error=entry[0],
+                                                     detail=entry[1]))
+                continue
+            results.append(CredentialsItemResult(request_id=item.request_id, ok=True, expires_at=entry.expires_at,
+                                                 scopes=entry.scopes))
+            released.append(ReleasedItem(request_id=item.request_id, user_id=item.user_id,
+                                         sandbox_id=item.sandbox_id, bundle=entry))
+        box = None
+        if released:
+            box = seal(ReleasedItems(items=released).model_dump_json().encode(),
+                       Recipient.from_b64(request.requester_public_key), subject=subjects.VAULT_CREDENTIALS_GET,
+                       message_id=request.request_id)
+        return CredentialsBatchReply(request_id=request.request_id, ok=True, items=results, sealed=box)
 
     def requests_for(self, user_id: str) -> list[CredentialsRequest]:
         return [r for r in self.requests if r.user_id == user_id]

@@ -216,7 +216,7 @@ def make_vault(store: Any, *, keypair: KeyPair, trusted: Any, keyring: Any = Non
 
     return Vault(
         unit_of_work=unit_of_work,
-        read_for_release=lambda user_id, sandbox_id: store.read_for_release(user_id, sandbox_id, keyring),
+        read_for_release=lambda wanted: store.read_for_release(wanted, keyring),
         leases=Leases(unit_of_work=unit_of_work, verifier=verifier(), required=grants_required,
                       publisher=publisher),
         keypair=keypair,
@@ -257,15 +257,19 @@ class FakeStore:
         return not self.unavailable
 
     async def read_for_release(
-        self, user_id: str, sandbox_id: str | None, keyring: object = None
-    ) -> tuple[Connection | None, SandboxLease | None]:
+        self, wanted: Sequence[tuple[str, str | None]], keyring: object = None
+    ) -> tuple[dict[str, Any], dict[tuple[str, str], SandboxLease]]:
         if self.unavailable:
             raise StoreUnavailable("fake database is down")
-        if user_id in self.undecryptable and user_id in self.connections:
-            raise self.undecryptable[user_id]
-        found = self.connections.get(user_id)
-        lease = self.sandbox_leases.get((user_id, sandbox_id)) if sandbox_id is not None else None
-        return (copy.deepcopy(found) if found else None), (copy.deepcopy(lease) if lease else None)
+        connections: dict[str, Any] = {}
+        leases: dict[tuple[str, str], SandboxLease] = {}
+        for user_id, sandbox_id in wanted:
+            if user_id in self.connections:
+                connections[user_id] = (self.undecryptable[user_id] if user_id in self.undecryptable
+                                        else copy.deepcopy(self.connections[user_id]))
+            if sandbox_id is not None and (user_id, sandbox_id) in self.sandbox_leases:
+                leases[(user_id, sandbox_id)] = copy.deepcopy(self.sandbox_leases[(user_id, sandbox_id)])
+        return connections, leases
 
     async def dispose(self) -> None:
         self.disposed = True

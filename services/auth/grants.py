@@ -101,7 +101,7 @@ class GrantService:
         ttl = self.policy.ttl(ttl_s)
         now = self.clock()
         token, claims = self.signer.sign(
-            user_id=user_id, sandbox_id=sandbox_id, mode=mode, ttl_s=ttl, now_s=int(now.timestamp())
+            user_id=user_id, sandbox_id=sandbox_id, mode=mode, ttl_s=ttl, now_s=now.timestamp()
         )
         event = GrantIssued(event_id=new_event_id(), user_id=user_id, occurred_at=now, sandbox_id=sandbox_id,
                             grant=token)

@@ -50,7 +50,7 @@ from services.sandbox.errors import (
     SandboxError,
     SandboxNotFound,
 )
-from shared.grants import unverified_issued_at
+from shared.grants import unverified_issued_at_ms
 from services.sandbox.injector import (
     DeadLetters,
     EventPublisher,
@@ -241,8 +241,8 @@ class LiveSandboxes:
         record = lookup.record
         if record is None or lookup.revision is None:
             return Done()
-        issued_at = unverified_issued_at(record.grant) if record.grant else None
-        if issued_at is not None and issued_at > event.ended_at // 1000:  # the vault's rule: domain.SandboxLease
+        issued_at = unverified_issued_at_ms(record.grant) if record.grant else None
+        if issued_at is not None and issued_at > event.ended_at:  # the vault's rule: domain.SandboxLease
             log.info("sandbox.grant_end_ignored", sandbox_id=event.sandbox_id, user_id=event.user_id,
                      why="the sandbox holds a grant signed after the lease ended")
             return Done()

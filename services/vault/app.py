@@ -12,7 +12,6 @@ import contextlib
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self
 
@@ -212,7 +211,7 @@ class VaultService:
             keyring = self._keyring
             self.vault = Vault(
                 unit_of_work=self.unit_of_work,
-                read_for_release=lambda user_id, sandbox_id: store.read_for_release(user_id, sandbox_id, keyring),
+                read_for_release=lambda wanted: store.read_for_release(wanted, keyring),
                 leases=Leases(unit_of_work=self.unit_of_work, verifier=grant_keys,
                               required=settings.grants == "required", publisher=publisher, metrics=self.metrics,
                               actor=f"vault:{self.instance}"),

@@ -314,9 +314,8 @@ class SandboxLease:
     seen for (user, sandbox), and whether it has ended. Times in ms epoch.
 
     Rules: the newest grant (by `iat`, then `jti`) wins — a later one extends or shortens the
-    lease, widens or narrows its mode. Ending a lease voids every grant signed up to the second
-    it ended in (grants carry whole seconds: a grant from that very second might have been signed
-    just before the end); a grant signed in a later second starts the lease again."""
+    lease, widens or narrows its mode. Ending a lease voids every grant signed up to the moment it
+    ended (grants carry milliseconds); a grant signed after it starts the lease again."""
 
     user_id: str
     sandbox_id: str
@@ -348,12 +347,12 @@ class SandboxLease:
         return self.ended_at is not None
 
     def voids(self, claims: GrantClaims) -> bool:
-        """A grant signed up to the second this lease ended in is void."""
-        return self.ended_at is not None and claims.iat <= self.ended_at // 1000
+        """A grant signed up to the moment this lease ended is void."""
+        return self.ended_at is not None and claims.iat_ms <= self.ended_at
 
     def offer(self, claims: GrantClaims) -> bool:
         """Take `claims` if it is a newer, non-void grant for this lease. True if it changed."""
-        if self.voids(claims) or not claims.newer_than(self.issued_at // 1000, self.jti):
+        if self.voids(claims) or not claims.newer_than(self.issued_at, self.jti):
             return False
         self.jti, self.mode = claims.jti, claims.mode
         self.issued_at, self.expires_at = claims.iat_ms, claims.exp_ms

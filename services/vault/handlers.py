@@ -29,14 +29,17 @@ from pydantic import ValidationError
 
 from services.vault.errors import VaultError
 from services.vault.settings import VaultSettings
-from services.vault.use_cases import Vault
+from services.vault.use_cases import Vault, reply_error
 from shared import broker as bus
 from shared import subjects
 from shared.events import (
     ConnectionStatusReply,
     ConnectionStatusRequest,
+    AnyCredentialsReply,
+    AnyCredentialsRequest,
+    CredentialsBatchReply,
+    CredentialsBatchRequest,
     CredentialsReply,
-    CredentialsRequest,
     GrantIssued,
     GrantRevoked,
     GrantsListReply,
@@ -47,20 +50,6 @@ from shared.events import (
 from shared.logging import get_logger
 
 log = get_logger(__name__)
-
-# Reasons a CredentialsReply may carry (shared.events.CredentialsError); others become "internal".
-REPLY_ERRORS = frozenset({"not_connected", "reconnect_required", "unauthorized_requester", "invalid_request",
-                          "grant_required", "grant_invalid"})
-UNAVAILABLE = frozenset({"store_unavailable", "request_timeout", "concurrency_conflict"})
-
-
-def reply_error(exc: VaultError) -> str:
-    if exc.reason in REPLY_ERRORS:
-        return exc.reason
-    if exc.reason in UNAVAILABLE:
-        return "unavailable"
-    return "internal"
-
 
 def consumer_config(settings: VaultSettings, durable: str, subject: str) -> ConsumerConfig:
     """Redelivery is driven by our nacks (with delay); max_deliver stays unlimited so an
@@ -324,18 +313,30 @@ def _request_id_of(message: Any) -> str:
     return value if isinstance(value, str) and 0 < len(value) <= 64 else ""
 
 
+def _refusal(message: Any, error: str) -> AnyCredentialsReply:
+    """A whole-request refusal in the version the asker spoke (best effort for unparsable ones)."""
+    try:
+        version = json.loads(_body(message)).get("schema_version")
+    except Exception:  # noqa: BLE001 - not JSON, not an object: answer version 1
+        version = 1
+    if version == 2:
+        return CredentialsBatchReply(request_id=_request_id_of(message), ok=False, error=error)  # type: ignore[arg-type]
+    return CredentialsReply(request_id=_request_id_of(message), ok=False, error=error)  # type: ignore[arg-type]
+
+
 def build_credentials_router(vault: Vault, concurrency: int = 16) -> NatsRouter:
     """`concurrency` requests are served at once (nats-py runs a plain subscription's callback
-    one message at a time; a grant waits on the database, so one-by-one caps the rate)."""
-    async def invalid_request(exc: ValidationError, message: bus.Message) -> CredentialsReply:
+    one message at a time; a release waits on the database, so one-by-one caps the rate).
+    Version 1 asks for one sandbox; version 2 for many (one database round, one sealed box)."""
+    async def invalid_request(exc: ValidationError, message: bus.Message) -> AnyCredentialsReply:
         log.info("credentials request rejected", reason="invalid_request")
         vault.metrics.credential_request("invalid_request")
-        return CredentialsReply(request_id=_request_id_of(message), ok=False, error="invalid_request")
+        return _refusal(message, "invalid_request")
 
-    async def internal_error(exc: Exception, message: bus.Message) -> CredentialsReply:
+    async def internal_error(exc: Exception, message: bus.Message) -> AnyCredentialsReply:
         log.error("credentials request failed", error=type(exc).__name__)
         vault.metrics.credential_request("internal")
-        return CredentialsReply(request_id=_request_id_of(message), ok=False, error="internal")
+        return _refusal(message, "internal")
 
     router = NatsRouter(
         middlewares=(
@@ -351,7 +352,9 @@ def build_credentials_router(vault: Vault, concurrency: int = 16) -> NatsRouter:
         description="Checks the sandbox's grant, then seals the user's tokens to the (trusted) requester key; "
         "never sends a refresh token unless mode is `file` and the grant allows it.",
     )
-    async def on_credentials_get(request: CredentialsRequest) -> CredentialsReply:
+    async def on_credentials_get(request: AnyCredentialsRequest) -> AnyCredentialsReply:
+        if isinstance(request, CredentialsBatchRequest):
+            return await _batch(request)
         ids = {"user_id": request.user_id, "request_id": request.request_id}
         started = time.perf_counter()
         try:
@@ -359,16 +362,37 @@ def build_credentials_router(vault: Vault, concurrency: int = 16) -> NatsRouter:
         except VaultError as exc:
             error = reply_error(exc)
             vault.metrics.credential_request(error, time.perf_counter() - started)
-            level = log.error if error == "internal" else log.warning if error == "unavailable" else log.info
+            _log_refusal(exc, error, sandbox_id=request.sandbox_id, **ids)
             detail = exc.detail if error.startswith("grant_") else ""
-            level("credentials refused", reason=exc.reason, detail=detail, sandbox_id=request.sandbox_id, **ids)
             return CredentialsReply(request_id=request.request_id, ok=False, error=error,  # type: ignore[arg-type]
                                     detail=detail[:200])
         vault.metrics.credential_request("ok", time.perf_counter() - started)
         log.debug("credentials granted", mode=request.mode, **ids)
         return reply
 
+    async def _batch(request: CredentialsBatchRequest) -> CredentialsBatchReply:
+        started = time.perf_counter()
+        try:
+            reply = await vault.release_batch(request)
+        except VaultError as exc:  # the whole request: untrusted requester, database down, over budget
+            error = reply_error(exc)
+            for _ in request.items:
+                vault.metrics.credential_request(error)
+            _log_refusal(exc, error, request_id=request.request_id, items=len(request.items))
+            return CredentialsBatchReply(request_id=request.request_id, ok=False, error=error)  # type: ignore[arg-type]
+        elapsed = time.perf_counter() - started
+        for result in reply.items:
+            vault.metrics.credential_request(result.error or "ok", elapsed)
+        log.debug("credentials batch answered", request_id=request.request_id, items=len(reply.items),
+                  refused=sum(not r.ok for r in reply.items))
+        return reply
+
     return router
+
+
+def _log_refusal(exc: VaultError, error: str, **fields: Any) -> None:
+    level = log.error if error == "internal" else log.warning if error == "unavailable" else log.info
+    level("credentials refused", reason=exc.reason, detail=exc.detail if error.startswith("grant_") else "", **fields)
 
 
 # --- vault.connections.status -------------------------------------------------------------

@@ -16,7 +16,7 @@ again (same derived event id: JetStream drops the copy; the sandbox side is idem
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -26,6 +26,7 @@ from services.vault.metrics import VaultMetrics
 from services.vault.ports import EventPublisher, UnitOfWork
 from shared import subjects
 from shared.events import (
+    CredentialsItem,
     CredentialsRequest,
     GrantEnded,
     GrantIssued,
@@ -91,7 +92,7 @@ class Leases:
         return ms(self._clock())
 
     # --- vault.credentials.get --------------------------------------------------------
-    def claims_of(self, request: CredentialsRequest) -> GrantClaims | None:
+    def claims_of(self, request: CredentialsRequest | CredentialsItem) -> GrantClaims | None:
         """The request's grant: signed by auth, for this person and this sandbox; None when
         grants are off. Raises `GrantRequired` / `GrantInvalid`. Expiry and mode are the lease's
         business (`admit`, `SandboxLease.check`): a live sandbox still presents the grant it was
@@ -112,29 +113,43 @@ class Leases:
             raise GrantInvalid("grant is for another sandbox")
         return claims
 
-    async def admit(self, claims: GrantClaims, lease: SandboxLease | None) -> SandboxLease:
-        """The lease that governs `claims`' sandbox after taking them into account: the stored
-        one if it is newer, else `claims` (stored now). `GrantInvalid` if an end voids them, or
-        if they are expired and nothing newer is known."""
-        newest = lease is None or claims.newer_than(lease.issued_at // 1000, lease.jti)
-        if newest and claims.exp_ms <= self.now_ms():
-            raise GrantInvalid(EXPIRED)
-        if lease is not None and not newest:
-            if lease.voids(claims):
-                raise GrantInvalid("this grant was ended")
-            return lease  # the newest grant the vault knows governs
-        with self.metrics.store_timer("lease"):
-            async with self._uow() as uow:
-                current = await uow.sandbox_leases.get(claims.sub, claims.sbx, for_update=True)
-                if current is None:
-                    current = SandboxLease.of(claims)
-                elif current.voids(claims):
-                    raise GrantInvalid("this grant was ended")
-                elif not current.offer(claims):
-                    return current
-                await uow.sandbox_leases.save(current)
-                await uow.commit()
-        return current
+    async def admit(
+        self, offered: Sequence[tuple[GrantClaims, SandboxLease | None]]
+    ) -> list[SandboxLease | GrantInvalid]:
+        """For each (claims, the stored lease of its sandbox): the lease that governs that sandbox
+        after taking the claims into account — the stored one if it is newer, else the claims
+        (stored now, all of them in ONE transaction) — or `GrantInvalid` if an end voids them,
+        or if they are expired and nothing newer is known."""
+        now = self.now_ms()
+        results: list[SandboxLease | GrantInvalid | None] = [None] * len(offered)
+        newer: list[int] = []
+        for index, (claims, lease) in enumerate(offered):
+            newest = lease is None or claims.newer_than(lease.issued_at, lease.jti)
+            if newest and claims.exp_ms <= now:
+                results[index] = GrantInvalid(EXPIRED)
+            elif lease is not None and not newest:  # the newest grant the vault knows governs
+                results[index] = GrantInvalid("this grant was ended") if lease.voids(claims) else lease
+            else:
+                newer.append(index)
+        if newer:
+            with self.metrics.store_timer("lease"):
+                async with self._uow() as uow:
+                    for index in newer:
+                        claims = offered[index][0]
+                        current = await uow.sandbox_leases.get(claims.sub, claims.sbx, for_update=True)
+                        if current is None:
+                            current = SandboxLease.of(claims)
+                        elif current.voids(claims):
+                            results[index] = GrantInvalid("this grant was ended")
+                            continue
+                        elif not current.offer(claims):
+                            results[index] = current
+                            continue
+                        await uow.sandbox_leases.save(current)
+                        results[index] = current
+                    await uow.commit()
+        assert all(result is not None for result in results)
+        return results  # type: ignore[return-value] # every index was decided above
 
     # --- grants.issued ------------------------------------------------------------------
     async def record_grant(self, event: GrantIssued) -> str:
@@ -150,9 +165,8 @@ class Leases:
             raise InvalidEvent(f"grant does not verify: {exc.detail}") from None
         if claims.sub != event.user_id or claims.sbx != event.sandbox_id:
             raise InvalidEvent("grant names another person or sandbox than the event")
-        try:
-            admitted = await self.admit(claims, None)
-        except GrantInvalid:
+        [admitted] = await self.admit([(claims, None)])
+        if isinstance(admitted, GrantInvalid):
             return "void"
         return "recorded" if admitted.jti == claims.jti else "older"
 

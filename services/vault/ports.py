@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from services.vault.domain import AuditEntry, AuditRecord, Connection, ConnectionSummary, SandboxLease
+from services.vault.errors import KeyringError
 from services.vault.keyring import EncryptedRecord, RecordContext
 from shared.events import Event
 
@@ -185,10 +186,11 @@ class Store(Protocol):
     def unit_of_work(self, cipher: RecordCipher) -> UnitOfWork: ...
 
     async def read_for_release(
-        self, user_id: str, sandbox_id: str | None, cipher: RecordCipher
-    ) -> tuple[Connection | None, SandboxLease | None]:
-        """The connection (decrypted) and the sandbox's lease, read-only, outside a unit of work
-        (the hot path of vault.credentials.get)."""
+        self, wanted: Sequence[tuple[str, str | None]], cipher: RecordCipher
+    ) -> tuple[dict[str, Connection | KeyringError], dict[tuple[str, str], SandboxLease]]:
+        """The connections (decrypted, or the `KeyringError` of one that does not decrypt) of the
+        wanted users and the leases of the wanted (user, sandbox) pairs, read-only, outside a
+        unit of work, in one round (the hot path of vault.credentials.get)."""
 
     async def ping(self) -> bool: ...
 

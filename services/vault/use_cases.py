@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from pydantic import ValidationError
@@ -44,19 +44,29 @@ from shared.events import (
     AccountInfo,
     ConnectionStatusReply,
     ConnectionStatusRequest,
+    CredentialsBatchReply,
+    CredentialsBatchRequest,
+    CredentialsItem,
+    CredentialsItemResult,
     CredentialsReply,
     CredentialsRequest,
+    ReleasedItem,
+    ReleasedItems,
     TokenBundle,
     TokensIssued,
     TokensRevoked,
     utcnow,
 )
 from shared.logging import get_logger
-from shared.sealing import KeyPair, SealingError, issued_binding, open_sealed, reply_binding, seal
+from shared.grants import GrantClaims
+from shared.sealing import KeyPair, Recipient, SealingError, issued_binding, open_sealed, reply_binding, seal
 
 log = get_logger(__name__)
 
-ReadForRelease = Callable[[str, str | None], Awaitable[tuple[Connection | None, SandboxLease | None]]]
+ReadForRelease = Callable[
+    [Sequence[tuple[str, str | None]]],
+    Awaitable[tuple[dict[str, "Connection | KeyringError"], dict[tuple[str, str], SandboxLease]]],
+]
 
 
 @dataclass(frozen=True)
@@ -460,79 +470,160 @@ class Vault:
 
     # --- vault.credentials.get ----------------------------------------------------
     async def release_credentials(self, request: CredentialsRequest) -> CredentialsReply:
-        """Seal the user's tokens to a trusted requester for a granted sandbox, within the
-        request's latency budget (`RequestTimeout` after VAULT_REQUEST_TIMEOUT_S)."""
+        """Version 1 (one sandbox): seal the user's tokens to a trusted requester for a granted
+        sandbox, within the latency budget (`RequestTimeout` after VAULT_REQUEST_TIMEOUT_S).
+        Raises the item's error (the handler maps it onto the reply)."""
+        recipient, [outcome] = await self._within_budget(request, [_item_of(request)])
+        if outcome.error is not None:
+            raise outcome.error
+        assert outcome.bundle is not None
+        sealed = seal(outcome.bundle.model_dump_json().encode(), recipient, subject=subjects.VAULT_CREDENTIALS_GET,
+                      message_id=request.request_id, bind=reply_binding(request.user_id, request.sandbox_id))
+        return CredentialsReply(request_id=request.request_id, ok=True, sealed=sealed,
+                                expires_at=outcome.bundle.expires_at, scopes=list(outcome.bundle.scopes),
+                                lease_expires_at=outcome.lease_expires_at)
+
+    async def release_batch(self, request: CredentialsBatchRequest) -> CredentialsBatchReply:
+        """Version 2 (many sandboxes): one database round for all, one box sealed to the
+        requester with every released bundle, one result per item. Raises only for the whole
+        request (untrusted requester, over the latency budget, database down)."""
+        recipient, outcomes = await self._within_budget(request, request.items)
+        released = [ReleasedItem(request_id=o.item.request_id, user_id=o.item.user_id, sandbox_id=o.item.sandbox_id,
+                                 bundle=o.bundle) for o in outcomes if o.bundle is not None]
+        sealed = None
+        if released:
+            sealed = seal(ReleasedItems(items=released).model_dump_json().encode(), recipient,
+                          subject=subjects.VAULT_CREDENTIALS_GET, message_id=request.request_id)
+        return CredentialsBatchReply(request_id=request.request_id, ok=True, sealed=sealed,
+                                     items=[o.result() for o in outcomes])
+
+    async def _within_budget(
+        self, request: CredentialsRequest | CredentialsBatchRequest, items: Sequence[CredentialsItem]
+    ) -> tuple[Recipient, list[ItemOutcome]]:
+        try:
+            recipient = self._trusted.recipient(request.requester_public_key, request.requester_key_id)
+        except VaultError as exc:
+            if exc.reason == "unauthorized_requester":
+                for item in items:
+                    self._refused(item, exc, request.requester_key_id)
+            raise
         if self._request_timeout is None:
-            return await self._release(request)
+            return recipient, await self._release(items, recipient)
         try:
             async with asyncio.timeout(self._request_timeout):
-                return await self._release(request)
+                return recipient, await self._release(items, recipient)
         except TimeoutError:
             raise RequestTimeout(f"no answer within {self._request_timeout}s") from None
 
-    def _refused(self, request: CredentialsRequest, exc: VaultError, requester: str) -> None:
+    def _refused(self, item: CredentialsItem, exc: VaultError, requester: str) -> None:
         if self._audit_grants:
             self._buffered(AuditEntry(actor=f"requester:{requester[:64]}", action="credentials_refused",
-                                      outcome="error", user_id=request.user_id, reason=exc.reason,
-                                      detail={"sandbox_id": request.sandbox_id, "why": exc.detail[:120]}))
+                                      outcome="error", user_id=item.user_id, reason=exc.reason,
+                                      detail={"sandbox_id": item.sandbox_id, "why": exc.detail[:120]}))
 
-    async def _release(self, request: CredentialsRequest) -> CredentialsReply:
-        """Nothing is read, sealed or sent before the requester and the grant check out."""
-        try:
-            recipient = self._trusted.recipient(request.requester_public_key, request.requester_key_id)
-            claims = self.leases.claims_of(request)
-        except VaultError as exc:
-            if exc.reason in ("unauthorized_requester", "grant_required", "grant_invalid"):
-                self._refused(request, exc, request.requester_key_id)
-            raise
-        try:
-            with self.metrics.store_timer("release"):
-                connection, lease = await self._read_for_release(
-                    request.user_id, request.sandbox_id if claims is not None else None
-                )
-        except KeyringError as exc:
-            await self.record_keyring_failure(request.user_id, exc, action="credentials_decrypt_failed")
-            raise
-        lease_expires_at: int | None = None
-        if claims is not None:
+    async def _release(self, items: Sequence[CredentialsItem], recipient: Recipient) -> list[ItemOutcome]:
+        """Nothing is read or sealed for an item before its grant checks out; the connections and
+        leases of all the others are read in one round, new leases written in one transaction."""
+        outcomes = [ItemOutcome(item) for item in items]
+        claims: dict[int, GrantClaims] = {}
+        for index, outcome in enumerate(outcomes):
             try:
-                lease = await self.leases.admit(claims, lease)
-                lease.check(request.mode, self.leases.now_ms())
-            except GrantInvalid as exc:
-                self._refused(request, exc, recipient.key_id)
-                raise
-            lease_expires_at = lease.expires_at
-        if connection is None:
-            raise NotConnected(f"no connection for user {request.user_id}")
-        release = connection.release(request.mode)
-        bundle = TokenBundle(
-            access_token=release.credentials.access_token,
-            refresh_token=release.credentials.refresh_token,
-            expires_at=release.expires_at,
-            scopes=list(release.scopes),
-        )
-        sealed = seal(
-            bundle.model_dump_json().encode(),
-            recipient,
-            subject=subjects.VAULT_CREDENTIALS_GET,
-            message_id=request.request_id,
-            bind=reply_binding(request.user_id, request.sandbox_id),
-        )
+                found = self.leases.claims_of(outcome.item)
+            except VaultError as exc:
+                outcome.error = exc
+                self._refused(outcome.item, exc, recipient.key_id)
+                continue
+            if found is not None:
+                claims[index] = found
+        live = [o for o in outcomes if o.error is None]
+        if not live:
+            return outcomes
+        wanted = [(o.item.user_id, o.item.sandbox_id if index in claims else None)
+                  for index, o in enumerate(outcomes) if o.error is None]
+        with self.metrics.store_timer("release"):
+            connections, leases = await self._read_for_release(wanted)
+        if claims:
+            offered = [(c, leases.get((c.sub, c.sbx))) for c in claims.values()]
+            now = self.leases.now_ms()
+            for index, lease in zip(claims, await self.leases.admit(offered), strict=True):
+                outcome = outcomes[index]
+                try:
+                    if isinstance(lease, GrantInvalid):
+                        raise lease
+                    lease.check(outcome.item.mode, now)
+                except GrantInvalid as exc:
+                    outcome.error = exc
+                    self._refused(outcome.item, exc, recipient.key_id)
+                    continue
+                outcome.lease_expires_at = lease.expires_at
+        for outcome in outcomes:
+            if outcome.error is None:
+                await self._release_one(outcome, connections.get(outcome.item.user_id), recipient,
+                                        granted=outcome.lease_expires_at is not None)
+        return outcomes
+
+    async def _release_one(self, outcome: ItemOutcome, connection: Connection | KeyringError | None,
+                           recipient: Recipient, *, granted: bool) -> None:
+        item = outcome.item
+        try:
+            if isinstance(connection, KeyringError):
+                await self.record_keyring_failure(item.user_id, connection, action="credentials_decrypt_failed")
+                raise connection
+            if connection is None:
+                raise NotConnected(f"no connection for user {item.user_id}")
+            release = connection.release(item.mode)
+        except VaultError as exc:
+            outcome.error = exc
+            return
+        outcome.bundle = TokenBundle(access_token=release.credentials.access_token,
+                                     refresh_token=release.credentials.refresh_token,
+                                     expires_at=release.expires_at, scopes=list(release.scopes))
         if self._audit_grants:
             self._buffered(AuditEntry(actor=f"requester:{recipient.key_id}", action="credentials_granted",
-                                      user_id=request.user_id, version=connection.version,
-                                      detail={"mode": request.mode, "request_id": request.request_id,
-                                              "sandbox_id": request.sandbox_id}))
-        if claims is not None and self.audit_writer is not None:
-            self.audit_writer.submit_release(request.user_id, claims.sbx, self.leases.now_ms())
-        return CredentialsReply(
-            request_id=request.request_id,
-            ok=True,
-            sealed=sealed,
-            expires_at=release.expires_at,
-            scopes=list(release.scopes),
-            lease_expires_at=lease_expires_at,
-        )
+                                      user_id=item.user_id, version=connection.version,
+                                      detail={"mode": item.mode, "request_id": item.request_id,
+                                              "sandbox_id": item.sandbox_id}))
+        if granted and item.sandbox_id is not None and self.audit_writer is not None:
+            self.audit_writer.submit_release(item.user_id, item.sandbox_id, self.leases.now_ms())
 
 
-__all__ = ["AuditWriter", "ReadForRelease", "RevokeOutcome", "StoreOutcome", "Vault"]
+def _item_of(request: CredentialsRequest) -> CredentialsItem:
+    return CredentialsItem(request_id=request.request_id, user_id=request.user_id, sandbox_id=request.sandbox_id,
+                           grant=request.grant, mode=request.mode)
+
+
+@dataclass
+class ItemOutcome:
+    """What became of one item of a credentials request."""
+
+    item: CredentialsItem
+    bundle: TokenBundle | None = field(default=None, repr=False)
+    error: VaultError | None = None
+    lease_expires_at: int | None = None
+
+    def result(self) -> CredentialsItemResult:
+        if self.error is not None:
+            error = reply_error(self.error)
+            detail = self.error.detail if error.startswith("grant_") else ""
+            return CredentialsItemResult(request_id=self.item.request_id, ok=False, error=error,  # type: ignore[arg-type]
+                                         detail=detail[:200])
+        assert self.bundle is not None
+        return CredentialsItemResult(request_id=self.item.request_id, ok=True, expires_at=self.bundle.expires_at,
+                                     scopes=list(self.bundle.scopes), lease_expires_at=self.lease_expires_at)
+
+
+# Reasons a reply may carry (shared.events.CredentialsError); others become "internal".
+REPLY_ERRORS = frozenset({"not_connected", "reconnect_required", "unauthorized_requester", "invalid_request",
+                          "grant_required", "grant_invalid"})
+UNAVAILABLE = frozenset({"store_unavailable", "request_timeout", "concurrency_conflict"})
+
+
+def reply_error(exc: VaultError) -> str:
+    if exc.reason in REPLY_ERRORS:
+        return exc.reason
+    if exc.reason in UNAVAILABLE:
+        return "unavailable"
+    return "internal"
+
+
+__all__ = ["AuditWriter", "ItemOutcome", "ReadForRelease", "RevokeOutcome", "StoreOutcome", "Vault", "reply_error"]

@@ -66,7 +66,7 @@ async def test_a_grant_verifies_against_auth_grant_pub_and_reaches_the_vault(
         verifier = GrantVerifier(trusted_public_keys(None, tmp_path / "keys"))
         claims = verifier.check(body["grant"], user_id=user, sandbox_id="sbx-int-1", mode="file", now_s=time.time())
         assert (claims.sub, claims.sbx, claims.mode) == (user, "sbx-int-1", "file")
-        assert claims.exp - claims.iat == 3600 and abs(claims.iat - time.time()) < 30
+        assert claims.exp - int(claims.iat) == 3600 and abs(claims.iat - time.time()) < 30
         assert body["expires_at"].startswith(time.strftime("%Y-%m-%dT", time.gmtime(claims.exp)))
 
         async def mine() -> nats.aio.msg.Msg:
@@ -168,5 +168,5 @@ async def test_the_grant_key_can_come_from_the_environment(
         body = (await http.post(f"{service.base_url}{GRANTS}", headers=bearer(user),
                                 json={"sandbox_id": "sbx-env"})).json()
     claims = GrantVerifier([signer.public_key]).verify(body["grant"], now_s=time.time())
-    assert claims.sub == user and claims.exp - claims.iat == 86_400
+    assert claims.sub == user and claims.exp - int(claims.iat) == 86_400
     assert not key_paths(tmp_path / "keys")[0].exists()  # nothing written with the env key

@@ -77,7 +77,7 @@ async def test_injected_home_logs_in_the_real_cli(
     # the request named the service's own key, which the reply was sealed to
     [request] = fake_vault.requests_for(user)
     assert request.mode == mode
-    assert request.requester_key_id == service.key.key_id  # type: ignore[union-attr]
+    assert fake_vault.requesters == [service.key.key_id]
 
     assert mode_of(home / ".claude") == 0o700
     assert mode_of(home / ".claude/.credentials.json") == 0o600

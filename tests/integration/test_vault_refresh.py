@@ -277,6 +277,10 @@ async def test_disconnect_revokes_the_login_at_the_oauth_server(rig: Rig) -> Non
     assert live not in rig.oauth.state.refresh_tokens  # the login is dead at the server
     assert grant["refresh_token"] not in rig.oauth.state.refresh_tokens
     assert await rig.connection(user) is None
-    async with rig.service.unit_of_work() as uow:
-        audit = [(r.entry.action, r.entry.outcome) for r in await uow.audit.list(user_id=user)]
-    assert ("provider_revoke", "ok") in audit
+
+    async def audited() -> bool:
+        async with rig.service.unit_of_work() as uow:
+            return ("provider_revoke", "ok") in [(r.entry.action, r.entry.outcome)
+                                                 for r in await uow.audit.list(user_id=user)]
+
+    await eventually(audited, "the provider revocation in the audit log")  # written after the call returns

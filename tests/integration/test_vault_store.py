@@ -184,7 +184,7 @@ async def test_ciphertext_moved_to_another_row_does_not_decrypt(env: Env) -> Non
             await uow.connections.get(attacker)
         assert await uow.connections.get(victim) is not None
     with pytest.raises(DecryptionFailed):  # the grant read path checks the same binding
-        await env.store.read_for_release(attacker, None, env.keyring)
+        await _read_connection(env, attacker)
 
 
 async def test_row_with_unknown_kek_id(env: Env) -> None:
@@ -194,11 +194,15 @@ async def test_row_with_unknown_kek_id(env: Env) -> None:
         with pytest.raises(UnknownKeyId):
             await uow.connections.get(user)
     with pytest.raises(UnknownKeyId):
-        await env.store.read_for_release(user, None, Keyring.generate())
+        await _read_connection(Env(env.db, env.store, Keyring.generate(), env.vault_key, env.vault), user)
 
 
 async def _read_connection(env: Env, user: str) -> Any:
-    return (await env.store.read_for_release(user, None, env.keyring))[0]
+    connections, _ = await env.store.read_for_release([(user, None)], env.keyring)
+    found = connections.get(user)
+    if isinstance(found, Exception):
+        raise found
+    return found
 
 
 async def test_the_release_read_path_sees_what_a_unit_of_work_sees(env: Env) -> None:

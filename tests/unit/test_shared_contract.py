@@ -18,11 +18,11 @@ from shared.events import EVENT_MODELS, SandboxCreated, TokenBundle, derived_eve
 from shared.sealing import KeyPair, SealingError, open_sealed, seal
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-EXAMPLE = re.compile(r"<!-- example: ([\w.]+) -->\s*```json\n(.*?)```", re.S)
+EXAMPLE = re.compile(r"<!-- example: ([\w./]+) -->\s*```json\n(.*?)```", re.S)
 
 
 def test_committed_schemas_are_current() -> None:
-    committed = {p.name: p.read_text() for p in schemas.SCHEMA_DIR.glob("*.json")}
+    committed = {str(p.relative_to(schemas.SCHEMA_ROOT)): p.read_text() for p in schemas.SCHEMA_ROOT.glob("v*/*.json")}
     assert committed == schemas.render(), "docs/schemas is stale: run `python -m ccbridge.schemas`"
 
 
@@ -37,9 +37,10 @@ def test_every_public_subject_has_a_schema() -> None:
 
 def test_doc_examples_validate_against_schemas() -> None:
     examples = EXAMPLE.findall((DOCS / "events.md").read_text())
-    assert {name for name, _ in examples} == set(schemas.all_models())
+    named = {(name if "/" in name else f"v1/{name}") for name, _ in examples}
+    assert named == set(schemas.all_models())
     for name, body in examples:
-        schema = json.loads((schemas.SCHEMA_DIR / f"{name}.json").read_text())
+        schema = json.loads((schemas.SCHEMA_ROOT / f"{name if '/' in name else 'v1/' + name}.json").read_text())
         jsonschema.Draft202012Validator(schema).validate(json.loads(body))
 
 

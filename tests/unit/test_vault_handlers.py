@@ -474,3 +474,28 @@ async def test_a_record_that_does_not_decrypt_fails_loudly(harness: Harness, ack
     failures = [e for e, _ in harness.store.audit if e.action == "credentials_decrypt_failed"]
     assert [(e.reason, e.kek_id, e.outcome) for e in failures] == [("retired_key_id", "kek-old", "error")]
     assert harness.vault.metrics.value("ccbridge_vault_decrypt_failures_total", reason="retired_key_id") == 1
+
+
+# --- version 2: batched requests on the same subject -----------------------------------------
+async def test_a_batched_request_gets_a_batched_reply_and_a_bad_one_a_batched_refusal(
+    harness: Harness, acks: Acks
+) -> None:
+    from shared.events import CredentialsBatchReply, CredentialsBatchRequest, CredentialsItem
+    from tests.grants import grant_for
+
+    user = new_user()
+    await _connect(harness, user, canary("a"), canary("r"))
+    batch = CredentialsBatchRequest(
+        requester_key_id=harness.requester.key_id, requester_public_key=harness.requester.recipient.public_b64,
+        items=[CredentialsItem(user_id=user, sandbox_id=f"sbx-{i}", grant=grant_for(user, f"sbx-{i}")) for i in range(3)])
+    response = await harness.broker.request(_json(batch), subjects.VAULT_CREDENTIALS_GET, timeout=3.0)
+    reply = CredentialsBatchReply.model_validate_json(response.body)
+    assert reply.ok and [r.ok for r in reply.items] == [True, True, True] and reply.sealed is not None
+    # version 1 keeps working on the same subject
+    assert (await harness.ask(_json(credentials_request(harness.requester, user_id=user)))).ok
+    # a malformed batch (duplicate item ids) is refused whole, in version 2
+    doc = _json(batch)
+    doc["items"][1]["request_id"] = doc["items"][0]["request_id"]
+    response = await harness.broker.request(doc, subjects.VAULT_CREDENTIALS_GET, timeout=3.0)
+    refused = CredentialsBatchReply.model_validate_json(response.body)
+    assert (refused.ok, refused.error, refused.request_id) == (False, "invalid_request", batch.request_id)

@@ -71,7 +71,7 @@ class World:
         uow = self.store.unit_of_work
         self.vault = Vault(
             unit_of_work=uow,
-            read_for_release=lambda user, sbx: self.store.read_for_release(user, sbx),
+            read_for_release=self.store.read_for_release,
             leases=Leases(unit_of_work=uow, verifier=verifier(), required=self.required, publisher=self.publisher,
                           clock=self.clock),
             keypair=self.vault_key,
@@ -372,15 +372,83 @@ def test_the_vault_finds_auths_grant_key_when_auth_starts_after_it(tmp_path) -> 
         keys.verify(stranger, now_s=datetime.now(UTC).timestamp())
 
 
-async def test_a_grant_from_the_very_second_of_the_end_is_void(world: World) -> None:
-    """Grants carry whole seconds: one signed in the second the lease ended may have been signed
-    just before the end (grant, then End, in one click-second) — it must not survive the end."""
+async def test_grants_are_ordered_to_the_millisecond(world: World) -> None:
+    """Grant, End, grant again within one second: the first grant is void, the last one is a new
+    lease — and of two grants signed in the same second, the later one governs."""
     user = new_user()
     await world.connect(user)
-    same_second = world.grant(user, "sbx-1")
-    world.clock.advance(0.4)
+    before_end = grant_for(user, "sbx-1", now_s=world.clock.s + 0.100)
+    world.clock.advance(0.400)
     await world.leases.end(GrantRevoked(user_id=user, sandbox_id="sbx-1", occurred_at=world.clock()))
+    after_end = grant_for(user, "sbx-1", now_s=world.clock.now.timestamp() + 0.001)
+    world.clock.advance(0.1)
     with pytest.raises(GrantInvalid, match="this grant was ended"):
-        await world.ask(user, "sbx-1", same_second)
-    world.clock.advance(1)
-    assert (await world.ask(user, "sbx-1", world.grant(user, "sbx-1"))).ok
+        await world.ask(user, "sbx-1", before_end)
+    assert (await world.ask(user, "sbx-1", after_end)).ok
+    longer = grant_for(user, "sbx-1", ttl_s=3600, now_s=world.clock.now.timestamp())
+    shorter = grant_for(user, "sbx-1", ttl_s=60, now_s=world.clock.now.timestamp() + 0.002)  # same second, later
+    await world.leases.record_grant(GrantIssued(user_id=user, sandbox_id="sbx-1", grant=shorter))
+    assert await world.leases.record_grant(GrantIssued(user_id=user, sandbox_id="sbx-1", grant=longer)) == "older"
+    world.clock.advance(61)
+    with pytest.raises(GrantInvalid, match="expired"):
+        await world.ask(user, "sbx-1", longer)
+
+
+# --- vault.credentials.get version 2: a batch -----------------------------------------------------
+async def test_a_batch_is_answered_item_by_item_from_one_read_and_one_box(world: World) -> None:
+    from shared.events import CredentialsBatchRequest, CredentialsItem, ReleasedItems
+    from shared.sealing import open_sealed
+
+    alice, bob, nobody = new_user(), new_user(), new_user()
+    tokens = {alice: await world.connect(alice), bob: await world.connect(bob)}
+    reads: list[int] = []
+    real_read = world.store.read_for_release
+
+    async def counted(wanted, keyring=None):  # type: ignore[no-untyped-def]
+        reads.append(len(wanted))
+        return await real_read(wanted, keyring)
+
+    world.vault._read_for_release = counted
+    items = [
+        CredentialsItem(user_id=alice, sandbox_id="sbx-a1", grant=world.grant(alice, "sbx-a1")),
+        CredentialsItem(user_id=alice, sandbox_id="sbx-a2", grant=world.grant(alice, "sbx-a2", "file"), mode="file"),
+        CredentialsItem(user_id=bob, sandbox_id="sbx-b1", grant=world.grant(bob, "sbx-b1")),
+        CredentialsItem(user_id=nobody, sandbox_id="sbx-n1", grant=world.grant(nobody, "sbx-n1")),
+        CredentialsItem(user_id=bob, sandbox_id="sbx-b2"),  # no grant
+        CredentialsItem(user_id=bob, sandbox_id="sbx-b3", grant=world.grant(alice, "sbx-b3")),  # alice's grant
+    ]
+    request = CredentialsBatchRequest(requester_key_id=world.requester.key_id,
+                                      requester_public_key=world.requester.recipient.public_b64, items=items)
+    commits = world.store.commits
+    reply = await world.vault.release_batch(request)
+
+    assert [(r.request_id, r.ok, r.error) for r in reply.items] == [
+        (items[0].request_id, True, None), (items[1].request_id, True, None), (items[2].request_id, True, None),
+        (items[3].request_id, False, "not_connected"), (items[4].request_id, False, "grant_required"),
+        (items[5].request_id, False, "grant_invalid")]
+    assert reads == [4]  # one read for every item whose grant checked out
+    assert world.store.commits == commits + 1  # the four new leases in one transaction
+    assert reply.sealed is not None
+    opened = ReleasedItems.model_validate_json(open_sealed(
+        reply.sealed, world.requester, subject=subjects.VAULT_CREDENTIALS_GET, message_id=request.request_id))
+    assert [(i.request_id, i.user_id, i.sandbox_id, i.bundle.access_token) for i in opened.items] == [
+        (items[0].request_id, alice, "sbx-a1", tokens[alice]), (items[1].request_id, alice, "sbx-a2", tokens[alice]),
+        (items[2].request_id, bob, "sbx-b1", tokens[bob])]
+    assert [i.bundle.refresh_token is not None for i in opened.items] == [False, True, False]
+    for secret in tokens.values():
+        assert secret not in reply.model_dump_json()
+
+
+async def test_a_batch_from_an_untrusted_requester_is_refused_whole(world: World) -> None:
+    from services.vault.errors import UnauthorizedRequester
+    from shared.events import CredentialsBatchRequest, CredentialsItem
+
+    user = new_user()
+    await world.connect(user)
+    stranger = KeyPair.generate()
+    request = CredentialsBatchRequest(requester_key_id=stranger.key_id, requester_public_key=stranger.recipient.public_b64,
+                                      items=[CredentialsItem(user_id=user, sandbox_id="sbx-1",
+                                                             grant=world.grant(user, "sbx-1"))])
+    with pytest.raises(UnauthorizedRequester):
+        await world.vault.release_batch(request)
+    assert world.store.sandbox_leases == {}

@@ -1,14 +1,15 @@
 """Credentials from the vault over core NATS request/reply on `vault.credentials.get`.
 
-The request names this service's public key; the vault seals the TokenBundle to it
-(HPKE, info bound to subject `vault.credentials.get` and the request id), so the tokens are
-only ever readable here. No reply in time (or nobody listening) → `VaultUnavailable`
-(retryable); the vault's own refusals map to typed, final errors.
+The request names this service's public key; the vault seals the bundles to it (HPKE, info
+bound to subject `vault.credentials.get` and the request id; each bundle names its user and
+sandbox, checked here), so the tokens are only ever readable here. No reply in time (or nobody
+listening) → `VaultUnavailable` (retryable); the vault's own refusals map to typed, final errors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -17,8 +18,18 @@ from nats.aio.client import Client as NatsClient
 from pydantic import ValidationError
 
 from shared import subjects
-from shared.events import CredentialMode, CredentialsReply, CredentialsRequest, TokenBundle
-from shared.sealing import KeyPair, SealingError, open_sealed, reply_binding
+from shared.events import (
+    MAX_BATCH_ITEMS,
+    CredentialMode,
+    CredentialsBatchReply,
+    CredentialsBatchRequest,
+    CredentialsItem,
+    CredentialsItemResult,
+    ReleasedItem,
+    ReleasedItems,
+    TokenBundle,
+)
+from shared.sealing import KeyPair, SealingError, open_sealed
 from services.sandbox.errors import (
     GrantInvalid,
     GrantRequired,
@@ -55,7 +66,7 @@ class VaultClient(Protocol):
     async def fetch(self, want: CredentialsFor) -> VaultCredentials: ...
 
 
-def _reply_error(reply: CredentialsReply) -> SandboxError:
+def _reply_error(reply: CredentialsBatchReply | CredentialsItemResult) -> SandboxError:
     match reply.error:
         case "not_connected":
             return NotConnected("the user has no Claude connection")
@@ -66,29 +77,81 @@ def _reply_error(reply: CredentialsReply) -> SandboxError:
         case "unavailable":
             return VaultUnavailable("the vault could not answer in time (its database is unavailable)")
         case "grant_required":
-            return GrantRequired(reply.detail or "no grant for this sandbox")
+            return GrantRequired(getattr(reply, "detail", "") or "no grant for this sandbox")
         case "grant_invalid":
-            return GrantInvalid(reply.detail or "the vault refused the grant")
+            return GrantInvalid(getattr(reply, "detail", "") or "the vault refused the grant")
         case other:
             return VaultError(f"the vault refused the request: {other or 'no reason given'}")
 
 
+Result = VaultCredentials | SandboxError
+
+
 class NatsVaultClient:
-    def __init__(self, connection: Callable[[], NatsClient], key: KeyPair, *, timeout: float) -> None:
+    """`vault.credentials.get`, version 2 (a batch). Requests made while others are in flight are
+    sent together: at light load each goes out alone at once (no waiting for company); under load
+    the sandboxes of a fetched batch share one round trip, one database read and one sealed box
+    in the vault. Each request still succeeds or fails on its own."""
+
+    def __init__(self, connection: Callable[[], NatsClient], key: KeyPair, *, timeout: float,
+                 max_batch: int = 64, max_in_flight: int = 2) -> None:
         """`connection` returns the live NATS client (the broker's, once it is connected)."""
         self._connection = connection
         self._key = key
         self._timeout = timeout
-
-    def build_request(self, want: CredentialsFor) -> CredentialsRequest:
-        recipient = self._key.recipient
-        return CredentialsRequest(
-            user_id=want.user_id, sandbox_id=want.sandbox_id, grant=want.grant, mode=want.mode,
-            requester_key_id=recipient.key_id, requester_public_key=recipient.public_b64,
-        )
+        self._max_batch = max(1, min(max_batch, MAX_BATCH_ITEMS))
+        self._max_in_flight = max(1, max_in_flight)
+        self._waiting: list[tuple[CredentialsFor, asyncio.Future[VaultCredentials]]] = []
+        self._in_flight: set[asyncio.Task[None]] = set()
 
     async def fetch(self, want: CredentialsFor) -> VaultCredentials:
-        request = self.build_request(want)
+        future: asyncio.Future[VaultCredentials] = asyncio.get_running_loop().create_future()
+        self._waiting.append((want, future))
+        self._dispatch()
+        return await future
+
+    def _dispatch(self) -> None:
+        while self._waiting and len(self._in_flight) < self._max_in_flight:
+            batch, self._waiting = self._waiting[: self._max_batch], self._waiting[self._max_batch :]
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._in_flight.add(task)
+            task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._dispatch()
+
+    async def _send(self, batch: list[tuple[CredentialsFor, asyncio.Future[VaultCredentials]]]) -> None:
+        results: list[Result]
+        try:
+            results = await self.request([want for want, _ in batch])
+        except SandboxError as exc:  # the whole request: no vault, refused, unreadable reply
+            results = [exc] * len(batch)
+        except Exception as exc:  # noqa: BLE001 - every waiter must get an answer
+            results = [VaultError(f"unexpected {type(exc).__name__}", retryable=True)] * len(batch)
+        except BaseException:
+            for _, future in batch:
+                future.cancel()
+            raise
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():  # its caller gave up meanwhile
+                continue
+            if isinstance(result, SandboxError):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    def build_request(self, wants: Sequence[CredentialsFor]) -> CredentialsBatchRequest:
+        recipient = self._key.recipient
+        return CredentialsBatchRequest(
+            requester_key_id=recipient.key_id, requester_public_key=recipient.public_b64,
+            items=[CredentialsItem(user_id=w.user_id, sandbox_id=w.sandbox_id, grant=w.grant, mode=w.mode)
+                   for w in wants],
+        )
+
+    async def request(self, wants: Sequence[CredentialsFor]) -> list[Result]:
+        """One request for `wants`: each one's credentials or error, in order."""
+        request = self.build_request(wants)
         try:
             response = await self._connection().request(
                 subjects.VAULT_CREDENTIALS_GET, request.model_dump_json().encode(), timeout=self._timeout
@@ -100,32 +163,42 @@ class NatsVaultClient:
             raise VaultUnavailable(f"NATS connection not usable ({type(exc).__name__})") from None
         return self.open_reply(request, response.data)
 
-    def open_reply(self, request: CredentialsRequest, data: bytes) -> VaultCredentials:
+    def open_reply(self, request: CredentialsBatchRequest, data: bytes) -> list[Result]:
         try:
-            reply = CredentialsReply.model_validate_json(data)
+            reply = CredentialsBatchReply.model_validate_json(data)
         except ValidationError:
-            raise VaultError("the vault's reply is not a valid CredentialsReply") from None
+            raise VaultError("the vault's reply is not a valid CredentialsBatchReply") from None
         if reply.request_id != request.request_id:
             raise VaultError("the vault's reply answers another request")
         if not reply.ok:
             raise _reply_error(reply)
-        bundle: TokenBundle | None = None
-        if reply.sealed is not None:
-            try:
-                plaintext = open_sealed(
-                    reply.sealed, self._key, subject=subjects.VAULT_CREDENTIALS_GET, message_id=request.request_id,
-                    bind=reply_binding(request.user_id, request.sandbox_id),
-                )
-                bundle = TokenBundle.model_validate_json(plaintext)
-            except SealingError as exc:
-                raise VaultError(f"cannot open the sealed credentials: {exc}") from None
-            except ValidationError:
-                raise VaultError("the sealed credentials are not a TokenBundle") from None
-        else:  # every mode writes a token into the sandbox (env mode: the env file)
-            raise VaultError("the vault's reply carries no sealed credentials")
-        expires_at = bundle.expires_at if bundle is not None else reply.expires_at
-        if expires_at is None:
-            raise VaultError("the vault's reply carries no expiry")
-        scopes = tuple(bundle.scopes if bundle is not None else reply.scopes)
-        return VaultCredentials(bundle=bundle, expires_at=expires_at, scopes=scopes,
-                                lease_expires_at=reply.lease_expires_at)
+        released = self._released(request, reply)
+        results = {r.request_id: r for r in reply.items}
+        answers: list[Result] = []
+        for item in request.items:
+            result = results.get(item.request_id)
+            if result is None:
+                answers.append(VaultError("the vault's reply leaves this sandbox out", retryable=True))
+            elif not result.ok:
+                answers.append(_reply_error(result))
+            elif (bundle := released.get(item.request_id)) is None:
+                answers.append(VaultError("the vault's reply carries no sealed credentials for this sandbox"))
+            elif (bundle.user_id, bundle.sandbox_id) != (item.user_id, item.sandbox_id):
+                answers.append(VaultError("the sealed credentials are another sandbox's"))
+            else:
+                answers.append(VaultCredentials(bundle=bundle.bundle, expires_at=bundle.bundle.expires_at,
+                                                scopes=tuple(bundle.bundle.scopes),
+                                                lease_expires_at=result.lease_expires_at))
+        return answers
+
+    def _released(self, request: CredentialsBatchRequest, reply: CredentialsBatchReply) -> dict[str, ReleasedItem]:
+        if reply.sealed is None:
+            return {}
+        try:
+            plaintext = open_sealed(reply.sealed, self._key, subject=subjects.VAULT_CREDENTIALS_GET,
+                                    message_id=request.request_id)
+            return {item.request_id: item for item in ReleasedItems.model_validate_json(plaintext).items}
+        except SealingError as exc:
+            raise VaultError(f"cannot open the sealed credentials: {exc}") from None
+        except ValidationError:
+            raise VaultError("the sealed credentials are not ReleasedItems") from None
