@@ -60,6 +60,9 @@ from shared.logging import get_logger
 log = get_logger(__name__)
 
 
+MIN_RETRY_S = 5.0
+
+
 def _ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
@@ -168,6 +171,9 @@ class Refresher:
             await self._release(due.user_id)  # the call could outlive the lease: let the next round retry
             return "lease_too_short"
         assert connection.credentials.refresh_token is not None
+        if connection.refresh_token_expires_at is not None and connection.refresh_token_expires_at <= _ms(self._clock()):
+            # the login itself has lapsed (~30 days; refreshing never extends it): only a new one helps
+            return await self._reconnect_required(connection, due, "login_expired")
         try:
             response = await self._endpoint.refresh(connection.credentials.refresh_token, connection.scopes)
         except RefreshRejected as exc:
@@ -268,6 +274,12 @@ class Refresher:
             retry_after_s=exc.retry_after_s,
             rng=self._rng,
         )
+        # Ride out the outage inside the margin: while the access token still lives, the next
+        # try comes before it expires (at most half the time left, at least a few seconds), so a
+        # minute-long OAuth outage costs the sandboxes nothing.
+        left_s = (connection.expires_at - _ms(now)) / 1000
+        if left_s > 0:
+            delay = min(delay, max(MIN_RETRY_S, left_s / 2))
         connection.refresh_failed(exc.outcome, retry_at_ms=_ms(now) + int(delay * 1000), now=now)
         entry = AuditEntry(actor=self.actor, action="refresh_failed", outcome="error", user_id=connection.user_id,
                            reason=exc.outcome, version=connection.version,

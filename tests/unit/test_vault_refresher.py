@@ -4,6 +4,7 @@ to the connection, which events go out, backoff, single flight, login-expiry war
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -110,9 +111,10 @@ async def test_invalid_grant_requires_reconnect_and_says_so(parts) -> None:
 
 async def test_transient_failures_back_off_then_heal(parts) -> None:
     store, endpoint, publisher, clock = parts
-    conn = _connected(store)
+    conn = _connected(store, expires_in_s=3600)  # plenty of life left: the server's Retry-After is honoured
     endpoint.script += [RefreshTransient("429", outcome="rate_limited", retry_after_s=120), _ok(canary("a2"), None)]
     refresher = _refresher(store, endpoint, publisher, clock)
+    refresher.policy = replace(POLICY, margin_s=4000)
 
     assert (await refresher.run_once())["rate_limited"] == 1
     failed = store.connections[conn.user_id]
@@ -127,6 +129,27 @@ async def test_transient_failures_back_off_then_heal(parts) -> None:
     assert (await refresher.run_once())["ok"] == 1
     healed = store.connections[conn.user_id]
     assert (healed.state, healed.refresh_failures, healed.version) == ("connected", 0, 3)
+
+
+async def test_an_outage_is_ridden_out_inside_the_access_tokens_life(parts) -> None:
+    """A 503/429 outage of the OAuth server near the access token's expiry: the next tries come
+    before it expires (at most half the time left), whatever the backoff or Retry-After say, and
+    never end in reconnect_required."""
+    store, endpoint, publisher, clock = parts
+    conn = _connected(store, expires_in_s=60)
+    endpoint.script += [RefreshTransient("503", outcome="upstream_error", retry_after_s=600)] * 3
+    endpoint.script.append(_ok(canary("a2"), canary("r2")))
+    refresher = _refresher(store, endpoint, publisher, clock)
+    tries = []
+    while not (outcome := await refresher.run_once())["ok"]:
+        current = store.connections[conn.user_id]
+        if current.next_refresh_at is not None and (outcome["upstream_error"] or not tries):
+            tries.append((current.next_refresh_at - int(clock.now.timestamp() * 1000)) / 1000)
+        clock.now += timedelta(seconds=1)
+        assert clock.now < NOW + timedelta(seconds=60), "the access token expired before the refresh"
+    assert len(endpoint.calls) == 4 and tries[0] <= 30
+    assert store.connections[conn.user_id].state == "connected"
+    assert publisher.of(subjects.TOKENS_RECONNECT_REQUIRED) == []
 
 
 async def test_replicas_refresh_a_connection_once(parts) -> None:
@@ -199,3 +222,13 @@ async def test_login_expiry_warning_is_sent_once(parts) -> None:
     assert isinstance(event, TokensLoginExpiring)
     assert (event.user_id, event.expires_at) == (conn.user_id, NOW_MS + 2 * 86_400_000)
     assert store.actions(conn.user_id).count("login_expiring") == 1
+
+
+async def test_a_lapsed_login_requires_reconnecting_without_asking_the_server(parts) -> None:
+    store, endpoint, publisher, clock = parts
+    conn = _connected(store, refresh_token_expires_at=NOW_MS - 1000)
+    assert (await _refresher(store, endpoint, publisher, clock).run_once())["invalid_grant"] == 1
+    assert endpoint.calls == []
+    assert store.connections[conn.user_id].state == "reconnect_required"
+    [event] = publisher.of(subjects.TOKENS_RECONNECT_REQUIRED)
+    assert event.reason == "login_expired"
