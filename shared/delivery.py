@@ -142,6 +142,20 @@ class Breaker:
                 await asyncio.wait_for(self._closed.wait(), timeout=wait)
         return False
 
+    def try_admit(self) -> bool:
+        """`admit` without waiting, for callers that must answer now (a request/reply): True if
+        the caller may try the dependency (closed, or it is this caller's turn to probe)."""
+        if self._closed.is_set():
+            return True
+        now = self._clock()
+        if self.state == "half_open" and now >= self._probe_at:  # the probe never reported
+            self._set("open")
+        if self.state == "open" and now >= self._probe_at:
+            self._set("half_open")
+            self._probe_at = now + self._max_probe_interval
+            return True
+        return False
+
     @property
     def open_for_s(self) -> float:
         return 0.0 if self._opened_at is None else self._clock() - self._opened_at

@@ -65,6 +65,7 @@ class StoreUnavailable(VaultError):
 
     reason = "store_unavailable"
     retryable = True
+    dependency = "database"  # shared.delivery: its breaker pauses the work that needs it
 
 
 class RequestTimeout(VaultError):

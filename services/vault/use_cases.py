@@ -32,6 +32,7 @@ from services.vault.errors import (
     RefreshRejected,
     RefreshTransient,
     RequestTimeout,
+    StoreUnavailable,
     UnopenableBox,
     VaultError,
 )
@@ -58,6 +59,7 @@ from shared.events import (
     utcnow,
 )
 from shared.logging import get_logger
+from shared.delivery import Breakers
 from shared.grants import GrantClaims
 from shared.sealing import KeyPair, Recipient, SealingError, issued_binding, open_sealed, reply_binding, seal
 
@@ -197,6 +199,7 @@ class Vault:
         token_endpoint: TokenEndpoint | None = None,
         revoke_attempts: int = 3,
         revoke_backoff_s: float = 1.0,
+        breakers: Breakers | None = None,
     ) -> None:
         """`read_for_release`: the store's read-only lookup of a connection and a sandbox lease
         (the hot path). `token_endpoint`: where disconnecting revokes the login (None: nowhere)."""
@@ -206,6 +209,7 @@ class Vault:
         self._token_endpoint = token_endpoint
         self._revoke_attempts = revoke_attempts
         self._revoke_backoff = revoke_backoff_s
+        self.breakers = breakers or Breakers()
         self._keypair = keypair
         self._trusted = trusted if isinstance(trusted, TrustStore) else TrustStore.fixed(trusted)
         self._clock = clock
@@ -540,8 +544,16 @@ class Vault:
             return outcomes
         wanted = [(o.item.user_id, o.item.sandbox_id if index in claims else None)
                   for index, o in enumerate(outcomes) if o.error is None]
-        with self.metrics.store_timer("release"):
-            connections, leases = await self._read_for_release(wanted)
+        database = self.breakers["database"]
+        if not database.try_admit():  # down a moment ago: answer at once, one probe at a time finds it back
+            raise StoreUnavailable("the vault's database is unavailable")
+        try:
+            with self.metrics.store_timer("release"):
+                connections, leases = await self._read_for_release(wanted)
+        except StoreUnavailable:
+            database.failed()
+            raise
+        database.succeeded()
         if claims:
             offered = [(c, leases.get((c.sub, c.sbx))) for c in claims.values()]
             now = self.leases.now_ms()

@@ -6,6 +6,7 @@ future."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,6 +25,7 @@ from shared.events import (
     GrantsListRequest,
     TokensRevoked,
 )
+from shared.delivery import Breakers
 from shared.grants import GrantSigner
 from shared.sealing import KeyPair
 from tests.grants import SIGNER, grant_for, verifier
@@ -452,3 +454,32 @@ async def test_a_batch_from_an_untrusted_requester_is_refused_whole(world: World
     with pytest.raises(UnauthorizedRequester):
         await world.vault.release_batch(request)
     assert world.store.sandbox_leases == {}
+
+
+async def test_while_the_database_is_down_requests_are_answered_at_once(world: World) -> None:
+    """The first request finds the database down; the next ones are answered `unavailable` at
+    once without touching it, until a probe finds it back."""
+    from services.vault.errors import StoreUnavailable
+
+    user = new_user()
+    await world.connect(user)
+    grant = world.grant(user, "sbx-1")
+    reads = 0
+    real_read = world.store.read_for_release
+
+    async def counted(wanted, keyring=None):  # type: ignore[no-untyped-def]
+        nonlocal reads
+        reads += 1
+        return await real_read(wanted, keyring)
+
+    world.vault._read_for_release = counted
+    world.vault.breakers = Breakers(probe_interval_s=0.05)
+    world.store.unavailable = True
+    for _ in range(5):
+        with pytest.raises(StoreUnavailable):
+            await world.ask(user, "sbx-1", grant)
+    assert reads == 1
+    world.store.unavailable = False
+    await asyncio.sleep(0.06)
+    assert (await world.ask(user, "sbx-1", grant)).ok and reads == 2
+    assert world.vault.breakers["database"].state == "closed"
