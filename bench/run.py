@@ -26,7 +26,7 @@ from typing import Any
 
 import nats
 
-from bench import common, profiling, raw
+from bench import common, profiling, raw, soak
 from ccbridge.embedded_nats import EmbeddedNats
 from ccbridge.stack import Stack
 from shared import subjects
@@ -67,6 +67,8 @@ class BenchConfig:
     hpke_seconds: float = field(default_factory=lambda: _env_float("BENCH_HPKE_SECONDS", 1.0))
     batch: int = field(default_factory=lambda: _env_int("BENCH_BATCH", 8))
     log_level: str = field(default_factory=lambda: os.environ.get("BENCH_LOG_LEVEL", "INFO"))
+    soak_seconds: float = field(default_factory=lambda: _env_float("BENCH_SOAK_SECONDS", 30.0))
+    soak_rate: float = field(default_factory=lambda: _env_float("BENCH_SOAK_RATE", 80.0))
     workdir: Path | None = None
     keep: bool = False
 
@@ -480,6 +482,10 @@ async def run(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
             report["profile"] = await profile_pipeline(stack, js, watcher, cfg, planned["profile"],
                                                        workdir / "profiles")
         await watcher.stop()
+        if cfg.soak_seconds > 0:  # last: its grants are asked for as it goes (bench/soak.py)
+            log(f"soak profile: fresh sandboxes at {cfg.soak_rate:g}/s for {cfg.soak_seconds:g} s, RSS sampled")
+            report["soak"] = await soak.stream(stack, nc, users, soak.SoakConfig(
+                rate=cfg.soak_rate, seconds=cfg.soak_seconds, events=None), log=log)
     finally:
         await nc.close()
         if stack is not None:
