@@ -127,17 +127,20 @@ async def stream(stack: Stack, nc: nats.NATS, users: list[str], cfg: SoakConfig,
     sub = await nc.subscribe("sandbox.credentials.*", cb=results.on_msg)
     await nc.flush()
     total = cfg.total
-    ready: asyncio.Queue[SandboxCreated] = asyncio.Queue(maxsize=max(64, int(cfg.rate * 2)))
+    ready: asyncio.Queue[SandboxCreated | Exception] = asyncio.Queue(maxsize=max(64, int(cfg.rate * 2)))
     samples: list[Sample] = []
     started = time.monotonic()
 
     async def grant_ahead(grants: common.Grants) -> None:
         chunk = cfg.grant_concurrency
-        for first in range(0, total, chunk):
-            pairs = [(users[i % len(users)], f"soak-{i:07d}-{common.uid('s')[2:]}")
-                     for i in range(first, min(total, first + chunk))]
-            for event in await grants.events(pairs):
-                await ready.put(event)
+        try:
+            for first in range(0, total, chunk):
+                pairs = [(users[i % len(users)], f"soak-{i:07d}-{common.uid('s')[2:]}")
+                         for i in range(first, min(total, first + chunk))]
+                for event in await grants.events(pairs):
+                    await ready.put(event)
+        except Exception as exc:  # the publisher stops at it
+            await ready.put(exc)
 
     async def publish_all() -> float:
         window = asyncio.Semaphore(256)
@@ -155,6 +158,8 @@ async def stream(stack: Stack, nc: nats.NATS, users: list[str], cfg: SoakConfig,
             if delay > 0:
                 await asyncio.sleep(delay)
             event = await ready.get()
+            if isinstance(event, Exception):
+                raise RuntimeError("asking auth for a grant failed") from event
             await window.acquire()
             task = asyncio.create_task(one(event))
             pending.add(task)
@@ -246,18 +251,18 @@ def lines(report: dict[str, Any]) -> list[str]:
 
 
 def heap_diffs(directory: Path) -> list[str]:
-    """Per service: what grew between its middle and its last tracemalloc snapshot."""
+    """Per service process: what grew between its middle and its last tracemalloc snapshot."""
     from bench.heapdiff import diff_lines
 
     out: list[str] = []
-    by_service: dict[str, list[Path]] = {}
-    for path in sorted(directory.glob("*.tracemalloc")):
-        by_service.setdefault(path.name.split("-")[0], []).append(path)
-    for service, paths in sorted(by_service.items()):
+    by_process: dict[str, list[Path]] = {}
+    for path in sorted(directory.glob("*.tracemalloc")):  # <service>-<pid>-<n>.tracemalloc
+        by_process.setdefault(path.name.rsplit("-", 1)[0], []).append(path)
+    for process, paths in sorted(by_process.items()):
         if len(paths) < 2:
             continue
-        old, new = paths[len(paths) // 2 - 1] if len(paths) > 2 else paths[0], paths[-1]
-        out.append(f"\ntracemalloc, {service}: {old.name} → {new.name}")
+        old, new = paths[(len(paths) - 1) // 2], paths[-1]
+        out.append(f"\ntracemalloc, {process}: {old.name} → {new.name}")
         out.extend(diff_lines(old, new, top=12))
     return out
 
