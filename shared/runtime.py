@@ -13,8 +13,8 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Any
 
 

@@ -320,7 +320,7 @@ async def test_sandbox_created_hostile_dead_lettered_or_rejected(target: Target)
     base = common.sandbox_created(f"{HOSTILE}user", base_sandbox, grant=base_grant).model_dump(mode="json")
     semantic = st.one_of(
         # schema-valid but hostile: config dir escaping the home, absolute paths elsewhere,
-        # a person with no connection, a grant for another sandbox; each must be answered with
+        # a person with no connection, another person's grant; each must be answered with
         # sandbox.credentials.failed
         st.tuples(st.sampled_from(["../../escape-canary", "/etc/escape-canary", "a/../../escape-canary", "..", "./"]),
                   st.sampled_from(victim_sandboxes)).map(
