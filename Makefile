@@ -57,10 +57,15 @@ clean:
 	rm -rf $(VENV) var .pytest_cache
 
 # Performance and reliability (docs/performance.md). One bench run: a table, docs/bench/latest.json + .png.
-.PHONY: bench chaos
+.PHONY: bench chaos soak
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # Full chaos profile: 10,000 sandbox events while services and nats-server are killed and restarted.
 chaos: install
 	$(BIN)/python -m bench.chaos --events $${CHAOS_EVENTS:-10000} $(CHAOS_ARGS)
+
+# Memory under a steady stream: SOAK_RATE (80) fresh sandboxes/s for SOAK_SECONDS (300), each
+# service's RSS growth per 10,000 events (target <= 1 MB). SOAK_ARGS e.g. --tracemalloc DIR.
+soak: install
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)

@@ -3,7 +3,7 @@
 Counts come from the environment (BENCH_RAW_EVENTS, BENCH_PIPELINE_EVENTS, BENCH_TOKENS_EVENTS,
 BENCH_USERS, BENCH_RATE, BENCH_RATE_SECONDS, BENCH_SATURATION_EVENTS, BENCH_INFLIGHT,
 BENCH_PROFILE_EVENTS, BENCH_PROFILE=0 to skip py-spy, BENCH_HPKE_SECONDS, BENCH_BATCH,
-BENCH_LOG_LEVEL) or the flags below. Misses against the targets are reported, never fatal.
+BENCH_LOG_LEVEL, BENCH_SOAK_SECONDS (0 skips the soak profile), BENCH_SOAK_RATE) or the flags below. Misses against the targets are reported, never fatal.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         cfg.raw_events, cfg.pipeline_events, cfg.tokens_events = 600, 400, 200
         cfg.rate_seconds, cfg.saturation_events, cfg.profile_events, cfg.users = 2.0, 200, 300, 20
+        cfg.soak_seconds = min(cfg.soak_seconds, 20.0)
     report = asyncio.run(run(cfg, args.out))
     reporting.write_json(report, args.out / "latest.json")
     reporting.write_png(report, args.out / "latest.png")

@@ -172,6 +172,16 @@ class Chaos:
                 self.result.second_event_same_sandbox += 1
         return ordered, owners
 
+    async def granted(self, js: Any, events: list[SandboxCreated], owners: dict[str, str]) -> list[SandboxCreated]:
+        """The planned events, each carrying its sandbox's grant (one per sandbox from auth's
+        `POST /v1/claude-code/grants`; a second event for a sandbox presents the same grant) —
+        fetched, and recorded by the vault, before any chaos."""
+        assert self.stack is not None
+        async with common.Grants.of(self.stack) as grants:
+            tokens = await grants.many((user, sandbox_id, "access_only") for sandbox_id, user in owners.items())
+        await common.wait_grants_recorded(js, timeout=max(120.0, len(tokens) / 20))
+        return [e.model_copy(update={"grant": tokens[e.sandbox_id]}) for e in events]
+
     # --- chaos actions -----------------------------------------------------------------------
     async def _kill_service(self, name: str) -> None:
         assert self.stack is not None
@@ -277,7 +287,7 @@ class Chaos:
             body, _ = common.encode(event)
             await js.publish(subjects.SANDBOX_CREATED, body, headers={subjects.MSG_ID_HEADER: f"late-{event.event_id}"},
                              stream=subjects.SANDBOX_STREAM.name)
-        seconds = [common.sandbox_created(e.user_id, e.sandbox_id) for e in sample[half:]]
+        seconds = [common.sandbox_created(e.user_id, e.sandbox_id, grant=e.grant) for e in sample[half:]]
         await common.publish_many(js, [(subjects.SANDBOX_CREATED, e) for e in seconds])
         self.result.republished_same_id += half
         self.result.second_event_same_sandbox += len(seconds)
@@ -287,11 +297,6 @@ class Chaos:
         r = self.result
         started = time.monotonic()
         events, owners = self.plan()
-        firsts_by_sandbox: dict[str, SandboxCreated] = {}
-        for event in events:
-            firsts_by_sandbox.setdefault(event.sandbox_id, event)
-        firsts = list(firsts_by_sandbox.values())
-        unique = {e.event_id: e for e in events}
 
         self.server = EmbeddedNats(self.workdir / "nats", log_file=self.workdir / "nats-server.log").start()
         self.stack = common.make_stack(self.data_dir, self.server.url, **CHAOS_ENV)
@@ -300,11 +305,15 @@ class Chaos:
                                 reconnect_time_wait=0.2, error_cb=_quiet, disconnected_cb=_quiet_event)
         js = nc.jetstream()
         try:
-            vault = common.vault_recipient(self.data_dir)
-            await common.publish_many(js, [(subjects.TOKENS_ISSUED, common.tokens_issued(vault, u)) for u in self.users])
-            while len(common.connection_users(common.db_path(self.data_dir)) & set(self.users)) < len(self.users):
-                await asyncio.sleep(0.1)
-            self.log(f"chaos: {len(self.users)} users connected; publishing {len(events)} events under chaos")
+            await common.connect_users(js, self.data_dir, self.users)
+            self.log(f"chaos: {len(self.users)} users connected; {len(owners)} grants from auth")
+            events = await self.granted(js, events, owners)
+            firsts_by_sandbox: dict[str, SandboxCreated] = {}
+            for event in events:
+                firsts_by_sandbox.setdefault(event.sandbox_id, event)
+            firsts = list(firsts_by_sandbox.values())
+            unique = {e.event_id: e for e in events}
+            self.log(f"chaos: publishing {len(events)} events under chaos")
 
             stop = asyncio.Event()
             chaos = asyncio.create_task(self.chaos_loop(stop))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import sqlite3
 import time
 import uuid
@@ -18,12 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from ccbridge.demo import mint_caller_token
+from ccbridge.embedded_nats import free_port
 from ccbridge.stack import Stack
 from shared import subjects
 from shared.broker import settle, stream_for
@@ -87,13 +91,17 @@ def tokens_issued(
 
 
 def sandbox_created(
-    user_id: str, sandbox_id: str | None = None, *, event_id: str | None = None, mode: str | None = None
+    user_id: str, sandbox_id: str | None = None, *, event_id: str | None = None, mode: str | None = None,
+    grant: str | None = None,
 ) -> SandboxCreated:
+    """A `sandbox.created` as a platform publishes it; `grant` from auth (`Grants`), required
+    by the vault unless it runs with CCBRIDGE_GRANTS=off."""
     return SandboxCreated(
         event_id=event_id or new_event_id(),
         user_id=user_id,
         sandbox_id=sandbox_id or uid("sbx"),
         backend="local",
+        grant=grant,
         options=SandboxOptions(mode=mode),  # type: ignore[arg-type]
     )
 
@@ -129,6 +137,99 @@ async def publish_many(
 
     await asyncio.gather(*(one(s, e) for s, e in items))
     return done
+
+
+# --- grants: auth's POST /v1/claude-code/grants, the way a platform asks for them ------------------
+class Grants:
+    """One grant per sandbox from auth's documented route (docs/auth.md "Grants"): the person's
+    caller token (HS256 with the stack's AUTH_JWT_SECRET, `sub` = user id, one per person) and
+    `POST /v1/claude-code/grants {"sandbox_id", "mode"}` → 201 `{"grant", ...}`. A grant allows
+    its mode and the weaker ones (access_only < env < file): ask for the strongest mode the
+    sandbox's events use. At most
+    `concurrency` requests in flight; 429 (rate limit), 503 (bus unavailable) and connection
+    errors are retried. Grants are setup, never part of a timed section.
+
+        async with common.Grants.of(stack) as grants:
+            events = await grants.events([(user, sandbox_id), ...])
+    """
+
+    def __init__(self, auth_url: str, jwt_secret: str, *, concurrency: int = 16, timeout: float = 30.0,
+                 attempts: int = 60) -> None:
+        self.auth_url = auth_url.rstrip("/")
+        self._secret = jwt_secret
+        self._concurrency = max(1, concurrency)
+        self._gate = asyncio.Semaphore(self._concurrency)
+        self._timeout = timeout
+        self._attempts = attempts
+        self._callers: dict[str, str] = {}
+        self._http: httpx.AsyncClient | None = None
+
+    @classmethod
+    def of(cls, stack: Stack, **kwargs: Any) -> Grants:
+        """For a stack started with `make_stack` (auth among its services)."""
+        return cls(stack.auth_url, stack.service_env()["AUTH_JWT_SECRET"], **kwargs)
+
+    async def __aenter__(self) -> Grants:
+        limits = httpx.Limits(max_connections=self._concurrency, max_keepalive_connections=self._concurrency)
+        self._http = httpx.AsyncClient(base_url=self.auth_url, timeout=self._timeout, limits=limits)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    def _caller(self, user_id: str) -> str:
+        token = self._callers.get(user_id)
+        if token is None:  # a day: long runs (soak, chaos) reuse it
+            token = self._callers[user_id] = mint_caller_token(self._secret, user_id, ttl_s=86_400)
+        return token
+
+    async def grant(self, user_id: str, sandbox_id: str, mode: str = "access_only") -> str:
+        """The grant (compact JWS) of `user_id` for `sandbox_id`, allowing `mode`."""
+        assert self._http is not None, "use `async with Grants(...)`"
+        headers = {"Authorization": f"Bearer {self._caller(user_id)}"}
+        body = {"sandbox_id": sandbox_id, "mode": mode}
+        async with self._gate:
+            for attempt in range(1, self._attempts + 1):
+                try:
+                    response = await self._http.post("/v1/claude-code/grants", json=body, headers=headers)
+                except httpx.TransportError:
+                    response = None
+                if response is not None and response.status_code == 201:
+                    return str(response.json()["grant"])
+                if response is not None and response.status_code not in (429, 502, 503, 504):
+                    raise RuntimeError(f"grant for {sandbox_id}: {response.status_code} {response.text[:300]}")
+                if attempt < self._attempts:
+                    retry_after = response.headers.get("Retry-After") if response is not None else None
+                    await asyncio.sleep(min(2.0, float(retry_after)) if retry_after else min(1.0, 0.05 * attempt))
+        raise RuntimeError(f"no grant for {sandbox_id} after {self._attempts} attempts")
+
+    async def many(self, wanted: Iterable[tuple[str, str, str]]) -> dict[str, str]:
+        """sandbox_id → grant for each (user_id, sandbox_id, mode), `concurrency` at a time."""
+        items = list(wanted)
+        tokens = await asyncio.gather(*(self.grant(u, s, m) for u, s, m in items))
+        return {sandbox_id: token for (_, sandbox_id, _), token in zip(items, tokens, strict=True)}
+
+    async def events(self, sandboxes: Iterable[tuple[str, str]], *, mode: str | None = None) -> list[SandboxCreated]:
+        """A granted `sandbox.created` for each (user_id, sandbox_id), in order, in `mode` (None:
+        the service's default, access_only); each grant allows exactly that mode."""
+        pairs = list(sandboxes)
+        granted = await self.many((u, s, mode or "access_only") for u, s in pairs)
+        return [sandbox_created(u, s, mode=mode, grant=granted[s]) for u, s in pairs]
+
+
+async def connect_users(js: JetStreamContext, data_dir: Path, users: Sequence[str], *, timeout: float = 120.0) -> None:
+    """Connect each person's Claude account the way auth does (a sealed `tokens.issued`) and
+    wait until the vault has stored every one."""
+    vault = vault_recipient(data_dir)
+    await publish_many(js, [(subjects.TOKENS_ISSUED, tokens_issued(vault, u)) for u in users])
+    deadline = time.monotonic() + timeout
+    while not set(users) <= connection_users(db_path(data_dir)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the vault stored {len(connection_users(db_path(data_dir)) & set(users))} "
+                               f"of {len(users)} users")
+        await asyncio.sleep(0.1)
 
 
 # --- watching results ----------------------------------------------------------------------
@@ -211,7 +312,10 @@ class ResultWatcher:
 def stack_env(data_dir: Path, **extra: str) -> dict[str, str]:
     """Environment for services under test: SQLite in the data dir, sandboxes under it, no
     metrics port (several stacks run side by side), no token refresh (it would call the real
-    OAuth server; tests that want it point OAUTH_TOKEN_URL at the stand-in and turn it on)."""
+    OAuth server; tests that want it point OAUTH_TOKEN_URL at the stand-in and turn it on).
+    Auth gets a caller-token secret of its own (`Grants.of(stack)` mints with it) and grant
+    rate limits far above the default 60/min, burst 30, per person: a harness asks for
+    thousands of grants for 20-50 people in its setup phase, and would otherwise wait minutes."""
     data_dir = Path(data_dir).resolve()
     env = {
         "DATABASE_URL": f"sqlite+aiosqlite:///{data_dir / 'vault.db'}",
@@ -219,14 +323,21 @@ def stack_env(data_dir: Path, **extra: str) -> dict[str, str]:
         "LOG_FORMAT": "json",
         "VAULT_METRICS_PORT": "0",
         "VAULT_REFRESH_ENABLED": "false",
+        "AUTH_JWT_SECRET": secrets.token_urlsafe(32),
+        "AUTH_GRANT_RATE_LIMIT_PER_MINUTE": "100000",
+        "AUTH_GRANT_RATE_LIMIT_BURST": "100000",
     }
     env.update(extra)
     return env
 
 
-def make_stack(data_dir: Path, nats_url: str, *, services: tuple[str, ...] = ("vault", "sandbox"),
+def make_stack(data_dir: Path, nats_url: str, *, services: tuple[str, ...] = ("vault", "sandbox", "auth"),
                **env: str) -> Stack:
-    return Stack(Path(data_dir), nats_url=nats_url, env=stack_env(data_dir, **env), services=services)
+    """The services as processes on `nats_url`; auth (on a free loopback port) issues the grants
+    every `sandbox.created` needs."""
+    auth_port = free_port() if "auth" in services else None
+    return Stack(Path(data_dir), nats_url=nats_url, env=stack_env(data_dir, **env), services=services,
+                 auth_port=auth_port)
 
 
 def sandbox_home(data_dir: Path, sandbox_id: str) -> Path:
@@ -363,6 +474,26 @@ async def wait_pipeline_idle(js: JetStreamContext, expected_injected: int, timeo
             idle_since = None
         await asyncio.sleep(0.5)
     return False
+
+
+async def wait_consumer_idle(js: JetStreamContext, stream: str, durable: str, timeout: float) -> bool:
+    """Until the durable consumer has nothing pending or unacked (False after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            info = await js.consumer_info(stream, durable)
+            if info.num_pending == 0 and info.num_ack_pending == 0:
+                return True
+        except (nats.errors.Error, asyncio.TimeoutError):
+            pass
+        await asyncio.sleep(0.2)
+    return False
+
+
+async def wait_grants_recorded(js: JetStreamContext, timeout: float = 120.0) -> bool:
+    """Until the vault has recorded every `grants.issued` auth published (so a harness's grant
+    setup is over before it measures anything)."""
+    return await wait_consumer_idle(js, subjects.TOKENS_STREAM.name, subjects.VAULT_GRANTS_ISSUED_DURABLE, timeout)
 
 
 def rss_mb(pid: int) -> float | None:

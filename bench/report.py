@@ -59,6 +59,15 @@ def print_table(report: dict[str, Any], console: Console | None = None) -> None:
         if cpu:
             table.add_row(label, f"{cpu.get('total', 0):.1f} ms ({parts})", "", "")
     table.add_row("HPKE seal / open", f"{hpke['seal_per_s']:,} / {hpke['open_per_s']:,} per s", "", "")
+    soak = report.get("soak")
+    if soak:
+        for name, svc in soak["services"].items():
+            growth = svc["growth_mb_per_10k"]
+            table.add_row(
+                f"RSS growth {name} (soak {soak['events']:,} events at {soak['rate_published']:g}/s)",
+                "n/a" if growth is None else f"{growth:+.1f} MB per 10k events",
+                f"<= {soak['target_mb_per_10k']:g} MB", _mark(svc["pass"]),
+            )
     console.print(table)
     profile = report.get("profile")
     if profile:

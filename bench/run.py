@@ -26,12 +26,15 @@ from typing import Any
 
 import nats
 
-from bench import common, profiling, raw
+from bench import common, profiling, raw, soak
 from ccbridge.embedded_nats import EmbeddedNats
 from ccbridge.stack import Stack
 from shared import subjects
-from shared.events import TokenBundle
+from shared.events import SandboxCreated, TokenBundle
 from shared.sealing import KeyPair, open_sealed, seal
+
+PIPELINE = ("vault", "sandbox")
+"""The processes measured; auth only issues the grants, in the setup."""
 
 TARGETS = {
     "pipeline_ratio_min": 0.5,
@@ -64,6 +67,8 @@ class BenchConfig:
     hpke_seconds: float = field(default_factory=lambda: _env_float("BENCH_HPKE_SECONDS", 1.0))
     batch: int = field(default_factory=lambda: _env_int("BENCH_BATCH", 8))
     log_level: str = field(default_factory=lambda: os.environ.get("BENCH_LOG_LEVEL", "INFO"))
+    soak_seconds: float = field(default_factory=lambda: _env_float("BENCH_SOAK_SECONDS", 30.0))
+    soak_rate: float = field(default_factory=lambda: _env_float("BENCH_SOAK_RATE", 80.0))
     workdir: Path | None = None
     keep: bool = False
 
@@ -123,6 +128,25 @@ def _drain_rate(times: list[float]) -> float:
         return 0.0
     times = sorted(times)
     return round((len(times) - 1) / (times[-1] - times[0]), 1)
+
+
+# --- grants (setup) ----------------------------------------------------------------------------
+async def granted_events(stack: Stack, js: Any, cfg: BenchConfig, users: list[str]) -> dict[str, list[SandboxCreated]]:
+    """Every `sandbox.created` the timed sections publish, each a fresh sandbox with its grant
+    from auth, asked for (and recorded by the vault) before anything is timed: grants are setup,
+    not what the bench measures."""
+    counts = {
+        "pipeline": cfg.pipeline_events,
+        "fixed": int(cfg.rate * cfg.rate_seconds),
+        "light": int(cfg.light_rate * cfg.rate_seconds),
+        "saturation": cfg.saturation_events,
+        "profile": cfg.profile_events if cfg.profile else 0,
+    }
+    async with common.Grants.of(stack) as grants:
+        planned = {name: await grants.events([(users[i % len(users)], common.uid("sbx")) for i in range(n)])
+                   for name, n in counts.items()}
+    await common.wait_grants_recorded(js)
+    return planned
 
 
 # --- (c) tokens.issued → persisted ------------------------------------------------------------
@@ -191,9 +215,8 @@ async def _wait_vault_ready(stack: Stack, timeout: float = 60) -> None:
 
 # --- (b) sandbox.created → injected ------------------------------------------------------------
 async def measure_pipeline(stack: Stack, server: EmbeddedNats, js: Any, watcher: common.ResultWatcher,
-                           cfg: BenchConfig, users: list[str]) -> dict[str, Any]:
+                           cfg: BenchConfig, events: list[SandboxCreated]) -> dict[str, Any]:
     stack.kill("sandbox", signal.SIGTERM)
-    events = [common.sandbox_created(users[i % len(users)]) for i in range(cfg.pipeline_events)]
     causes = [e.event_id for e in events]
     await common.publish_many(js, [(subjects.SANDBOX_CREATED, e) for e in events])
     stack.start_service("sandbox")
@@ -214,10 +237,9 @@ async def measure_pipeline(stack: Stack, server: EmbeddedNats, js: Any, watcher:
 
 
 # --- (d) latency ----------------------------------------------------------------------------
-async def measure_fixed_rate(js: Any, watcher: common.ResultWatcher, cfg: BenchConfig,
-                             users: list[str], rate: float | None = None) -> dict[str, Any]:
-    rate = rate or cfg.rate
-    total = int(rate * cfg.rate_seconds)
+async def measure_fixed_rate(js: Any, watcher: common.ResultWatcher, events: list[SandboxCreated],
+                             rate: float) -> dict[str, Any]:
+    total = len(events)
     warmup = min(50, total // 10)
     sent: dict[str, float] = {}
     tasks: list[asyncio.Task[Any]] = []
@@ -227,7 +249,7 @@ async def measure_fixed_rate(js: Any, watcher: common.ResultWatcher, cfg: BenchC
         delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        event = common.sandbox_created(users[i % len(users)])
+        event = events[i]
         sent[event.event_id] = time.perf_counter()
         tasks.append(asyncio.create_task(common.publish(js, subjects.SANDBOX_CREATED, event)))
     offered = total / (time.perf_counter() - start)
@@ -243,11 +265,11 @@ async def measure_fixed_rate(js: Any, watcher: common.ResultWatcher, cfg: BenchC
 
 
 async def measure_saturation(js: Any, watcher: common.ResultWatcher, cfg: BenchConfig,
-                             users: list[str]) -> dict[str, Any]:
+                             events: list[SandboxCreated]) -> dict[str, Any]:
     """Closed loop: `inflight` publishers, each sends one event, waits for its result, repeats.
     With inflight ≥ 2 x SANDBOX_CONCURRENCY the service never waits for work."""
     latencies: list[float] = []
-    remaining = cfg.saturation_events
+    remaining = len(events)
     lock = asyncio.Lock()
 
     async def worker(k: int) -> None:
@@ -258,7 +280,7 @@ async def measure_saturation(js: Any, watcher: common.ResultWatcher, cfg: BenchC
                     return
                 remaining -= 1
                 i = remaining
-            event = common.sandbox_created(users[(i + k) % len(users)])
+            event = events[i]
             future = watcher.expect(event.event_id)
             t0 = time.perf_counter()
             await common.publish(js, subjects.SANDBOX_CREATED, event)
@@ -269,8 +291,8 @@ async def measure_saturation(js: Any, watcher: common.ResultWatcher, cfg: BenchC
     start = time.perf_counter()
     await asyncio.gather(*(worker(k) for k in range(cfg.inflight)))
     elapsed = time.perf_counter() - start
-    return _latency_summary(latencies, offered_rate=round(cfg.saturation_events / elapsed, 1),
-                            events=cfg.saturation_events, inflight=cfg.inflight)
+    return _latency_summary(latencies, offered_rate=round(len(events) / elapsed, 1),
+                            events=len(events), inflight=cfg.inflight)
 
 
 def _latency_summary(latencies: list[float], **extra: Any) -> dict[str, Any]:
@@ -321,7 +343,7 @@ class CpuMeter:
 
 
 def process_pids(stack: Stack, server: EmbeddedNats) -> dict[str, int]:
-    pids = {name: svc.process.pid for name, svc in stack.processes.items()}
+    pids = {name: svc.process.pid for name, svc in stack.processes.items() if name in PIPELINE}
     if server.process is not None:
         pids["nats-server"] = server.process.pid
     pids["harness"] = os.getpid()
@@ -338,6 +360,8 @@ class RssSampler:
     def sample(self) -> dict[str, float]:
         now: dict[str, float] = {}
         for name, svc in self.stack.processes.items():
+            if name not in PIPELINE:
+                continue
             value = common.rss_mb(svc.process.pid)
             if value is not None:
                 now[name] = round(value, 1)
@@ -389,13 +413,12 @@ def measure_hpke(seconds: float) -> dict[str, Any]:
 
 # --- profile ----------------------------------------------------------------------------------
 async def profile_pipeline(stack: Stack, js: Any, watcher: common.ResultWatcher, cfg: BenchConfig,
-                           users: list[str], out_dir: Path) -> dict[str, Any]:
+                           events: list[SandboxCreated], out_dir: Path) -> dict[str, Any]:
     recorders = [
         profiling.Recorder(name, svc.process.pid, out_dir / f"pyspy-{name}.txt").start()
-        for name, svc in stack.processes.items()
+        for name, svc in stack.processes.items() if name in PIPELINE
     ]
     await asyncio.sleep(1.0)  # attach
-    events = [common.sandbox_created(users[i % len(users)]) for i in range(cfg.profile_events)]
     started = time.perf_counter()
     publishing = asyncio.create_task(common.publish_many(js, [(subjects.SANDBOX_CREATED, e) for e in events]))
     await watcher.wait_settled([e.event_id for e in events], timeout=600)
@@ -403,8 +426,8 @@ async def profile_pipeline(stack: Stack, js: Any, watcher: common.ResultWatcher,
     elapsed = time.perf_counter() - started
     profiles = [r.stop() for r in recorders]
     return {
-        "events": cfg.profile_events,
-        "msg_per_s_while_profiled": round(cfg.profile_events / elapsed, 1),
+        "events": len(events),
+        "msg_per_s_while_profiled": round(len(events) / elapsed, 1),
         "tool": "py-spy record --rate 200 --nonblocking --threads",
         "services": [p.summary() for p in profiles],
     }
@@ -438,24 +461,31 @@ async def run(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
         report["rss_idle_mb"] = rss.sample()
         watcher = await common.ResultWatcher(nc).start()
         users = [f"bench-user-{i:04d}" for i in range(cfg.users)]
+        log("grants: one per sandbox from auth (POST /v1/claude-code/grants), before anything is timed")
+        planned = await granted_events(stack, js, cfg, users)
 
         log(f"tokens.issued → persisted: {cfg.tokens_events} events")
         report["tokens"] = await measure_tokens(stack, server, js, cfg, users)
         log(f"sandbox.created → injected: {cfg.pipeline_events} events over {cfg.users} users")
-        report["pipeline"] = await measure_pipeline(stack, server, js, watcher, cfg, users)
+        report["pipeline"] = await measure_pipeline(stack, server, js, watcher, cfg, planned["pipeline"])
         log(f"latency at {cfg.rate:g}/s for {cfg.rate_seconds:g} s")
-        report["latency_fixed"] = await measure_fixed_rate(js, watcher, cfg, users)
+        report["latency_fixed"] = await measure_fixed_rate(js, watcher, planned["fixed"], cfg.rate)
         log(f"latency at a light {cfg.light_rate:g}/s for {cfg.rate_seconds:g} s")
-        report["latency_light"] = await measure_fixed_rate(js, watcher, cfg, users, rate=cfg.light_rate)
+        report["latency_light"] = await measure_fixed_rate(js, watcher, planned["light"], cfg.light_rate)
         log(f"latency at saturation: {cfg.saturation_events} events, {cfg.inflight} in flight")
-        report["latency_saturation"] = await measure_saturation(js, watcher, cfg, users)
+        report["latency_saturation"] = await measure_saturation(js, watcher, cfg, planned["saturation"])
         report["rss_after_load_mb"] = rss.sample()
         await rss.stop()
         report["rss_peak_mb"] = dict(rss.peak)
         if cfg.profile:
             log(f"profiling sandbox + vault with py-spy over {cfg.profile_events} events")
-            report["profile"] = await profile_pipeline(stack, js, watcher, cfg, users, workdir / "profiles")
+            report["profile"] = await profile_pipeline(stack, js, watcher, cfg, planned["profile"],
+                                                       workdir / "profiles")
         await watcher.stop()
+        if cfg.soak_seconds > 0:  # last: its grants are asked for as it goes (bench/soak.py)
+            log(f"soak profile: fresh sandboxes at {cfg.soak_rate:g}/s for {cfg.soak_seconds:g} s, RSS sampled")
+            report["soak"] = await soak.stream(stack, nc, users, soak.SoakConfig(
+                rate=cfg.soak_rate, seconds=cfg.soak_seconds, events=None), log=log)
     finally:
         await nc.close()
         if stack is not None:

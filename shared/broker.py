@@ -4,10 +4,13 @@ dead letters. Nothing here connects at import time."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Annotated, Any
 
 import nats
+import nats.errors
+import nats.js
 from faststream import ExceptionMiddleware
 from faststream._internal.context import Context
 from faststream.nats import JStream, NatsBroker, StorageType
@@ -71,6 +74,36 @@ def stream_for(subject: str) -> str:
     raise ValueError(f"no stream holds {subject}")
 
 
+def fetch_timeouts_as_nats_timeouts() -> None:
+    """Make nats-py's `PullSubscription.fetch` raise only `nats.errors.TimeoutError` on a
+    timeout (idempotent; called by `make_broker`).
+
+    nats-py 2.16's `fetch(batch > 1)` raises a bare `asyncio.TimeoutError` when its no-wait
+    probe used up the whole timeout — on an idle consumer the server holds that probe until it
+    expires — instead of `nats.errors.TimeoutError` (a subclass, what it raises otherwise).
+    FastStream's pull loop suppresses only the latter: the bare one ended the loop, FastStream's
+    supervisor logged an error and started it again, and kept every ended task, with its
+    traceback and frames (~2 KB), in `subscriber.tasks` for the life of the process. Measured on
+    the sandbox service: 0.1 to 2 such restarts a second, more under load (docs/performance.md,
+    "Memory"). Callers that catch `asyncio.TimeoutError` still catch what is raised now."""
+    cls = nats.js.JetStreamContext.PullSubscription
+    if getattr(cls.fetch, "ccbridge_nats_timeouts", False):
+        return
+    fetch = cls.fetch
+
+    @functools.wraps(fetch)
+    async def fetch_raising_nats_timeouts(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fetch(self, *args, **kwargs)
+        except nats.errors.TimeoutError:
+            raise
+        except asyncio.TimeoutError:
+            raise nats.errors.TimeoutError from None
+
+    fetch_raising_nats_timeouts.ccbridge_nats_timeouts = True  # type: ignore[attr-defined]
+    cls.fetch = fetch_raising_nats_timeouts  # type: ignore[method-assign]
+
+
 class CcbridgeBroker(NatsBroker):
     """A NatsBroker whose durable pull subscribers fetch into the connection's own inbox prefix.
 
@@ -101,6 +134,7 @@ def make_broker(
 ) -> CcbridgeBroker:
     """The broker of service `name`, replying on `NATS_INBOX_PREFIX`, else `inbox_prefix`, else
     `_INBOX.ccbridge-<name>` (what deploy/nats/accounts.conf grants the user of that name)."""
+    fetch_timeouts_as_nats_timeouts()
     return CcbridgeBroker(
         settings.nats_servers,
         inbox_prefix=settings.nats_inbox_prefix or inbox_prefix or subjects.inbox_prefix(name),

@@ -209,7 +209,7 @@ class SandboxService:
                 await open_live_bucket(broker.connection.jetstream(), replicas=settings.stream_replicas)
             )
             if isinstance(registry, KvLiveRegistry):
-                await registry.purge_tombstones(settings.tombstone_max_age)
+                await registry.purge_tombstones(broker.connection.jetstream(), settings.tombstone_max_age)
             for spec in CONSUMERS:
                 await ensure_consumer(
                     broker,

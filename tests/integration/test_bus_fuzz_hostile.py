@@ -21,6 +21,7 @@ import json
 import os
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,8 @@ class Target:
             assert time.monotonic() < deadline, "the vault stopped storing tokens.issued"
             await asyncio.sleep(0.1)
         watcher = await common.ResultWatcher(self.nc).start()
-        event = common.sandbox_created(user)
+        async with common.Grants.of(self.stack) as grants:
+            [event] = await grants.events([(user, common.uid("sbx"))])
         await common.publish(self.js, subjects.SANDBOX_CREATED, event)
         assert await watcher.wait_settled([event.event_id], 60, injected_only=True) == 1
         await watcher.stop()
@@ -309,15 +311,25 @@ async def test_sandbox_created_hostile_dead_lettered_or_rejected(target: Target)
     victim = common.uid("victim")  # connected: the config_dir checks run after the fetch
     await common.publish(t.js, subjects.TOKENS_ISSUED, common.tokens_issued(t.vault_key, victim))
     await _wait_user(t, victim)
-    base = common.sandbox_created(f"{HOSTILE}user", hostile_sandbox_id()).model_dump(mode="json")
+    # granted sandboxes (auth's POST /v1/claude-code/grants), so the hostile options meet the
+    # checks behind the vault's grant check; mutations of the grant field itself are in the corpus
+    base_sandbox, victim_sandboxes = hostile_sandbox_id(), [hostile_sandbox_id() for _ in range(8)]
+    async with common.Grants.of(t.stack) as grants:
+        base_grant = await grants.grant(f"{HOSTILE}user", base_sandbox)
+        victim_grants = await grants.many((victim, s, "access_only") for s in victim_sandboxes)
+    base = common.sandbox_created(f"{HOSTILE}user", base_sandbox, grant=base_grant).model_dump(mode="json")
     semantic = st.one_of(
         # schema-valid but hostile: config dir escaping the home, absolute paths elsewhere,
-        # a person with no connection; each must be answered with sandbox.credentials.failed
-        st.sampled_from(["../../escape-canary", "/etc/escape-canary", "a/../../escape-canary", "..", "./"]).map(
-            lambda d: {**base, "event_id": new_event_id(), "sandbox_id": hostile_sandbox_id(),
-                       "user_id": victim, "options": {"config_dir": d}}
+        # a person with no connection, another person's grant; each must be answered with
+        # sandbox.credentials.failed
+        st.tuples(st.sampled_from(["../../escape-canary", "/etc/escape-canary", "a/../../escape-canary", "..", "./"]),
+                  st.sampled_from(victim_sandboxes)).map(
+            lambda ds: {**base, "event_id": new_event_id(), "sandbox_id": ds[1], "grant": victim_grants[ds[1]],
+                        "user_id": victim, "options": {"config_dir": ds[0]}}
         ),
-        st.just(None).map(lambda _: {**base, "event_id": new_event_id(), "sandbox_id": hostile_sandbox_id()}),
+        st.just(None).map(lambda _: {**base, "event_id": new_event_id()}),
+        st.sampled_from(victim_sandboxes).map(lambda s: {**base, "event_id": new_event_id(), "user_id": victim,
+                                                         "sandbox_id": s}),
         st.sampled_from(["../etc", "a/b", ".hidden", "x" * 200, "sbx\x00", ""]).map(
             lambda s: {**base, "event_id": new_event_id(), "sandbox_id": s}
         ),
@@ -345,9 +357,12 @@ async def test_sandbox_created_hostile_dead_lettered_or_rejected(target: Target)
             break
         await asyncio.sleep(0.5)
     injected = [c for c, rs in watcher.results.items() if any(r.subject.endswith("injected") for r in rs)]
+    reasons = Counter(r.event.reason for rs in watcher.results.values() for r in rs
+                      if isinstance(r.event, SandboxCredentialsFailed))
     await watcher.stop()
     print(f"\nsandbox.created: {len(bodies)} hostile, {count} dead-lettered, "
-          f"{len(bodies) - count - len(missing)} rejected with a failed event, {len(missing)} unaccounted")
+          f"{len(bodies) - count - len(missing)} rejected with a failed event {dict(reasons)}, "
+          f"{len(missing)} unaccounted")
     assert not missing, [m[:160] for m in missing[:5]]
     assert not [c for c in injected if c in {event_id_of(b) for b in bodies}], "a hostile event was injected"
     await t.good_flow_still_works()

