@@ -10,11 +10,14 @@ What happens to a message whose processing failed, decided in one place:
 - **another retryable error**: `nack` with one backoff (exponential, capped, jittered).
 - either way, once the message is older than the **retry window** (`window_s`, from the time
   JetStream stored it; 0 = never give up) the failure is final;
-- **a final error**, an exhausted retry, or a payload that does not validate: the message is
-  dead-lettered unchanged (`dlq.<subject>`, with the reason; the dead letter's id is unique per
-  attempt, so a replayed message that fails again is kept again), the service reports it (a
-  `failed` event, an audit entry) and the message is terminated. If even the report cannot be
-  sent, the message is nacked: JetStream brings it back and the report is tried again.
+- **an exhausted retry** or a bug (an unexpected error, after `poison_after` deliveries): the
+  message is dead-lettered unchanged (`dlq.<subject>`, with the reason; one letter per copy of
+  the message, so a replayed copy that fails again is kept again), the service reports it (a
+  `failed` event, an audit entry) and the message is terminated;
+- **a final error** (the error says it is not retryable): reported and terminated; dead-lettered
+  too when the service has nobody to report it to (`keep_final`: the vault's poison events).
+  If even the report cannot be sent, the message is nacked: JetStream brings it back and the
+  report is tried again.
 
 FastStream's acknowledgement API does the rest (`msg.ack()`, `msg.nack(delay)`, `msg.reject()`).
 """
@@ -74,13 +77,18 @@ class Backoff:
 class Breaker:
     """Closed → (a failure saying the dependency is down) → open: callers of `admit()` wait; every
     probe interval (doubling up to `max_probe_interval_s`) one of them goes through (half-open);
-    its success closes the breaker and releases everybody, its failure keeps it open."""
+    its success closes the breaker and releases everybody, its failure keeps it open.
+
+    `open_after` consecutive failures open it (1: the first). More than one keeps a single bad
+    caller from pausing everybody: one hostile sandbox whose envd never answers fails alone,
+    its redeliveries interleaved with everybody else's successes."""
 
     def __init__(self, name: str, *, probe_interval_s: float = 1.0, max_probe_interval_s: float = 15.0,
-                 clock: Callable[[], float] = time.monotonic,
+                 open_after: int = 1, clock: Callable[[], float] = time.monotonic,
                  on_change: Callable[[str, BreakerState], None] | None = None) -> None:
         self.name = name
         self._probe_interval = probe_interval_s
+        self._open_after = max(1, open_after)
         self._max_probe_interval = max_probe_interval_s
         self._clock = clock
         self._on_change = on_change
@@ -106,10 +114,13 @@ class Breaker:
         """The dependency is down (a call through the breaker said so)."""
         now = self._clock()
         self._failures += 1
+        if self.state == "closed" and self._failures < self._open_after:
+            return
         if self._opened_at is None:
             self._opened_at = now
             log.warning("dependency down: pausing the work that needs it", dependency=self.name)
-        interval = min(self._max_probe_interval, self._probe_interval * 2 ** min(self._failures - 1, 10))
+        tries = self._failures - self._open_after
+        interval = min(self._max_probe_interval, self._probe_interval * 2 ** min(max(tries, 0), 10))
         self._probe_at = now + interval
         self._closed.clear()
         self._set("open")
@@ -165,15 +176,17 @@ class Breakers:
     """The breakers of one service, by dependency name (created on first use)."""
 
     def __init__(self, *, probe_interval_s: float = 1.0, max_probe_interval_s: float = 15.0,
+                 open_after: Mapping[str, int] | None = None,
                  on_change: Callable[[str, BreakerState], None] | None = None) -> None:
         self._options: dict[str, Any] = {"probe_interval_s": probe_interval_s,
                                           "max_probe_interval_s": max_probe_interval_s, "on_change": on_change}
+        self._open_after = dict(open_after or {})
         self._breakers: dict[str, Breaker] = {}
 
     def __getitem__(self, name: str) -> Breaker:
         breaker = self._breakers.get(name)
         if breaker is None:
-            breaker = self._breakers[name] = Breaker(name, **self._options)
+            breaker = self._breakers[name] = Breaker(name, open_after=self._open_after.get(name, 1), **self._options)
         return breaker
 
     def __iter__(self) -> Any:
@@ -238,15 +251,14 @@ class Delivery:
         return max(0.0, ((now or datetime.now(UTC)) - stored).total_seconds())
 
     def dead_letter_id(self) -> str:
-        """Unique per message and attempt: a replayed message (a new stream sequence) that fails
-        again is kept again, while a redelivery of the same failure is deduplicated."""
-        source = self.message_id or (f"seq{self.stream_seq}" if self.stream_seq is not None
-                                     else hashlib.sha256(self.body).hexdigest()[:32])
-        return f"{source}-d{self.delivered}"
+        """The message's identity in its dead letter's id (with `stream_seq`, the copy's: see
+        `shared.broker.dead_letter_msg_id`): its Nats-Msg-Id, else a digest of its body."""
+        return self.message_id or hashlib.sha256(self.body).hexdigest()[:32]
 
 
 class DeadLetterSink(Protocol):
-    async def dead_letter(self, subject: str, body: bytes, reason: str, *, message_id: str) -> None: ...
+    async def dead_letter(self, subject: str, body: bytes, reason: str, *, message_id: str,
+                          copy_seq: int | None = None) -> None: ...
 
 
 class Acks(Protocol):
@@ -268,16 +280,22 @@ Final = Callable[[BaseException, str, bool], Awaitable[None]]
 @dataclass(frozen=True)
 class DeliveryPolicy:
     """See the module docstring. `window_s`: how long a message may keep failing retryably (0 =
-    for ever); `poison_after`: deliveries after which an *unexpected* error (a bug) is final;
-    `ack_wait_s`: the consumer's ack wait (the heartbeat runs every third of it)."""
+    for ever); `max_deliver`: an optional cap on the deliveries of a retryable (not dependency)
+    failure too (0 = only the window); `poison_after`: deliveries after which an *unexpected*
+    error (a bug) is final; `keep_final`: dead-letter final errors too; `ack_wait_s`: the
+    consumer's ack wait (the heartbeat runs every third of it); `observe(outcome, reason)`:
+    metrics ("retried", "held", "failed", "dead_lettered")."""
 
     breakers: Breakers
     dead_letters: DeadLetterSink
     window_s: float = 300.0
+    max_deliver: int = 0
     poison_after: int = 5
+    keep_final: bool = False
     backoff: Backoff = Backoff()
     ack_wait_s: float = 30.0
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    observe: Callable[[str, str], None] = lambda outcome, reason: None
 
     def out_of_time(self, delivery: Delivery) -> bool:
         return self.window_s > 0 and delivery.age_s(self.clock()) >= self.window_s
@@ -299,11 +317,15 @@ class DeliveryPolicy:
                 except Exception as exc:  # noqa: BLE001 - every failure is settled below
                     dependency = dependency_of(exc)
                     if dependency is not None and not self.out_of_time(delivery):
-                        self.breakers[dependency].failed()
+                        breaker = self.breakers[dependency]
+                        breaker.failed()
                         probing.discard(dependency)
-                        if await self.breakers[dependency].admit():  # hold the message, then try again
-                            probing.add(dependency)
-                        continue
+                        if breaker.state != "closed":  # an outage: hold the message, then try again
+                            self.observe("held", str(getattr(exc, "reason", dependency)))
+                            if await breaker.admit():
+                                probing.add(dependency)
+                            continue
+                        # not (yet) an outage: this message retries on its own backoff below
                     self._answered(probing - {dependency} if dependency else probing)
                     await self._settle_failure(message, delivery, exc, final)
                     return
@@ -319,29 +341,33 @@ class DeliveryPolicy:
     async def _settle_failure(self, message: Acks, delivery: Delivery, exc: BaseException, final: Final) -> None:
         known = hasattr(exc, "reason") and hasattr(exc, "retryable")
         retryable = bool(getattr(exc, "retryable", True))
-        if not known and delivery.delivered >= self.poison_after:
-            retryable = False  # an unexpected error that keeps happening: a poison message
-        if retryable and not self.out_of_time(delivery):
+        cap = self.max_deliver if known else self.poison_after  # an unexpected error that keeps happening: poison
+        capped = cap > 0 and delivery.delivered >= cap
+        if retryable and not capped and not self.out_of_time(delivery):
             delay = self.backoff.delay(delivery.delivered)
+            self.observe("retried", str(getattr(exc, "reason", "unexpected")))
             log.warning("will be retried", subject=delivery.subject, reason=getattr(exc, "reason", "unexpected"),
                         error=type(exc).__name__, delivered=delivery.delivered, delay_s=round(delay, 2))
             await message.nack(delay=delay)
             return
         exhausted = retryable or not known
+        keep = exhausted or self.keep_final
         reason = getattr(exc, "reason", "max_deliveries" if not known else "internal")
         detail = str(getattr(exc, "detail", "") or type(exc).__name__)[:300]
         if exhausted:
             age = delivery.age_s(self.clock())
             detail = f"{detail} (still failing after {age:.0f} s, {delivery.delivered} deliveries)"[-500:]
         try:
-            if exhausted or not known:
+            if keep:
                 await self.dead_letters.dead_letter(delivery.subject, delivery.body, f"{reason}: {detail}"[:200],
-                                                    message_id=delivery.dead_letter_id())
+                                                    message_id=delivery.dead_letter_id(),
+                                                    copy_seq=delivery.stream_seq)
             await final(exc, detail, exhausted)
         except Exception:  # noqa: BLE001 - the report did not go out: JetStream brings the message back
             log.exception("failure report not sent; the message will come back", subject=delivery.subject)
             await message.nack(delay=self.backoff.delay(delivery.delivered))
             return
+        self.observe("dead_lettered" if keep else "failed", str(reason))
         await message.reject()
 
 
@@ -377,9 +403,42 @@ def breaker_states(breakers: Breakers) -> Mapping[str, BreakerState]:
     return {b.name: b.state for b in breakers}
 
 
+class BreakerMetrics:
+    """`ccbridge_<service>_dependency_paused{dependency}` (1 while work that needs it is paused)
+    and `..._paused_seconds` (total time it was): pass `changed` as `Breakers(on_change=)`."""
+
+    def __init__(self, registry: Any, service: str, dependencies: tuple[str, ...]) -> None:
+        from prometheus_client import Counter, Gauge  # the services' dependency, not every importer's
+
+        self._dependencies = dependencies
+        self.paused = Gauge(f"ccbridge_{service}_dependency_paused",
+                            "1 while work that needs the dependency is paused (breaker open).", ["dependency"],
+                            registry=registry)
+        self.paused_seconds = Counter(f"ccbridge_{service}_dependency_paused_seconds",
+                                      "Time work waited for a dependency to come back.", ["dependency"],
+                                      registry=registry)
+        self._opened_at: dict[str, float] = {}
+        for dependency in dependencies:
+            self.paused.labels(dependency=dependency)
+            self.paused_seconds.labels(dependency=dependency)
+
+    def changed(self, dependency: str, state: BreakerState) -> None:
+        name = dependency if dependency in self._dependencies else "other"
+        now = time.monotonic()
+        if state == "closed":
+            opened = self._opened_at.pop(name, None)
+            if opened is not None:
+                self.paused_seconds.labels(dependency=name).inc(now - opened)
+            self.paused.labels(dependency=name).set(0)
+        else:
+            self._opened_at.setdefault(name, now)
+            self.paused.labels(dependency=name).set(1)
+
+
 __all__ = [
     "Backoff",
     "Breaker",
+    "BreakerMetrics",
     "Breakers",
     "DeadLetterSink",
     "Delivery",

@@ -247,6 +247,10 @@ def settings_for(nats_url: str, tmp_path: Path, **overrides: Any) -> SandboxSett
         "retry_base_delay": 0.2,
         "retry_max_delay": 1.0,
         "max_deliver": 5,
+        # a dependency that stays down gives up here (production: SANDBOX_RETRY_WINDOW_S, 5 min)
+        "retry_window": 20.0,
+        "breaker_probe": 0.2,
+        "breaker_max_probe": 1.0,
         # a delivery lost with a stopped service's pull request comes back after ack_wait
         "ack_wait": 10.0,
     }

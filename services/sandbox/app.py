@@ -13,7 +13,8 @@ from typing import Any
 from faststream.nats import NatsBroker
 
 from shared import subjects
-from shared.broker import document_publishers, make_broker, provision
+from shared.broker import BrokerDeadLetters, document_publishers, make_broker, provision
+from shared.delivery import Backoff, Breakers, DeliveryPolicy
 from shared.health import HealthServer
 from shared.events import SandboxCredentialsFailed, SandboxCredentialsInjected, SandboxCredentialsScrubbed
 from shared.logging import configure_logging, get_logger
@@ -21,25 +22,19 @@ from shared.runtime import run_until_stopped
 from shared.sealing import KeyPair, load_or_create_keypair
 from services.sandbox import domain
 from services.sandbox.adapters.backends.base import BackendProvider
+from services.sandbox.adapters.backends.e2b import DEPENDENCY as E2B_DEPENDENCY
 from services.sandbox.adapters.backends.e2b import E2BBackend, E2BConfig
 from services.sandbox.adapters.backends.local import LocalBackend
 from services.sandbox.adapters.bus import (
     CONSUMERS,
-    BrokerDeadLetters,
     BrokerPublisher,
     consumer_config,
     ensure_consumer,
 )
 from services.sandbox.adapters.live_registry import KvLiveRegistry, LiveRegistry, MemoryLiveRegistry, open_live_bucket
 from services.sandbox.adapters.vault_client import NatsVaultClient, VaultClient
-from services.sandbox.handlers import consumer_max_deliver, invalid_event_middleware, register_handlers
-from services.sandbox.injector import (
-    CredentialInjector,
-    EventPublisher,
-    InjectionOptions,
-    NoDeadLetters,
-    RetryPolicy,
-)
+from services.sandbox.handlers import invalid_event_middleware, register_handlers
+from services.sandbox.injector import CredentialInjector, EventPublisher, InjectionOptions
 from services.sandbox.live import LiveSandboxes
 from services.sandbox.metrics import MeteredInjector, MeteredPublisher, SandboxMetrics, watch_dlq_depth
 from services.sandbox.settings import SandboxSettings
@@ -79,11 +74,28 @@ PUBLISHES = {
 
 
 def wire_broker(broker: NatsBroker, settings: SandboxSettings, injector: CredentialInjector,
-                live: LiveSandboxes) -> NatsBroker:
+                live: LiveSandboxes, policy: DeliveryPolicy) -> NatsBroker:
     broker.add_middleware(invalid_event_middleware(broker))
-    register_handlers(broker, injector, live, settings)
+    register_handlers(broker, injector, live, policy, settings)
     document_publishers(broker, PUBLISHES)
     return broker
+
+
+def delivery_policy(settings: SandboxSettings, broker: NatsBroker, metrics: SandboxMetrics | None = None
+                    ) -> DeliveryPolicy:
+    """The one delivery policy, as the sandbox service's settings shape it."""
+    # e2b: three failures in a row before pausing, so one sandbox's failure does not pause everybody
+    breakers = Breakers(probe_interval_s=settings.breaker_probe, max_probe_interval_s=settings.breaker_max_probe,
+                        open_after={E2B_DEPENDENCY: 3}, on_change=metrics.breakers.changed if metrics else None)
+    return DeliveryPolicy(
+        breakers=breakers,
+        dead_letters=BrokerDeadLetters(broker),
+        window_s=settings.retry_window,
+        max_deliver=settings.max_deliver,
+        backoff=Backoff(settings.retry_base_delay, settings.retry_max_delay),
+        ack_wait_s=settings.ack_wait,
+        observe=metrics.delivery if metrics else (lambda outcome, reason: None),
+    )
 
 
 class _NoVault:
@@ -99,15 +111,15 @@ class _NoPublisher:
 def build_broker(
     settings: SandboxSettings, injector: CredentialInjector | None = None, live: LiveSandboxes | None = None
 ) -> NatsBroker:
-    """The service's subscribers (four durable consumers) and declared publishers. Without use
+    """The service's subscribers (five durable consumers) and declared publishers. Without use
     cases (the AsyncAPI build, `ccbridge.contracts`) inert ones are wired: no handler runs."""
     broker = make_broker(settings, name=SERVICE_NAME)
     if injector is None or live is None:
         inert: dict[str, Any] = {"vault": _NoVault(), "backends": {}, "publisher": _NoPublisher()}
-        registry, dead_letters = MemoryLiveRegistry(), NoDeadLetters()
-        injector = injector or CredentialInjector(**inert, registry=registry, dead_letters=dead_letters)
-        live = live or LiveSandboxes(**inert, registry=registry, dead_letters=dead_letters)
-    return wire_broker(broker, settings, injector, live)
+        registry = MemoryLiveRegistry()
+        injector = injector or CredentialInjector(**inert, registry=registry)
+        live = live or LiveSandboxes(**inert, registry=registry)
+    return wire_broker(broker, settings, injector, live, delivery_policy(settings, broker))
 
 
 def fingerprint_key(key: KeyPair) -> bytes:
@@ -154,6 +166,7 @@ class SandboxService:
         self.live: LiveSandboxes | None = None
         self.metrics = SandboxMetrics()
         self.health: HealthServer | None = None
+        self.policy: DeliveryPolicy | None = None
         self._dlq_watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -167,11 +180,6 @@ class SandboxService:
         )
         kv_holder: list[Any] = []
         registry = self._registry or KvLiveRegistry(lambda: kv_holder[0])
-        retry = RetryPolicy(
-            max_deliver=settings.max_deliver,
-            base_delay=settings.retry_base_delay,
-            max_delay=settings.retry_max_delay,
-        )
         options = InjectionOptions(
             default_mode=settings.default_mode,
             env_file=settings.env_file,
@@ -179,14 +187,12 @@ class SandboxService:
             fingerprint_key=fingerprint_key(key),
         )
         publisher = MeteredPublisher((self._publisher_factory or BrokerPublisher)(broker), self.metrics)
-        dead_letters, locks = BrokerDeadLetters(broker), SandboxLocks()
+        locks = SandboxLocks()
         self.injector = CredentialInjector(
             vault=vault,
             backends=self._backends,
             publisher=publisher,
-            retry=retry,
             registry=registry,
-            dead_letters=dead_letters,
             options=options,
             locks=locks,
         )
@@ -195,13 +201,13 @@ class SandboxService:
             backends=self._backends,
             publisher=publisher,
             registry=registry,
-            dead_letters=dead_letters,
             options=options,
-            retry=retry,
             locks=locks,
             concurrency=settings.live_concurrency,
         )
-        wire_broker(broker, settings, MeteredInjector(self.injector, self.metrics), self.live)
+        self.policy = delivery_policy(settings, broker, self.metrics)
+        wire_broker(broker, settings, MeteredInjector(self.injector, self.metrics), self.live,  # type: ignore[arg-type]
+                    self.policy)
         try:
             await broker.connect()
             await provision(broker, settings)
@@ -213,7 +219,7 @@ class SandboxService:
             for spec in CONSUMERS:
                 await ensure_consumer(
                     broker,
-                    consumer_config(spec, max_deliver=consumer_max_deliver(settings), ack_wait=settings.ack_wait),
+                    consumer_config(spec, ack_wait=settings.ack_wait),
                     stream=spec.stream,
                 )
             await broker.start()
@@ -235,7 +241,7 @@ class SandboxService:
             default_mode=settings.default_mode,
             e2b=repr(e2b_config(settings)),
             ack_wait_s=settings.ack_wait,
-            max_deliver=settings.max_deliver,
+            retry_window_s=settings.retry_window,
             concurrency=settings.concurrency,
         )
 
@@ -250,6 +256,8 @@ class SandboxService:
         self.health = health
 
     async def readiness(self) -> dict[str, bool]:
+        """Ready = on the bus. A paused dependency (vault, e2b) does not make the service unready:
+        it waits for it, and restarting it would not help."""
         connected = self.broker is not None and self.broker.connection is not None and self.broker.connection.is_connected
         return {"nats": bool(connected)}
 

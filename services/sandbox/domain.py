@@ -269,12 +269,6 @@ def env_names(mode: CredentialMode) -> dict[str, str]:
     return {OAUTH_TOKEN_ENV: "access_token"} if mode == "env" else {}
 
 
-def retry_delay(delivery: int, *, base: float, cap: float) -> float:
-    """Exponential redelivery delay: base, 2·base, 4·base, ... capped at `cap`."""
-    exponent = max(0, min(delivery - 1, 30))
-    return min(cap, base * (2**exponent))
-
-
 # --- credentials version & live-sandbox records ----------------------------------------------
 FINGERPRINT_VERSION = "1"
 

@@ -14,12 +14,16 @@ from shared.events import FailureReason
 class SandboxError(Exception):
     reason: FailureReason = "backend_error"
     retryable: bool = False
+    dependency: str | None = None
+    """The dependency this error says is down (`shared.delivery`: its breaker pauses the work)."""
 
-    def __init__(self, detail: str = "", *, retryable: bool | None = None) -> None:
+    def __init__(self, detail: str = "", *, retryable: bool | None = None, dependency: str | None = None) -> None:
         super().__init__(detail or self.reason)
         self.detail = detail[:500]
         if retryable is not None:
             self.retryable = retryable
+        if dependency is not None:
+            self.dependency = dependency
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(reason={self.reason!r}, retryable={self.retryable}, detail={self.detail!r})"
@@ -27,10 +31,12 @@ class SandboxError(Exception):
 
 # --- vault ---------------------------------------------------------------------
 class VaultUnavailable(SandboxError):
-    """No answer from the vault in time (or no vault listening): try again later."""
+    """No answer from the vault in time (or no vault listening, or its database is down): the
+    work that needs it pauses until it is back."""
 
     reason: FailureReason = "vault_unavailable"
     retryable = True
+    dependency = "vault"
 
 
 class NotConnected(SandboxError):

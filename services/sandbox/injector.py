@@ -2,11 +2,10 @@
 
 look up the live record → (duplicate? answer again) → record the intent (`pending`) → fetch
 the credentials (vault) → write the files that changed (backend) → record `injected` →
-publish `sandbox.credentials.injected`. On error: ask for a redelivery (`Retry`), or report
-`sandbox.credentials.failed` (`Failed`); when the retries ran out the message is dead-lettered
-FIRST, then the failed event is published, then the handler terminates the message — so a bus
-outage on the last delivery leaves the message to be redelivered (the consumer allows
-SANDBOX_REPORT_GRACE more deliveries) instead of stuck unreported.
+publish `sandbox.credentials.injected` (`run`). Errors are raised; the one delivery policy
+(`shared.delivery`) holds the message while the vault or e2b is down, retries, or — once the
+retry window has run out, or at once for a final error — dead-letters it and calls
+`report_failed` (clean up, publish `sandbox.credentials.failed`).
 
 No second effect for a duplicate: the same event_id finds its own `injected` record and only
 re-announces the result (same derived event id → JetStream drops the copy); another event for
@@ -34,7 +33,7 @@ from shared.events import (
 from shared.logging import get_logger
 from services.sandbox import domain
 from services.sandbox.adapters.backends.base import BackendProvider, Target, backend_sandbox_id_of
-from services.sandbox.adapters.live_registry import LiveRegistry, MemoryLiveRegistry
+from services.sandbox.adapters.live_registry import LiveRegistry
 from services.sandbox.adapters.vault_client import CredentialsFor, VaultClient
 from services.sandbox.errors import (
     BackendError,
@@ -54,20 +53,6 @@ class EventPublisher(Protocol):
     async def publish(self, subject: str, event: Event) -> None: ...
 
 
-class DeadLetters(Protocol):
-    async def dead_letter(self, subject: str, body: bytes, reason: str, *, message_id: str) -> None: ...
-
-
-class NoDeadLetters:
-    """For unit tests that do not look at the DLQ."""
-
-    def __init__(self) -> None:
-        self.letters: list[tuple[str, bytes, str, str]] = []
-
-    async def dead_letter(self, subject: str, body: bytes, reason: str, *, message_id: str) -> None:
-        self.letters.append((subject, body, reason, message_id))
-
-
 @dataclass(frozen=True)
 class Injected:
     event: SandboxCredentialsInjected
@@ -75,33 +60,6 @@ class Injected:
     """Files actually (re)written this time; empty when the sandbox already held them."""
     duplicate: bool = False
     """True when this very event had been handled already (only re-announced)."""
-
-
-@dataclass(frozen=True)
-class Retry:
-    error: SandboxError
-    delay: float
-
-
-@dataclass(frozen=True)
-class Failed:
-    event: SandboxCredentialsFailed
-    error: SandboxError
-    exhausted: bool
-    """True when a retryable error ran out of deliveries: the message went to the DLQ."""
-
-
-Outcome = Injected | Retry | Failed
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_deliver: int = 5
-    base_delay: float = 1.0
-    max_delay: float = 30.0
-
-    def delay(self, delivery: int) -> float:
-        return domain.retry_delay(delivery, base=self.base_delay, cap=self.max_delay)
 
 
 @dataclass(frozen=True)
@@ -127,25 +85,17 @@ class CredentialInjector:
         vault: VaultClient,
         backends: Mapping[str, BackendProvider],
         publisher: EventPublisher,
+        registry: LiveRegistry,
         default_mode: CredentialMode = "access_only",
-        retry: RetryPolicy | None = None,
-        registry: LiveRegistry | None = None,
-        dead_letters: DeadLetters | None = None,
         options: InjectionOptions | None = None,
         locks: SandboxLocks | None = None,
     ) -> None:
         self._vault = vault
         self._backends = dict(backends)
         self._publisher = publisher
-        self._retry = retry or RetryPolicy()
-        self._registry: LiveRegistry = registry or MemoryLiveRegistry()
-        self._dead_letters: DeadLetters = dead_letters or NoDeadLetters()
+        self._registry = registry
         self._options = options or InjectionOptions(default_mode=default_mode)
         self._locks = locks or SandboxLocks()
-
-    @property
-    def retry_policy(self) -> RetryPolicy:
-        return self._retry
 
     @property
     def registry(self) -> LiveRegistry:
@@ -157,72 +107,58 @@ class CredentialInjector:
     def mcp_package_of(self, event: SandboxCreated) -> str | None:
         return self._options.mcp_package if event.options.mcp else None
 
+    def needs(self, event: SandboxCreated) -> tuple[str, ...]:
+        """The dependencies an injection calls (their breakers hold it while they are down)."""
+        return ("vault", event.backend) if event.backend == "e2b" else ("vault",)
+
     # --- the message ------------------------------------------------------------------------
-    async def handle(self, event: SandboxCreated, *, delivery: int = 1, body: bytes | None = None) -> Outcome:
-        """Inject and report. Never raises for a domain failure; raises only if even the
-        failure report (dead letter, failed event) cannot be published — the caller then lets
-        the message be redelivered."""
+    async def run(self, event: SandboxCreated) -> Injected:
+        """Inject and announce it (`sandbox.credentials.injected`). Raises `SandboxError`s; what
+        happens then (hold, retry, report) is the delivery policy's business."""
         try:
             result = await self.inject(event)
-            await self._publisher.publish(subjects.SANDBOX_CREDENTIALS_INJECTED, result.event)
-        except SandboxError as exc:
-            error = exc
-        except Exception as exc:  # noqa: BLE001 - a bug or a bus hiccup: retry, then give up
+        except SandboxError:
+            raise
+        except Exception as exc:  # a bug: retried, then final like any retryable error
             log.exception("sandbox.inject_crashed", sandbox_id=event.sandbox_id, cause_event_id=event.event_id)
-            error = BackendError(f"unexpected {type(exc).__name__}", retryable=True)
-        else:
-            log.info(
-                "sandbox.credentials_injected",
-                sandbox_id=event.sandbox_id,
-                user_id=event.user_id,
-                mode=result.event.mode,
-                written=list(result.written),
-                duplicate=result.duplicate,
-                cause_event_id=event.event_id,
-            )
-            return result
+            raise BackendError(f"unexpected {type(exc).__name__}", retryable=True) from exc
+        await self._publisher.publish(subjects.SANDBOX_CREDENTIALS_INJECTED, result.event)
+        log.info(
+            "sandbox.credentials_injected",
+            sandbox_id=event.sandbox_id,
+            user_id=event.user_id,
+            mode=result.event.mode,
+            written=list(result.written),
+            duplicate=result.duplicate,
+            cause_event_id=event.event_id,
+        )
+        return result
 
-        if error.retryable and delivery < self._retry.max_deliver:
-            delay = self._retry.delay(delivery)
-            log.warning(
-                "sandbox.inject_retry",
-                sandbox_id=event.sandbox_id,
-                reason=error.reason,
-                detail=error.detail,
-                delivery=delivery,
-                delay_s=delay,
-            )
-            return Retry(error, delay)
-
-        await self._settle_final(event, error)
-        exhausted = error.retryable
-        detail = error.detail
-        if exhausted:
-            detail = f"{detail} (after {delivery} deliveries)"[-500:]
+    async def report_failed(self, event: SandboxCreated, error: BaseException, detail: str,
+                            exhausted: bool) -> SandboxCredentialsFailed:
+        """The injection failed for good: clean up after it and publish
+        `sandbox.credentials.failed` (its id derives from the cause: a second report dedupes)."""
+        failure = error if isinstance(error, SandboxError) else BackendError(detail, retryable=True)
+        await self._settle_final(event, failure)
         failed = SandboxCredentialsFailed(
             event_id=derived_event_id(event.event_id, "failed"),
             user_id=event.user_id,
             sandbox_id=event.sandbox_id,
             cause_event_id=event.event_id,
-            reason=error.reason,
-            detail=detail,
-            retryable=error.retryable,
+            reason=failure.reason,
+            detail=detail[-500:],
+            retryable=failure.retryable,
         )
-        if exhausted:  # dead letter first: once it is kept, the failed event may follow
-            raw = body if body is not None else event.model_dump_json().encode()
-            await self._dead_letters.dead_letter(
-                subjects.SANDBOX_CREATED, raw, f"{error.reason}: {detail}", message_id=event.event_id
-            )
         await self._publisher.publish(subjects.SANDBOX_CREDENTIALS_FAILED, failed)
         log.warning(
             "sandbox.credentials_failed",
             sandbox_id=event.sandbox_id,
             user_id=event.user_id,
-            reason=error.reason,
+            reason=failure.reason,
             detail=detail,
             exhausted=exhausted,
         )
-        return Failed(failed, error, exhausted)
+        return failed
 
     # --- the work ---------------------------------------------------------------------------
     async def inject(self, event: SandboxCreated) -> Injected:

@@ -52,11 +52,8 @@ from services.sandbox.errors import (
 )
 from shared.grants import unverified_issued_at_ms
 from services.sandbox.injector import (
-    DeadLetters,
     EventPublisher,
     InjectionOptions,
-    Retry,
-    RetryPolicy,
     occurred_ms,
 )
 from services.sandbox.writer import SandboxLocks, scrub_credentials, write_credentials
@@ -71,13 +68,21 @@ class Done:
     """Final per-sandbox failures that were reported."""
 
 
-@dataclass(frozen=True)
-class Exhausted:
-    failed: tuple[SandboxCredentialsFailed, ...]
-    """Reported after the message was dead-lettered."""
+class LiveFailures(SandboxError):
+    """Some sandboxes of the message failed in a way worth another try (the others are done or
+    reported). Its `dependency` is theirs when they all wait on the same one (the vault, e2b):
+    the delivery policy then holds the message until it is back."""
+
+    def __init__(self, action: str, failures: list[tuple[domain.LiveSandbox, SandboxError]]) -> None:
+        first = failures[0][1]
+        dependencies = {error.dependency for _, error in failures}
+        super().__init__(f"{action} failed for {len(failures)} sandbox(es): {first.detail}", retryable=True,
+                         dependency=dependencies.pop() if len(dependencies) == 1 else None)
+        self.reason = first.reason
+        self.action = action
+        self.failures = failures
 
 
-LiveOutcome = Done | Retry | Exhausted
 Result = str | None | SandboxError
 """Per sandbox: its id when changed, None when nothing to do, or the error."""
 
@@ -105,9 +110,7 @@ class LiveSandboxes:
         backends: Mapping[str, BackendProvider],
         publisher: EventPublisher,
         registry: LiveRegistry,
-        dead_letters: DeadLetters,
         options: InjectionOptions | None = None,
-        retry: RetryPolicy | None = None,
         locks: SandboxLocks | None = None,
         concurrency: int = 4,
     ) -> None:
@@ -115,15 +118,9 @@ class LiveSandboxes:
         self._backends = dict(backends)
         self._publisher = publisher
         self._registry = registry
-        self._dead_letters = dead_letters
         self._options = options or InjectionOptions()
-        self._retry = retry or RetryPolicy()
         self._locks = locks or SandboxLocks()
         self._concurrency = max(1, concurrency)
-
-    @property
-    def retry_policy(self) -> RetryPolicy:
-        return self._retry
 
     # --- sandbox.destroyed ------------------------------------------------------------------
     async def on_destroyed(self, event: SandboxDestroyed) -> None:
@@ -131,14 +128,12 @@ class LiveSandboxes:
         log.info("sandbox.forgotten", sandbox_id=event.sandbox_id, user_id=event.user_id, cause_event_id=event.event_id)
 
     # --- tokens.refreshed -------------------------------------------------------------------
-    async def on_refreshed(
-        self, event: TokensRefreshed, *, delivery: int = 1, body: bytes | None = None
-    ) -> LiveOutcome:
+    async def on_refreshed(self, event: TokensRefreshed) -> Done:
         records = [(r, rev) for r, rev in await self._registry.for_user(event.user_id) if r.state != "scrubbed"]
         if not records:
             return Done()
         results = await self._each(records, lambda rec, rev: self._refresh_one(event, rec, rev))
-        return await self._conclude(event, subjects.TOKENS_REFRESHED, results, delivery, body, action="re-inject")
+        return await self._conclude(event, results, action="re-inject")
 
     async def _refresh_one(self, event: TokensRefreshed, record: domain.LiveSandbox, revision: int) -> str | None:
         async with self._locks.hold(record.backend, record.sandbox_id):
@@ -225,17 +220,17 @@ class LiveSandboxes:
         )
 
     # --- tokens.revoked ---------------------------------------------------------------------
-    async def on_revoked(self, event: TokensRevoked, *, delivery: int = 1, body: bytes | None = None) -> LiveOutcome:
+    async def on_revoked(self, event: TokensRevoked) -> Done:
         # never later than now: a publisher's clock must not refuse the person's future sandboxes
         await self._registry.mark_revoked(event.user_id, min(occurred_ms(event), int(time.time() * 1000)))
         records = list(await self._registry.for_user(event.user_id))
         if not records:
             return Done()
         results = await self._each(records, lambda rec, rev: self._scrub_one(event, rec))
-        return await self._conclude(event, subjects.TOKENS_REVOKED, results, delivery, body, action="scrub")
+        return await self._conclude(event, results, action="scrub")
 
     # --- grants.ended -----------------------------------------------------------------------
-    async def on_grant_ended(self, event: GrantEnded, *, delivery: int = 1, body: bytes | None = None) -> LiveOutcome:
+    async def on_grant_ended(self, event: GrantEnded) -> Done:
         """Scrub the one sandbox whose lease ended — not one that holds a newer grant."""
         lookup = await self._registry.get(event.user_id, event.sandbox_id)
         record = lookup.record
@@ -247,7 +242,7 @@ class LiveSandboxes:
                      why="the sandbox holds a grant signed after the lease ended")
             return Done()
         results = await self._each([(record, lookup.revision)], lambda rec, rev: self._scrub_one(event, rec))
-        return await self._conclude(event, subjects.GRANTS_ENDED, results, delivery, body, action="scrub")
+        return await self._conclude(event, results, action="scrub")
 
     async def _scrub_one(self, event: TokensRevoked | GrantEnded, record: domain.LiveSandbox) -> str | None:
         async with self._locks.hold(record.backend, record.sandbox_id):
@@ -329,51 +324,47 @@ class LiveSandboxes:
     async def _conclude(
         self,
         event: TokensRefreshed | TokensRevoked | GrantEnded,
-        subject: str,
         results: list[tuple[domain.LiveSandbox, str | None | SandboxError]],
-        delivery: int,
-        body: bytes | None,
         *,
         action: str,
-    ) -> LiveOutcome:
+    ) -> Done:
+        """Report each final per-sandbox failure now; raise `LiveFailures` for the retryable ones
+        (the delivery policy retries the message — what is done is recognised and not redone —
+        and, once its window has run out, `report_failed` reports them)."""
         done = tuple(r for _, r in results if isinstance(r, str))
         errors = [(rec, r) for rec, r in results if isinstance(r, SandboxError)]
+        final = [(rec, e) for rec, e in errors if not e.retryable]
+        reported = tuple([await self._report(event, rec, error, f"{action} failed: {error.detail}")
+                          for rec, error in final])
         retryable = [(rec, e) for rec, e in errors if e.retryable]
-        if retryable and delivery < self._retry.max_deliver:
-            first = retryable[0][1]
-            delay = self._retry.delay(delivery)
-            log.warning(
-                "sandbox.live_retry",
-                subject=subject,
-                user_id=event.user_id,
-                failing=[rec.sandbox_id for rec, _ in retryable],
-                reason=first.reason,
-                detail=first.detail,
-                delivery=delivery,
-                delay_s=delay,
-            )
-            return Retry(first, delay)
-        exhausted = bool(retryable)
-        failed = tuple(
-            SandboxCredentialsFailed(
-                event_id=_per_sandbox_id(event.event_id, rec.sandbox_id, "failed"),
-                user_id=event.user_id,
-                sandbox_id=rec.sandbox_id,
-                cause_event_id=event.event_id,
-                reason=error.reason,
-                detail=(f"{action} failed: {error.detail}" + (f" (after {delivery} deliveries)" if exhausted else ""))[
-                    -500:
-                ],
-                retryable=error.retryable,
-            )
-            for rec, error in errors
+        if retryable:
+            log.warning("sandbox.live_retry", event_id=event.event_id, user_id=event.user_id,
+                        failing=[rec.sandbox_id for rec, _ in retryable], reason=retryable[0][1].reason,
+                        detail=retryable[0][1].detail)
+            raise LiveFailures(action, retryable)
+        return Done(done, reported)
+
+    async def report_failed(self, event: TokensRefreshed | TokensRevoked | GrantEnded, error: BaseException,
+                            detail: str, exhausted: bool) -> None:
+        """The message failed for good: a `sandbox.credentials.failed` for each sandbox still failing."""
+        if not isinstance(error, LiveFailures):
+            log.error("sandbox.live_failed_unexpectedly", event_id=event.event_id, error=type(error).__name__)
+            return
+        suffix = detail[len(error.detail):] if detail.startswith(error.detail) else ""
+        for record, failure in error.failures:
+            await self._report(event, record, failure, f"{error.action} failed: {failure.detail}{suffix}")
+
+    async def _report(self, event: TokensRefreshed | TokensRevoked | GrantEnded, record: domain.LiveSandbox,
+                      error: SandboxError, detail: str) -> SandboxCredentialsFailed:
+        failed = SandboxCredentialsFailed(
+            event_id=_per_sandbox_id(event.event_id, record.sandbox_id, "failed"),
+            user_id=event.user_id,
+            sandbox_id=record.sandbox_id,
+            cause_event_id=event.event_id,
+            reason=error.reason,
+            detail=detail[-500:],
+            retryable=error.retryable,
         )
-        if exhausted:
-            raw = body if body is not None else event.model_dump_json().encode()
-            reason = f"{retryable[0][1].reason}: {action} failed for {len(retryable)} sandbox(es)"
-            await self._dead_letters.dead_letter(subject, raw, reason, message_id=event.event_id)
-        for item in failed:
-            await self._publisher.publish(subjects.SANDBOX_CREDENTIALS_FAILED, item)
-            log.warning("sandbox.live_failed", subject=subject, sandbox_id=item.sandbox_id, reason=item.reason,
-                        detail=item.detail)
-        return Exhausted(failed) if exhausted else Done(done, failed)
+        await self._publisher.publish(subjects.SANDBOX_CREDENTIALS_FAILED, failed)
+        log.warning("sandbox.live_failed", sandbox_id=record.sandbox_id, reason=failed.reason, detail=failed.detail)
+        return failed

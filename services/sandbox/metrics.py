@@ -10,12 +10,14 @@ from typing import get_args
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from services.sandbox.injector import CredentialInjector, EventPublisher, Failed, Injected, Outcome, Retry, RetryPolicy
+from services.sandbox.injector import CredentialInjector, EventPublisher, Injected
 from shared import subjects
-from shared.events import Event, FailureReason, SandboxCreated
+from shared.delivery import BreakerMetrics
+from shared.events import Event, FailureReason, SandboxCreated, SandboxCredentialsFailed
 from shared.subjects import DLQ_STREAM
 
-OUTCOMES = ("injected", "duplicate", "retry", "failed", "dead_lettered")
+OUTCOMES = ("injected", "duplicate", "retry", "held", "failed", "dead_lettered")
+DEPENDENCIES = ("vault", "e2b")
 REASONS = get_args(FailureReason)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -32,6 +34,7 @@ class SandboxMetrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.dlq_messages = Gauge("ccbridge_dlq_messages", "Messages waiting in the dead-letter stream.", registry=r)
+        self.breakers = BreakerMetrics(r, "sandbox", DEPENDENCIES)
 
     def consumed(self, subject: str) -> None:
         self.events_in.labels(subject=subject).inc()
@@ -39,19 +42,21 @@ class SandboxMetrics:
     def published(self, subject: str) -> None:
         self.events_out.labels(subject=subject).inc()
 
-    def handled(self, outcome: Outcome, seconds: float) -> None:
-        if isinstance(outcome, Injected):
-            self.outcomes.labels(outcome="duplicate" if outcome.duplicate else "injected").inc()
-            self.latency.observe(seconds)
-            return
-        if isinstance(outcome, Retry):
-            self.outcomes.labels(outcome="retry").inc()
-            self.failures.labels(reason=_closed(outcome.error.reason)).inc()
-            return
-        if isinstance(outcome, Failed):
-            self.outcomes.labels(outcome="dead_lettered" if outcome.exhausted else "failed").inc()
-            self.failures.labels(reason=_closed(outcome.event.reason)).inc()
-            self.latency.observe(seconds)
+    def injected(self, result: Injected, seconds: float) -> None:
+        self.outcomes.labels(outcome="duplicate" if result.duplicate else "injected").inc()
+        self.latency.observe(seconds)
+
+    def failed(self, event: SandboxCredentialsFailed, exhausted: bool, seconds: float) -> None:
+        self.outcomes.labels(outcome="dead_lettered" if exhausted else "failed").inc()
+        self.failures.labels(reason=_closed(event.reason)).inc()
+        self.latency.observe(seconds)
+
+    def delivery(self, outcome: str, reason: str) -> None:
+        """shared.delivery's observer: a message retried or held (its final outcome is counted
+        where it is reported)."""
+        if outcome in ("retried", "held"):
+            self.outcomes.labels(outcome="retry" if outcome == "retried" else "held").inc()
+            self.failures.labels(reason=_closed(reason)).inc()
 
     def invalid_event(self) -> None:
         self.outcomes.labels(outcome="dead_lettered").inc()
@@ -67,22 +72,40 @@ def _closed(reason: str) -> str:
 
 class MeteredInjector:
     """The injector with its outcomes and latency counted (a decorator, so the use case stays
-    free of metrics)."""
+    free of metrics). Latency runs from the first attempt on an event to its result, injected
+    or failed, across held and redelivered attempts on this replica."""
+
+    MAX_TRACKED = 4096  # events between first attempt and result; beyond it the oldest is forgotten
 
     def __init__(self, inner: CredentialInjector, metrics: SandboxMetrics) -> None:
         self._inner = inner
         self._metrics = metrics
+        self._started: dict[str, float] = {}
 
-    @property
-    def retry_policy(self) -> RetryPolicy:
-        return self._inner.retry_policy
+    def _began(self, event_id: str) -> None:
+        if event_id not in self._started:
+            if len(self._started) >= self.MAX_TRACKED:
+                self._started.pop(next(iter(self._started)))
+            self._started[event_id] = time.perf_counter()
 
-    async def handle(self, event: SandboxCreated, *, delivery: int = 1, body: bytes | None = None) -> Outcome:
-        started = time.perf_counter()
+    def _took(self, event_id: str) -> float:
+        return time.perf_counter() - self._started.pop(event_id, time.perf_counter())
+
+    def needs(self, event: SandboxCreated) -> tuple[str, ...]:
+        return self._inner.needs(event)
+
+    async def run(self, event: SandboxCreated) -> Injected:
+        self._began(event.event_id)
         self._metrics.consumed(subjects.SANDBOX_CREATED)
-        outcome = await self._inner.handle(event, delivery=delivery, body=body)
-        self._metrics.handled(outcome, time.perf_counter() - started)
-        return outcome
+        result = await self._inner.run(event)
+        self._metrics.injected(result, self._took(event.event_id))
+        return result
+
+    async def report_failed(self, event: SandboxCreated, error: BaseException, detail: str,
+                            exhausted: bool) -> SandboxCredentialsFailed:
+        failed = await self._inner.report_failed(event, error, detail, exhausted)
+        self._metrics.failed(failed, exhausted, self._took(event.event_id))
+        return failed
 
 
 class MeteredPublisher:

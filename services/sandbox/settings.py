@@ -37,12 +37,30 @@ class SandboxSettings(ServiceSettings):
     vault_request_timeout: float = Field(
         default=2.0, gt=0, le=60, validation_alias="VAULT_REQUEST_TIMEOUT", description="Seconds."
     )
+    retry_window: float = Field(
+        default=300.0,
+        ge=0,
+        le=7 * 24 * 3600,
+        validation_alias="SANDBOX_RETRY_WINDOW_S",
+        description="How long a message may keep failing for a retryable reason — while the vault or e2b is "
+        "down it is held, otherwise redelivered with backoff — before it is reported failed (seconds since "
+        "JetStream stored it; 0 = never give up).",
+    )
     max_deliver: int = Field(
-        default=5,
-        ge=1,
-        le=100,
+        default=0,
+        ge=0,
+        le=10_000,
         validation_alias="SANDBOX_MAX_DELIVER",
-        description="Deliveries of one sandbox.created before it is dead-lettered.",
+        description="Optional cap on the deliveries of a retryable failure that is not a dependency outage "
+        "(0 = the window alone decides). A bug (an unexpected error) is final after 5 deliveries.",
+    )
+    breaker_probe: float = Field(
+        default=1.0, gt=0, le=600, validation_alias="SANDBOX_BREAKER_PROBE_S",
+        description="While the vault or e2b is down: first wait before one held message tries it again; "
+        "doubles per failed try up to SANDBOX_BREAKER_MAX_PROBE_S.",
+    )
+    breaker_max_probe: float = Field(
+        default=15.0, gt=0, le=3600, validation_alias="SANDBOX_BREAKER_MAX_PROBE_S",
     )
     retry_base_delay: float = Field(
         default=1.0,
@@ -67,14 +85,6 @@ class SandboxSettings(ServiceSettings):
         le=256,
         validation_alias="SANDBOX_CONCURRENCY",
         description="Messages of one consumer fetched and handled at once (per replica).",
-    )
-    report_grace: int = Field(
-        default=5,
-        ge=1,
-        le=100,
-        validation_alias="SANDBOX_REPORT_GRACE",
-        description="Extra JetStream deliveries past SANDBOX_MAX_DELIVER, used only to retry publishing the "
-        "dead letter and the failed event when the bus itself is failing.",
     )
     live_concurrency: int = Field(
         default=4,

@@ -24,6 +24,7 @@ from services.vault.adapters.oauth import USER_AGENT, HttpTokenEndpoint
 from services.vault.adapters.store import SqlStore
 from services.vault.handlers import (
     build_credentials_router,
+    delivery_policy,
     build_grants_router,
     build_revoked_router,
     build_status_router,
@@ -40,6 +41,7 @@ from services.vault.trust import GrantKeys, TrustedRequesters, TrustStore
 from services.vault.use_cases import AuditWriter, Vault
 from shared import subjects
 from shared.broker import document_publishers, make_broker, provision, settle
+from shared.delivery import Breakers
 from shared.health import HealthServer
 from shared.events import GrantEnded, TokensLoginExpiring, TokensReconnectRequired, TokensRefreshed
 from shared.logging import configure_logging, get_logger
@@ -60,9 +62,10 @@ PUBLISHES = {
 def build_broker(settings: VaultSettings, vault: Vault, broker: NatsBroker | None = None) -> NatsBroker:
     """The vault's subscribers (streams and request/reply) and declared publishers."""
     broker = broker or make_broker(settings, name="vault")
-    broker.include_router(build_tokens_router(vault, settings))
-    broker.include_router(build_revoked_router(vault, settings))
-    broker.include_router(build_grants_router(vault, settings))
+    policy = delivery_policy(settings, vault, broker)
+    broker.include_router(build_tokens_router(vault, settings, policy))
+    broker.include_router(build_revoked_router(vault, settings, policy))
+    broker.include_router(build_grants_router(vault, settings, policy))
     broker.include_router(build_credentials_router(vault, settings.effective_request_concurrency))
     broker.include_router(build_status_router(vault))
     document_publishers(broker, PUBLISHES)
@@ -224,6 +227,7 @@ class VaultService:
                 audit_grants=settings.audit_grants,
                 token_endpoint=self._endpoint(),
                 revoke_attempts=settings.revoke_attempts,
+                breakers=Breakers(on_change=self.metrics.breakers.changed),
             )
             self.broker = build_broker(settings, self.vault, broker)
             await broker.connect()

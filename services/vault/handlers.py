@@ -1,37 +1,39 @@
 """Bus entry points: parse, call one use case, map the result or error. Nothing else.
 
-- `tokens.issued`, `tokens.revoked`: durable JetStream pull consumers, explicit acks.
-  done / duplicate → ack; poison (bad schema, unopenable box) → dead letter + audit + ack;
-  database unavailable → nack with backoff (redelivered, never lost);
-  unexpected error → nack with backoff, dead letter after VAULT_POISON_AFTER deliveries.
+- `tokens.issued`, `tokens.revoked`, `grants.issued`, `grants.revoked`: durable JetStream pull
+  consumers settled by the one delivery policy (shared/delivery.py, docs/delivery.md):
+  done / duplicate → ack; poison (bad schema, unopenable box, a forged grant) → dead letter +
+  audit + term; database unavailable → held behind its breaker (never redelivered, never lost);
+  other retryable errors → nack with backoff; a bug → nack with backoff, dead letter after
+  VAULT_POISON_AFTER deliveries.
 - `vault.credentials.get`: core request/reply in queue group `vault`. Always answers:
   bad JSON / schema → `invalid_request`, database down or over the latency budget →
   `unavailable` (retry), unexpected failure → `internal`.
 - `vault.connections.status`, `vault.grants.list`: core request/reply in queue group `vault`;
   metadata only. If the database is down they do not answer (the asker's timeout says "vault
   unavailable").
-- `grants.issued`, `grants.revoked`: durable pull consumers like tokens.*: a newer grant for a
-  sandbox (recorded if it verifies; a forged one is dead-lettered), the end of a lease.
 """
 
 import json
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from faststream import AckPolicy, ExceptionMiddleware
-from faststream.exceptions import NackMessage
 from faststream.nats import ConsumerConfig, NatsRouter, PullSub
 from faststream.nats.annotations import NatsBroker, NatsMessage
 from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 
-from services.vault.errors import VaultError
+from services.vault.errors import StoreUnavailable, VaultError
 from services.vault.settings import VaultSettings
 from services.vault.use_cases import Vault, reply_error
 from shared import broker as bus
 from shared import subjects
+from shared.broker import BrokerDeadLetters
+from shared.delivery import Backoff, Delivery, DeliveryPolicy
 from shared.events import (
     ConnectionStatusReply,
     ConnectionStatusRequest,
@@ -50,6 +52,7 @@ from shared.events import (
 from shared.logging import get_logger
 
 log = get_logger(__name__)
+DATABASE = StoreUnavailable.dependency
 
 def consumer_config(settings: VaultSettings, durable: str, subject: str) -> ConsumerConfig:
     """Redelivery is driven by our nacks (with delay); max_deliver stays unlimited so an
@@ -87,18 +90,6 @@ def durable_configs(settings: VaultSettings) -> tuple[ConsumerConfig, ...]:
             grants_issued_consumer_config(settings), grants_revoked_consumer_config(settings))
 
 
-def retry_delay(delivered: int, cap: float) -> float:
-    """Backoff before the next delivery: 1, 2, 4, … seconds, capped."""
-    return float(min(cap, 2 ** max(0, min(delivered - 1, 16))))
-
-
-def _delivered(message: Any) -> int:
-    try:
-        return int(message.raw_message.metadata.num_delivered)
-    except Exception:  # noqa: BLE001 - not a JetStream message (TestNatsBroker): first delivery
-        return 1
-
-
 def _message_id(message: Any) -> str | None:
     headers = getattr(message, "headers", None) or {}
     value = headers.get(subjects.MSG_ID_HEADER)
@@ -121,26 +112,20 @@ def _user_id_of(message: Any) -> str | None:
     return value if isinstance(value, str) and 0 < len(value) <= 256 and value.isprintable() else None
 
 
-@dataclass(frozen=True)
-class Failure:
-    """What to do with a message whose processing failed."""
-
-    dead_letter: bool
-    reason: str
-    delay_s: float = 0.0
-
-
-def on_failure(exc: BaseException, delivered: int, settings: VaultSettings) -> Failure:
-    """poison → dead letter now; retryable → retry with backoff, forever (an outage must not
-    lose events); unknown → retry with backoff, dead letter after VAULT_POISON_AFTER deliveries."""
-    delay = retry_delay(delivered, settings.retry_max_delay_s)
-    if isinstance(exc, VaultError):
-        if exc.retryable:
-            return Failure(False, exc.reason, delay)
-        return Failure(True, exc.reason)
-    if delivered >= settings.poison_after:
-        return Failure(True, "max_deliveries")
-    return Failure(False, "internal_error", delay)
+def delivery_policy(settings: VaultSettings, vault: Vault, broker: NatsBroker) -> DeliveryPolicy:
+    """The vault's shape of the one delivery policy (shared/delivery.py): the database is the
+    dependency (held behind the breaker the credential path shares, for ever: an outage must
+    not lose an event); poison is dead-lettered at once (nobody else to tell); a bug is
+    dead-lettered after VAULT_POISON_AFTER deliveries."""
+    return DeliveryPolicy(
+        breakers=vault.breakers,
+        dead_letters=BrokerDeadLetters(broker),
+        window_s=0,
+        poison_after=settings.poison_after,
+        keep_final=True,
+        backoff=Backoff(1.0, settings.retry_max_delay_s),
+        ack_wait_s=settings.ack_wait_s,
+    )
 
 
 # --- tokens.issued / tokens.revoked ---------------------------------------------------
@@ -148,63 +133,80 @@ def _malformed_handler(vault: Vault, default_subject: str) -> Any:
     """Dead letter for a payload that fails validation, on whichever subject of the router it came."""
     async def on_malformed(exc: ValidationError, message: bus.Message, broker: bus.Broker) -> None:
         # Never log the error itself: pydantic quotes the input.
+        delivery = Delivery.of(message)
         subject = getattr(getattr(message, "raw_message", None), "subject", None) or default_subject
-        message_id = _message_id(message)
-        await bus.dead_letter(broker, subject, _body(message), "invalid_event: schema", message_id=message_id)
+        await bus.dead_letter(broker, subject, delivery.body, "invalid_event: schema",
+                              message_id=delivery.dead_letter_id(), copy_seq=delivery.stream_seq)
         if subject == subjects.TOKENS_ISSUED:
             vault.metrics.issued("dead_lettered")
-        log.warning(f"{subject} dead-lettered", reason="invalid_event", nats_msg_id=message_id)
-        await vault.record_dead_letter(subject, "invalid_event: schema", event_id=message_id,
+        log.warning(f"{subject} dead-lettered", reason="invalid_event", nats_msg_id=delivery.message_id)
+        await vault.record_dead_letter(subject, "invalid_event: schema", event_id=delivery.message_id,
                                        user_id=_user_id_of(message))
+        await message.ack()
 
     return on_malformed
 
 
-async def _on_error(
-    exc: Exception, *, vault: Vault, settings: VaultSettings, subject: str, message: NatsMessage, broker: NatsBroker,
-    event_id: str, user_id: str,
-) -> None:
-    """Dead letter (+ audit) or raise NackMessage, per `on_failure`."""
-    delivered = _delivered(message)
-    failure = on_failure(exc, delivered, settings)
-    error = type(exc).__name__  # the class only: messages may quote inputs
-    ids = {"user_id": user_id, "event_id": event_id}
-    if failure.dead_letter:
-        await bus.dead_letter(broker, subject, message.body, failure.reason, message_id=event_id)
-        log.warning(f"{subject} dead-lettered", reason=failure.reason, error=error, **ids)
-        await vault.record_dead_letter(subject, failure.reason, event_id=event_id, user_id=user_id)
-        if subject == subjects.TOKENS_ISSUED:
-            vault.metrics.issued("dead_lettered")
-        return
-    log.warning(f"{subject} will be retried", reason=failure.reason, error=error,
-                delivered=delivered, delay_s=failure.delay_s, **ids)
-    if subject == subjects.TOKENS_ISSUED:
-        vault.metrics.issued("retried")
-    raise NackMessage(delay=failure.delay_s) from None
+class Consumer:
+    """One of the vault's durable consumers: its use case run under the delivery policy, its
+    failures logged (the error's class only: messages may quote inputs), counted and audited."""
+
+    def __init__(self, vault: Vault, policy: DeliveryPolicy, subject: str,
+                 count: Callable[[str], None] | None = None) -> None:
+        self._vault = vault
+        self._subject = subject
+        self._count = count
+        self._policy = replace(policy, observe=self._observe)
+
+    def _observe(self, outcome: str, reason: str) -> None:
+        if self._count is not None and outcome in ("retried", "dead_lettered"):
+            self._count(outcome)
+
+    async def handle(self, message: NatsMessage, work: Callable[[], Awaitable[Any]], *, event_id: str,
+                     user_id: str) -> Any:
+        ids = {"user_id": user_id, "event_id": event_id}
+        result: list[Any] = []
+
+        async def run() -> None:
+            result.append(await work())
+
+        async def final(exc: BaseException, detail: str, exhausted: bool) -> None:
+            reason = getattr(exc, "reason", "max_deliveries")
+            log.warning(f"{self._subject} dead-lettered", reason=reason, error=type(exc).__name__, **ids)
+            await self._vault.record_dead_letter(self._subject, reason, event_id=event_id, user_id=user_id)
+
+        await self._policy.handle(message, run, final=final, needs=(DATABASE,))
+        return result[0] if result else None
 
 
-def build_tokens_router(vault: Vault, settings: VaultSettings) -> NatsRouter:
-    router = NatsRouter(
-        middlewares=(ExceptionMiddleware(handlers={ValidationError: _malformed_handler(vault, subjects.TOKENS_ISSUED)}),)
-    )
-
-    @router.subscriber(
-        subjects.TOKENS_ISSUED,
+def _durable(router: NatsRouter, settings: VaultSettings, config: ConsumerConfig, title: str, description: str
+             ) -> Any:
+    return router.subscriber(
+        config.filter_subject,
         stream=bus.TOKENS,
-        durable=subjects.VAULT_TOKENS_ISSUED_DURABLE,
+        durable=config.durable_name,
         pull_sub=PullSub(batch_size=settings.effective_fetch_batch, timeout=settings.fetch_timeout_s),
-        config=tokens_consumer_config(settings),
-        ack_policy=AckPolicy.NACK_ON_ERROR,
-        title="vault: store issued tokens",
-        description="Opens the sealed TokenBundle with the vault key and stores it encrypted.",
+        config=config,
+        ack_policy=AckPolicy.MANUAL,  # the delivery policy settles every message
+        title=title,
+        description=description,
     )
-    async def on_tokens_issued(event: TokensIssued, message: bus.Message, broker: bus.Broker) -> None:
+
+
+def _invalid_events(vault: Vault, default_subject: str) -> tuple[ExceptionMiddleware]:
+    return (ExceptionMiddleware(handlers={ValidationError: _malformed_handler(vault, default_subject)}),)
+
+
+def build_tokens_router(vault: Vault, settings: VaultSettings, policy: DeliveryPolicy) -> NatsRouter:
+    router = NatsRouter(middlewares=_invalid_events(vault, subjects.TOKENS_ISSUED))
+    consumer = Consumer(vault, policy, subjects.TOKENS_ISSUED, count=vault.metrics.issued)
+
+    @_durable(router, settings, tokens_consumer_config(settings), "vault: store issued tokens",
+              "Opens the sealed TokenBundle with the vault key and stores it encrypted.")
+    async def on_tokens_issued(event: TokensIssued, message: bus.Message) -> None:
         ids = {"user_id": event.user_id, "event_id": event.event_id}
-        try:
-            outcome = await vault.store_issued_tokens(event)
-        except Exception as exc:  # noqa: BLE001 - every failure is mapped by on_failure
-            await _on_error(exc, vault=vault, settings=settings, subject=subjects.TOKENS_ISSUED, message=message,
-                            broker=broker, **ids)
+        outcome = await consumer.handle(message, lambda: vault.store_issued_tokens(event), **ids)
+        if outcome is None:  # failed: settled (and counted) by the policy
             return
         vault.metrics.issued(outcome.outcome)
         if outcome.duplicate:
@@ -217,30 +219,16 @@ def build_tokens_router(vault: Vault, settings: VaultSettings) -> NatsRouter:
     return router
 
 
-def build_revoked_router(vault: Vault, settings: VaultSettings) -> NatsRouter:
-    router = NatsRouter(
-        middlewares=(
-            ExceptionMiddleware(handlers={ValidationError: _malformed_handler(vault, subjects.TOKENS_REVOKED)}),
-        )
-    )
+def build_revoked_router(vault: Vault, settings: VaultSettings, policy: DeliveryPolicy) -> NatsRouter:
+    router = NatsRouter(middlewares=_invalid_events(vault, subjects.TOKENS_REVOKED))
+    consumer = Consumer(vault, policy, subjects.TOKENS_REVOKED)
 
-    @router.subscriber(
-        subjects.TOKENS_REVOKED,
-        stream=bus.TOKENS,
-        durable=subjects.VAULT_TOKENS_REVOKED_DURABLE,
-        pull_sub=PullSub(batch_size=settings.effective_fetch_batch, timeout=settings.fetch_timeout_s),
-        config=revoked_consumer_config(settings),
-        ack_policy=AckPolicy.NACK_ON_ERROR,
-        title="vault: revoke a connection",
-        description="Crypto-shreds the user's sealed secret (wrapped data key and ciphertext) and the row.",
-    )
-    async def on_tokens_revoked(event: TokensRevoked, message: bus.Message, broker: bus.Broker) -> None:
+    @_durable(router, settings, revoked_consumer_config(settings), "vault: revoke a connection",
+              "Crypto-shreds the user's sealed secret (wrapped data key and ciphertext) and the row.")
+    async def on_tokens_revoked(event: TokensRevoked, message: bus.Message) -> None:
         ids = {"user_id": event.user_id, "event_id": event.event_id}
-        try:
-            outcome = await vault.revoke(event)
-        except Exception as exc:  # noqa: BLE001 - every failure is mapped by on_failure
-            await _on_error(exc, vault=vault, settings=settings, subject=subjects.TOKENS_REVOKED, message=message,
-                            broker=broker, **ids)
+        outcome = await consumer.handle(message, lambda: vault.revoke(event), **ids)
+        if outcome is None:
             return
         vault.metrics.revocation(outcome.outcome)
         log.info("tokens revoked" if outcome.outcome == "revoked" else "tokens.revoked handled",
@@ -249,56 +237,31 @@ def build_revoked_router(vault: Vault, settings: VaultSettings) -> NatsRouter:
     return router
 
 
-def build_grants_router(vault: Vault, settings: VaultSettings) -> NatsRouter:
+def build_grants_router(vault: Vault, settings: VaultSettings, policy: DeliveryPolicy) -> NatsRouter:
     leases = vault.leases
-    router = NatsRouter(
-        middlewares=(ExceptionMiddleware(handlers={
-            ValidationError: _malformed_handler(vault, subjects.GRANTS_ISSUED),
-        }),)
-    )
-    pull = PullSub(batch_size=settings.effective_fetch_batch, timeout=settings.fetch_timeout_s)
+    router = NatsRouter(middlewares=_invalid_events(vault, subjects.GRANTS_ISSUED))
+    issued = Consumer(vault, policy, subjects.GRANTS_ISSUED)
+    revoked = Consumer(vault, policy, subjects.GRANTS_REVOKED)
 
-    @router.subscriber(
-        subjects.GRANTS_ISSUED,
-        stream=bus.TOKENS,
-        durable=subjects.VAULT_GRANTS_ISSUED_DURABLE,
-        pull_sub=pull,
-        config=grants_issued_consumer_config(settings),
-        ack_policy=AckPolicy.NACK_ON_ERROR,
-        title="vault: record a newer grant",
-        description="Keeps the newest grant per person and sandbox: how a longer or shorter lease reaches a "
-        "sandbox that is already live. A grant that does not verify is dead-lettered.",
-    )
-    async def on_grant_issued(event: GrantIssued, message: bus.Message, broker: bus.Broker) -> None:
-        ids = {"user_id": event.user_id, "event_id": event.event_id, "sandbox_id": event.sandbox_id}
-        try:
-            outcome = await leases.record_grant(event)
-        except Exception as exc:  # noqa: BLE001 - every failure is mapped by on_failure
-            await _on_error(exc, vault=vault, settings=settings, subject=subjects.GRANTS_ISSUED, message=message,
-                            broker=broker, event_id=event.event_id, user_id=event.user_id)
-            return
-        log.info("grants.issued handled", outcome=outcome, **ids)
+    @_durable(router, settings, grants_issued_consumer_config(settings), "vault: record a newer grant",
+              "Keeps the newest grant per person and sandbox: how a longer or shorter lease reaches a "
+              "sandbox that is already live. A grant that does not verify is dead-lettered.")
+    async def on_grant_issued(event: GrantIssued, message: bus.Message) -> None:
+        outcome = await issued.handle(message, lambda: leases.record_grant(event),
+                                      event_id=event.event_id, user_id=event.user_id)
+        if outcome is not None:
+            log.info("grants.issued handled", outcome=outcome, user_id=event.user_id, event_id=event.event_id,
+                     sandbox_id=event.sandbox_id)
 
-    @router.subscriber(
-        subjects.GRANTS_REVOKED,
-        stream=bus.TOKENS,
-        durable=subjects.VAULT_GRANTS_REVOKED_DURABLE,
-        pull_sub=pull,
-        config=grants_revoked_consumer_config(settings),
-        ack_policy=AckPolicy.NACK_ON_ERROR,
-        title="vault: end a lease",
-        description="The person ended a sandbox's lease: no credentials leave for it any more, and "
-        "grants.ended tells the sandbox service to scrub it.",
-    )
-    async def on_grant_revoked(event: GrantRevoked, message: bus.Message, broker: bus.Broker) -> None:
-        ids = {"user_id": event.user_id, "event_id": event.event_id, "sandbox_id": event.sandbox_id}
-        try:
-            outcome = await leases.end(event)
-        except Exception as exc:  # noqa: BLE001 - every failure is mapped by on_failure
-            await _on_error(exc, vault=vault, settings=settings, subject=subjects.GRANTS_REVOKED, message=message,
-                            broker=broker, event_id=event.event_id, user_id=event.user_id)
-            return
-        log.info("grants.revoked handled", outcome=outcome, **ids)
+    @_durable(router, settings, grants_revoked_consumer_config(settings), "vault: end a lease",
+              "The person ended a sandbox's lease: no credentials leave for it any more, and "
+              "grants.ended tells the sandbox service to scrub it.")
+    async def on_grant_revoked(event: GrantRevoked, message: bus.Message) -> None:
+        outcome = await revoked.handle(message, lambda: leases.end(event),
+                                       event_id=event.event_id, user_id=event.user_id)
+        if outcome is not None:
+            log.info("grants.revoked handled", outcome=outcome, user_id=event.user_id, event_id=event.event_id,
+                     sandbox_id=event.sandbox_id)
 
     return router
 

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from shared.delivery import BreakerMetrics
+
 REQUEST_OUTCOMES = (
     "ok",
     "not_connected",
@@ -102,6 +104,7 @@ class VaultMetrics:
         self.connections = Gauge(
             "ccbridge_vault_connections", "Connections by state (last maintenance scan).", ["state"], registry=r
         )
+        self.breakers = BreakerMetrics(r, "vault", ("database",))
         for outcome in REQUEST_OUTCOMES:
             self.credential_requests.labels(outcome=outcome)
         for outcome in REFRESH_OUTCOMES:

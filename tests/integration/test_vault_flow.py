@@ -226,13 +226,16 @@ async def test_poison_is_dead_lettered_and_the_consumer_keeps_going(running: Run
         await running.wait_row(good_user)  # processed after (or around) the poison
         assert await running.row(user) is None
 
+        # one letter per copy: its id names the event and the copy's stream sequence
+        tampered_prefix = dead_letter_msg_id(subjects.TOKENS_ISSUED, tampered.event_id) + "-"
+
         def ours(msgs: list[Any]) -> list[Any]:
-            tampered_id = dead_letter_msg_id(subjects.TOKENS_ISSUED, tampered.event_id)
-            return [m for m in msgs if m.data == garbage or m.headers.get(subjects.MSG_ID_HEADER) == tampered_id]
+            return [m for m in msgs if m.data == garbage
+                    or m.headers.get(subjects.MSG_ID_HEADER, "").startswith(tampered_prefix)]
 
         letters = ours(await _collect(dlq, lambda got: len(ours(got)) == 2))
-        reasons = {m.headers[subjects.MSG_ID_HEADER]: m.headers[REASON_HEADER] for m in letters}
-        assert reasons[dead_letter_msg_id(subjects.TOKENS_ISSUED, tampered.event_id)] == "unopenable_box"
+        reasons = {m.headers[subjects.MSG_ID_HEADER].rsplit("-", 1)[0]: m.headers[REASON_HEADER] for m in letters}
+        assert reasons[dead_letter_msg_id(subjects.TOKENS_ISSUED, tampered.event_id)].startswith("unopenable_box")
         assert reasons[dead_letter_msg_id(subjects.TOKENS_ISSUED, f"garbage-{garbage_marker}")].startswith("invalid_event")
         tampered_letter = next(m for m in letters if m.data != garbage)
         assert json.loads(tampered_letter.data)["event_id"] == tampered.event_id  # kept unchanged for replay

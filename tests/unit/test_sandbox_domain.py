@@ -198,13 +198,6 @@ def test_default_layout_uses_dot_claude() -> None:
     assert layout.global_config_paths == (HOME / ".claude.json",)
 
 
-@pytest.mark.parametrize(
-    ("delivery", "expected"), [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (6, 30.0), (50, 30.0), (0, 1.0)]
-)
-def test_retry_delay_is_exponential_and_capped(delivery: int, expected: float) -> None:
-    assert domain.retry_delay(delivery, base=1.0, cap=30.0) == expected
-
-
 def test_file_spec_repr_hides_content() -> None:
     spec = domain.build_files(domain.resolve_layout(HOME), "file", bundle(), {})[0]
     assert ACCESS not in repr(spec)

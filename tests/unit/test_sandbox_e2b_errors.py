@@ -79,6 +79,27 @@ def test_sdk_errors_map_to_retryable_or_final(exc: Exception, kind: type, retrya
     assert isinstance(error, kind)
     assert (error.retryable, error.reason) == (retryable, reason)
     assert error.detail.startswith("e2b write /home/user/x")
+    # Only an outage of e2b itself pauses the consumer; a sandbox's own fault never does.
+    # from one sandbox's envd only e2b's own rate limiting / busy answers pause everybody
+    assert error.dependency == ("e2b" if isinstance(exc, (RateLimitException, ServiceBusyException)) else None)
+
+
+@pytest.mark.parametrize(
+    ("exc", "dependency"),
+    [
+        (SandboxException("500: internal error"), "e2b"),
+        (httpx.ConnectError("refused"), "e2b"),
+        (TimeoutException("deadline"), "e2b"),
+        (RateLimitException("429"), "e2b"),
+        (SandboxNotFoundException("gone"), None),
+        (SandboxException("400: bad template"), None),
+        (AuthenticationException("401"), None),
+    ],
+)
+def test_e2bs_api_failing_is_an_outage_that_pauses_everybody(exc: Exception, dependency: str | None) -> None:
+    """connect/create/kill go to e2b's API: its timeouts, transport errors and 5xx mean e2b is
+    down, and the delivery policy holds every injection behind one breaker."""
+    assert map_e2b_error(exc, "connect", control_plane=True).dependency == dependency
 
 
 def test_sandbox_exception_status_code_attribute_wins() -> None:

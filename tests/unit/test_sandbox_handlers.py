@@ -10,7 +10,8 @@ import pytest
 
 from services.sandbox import errors
 from services.sandbox.app import load_key
-from services.sandbox.handlers import delivery_count, salvage_failure, working
+from services.sandbox.handlers import salvage_failure
+from shared.delivery import Delivery, heartbeat
 from services.sandbox.settings import SandboxSettings
 from shared.events import FailureReason, derived_event_id
 from shared.sealing import KeyPair
@@ -42,11 +43,13 @@ def test_nothing_salvageable_gives_no_failed_event(body: bytes) -> None:
     assert salvage_failure(body, "detail") is None
 
 
-def test_delivery_count_defaults_to_first_delivery() -> None:
+def test_delivery_facts_default_to_a_first_delivery() -> None:
     class NoMeta:
         raw_message = object()
+        body = b"x"
 
-    assert delivery_count(NoMeta()) == 1
+    facts = Delivery.of(NoMeta())
+    assert (facts.delivered, facts.age_s(), facts.body) == (1, 0.0, b"x")
 
 
 def test_settings_defaults_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -57,7 +60,8 @@ def test_settings_defaults_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert defaults.local_sandbox_root == Path("./var/sandboxes")
     assert defaults.hpke_private_key is None
     # the refresh token stays in the vault unless a platform asks for (and is granted) file mode
-    assert (defaults.default_mode, defaults.vault_request_timeout, defaults.max_deliver) == ("access_only", 2.0, 5)
+    assert (defaults.default_mode, defaults.vault_request_timeout, defaults.max_deliver) == ("access_only", 2.0, 0)
+    assert defaults.retry_window == 300.0  # retries ride out five minutes; a count only caps if set
     monkeypatch.setenv("LOCAL_SANDBOX_ROOT", "/srv/sbx")
     monkeypatch.setenv("SANDBOX_DEFAULT_MODE", "file")
     monkeypatch.setenv("VAULT_REQUEST_TIMEOUT", "0.5")
@@ -98,11 +102,11 @@ def test_every_error_has_a_known_reason() -> None:
 
 def test_e2b_and_live_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("E2B_API_KEY", "E2B_DOMAIN", "E2B_API_URL", "E2B_SANDBOX_URL", "E2B_TEMPLATE",
-                 "E2B_REQUEST_TIMEOUT", "SANDBOX_ENV_FILE", "SANDBOX_REPORT_GRACE", "SANDBOX_MCP_PACKAGE"):
+                 "E2B_REQUEST_TIMEOUT", "SANDBOX_ENV_FILE", "SANDBOX_MCP_PACKAGE"):
         monkeypatch.delenv(name, raising=False)
     defaults = SandboxSettings()
     assert (defaults.e2b_api_key, defaults.e2b_domain, defaults.e2b_template) == (None, "e2b.app", "base")
-    assert (defaults.env_file, defaults.report_grace) == (".config/ccbridge/env", 5)
+    assert defaults.env_file == ".config/ccbridge/env"
     assert defaults.mcp_package == "@steipete/claude-code-mcp@1.10.12"  # pinned, never a moving tag
     for unpinned in ("@steipete/claude-code-mcp@latest", "@steipete/claude-code-mcp", "pkg@^1.0.0", "pkg@>=1"):
         monkeypatch.setenv("SANDBOX_MCP_PACKAGE", unpinned)
@@ -129,14 +133,15 @@ def test_a_bad_env_file_setting_stops_the_service_at_construction(tmp_path: Path
         SandboxService(SandboxSettings(data_dir=tmp_path, env_file="../outside"))
 
 
-def test_jetstream_cap_leaves_room_to_report_after_the_last_delivery() -> None:
-    from services.sandbox.handlers import consumer_max_deliver
+def test_jetstream_never_drops_a_message_on_its_own() -> None:
+    """The delivery policy decides when to give up (and then reports and terminates): JetStream
+    itself caps no deliveries, so a message whose report failed always comes back."""
+    from services.sandbox.adapters.bus import CONSUMERS, consumer_config
 
-    settings = SandboxSettings(max_deliver=4, report_grace=3)
-    assert consumer_max_deliver(settings) == 7
+    assert {consumer_config(spec, ack_wait=30).max_deliver for spec in CONSUMERS} == {-1}
 
 
-def test_build_broker_declares_four_consumers_and_three_published_events() -> None:
+def test_build_broker_declares_five_consumers_and_three_published_events() -> None:
     """What `ccbridge.contracts` renders as the service's AsyncAPI (no connection made)."""
     from faststream.specification import AsyncAPI
 
@@ -145,7 +150,7 @@ def test_build_broker_declares_four_consumers_and_three_published_events() -> No
     spec = AsyncAPI(build_broker(SandboxSettings(NATS_URL="nats://nats:4222")), title="sandbox", version="1")
     document = json.loads(spec.to_specification().to_json())
     channels = " ".join(sorted(document["channels"]))
-    for subject in ("sandbox.created", "sandbox.destroyed", "tokens.refreshed", "tokens.revoked",
+    for subject in ("sandbox.created", "sandbox.destroyed", "tokens.refreshed", "tokens.revoked", "grants.ended",
                     "sandbox.credentials.injected", "sandbox.credentials.failed", "sandbox.credentials.scrubbed"):
         assert subject in channels
 
@@ -160,9 +165,9 @@ async def test_working_beats_in_progress_while_the_body_runs_and_stops_after() -
             self.beats += 1
 
     quick, slow = Msg(), Msg()
-    async with working(quick, ack_wait=0.6):  # beats every 0.2 s
+    async with heartbeat(quick, 0.6):  # beats every 0.2 s
         await asyncio.sleep(0.05)
-    async with working(slow, ack_wait=0.6):
+    async with heartbeat(slow, 0.6):
         await asyncio.sleep(0.5)
     after = slow.beats
     await asyncio.sleep(0.3)

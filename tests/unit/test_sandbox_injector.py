@@ -7,12 +7,16 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import PurePosixPath
+from typing import Any
 
 import pytest
 
 from services.sandbox.adapters.vault_client import CredentialsFor, VaultCredentials
 from services.sandbox.errors import BackendError, NotConnected, ReconnectRequired, SandboxError, VaultUnavailable
-from services.sandbox.injector import CredentialInjector, Failed, Injected, Retry, RetryPolicy
+from services.sandbox.adapters.live_registry import MemoryLiveRegistry
+from services.sandbox.injector import CredentialInjector, Injected
+from shared.delivery import DeliveryPolicy
+from tests.delivery_harness import Done, Failed, Retry, policy, settle
 from shared import subjects
 from shared.events import (
     CredentialMode,
@@ -112,8 +116,25 @@ class MemoryBackend:
         return [line for line in self.log if line.startswith("write")]
 
 
+class Settling:
+    """The injector as its subscriber drives it: through the real delivery policy."""
+
+    def __init__(self, injector: CredentialInjector, policy: DeliveryPolicy) -> None:
+        self.injector = injector
+        self.policy = policy
+
+    async def handle(self, event: SandboxCreated, *, delivery: int = 1, age_s: float = 0.0) -> Any:
+        async def final(error: BaseException, detail: str, exhausted: bool) -> Any:
+            return await self.injector.report_failed(event, error, detail, exhausted)
+
+        outcome = await settle(lambda: self.injector.run(event), final, policy=self.policy, delivered=delivery,
+                               age_s=age_s, needs=self.injector.needs(event))
+        return outcome.result if isinstance(outcome, Done) else outcome
+
+
 def make(vault: FakeVault | None = None, publisher: FakePublisher | None = None, *, max_deliver: int = 3,
-         default_mode: CredentialMode = "file") -> tuple[CredentialInjector, FakeVault, FakePublisher, MemoryBackend]:
+         window_s: float = 300.0, default_mode: CredentialMode = "file"
+         ) -> tuple[Settling, FakeVault, FakePublisher, MemoryBackend]:
     vault = vault or FakeVault()
     publisher = publisher or FakePublisher()
     backend = MemoryBackend()
@@ -121,10 +142,10 @@ def make(vault: FakeVault | None = None, publisher: FakePublisher | None = None,
         vault=vault,
         backends={"local": backend},
         publisher=publisher,
+        registry=MemoryLiveRegistry(),
         default_mode=default_mode,
-        retry=RetryPolicy(max_deliver=max_deliver, base_delay=1.0, max_delay=30.0),
     )
-    return injector, vault, publisher, backend
+    return Settling(injector, policy(max_deliver=max_deliver, window_s=window_s)), vault, publisher, backend
 
 
 def created(mode: CredentialMode | None = None, **kwargs: object) -> SandboxCreated:
@@ -230,22 +251,32 @@ async def test_final_vault_errors_publish_failed_without_retry(error: SandboxErr
     assert backend.writes() == []
 
 
-async def test_vault_timeout_retries_with_backoff_then_gives_up() -> None:
-    injector, _, publisher, _ = make(FakeVault(VaultUnavailable("no reply")), max_deliver=3)
-    event = created("file")
-    first = await injector.handle(event, delivery=1)
-    second = await injector.handle(event, delivery=2)
-    assert isinstance(first, Retry) and first.delay == 1.0
-    assert isinstance(second, Retry) and second.delay == 2.0
-    assert publisher.published == []
-    last = await injector.handle(event, delivery=3)
-    assert isinstance(last, Failed)
-    assert last.exhausted is True
+async def test_while_the_vault_is_down_the_event_waits_then_fails_once_its_window_is_over() -> None:
+    """No answer from the vault: the message is held (no redelivery, no retry spent) while it is
+    younger than the retry window; then it is reported, saying how long it kept failing."""
+    vault = FakeVault(VaultUnavailable("no reply"))
+    injector, _, publisher, _ = make(vault, window_s=0.3)
+    outcome = await injector.handle(created("file"), delivery=1)
+    assert isinstance(outcome, Failed) and outcome.exhausted is True
+    assert len(vault.calls) >= 2  # probed while held, not redelivered
     [(_, failed)] = publisher.published
     assert isinstance(failed, SandboxCredentialsFailed)
-    assert failed.reason == "vault_unavailable"
-    assert "after 3 deliveries" in failed.detail
-    assert failed.retryable is True
+    assert failed.reason == "vault_unavailable" and failed.retryable is True
+    assert "still failing after 0 s, 1 deliveries" in failed.detail
+
+
+async def test_a_vault_that_comes_back_gets_the_held_event_injected() -> None:
+    vault = FakeVault(VaultUnavailable("no reply"))
+    injector, _, publisher, backend = make(vault, window_s=30)
+
+    async def back_soon() -> None:
+        await asyncio.sleep(0.05)
+        vault.result = FakeVault().result
+
+    asyncio.get_running_loop().create_task(back_soon())
+    outcome = await injector.handle(created("file"), delivery=1)
+    assert isinstance(outcome, Injected) and len(backend.writes()) == 3
+    assert [s for s, _ in publisher.published] == [subjects.SANDBOX_CREDENTIALS_INJECTED]
 
 
 async def test_transient_backend_error_is_retried() -> None:
@@ -271,10 +302,9 @@ async def test_publish_failure_of_injected_event_is_retried() -> None:
     assert isinstance(outcome, Retry)
 
 
-async def test_publish_failure_of_failed_event_propagates() -> None:
+async def test_a_failure_report_that_cannot_be_published_brings_the_message_back() -> None:
     injector, _, _, _ = make(FakeVault(NotConnected()), FakePublisher(fail=ConnectionError("nats down")))
-    with pytest.raises(ConnectionError):
-        await injector.handle(created("file"))
+    assert isinstance(await injector.handle(created("file")), Retry)
 
 
 async def test_unconfigured_backend_fails_finally() -> None:

@@ -19,12 +19,16 @@ from services.sandbox import domain
 from services.sandbox.adapters.live_registry import Lookup, MemoryLiveRegistry
 from services.sandbox.adapters.vault_client import CredentialsFor, VaultCredentials
 from services.sandbox.errors import BackendError, GrantInvalid, LiveRecordChanged, NotConnected, SandboxNotFound
-from services.sandbox.injector import CredentialInjector, Failed, Injected, InjectionOptions, NoDeadLetters, Retry
-from services.sandbox.injector import RetryPolicy
-from services.sandbox.live import Done, Exhausted, LiveSandboxes
+from services.sandbox.injector import CredentialInjector, Injected, InjectionOptions
+from services.sandbox.live import Done, LiveSandboxes
+from shared.delivery import DeliveryPolicy
+from tests.delivery_harness import Done as Acked
+from tests.delivery_harness import Failed, Letters, Retry, policy, settle
+
 from services.sandbox.writer import SandboxLocks
 from shared import subjects
 from shared.events import (
+    EVENT_MODELS,
     CredentialMode,
     Event,
     GrantEnded,
@@ -142,17 +146,53 @@ class Backend:
         return [line for line in self.log if line.startswith("write") and f"/{sandbox_id}/" in line]
 
 
+Exhausted = Failed  # a live message whose retries ran out: dead-lettered, then reported
+SUBJECT_OF = {model: subject for subject, model in EVENT_MODELS.items()}
+
+
+class Driven:
+    """A use case as its subscriber drives it: through the real delivery policy. What the
+    message became: the use case's own result (acked), `Retry` (nacked) or `Failed` (reported)."""
+
+    def __init__(self, policy: DeliveryPolicy, work: Any, final: Any, needs: Any = None) -> None:
+        self._policy, self._work, self._final, self._needs = policy, work, final, needs
+
+    async def __call__(self, event: Any, *, delivery: int = 1, body: bytes = b"{}", age_s: float = 0.0) -> Any:
+        async def final(error: BaseException, detail: str, exhausted: bool) -> Any:
+            return await self._final(event, error, detail, exhausted)
+
+        outcome = await settle(lambda: self._work(event), final, policy=self._policy, delivered=delivery, body=body,
+                               age_s=age_s, needs=self._needs(event) if self._needs else (),
+                               subject=SUBJECT_OF[type(event)])
+        return outcome.result if isinstance(outcome, Acked) else outcome
+
+
+class DrivenInjector:
+    def __init__(self, injector: CredentialInjector, policy: DeliveryPolicy) -> None:
+        self.use_case = injector
+        self.handle = Driven(policy, injector.run, injector.report_failed, injector.needs)
+
+
+class DrivenLive:
+    def __init__(self, live: LiveSandboxes, policy: DeliveryPolicy) -> None:
+        self.use_case = live
+        self.on_refreshed = Driven(policy, live.on_refreshed, live.report_failed)
+        self.on_revoked = Driven(policy, live.on_revoked, live.report_failed)
+        self.on_grant_ended = Driven(policy, live.on_grant_ended, live.report_failed)
+        self.on_destroyed = live.on_destroyed
+
+
 class World:
     def __init__(self, max_deliver: int = 3) -> None:
         self.vault, self.publisher, self.backend = Vault(), Publisher(), Backend()
-        self.registry, self.dead = MemoryLiveRegistry(), NoDeadLetters()
+        self.registry, self.dead = MemoryLiveRegistry(), Letters()
+        self.policy = policy(letters=self.dead, max_deliver=max_deliver)
         locks = SandboxLocks()
-        retry = RetryPolicy(max_deliver=max_deliver, base_delay=1.0, max_delay=10.0)
         options = InjectionOptions(fingerprint_key=b"k" * 32)
         common = dict(vault=self.vault, backends={"local": self.backend}, publisher=self.publisher,
-                      registry=self.registry, dead_letters=self.dead, options=options, retry=retry, locks=locks)
-        self.injector = CredentialInjector(**common)  # type: ignore[arg-type]
-        self.live = LiveSandboxes(**common, concurrency=2)  # type: ignore[arg-type]
+                      registry=self.registry, options=options, locks=locks)
+        self.injector = DrivenInjector(CredentialInjector(**common), self.policy)  # type: ignore[arg-type]
+        self.live = DrivenLive(LiveSandboxes(**common, concurrency=2), self.policy)  # type: ignore[arg-type]
 
     async def create(self, user: str, sandbox_id: str, mode: CredentialMode = "access_only", **kw: Any) -> Any:
         kw.setdefault("grant", fake_grant(user, sandbox_id))
@@ -238,8 +278,7 @@ async def test_revoke_racing_an_injection_leaves_no_credentials() -> None:
         world.backend.before_write = None
         # not under the same replica's lock: another replica handles the revoke
         live = LiveSandboxes(vault=world.vault, backends={"local": world.backend}, publisher=world.publisher,
-                             registry=world.registry, dead_letters=world.dead,
-                             options=InjectionOptions(fingerprint_key=b"k" * 32))
+                             registry=world.registry, options=InjectionOptions(fingerprint_key=b"k" * 32))
         scrubbed.append(await live.on_revoked(revoke))
 
     world.backend.before_write = revoke_now
@@ -261,9 +300,10 @@ async def test_exhausted_event_is_dead_lettered_before_the_failed_event() -> Non
     world.publisher.log = order
     original = world.dead.dead_letter
 
-    async def dead_letter(subject: str, body: bytes, reason: str, *, message_id: str) -> None:
+    async def dead_letter(subject: str, body: bytes, reason: str, *, message_id: str,
+                          copy_seq: int | None = None) -> None:
         order.append(f"dead_letter {subject}")
-        await original(subject, body, reason, message_id=message_id)
+        await original(subject, body, reason, message_id=message_id, copy_seq=copy_seq)
 
     world.dead.dead_letter = dead_letter  # type: ignore[method-assign]
     event = SandboxCreated(user_id="u", sandbox_id="s1")
@@ -271,18 +311,17 @@ async def test_exhausted_event_is_dead_lettered_before_the_failed_event() -> Non
     last = await world.injector.handle(event, delivery=2, body=b"original-bytes")
     assert isinstance(last, Failed) and last.exhausted
     assert order == ["dead_letter sandbox.created", "publish sandbox.credentials.failed"]
-    [(subject, body, reason, message_id)] = world.dead.letters
-    assert (subject, body, message_id) == ("sandbox.created", b"original-bytes", event.event_id)
+    [(subject, body, reason, message_id)] = world.dead.kept
+    assert (subject, body, message_id) == ("sandbox.created", b"original-bytes", "evt-test")
     assert reason.startswith("backend_error:")
 
 
-async def test_report_failure_on_the_last_delivery_raises_so_the_message_comes_back() -> None:
+async def test_a_report_that_cannot_be_sent_brings_the_message_back() -> None:
     world = World(max_deliver=1)
     world.vault.bundles["u"] = NotConnected("x")  # final
     world.publisher.fail_subjects.add(subjects.SANDBOX_CREDENTIALS_FAILED)
     event = SandboxCreated(user_id="u", sandbox_id="s1")
-    with pytest.raises(ConnectionError):
-        await world.injector.handle(event, delivery=1)
+    assert isinstance(await world.injector.handle(event, delivery=1), Retry)  # nacked: JetStream brings it back
     world.publisher.fail_subjects.clear()
     again = await world.injector.handle(event, delivery=2)  # the redelivery reports it
     assert isinstance(again, Failed)
@@ -371,8 +410,8 @@ async def test_refresh_retries_transient_failures_then_dead_letters_and_reports(
     assert isinstance(await world.live.on_refreshed(refresh, delivery=1), Retry)
     last = await world.live.on_refreshed(refresh, delivery=2, body=b"raw")
     assert isinstance(last, Exhausted)
-    [(subject, body, _, message_id)] = world.dead.letters
-    assert (subject, body, message_id) == (subjects.TOKENS_REFRESHED, b"raw", refresh.event_id)
+    [(subject, body, _, message_id)] = world.dead.kept
+    assert (subject, body, message_id) == (subjects.TOKENS_REFRESHED, b"raw", "evt-test")
     [failed] = world.publisher.of(SandboxCredentialsFailed)
     assert (failed.sandbox_id, failed.cause_event_id, failed.reason, failed.retryable) == (
         "s1", refresh.event_id, "backend_error", True)
@@ -434,7 +473,7 @@ async def test_scrub_failure_is_retried_then_reported_failed() -> None:
     assert isinstance(outcome, Exhausted)
     [failed] = world.publisher.of(SandboxCredentialsFailed)
     assert failed.detail.startswith("scrub failed") and failed.sandbox_id == "s1"
-    assert world.dead.letters[0][0] == subjects.TOKENS_REVOKED
+    assert world.dead.kept[0][0] == subjects.TOKENS_REVOKED
 
 
 # --- the registry's compare-and-set -------------------------------------------------------------

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
 
+from shared.broker import dead_letter_msg_id
 from shared.delivery import Backoff, Breaker, Breakers, Delivery, DeliveryPolicy
 
 T0 = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
@@ -55,7 +55,8 @@ class Letters:
     kept: list[tuple[str, bytes, str, str]] = field(default_factory=list)
     fail: bool = False
 
-    async def dead_letter(self, subject: str, body: bytes, reason: str, *, message_id: str) -> None:
+    async def dead_letter(self, subject: str, body: bytes, reason: str, *, message_id: str,
+                          copy_seq: int | None = None) -> None:
         if self.fail:
             raise ConnectionError("bus down")
         self.kept.append((subject, body, reason, message_id))
@@ -103,7 +104,7 @@ async def test_out_of_the_window_a_retryable_error_is_final_dead_lettered_and_re
                                             delivery=delivery(7, age_s=301))
     assert msg.outcomes == ["reject"]
     [(subject, body, reason, letter_id)] = world.letters.kept
-    assert (subject, body, letter_id) == ("sandbox.created", b'{"x":1}', "evt-1-d7")
+    assert (subject, body, letter_id) == ("sandbox.created", b'{"x":1}', "evt-1")
     assert reason.startswith("backend_error: disk full (still failing after 301 s, 7 deliveries)")
     assert world.reports == [("Transient", "disk full (still failing after 301 s, 7 deliveries)", True)]
 
@@ -147,6 +148,15 @@ async def test_while_a_dependency_is_down_the_message_is_held_then_done_without_
     await world.policy(window_s=300).handle(msg, work, final=world.final, delivery=delivery(age_s=1))
     assert msg.outcomes == ["ack"] and calls == 4
     assert world.breakers["vault"].state == "closed" and world.breakers["vault"].paused_s > 0
+
+
+async def test_below_open_after_a_dependency_error_is_this_messages_own_retry() -> None:
+    """One sandbox's unreachable envd is not an e2b outage: the message is nacked with its own
+    backoff, nobody else is paused."""
+    world, msg = World(breakers=Breakers(probe_interval_s=0.01, open_after={"e2b": 3})), Message()
+    await world.policy(window_s=300).handle(msg, _raises(DependencyDown("e2b")), final=world.final,
+                                            delivery=delivery(age_s=1))
+    assert msg.outcomes == [("nack", 1.0)] and world.breakers["e2b"].state == "closed"
 
 
 async def test_a_message_being_worked_on_tells_jetstream_so() -> None:
@@ -212,6 +222,18 @@ async def test_a_breaker_admits_one_probe_per_interval() -> None:
     assert await asyncio.wait_for(second, 2) is False and breaker.state == "closed"
 
 
+def test_open_after_needs_that_many_failures_in_a_row() -> None:
+    breaker = Breaker("e2b", open_after=3)
+    breaker.failed()
+    breaker.failed()
+    breaker.succeeded()  # somebody else's call got through: the count starts over
+    breaker.failed()
+    breaker.failed()
+    assert breaker.state == "closed" and breaker.try_admit()
+    breaker.failed()
+    assert breaker.state == "open" and not breaker.try_admit()
+
+
 def _returns(value: Any) -> Any:
     async def work() -> Any:
         return value
@@ -226,6 +248,13 @@ def _raises(exc: BaseException) -> Any:
     return work
 
 
-@pytest.mark.parametrize(("message_id", "seq", "expected"), [("evt-9", 5, "evt-9-d2"), (None, 5, "seq5-d2")])
-def test_dead_letter_ids_are_unique_per_message_and_attempt(message_id: str | None, seq: int, expected: str) -> None:
-    assert Delivery(subject="s", body=b"b", delivered=2, stream_seq=seq, message_id=message_id).dead_letter_id() == expected
+def test_a_dead_letters_id_names_the_message_and_its_copy() -> None:
+    """Redeliveries of one copy share the id (kept once, however often dead-lettering is
+    retried); a replayed copy (a new stream sequence) that fails again is a new letter."""
+    def letter_id(message_id: str | None, seq: int, delivered: int, body: bytes = b"b") -> str:
+        delivery = Delivery(subject="s", body=body, delivered=delivered, stream_seq=seq, message_id=message_id)
+        return dead_letter_msg_id(delivery.subject, delivery.dead_letter_id(), delivery.stream_seq)
+
+    assert letter_id("evt-9", 5, 1) == letter_id("evt-9", 5, 7) == "dlq-s-evt-9-5"
+    assert letter_id("evt-9", 6, 1) != letter_id("evt-9", 5, 1)
+    assert letter_id(None, 5, 1) == letter_id(None, 5, 2) != letter_id(None, 5, 1, body=b"other")

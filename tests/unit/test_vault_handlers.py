@@ -1,14 +1,15 @@
 """The vault's bus entry points on FastStream's TestNatsBroker, with an in-memory store.
 
-Covers what each message leads to: stored + ack, duplicate no-op, dead letter + ack,
-nack with delay (retry), and every reply of `vault.credentials.get`.
+Covers what each message leads to: stored + ack, duplicate no-op, dead letter + term (poison)
+or ack (malformed), held while the database is down, nack with delay (retry), and every reply
+of `vault.credentials.get`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -18,18 +19,17 @@ from faststream.nats.message import NatsMessage
 
 from services.vault.errors import ConcurrencyConflict, DecryptionFailed, StoreUnavailable, UnopenableBox
 from services.vault.handlers import (
-    Failure,
     build_credentials_router,
     build_revoked_router,
     build_status_router,
     build_tokens_router,
-    on_failure,
-    retry_delay,
+    delivery_policy,
 )
 from services.vault.settings import VaultSettings
 from services.vault.trust import TrustedRequesters
 from services.vault.use_cases import Vault
 from shared import subjects
+from shared.delivery import Breakers, Delivery
 from shared.broker import DLQ, REASON_HEADER, TOKENS, dead_letter_msg_id
 from shared.events import ConnectionStatusReply, ConnectionStatusRequest, CredentialsReply, Sealed, TokensRevoked
 from shared.sealing import issued_binding, KeyPair, SealingError, b64d, b64e, seal
@@ -102,11 +102,13 @@ async def harness() -> Any:
     store = FakeStore()
     vault_key, requester = KeyPair.generate(), KeyPair.generate()
     trusted = TrustedRequesters.of([requester.recipient])
-    vault = make_vault(store, keypair=vault_key, trusted=trusted, request_timeout_s=0.2)
+    vault = make_vault(store, keypair=vault_key, trusted=trusted, request_timeout_s=0.2,
+                       breakers=Breakers(probe_interval_s=0.02, max_probe_interval_s=0.1))
     broker = NatsBroker()
     settings = VaultSettings(VAULT_POISON_AFTER=3)
-    broker.include_router(build_tokens_router(vault, settings))
-    broker.include_router(build_revoked_router(vault, settings))
+    policy = delivery_policy(settings, vault, broker)
+    broker.include_router(build_tokens_router(vault, settings, policy))
+    broker.include_router(build_revoked_router(vault, settings, policy))
     broker.include_router(build_credentials_router(vault))
     broker.include_router(build_status_router(vault))
     dead_letters: list[tuple[bytes, dict[str, Any]]] = []
@@ -194,14 +196,14 @@ async def test_unopenable_boxes_are_dead_lettered(harness: Harness, acks: Acks) 
     genuine = issued_event(vault, user_id=user, access_token=canary())
     replayed = issued_event(vault, user_id=user, access_token=canary()).model_copy(update={"sealed": genuine.sealed})
 
-    for event in (tampered, other_key, replayed):
-        await harness.issue(_json(event))
+    for event in (tampered, other_key, replayed):  # as auth publishes them: Nats-Msg-Id = event id
+        await harness.issue(_json(event), headers={subjects.MSG_ID_HEADER: event.event_id})
 
-    assert [h[REASON_HEADER] for _, h in harness.dead_letters] == ["unopenable_box"] * 3
+    assert [h[REASON_HEADER].split(":")[0] for _, h in harness.dead_letters] == ["unopenable_box"] * 3
     assert [h[subjects.MSG_ID_HEADER] for _, h in harness.dead_letters] == [
         dead_letter_msg_id(subjects.TOKENS_ISSUED, e.event_id) for e in (tampered, other_key, replayed)
     ]
-    assert not harness.store.connections and acks.acked == 3
+    assert not harness.store.connections and acks.rejected == 3 and acks.acked == 0
 
 
 async def test_box_with_a_non_bundle_inside_is_dead_lettered_without_leaking(
@@ -214,22 +216,33 @@ async def test_box_with_a_non_bundle_inside_is_dead_lettered_without_leaking(
                bind=issued_binding(event.user_id, event.kind))
     await harness.issue(_json(event.model_copy(update={"sealed": box})))
 
-    assert [h[REASON_HEADER] for _, h in harness.dead_letters] == ["invalid_event"]
+    assert [h[REASON_HEADER] for _, h in harness.dead_letters] == ["invalid_event: sealed payload is not a TokenBundle"]
     out = capsys.readouterr()
     assert secret not in out.out + out.err
 
 
-async def test_store_unavailable_nacks_with_backoff_and_keeps_the_event(harness: Harness, acks: Acks) -> None:
+async def _held_until_the_database_is_back(harness: Harness, acks: Acks, deliver: Any) -> None:
+    """`deliver` runs while the database is down: the message is held (no nack, no dead
+    letter, the breaker open), and finishes once the database answers again."""
+    harness.store.unavailable = True
+    handling = asyncio.create_task(deliver())
+    for _ in range(200):
+        if harness.vault.breakers["database"].state != "closed":
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    assert not handling.done() and harness.vault.breakers["database"].state != "closed"
+    assert acks.nacked == [] and acks.acked == 0 and not harness.dead_letters
+    harness.store.unavailable = False
+    await asyncio.wait_for(handling, 5)
+    assert acks.acked == 1 and acks.nacked == [] and not harness.dead_letters
+    assert harness.vault.breakers["database"].state == "closed"
+
+
+async def test_store_unavailable_holds_the_event_until_the_database_is_back(harness: Harness, acks: Acks) -> None:
     user = new_user()
     event = issued_event(harness.vault_key.recipient, user_id=user, access_token=canary())
-    harness.store.unavailable = True
-    await harness.issue(_json(event))
-
-    assert acks.nacked == [1.0] and acks.acked == 0
-    assert not harness.dead_letters and not harness.store.processed
-
-    harness.store.unavailable = False  # the redelivery succeeds
-    await harness.issue(_json(event))
+    await _held_until_the_database_is_back(harness, acks, lambda: harness.issue(_json(event)))
     assert harness.store.connections[user].version == 1
 
 
@@ -242,32 +255,35 @@ async def test_unexpected_error_is_retried_then_dead_lettered(
         raise RuntimeError("bug")
 
     monkeypatch.setattr(Vault, "store_issued_tokens", boom)
-    deliveries = iter([1, 2, 3])
-    monkeypatch.setattr("services.vault.handlers._delivered", lambda message: next(deliveries))
+    _deliveries(monkeypatch, 1, 2, 3)
     for _ in range(3):  # VAULT_POISON_AFTER=3
         await harness.issue(_json(event))
 
-    assert acks.nacked == [1.0, 2.0]
-    assert [h[REASON_HEADER] for _, h in harness.dead_letters] == ["max_deliveries"]
-    assert acks.acked == 1
+    assert len(acks.nacked) == 2 and 0.5 <= acks.nacked[0] <= 1.0 <= acks.nacked[1] <= 2.0  # jittered backoff
+    assert [h[REASON_HEADER].split(":")[0] for _, h in harness.dead_letters] == ["max_deliveries"]
+    assert acks.rejected == 1 and acks.acked == 0
 
 
-def test_retry_delay_grows_and_is_capped() -> None:
-    assert [retry_delay(n, 30) for n in (1, 2, 3, 5, 6, 50)] == [1, 2, 4, 16, 30, 30]
+def _deliveries(monkeypatch: pytest.MonkeyPatch, *counts: int) -> None:
+    """TestNatsBroker's messages carry no JetStream metadata: say which delivery each one is."""
+    of, numbers = Delivery.of, iter(counts)
+    monkeypatch.setattr(Delivery, "of", staticmethod(lambda message: replace(of(message), delivered=next(numbers))))
 
 
-def test_failure_policy() -> None:
-    settings = VaultSettings(VAULT_POISON_AFTER=4, VAULT_RETRY_MAX_DELAY_S=5)
-    # poison: dead letter at once, whatever the delivery count
-    assert on_failure(UnopenableBox("x"), 1, settings) == Failure(True, "unopenable_box")
-    assert on_failure(DecryptionFailed("x"), 1, settings) == Failure(True, "decryption_failed")
-    # the database is down: retry with backoff, never give up (no event may be lost)
-    assert on_failure(StoreUnavailable("x"), 1, settings) == Failure(False, "store_unavailable", 1.0)
-    assert on_failure(StoreUnavailable("x"), 1000, settings) == Failure(False, "store_unavailable", 5.0)
-    assert on_failure(ConcurrencyConflict("x"), 2, settings) == Failure(False, "concurrency_conflict", 2.0)
-    # a bug: a few retries, then park it
-    assert on_failure(RuntimeError("x"), 3, settings) == Failure(False, "internal_error", 4.0)
-    assert on_failure(RuntimeError("x"), 4, settings) == Failure(True, "max_deliveries")
+async def test_a_conflict_is_retried_with_backoff_for_ever(
+    harness: Harness, acks: Acks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retryable but not an outage: nacked with backoff, never dead-lettered (no event lost)."""
+    async def conflict(self: Any, event: Any) -> Any:
+        raise ConcurrencyConflict("somebody else first")
+
+    monkeypatch.setattr(Vault, "store_issued_tokens", conflict)
+    _deliveries(monkeypatch, 1, 1000)
+    event = issued_event(harness.vault_key.recipient, user_id=new_user(), access_token=canary())
+    await harness.issue(_json(event))
+    await harness.issue(_json(event))
+    assert len(acks.nacked) == 2 and acks.nacked[1] <= 30.0 and not harness.dead_letters
+    assert harness.vault.breakers["database"].state == "closed"  # not a reason to pause anybody
 
 
 # --- vault.credentials.get ----------------------------------------------------------------
@@ -403,10 +419,13 @@ async def test_malformed_revoked_is_dead_lettered(harness: Harness, acks: Acks) 
     assert [e.action for e, _ in harness.store.audit] == ["dead_lettered"]
 
 
-async def test_revoke_while_the_database_is_down_is_retried(harness: Harness, acks: Acks) -> None:
-    harness.store.unavailable = True
-    await harness.revoke(_json(TokensRevoked(user_id=new_user())))
-    assert acks.nacked == [1.0] and not harness.dead_letters
+async def test_revoke_while_the_database_is_down_is_held(harness: Harness, acks: Acks) -> None:
+    user = new_user()
+    await _connect(harness, user, canary(), None)
+    acks.acked = 0
+    await _held_until_the_database_is_back(harness, acks,
+                                           lambda: harness.revoke(_json(TokensRevoked(user_id=user))))
+    assert user not in harness.store.connections
 
 
 async def test_connection_status(harness: Harness, acks: Acks) -> None:

@@ -14,7 +14,6 @@ from faststream.nats import NatsBroker
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError
 
-from shared import broker as bus
 from shared import subjects
 from shared.broker import publish_event
 from shared.events import Event
@@ -31,16 +30,6 @@ class BrokerPublisher:
 
     async def publish(self, subject: str, event: Event) -> None:
         await publish_event(self._broker, subject, event)
-
-
-class BrokerDeadLetters:
-    """`DeadLetters` over `shared.broker.dead_letter` (Nats-Msg-Id `dlq-<id>`: kept once)."""
-
-    def __init__(self, broker: NatsBroker) -> None:
-        self._broker = broker
-
-    async def dead_letter(self, subject: str, body: bytes, reason: str, *, message_id: str) -> None:
-        await bus.dead_letter(self._broker, subject, body, reason, message_id=message_id)
 
 
 @dataclass(frozen=True)
@@ -60,22 +49,18 @@ GRANT_ENDED = ConsumerSpec(subjects.GRANTS_ENDED, subjects.SANDBOX_GRANTS_ENDED_
 CONSUMERS = (CREATED, DESTROYED, REFRESHED, REVOKED, GRANT_ENDED)
 
 
-def consumer_config(spec: ConsumerSpec, *, max_deliver: int, ack_wait: float) -> ConsumerConfig:
-    """`max_deliver` here is JetStream's hard cap: SANDBOX_MAX_DELIVER + SANDBOX_REPORT_GRACE
-    (the service gives up — dead letter, failed event, term — at SANDBOX_MAX_DELIVER itself)."""
+def consumer_config(spec: ConsumerSpec, *, ack_wait: float) -> ConsumerConfig:
+    """No delivery cap at JetStream: the service's delivery policy (shared.delivery) decides
+    when to give up — by the retry window — and always reports and terminates the message."""
     return ConsumerConfig(
         name=spec.durable,
         durable_name=spec.durable,
         filter_subject=spec.subject,
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
-        max_deliver=max_deliver,
+        max_deliver=-1,
         ack_wait=ack_wait,
     )
-
-
-def created_consumer_config(*, max_deliver: int, ack_wait: float) -> ConsumerConfig:
-    return consumer_config(CREATED, max_deliver=max_deliver, ack_wait=ack_wait)
 
 
 async def ensure_consumer(broker: NatsBroker, config: ConsumerConfig, *, stream: str | None = None) -> None:

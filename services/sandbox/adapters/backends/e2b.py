@@ -58,6 +58,10 @@ SDK errors map onto the service's error tree (`map_e2b_error`): the sandbox does
 is not running → `SandboxNotFound` (final); timeouts, rate limits, busy/unreachable, transport
 errors → `BackendUnavailable` (retried); bad API key → `BackendUnavailable` (final); envd 5xx →
 `BackendError` (retried); permission denied and other 4xx → `BackendError` (final).
+Rate limits, a busy e2b and the API's (connect/create/kill) timeouts, transport errors and 5xx
+name the dependency "e2b": the delivery policy then pauses injection through a breaker
+instead of spending each message's retries. One sandbox's envd failing is that sandbox's
+problem alone (its user may cause it on purpose) and never pauses anybody else.
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ from e2b import (
     SandboxException,
     SandboxNotFoundException,
     SandboxNotRunningException,
+    SandboxUnreachableException,
     ServiceBusyException,
     TemplateException,
     TimeoutException,
@@ -102,6 +107,7 @@ from services.sandbox.errors import BackendError, BackendUnavailable, SandboxErr
 
 log = get_logger("ccbridge.sandbox.e2b")
 
+DEPENDENCY = "e2b"  # the breaker name of e2b's API and envd (shared.delivery)
 DEFAULT_USER = "user"
 STAGE_DIR = PurePosixPath("/tmp")
 STAGE_PREFIX = ".ccbridge-stage-"
@@ -166,11 +172,17 @@ def _brief(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
-def map_e2b_error(exc: BaseException, action: str) -> SandboxError:
-    """One SDK (or transport) exception → the service's error, retryable or final."""
+def map_e2b_error(exc: BaseException, action: str, *, control_plane: bool = False) -> SandboxError:
+    """One SDK (or transport) exception → the service's error, retryable or final.
+
+    `control_plane`: the call went to e2b's API (connect, create, kill), not to one sandbox's
+    envd. Only there do a timeout, a broken connection or a 5xx say "e2b is down" (the
+    dependency whose breaker pauses every injection); from envd they are that one sandbox's
+    problem — whose own user may be causing them on purpose."""
     if isinstance(exc, SandboxError):
         return exc
     what = f"e2b {action}: {_brief(exc)}"
+    outage = DEPENDENCY if control_plane else None
     # order matters: several of these subclass each other
     if isinstance(exc, (SandboxNotFoundException, SandboxNotRunningException)):
         return SandboxNotFound(what)
@@ -178,10 +190,15 @@ def map_e2b_error(exc: BaseException, action: str) -> SandboxError:
         return SandboxNotFound(what)
     if isinstance(exc, AuthenticationException):
         return BackendUnavailable(what, retryable=False)
-    if isinstance(exc, (RateLimitException, ServiceBusyException, TimeoutException)):
+    # this one sandbox's envd does not answer (paused, killed, or its own user stopped envd)
+    if isinstance(exc, SandboxUnreachableException):
         return BackendUnavailable(what, retryable=True)
-    if isinstance(exc, (httpx.TimeoutException, httpx.TransportError, TimeoutError, ConnectionError, OSError)):
-        return BackendUnavailable(what, retryable=True)
+    # e2b rate-limits or is busy: pause what needs it (a breaker), do not spend retries
+    if isinstance(exc, (RateLimitException, ServiceBusyException)):
+        return BackendUnavailable(what, retryable=True, dependency=DEPENDENCY)
+    if isinstance(exc, (TimeoutException, httpx.TimeoutException, httpx.TransportError, TimeoutError,
+                        ConnectionError, OSError)):
+        return BackendUnavailable(what, retryable=True, dependency=outage)
     if isinstance(exc, CommandExitException):
         stderr = str(getattr(exc, "stderr", "") or "")
         # a racing writer moved our temp file away / a full disk: worth another delivery
@@ -198,7 +215,9 @@ def map_e2b_error(exc: BaseException, action: str) -> SandboxError:
             return BackendError(f"e2b {action}: permission denied ({_brief(exc)})", retryable=False)
         if status is not None and 400 <= status < 500:
             return BackendError(what, retryable=False)
-        return BackendError(what, retryable=True)  # 5xx, INTERNAL, UNKNOWN, ...
+        if outage:  # 5xx, INTERNAL, UNKNOWN, ... from the API
+            return BackendUnavailable(what, retryable=True, dependency=outage)
+        return BackendError(what, retryable=True)
     return BackendError(what, retryable=True)
 
 
@@ -609,7 +628,7 @@ class E2BBackend:
         try:
             await AsyncSandbox.kill(sandbox_id, **self.config.api_params())
         except Exception as exc:  # noqa: BLE001
-            raise map_e2b_error(exc, "kill") from None
+            raise map_e2b_error(exc, "kill", control_plane=True) from None
         log.info("sandbox.e2b_discarded", e2b_sandbox_id=sandbox_id)
 
     @asynccontextmanager
@@ -635,7 +654,7 @@ class E2BBackend:
             else:
                 sandbox = await AsyncSandbox.connect(event.sandbox_id, **params)
         except Exception as exc:  # noqa: BLE001
-            raise map_e2b_error(exc, "create" if created else "connect") from None
+            raise map_e2b_error(exc, "create" if created else "connect", control_plane=True) from None
         yield E2BSandbox(
             sandbox, home=home, user=self.user_of(event), request_timeout=config.request_timeout, created=created
         )
