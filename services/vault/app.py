@@ -300,6 +300,7 @@ class VaultService:
             on_keyring_failure=lambda user_id, exc: vault.record_keyring_failure(
                 user_id, exc, action="refresh_decrypt_failed"
             ),
+            database=vault.breakers["database"],
         )
 
     async def _start_health(self) -> None:

@@ -31,8 +31,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -55,6 +56,7 @@ from shared.events import (
     derived_event_id,
     utcnow,
 )
+from shared.delivery import Breaker
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -77,6 +79,10 @@ class RefreshPolicy:
     backoff_base_s: float = 15.0
     backoff_max_s: float = 900.0
     login_warning_s: float = 3 * 24 * 3600.0
+    save_patience_s: float = 300.0
+    """How long rotated tokens are kept in memory, retrying their save, while the database is
+    down: the OAuth server has already invalidated the old refresh token, so giving up logs
+    the person out."""
 
 
 class Refresher:
@@ -92,6 +98,8 @@ class Refresher:
         metrics: VaultMetrics | None = None,
         on_keyring_failure: Callable[[str, KeyringError], object] | None = None,
         rng: random.Random | None = None,
+        database: Breaker | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._uow = unit_of_work
         self._endpoint = endpoint
@@ -102,6 +110,8 @@ class Refresher:
         self.metrics = metrics or VaultMetrics()
         self._on_keyring_failure = on_keyring_failure
         self._rng = rng or random.Random()
+        self._database = database  # the vault's database breaker: no rounds while it is open
+        self._sleep = sleep
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
 
@@ -218,7 +228,7 @@ class Refresher:
         connection.refreshed(self._tokens(response, now), now)
         entry = AuditEntry(actor=self.actor, action="refreshed", user_id=connection.user_id,
                            version=connection.version, detail={"rotated": response.refresh_token is not None})
-        if not await self._save(connection, due, entry):
+        if not await self._save_rotated(connection, due, entry):
             # The server has rotated the token but the row changed under us (a new login arrived,
             # or our lease was lost). A new login is newer than what we hold; a lost lease means
             # the process stalled longer than VAULT_REFRESH_LEASE_S. Either way: loud.
@@ -243,6 +253,24 @@ class Refresher:
             ),
         )
         return "ok"
+
+    async def _save_rotated(self, connection: Connection, due: DueRefresh, entry: AuditEntry) -> bool:
+        """`_save`, riding out a database outage for up to `save_patience_s`: the tokens in hand
+        are the only valid ones. Our lease still names us, so nobody else refreshes meanwhile."""
+        deadline = time.monotonic() + self.policy.save_patience_s
+        delay = 0.5
+        while True:
+            try:
+                return await self._save(connection, due, entry)
+            except StoreUnavailable:
+                if time.monotonic() + delay > deadline:
+                    log.error("refreshed tokens lost: the database stayed down", user_id=connection.user_id,
+                              waited_s=round(self.policy.save_patience_s))
+                    raise
+                log.warning("database down: keeping the refreshed tokens, retrying their save",
+                            user_id=connection.user_id, retry_in_s=delay)
+                await self._sleep(delay)
+                delay = min(delay * 2, 15.0)
 
     async def _reconnect_required(self, connection: Connection, due: DueRefresh, reason: str) -> str:
         now = self._clock()
@@ -369,16 +397,34 @@ class Refresher:
         refresh cancelled between the server's answer and our commit would lose the rotated
         refresh token (and log the person out)."""
         while not self._stopping.is_set():
-            try:
-                outcomes = await self.run_once()
-                if outcomes:
-                    log.debug("refresh round", **{k: v for k, v in outcomes.items()})
-            except StoreUnavailable:
-                log.warning("refresh round skipped: database unavailable")
-            except Exception:
-                log.exception("refresh round failed")
+            await self.round()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=interval_s * self._rng.uniform(0.8, 1.2))
+
+    async def round(self) -> Counter[str] | None:
+        """One round of `run_forever`, paused with the vault's consumers while the database
+        breaker is open (one round at a time probes it); None when skipped or failed."""
+        database = self._database
+        if database is not None and not database.try_admit():
+            log.debug("refresh round paused: database unavailable")
+            return None
+        try:
+            outcomes = await self.run_once()
+        except StoreUnavailable:
+            if database is not None:
+                database.failed()
+            log.warning("refresh round skipped: database unavailable")
+            return None
+        except Exception:
+            log.exception("refresh round failed")
+            return None
+        if database is not None and outcomes["store_unavailable"]:  # the scan answered, a save did not
+            database.failed()
+        elif database is not None:
+            database.succeeded()
+        if outcomes:
+            log.debug("refresh round", **{k: v for k, v in outcomes.items()})
+        return outcomes
 
     def start(self, interval_s: float) -> None:
         if self._task is None:

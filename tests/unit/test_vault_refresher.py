@@ -14,6 +14,7 @@ from services.vault.errors import DecryptionFailed, RefreshRejected, RefreshTran
 from services.vault.ports import TokenResponse
 from services.vault.refresher import Refresher, RefreshPolicy
 from shared import subjects
+from shared.delivery import Breaker
 from shared.events import TokensLoginExpiring, TokensReconnectRequired, TokensRefreshed
 from tests.vault_fixtures import FakePublisher, FakeStore, FakeTokenEndpoint, canary, new_user
 
@@ -232,3 +233,46 @@ async def test_a_lapsed_login_requires_reconnecting_without_asking_the_server(pa
     assert store.connections[conn.user_id].state == "reconnect_required"
     [event] = publisher.of(subjects.TOKENS_RECONNECT_REQUIRED)
     assert event.reason == "login_expired"
+
+
+async def test_rotated_tokens_survive_a_database_outage_at_save_time(parts) -> None:
+    """The OAuth server rotated the refresh token (the old one is dead) and then the database
+    went down: the refresher keeps the new tokens and retries the save until it is back."""
+    store, endpoint, publisher, clock = parts
+    conn = _connected(store)
+    new_refresh = canary("r2")
+
+    def answer_then_database_down() -> TokenResponse:
+        store.unavailable = True
+        return _ok(canary("a2"), new_refresh)
+
+    endpoint.script.append(answer_then_database_down)
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 3:
+            store.unavailable = False
+
+    refresher = Refresher(unit_of_work=store.unit_of_work, endpoint=endpoint, publisher=publisher,
+                          owner="replica-a", policy=POLICY, clock=clock, sleep=sleep)
+    assert (await refresher.run_once())["ok"] == 1
+    assert store.connections[conn.user_id].credentials.refresh_token == new_refresh
+    assert waits == [0.5, 1.0, 2.0]
+    assert len(publisher.of(subjects.TOKENS_REFRESHED)) == 1
+
+
+async def test_rounds_pause_while_the_database_breaker_is_open(parts) -> None:
+    store, endpoint, publisher, clock = parts
+    _connected(store)
+    endpoint.script.append(_ok(canary("a2"), canary("r2")))
+    database = Breaker("database", probe_interval_s=3600)
+    refresher = Refresher(unit_of_work=store.unit_of_work, endpoint=endpoint, publisher=publisher,
+                          owner="replica-a", policy=POLICY, clock=clock, database=database)
+    store.unavailable = True
+    assert await refresher.round() is None and database.state == "open"  # the scan failed: opened
+    store.unavailable = False
+    assert await refresher.round() is None and endpoint.calls == []  # paused: no scan, no refresh
+    database.succeeded()  # somebody's probe found the database back
+    outcomes = await refresher.round()
+    assert outcomes is not None and outcomes["ok"] == 1
