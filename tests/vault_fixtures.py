@@ -20,7 +20,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -229,7 +229,12 @@ def make_vault(store: Any, *, keypair: KeyPair, trusted: Any, keyring: Any = Non
 @dataclass
 class FakeStore:
     """Implements services.vault.ports.Store in memory, with real transaction semantics:
-    nothing is visible until commit. `undecryptable[user]` makes `get()` raise that error."""
+    nothing is visible until commit. `undecryptable[user]` makes `get()` raise that error.
+    tests/integration/test_vault_repository_contract.py holds it to SqlStore's behaviour.
+
+    `kek_ids[user]`: the active KEK of the cipher that last wrote the connection (what a
+    summary reports); `refreshable[user]`: a `set_refreshable` override, until the connection
+    is written again (SqlStore's `refreshable` column)."""
 
     connections: dict[str, Connection] = field(default_factory=dict)
     processed: dict[str, str] = field(default_factory=dict)
@@ -237,7 +242,8 @@ class FakeStore:
     revocations: dict[str, datetime] = field(default_factory=dict)
     audit: list[tuple[AuditEntry, datetime]] = field(default_factory=list)
     leases: dict[str, tuple[str, int]] = field(default_factory=dict)
-    login_warned: dict[str, int] = field(default_factory=dict)
+    kek_ids: dict[str, str] = field(default_factory=dict)
+    refreshable: dict[str, bool] = field(default_factory=dict)
     sandbox_leases: dict[tuple[str, str], SandboxLease] = field(default_factory=dict)
     undecryptable: dict[str, Exception] = field(default_factory=dict)
     unavailable: bool = False
@@ -251,7 +257,7 @@ class FakeStore:
     create_all = migrate
 
     def unit_of_work(self, keyring: object = None) -> FakeUnitOfWork:
-        return FakeUnitOfWork(self)
+        return FakeUnitOfWork(self, keyring)
 
     async def ping(self) -> bool:
         return not self.unavailable
@@ -278,8 +284,8 @@ class FakeStore:
         return [e.action for e, _ in self.audit if user_id is None or e.user_id == user_id]
 
 
-def _summary_of(c: Connection) -> ConnectionSummary:
-    return c.summary()
+def _summary_of(c: Connection, kek_id: str | None = None) -> ConnectionSummary:
+    return replace(c.summary(), kek_id=kek_id)
 
 
 class _FakeConnections:
@@ -287,9 +293,22 @@ class _FakeConnections:
         self._uow = uow
 
     def _current(self, user_id: str) -> Connection | None:
-        if user_id in self._uow.deleted:
-            return None
-        return self._uow.staged_connections.get(user_id) or self._uow.store.connections.get(user_id)
+        if user_id in self._uow.staged_connections:
+            return self._uow.staged_connections[user_id]
+        return None if user_id in self._uow.deleted else self._uow.store.connections.get(user_id)
+
+    def _kek_id(self, user_id: str) -> str | None:
+        return self._uow.staged_kek_ids.get(user_id) or self._uow.store.kek_ids.get(user_id)
+
+    def _refreshable(self, c: Connection) -> bool:
+        return self._uow.store.refreshable.get(c.user_id, c.refreshable)
+
+    def _written(self, connection: Connection) -> None:
+        """Like SqlStore's add/update: re-encrypted under the active KEK, `refreshable` recomputed."""
+        self._uow.staged_connections[connection.user_id] = copy.deepcopy(connection)
+        self._uow.staged_kek_ids[connection.user_id] = getattr(self._uow.cipher, "active_kek_id", None)
+        self._uow.staged_refreshable.pop(connection.user_id, None)
+        self._uow.loaded[connection.user_id] = connection.version
 
     async def get(self, user_id: str, *, for_update: bool = False) -> Connection | None:
         found = self._current(user_id)
@@ -305,47 +324,61 @@ class _FakeConnections:
         if found is None:
             return None
         self._uow.loaded[user_id] = found.version
-        return _summary_of(found)
+        return _summary_of(found, self._kek_id(user_id))
+
+    async def summaries(self, *, limit: int = 1000, state: str | None = None) -> list[ConnectionSummary]:
+        users = sorted(set(self._uow.store.connections) | set(self._uow.staged_connections))
+        current = [c for c in map(self._current, users) if c is not None and (state is None or c.state == state)]
+        return [_summary_of(c, self._kek_id(c.user_id)) for c in current[:limit]]
 
     async def add(self, connection: Connection) -> None:
-        if connection.user_id in self._uow.store.connections:
+        if self._current(connection.user_id) is not None:
             raise ConcurrencyConflict("exists")
-        self._uow.staged_connections[connection.user_id] = copy.deepcopy(connection)
-        self._uow.loaded[connection.user_id] = connection.version
+        self._written(connection)
 
     async def update(
         self, connection: Connection, *, expected_version: int | None = None, lease_owner: str | None = None
     ) -> None:
-        current = self._current(connection.user_id)
         expected = expected_version if expected_version is not None else self._uow.loaded.get(connection.user_id)
+        if expected is None:
+            raise ValueError("update() a connection that was not read in this unit of work")
+        if connection.version <= expected:
+            raise ValueError("update() needs a changed connection (version must grow)")
+        current = self._current(connection.user_id)
         if current is None or current.version != expected:
             raise ConcurrencyConflict("changed")
         lease = self._uow.store.leases.get(connection.user_id)
         if lease_owner is not None and (lease is None or lease[0] != lease_owner):
             raise ConcurrencyConflict("lease lost")
-        self._uow.staged_connections[connection.user_id] = copy.deepcopy(connection)
+        self._written(connection)
         self._uow.released.add(connection.user_id)
 
     async def delete(self, user_id: str) -> ConnectionSummary | None:
         current = self._current(user_id)
         if current is None:
             return None
+        summary = _summary_of(current, self._kek_id(user_id))
         self._uow.deleted.add(user_id)
         self._uow.staged_connections.pop(user_id, None)
-        return _summary_of(current)
+        self._uow.staged_kek_ids.pop(user_id, None)
+        self._uow.loaded.pop(user_id, None)
+        return summary
 
     async def due_for_refresh(self, now_ms: int, margin_ms: int, limit: int) -> list[DueRefresh]:
         due = []
         for c in sorted(self._uow.store.connections.values(), key=lambda c: c.expires_at):
             lease = self._uow.store.leases.get(c.user_id)
-            if c.refresh_due(now_ms, margin_ms) and (lease is None or lease[1] < now_ms):
+            if (self._refreshable(c) and c.state != "reconnect_required" and c.expires_at <= now_ms + margin_ms
+                    and (c.next_refresh_at is None or c.next_refresh_at <= now_ms)
+                    and (lease is None or lease[1] < now_ms)):
                 due.append(DueRefresh(c.user_id, c.version))
         return due[:limit]
 
     async def claim_lease(self, user_id: str, version: int, owner: str, now_ms: int, until_ms: int) -> bool:
         current = self._uow.store.connections.get(user_id)
         lease = self._uow.store.leases.get(user_id)
-        if current is None or current.version != version or (lease is not None and lease[1] >= now_ms):
+        if (current is None or current.version != version or not self._refreshable(current)
+                or (lease is not None and lease[1] >= now_ms)):
             return False
         self._uow.staged_leases[user_id] = (owner, until_ms)
         return True
@@ -360,30 +393,38 @@ class _FakeConnections:
         current = self._uow.store.connections.get(user_id)
         if lease is not None and lease[0] == owner and current is not None:
             changed = copy.deepcopy(current)
-            changed.next_refresh_at, changed.last_refresh_error = next_refresh_at, error
+            changed.next_refresh_at, changed.last_refresh_error = next_refresh_at, error[:64]
             changed.refresh_failures += 1
             self._uow.staged_connections[user_id] = changed
             self._uow.released.add(user_id)
 
     async def set_refreshable(self, user_id: str, refreshable: bool) -> None:
-        return None  # derived from the connection itself in memory
+        if self._current(user_id) is not None:
+            self._uow.staged_refreshable[user_id] = refreshable
+
+    def _warned_for(self, c: Connection) -> int | None:
+        return self._uow.staged_warned.get(c.user_id, c.login_warned_for)
 
     async def due_login_warnings(self, now_ms: int, warn_before_ms: int, limit: int) -> list[ConnectionSummary]:
-        return [
-            _summary_of(c) for c in self._uow.store.connections.values()
+        due = [
+            c for c in self._uow.store.connections.values()
             if c.refresh_token_expires_at is not None and c.state != "reconnect_required"
             and c.refresh_token_expires_at - warn_before_ms <= now_ms
-            and self._uow.store.login_warned.get(c.user_id) != c.refresh_token_expires_at
-        ][:limit]
+            and self._warned_for(c) != c.refresh_token_expires_at
+        ]
+        return [_summary_of(c) for c in sorted(due, key=lambda c: c.refresh_token_expires_at or 0)[:limit]]
 
     async def mark_login_warned(self, user_id: str, refresh_token_expires_at: int) -> bool:
-        if self._uow.store.login_warned.get(user_id) == refresh_token_expires_at:
+        current = self._current(user_id)
+        if (current is None or current.refresh_token_expires_at != refresh_token_expires_at
+                or self._warned_for(current) == refresh_token_expires_at):
             return False
         self._uow.staged_warned[user_id] = refresh_token_expires_at
         return True
 
     async def unmark_login_warned(self, user_id: str, refresh_token_expires_at: int) -> None:
-        if self._uow.store.login_warned.get(user_id) == refresh_token_expires_at:
+        current = self._current(user_id)
+        if current is not None and self._warned_for(current) == refresh_token_expires_at:
             self._uow.staged_warned[user_id] = None
 
     async def count_by_state(self) -> dict[str, int]:
@@ -405,9 +446,13 @@ class _FakeProcessed:
 
     async def delete_older_than(self, cutoff: datetime) -> int:
         doomed = [e for e, at in self._uow.store.processed_at.items() if at < cutoff]
-        for event_id in doomed:
-            self._uow.store.processed.pop(event_id, None)
-            self._uow.store.processed_at.pop(event_id, None)
+
+        def delete() -> None:
+            for event_id in doomed:
+                self._uow.store.processed.pop(event_id, None)
+                self._uow.store.processed_at.pop(event_id, None)
+
+        self._uow.on_commit.append(delete)
         return len(doomed)
 
 
@@ -425,8 +470,12 @@ class _FakeRevocations:
 
     async def delete_older_than(self, cutoff: datetime) -> int:
         doomed = [u for u, at in self._uow.store.revocations.items() if at < cutoff]
-        for user_id in doomed:
-            del self._uow.store.revocations[user_id]
+
+        def delete() -> None:
+            for user_id in doomed:
+                self._uow.store.revocations.pop(user_id, None)
+
+        self._uow.on_commit.append(delete)
         return len(doomed)
 
 
@@ -447,9 +496,13 @@ class _FakeAudit:
         ][::-1][:limit]
 
     async def delete_older_than(self, cutoff: datetime) -> int:
-        before = len(self._uow.store.audit)
-        self._uow.store.audit[:] = [(e, at) for e, at in self._uow.store.audit if at >= cutoff]
-        return before - len(self._uow.store.audit)
+        doomed = {id(record) for record in self._uow.store.audit if record[1] < cutoff}
+
+        def delete() -> None:
+            self._uow.store.audit[:] = [record for record in self._uow.store.audit if id(record) not in doomed]
+
+        self._uow.on_commit.append(delete)
+        return len(doomed)
 
 
 class _FakeSandboxLeases:
@@ -497,15 +550,23 @@ class _FakeSandboxLeases:
     async def delete_ended_before(self, cutoff_ms: int) -> int:
         doomed = [k for k, x in self._uow.store.sandbox_leases.items()
                   if x.ended_at is not None and x.ended_at < cutoff_ms and x.announced]
-        for key in doomed:
-            del self._uow.store.sandbox_leases[key]
+
+        def delete() -> None:
+            for key in doomed:
+                self._uow.store.sandbox_leases.pop(key, None)
+
+        self._uow.on_commit.append(delete)
         return len(doomed)
 
 
 class FakeUnitOfWork:
-    def __init__(self, store: FakeStore) -> None:
+    def __init__(self, store: FakeStore, cipher: object = None) -> None:
         self.store = store
+        self.cipher = cipher
         self.staged_connections: dict[str, Connection] = {}
+        self.staged_kek_ids: dict[str, str | None] = {}
+        self.staged_refreshable: dict[str, bool] = {}
+        self.on_commit: list[Callable[[], None]] = []
         self.staged_events: dict[str, str] = {}
         self.staged_revocations: dict[str, datetime] = {}
         self.staged_audit: list[tuple[AuditEntry, datetime]] = []
@@ -536,20 +597,26 @@ class FakeUnitOfWork:
             raise StoreUnavailable("fake database is down")
         store = self.store
         for user_id in self.deleted:
-            store.connections.pop(user_id, None)
-            store.leases.pop(user_id, None)
-            store.undecryptable.pop(user_id, None)
+            for owned in (store.connections, store.leases, store.undecryptable, store.kek_ids, store.refreshable):
+                owned.pop(user_id, None)
         for user_id, connection in self.staged_connections.items():
             store.connections[user_id] = connection
             store.undecryptable.pop(user_id, None)
+        for user_id, kek_id in self.staged_kek_ids.items():
+            store.refreshable.pop(user_id, None)
+            if kek_id is None:
+                store.kek_ids.pop(user_id, None)
+            else:
+                store.kek_ids[user_id] = kek_id
+        store.refreshable.update(self.staged_refreshable)
         for user_id in self.released:
             store.leases.pop(user_id, None)
         store.leases.update(self.staged_leases)
         for user_id, value in self.staged_warned.items():
-            if value is None:
-                store.login_warned.pop(user_id, None)
-            else:
-                store.login_warned[user_id] = value
+            if user_id in store.connections:
+                store.connections[user_id].login_warned_for = value
+        for pending in self.on_commit:
+            pending()
         now = datetime.now(UTC)
         for event_id, subject in self.staged_events.items():
             store.processed[event_id] = subject
@@ -562,9 +629,10 @@ class FakeUnitOfWork:
 
     async def rollback(self) -> None:
         for staged in (self.staged_connections, self.staged_events, self.staged_revocations, self.staged_leases,
-                       self.staged_warned, self.staged_sandbox_leases):
+                       self.staged_warned, self.staged_sandbox_leases, self.staged_kek_ids, self.staged_refreshable):
             staged.clear()
         self.staged_audit.clear()
+        self.on_commit.clear()
         self.deleted.clear()
         self.released.clear()
 
