@@ -617,6 +617,33 @@ async def test_a_sandbox_lease_round_trips_and_save_replaces_it(backend: Backend
         first.jti, NOW_MS + 1, "grant_ended", False)
 
 
+async def test_record_releases_owns_last_released_at(backend: Backend) -> None:
+    user = new_user()
+    claimed = lease(user)
+    claimed.last_released_at = NOW_MS  # whatever a caller passes, save() does not write it
+    await saved(backend, claimed, lease(user, "sbx-2"))
+    async with backend.store.unit_of_work(backend.cipher) as uow:
+        inserted = await uow.sandbox_leases.get(user, "sbx-1")
+        assert inserted is not None and inserted.last_released_at is None
+        await uow.sandbox_leases.record_releases([(user, "sbx-1", NOW_MS + 5), (user, "sbx-1", NOW_MS + 3),
+                                                  (user, "sbx-2", NOW_MS + 1), (user, "sbx-unknown", NOW_MS)])
+        await uow.commit()
+    async with backend.store.unit_of_work(backend.cipher) as uow:
+        await uow.sandbox_leases.record_releases([(user, "sbx-2", NOW_MS)])  # older: ignored
+        again = await uow.sandbox_leases.get(user, "sbx-1")
+        assert again is not None
+        again.last_released_at = None
+        await uow.sandbox_leases.save(again)  # a save keeps what record_releases wrote
+        await uow.commit()
+
+    async with backend.store.unit_of_work(backend.cipher) as uow:
+        one = await uow.sandbox_leases.get(user, "sbx-1")
+        two = await uow.sandbox_leases.get(user, "sbx-2")
+        assert await uow.sandbox_leases.get(user, "sbx-unknown") is None
+    assert one is not None and two is not None
+    assert (one.last_released_at, two.last_released_at) == (NOW_MS + 5, NOW_MS + 1)
+
+
 async def test_live_leases_are_a_persons_unended_unexpired_ones(backend: Backend) -> None:
     user, other = new_user(), new_user()
     later, sooner = lease(user, "sbx-later", expires_at=NOW_MS + HOUR_MS), lease(user, "sbx-sooner",

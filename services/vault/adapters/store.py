@@ -607,12 +607,12 @@ class SqlSandboxLeases:
         return None if row is None else _sandbox_lease(row)
 
     async def save(self, lease: SandboxLease) -> None:
-        values = {name: getattr(lease, name) for name in _LEASE_FIELDS}
+        # last_released_at is never written here, on insert either: record_releases owns it
+        values = {name: getattr(lease, name) for name in _LEASE_FIELDS if name != "last_released_at"}
         stmt = _dialect_insert(self._dialect)(SandboxLeaseRow).values(**values)
-        keys = ("user_id", "sandbox_id", "last_released_at")
         stmt = stmt.on_conflict_do_update(
             index_elements=[SandboxLeaseRow.user_id, SandboxLeaseRow.sandbox_id],
-            set_={name: stmt.excluded[name] for name in _LEASE_FIELDS if name not in keys},
+            set_={name: stmt.excluded[name] for name in values if name not in ("user_id", "sandbox_id")},
         )
         await self._session.execute(stmt)
 
