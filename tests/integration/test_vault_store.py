@@ -422,7 +422,7 @@ async def _connect_due(env: Env, user: str, *, expires_in_ms: int = 1_000) -> in
     return (await env.vault.store_issued_tokens(event)).version or 0
 
 
-async def test_the_refresh_lease_has_exactly_one_winner(env: Env) -> None:
+async def test_replicas_racing_for_the_refresh_lease_have_exactly_one_winner(env: Env) -> None:
     user = new_user()
     version = await _connect_due(env, user)
     now_ms = int(datetime.now(UTC).timestamp() * 1000)
@@ -440,58 +440,7 @@ async def test_the_refresh_lease_has_exactly_one_winner(env: Env) -> None:
         for store in contenders:
             await store.dispose()
     assert sorted(results) == [False, False, False, False, True]
-    winner = f"replica-{results.index(True)}"
-
-    async with env.store.unit_of_work(env.keyring) as uow:  # leased rows are not due ...
-        assert user not in [d.user_id for d in await uow.connections.due_for_refresh(now_ms, 600_000, 100)]
-        # ... until the lease expires
-        later = now_ms + 61_000
-        assert user in [d.user_id for d in await uow.connections.due_for_refresh(later, 600_000, 100)]
-
-    async with env.store.unit_of_work(env.keyring) as uow:
-        conn = await uow.connections.get(user)
-        assert conn is not None
-        conn.refresh_failed("upstream_error", retry_at_ms=now_ms + 5_000, now=datetime.now(UTC))
-        with pytest.raises(ConcurrencyConflict):  # a replica that does not hold the lease cannot save
-            await uow.connections.update(conn, expected_version=version, lease_owner="replica-x")
-    async with env.store.unit_of_work(env.keyring) as uow:
-        await uow.connections.update(conn, expected_version=version, lease_owner=winner)
-        await uow.commit()
-    async with env.store.unit_of_work(env.keyring) as uow:
-        # saved, lease released, backoff respected by the scan
-        assert user not in [d.user_id for d in await uow.connections.due_for_refresh(now_ms, 600_000, 100)]
-        assert user in [d.user_id for d in await uow.connections.due_for_refresh(now_ms + 5_000, 600_000, 100)]
-        loaded = await uow.connections.get(user)
-    assert loaded is not None and (loaded.state, loaded.version, loaded.refresh_failures) == ("refresh_failed", 2, 1)
-
-
-async def test_only_due_refreshable_connections_are_scanned(env: Env) -> None:
-    soon, later, setup = new_user(), new_user(), new_user()
-    await _connect_due(env, soon, expires_in_ms=60_000)
-    await _connect_due(env, later, expires_in_ms=3_600_000)
-    await env.vault.store_issued_tokens(issued_event(env.vault_key.recipient, user_id=setup, access_token=canary(),
-                                                     kind="setup_token", expires_at=1))
-    now_ms = int(datetime.now(UTC).timestamp() * 1000)
-    async with env.store.unit_of_work(env.keyring) as uow:
-        due = {d.user_id for d in await uow.connections.due_for_refresh(now_ms, 600_000, 1000)}
-    assert soon in due and later not in due and setup not in due
-
-
-async def test_login_expiry_warning_is_marked_once(env: Env) -> None:
-    user = new_user()
-    now_ms = int(datetime.now(UTC).timestamp() * 1000)
-    login_expiry = now_ms + 3_600_000
-    await env.vault.store_issued_tokens(issued_event(env.vault_key.recipient, user_id=user, access_token=canary(),
-                                                     refresh_token=canary("r"),
-                                                     refresh_token_expires_at=login_expiry))
-    async with env.store.unit_of_work(env.keyring) as uow:
-        assert user not in [s.user_id for s in await uow.connections.due_login_warnings(now_ms, 60_000, 100)]
-        assert user in [s.user_id for s in await uow.connections.due_login_warnings(now_ms, 86_400_000, 100)]
-        assert await uow.connections.mark_login_warned(user, login_expiry)
-        assert not await uow.connections.mark_login_warned(user, login_expiry)
-        await uow.commit()
-    async with env.store.unit_of_work(env.keyring) as uow:
-        assert user not in [s.user_id for s in await uow.connections.due_login_warnings(now_ms, 86_400_000, 100)]
+    # what a lease then allows (due, save, release, backoff) is in test_vault_repository_contract.py
 
 
 async def test_retention_removes_only_old_processed_events_and_tombstones(env: Env) -> None:
