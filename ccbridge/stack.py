@@ -230,7 +230,7 @@ class Stack:
                 while True:
                     self.check_alive()
                     pending = [p for p in pending if not await _consumer_exists(js, *p)]
-                    vault_ok = "vault" not in self.services or await _responds(nc, subjects.VAULT_CREDENTIALS_GET)
+                    vault_ok = "vault" not in self.services or await self._vault_ready(http, nc)
                     auth_ok = "auth" not in self.services or await _http_ok(http, f"{self.auth_url}/readyz")
                     if not pending and vault_ok and auth_ok:
                         return
@@ -239,6 +239,26 @@ class Stack:
                     await asyncio.sleep(0.2)
         finally:
             await nc.close()
+
+
+    def metrics_url(self, name: str) -> str | None:
+        """Service `name`'s health/metrics listener (vault, sandbox), None when it is off (port 0)."""
+        env = self.service_env(name)
+        port = int(env.get(f"{name.upper()}_METRICS_PORT") or 0)
+        if not port:
+            return None
+        host = env.get(f"{name.upper()}_METRICS_HOST") or "127.0.0.1"
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
+        return f"http://{host}:{port}"
+
+    async def _vault_ready(self, http: httpx.AsyncClient, nc: nats.NATS) -> bool:
+        """The vault's /readyz (it listens only once its subscribers are up). Only with its
+        metrics listener off, a request on vault.credentials.get — which the vault logs as a
+        rejected request."""
+        url = self.metrics_url("vault")
+        if url:
+            return await _http_ok(http, f"{url}/readyz")
+        return await _responds(nc, subjects.VAULT_CREDENTIALS_GET)
 
 
 def _port_free(port: int) -> bool:
