@@ -20,6 +20,9 @@ from pathlib import Path
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from ccbridge.embedded_nats import EmbeddedNats, free_port
+from shared.settings import redact_url
+
+__all__ = ["USERS", "nats_url_for", "redact_url", "user_url"]
 
 # The committed config. `ccbridge up` is a development tool run from a checkout: the image and
 # the wheel carry no deploy/ directory.
@@ -80,19 +83,6 @@ def user_url(address: str, user: str, password: str) -> str:
     """`nats://host:port` + a user → `nats://user:password@host:port` (passwords are hex)."""
     parts = urlsplit(address)
     return urlunsplit(parts._replace(netloc=f"{user}:{password}@{_host_port(parts)}"))
-
-
-def redact_url(url: str) -> str:
-    """A NATS URL safe to print: a user name stays, a password or a token (`nats://<token>@…`)
-    goes; each server of a comma-separated list."""
-    def one(server: str) -> str:
-        parts = urlsplit(server.strip())
-        if "@" not in parts.netloc:
-            return server.strip()
-        who = f"{parts.username}:***" if parts.password is not None else "***"
-        return urlunsplit(parts._replace(netloc=f"{who}@{_host_port(parts)}"))
-
-    return ",".join(one(server) for server in url.split(","))
 
 
 # --- the data dir's users ---------------------------------------------------------------------
