@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,8 @@ class Stack:
     # --- configuration --------------------------------------------------
     @property
     def auth_url(self) -> str:
-        host = self.service_env().get("AUTH_HOST", "127.0.0.1")
+        host = self.service_env().get("AUTH_HOST") or "127.0.0.1"
+        host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, host)  # listening everywhere: ask loopback
         return f"http://{host}:{self.service_env()['AUTH_PORT']}"
 
     def nats_url_for(self, user: str) -> str:
@@ -83,6 +85,25 @@ class Stack:
     def nats_urls(self) -> dict[str, str]:
         """Every user's URL (what a `stack.json` would hold)."""
         return {user: self.nats_url_for(user) for user in nats_users.USERS}
+
+    def describe(self) -> dict[str, Any]:
+        """What `ccbridge up` writes to `<data_dir>/stack.json` (ccbridge.stackfile): holds the
+        NATS passwords of `ops` and `platform` — the file is 0600; print only `redacted()`."""
+        env = self.service_env()
+        return {
+            "pid": os.getpid(),
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "data_dir": str(self.data_dir),
+            "nats_url": self.nats_url_for("ops"),
+            "nats_urls": {user: self.nats_url_for(user) for user in ("ops", "platform")},
+            "nats_embedded": self.nats is not None,
+            "auth_url": self.auth_url,
+            "vault_metrics_port": int(env["VAULT_METRICS_PORT"]),
+            "sandbox_metrics_port": int(env["SANDBOX_METRICS_PORT"]),
+            "database_url": env["DATABASE_URL"],
+            "local_sandbox_root": env["LOCAL_SANDBOX_ROOT"],
+            "logs": str(self.log_dir),
+        }
 
     def service_env(self, name: str | None = None) -> dict[str, str]:
         """The environment of service `name` (its own NATS user); without a name, a harness's
@@ -104,6 +125,8 @@ class Stack:
             }
         )
         env.update(self.env)
+        if self.auth_port:
+            env["AUTH_PORT"] = str(self.auth_port)
         return env
 
     # --- lifecycle ------------------------------------------------------
@@ -116,8 +139,12 @@ class Stack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if not self.external_nats_url:
             self.start_nats()
-        if self.auth_port is None and "AUTH_PORT" not in self.env and not os.environ.get("AUTH_PORT"):
-            self.auth_port = 8000 if _port_free(8000) else free_port()
+        if self.auth_port is None:
+            requested = (self.env.get("AUTH_PORT") or os.environ.get("AUTH_PORT") or "").strip()
+            if not requested:
+                self.auth_port = 8000 if _port_free(8000) else free_port()
+            elif requested == "0":  # "any free port": pick it here, so auth_url is known
+                self.auth_port = free_port()
         # Keys exist before any service starts, so auth can seal to the vault at once and the
         # vault trusts auth's grant key from its first request.
         keys_dir = self.data_dir / "keys"
