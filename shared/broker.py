@@ -258,18 +258,36 @@ async def publish_event(broker: NatsBroker, subject: str, event: Event) -> None:
     )
 
 
-def dead_letter_msg_id(subject: str, message_id: str) -> str:
-    """Dedupe id of a dead letter: per subject, so one bad body on two subjects is two letters."""
-    return f"dlq-{subject}-{message_id}"
+def stream_sequence(message: Any) -> int | None:
+    """The stream sequence of the JetStream message being handled (a FastStream `NatsMessage` or a
+    raw nats `Msg`): the same for every redelivery of that copy, new for a copy published again
+    (`ccbridge dlq replay`). None when it is not a JetStream message (tests)."""
+    raw = getattr(message, "raw_message", message)
+    try:
+        seq = raw.metadata.sequence.stream
+    except Exception:  # noqa: BLE001 - not a JetStream message
+        return None
+    return seq if isinstance(seq, int) and seq > 0 else None
+
+
+def dead_letter_msg_id(subject: str, message_id: str, copy_seq: int | None = None) -> str:
+    """Dedupe id of a dead letter: per subject (one bad body on two subjects is two letters) and
+    per copy of the message on the bus (`copy_seq`, its stream sequence). Redeliveries of one copy
+    share the id — JetStream keeps one letter however often the dead-lettering is retried — while
+    a replayed copy that fails again is a new letter, never dropped as a duplicate of the first."""
+    base = f"dlq-{subject}-{message_id}"
+    return f"{base}-{copy_seq}" if copy_seq else base
 
 
 async def dead_letter(
-    broker: NatsBroker, subject: str, body: bytes, reason: str, *, message_id: str | None = None
+    broker: NatsBroker, subject: str, body: bytes, reason: str, *, message_id: str | None = None,
+    copy_seq: int | None = None,
 ) -> None:
-    """Keep a message we cannot process, unchanged, on `dlq.<subject>` with why."""
+    """Keep a message we cannot process, unchanged, on `dlq.<subject>` with why. `copy_seq`: the
+    stream sequence of the copy being given up on (`stream_sequence(message)`)."""
     headers = {REASON_HEADER: reason[:200], ORIGINAL_SUBJECT_HEADER: subject}
     if message_id:
-        headers[MSG_ID_HEADER] = dead_letter_msg_id(subject, message_id)
+        headers[MSG_ID_HEADER] = dead_letter_msg_id(subject, message_id, copy_seq)
     await broker.publish(body, subjects.dead_letter_subject(subject), headers=headers, stream=subjects.DLQ_STREAM.name)
 
 

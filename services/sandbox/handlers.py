@@ -125,12 +125,12 @@ def register_handlers(
         log.exception("sandbox.report_failed", what=what, delivery=delivery)
         await msg.nack(delay=delay)
 
-    async def run_live(what: str, msg: NatsMessage, use_case: Callable[[int], Awaitable[Any]]) -> None:
+    async def run_live(what: str, msg: NatsMessage, use_case: Callable[[int, int | None], Awaitable[Any]]) -> None:
         """A live-sandbox use case (re-inject, scrub) under the heartbeat, then ack / nack / term."""
         delivery = delivery_count(msg)
         try:
             async with working(msg, settings.ack_wait):
-                outcome = await use_case(delivery)
+                outcome = await use_case(delivery, bus.stream_sequence(msg))
         except Exception:  # noqa: BLE001 - could not even report: let JetStream redeliver
             await report_failed(msg, what, delivery, live.retry_policy.delay(delivery))
             return
@@ -142,7 +142,8 @@ def register_handlers(
         delivery = delivery_count(msg)
         try:
             async with working(msg, settings.ack_wait):
-                outcome = await injector.handle(event, delivery=delivery, body=msg.body)
+                outcome = await injector.handle(event, delivery=delivery, body=msg.body,
+                                                copy_seq=bus.stream_sequence(msg))
         except Exception:  # noqa: BLE001 - could not even report: let JetStream redeliver
             await report_failed(msg, f"sandbox.created {event.event_id}", delivery,
                                 injector.retry_policy.delay(delivery))
@@ -157,20 +158,20 @@ def register_handlers(
     @subscribe(REFRESHED, bus.TOKENS, "tokens.refreshed → re-inject into live sandboxes",
                "Writes the refreshed credentials into every live sandbox of the person.")
     async def on_tokens_refreshed(event: TokensRefreshed, msg: bus.Message) -> None:
-        await run_live(f"tokens.refreshed {event.event_id}", msg, lambda delivery: live.on_refreshed(
-            event, delivery=delivery, body=msg.body))
+        await run_live(f"tokens.refreshed {event.event_id}", msg, lambda delivery, copy_seq: live.on_refreshed(
+            event, delivery=delivery, body=msg.body, copy_seq=copy_seq))
 
     @subscribe(REVOKED, bus.TOKENS, "tokens.revoked → scrub live sandboxes",
                "Removes the person's credential files from every live sandbox and reports it.")
     async def on_tokens_revoked(event: TokensRevoked, msg: bus.Message) -> None:
-        await run_live(f"tokens.revoked {event.event_id}", msg, lambda delivery: live.on_revoked(
-            event, delivery=delivery, body=msg.body))
+        await run_live(f"tokens.revoked {event.event_id}", msg, lambda delivery, copy_seq: live.on_revoked(
+            event, delivery=delivery, body=msg.body, copy_seq=copy_seq))
 
     @subscribe(GRANT_ENDED, bus.TOKENS, "grants.ended → scrub the sandbox whose lease is over",
                "Removes the person's credential files from that one sandbox (lease expired or ended).")
     async def on_grant_ended(event: GrantEnded, msg: bus.Message) -> None:
-        await run_live(f"grants.ended {event.event_id}", msg, lambda delivery: live.on_grant_ended(
-            event, delivery=delivery, body=msg.body))
+        await run_live(f"grants.ended {event.event_id}", msg, lambda delivery, copy_seq: live.on_grant_ended(
+            event, delivery=delivery, body=msg.body, copy_seq=copy_seq))
 
     @subscribe(DESTROYED, bus.SANDBOX, "sandbox.destroyed → forget the sandbox",
                "Stops tracking the sandbox (no more re-injection or scrub).")
@@ -237,7 +238,8 @@ def invalid_event_middleware(broker: NatsBroker) -> ExceptionMiddleware:
         detail = f"invalid {subject} payload: {_validation_summary(exc)}"
         log.warning("sandbox.invalid_event", subject=subject, detail=detail)
         digest = hashlib.sha256(body).hexdigest()[:32]
-        await bus.dead_letter(broker, subject, body, f"invalid_event: {detail}", message_id=digest)
+        await bus.dead_letter(broker, subject, body, f"invalid_event: {detail}", message_id=digest,
+                              copy_seq=bus.stream_sequence(message))
         if subject == subjects.SANDBOX_CREATED:
             failed = salvage_failure(body, detail)
             if failed is not None:

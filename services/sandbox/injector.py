@@ -55,7 +55,8 @@ class EventPublisher(Protocol):
 
 
 class DeadLetters(Protocol):
-    async def dead_letter(self, subject: str, body: bytes, reason: str, *, message_id: str) -> None: ...
+    async def dead_letter(self, subject: str, body: bytes, reason: str, *, message_id: str,
+                          copy_seq: int | None = None) -> None: ...
 
 
 class NoDeadLetters:
@@ -63,9 +64,12 @@ class NoDeadLetters:
 
     def __init__(self) -> None:
         self.letters: list[tuple[str, bytes, str, str]] = []
+        self.copies: list[int | None] = []
 
-    async def dead_letter(self, subject: str, body: bytes, reason: str, *, message_id: str) -> None:
+    async def dead_letter(self, subject: str, body: bytes, reason: str, *, message_id: str,
+                          copy_seq: int | None = None) -> None:
         self.letters.append((subject, body, reason, message_id))
+        self.copies.append(copy_seq)
 
 
 @dataclass(frozen=True)
@@ -158,10 +162,13 @@ class CredentialInjector:
         return self._options.mcp_package if event.options.mcp else None
 
     # --- the message ------------------------------------------------------------------------
-    async def handle(self, event: SandboxCreated, *, delivery: int = 1, body: bytes | None = None) -> Outcome:
+    async def handle(
+        self, event: SandboxCreated, *, delivery: int = 1, body: bytes | None = None, copy_seq: int | None = None
+    ) -> Outcome:
         """Inject and report. Never raises for a domain failure; raises only if even the
         failure report (dead letter, failed event) cannot be published — the caller then lets
-        the message be redelivered."""
+        the message be redelivered. `copy_seq`: the message's stream sequence (its dead letter's
+        identity: a replayed copy that fails again makes a new letter)."""
         try:
             result = await self.inject(event)
             await self._publisher.publish(subjects.SANDBOX_CREDENTIALS_INJECTED, result.event)
@@ -211,7 +218,8 @@ class CredentialInjector:
         if exhausted:  # dead letter first: once it is kept, the failed event may follow
             raw = body if body is not None else event.model_dump_json().encode()
             await self._dead_letters.dead_letter(
-                subjects.SANDBOX_CREATED, raw, f"{error.reason}: {detail}", message_id=event.event_id
+                subjects.SANDBOX_CREATED, raw, f"{error.reason}: {detail}", message_id=event.event_id,
+                copy_seq=copy_seq,
             )
         await self._publisher.publish(subjects.SANDBOX_CREDENTIALS_FAILED, failed)
         log.warning(

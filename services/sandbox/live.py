@@ -132,13 +132,13 @@ class LiveSandboxes:
 
     # --- tokens.refreshed -------------------------------------------------------------------
     async def on_refreshed(
-        self, event: TokensRefreshed, *, delivery: int = 1, body: bytes | None = None
+        self, event: TokensRefreshed, *, delivery: int = 1, body: bytes | None = None, copy_seq: int | None = None
     ) -> LiveOutcome:
         records = [(r, rev) for r, rev in await self._registry.for_user(event.user_id) if r.state != "scrubbed"]
         if not records:
             return Done()
         results = await self._each(records, lambda rec, rev: self._refresh_one(event, rec, rev))
-        return await self._conclude(event, subjects.TOKENS_REFRESHED, results, delivery, body, action="re-inject")
+        return await self._conclude(event, subjects.TOKENS_REFRESHED, results, delivery, body, copy_seq=copy_seq, action="re-inject")
 
     async def _refresh_one(self, event: TokensRefreshed, record: domain.LiveSandbox, revision: int) -> str | None:
         async with self._locks.hold(record.backend, record.sandbox_id):
@@ -225,17 +225,21 @@ class LiveSandboxes:
         )
 
     # --- tokens.revoked ---------------------------------------------------------------------
-    async def on_revoked(self, event: TokensRevoked, *, delivery: int = 1, body: bytes | None = None) -> LiveOutcome:
+    async def on_revoked(
+        self, event: TokensRevoked, *, delivery: int = 1, body: bytes | None = None, copy_seq: int | None = None
+    ) -> LiveOutcome:
         # never later than now: a publisher's clock must not refuse the person's future sandboxes
         await self._registry.mark_revoked(event.user_id, min(occurred_ms(event), int(time.time() * 1000)))
         records = list(await self._registry.for_user(event.user_id))
         if not records:
             return Done()
         results = await self._each(records, lambda rec, rev: self._scrub_one(event, rec))
-        return await self._conclude(event, subjects.TOKENS_REVOKED, results, delivery, body, action="scrub")
+        return await self._conclude(event, subjects.TOKENS_REVOKED, results, delivery, body, copy_seq=copy_seq, action="scrub")
 
     # --- grants.ended -----------------------------------------------------------------------
-    async def on_grant_ended(self, event: GrantEnded, *, delivery: int = 1, body: bytes | None = None) -> LiveOutcome:
+    async def on_grant_ended(
+        self, event: GrantEnded, *, delivery: int = 1, body: bytes | None = None, copy_seq: int | None = None
+    ) -> LiveOutcome:
         """Scrub the one sandbox whose lease ended — not one that holds a newer grant."""
         lookup = await self._registry.get(event.user_id, event.sandbox_id)
         record = lookup.record
@@ -247,7 +251,7 @@ class LiveSandboxes:
                      why="the sandbox holds a grant signed after the lease ended")
             return Done()
         results = await self._each([(record, lookup.revision)], lambda rec, rev: self._scrub_one(event, rec))
-        return await self._conclude(event, subjects.GRANTS_ENDED, results, delivery, body, action="scrub")
+        return await self._conclude(event, subjects.GRANTS_ENDED, results, delivery, body, copy_seq=copy_seq, action="scrub")
 
     async def _scrub_one(self, event: TokensRevoked | GrantEnded, record: domain.LiveSandbox) -> str | None:
         async with self._locks.hold(record.backend, record.sandbox_id):
@@ -334,6 +338,7 @@ class LiveSandboxes:
         delivery: int,
         body: bytes | None,
         *,
+        copy_seq: int | None = None,
         action: str,
     ) -> LiveOutcome:
         done = tuple(r for _, r in results if isinstance(r, str))
@@ -371,7 +376,7 @@ class LiveSandboxes:
         if exhausted:
             raw = body if body is not None else event.model_dump_json().encode()
             reason = f"{retryable[0][1].reason}: {action} failed for {len(retryable)} sandbox(es)"
-            await self._dead_letters.dead_letter(subject, raw, reason, message_id=event.event_id)
+            await self._dead_letters.dead_letter(subject, raw, reason, message_id=event.event_id, copy_seq=copy_seq)
         for item in failed:
             await self._publisher.publish(subjects.SANDBOX_CREDENTIALS_FAILED, item)
             log.warning("sandbox.live_failed", subject=subject, sandbox_id=item.sandbox_id, reason=item.reason,

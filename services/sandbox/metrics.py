@@ -77,10 +77,12 @@ class MeteredInjector:
     def retry_policy(self) -> RetryPolicy:
         return self._inner.retry_policy
 
-    async def handle(self, event: SandboxCreated, *, delivery: int = 1, body: bytes | None = None) -> Outcome:
+    async def handle(
+        self, event: SandboxCreated, *, delivery: int = 1, body: bytes | None = None, copy_seq: int | None = None
+    ) -> Outcome:
         started = time.perf_counter()
         self._metrics.consumed(subjects.SANDBOX_CREATED)
-        outcome = await self._inner.handle(event, delivery=delivery, body=body)
+        outcome = await self._inner.handle(event, delivery=delivery, body=body, copy_seq=copy_seq)
         self._metrics.handled(outcome, time.perf_counter() - started)
         return outcome
 

@@ -161,7 +161,8 @@ def _malformed_handler(vault: Vault, default_subject: str) -> Any:
         # Never log the error itself: pydantic quotes the input.
         subject = getattr(getattr(message, "raw_message", None), "subject", None) or default_subject
         message_id = _message_id(message)
-        await bus.dead_letter(broker, subject, _body(message), "invalid_event: schema", message_id=message_id)
+        await bus.dead_letter(broker, subject, _body(message), "invalid_event: schema", message_id=message_id,
+                              copy_seq=bus.stream_sequence(message))
         if subject == subjects.TOKENS_ISSUED:
             vault.metrics.issued("dead_lettered")
         log.warning(f"{subject} dead-lettered", reason="invalid_event", nats_msg_id=message_id)
@@ -181,7 +182,8 @@ async def _on_error(
     error = type(exc).__name__  # the class only: messages may quote inputs
     ids = {"user_id": user_id, "event_id": event_id}
     if failure.dead_letter:
-        await bus.dead_letter(broker, subject, message.body, failure.reason, message_id=event_id)
+        await bus.dead_letter(broker, subject, message.body, failure.reason, message_id=event_id,
+                              copy_seq=bus.stream_sequence(message))
         log.warning(f"{subject} dead-lettered", reason=failure.reason, error=error, **ids)
         await vault.record_dead_letter(subject, failure.reason, event_id=event_id, user_id=user_id)
         if subject == subjects.TOKENS_ISSUED:

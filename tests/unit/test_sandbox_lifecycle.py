@@ -261,9 +261,9 @@ async def test_exhausted_event_is_dead_lettered_before_the_failed_event() -> Non
     world.publisher.log = order
     original = world.dead.dead_letter
 
-    async def dead_letter(subject: str, body: bytes, reason: str, *, message_id: str) -> None:
+    async def dead_letter(subject: str, body: bytes, reason: str, *, message_id: str, copy_seq: int | None = None) -> None:
         order.append(f"dead_letter {subject}")
-        await original(subject, body, reason, message_id=message_id)
+        await original(subject, body, reason, message_id=message_id, copy_seq=copy_seq)
 
     world.dead.dead_letter = dead_letter  # type: ignore[method-assign]
     event = SandboxCreated(user_id="u", sandbox_id="s1")

@@ -34,13 +34,15 @@ class BrokerPublisher:
 
 
 class BrokerDeadLetters:
-    """`DeadLetters` over `shared.broker.dead_letter` (Nats-Msg-Id `dlq-<id>`: kept once)."""
+    """`DeadLetters` over `shared.broker.dead_letter` (Nats-Msg-Id `dlq-<subject>-<id>-<copy>`:
+    kept once per copy of the message, see `shared.broker.dead_letter_msg_id`)."""
 
     def __init__(self, broker: NatsBroker) -> None:
         self._broker = broker
 
-    async def dead_letter(self, subject: str, body: bytes, reason: str, *, message_id: str) -> None:
-        await bus.dead_letter(self._broker, subject, body, reason, message_id=message_id)
+    async def dead_letter(self, subject: str, body: bytes, reason: str, *, message_id: str,
+                          copy_seq: int | None = None) -> None:
+        await bus.dead_letter(self._broker, subject, body, reason, message_id=message_id, copy_seq=copy_seq)
 
 
 @dataclass(frozen=True)
