@@ -64,6 +64,7 @@ def start_secured_nats(
     log_file: Path | None = None,
     port: int | None = None,
     http_port: int | None = None,
+    die_with_parent: bool = False,
 ) -> EmbeddedNats:
     """A nats-server running the committed config with these passwords, on loopback. The config's
     fixed ports (4222, monitoring 8222) are replaced by free ones: a system NATS may hold them."""
@@ -72,7 +73,7 @@ def start_secured_nats(
         raise ValueError(f"passwords missing for {sorted(missing)}")
     config = render_nats_config(conf_dir, store_dir=store_dir)
     return EmbeddedNats(store_dir, port=port, log_file=log_file, config=config, env=password_env(passwords),
-                        http_port=http_port or free_port()).start()
+                        http_port=http_port or free_port(), die_with_parent=die_with_parent).start()
 
 
 def _host_port(parts: SplitResult) -> str:

@@ -25,9 +25,10 @@ import nats
 from nats.js.errors import NotFoundError
 
 from ccbridge import nats_users
-from ccbridge.embedded_nats import EmbeddedNats, free_port
+from ccbridge.embedded_nats import EmbeddedNats, die_with_parent, free_port
 from shared import subjects
 from shared.grants import load_or_create_signer
+from shared.runtime import SUPERVISOR_PID_ENV
 from shared.sealing import load_or_create_keypair
 from shared.settings import nats_servers
 
@@ -169,7 +170,8 @@ class Stack:
         self.nats_passwords = nats_users.load_or_create_passwords(self.data_dir)
         store = self.data_dir / nats_users.STORE_DIRNAME
         self.nats = nats_users.start_secured_nats(store / "conf", store, self.nats_passwords,
-                                                  log_file=self.log_dir / "nats-server.log")
+                                                  log_file=self.log_dir / "nats-server.log",
+                                                  die_with_parent=True)
         nats_users.record_server(self.data_dir, self.nats.url)
         self.nats_url = self.nats_url_for("ops")
         return self.nats
@@ -186,12 +188,17 @@ class Stack:
     def start_service(self, name: str) -> ServiceProcess:
         log_path = self.log_dir / f"{name}.log"
         out = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+        # Its own session (a Ctrl-C in the terminal reaches only the supervisor, which stops the
+        # services in order), yet it dies with the supervisor: PR_SET_PDEATHSIG on Linux, and the
+        # service watches CCBRIDGE_SUPERVISOR_PID itself (shared.runtime) everywhere.
         process = subprocess.Popen(
             [sys.executable, "-m", f"services.{name}"],
-            env={**self.service_env(name), **self.per_service_env.get(name, {})},
+            env={**self.service_env(name), **self.per_service_env.get(name, {}),
+                 SUPERVISOR_PID_ENV: str(os.getpid())},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
         out.close()
         self.processes[name] = ServiceProcess(name, process, log_path)

@@ -41,7 +41,7 @@ class Up:
         self.log = data.parent / f"up-{time.monotonic_ns()}.txt"
         data.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([*CCBRIDGE, "up", *args], env=_env(data, AUTH_PORT=str(free_port()), **env),
+            self.proc = subprocess.Popen([*CCBRIDGE, "up", *args], env=_env(data, **{"AUTH_PORT": str(free_port()), **env}),
                                          stdout=out, stderr=subprocess.STDOUT, cwd=data.parent,
                                          start_new_session=True)
 
@@ -191,3 +191,83 @@ async def test_client_resolves_the_stack_from_the_data_dir(data: Path, monkeypat
             assert (await ccb.connection_status("nobody")).connected is False
     finally:
         await asyncio.to_thread(up.stop)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_supervisor_takes_its_services_and_nats_server_with_it(data: Path) -> None:
+    """SIGKILL leaves `ccbridge up` no chance to clean up: the kernel (PR_SET_PDEATHSIG) and each
+    service's own parent watch must. Then a second `up` on the same data dir, same auth port,
+    starts clean (no "address already in use", no second nats-server on the same store)."""
+    auth_port = str(free_port())
+    up = Up(data, AUTH_PORT=auth_port)
+    children: set[int] = set()
+    try:
+        up.wait_up()
+        children = _children(up.proc.pid)
+        names = {Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode() for pid in children}
+        assert sum("services." in n for n in names) == 3 and any("nats-server" in n for n in names), names
+        up.proc.kill()
+        up.proc.wait()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_alive(pid) for pid in children):
+            time.sleep(0.2)
+        left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children if _alive(pid)}
+        assert left == {}, left
+    finally:  # whatever outlived the supervisor must not outlive the test
+        if up.proc.poll() is None:
+            up.proc.kill()
+        for pid in children:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert stackfile.read_live(data) is None  # its stack.json is stale now
+
+    again = Up(data, AUTH_PORT=auth_port)
+    try:
+        doc = again.wait_up()
+        assert doc["pid"] == again.proc.pid and doc["auth_url"].endswith(f":{auth_port}")
+    finally:
+        again.stop()
+    assert again.proc.returncode == 0, again.output()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_services_stop_on_their_own_when_the_supervisor_is_gone(tmp_path: Path) -> None:
+    """The portable half alone (macOS has no PR_SET_PDEATHSIG): services started without it still
+    stop, cleanly, once their supervisor is gone — they watch CCBRIDGE_SUPERVISOR_PID."""
+    script = (
+        "import sys, time\n"
+        "import ccbridge.stack as stack\n"
+        "stack.die_with_parent = lambda *a, **k: None  # the services: their own parent watch only\n"
+        "s = stack.Stack(sys.argv[1], services=('vault', 'sandbox'))\n"
+        "s.start()\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    env = _env(tmp_path / "data")
+    supervisor = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "data")], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    children: set[int] = set()
+    try:
+        assert supervisor.stdout is not None
+        for line in supervisor.stdout:
+            if line.strip() == "ready":
+                break
+        else:
+            raise AssertionError("the stack did not start")
+        children = _children(supervisor.pid)
+        services = {pid for pid in children if b"services." in Path(f"/proc/{pid}/cmdline").read_bytes()}
+        assert len(services) == 2
+        supervisor.kill()
+        supervisor.wait()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_alive(pid) for pid in services):
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in services)
+        logs = (tmp_path / "data" / "logs" / "vault.log").read_text()
+        assert "the supervisor" in logs and "vault stopped" in logs  # a clean stop, not a kill
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+        for pid in children:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
