@@ -1,8 +1,11 @@
 """A small typed client for platform services that talk to ccbridge.
 
     grant = await request_grant(auth_url, caller_token, "sbx-1")    # the person's grant (HTTP)
-    async with CcbridgeClient(nats_url) as ccb:
+    async with CcbridgeClient(nats_url) as ccb:     # CcbridgeClient(): NATS_URL, else `ccbridge up`'s
         result = await ccb.prepare_sandbox("sbx-1", "user-42", grant=grant.token)
+
+Connecting is bounded (`connect_timeout`, 5 s): an unreachable NATS raises `CcbridgeUnavailable`
+in time, one line, no retry loop; no result within `timeout` raises `CcbridgeTimeout`.
 
 A grant is the person's signed permission for ONE sandbox to hold their credentials
 (`POST /v1/claude-code/grants` on auth, with that person's caller token); without one the vault

@@ -91,10 +91,21 @@ def read_raw(directory: Path | None = None) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
+def _is_ccbridge(pid: int) -> bool:
+    """False when /proc says `pid` is some other program (its number was reused, e.g. after a
+    reboot); True when it is ccbridge or when there is no /proc to ask (macOS)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
+    return b"ccbridge" in cmdline
+
+
 def read_live(directory: Path | None = None) -> dict[str, Any] | None:
-    """The stack.json of a running `ccbridge up`, or None (missing, unreadable, or stale)."""
+    """The stack.json of a running `ccbridge up`, or None (missing, unreadable, or stale: its
+    process is gone, or its pid now belongs to another program)."""
     doc = read_raw(directory)
-    if doc is None or not pid_alive(doc.get("pid")):
+    if doc is None or not pid_alive(doc.get("pid")) or not _is_ccbridge(doc["pid"]):
         return None
     return doc
 

@@ -151,6 +151,13 @@ def test_up_writes_stack_json_the_verbs_and_the_client_use_it(data: Path) -> Non
 
 
 def test_a_stale_stack_json_is_ignored(data: Path) -> None:
+    other = subprocess.Popen(["sleep", "30"])  # alive, but not ccbridge: a reused pid
+    try:
+        stackfile.write(data, {"pid": other.pid, "auth_url": "http://127.0.0.1:1"})
+        assert stackfile.read_live(data) is None or not sys.platform.startswith("linux")
+    finally:
+        other.kill()
+        other.wait()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stackfile.write(data, {"pid": dead.pid, "nats_url": "nats://ops:secret@127.0.0.1:1",
