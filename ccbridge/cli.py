@@ -194,6 +194,8 @@ def _banner(stack: Any, info: dict[str, Any], file: Path) -> None:
     if url := info.get("standin_oauth_url"):
         lines.append(f"  [bold yellow]OAuth     STAND-IN at {url}: a fake Claude login server. NOT for real accounts:"
                      " no real Claude credentials are issued or accepted.[/bold yellow]")
+    if Path(info["data_dir"]) != _data_dir().resolve():  # `up --data-dir X`: the other verbs look in CCBRIDGE_DATA_DIR
+        lines.append(f"  [bold]other ccbridge verbs: export CCBRIDGE_DATA_DIR={info['data_dir']}[/bold]")
     lines.append("  next      ccbridge token --user alice   ·   ccbridge login --user alice   ·   "
                  "ccbridge sandbox create --user alice --sandbox-id sbx-1")
     lines.append("  Ctrl-C stops everything.")
