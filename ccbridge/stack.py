@@ -89,7 +89,8 @@ class Stack:
 
     def describe(self) -> dict[str, Any]:
         """What `ccbridge up` writes to `<data_dir>/stack.json` (ccbridge.stackfile): holds the
-        NATS passwords of `ops` and `platform` — the file is 0600; print only `redacted()`."""
+        NATS passwords of `ops` and `platform` — the file is 0600; print URLs only through
+        `shared.settings.redact_url`."""
         env = self.service_env()
         return {
             "pid": os.getpid(),
@@ -273,7 +274,6 @@ class Stack:
                     await asyncio.sleep(0.2)
         finally:
             await nc.close()
-
 
     def metrics_url(self, name: str) -> str | None:
         """Service `name`'s health/metrics listener (vault, sandbox), None when it is off (port 0)."""
