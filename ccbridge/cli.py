@@ -626,7 +626,6 @@ def _vault_tool(run, *, needs_keys: bool = True, needs_database: bool = True, as
     there (never creates a key file or an empty database by accident): missing → exit 2; the
     database or NATS unreachable → exit 3; other typed vault errors → exit 2.
     Logs go to stderr (redacted), so stdout stays machine-readable."""
-    import structlog
     from pydantic import ValidationError
 
     from services.vault.errors import StoreUnavailable, VaultError
@@ -649,8 +648,9 @@ def _vault_tool(run, *, needs_keys: bool = True, needs_database: bool = True, as
         fail(f"no vault database at {sqlite_file}: run `ccbridge up` (or `ccbridge vault migrate`) first, "
              "or point CCBRIDGE_DATA_DIR / DATABASE_URL at the vault's", EXIT_USAGE, as_json=as_json,
              error="no_database")
-    if not structlog.is_configured():
-        configure_logging(settings.log_level, settings.log_format, service="vault-cli")
+    # Always: structlog may be "configured" with its defaults (print to stdout) by whoever ran
+    # before in this process; the CLI's logs belong on stderr, stdout is for results.
+    configure_logging(settings.log_level, settings.log_format, service="vault-cli")
     try:
         return asyncio.run(run(settings))
     except nats_connect.BusUnreachable as exc:
