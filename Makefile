@@ -35,8 +35,10 @@ $(CLAUDE_BIN):
 	@mkdir -p $(TOOLS)/claude
 	npm install --silent --no-audit --no-fund --prefix $(TOOLS)/claude @anthropic-ai/claude-code
 
+# `make run STANDIN=1`: also the bundled OAuth stand-in, with auth and the vault pointed at it
+# (README "Try it by hand"; NOT for real accounts).
 run: install
-	$(BIN)/ccbridge up
+	$(BIN)/ccbridge up$(if $(STANDIN), --standin-oauth)
 
 demo: install claude-cli
 	CLAUDE_BIN=$(CURDIR)/$(CLAUDE_BIN) $(BIN)/ccbridge demo

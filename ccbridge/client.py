@@ -1,8 +1,11 @@
 """A small typed client for platform services that talk to ccbridge.
 
     grant = await request_grant(auth_url, caller_token, "sbx-1")    # the person's grant (HTTP)
-    async with CcbridgeClient(nats_url) as ccb:
+    async with CcbridgeClient(nats_url) as ccb:     # CcbridgeClient(): NATS_URL, else `ccbridge up`'s
         result = await ccb.prepare_sandbox("sbx-1", "user-42", grant=grant.token)
+
+Connecting is bounded (`connect_timeout`, 5 s): an unreachable NATS raises `CcbridgeUnavailable`
+in time, one line, no retry loop; no result within `timeout` raises `CcbridgeTimeout`.
 
 A grant is the person's signed permission for ONE sandbox to hold their credentials
 (`POST /v1/claude-code/grants` on auth, with that person's caller token); without one the vault
@@ -19,6 +22,7 @@ NATS account grants another one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -43,7 +47,7 @@ from shared.events import (
     SandboxOptions,
     new_event_id,
 )
-from shared.settings import nats_servers
+from shared import nats_connect
 
 SandboxResult = SandboxCredentialsInjected | SandboxCredentialsFailed
 PLATFORM_INBOX_PREFIX = subjects.inbox_prefix("platform")
@@ -125,35 +129,57 @@ async def request_grant(
 class CcbridgeClient:
     def __init__(
         self,
-        nats_url: str,
+        nats_url: str | None = None,
         *,
         connection: NatsClient | None = None,
         name: str = "ccbridge-client",
         inbox_prefix: str = PLATFORM_INBOX_PREFIX,
+        connect_timeout: float = 5.0,
     ) -> None:
-        """`connection`: use this one (its own inbox prefix) instead of connecting to `nats_url`."""
+        """`nats_url`: the `platform` user's URL; None → `NATS_URL`, else the `platform` URL of
+        the stack `ccbridge up` runs on `CCBRIDGE_DATA_DIR` (its stack.json), else
+        nats://127.0.0.1:4222. `connection`: use this one (its own inbox prefix) instead.
+        `connect_timeout`: entering the client connects within it or raises `CcbridgeUnavailable`."""
         self._url = nats_url
         self._name = name
         self._inbox_prefix = inbox_prefix
+        self._connect_timeout = connect_timeout
         self._nc = connection
         self._owns_connection = connection is None
         self._waiters: dict[str, asyncio.Future[SandboxResult]] = {}
         self._subscription: Any = None
 
+    @property
+    def nats_url(self) -> str:
+        """The URL this client connects to (it may hold a password: print `redact_url(...)`)."""
+        if self._url is None:
+            from ccbridge import stackfile
+
+            self._url = stackfile.nats_url("platform").value
+        return self._url
+
     async def __aenter__(self) -> CcbridgeClient:
         if self._nc is None:
-            self._nc = await nats.connect(servers=nats_servers(self._url), name=self._name,
-                                          inbox_prefix=self._inbox_prefix)
+            try:
+                self._nc = await nats_connect.connect(self.nats_url, timeout=self._connect_timeout, name=self._name,
+                                                      inbox_prefix=self._inbox_prefix)
+            except nats_connect.BusUnreachable as exc:
+                raise CcbridgeUnavailable(str(exc)) from None
         self._subscription = await self._nc.subscribe("sandbox.credentials.*", cb=self._on_result)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self._subscription is not None:
-            await self._subscription.unsubscribe()
+            with contextlib.suppress(Exception):
+                await self._subscription.unsubscribe()
         for waiter in self._waiters.values():
             waiter.cancel()
         if self._owns_connection and self._nc is not None:
-            await self._nc.drain()
+            try:
+                await asyncio.wait_for(self._nc.drain(), self._connect_timeout)
+            except Exception:  # noqa: BLE001 - a connection that went away: just close it
+                with contextlib.suppress(Exception):
+                    await self._nc.close()
 
     async def _on_result(self, msg: Msg) -> None:
         model = (
@@ -208,19 +234,28 @@ class CcbridgeClient:
             options=SandboxOptions(mode=mode, mcp=mcp, config_dir=config_dir),
         )
         waiter = self.expect_result(event.event_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
-            ack = await self._nc.jetstream().publish(
-                subjects.SANDBOX_CREATED,
-                event.model_dump_json().encode(),
-                headers={subjects.MSG_ID_HEADER: event.event_id},
-                stream=subjects.SANDBOX_STREAM.name,
-            )
+            try:
+                ack = await self._nc.jetstream().publish(
+                    subjects.SANDBOX_CREATED,
+                    event.model_dump_json().encode(),
+                    headers={subjects.MSG_ID_HEADER: event.event_id},
+                    stream=subjects.SANDBOX_STREAM.name,
+                    timeout=max(0.1, min(5.0, timeout)),
+                )
+            except nats.errors.NoRespondersError:
+                raise CcbridgeUnavailable(
+                    f"no JetStream stream takes {subjects.SANDBOX_CREATED} on this NATS: is it ccbridge's, "
+                    "and has a ccbridge service started once?"
+                ) from None
             if ack.duplicate:
                 # A retry of an event JetStream already holds: its result, if any, is in the stream.
                 earlier = await self._earlier_result(event.event_id)
                 if earlier is not None:
                     return earlier
-            return await asyncio.wait_for(waiter, timeout)
+            return await asyncio.wait_for(waiter, max(0.0, deadline - loop.time()))
         except TimeoutError as exc:
             raise CcbridgeTimeout(sandbox_id, event.event_id, timeout) from exc
         finally:

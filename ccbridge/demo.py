@@ -30,6 +30,48 @@ def standin_oauth_env(oauth) -> dict[str, str]:  # noqa: ANN001 - standins.oauth
     }
 
 
+class BackgroundStandin:
+    """The OAuth stand-in on its own event loop in a daemon thread, for `ccbridge up --standin-oauth`:
+    it lives and dies with the supervisor process (no child to leave behind).
+
+        standin = BackgroundStandin(port=0).start()
+        standin_oauth_env(standin.server)   # OAUTH_* for the services
+        standin.stop()
+    """
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        from standins.oauth import OAuthStandin
+
+        self.server = OAuthStandin(host=host, port=port)
+        self._loop = None
+        self._thread = None
+
+    def start(self, timeout: float = 15.0) -> BackgroundStandin:
+        import asyncio
+        import threading
+
+        loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=loop.run_forever, name="oauth-standin", daemon=True)
+        self._thread.start()
+        self._loop = loop
+        asyncio.run_coroutine_threadsafe(self.server.start(), loop).result(timeout)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        import asyncio
+
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.stop(), loop).result(timeout)
+        except Exception:  # noqa: BLE001 - stopping anyway
+            pass
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
 def mint_caller_token(secret: str, user_id: str, ttl_s: int = 600) -> str:
     """An HS256 caller token as a platform would mint it for its user (`sub` = user id)."""
     now = int(time.time())

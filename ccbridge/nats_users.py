@@ -20,6 +20,9 @@ from pathlib import Path
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from ccbridge.embedded_nats import EmbeddedNats, free_port
+from shared.settings import redact_url
+
+__all__ = ["USERS", "nats_url_for", "redact_url", "user_url"]
 
 # The committed config. `ccbridge up` is a development tool run from a checkout: the image and
 # the wheel carry no deploy/ directory.
@@ -61,6 +64,7 @@ def start_secured_nats(
     log_file: Path | None = None,
     port: int | None = None,
     http_port: int | None = None,
+    die_with_parent: bool = False,
 ) -> EmbeddedNats:
     """A nats-server running the committed config with these passwords, on loopback. The config's
     fixed ports (4222, monitoring 8222) are replaced by free ones: a system NATS may hold them."""
@@ -69,7 +73,7 @@ def start_secured_nats(
         raise ValueError(f"passwords missing for {sorted(missing)}")
     config = render_nats_config(conf_dir, store_dir=store_dir)
     return EmbeddedNats(store_dir, port=port, log_file=log_file, config=config, env=password_env(passwords),
-                        http_port=http_port or free_port()).start()
+                        http_port=http_port or free_port(), die_with_parent=die_with_parent).start()
 
 
 def _host_port(parts: SplitResult) -> str:
@@ -80,19 +84,6 @@ def user_url(address: str, user: str, password: str) -> str:
     """`nats://host:port` + a user → `nats://user:password@host:port` (passwords are hex)."""
     parts = urlsplit(address)
     return urlunsplit(parts._replace(netloc=f"{user}:{password}@{_host_port(parts)}"))
-
-
-def redact_url(url: str) -> str:
-    """A NATS URL safe to print: a user name stays, a password or a token (`nats://<token>@…`)
-    goes; each server of a comma-separated list."""
-    def one(server: str) -> str:
-        parts = urlsplit(server.strip())
-        if "@" not in parts.netloc:
-            return server.strip()
-        who = f"{parts.username}:***" if parts.password is not None else "***"
-        return urlunsplit(parts._replace(netloc=f"{who}@{_host_port(parts)}"))
-
-    return ",".join(one(server) for server in url.split(","))
 
 
 # --- the data dir's users ---------------------------------------------------------------------

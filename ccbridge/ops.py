@@ -6,6 +6,7 @@ A dead letter is the original message, unchanged, on `dlq.<subject>` with header
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -75,9 +76,14 @@ async def list_dead_letters(nc: nats.NATS, *, subject: str | None = None, limit:
 
 
 async def replay_dead_letter(nc: nats.NATS, seq: int) -> str:
-    """Publish the dead letter back on its original subject, then remove it from the DLQ.
+    """Publish the dead letter back on its original subject; remove it from the DLQ only once the
+    new copy is stored (its PubAck came back). Never loses a letter: a failure before the ack
+    leaves the letter where it was, and a replay that fails again is dead-lettered anew (a dead
+    letter's id names the copy it came from, `shared.broker.dead_letter_msg_id`).
 
-    The replay gets a fresh Nats-Msg-Id so the stream's duplicate window does not drop it; the
+    The replay's Nats-Msg-Id is derived from this letter (sequence, time, body): replaying the
+    same letter twice within the stream's duplicate window (a retry after a lost ack) stores it
+    once, while any other letter — even one at a reused sequence number — is its own message. The
     consumers are idempotent on the payload's own event_id, so a replay of something already
     processed has no second effect."""
     js = nc.jetstream()
@@ -88,8 +94,11 @@ async def replay_dead_letter(nc: nats.NATS, seq: int) -> str:
         raise ValueError("refusing to replay into the dead-letter stream itself")
     from shared.broker import stream_for
 
-    await js.publish(
-        original, raw.data or b"", headers={subjects.MSG_ID_HEADER: f"replay-{seq}"}, stream=stream_for(original)
+    letter = hashlib.sha256(f"{seq}|{getattr(raw, 'time', None)}|".encode() + (raw.data or b"")).hexdigest()[:24]
+    ack = await js.publish(
+        original, raw.data or b"", headers={subjects.MSG_ID_HEADER: f"replay-{seq}-{letter}"}, stream=stream_for(original)
     )
+    if not ack.stream or ack.seq is None:  # no PubAck: keep the letter
+        raise RuntimeError(f"the replay of {seq} was not acknowledged; the dead letter stays")
     await js.delete_msg(DLQ, seq)
     return original

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,10 @@ import nats
 from nats.js.errors import NotFoundError
 
 from ccbridge import nats_users
-from ccbridge.embedded_nats import EmbeddedNats, free_port
+from ccbridge.embedded_nats import EmbeddedNats, die_with_parent, free_port
 from shared import subjects
 from shared.grants import load_or_create_signer
+from shared.runtime import SUPERVISOR_PID_ENV
 from shared.sealing import load_or_create_keypair
 from shared.settings import nats_servers
 
@@ -67,7 +69,8 @@ class Stack:
     # --- configuration --------------------------------------------------
     @property
     def auth_url(self) -> str:
-        host = self.service_env().get("AUTH_HOST", "127.0.0.1")
+        host = self.service_env().get("AUTH_HOST") or "127.0.0.1"
+        host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, host)  # listening everywhere: ask loopback
         return f"http://{host}:{self.service_env()['AUTH_PORT']}"
 
     def nats_url_for(self, user: str) -> str:
@@ -83,6 +86,26 @@ class Stack:
     def nats_urls(self) -> dict[str, str]:
         """Every user's URL (what a `stack.json` would hold)."""
         return {user: self.nats_url_for(user) for user in nats_users.USERS}
+
+    def describe(self) -> dict[str, Any]:
+        """What `ccbridge up` writes to `<data_dir>/stack.json` (ccbridge.stackfile): holds the
+        NATS passwords of `ops` and `platform` — the file is 0600; print URLs only through
+        `shared.settings.redact_url`."""
+        env = self.service_env()
+        return {
+            "pid": os.getpid(),
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "data_dir": str(self.data_dir),
+            "nats_url": self.nats_url_for("ops"),
+            "nats_urls": {user: self.nats_url_for(user) for user in ("ops", "platform")},
+            "nats_embedded": self.nats is not None,
+            "auth_url": self.auth_url,
+            "vault_metrics_port": int(env["VAULT_METRICS_PORT"]),
+            "sandbox_metrics_port": int(env["SANDBOX_METRICS_PORT"]),
+            "database_url": env["DATABASE_URL"],
+            "local_sandbox_root": env["LOCAL_SANDBOX_ROOT"],
+            "logs": str(self.log_dir),
+        }
 
     def service_env(self, name: str | None = None) -> dict[str, str]:
         """The environment of service `name` (its own NATS user); without a name, a harness's
@@ -104,6 +127,8 @@ class Stack:
             }
         )
         env.update(self.env)
+        if self.auth_port:
+            env["AUTH_PORT"] = str(self.auth_port)
         return env
 
     # --- lifecycle ------------------------------------------------------
@@ -116,8 +141,12 @@ class Stack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if not self.external_nats_url:
             self.start_nats()
-        if self.auth_port is None and "AUTH_PORT" not in self.env and not os.environ.get("AUTH_PORT"):
-            self.auth_port = 8000 if _port_free(8000) else free_port()
+        if self.auth_port is None:
+            requested = (self.env.get("AUTH_PORT") or os.environ.get("AUTH_PORT") or "").strip()
+            if not requested:
+                self.auth_port = 8000 if _port_free(8000) else free_port()
+            elif requested == "0":  # "any free port": pick it here, so auth_url is known
+                self.auth_port = free_port()
         # Keys exist before any service starts, so auth can seal to the vault at once and the
         # vault trusts auth's grant key from its first request.
         keys_dir = self.data_dir / "keys"
@@ -142,7 +171,8 @@ class Stack:
         self.nats_passwords = nats_users.load_or_create_passwords(self.data_dir)
         store = self.data_dir / nats_users.STORE_DIRNAME
         self.nats = nats_users.start_secured_nats(store / "conf", store, self.nats_passwords,
-                                                  log_file=self.log_dir / "nats-server.log")
+                                                  log_file=self.log_dir / "nats-server.log",
+                                                  die_with_parent=True)
         nats_users.record_server(self.data_dir, self.nats.url)
         self.nats_url = self.nats_url_for("ops")
         return self.nats
@@ -159,12 +189,17 @@ class Stack:
     def start_service(self, name: str) -> ServiceProcess:
         log_path = self.log_dir / f"{name}.log"
         out = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+        # Its own session (a Ctrl-C in the terminal reaches only the supervisor, which stops the
+        # services in order), yet it dies with the supervisor: PR_SET_PDEATHSIG on Linux, and the
+        # service watches CCBRIDGE_SUPERVISOR_PID itself (shared.runtime) everywhere.
         process = subprocess.Popen(
             [sys.executable, "-m", f"services.{name}"],
-            env={**self.service_env(name), **self.per_service_env.get(name, {})},
+            env={**self.service_env(name), **self.per_service_env.get(name, {}),
+                 SUPERVISOR_PID_ENV: str(os.getpid())},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
         out.close()
         self.processes[name] = ServiceProcess(name, process, log_path)
@@ -230,7 +265,7 @@ class Stack:
                 while True:
                     self.check_alive()
                     pending = [p for p in pending if not await _consumer_exists(js, *p)]
-                    vault_ok = "vault" not in self.services or await _responds(nc, subjects.VAULT_CREDENTIALS_GET)
+                    vault_ok = "vault" not in self.services or await self._vault_ready(http, nc)
                     auth_ok = "auth" not in self.services or await _http_ok(http, f"{self.auth_url}/readyz")
                     if not pending and vault_ok and auth_ok:
                         return
@@ -239,6 +274,25 @@ class Stack:
                     await asyncio.sleep(0.2)
         finally:
             await nc.close()
+
+    def metrics_url(self, name: str) -> str | None:
+        """Service `name`'s health/metrics listener (vault, sandbox), None when it is off (port 0)."""
+        env = self.service_env(name)
+        port = int(env.get(f"{name.upper()}_METRICS_PORT") or 0)
+        if not port:
+            return None
+        host = env.get(f"{name.upper()}_METRICS_HOST") or "127.0.0.1"
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
+        return f"http://{host}:{port}"
+
+    async def _vault_ready(self, http: httpx.AsyncClient, nc: nats.NATS) -> bool:
+        """The vault's /readyz (it listens only once its subscribers are up). Only with its
+        metrics listener off, a request on vault.credentials.get — which the vault logs as a
+        rejected request."""
+        url = self.metrics_url("vault")
+        if url:
+            return await _http_ok(http, f"{url}/readyz")
+        return await _responds(nc, subjects.VAULT_CREDENTIALS_GET)
 
 
 def _port_free(port: int) -> bool:

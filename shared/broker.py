@@ -17,6 +17,7 @@ from faststream.nats import JStream, NatsBroker, StorageType
 from faststream.nats.broker import NatsBroker as _Broker
 from faststream.nats.message import NatsMessage as _Message
 from nats.js import api as js_api
+from nats.js.client import JetStreamContext
 from nats.js.api import DiscardPolicy, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 from pydantic import BaseModel
@@ -43,6 +44,59 @@ Message = Annotated[_Message, AsyncContext("message")]
 """The message being handled (as `faststream.nats.NatsMessage`, without the thread hop)."""
 Broker = Annotated[_Broker, AsyncContext("broker")]
 """The broker handling it (as `faststream.nats.NatsBroker`, without the thread hop)."""
+
+def restore_fetch_timeout_contract() -> None:
+    """Make `PullSubscription.fetch` raise `nats.errors.TimeoutError` on every timeout again.
+
+    nats-py 2.15+ (nats-io/nats.py#934) raises a *bare* `asyncio.TimeoutError` when its deadline
+    runs out between the no-wait probe and the lingering pull — the normal outcome of a fetch on an
+    idle consumer. nats-py documents `nats.errors.TimeoutError` (upstream fix: nats-io/nats.py#1008),
+    and FastStream's pull loop suppresses only that one: the bare one killed the loop task, FastStream's
+    supervisor logged it at ERROR with a traceback ("Task-N raised an exception, retrying… please
+    consider opening issue") and an INFO line each restart, at every start of every service.
+    Idempotent; applied when this module is imported, i.e. in every service."""
+    pull = JetStreamContext.PullSubscription
+    if getattr(pull.fetch, "_ccbridge_timeout_contract", False):
+        return
+    original = pull.fetch
+
+    async def fetch(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await original(self, *args, **kwargs)
+        except nats.errors.TimeoutError:
+            raise
+        except asyncio.TimeoutError as exc:  # the bare one: an empty fetch, nothing else
+            raise nats.errors.TimeoutError from exc
+
+    fetch._ccbridge_timeout_contract = True  # type: ignore[attr-defined]
+    fetch.__doc__ = original.__doc__
+    pull.fetch = fetch  # type: ignore[method-assign]
+
+
+restore_fetch_timeout_contract()
+
+
+class _TaskSupervisorChatter(logging.Filter):
+    """FastStream's task supervisor logs "callback for Task-N is being executed..." at INFO each
+    time one of a subscriber's tasks ends (a stop, a restart): bookkeeping, not news. Demoted to
+    DEBUG (shown with LOG_LEVEL=DEBUG). Its ERROR line about a task that failed stays as it is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO and str(record.msg).startswith("callback for ") \
+                and str(record.msg).endswith("is being executed..."):
+            if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+                return False
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+def bus_logger(name: str) -> logging.Logger:
+    """The logger of service `name`'s broker (FastStream logs through it)."""
+    logger = logging.getLogger(f"ccbridge.{name}.bus")
+    if not any(isinstance(f, _TaskSupervisorChatter) for f in logger.filters):
+        logger.addFilter(_TaskSupervisorChatter())
+    return logger
+
 
 REASON_HEADER = "Ccbridge-Reason"
 ORIGINAL_SUBJECT_HEADER = "Ccbridge-Original-Subject"
@@ -142,7 +196,7 @@ def make_broker(
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         middlewares=(*telemetry_middlewares(name), *middlewares),
-        logger=logging.getLogger(f"ccbridge.{name}.bus"),
+        logger=bus_logger(name),
         log_level=logging.DEBUG,
     )
 

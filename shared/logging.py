@@ -61,6 +61,23 @@ def drop_color_message(_logger: Any, _name: str, event_dict: dict[str, Any]) -> 
     return event_dict
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted, not the one at configuration
+    time: a command run in-process by a test runner (which swaps stderr per run) never writes to a
+    stream that is gone."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def configure_logging(level: str = "INFO", fmt: str = "console", *, service: str = "ccbridge") -> None:
     renderer = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     shared = [
@@ -83,7 +100,7 @@ def configure_logging(level: str = "INFO", fmt: str = "console", *, service: str
             renderer,
         ],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -12,6 +12,33 @@ from pydantic import BaseModel, ConfigDict, Field
 # Facts of the real Claude Code CLI (design.md): its public OAuth client and current token URL.
 CLAUDE_CODE_CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
 TOKEN_URL = "https://platform.claude.com/v1/oauth/token"
+SEED_TOKEN_URL = "https://console.anthropic.com/v1/oauth/token"  # the seed's name; answers 404 since mid-2026
+# OAUTH_TOKEN_URLS' default: auth tries them in order, the next one only past a 404.
+DEFAULT_TOKEN_URLS = f"{TOKEN_URL},{SEED_TOKEN_URL}"
+
+
+
+def parse_token_urls(value: str) -> str:
+    """OAUTH_TOKEN_URLS, checked and normalised: a comma separated list of http(s) URLs."""
+    urls = [url.strip() for url in value.split(",") if url.strip()]
+    if not urls or not all(url.startswith(("http://", "https://")) for url in urls):
+        raise ValueError("OAUTH_TOKEN_URLS must be a comma separated list of http(s) URLs")
+    return ",".join(urls)
+
+
+def token_urls(token_url: str | None, urls: str) -> tuple[str, ...]:
+    """The token endpoints in the order auth tries them: OAUTH_TOKEN_URL (if set) first, then
+    OAUTH_TOKEN_URLS, without repeats. Auth and the vault read the two settings through this one
+    function, so they always agree on the endpoint."""
+    ordered = ([token_url] if token_url and token_url.strip() else []) + urls.split(",")
+    return tuple(dict.fromkeys(url.strip() for url in ordered if url.strip()))
+
+
+def primary_token_url(token_url: str | None, urls: str) -> str:
+    """The one endpoint the vault refreshes and revokes at: OAUTH_TOKEN_URL if set, else the first
+    of OAUTH_TOKEN_URLS — the endpoint auth exchanges with first."""
+    return token_urls(token_url, urls)[0]
+
 
 MAX_RETRY_AFTER_S = 3600.0
 _TEN_YEARS_S = 10 * 365 * 24 * 3600

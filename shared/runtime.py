@@ -1,5 +1,11 @@
 """Process lifetime shared by the services: run until SIGTERM/SIGINT (or cancellation), then
-stop cleanly."""
+stop cleanly — or until the supervisor that started the service is gone.
+
+`ccbridge up` (ccbridge.stack.Stack) passes its pid in `CCBRIDGE_SUPERVISOR_PID`: the service
+then watches its parent and stops cleanly once the parent is no longer that process (it was
+killed, even with SIGKILL, and the service was re-parented). This is the portable half; on Linux
+the supervisor also asks the kernel for SIGTERM at its death (PR_SET_PDEATHSIG, ccbridge.stack).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import asyncio
 import contextlib
 import gc
 import itertools
+import logging
 import os
 import signal
 import threading
@@ -18,9 +25,32 @@ from pathlib import Path
 from typing import Any
 
 
+SUPERVISOR_PID_ENV = "CCBRIDGE_SUPERVISOR_PID"
+PARENT_CHECK_INTERVAL_S = 0.5
+
+log = logging.getLogger("ccbridge.runtime")
+
+
+def supervisor_pid() -> int | None:
+    """The pid of the supervisor this process must not outlive (CCBRIDGE_SUPERVISOR_PID)."""
+    value = os.environ.get(SUPERVISOR_PID_ENV, "").strip()
+    return int(value) if value.isdigit() and int(value) > 1 else None
+
+
+async def watch_parent(pid: int, stop: asyncio.Event, interval_s: float | None = None) -> None:
+    """Set `stop` once this process's parent is no longer `pid` (the supervisor died)."""
+    while not stop.is_set():
+        if os.getppid() != pid:
+            log.info("the supervisor (pid %d) is gone: stopping", pid)
+            stop.set()
+            return
+        await asyncio.sleep(interval_s or PARENT_CHECK_INTERVAL_S)
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[asyncio.Event]:
-    """An event set by SIGTERM or SIGINT while the block runs (handlers removed afterwards)."""
+    """An event set by SIGTERM or SIGINT while the block runs (handlers removed afterwards), or
+    when the supervisor named by CCBRIDGE_SUPERVISOR_PID is gone."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
@@ -30,9 +60,14 @@ def stop_on_signals() -> Iterator[asyncio.Event]:
             installed.append(sig)
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread / platform
             pass
+    watcher = None
+    if (parent := supervisor_pid()) is not None:
+        watcher = loop.create_task(watch_parent(parent, stop), name="ccbridge-parent-watch")
     try:
         yield stop
     finally:
+        if watcher is not None:
+            watcher.cancel()
         for sig in installed:
             loop.remove_signal_handler(sig)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -12,6 +13,19 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 def nats_servers(url: str) -> list[str]:
     """`NATS_URL` may list several servers of a cluster, comma separated."""
     return [part.strip() for part in url.split(",") if part.strip()]
+
+
+def redact_url(url: str) -> str:
+    """A NATS URL safe to print: a user name stays, a password or a token (`nats://<token>@…`)
+    goes; each server of a comma-separated list."""
+    def one(server: str) -> str:
+        parts = urlsplit(server.strip())
+        if "@" not in parts.netloc:
+            return server.strip()
+        who = f"{parts.username}:***" if parts.password is not None else "***"
+        return urlunsplit(parts._replace(netloc=f"{who}@{parts.netloc.rpartition('@')[2]}"))
+
+    return ",".join(one(server) for server in url.split(","))
 
 
 class ServiceSettings(BaseSettings):

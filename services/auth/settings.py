@@ -7,13 +7,13 @@ from pydantic_settings import SettingsConfigDict
 
 from shared.grants import MAX_TTL_S as MAX_GRANT_TTL_S
 from shared.grants import GrantError, GrantSigner
-from shared.oauth import CLAUDE_CODE_CLIENT_ID, TOKEN_URL
+from shared.oauth import CLAUDE_CODE_CLIENT_ID, DEFAULT_TOKEN_URLS, SEED_TOKEN_URL, TOKEN_URL, parse_token_urls
+from shared.oauth import token_urls as ordered_token_urls
 from shared.settings import ServiceSettings
 
 DEFAULT_SCOPES = "user:profile user:inference user:sessions:claude_code user:mcp_servers user:file_upload"
 CURRENT_TOKEN_URL = TOKEN_URL
-SEED_TOKEN_URL = "https://console.anthropic.com/v1/oauth/token"  # the seed's name; answers 404 since mid-2026
-DEFAULT_TOKEN_URLS = f"{CURRENT_TOKEN_URL},{SEED_TOKEN_URL}"
+__all__ = ["AuthSettings", "CURRENT_TOKEN_URL", "DEFAULT_SCOPES", "DEFAULT_TOKEN_URLS", "SEED_TOKEN_URL"]
 ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 
 
@@ -194,10 +194,7 @@ class AuthSettings(ServiceSettings):
     @field_validator("oauth_token_urls")
     @classmethod
     def _urls(cls, value: str) -> str:
-        urls = [url.strip() for url in value.split(",") if url.strip()]
-        if not urls or not all(url.startswith(("http://", "https://")) for url in urls):
-            raise ValueError("OAUTH_TOKEN_URLS must be a comma separated list of http(s) URLs")
-        return ",".join(urls)
+        return parse_token_urls(value)
 
     @field_validator(
         "vault_public_key", "jwt_audience", "jwt_issuer", "jwt_secret", "state_secret", "jwt_public_key", "jwks_url",
@@ -220,9 +217,8 @@ class AuthSettings(ServiceSettings):
 
     @property
     def token_urls(self) -> tuple[str, ...]:
-        """OAUTH_TOKEN_URL (if set) first, then OAUTH_TOKEN_URLS, without repeats."""
-        ordered = ([self.oauth_token_url] if self.oauth_token_url else []) + self.oauth_token_urls.split(",")
-        return tuple(dict.fromkeys(url.strip() for url in ordered if url.strip()))
+        """OAUTH_TOKEN_URL (if set) first, then OAUTH_TOKEN_URLS, without repeats (shared/oauth.py)."""
+        return ordered_token_urls(self.oauth_token_url, self.oauth_token_urls)
 
     @property
     def legacy_redirect_uri(self) -> str:

@@ -326,6 +326,7 @@ class LiveSandboxes:
         event: TokensRefreshed | TokensRevoked | GrantEnded,
         results: list[tuple[domain.LiveSandbox, str | None | SandboxError]],
         *,
+        copy_seq: int | None = None,
         action: str,
     ) -> Done:
         """Report each final per-sandbox failure now; raise `LiveFailures` for the retryable ones

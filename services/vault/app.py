@@ -270,7 +270,7 @@ class VaultService:
                 limits=httpx.Limits(max_connections=max(4, settings.refresh_concurrency * 2)),
             )
             self._token_endpoint = HttpTokenEndpoint(
-                token_url=settings.oauth_token_url, client_id=settings.oauth_client_id,
+                token_url=settings.token_url, client_id=settings.oauth_client_id,
                 timeout_s=settings.refresh_timeout_s, client=self._http,
             )
         return self._token_endpoint

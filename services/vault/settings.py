@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from shared.oauth import CLAUDE_CODE_CLIENT_ID, TOKEN_URL
+from shared.oauth import CLAUDE_CODE_CLIENT_ID, DEFAULT_TOKEN_URLS, TOKEN_URL, parse_token_urls, primary_token_url
 from shared.settings import ServiceSettings
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./var/vault.db"
@@ -66,7 +66,17 @@ class VaultSettings(ServiceSettings):
         description="Audit every credential release/refusal (batched, best effort).",
     )
     # refresher
-    oauth_token_url: str = Field(default=DEFAULT_TOKEN_URL, validation_alias="OAUTH_TOKEN_URL")
+    # The same two settings as auth, read the same way (shared/oauth.py): the vault refreshes and
+    # revokes at the endpoint auth exchanges with — OAUTH_TOKEN_URL if set, else the first of
+    # OAUTH_TOKEN_URLS (`token_url`).
+    oauth_token_url: str | None = Field(
+        default=None, validation_alias="OAUTH_TOKEN_URL",
+        description="If set, the token endpoint (refresh, revoke); else the first of OAUTH_TOKEN_URLS.",
+    )
+    oauth_token_urls: str = Field(
+        default=DEFAULT_TOKEN_URLS, validation_alias="OAUTH_TOKEN_URLS",
+        description="Auth's list of token endpoints (comma separated); the vault uses the first.",
+    )
     oauth_client_id: str = Field(default=DEFAULT_CLIENT_ID, validation_alias="OAUTH_CLIENT_ID")
     refresh_enabled: bool = Field(default=True, validation_alias="VAULT_REFRESH_ENABLED")
     refresh_margin_s: float = Field(
@@ -166,6 +176,21 @@ class VaultSettings(ServiceSettings):
         if self.refresh_lease_s <= self.refresh_timeout_s:
             raise ValueError("VAULT_REFRESH_LEASE_S must be larger than VAULT_REFRESH_TIMEOUT_S")
         return self
+
+    @field_validator("oauth_token_urls")
+    @classmethod
+    def _token_urls(cls, value: str) -> str:
+        return parse_token_urls(value)
+
+    @field_validator("oauth_token_url", mode="before")
+    @classmethod
+    def _blank_token_url(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def token_url(self) -> str:
+        """Where the vault refreshes and revokes (see shared.oauth.primary_token_url)."""
+        return primary_token_url(self.oauth_token_url, self.oauth_token_urls)
 
     @property
     def _sqlite(self) -> bool:

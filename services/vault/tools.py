@@ -29,11 +29,12 @@ from typing import Any
 from services.vault.adapters.store import SqlStore, head_revision
 from services.vault.domain import AuditEntry
 from services.vault.errors import InvalidKeyring, KeyringError
-from services.vault.keyring import Keyring, LiveKeyring, kek_source, require_writable
+from services.vault.keyring import FileKekSource, Keyring, LiveKeyring, kek_source, require_writable
 from services.vault.ports import RecordCipher, SecretRef, UnitOfWork
 from services.vault.settings import VaultSettings
 from shared import subjects
-from shared.broker import make_broker, provision, publish_event
+from shared import nats_connect
+from shared.broker import ensure_streams
 from shared.events import TokensRevoked
 from shared.logging import get_logger
 
@@ -55,11 +56,53 @@ def open_store(settings: VaultSettings) -> SqlStore:
     )
 
 
-def settings_source(settings: VaultSettings) -> Any:
-    return kek_source(
+def settings_source(settings: VaultSettings, *, create: bool = False) -> Any:
+    """The KEK source of these settings. Operator tools never create a key file by accident
+    (`create=False`: a missing file is an error); only `init_keys` (`ccbridge keys init`) and the
+    vault service itself create one."""
+    source = kek_source(
         settings.keys_dir, env_value=settings.keks.get_secret_value() if settings.keks else None,
         path=settings.kek_path,
     )
+    if isinstance(source, FileKekSource) and not create:
+        source = FileKekSource(source.path, create=False)
+    return source
+
+
+@dataclass(frozen=True)
+class KeyFile:
+    name: str
+    path: str | None
+    created: bool
+
+
+def init_keys(settings: VaultSettings) -> list[KeyFile]:
+    """`ccbridge keys init`: every key `ccbridge up` would create on its first start, created now
+    where missing (0600), none replaced: the vault's KEK file (unless VAULT_KEKS is set), the
+    vault's and the sandbox service's HPKE key pairs, auth's grant signing key."""
+    from shared.grants import key_paths as grant_key_paths
+    from shared.grants import load_or_create_signer
+    from shared.sealing import key_paths, load_or_create_keypair
+
+    keys_dir = settings.keys_dir
+    made: list[KeyFile] = []
+    source = settings_source(settings, create=True)
+    if isinstance(source, FileKekSource):
+        existed = source.path.exists()
+        source.load()
+        made.append(KeyFile("vault KEKs", str(source.path), not existed))
+    else:
+        made.append(KeyFile("vault KEKs", None, False))  # VAULT_KEKS: nothing to write
+    for owner in ("vault", "sandbox"):
+        private, _ = key_paths(keys_dir, owner)
+        existed = private.exists()
+        load_or_create_keypair(keys_dir, owner)
+        made.append(KeyFile(f"{owner} HPKE key", str(private), not existed))
+    grant_key, _ = grant_key_paths(keys_dir)
+    existed = grant_key.exists()
+    load_or_create_signer(keys_dir)
+    made.append(KeyFile("auth grant key", str(grant_key), not existed))
+    return made
 
 
 async def _audit(unit_of_work: Callable[[], UnitOfWork], entry: AuditEntry) -> None:
@@ -319,25 +362,40 @@ async def list_connections(settings: VaultSettings, *, state: str | None = None,
 
 
 # --- revocation -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class RevokeReport:
+    event: TokensRevoked
+    outcome: str | None
+    """What the vault did: "revoked" (it shredded a connection), "not_connected" (there was none),
+    "timeout" (no confirmation within wait_s), None (not waited for)."""
+
+
 async def revoke_user(
     settings: VaultSettings,
     user_id: str,
     *,
     reason: str = "operator_request",
     wait_s: float = 0.0,
-) -> tuple[TokensRevoked, bool | None]:
+    connect_timeout: float = 10.0,
+) -> RevokeReport:
     """Publish `tokens.revoked` (the vault shreds the secret, the sandbox service scrubs live
-    sandboxes). With `wait_s`, wait until the vault's audit log shows it was handled."""
+    sandboxes). With `wait_s`, wait until the vault's audit log shows what it did. Connecting is
+    bounded by `connect_timeout` (`shared.nats_connect.BusUnreachable` past it)."""
     event = TokensRevoked(user_id=user_id, reason=reason)
     # An operator's verb: only `ops` (or auth / the platform) may publish tokens.revoked, so it
     # replies on the ops inbox prefix unless NATS_INBOX_PREFIX says otherwise.
-    broker = make_broker(settings, name="vault-cli", inbox_prefix=subjects.inbox_prefix("ops"))
-    async with broker:
-        await broker.connect()
-        await provision(broker, settings)
-        await publish_event(broker, subjects.TOKENS_REVOKED, event)
+    nc = await nats_connect.connect(settings.nats_url, timeout=connect_timeout, name="ccbridge-vault-cli",
+                                    inbox_prefix=settings.nats_inbox_prefix or subjects.inbox_prefix("ops"))
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, replicas=settings.stream_replicas, max_bytes=settings.stream_max_bytes)
+        await js.publish(subjects.TOKENS_REVOKED, event.model_dump_json().encode(),
+                         headers={subjects.MSG_ID_HEADER: event.event_id}, stream=subjects.TOKENS_STREAM.name,
+                         timeout=connect_timeout)
+    finally:
+        await nc.close()
     if wait_s <= 0:
-        return event, None
+        return RevokeReport(event, None)
     store = open_store(settings)
     try:
         deadline = time.monotonic() + wait_s
@@ -345,16 +403,20 @@ async def revoke_user(
         while time.monotonic() < deadline:
             async with store.unit_of_work(ring) as uow:
                 records = await uow.audit.list(user_id=user_id, action="revoked", limit=20)
-            if any(r.entry.event_id == event.event_id for r in records):
-                return event, True
+            for record in records:
+                if record.entry.event_id == event.event_id:
+                    return RevokeReport(event, record.entry.outcome)
             await asyncio.sleep(0.2)
-        return event, False
+        return RevokeReport(event, "timeout")
     finally:
         await store.dispose()
 
 
 __all__ = [
+    "KeyFile",
     "MigrationReport",
+    "RevokeReport",
+    "init_keys",
     "RewrapReport",
     "RotationReport",
     "key_status",

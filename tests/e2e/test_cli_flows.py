@@ -38,10 +38,11 @@ async def running(tmp_path: Path):
             yield stack, secret
 
 
-def _login(stack: Stack, token: str, paste: str | None) -> subprocess.CompletedProcess[str]:
+def _login(stack: Stack, token: str, paste: str | None, *, as_json: bool = True) -> subprocess.CompletedProcess[str]:
     """Run `ccbridge login --json`; read the URL it prints, approve it at the stand-in, paste."""
     proc = subprocess.Popen(
-        [*CCBRIDGE, "login", "--auth-url", stack.auth_url, "--token", token, "--json", "--no-browser"],
+        [*CCBRIDGE, "login", "--auth-url", stack.auth_url, "--token", token, "--no-browser",
+         *(["--json"] if as_json else [])],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "COLUMNS": "500"},
     )
@@ -68,6 +69,19 @@ async def test_terminal_login_connects_and_reports_expiry(running) -> None:
     assert result["ok"] is True and result["status"] == "connected"
     assert "user:inference" in result["scopes"] and result["expires_at"]
     assert "sk-ant-" not in done.stdout + done.stderr
+    # `expires_at` is the access token's (~8 h); the login's own end is a separate, later date
+    assert result["access_token_expires_at"] == result["expires_at"]
+    assert result["login_expires_at"] and result["login_expires_at"] > result["expires_at"]
+
+
+async def test_terminal_login_says_which_expiry_is_which(running) -> None:
+    stack, secret = running
+    done = await asyncio.to_thread(_login, stack, mint_caller_token(secret, f"cli-{uuid.uuid4().hex[:6]}"), None,
+                                   as_json=False)
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stderr.split())
+    assert "access token valid until" in text and "the login (refresh) lasts until" in text, text
+    assert "Access valid until" not in text
 
 
 async def test_terminal_login_wrong_paste_is_a_clear_error(running) -> None:

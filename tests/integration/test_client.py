@@ -148,3 +148,25 @@ async def test_timeout_is_a_clear_error_when_no_sandbox_service_runs(tmp_path: P
         async with CcbridgeClient(running.nats_url_for("platform")) as ccb:
             with pytest.raises(CcbridgeTimeout, match="is the ccbridge sandbox service running"):
                 await ccb.prepare_sandbox("sbx-timeout", "someone", timeout=1)
+
+
+async def test_an_unreachable_nats_raises_unavailable_within_the_connect_timeout() -> None:
+    """No two-minute reconnect loop, no traceback per attempt: CcbridgeUnavailable, in time."""
+    import socket
+    import time
+
+    from ccbridge.client import CcbridgeUnavailable
+
+    silent = socket.socket()  # accepts, never answers: only a bounded connect gets past it
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        for port in (free_port(), silent.getsockname()[1]):
+            started = time.monotonic()
+            with pytest.raises(CcbridgeUnavailable) as caught:
+                async with CcbridgeClient(f"nats://platform:s3cret@127.0.0.1:{port}", connect_timeout=2):
+                    pass
+            assert time.monotonic() - started < 3.5
+            assert f"127.0.0.1:{port}" in str(caught.value) and "s3cret" not in str(caught.value)
+    finally:
+        silent.close()

@@ -545,7 +545,11 @@ def test_dockerfile_healthcheck_command_really_probes(health_server: tuple[int, 
     assert run(CCBRIDGE_HEALTHCHECK_URL=f"http://127.0.0.1:{port}/healthz") == 0
     handler.status = 503
     assert run(VAULT_METRICS_PORT=str(port)) != 0
-    assert run(METRICS_PORT=str(free_port())) != 0  # nothing listening
+    # nothing listening: a closed free port (never the 8000 default, which another stack may hold)
+    assert run(AUTH_PORT=str(free_port())) != 0
+    assert run(VAULT_METRICS_PORT=str(free_port())) != 0
+    # without any variable the probe asks 8000; checked in the command's text, not on the network
+    assert "or '8000'" in argv[2]
 
 
 # =============================================================================================

@@ -82,3 +82,39 @@ async def test_replay_sends_a_fixed_dead_letter_back_and_removes_it(stack: Stack
         assert await list_dead_letters(nc, subject=subjects.SANDBOX_CREATED) == []
     finally:
         await nc.close()
+
+
+async def test_a_replay_that_fails_again_leaves_a_new_dead_letter(tmp_path: Path) -> None:
+    """The replay must never lose a letter: the first copy failed (no vault: vault_unavailable,
+    dead-lettered at the first delivery here), its replay fails the same way within JetStream's
+    duplicate window — that second failure is a NEW letter, not a duplicate of the first."""
+    env = {"SANDBOX_MAX_DELIVER": "1", "SANDBOX_REPORT_GRACE": "1", "VAULT_REQUEST_TIMEOUT": "0.5"}
+    async with Stack(tmp_path / "data", services=("sandbox",), env=env) as stack:
+        event = SandboxCreated(user_id=f"dlq-{uuid.uuid4().hex[:6]}", sandbox_id=f"sbx-{uuid.uuid4().hex[:6]}")
+        nc = await stack.connect_nats("ops")
+        try:
+            await nc.jetstream().publish(subjects.SANDBOX_CREATED, event.model_dump_json().encode(),
+                                         headers={subjects.MSG_ID_HEADER: event.event_id},
+                                         stream=subjects.SANDBOX_STREAM.name)
+            (first,) = await _wait_for(lambda: list_dead_letters(nc, subject=subjects.SANDBOX_CREATED))
+            assert first.reason.startswith("vault_unavailable")
+
+            replayed = await asyncio.to_thread(_cli, "dlq", "replay", str(first.seq), "--json", nats_url=stack.nats_url)
+            assert replayed.returncode == 0, replayed.stderr
+
+            async def a_new_letter():
+                letters = await list_dead_letters(nc, subject=subjects.SANDBOX_CREATED)
+                return [letter for letter in letters if letter.seq != first.seq]
+
+            (second,) = await _wait_for(a_new_letter)
+            assert second.reason.startswith("vault_unavailable") and second.body == first.body
+            remaining = await list_dead_letters(nc, subject=subjects.SANDBOX_CREATED)
+            assert [letter.seq for letter in remaining] == [second.seq]  # the replayed one left, the new one stays
+        finally:
+            await nc.close()
+
+
+async def test_replaying_a_missing_letter_is_refused_and_loses_nothing(stack: Stack) -> None:
+    replayed = await asyncio.to_thread(_cli, "dlq", "replay", "999999", "--json", nats_url=stack.nats_url)
+    assert replayed.returncode == 1
+    assert json.loads(replayed.stdout) == [{"seq": 999999, "subject": None, "error": "no dead letter with this sequence number"}]

@@ -170,6 +170,10 @@ def test_ccbridge_keys_commands(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("VAULT_KEKS", raising=False)
     runner = CliRunner()
     assert runner.invoke(app, ["vault", "migrate"]).exit_code == 0
+    missing = runner.invoke(app, ["keys", "list"])  # operator verbs never create a key file
+    assert missing.exit_code == 2 and "ccbridge keys init" in missing.output
+    assert not (data / "keys" / "vault-kek.json").exists()
+    assert runner.invoke(app, ["keys", "init"]).exit_code == 0
 
     listed = runner.invoke(app, ["keys", "list"])
     assert listed.exit_code == 0, listed.output

@@ -21,7 +21,7 @@ STATE = "q5S7l0m0xY8c6pE0XJv7Yb0rQm9bV3wH2tXo1kZ4cGs"
         ("abc123", STATE, ("abc123", STATE)),
         ("abc123", f"  {STATE}  ", ("abc123", STATE)),
         (f"abc123#{STATE}", STATE, ("abc123", STATE)),
-        (f"abc123#", STATE, ("abc123", STATE)),
+        ("abc123#", STATE, ("abc123", STATE)),
         (f"https://platform.claude.com/oauth/code/callback?code=abc123&state={STATE}", None, ("abc123", STATE)),
         ("https://platform.claude.com/oauth/code/callback?code=abc123", STATE, ("abc123", STATE)),
     ],

@@ -84,3 +84,25 @@ def test_heap_snapshots_are_dumped_per_service_and_compare(tmp_path: Path) -> No
     if not already:
         thread.join(5)
         assert not thread.is_alive()  # the dumper ends with the tracing
+async def test_a_service_stops_once_its_supervisor_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The portable half of "services die with `ccbridge up`": a parent that is not the recorded
+    supervisor any more (it died; the service was re-parented) stops the service cleanly."""
+    import time
+
+    from shared import runtime
+
+    monkeypatch.setattr(runtime, "PARENT_CHECK_INTERVAL_S", 0.05)
+    monkeypatch.setenv(runtime.SUPERVISOR_PID_ENV, str(os.getppid() + 1_000_000))  # not our parent
+    service = Service()
+    started = time.monotonic()
+    await asyncio.wait_for(run_until_stopped(service), 5)
+    assert service.stopped and time.monotonic() - started < 2
+
+    monkeypatch.setenv(runtime.SUPERVISOR_PID_ENV, str(os.getppid()))  # our parent: keeps running
+    service = Service()
+    task = asyncio.create_task(run_until_stopped(service))
+    await asyncio.sleep(0.5)
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task

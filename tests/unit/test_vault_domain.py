@@ -239,11 +239,12 @@ def test_refreshed_tokens_repr_hides_tokens() -> None:
 
 
 def test_refresher_and_metrics_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("OAUTH_TOKEN_URL", "OAUTH_CLIENT_ID", "VAULT_REFRESH_MARGIN_S", "VAULT_METRICS_PORT",
+    for name in ("OAUTH_TOKEN_URL", "OAUTH_TOKEN_URLS", "OAUTH_CLIENT_ID", "VAULT_REFRESH_MARGIN_S", "VAULT_METRICS_PORT",
                  "VAULT_REFRESH_LEASE_S", "VAULT_REFRESH_TIMEOUT_S", "VAULT_KEK_FILE", "CCBRIDGE_DATA_DIR"):
         monkeypatch.delenv(name, raising=False)
     defaults = VaultSettings()
-    assert defaults.oauth_token_url == "https://platform.claude.com/v1/oauth/token"
+    assert defaults.oauth_token_url is None
+    assert defaults.token_url == "https://platform.claude.com/v1/oauth/token"
     assert defaults.oauth_client_id == "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
     assert (defaults.refresh_margin_s, defaults.metrics_port) == (600, 9100)
     assert defaults.kek_path == defaults.keys_dir / "vault-kek.json"
@@ -294,3 +295,27 @@ def test_sqlite_defaults_for_batch_and_concurrency_yield_to_explicit_settings(
     settings = VaultSettings(DATABASE_URL=url, **env)
     assert settings.effective_fetch_batch == fetch_batch
     assert settings.effective_request_concurrency == request_concurrency
+
+
+def test_vault_and_auth_agree_on_the_token_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vault refreshes and revokes where auth exchanges first: OAUTH_TOKEN_URL if set, else the
+    first of OAUTH_TOKEN_URLS — both read through shared.oauth."""
+    from services.auth.settings import AuthSettings
+
+    for name in ("OAUTH_TOKEN_URL", "OAUTH_TOKEN_URLS", "AUTH_JWT_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    cases = [
+        ({}, "https://platform.claude.com/v1/oauth/token"),
+        ({"OAUTH_TOKEN_URLS": " http://b/token , http://a/token"}, "http://b/token"),
+        ({"OAUTH_TOKEN_URL": "http://x/token", "OAUTH_TOKEN_URLS": "http://b/token"}, "http://x/token"),
+        ({"OAUTH_TOKEN_URL": " ", "OAUTH_TOKEN_URLS": "http://b/token"}, "http://b/token"),
+    ]
+    for env, expected in cases:
+        with monkeypatch.context() as m:
+            for name, value in env.items():
+                m.setenv(name, value)
+            assert VaultSettings().token_url == expected, env
+            assert AuthSettings().token_urls[0] == expected, env
+    monkeypatch.setenv("OAUTH_TOKEN_URLS", "ftp://nope")
+    with pytest.raises(ValueError, match="OAUTH_TOKEN_URLS"):
+        VaultSettings()

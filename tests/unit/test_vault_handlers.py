@@ -17,7 +17,7 @@ from faststream import Context
 from faststream.nats import NatsBroker, TestNatsBroker
 from faststream.nats.message import NatsMessage
 
-from services.vault.errors import ConcurrencyConflict, DecryptionFailed, StoreUnavailable, UnopenableBox
+from services.vault.errors import ConcurrencyConflict
 from services.vault.handlers import (
     build_credentials_router,
     build_revoked_router,
