@@ -86,9 +86,9 @@ async def test_replay_sends_a_fixed_dead_letter_back_and_removes_it(stack: Stack
 
 async def test_a_replay_that_fails_again_leaves_a_new_dead_letter(tmp_path: Path) -> None:
     """The replay must never lose a letter: the first copy failed (no vault: vault_unavailable,
-    dead-lettered at the first delivery here), its replay fails the same way within JetStream's
-    duplicate window — that second failure is a NEW letter, not a duplicate of the first."""
-    env = {"SANDBOX_MAX_DELIVER": "1", "SANDBOX_REPORT_GRACE": "1", "VAULT_REQUEST_TIMEOUT": "0.5"}
+    dead-lettered once its 1 s retry window is over here), its replay fails the same way within
+    JetStream's duplicate window — that second failure is a NEW letter, not a duplicate of the first."""
+    env = {"SANDBOX_RETRY_WINDOW_S": "1", "SANDBOX_BREAKER_PROBE_S": "0.2", "VAULT_REQUEST_TIMEOUT": "0.5"}
     async with Stack(tmp_path / "data", services=("sandbox",), env=env) as stack:
         event = SandboxCreated(user_id=f"dlq-{uuid.uuid4().hex[:6]}", sandbox_id=f"sbx-{uuid.uuid4().hex[:6]}")
         nc = await stack.connect_nats("ops")
