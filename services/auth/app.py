@@ -30,7 +30,7 @@ from services.auth.adapters.pending_store import KvPendingStore, RecordCipher
 from services.auth.adapters.vault_status import NatsVaultGrants, NatsVaultStatus
 from services.auth.callers import CallerVerifier, JwksKeys, load_public_key
 from services.auth.connections import ConnectionService
-from services.auth.errors import BodyLimitMiddleware, install_error_handlers
+from services.auth.problems import BodyLimitMiddleware, install_error_handlers
 from services.auth.grants import GrantPolicy, GrantService
 from services.auth.limits import Limit, RateLimiter
 from services.auth.login import LoginPolicy, LoginService

@@ -12,7 +12,8 @@ from services.auth.adapters.pending_store import InMemoryPendingStore
 from services.auth.app import build_api, utc_now
 from services.auth.callers import CallerVerifier, mint_caller_token
 from services.auth.connections import ConnectionService
-from services.auth.errors import PROBLEM_CONTENT_TYPE, InvalidCode, UpstreamBadResponse, UpstreamRateLimited
+from services.auth.errors import InvalidCode, UpstreamBadResponse, UpstreamRateLimited
+from services.auth.problems import PROBLEM_CONTENT_TYPE
 from services.auth.limits import RateLimiter
 from services.auth.login import LoginPolicy, LoginService
 from services.auth.metrics import AuthMetrics

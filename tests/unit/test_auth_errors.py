@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 import services.auth
-from services.auth import errors
+from services.auth import errors, problems
 
 AUTH_DIR = Path(services.auth.__file__).resolve().parent
 
@@ -66,14 +66,14 @@ def _receiver(messages: list[dict], *, then_wait: bool = False):  # noqa: ANN202
 async def test_drain_reads_a_body_to_its_end() -> None:
     chunks = [{"type": "http.request", "body": b"x" * 1000, "more_body": True}] * 5
     receive = _receiver([*chunks, {"type": "http.request", "body": b"", "more_body": False}])
-    assert await errors.drain(receive) is True
+    assert await problems.drain(receive) is True
 
 
 async def test_drain_gives_up_past_its_bounds() -> None:
     endless = [{"type": "http.request", "body": b"x" * 1000, "more_body": True}] * 50
-    assert await errors.drain(_receiver(endless), max_bytes=10_000) is False  # too much
-    assert await errors.drain(_receiver(endless[:2], then_wait=True), max_seconds=0.05) is False  # too slow
-    assert await errors.drain(_receiver(endless[:2])) is False  # the client went away
+    assert await problems.drain(_receiver(endless), max_bytes=10_000) is False  # too much
+    assert await problems.drain(_receiver(endless[:2], then_wait=True), max_seconds=0.05) is False  # too slow
+    assert await problems.drain(_receiver(endless[:2])) is False  # the client went away
 
 
 async def test_a_client_expecting_100_continue_is_answered_without_reading() -> None:
@@ -90,5 +90,15 @@ async def test_a_client_expecting_100_continue_is_answered_without_reading() -> 
 
     scope = {"type": "http", "path": "/v1/claude-code/exchange",
              "headers": [(b"content-length", b"200000"), (b"expect", b"100-continue")]}
-    await errors.BodyLimitMiddleware(app, limit=1024)(scope, receive, send)
+    await problems.BodyLimitMiddleware(app, limit=1024)(scope, receive, send)
     assert sent[0]["status"] == 413 and (b"connection", b"close") in sent[0]["headers"]
+
+
+def test_the_error_tree_and_the_domain_need_no_web_framework() -> None:
+    """Rendering is the HTTP layer's (services/auth/problems.py): the domain stays pure."""
+    import subprocess
+    import sys
+
+    code = "import sys, services.auth.domain, services.auth.errors; print(sorted(m for m in sys.modules if m.split('.')[0] in ('fastapi', 'starlette')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"

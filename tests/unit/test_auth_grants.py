@@ -14,7 +14,8 @@ from services.auth.adapters.pending_store import InMemoryPendingStore
 from services.auth.app import build_api
 from services.auth.callers import CallerVerifier, mint_caller_token
 from services.auth.connections import ConnectionService
-from services.auth.errors import PROBLEM_CONTENT_TYPE, BusUnavailable, InvalidGrantRequest, VaultBadReply
+from services.auth.errors import BusUnavailable, InvalidGrantRequest, VaultBadReply
+from services.auth.problems import PROBLEM_CONTENT_TYPE
 from services.auth.grants import GrantPolicy, GrantService
 from services.auth.limits import Limit, RateLimiter
 from services.auth.login import LoginPolicy, LoginService

@@ -9,6 +9,7 @@ from faststream.nats import NatsBroker
 
 from services.auth.errors import BusUnavailable
 from shared.broker import publish_event
+from shared.delivery import Backoff
 from shared.events import Event
 from shared.logging import get_logger
 
@@ -16,10 +17,12 @@ log = get_logger(__name__)
 
 
 class BrokerPublisher:
+    """A person is waiting on the HTTP request: a few quick tries, then one typed error (503)."""
+
     def __init__(self, broker: NatsBroker, *, attempts: int = 3, backoff_s: float = 0.5) -> None:
         self._broker = broker
         self._attempts = attempts
-        self._backoff = backoff_s
+        self._backoff = Backoff(backoff_s, backoff_s * attempts)
 
     async def publish(self, subject: str, event: Event) -> None:
         for attempt in range(1, self._attempts + 1):
@@ -33,4 +36,4 @@ class BrokerPublisher:
                 )
                 if attempt == self._attempts:
                     raise BusUnavailable() from None
-                await asyncio.sleep(self._backoff * attempt)
+                await asyncio.sleep(self._backoff.delay(attempt))
