@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any, Literal, get_args
 
 from services.vault.errors import GrantInvalid, ReconnectRequired
+from shared.delivery import Backoff
 from shared.grants import GrantClaims, mode_allows
 from shared.logging import redact_text
 
@@ -391,8 +392,7 @@ def refresh_backoff_s(
     """Delay before the next attempt after `failures` consecutive failures (>= 1): exponential,
     capped, with "equal jitter" (half fixed, half random) so replicas and users spread out but
     never retry at once; at least what the server asked for with Retry-After (capped)."""
-    ceiling = min(cap_s, base_s * 2 ** max(0, min(failures - 1, 30)))
-    delay = ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+    delay = Backoff(base_s, cap_s).delay(failures, rng)
     if retry_after_s is not None and retry_after_s > 0:
         delay = max(delay, min(retry_after_s, cap_s))
     return delay
