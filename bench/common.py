@@ -589,23 +589,31 @@ def metrics_url(stack: Stack, service: str) -> str | None:
     return f"http://127.0.0.1:{port}/metrics" if port and port != "0" else None
 
 
-async def paused_seconds(stack: Stack, service: str) -> dict[str, float]:
-    """`ccbridge_<service>_dependency_paused_seconds_total` by dependency, read from the
-    service's /metrics ({} when it serves none or does not answer)."""
+async def scrape(stack: Stack, service: str) -> list[Any]:
+    """The samples (prometheus_client `Sample`s) of `service`'s /metrics; [] when it serves none
+    or does not answer."""
     from prometheus_client.parser import text_string_to_metric_families
 
     url = metrics_url(stack, service)
     if url is None:
-        return {}
+        return []
     try:
         async with httpx.AsyncClient(timeout=5.0) as http:
             text = (await http.get(url)).text
     except httpx.HTTPError:
-        return {}
+        return []
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def metric(samples: Iterable[Any], name: str, **labels: str) -> float:
+    """The sum of the samples called `name` whose labels include `labels`."""
+    return sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
+
+
+async def paused_seconds(stack: Stack, service: str) -> dict[str, float]:
+    """`ccbridge_<service>_dependency_paused_seconds_total` by dependency, from its /metrics."""
     wanted = f"ccbridge_{service}_dependency_paused_seconds_total"
-    return {sample.labels["dependency"]: sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples
-            if sample.name == wanted}
+    return {s.labels["dependency"]: s.value for s in await scrape(stack, service) if s.name == wanted}
 
 
 def rss_mb(pid: int) -> float | None:

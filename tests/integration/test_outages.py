@@ -19,7 +19,7 @@ from bench.postgres import PostgresUnavailable, find_bin_dir
 pytestmark = [pytest.mark.outage, pytest.mark.timeout(300)]
 
 SHORT = OutageConfig(
-    outage_s=6.0, lead_s=2.0, tail_s=2.0, rate=20.0, users=3, late_duplicates=10, settle_s=120.0,
+    outage_s=6.0, lead_s=2.0, tail_s=2.0, users=3, late_duplicates=10, settle_s=120.0,
     env={
         # the retry window (SANDBOX_RETRY_WINDOW_S, 300 s) stays the default: 50 times the outage
         "SANDBOX_BREAKER_MAX_PROBE_S": "2",  # probes every 2 s at most: the test ends sooner
