@@ -129,8 +129,8 @@ class OutageResult:
         paused = ", ".join(f"{k} {v:.1f} s" for k, v in self.paused_s.items()) or "nothing"
         return [
             f"profile                 {self.profile}: {self.what} for {self.outage_s:.1f} s",
-            f"published               {self.published} sandboxes at {self.rate:g}/s ({self.during_outage} during "
-            "the outage)",
+            (f"published               {self.published} sandboxes at {self.rate:g}/s ({self.during_outage} during "
+             "the outage)"),
             f"injected                {self.injected}/{self.published}",
             f"failed / dead letters   {self.failed} / {self.dead_letters}",
             f"lost                    {self.lost}",
@@ -138,8 +138,8 @@ class OutageResult:
             f"homes                   {self.homes_wrong} without their person's valid token",
             f"paused (service: dep)   {paused}",
             f"recovery                last sandbox injected {s(self.last_injected_after_recovery_s)} after recovery",
-            f"outage's sandboxes      publish → injected p50 {s(self.outage_latency_p50_s)}, "
-            f"max {s(self.outage_latency_max_s)}",
+            (f"outage's sandboxes      publish → injected p50 {s(self.outage_latency_p50_s)}, "
+             f"max {s(self.outage_latency_max_s)}"),
             *(f"check                   {name}: {'yes' if passed else 'NO'}" for name, passed in self.checks.items()),
             *(f"note                    {note}" for note in self.notes),
             f"verdict                 {'PASS' if self.ok else 'FAIL'} ({self.seconds:.0f} s)",
@@ -433,10 +433,11 @@ class VaultOutage(OutageRun):
 _PASTE = re.compile(r'id="paste-code">([^<]+)<')
 
 
-async def login_through_auth(http: httpx.AsyncClient, stack: Stack, user_id: str) -> None:
+async def login_through_auth(http: httpx.AsyncClient, stack: Stack, user_id: str) -> httpx.Response:
     """A person connects their Claude account the way the connect page does: auth's login,
     the OAuth authorize page (the stand-in approves at once and shows `<code>#<state>`), auth's
-    exchange. Auth then publishes the sealed tokens; no token passes through here."""
+    exchange — whose answer is returned (202: auth publishes the sealed tokens; no token passes
+    through here)."""
     secret = stack.service_env()["AUTH_JWT_SECRET"]
     caller = {"Authorization": f"Bearer {mint_caller_token(secret, user_id, ttl_s=3600)}"}
     started = await http.post(f"{stack.auth_url}/v1/claude-code/login", headers=caller)
@@ -445,10 +446,8 @@ async def login_through_auth(http: httpx.AsyncClient, stack: Stack, user_id: str
     match = _PASTE.search(page.text)
     if page.status_code != 200 or match is None:
         raise RuntimeError(f"the authorize page did not show a code ({page.status_code})")
-    done = await http.post(f"{stack.auth_url}/v1/claude-code/exchange", headers=caller,
+    return await http.post(f"{stack.auth_url}/v1/claude-code/exchange", headers=caller,
                            json={"code": html.unescape(match.group(1))})
-    if done.status_code != 202:
-        raise RuntimeError(f"exchange answered {done.status_code}: {done.text[:200]}")
 
 
 class OAuthOutage(OutageRun):
@@ -486,8 +485,22 @@ class OAuthOutage(OutageRun):
             await self.nc.subscribe(subject, cb=cb)
         async with httpx.AsyncClient(timeout=30) as http:
             for user in self.users:
-                await login_through_auth(http, self.stack, user)
+                done = await login_through_auth(http, self.stack, user)
+                if done.status_code != 202:
+                    raise RuntimeError(f"exchange answered {done.status_code}: {done.text[:200]}")
         await common.wait_connected(self.nc, self.users)
+
+    async def during(self, js: Any) -> None:
+        """A person connecting during the outage is told so (auth's problem+json), then tries
+        again after it (in `verify`)."""
+        assert self.stack is not None
+        async with httpx.AsyncClient(timeout=30) as http:
+            answer = await login_through_auth(http, self.stack, "oauth-late-login")
+        problem = answer.headers.get("content-type", "").startswith("application/problem+json")
+        self.result.checks["a login during the outage is answered 502/503 problem+json"] = (
+            answer.status_code in (502, 503) and problem)
+        slug = str(answer.json().get("type", "")).rsplit("/", 1)[-1] if problem else answer.text[:80]
+        self.result.notes.append(f"the login during the outage was answered {answer.status_code} {slug}")
 
     async def _on_refreshed(self, msg: Msg) -> None:
         event = json.loads(msg.data)
@@ -508,7 +521,15 @@ class OAuthOutage(OutageRun):
         self.oauth.state.access_token_lifetime = 28_800
 
     async def verify(self, js: Any) -> None:
-        assert self.oauth is not None
+        assert self.oauth is not None and self.stack is not None
+        async with httpx.AsyncClient(timeout=30) as http:
+            again = await login_through_auth(http, self.stack, "oauth-late-login")
+        try:
+            await common.wait_connected(self.nc, ["oauth-late-login"], timeout=60)
+            stored = again.status_code == 202
+        except TimeoutError:
+            stored = False
+        self.result.checks["the same login after the outage is stored"] = stored
         deadline = time.monotonic() + max(120.0, self.lifetime_s)
         while not self._all_refreshed_after_recovery() and time.monotonic() < deadline:
             await asyncio.sleep(0.5)

@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from ccbridge.embedded_nats import free_port
 
@@ -80,7 +81,7 @@ class PrivatePostgres:
             tail = self.log_file.read_text(errors="replace")[-1500:] if self.log_file.exists() else ""
             raise RuntimeError(f"{args[0]} failed ({done.returncode}): {done.stderr.strip()[-800:]}\n{tail}")
 
-    def start(self) -> PrivatePostgres:
+    def start(self) -> Self:
         if not (self.data_dir / "PG_VERSION").exists():
             self._run("initdb", "-D", str(self.data_dir), "-U", "postgres", "--auth=trust", "-E", "UTF8",
                       "--locale=C", "--no-sync")
@@ -103,7 +104,7 @@ class PrivatePostgres:
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> PrivatePostgres:
+    def __enter__(self) -> Self:
         try:
             return self.start()
         except BaseException:

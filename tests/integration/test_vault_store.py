@@ -286,8 +286,9 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
-async def test_unreachable_database_is_store_unavailable() -> None:
-    url = f"postgresql+asyncpg://postgres@127.0.0.1:{_closed_port()}/nothing"
+async def assert_database_down(url: str) -> None:
+    """Migrating, storing a login and pinging all say "the database is down" (StoreUnavailable,
+    retryable, names the database: the delivery policy holds the message behind its breaker)."""
     store = SqlStore.from_url(url)
     vault = make_vault(store, keyring=Keyring.generate(), keypair=KeyPair.generate(), trusted=TrustedRequesters.of([]))
     try:
@@ -297,10 +298,15 @@ async def test_unreachable_database_is_store_unavailable() -> None:
             await vault.store_issued_tokens(
                 issued_event(vault._keypair.recipient, user_id=new_user(), access_token=canary())
             )
-        assert info.value.retryable
+        assert info.value.retryable and info.value.dependency == "database"
+        assert await store.ping() is False
         assert "postgres@" not in repr(store)
     finally:
         await store.dispose()
+
+
+async def test_unreachable_database_is_store_unavailable() -> None:
+    await assert_database_down(f"postgresql+asyncpg://postgres@127.0.0.1:{_closed_port()}/nothing")
 
 
 class RefusingPostgres:
@@ -355,20 +361,7 @@ async def test_a_database_starting_or_stopping_is_store_unavailable(sqlstate: st
     crash recovery): an outage like any other — held behind the breaker, never a poison message,
     never an `internal` answer, never rotated tokens lost by the refresher."""
     async with RefusingPostgres(sqlstate, message) as url:
-        store = SqlStore.from_url(url)
-        vault = make_vault(store, keyring=Keyring.generate(), keypair=KeyPair.generate(),
-                           trusted=TrustedRequesters.of([]))
-        try:
-            with pytest.raises(StoreUnavailable):
-                await store.migrate()
-            with pytest.raises(StoreUnavailable) as info:
-                await vault.store_issued_tokens(
-                    issued_event(vault._keypair.recipient, user_id=new_user(), access_token=canary())
-                )
-            assert info.value.retryable and info.value.dependency == "database"
-            assert await store.ping() is False
-        finally:
-            await store.dispose()
+        await assert_database_down(url)
 
 
 def test_translate_error_maps_driver_errors() -> None:
