@@ -261,8 +261,9 @@ class OutageRun:
                 await self.measure(js, watcher, events, late)
             finally:
                 await watcher.stop()
-                await self.nc.close()
         finally:
+            if self.nc is not None:
+                await self.nc.close()
             if self.stack is not None:
                 await asyncio.to_thread(self.stack.stop)
             await self.cleanup()
