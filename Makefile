@@ -59,13 +59,21 @@ clean:
 	rm -rf $(VENV) var .pytest_cache
 
 # Performance and reliability (docs/performance.md). One bench run: a table, docs/bench/latest.json + .png.
-.PHONY: bench chaos soak
+.PHONY: bench chaos outages soak
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
-# Full chaos profile: 10,000 sandbox events while services and nats-server are killed and restarted.
+# Full chaos profile: 10,000 sandbox events while services and nats-server are killed and restarted;
+# then the outage profiles (below).
 chaos: install
 	$(BIN)/python -m bench.chaos --events $${CHAOS_EVENTS:-10000} $(CHAOS_ARGS)
+	$(BIN)/python -m bench.outages --profile all --outage-s $${OUTAGE_S:-60} $(OUTAGE_ARGS)
+
+# Outage profiles (docs/operations.md "Outages"): the vault's PostgreSQL, the vault, the OAuth token
+# endpoint, e2b's API each down for OUTAGE_S (60) s under a steady stream of sandboxes.
+# OUTAGE_PROFILE=postgres|vault|oauth|e2b|all (all).
+outages: install
+	$(BIN)/python -m bench.outages --profile $${OUTAGE_PROFILE:-all} --outage-s $${OUTAGE_S:-60} $(OUTAGE_ARGS)
 
 # Memory under a steady stream: SOAK_RATE (80) fresh sandboxes/s for SOAK_SECONDS (300), each
 # service's RSS growth per 10,000 events (target <= 1 MB). SOAK_ARGS e.g. --tracemalloc DIR.

@@ -223,26 +223,12 @@ class Chaos:
     # --- publishing ----------------------------------------------------------------------------
     async def publish_all(self, js: Any, events: list[SandboxCreated]) -> None:
         """In order, with retries (same Nats-Msg-Id) through server restarts."""
-        sem = asyncio.Semaphore(64)
-        start = time.monotonic()
+        def stored(_: int, ack: Any) -> None:
+            if ack.duplicate:
+                self.result.publish_acks_duplicate += 1
 
-        async def one(index: int, event: SandboxCreated) -> None:
-            if self.rate:
-                delay = start + index / self.rate - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            async with sem:
-                for attempt in range(600):
-                    try:
-                        ack = await common.publish(js, subjects.SANDBOX_CREATED, event, timeout=2.0)
-                        if ack.duplicate:
-                            self.result.publish_acks_duplicate += 1
-                        return
-                    except (nats.errors.Error, asyncio.TimeoutError, OSError):
-                        await asyncio.sleep(min(1.0, 0.1 * (attempt + 1)))
-                raise RuntimeError(f"could not publish {event.event_id}")
-
-        await asyncio.gather(*(one(i, e) for i, e in enumerate(events)))
+        await common.publish_paced(js, [(subjects.SANDBOX_CREATED, e) for e in events], rate=self.rate, window=64,
+                                   attempts=600, timeout=2.0, on_ack=stored)
 
     # --- checking ---------------------------------------------------------------------------------
     async def read_results(self, js: Any) -> tuple[dict[str, set[str]], int, list[SandboxCredentialsFailed]]:
@@ -266,11 +252,7 @@ class Chaos:
         r.examples["wrong_homes"] = wrong[:10]
 
     def credentials_inode(self, sandbox_id: str) -> int | None:
-        path = common.sandbox_home(self.data_dir, sandbox_id) / ".claude" / ".credentials.json"
-        try:
-            return path.stat().st_ino
-        except OSError:
-            return None
+        return common.credentials_inode(self.data_dir, sandbox_id)
 
     # --- the run ------------------------------------------------------------------------------------
     async def wait_idle(self, js: Any, expected_injected: int, timeout: float, quiet_s: float = 2.0) -> bool:
@@ -281,15 +263,9 @@ class Chaos:
         another Nats-Msg-Id) and second events for existing sandboxes. Their sandboxes' credentials
         files must not be rewritten (same inode) and must still hold the right token."""
         sample = self.rng.sample(firsts, k=2 * max(1, min(100, len(firsts) // 20)))
-        half = len(sample) // 2
         self._inodes = {e.sandbox_id: self.credentials_inode(e.sandbox_id) or -1 for e in sample}
-        for event in sample[:half]:
-            body, _ = common.encode(event)
-            await js.publish(subjects.SANDBOX_CREATED, body, headers={subjects.MSG_ID_HEADER: f"late-{event.event_id}"},
-                             stream=subjects.SANDBOX_STREAM.name)
-        seconds = [common.sandbox_created(e.user_id, e.sandbox_id, grant=e.grant) for e in sample[half:]]
-        await common.publish_many(js, [(subjects.SANDBOX_CREATED, e) for e in seconds])
-        self.result.republished_same_id += half
+        seconds = await common.late_duplicates(js, sample)
+        self.result.republished_same_id += len(sample) - len(seconds)
         self.result.second_event_same_sandbox += len(seconds)
         return seconds
 

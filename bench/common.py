@@ -14,7 +14,7 @@ import sqlite3
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,8 @@ from ccbridge.stack import Stack
 from shared import subjects
 from shared.broker import settle, stream_for
 from shared.events import (
+    ConnectionStatusReply,
+    ConnectionStatusRequest,
     Event,
     SandboxCreated,
     SandboxCredentialsFailed,
@@ -92,7 +94,7 @@ def tokens_issued(
 
 def sandbox_created(
     user_id: str, sandbox_id: str | None = None, *, event_id: str | None = None, mode: str | None = None,
-    grant: str | None = None,
+    grant: str | None = None, backend: str = "local",
 ) -> SandboxCreated:
     """A `sandbox.created` as a platform publishes it; `grant` from auth (`Grants`), required
     by the vault unless it runs with CCBRIDGE_GRANTS=off."""
@@ -100,7 +102,7 @@ def sandbox_created(
         event_id=event_id or new_event_id(),
         user_id=user_id,
         sandbox_id=sandbox_id or uid("sbx"),
-        backend="local",
+        backend=backend,  # type: ignore[arg-type]
         grant=grant,
         options=SandboxOptions(mode=mode),  # type: ignore[arg-type]
     )
@@ -120,23 +122,66 @@ async def publish_many(
 ) -> int:
     """Publish with up to `window` JetStream acks outstanding. A publish that fails (server
     restarting, no ack in time) is retried with the same Nats-Msg-Id, so it lands once."""
-    sem = asyncio.Semaphore(window)
-    done = 0
+    return await publish_paced(js, list(items), window=window, attempts=retries)
 
-    async def one(subject: str, event: Event) -> None:
-        nonlocal done
-        async with sem:
-            for attempt in range(retries):
+
+async def publish_paced(
+    js: JetStreamContext, items: Sequence[tuple[str, Event]], *, rate: float = 0.0, window: int = 256,
+    attempts: int = 60, timeout: float = 5.0, on_ack: Callable[[int, Any], None] | None = None,
+) -> int:
+    """Publish `items` in order, the i-th no earlier than start + i/`rate` (0: as fast as the
+    window allows), with up to `window` JetStream acks outstanding. A publish that fails (server
+    restarting, no ack in time) is retried with the same Nats-Msg-Id, so it lands once.
+    `on_ack(i, ack)` is called as each one is stored."""
+    gate = asyncio.Semaphore(window)
+    start = time.monotonic()
+
+    async def one(index: int, subject: str, event: Event) -> None:
+        try:
+            for attempt in range(attempts):
                 try:
-                    await publish(js, subject, event, timeout=5.0)
-                    done += 1
-                    return
-                except (nats.errors.Error, asyncio.TimeoutError):
+                    ack = await publish(js, subject, event, timeout=timeout)
+                except (nats.errors.Error, asyncio.TimeoutError, OSError):
                     await asyncio.sleep(min(1.0, 0.1 * (attempt + 1)))
+                    continue
+                if on_ack is not None:
+                    on_ack(index, ack)
+                return
             raise RuntimeError(f"could not publish {subject} {event.event_id}")
+        finally:
+            gate.release()
 
-    await asyncio.gather(*(one(s, e) for s, e in items))
-    return done
+    tasks: list[asyncio.Task[None]] = []
+    for index, (subject, event) in enumerate(items):
+        if rate:
+            delay = start + index / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        await gate.acquire()
+        tasks.append(asyncio.create_task(one(index, subject, event)))
+    await asyncio.gather(*tasks)
+    return len(tasks)
+
+
+async def republish(js: JetStreamContext, event: SandboxCreated, msg_id: str) -> None:
+    """`event` again under another Nats-Msg-Id: a duplicate JetStream's dedupe does not catch
+    (a platform retrying after its window, a replayed dead letter)."""
+    body, _ = encode(event)
+    await js.publish(subjects.SANDBOX_CREATED, body, headers={subjects.MSG_ID_HEADER: msg_id},
+                     stream=subjects.SANDBOX_STREAM.name)
+
+
+async def late_duplicates(js: JetStreamContext, sample: Sequence[SandboxCreated]) -> list[SandboxCreated]:
+    """Duplicates of settled sandboxes that slip past JetStream's dedupe: the first half of
+    `sample` republished with the same event id (another Nats-Msg-Id), the second half as second
+    events for the same sandboxes (same grant, same backend). Returns the second events: new
+    causes, each owed its own result, none owed a second write."""
+    half = len(sample) // 2
+    for event in sample[:half]:
+        await republish(js, event, f"late-{event.event_id}")
+    seconds = [sandbox_created(e.user_id, e.sandbox_id, grant=e.grant, backend=e.backend) for e in sample[half:]]
+    await publish_many(js, [(subjects.SANDBOX_CREATED, e) for e in seconds])
+    return seconds
 
 
 # --- grants: auth's POST /v1/claude-code/grants, the way a platform asks for them ------------------
@@ -211,24 +256,55 @@ class Grants:
         tokens = await asyncio.gather(*(self.grant(u, s, m) for u, s, m in items))
         return {sandbox_id: token for (_, sandbox_id, _), token in zip(items, tokens, strict=True)}
 
-    async def events(self, sandboxes: Iterable[tuple[str, str]], *, mode: str | None = None) -> list[SandboxCreated]:
+    async def events(self, sandboxes: Iterable[tuple[str, str]], *, mode: str | None = None,
+                     backend: str = "local") -> list[SandboxCreated]:
         """A granted `sandbox.created` for each (user_id, sandbox_id), in order, in `mode` (None:
         the service's default, access_only); each grant allows exactly that mode."""
         pairs = list(sandboxes)
         granted = await self.many((u, s, mode or "access_only") for u, s in pairs)
-        return [sandbox_created(u, s, mode=mode, grant=granted[s]) for u, s in pairs]
+        return [sandbox_created(u, s, mode=mode, grant=granted[s], backend=backend) for u, s in pairs]
 
 
-async def connect_users(js: JetStreamContext, data_dir: Path, users: Sequence[str], *, timeout: float = 120.0) -> None:
+async def connect_users(js: JetStreamContext, data_dir: Path, users: Sequence[str], *, timeout: float = 120.0,
+                        nc: NatsClient | None = None) -> None:
     """Connect each person's Claude account the way auth does (a sealed `tokens.issued`) and
-    wait until the vault has stored every one."""
+    wait until the vault has stored every one: read from its SQLite file, or — given `nc` —
+    asked over `vault.connections.status` (any database)."""
     vault = vault_recipient(data_dir)
     await publish_many(js, [(subjects.TOKENS_ISSUED, tokens_issued(vault, u)) for u in users])
+    if nc is not None:
+        await wait_connected(nc, users, timeout=timeout)
+        return
     deadline = time.monotonic() + timeout
     while not set(users) <= connection_users(db_path(data_dir)):
         if time.monotonic() > deadline:
             raise TimeoutError(f"the vault stored {len(connection_users(db_path(data_dir)) & set(users))} "
                                f"of {len(users)} users")
+        await asyncio.sleep(0.1)
+
+
+async def connection_status(nc: NatsClient, user_id: str, *, timeout: float = 2.0) -> ConnectionStatusReply | None:
+    """What the vault holds for `user_id` (`vault.connections.status`, what auth asks); None when
+    the vault does not answer (down, or its database is)."""
+    request = ConnectionStatusRequest(user_id=user_id).model_dump_json().encode()
+    try:
+        reply = await nc.request(subjects.VAULT_CONNECTIONS_STATUS, request, timeout=timeout)
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError, asyncio.TimeoutError):
+        return None
+    return ConnectionStatusReply.model_validate_json(reply.data)
+
+
+async def wait_connected(nc: NatsClient, users: Sequence[str], *, timeout: float = 120.0) -> None:
+    """Until the vault says every one of `users` is connected (TimeoutError after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    waiting = list(users)
+    while waiting:
+        status = await connection_status(nc, waiting[0])
+        if status is not None and status.connected:
+            waiting.pop(0)
+            continue
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the vault stored {len(users) - len(waiting)} of {len(users)} users")
         await asyncio.sleep(0.1)
 
 
@@ -350,6 +426,14 @@ def credentials_token(data_dir: Path, sandbox_id: str) -> str | None:
     try:
         return json.loads(path.read_text())["claudeAiOauth"]["accessToken"]
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def credentials_inode(data_dir: Path, sandbox_id: str) -> int | None:
+    """The inode of a sandbox's credentials file: a rewrite (atomic replace) changes it."""
+    try:
+        return (sandbox_home(data_dir, sandbox_id) / ".claude" / ".credentials.json").stat().st_ino
+    except OSError:
         return None
 
 
@@ -494,6 +578,42 @@ async def wait_grants_recorded(js: JetStreamContext, timeout: float = 120.0) -> 
     """Until the vault has recorded every `grants.issued` auth published (so a harness's grant
     setup is over before it measures anything)."""
     return await wait_consumer_idle(js, subjects.TOKENS_STREAM.name, subjects.VAULT_GRANTS_ISSUED_DURABLE, timeout)
+
+
+# --- the services' /metrics -------------------------------------------------------------------
+def metrics_url(stack: Stack, service: str) -> str | None:
+    """Where `service` of a running stack serves /metrics (None: its listener is off)."""
+    if service == "auth":
+        return f"{stack.auth_url}/metrics"
+    port = stack.service_env(service).get(f"{service.upper()}_METRICS_PORT", "0")
+    return f"http://127.0.0.1:{port}/metrics" if port and port != "0" else None
+
+
+async def scrape(stack: Stack, service: str) -> list[Any]:
+    """The samples (prometheus_client `Sample`s) of `service`'s /metrics; [] when it serves none
+    or does not answer."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = metrics_url(stack, service)
+    if url is None:
+        return []
+    try:
+        async with httpx.AsyncClient(timeout=5.0) as http:
+            text = (await http.get(url)).text
+    except httpx.HTTPError:
+        return []
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def metric(samples: Iterable[Any], name: str, **labels: str) -> float:
+    """The sum of the samples called `name` whose labels include `labels`."""
+    return sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
+
+
+async def paused_seconds(stack: Stack, service: str) -> dict[str, float]:
+    """`ccbridge_<service>_dependency_paused_seconds_total` by dependency, from its /metrics."""
+    wanted = f"ccbridge_{service}_dependency_paused_seconds_total"
+    return {s.labels["dependency"]: s.value for s in await scrape(stack, service) if s.name == wanted}
 
 
 def rss_mb(pid: int) -> float | None:

@@ -8,6 +8,7 @@ cloud. Files live in a temp dir per sandbox (`<root>/<sandbox_id>/fs/<path>`).
         #   E2B_API_URL=e2b.api_url  E2B_SANDBOX_URL=e2b.sandbox_url  E2B_API_KEY=e2b.api_key
         e2b.fail("files.write", status=500, times=2)   # failure injection
         e2b.slow("process", seconds=3)
+        e2b.outage(60)                                 # the API answers 429 / 502 for a minute
         e2b.deny("/home/user/.claude")                 # permission denied under a path
         e2b.kill(sbx.sandbox_id)                       # the proxy answers "not found" from now on
 
@@ -73,7 +74,7 @@ import stat
 import struct
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.parser import BytesParser
 from email.policy import HTTP
 from pathlib import Path
@@ -115,8 +116,10 @@ class EnvdError(Exception):
 
 @dataclass
 class Fault:
-    """One injected failure. `op`: create | connect | files.read | files.write | make_dir |
-    remove | stat | process | health | * ; `times` None = until cleared."""
+    """One injected failure. `op`: create | connect | kill | files.read | files.write | make_dir |
+    remove | stat | process | health | * ; `times` None = until cleared (or `until`, a
+    `time.monotonic()` deadline, has passed). `statuses`: answer these in turn instead of
+    `status` (an outage that alternates 429 and 502)."""
 
     op: str
     kind: str  # "status" | "slow"
@@ -125,9 +128,14 @@ class Fault:
     times: int | None = 1
     sandbox_id: str | None = None
     message: str = "injected failure"
+    until: float | None = None
+    statuses: tuple[int, ...] = ()
+    answered: int = 0
 
     def matches(self, op: str, sandbox_id: str | None) -> bool:
         if self.times is not None and self.times <= 0:
+            return False
+        if self.until is not None and time.monotonic() >= self.until:
             return False
         if self.op not in ("*", op):
             return False
@@ -437,6 +445,17 @@ class E2BStandin:
         self.faults.append(fault)
         return fault
 
+    def outage(self, seconds: float, *, statuses: tuple[int, ...] = (429, 502),
+               ops: tuple[str, ...] = ("create", "connect", "kill")) -> list[Fault]:
+        """e2b's API is down for `seconds` from now: every `ops` call is answered with `statuses`
+        in turn (default: rate limited, bad gateway), then everything works again by itself.
+        envd (the sandboxes themselves) keeps answering. `clear_faults()` ends it early."""
+        until = time.monotonic() + seconds
+        faults = [Fault(op=op, kind="status", status=statuses[0], times=None, until=until, statuses=statuses,
+                        message="injected outage") for op in ops]
+        self.faults.extend(faults)
+        return faults
+
     def deny(self, path_prefix: str, sandbox_id: str | None = None) -> None:
         """Permission denied for every write under `path_prefix` (in one or all sandboxes)."""
         prefix = posixpath.normpath(path_prefix)
@@ -471,6 +490,9 @@ class E2BStandin:
                 if request is not None and await request.is_disconnected():
                     raise ClientDisconnect()
                 continue
+            fault.answered += 1
+            if fault.statuses:
+                return replace(fault, status=fault.statuses[(fault.answered - 1) % len(fault.statuses)])
             return fault
         return None
 
@@ -572,6 +594,8 @@ class E2BStandin:
             self.requests.append(("DELETE", "/sandboxes/{id}", sandbox_id))
             if not authorised(request):
                 return error(401, "Invalid API key")
+            if fault := await self._apply_faults("kill", sandbox_id):
+                return error(fault.status, fault.message)
             sbx = self.sandboxes.get(sandbox_id)
             if sbx is None or not sbx.alive:
                 return error(404, f"sandbox {sandbox_id} not found")

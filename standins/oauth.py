@@ -8,6 +8,7 @@ which ends the whole login).
     async with OAuthStandin(port=0, access_token_factory=lambda: CANARY) as oauth:
         oauth.authorize_url, oauth.token_url, oauth.callback_url
         oauth.state.fail_next(429, times=1)        # failure injection
+        oauth.state.outage(60, status=503)         # token + revoke answer 503 for a minute
         oauth.state.stats                          # also GET /_standin/stats
 
 Seed-era clients (`POST /user-settings/mcp/claude-code`) used their PKCE verifier as the OAuth
@@ -15,7 +16,10 @@ Seed-era clients (`POST /user-settings/mcp/claude-code`) used their PKCE verifie
 exchange carries the verifier as both `code_verifier` and `state`, which match the grant.
 
 `ccbridge standin-oauth` runs it by hand (`run_oauth_standin(host, port)`).
-Test-only routes live under `/_standin/`.
+Test-only routes live under `/_standin/`: `GET /_standin/stats`; `POST /_standin/failures`
+`{"status", "times"?, "body"?, "headers"?}` (the next responses); `POST /_standin/outage`
+`{"seconds", "status"?: 503, "retry_after"?: <s>}` — the token and revoke endpoints answer
+`status` (with `Retry-After` when given) until `seconds` have passed; `{"seconds": 0}` ends it.
 """
 
 from __future__ import annotations
@@ -139,6 +143,8 @@ class StandinState:
     refresh_tokens: dict[str, str] = field(default_factory=dict)  # live refresh token -> login id
     access_tokens: dict[str, AccessRecord] = field(default_factory=dict)
     failures: deque[InjectedFailure] = field(default_factory=deque)
+    down_until: float = 0.0  # time.monotonic() deadline of an outage (see `outage`)
+    down_failure: InjectedFailure | None = None
     revocations: list[dict[str, Any]] = field(default_factory=list)  # bodies of accepted revoke calls
     stats: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -160,8 +166,22 @@ class StandinState:
             for _ in range(times):
                 self.failures.append(InjectedFailure(status, body, dict(headers or {})))
 
-    def take_failure(self) -> InjectedFailure | None:
+    def outage(self, seconds: float, *, status: int = 503, retry_after: float | None = None) -> None:
+        """The token and revoke endpoints answer `status` (JSON `server_error` / `rate_limit_error`,
+        `Retry-After` when given) for `seconds` from now, then work again; 0 ends an outage."""
+        body = {"error": "rate_limit_error" if status == 429 else "server_error", "error_description": "outage"}
+        headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
         with self._lock:
+            self.down_failure = InjectedFailure(status, body, headers)
+            self.down_until = time.monotonic() + max(0.0, seconds)
+
+    def take_failure(self) -> InjectedFailure | None:
+        """What the next token/revoke call answers instead of doing its work: the outage's
+        answer while one lasts, else the next failure queued by `fail_next`."""
+        with self._lock:
+            if self.down_failure is not None and time.monotonic() < self.down_until:
+                self.stats["outage"] += 1
+                return self.down_failure
             return self.failures.popleft() if self.failures else None
 
     def access_token_valid(self, token: str) -> bool:
@@ -172,6 +192,7 @@ class StandinState:
         return {
             "requests": dict(self.stats),
             "pending_failures": len(self.failures),
+            "outage_s_left": round(max(0.0, self.down_until - time.monotonic()), 1) if self.down_failure else 0.0,
             "grants": len(self.grants),
             "live_refresh_tokens": len(self.refresh_tokens),
         }
@@ -366,6 +387,17 @@ def create_oauth_app(state: StandinState | None = None) -> FastAPI:
         except (ValueError, KeyError, TypeError):
             return _invalid_request()
         return JSONResponse({"pending_failures": len(state.failures)})
+
+    @app.post("/_standin/outage")
+    async def outage(request: Request) -> Response:
+        try:
+            spec = json.loads(await request.body())
+            retry_after = spec.get("retry_after")
+            state.outage(float(spec["seconds"]), status=int(spec.get("status", 503)),
+                         retry_after=float(retry_after) if retry_after is not None else None)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return _invalid_request()
+        return JSONResponse(state.snapshot())
 
     return app
 

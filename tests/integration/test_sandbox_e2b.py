@@ -5,6 +5,7 @@ back out of the stand-in sandbox."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path, PurePosixPath
@@ -144,6 +145,25 @@ async def test_backend_maps_control_plane_failures(e2b_standin: E2BStandin) -> N
     with pytest.raises(SandboxNotFound):
         async with backend(e2b_standin).open(target):
             pass
+
+
+async def test_an_api_outage_names_e2b_as_the_dependency_that_is_down(e2b_standin: E2BStandin) -> None:
+    """429 and 502 from e2b's API (the stand-in's outage switch) are e2b being down: the breaker's
+    business, not one sandbox's failure; when the window ends, connect works again."""
+    sbx = e2b_standin.add_sandbox()
+    target = Target(event_id="evt-00000006", sandbox_id=sbx.sandbox_id, backend="e2b")
+    e2b_standin.outage(30)
+    for _ in range(2):  # 429, then 502
+        with pytest.raises(BackendUnavailable) as down:
+            async with backend(e2b_standin).open(target):
+                pass
+        assert (down.value.retryable, down.value.dependency) == (True, "e2b")
+    assert [f.answered for f in e2b_standin.faults if f.op == "connect"] == [2]
+    e2b_standin.clear_faults()
+    e2b_standin.outage(0.3)  # a window ends by itself
+    await asyncio.sleep(0.4)
+    async with backend(e2b_standin).open(target) as sandbox:
+        assert sandbox.home == PurePosixPath(HOME)
 
 
 # --- a sandbox user who plants links (agent code runs as that user) ------------------------

@@ -3,6 +3,7 @@ validation and failure injection."""
 
 from __future__ import annotations
 
+import asyncio
 import html
 import re
 import secrets
@@ -249,6 +250,33 @@ async def test_canary_access_token_and_failure_injection(http: httpx.AsyncClient
     assert stats["requests"]["token:injected_failure"] == 2
     assert stats["requests"]["token:authorization_code:ok"] == 1
     assert stats["pending_failures"] == 0
+
+
+async def test_an_outage_answers_the_token_and_revoke_endpoints_until_it_ends(
+    standin: OAuthStandin, http: httpx.AsyncClient
+) -> None:
+    verifier, state = secrets.token_urlsafe(64), secrets.token_urlsafe(32)
+    body = exchange_body(standin, await authorize(http, standin, verifier, state), verifier, state)
+    started = await http.post(standin.base_url + "/_standin/outage",
+                              json={"seconds": 30, "status": 503, "retry_after": 2})
+    assert started.json()["outage_s_left"] > 0
+    for _ in range(3):
+        down = await http.post(standin.token_url, json=body)
+        assert down.status_code == 503
+        assert down.headers["retry-after"] == "2"
+        assert down.json()["error"] == "server_error"
+    revoke = {"token": "sk-ant-ort01-x", "token_type_hint": "refresh_token", "client_id": REAL_CLIENT_ID}
+    assert (await http.post(standin.token_url + "/revoke", json=revoke)).status_code == 503
+    await http.post(standin.base_url + "/_standin/outage", json={"seconds": 0})
+    assert (await http.post(standin.token_url, json=body)).status_code == 200  # the code survived the outage
+
+    standin.state.outage(0.3, status=429)  # a window ends by itself
+    assert (await http.post(standin.token_url + "/revoke", json=revoke)).status_code == 429
+    await asyncio.sleep(0.4)
+    assert (await http.post(standin.token_url + "/revoke", json=revoke)).status_code == 200
+    assert standin.state.stats["outage"] == 5
+    bad = await http.post(standin.base_url + "/_standin/outage", json={"status": 503})
+    assert bad.status_code == 400
 
 
 async def test_other_client_id_is_configurable(http: httpx.AsyncClient) -> None:

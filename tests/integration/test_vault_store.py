@@ -286,8 +286,9 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
-async def test_unreachable_database_is_store_unavailable() -> None:
-    url = f"postgresql+asyncpg://postgres@127.0.0.1:{_closed_port()}/nothing"
+async def assert_database_down(url: str) -> None:
+    """Migrating, storing a login and pinging all say "the database is down" (StoreUnavailable,
+    retryable, names the database: the delivery policy holds the message behind its breaker)."""
     store = SqlStore.from_url(url)
     vault = make_vault(store, keyring=Keyring.generate(), keypair=KeyPair.generate(), trusted=TrustedRequesters.of([]))
     try:
@@ -297,10 +298,70 @@ async def test_unreachable_database_is_store_unavailable() -> None:
             await vault.store_issued_tokens(
                 issued_event(vault._keypair.recipient, user_id=new_user(), access_token=canary())
             )
-        assert info.value.retryable
+        assert info.value.retryable and info.value.dependency == "database"
+        assert await store.ping() is False
         assert "postgres@" not in repr(store)
     finally:
         await store.dispose()
+
+
+async def test_unreachable_database_is_store_unavailable() -> None:
+    await assert_database_down(f"postgresql+asyncpg://postgres@127.0.0.1:{_closed_port()}/nothing")
+
+
+class RefusingPostgres:
+    """A loopback server that answers every PostgreSQL connection the way a server that is
+    starting up, shutting down or being stopped does: no SSL, then an ErrorResponse (FATAL,
+    `sqlstate`) instead of authentication, then it hangs up."""
+
+    def __init__(self, sqlstate: str, message: str) -> None:
+        fields = [b"SFATAL", b"VFATAL", b"C" + sqlstate.encode(), b"M" + message.encode()]
+        payload = b"".join(f + b"\0" for f in fields) + b"\0"
+        self._refusal = b"E" + (len(payload) + 4).to_bytes(4, "big") + payload
+        self.server: asyncio.Server | None = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                length = int.from_bytes(await reader.readexactly(4), "big")
+                body = await reader.readexactly(length - 4)
+                if body[:4] in (b"\x04\xd2\x16\x2f", b"\x04\xd2\x16\x30"):  # SSLRequest, GSSENCRequest
+                    writer.write(b"N")
+                    await writer.drain()
+                    continue
+                writer.write(self._refusal)  # the StartupMessage
+                await writer.drain()
+                break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{port}/postgres"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "message"),
+    [
+        ("57P03", "the database system is starting up"),  # also: shutting down, in recovery mode
+        ("57P01", "terminating connection due to administrator command"),
+        ("53300", "sorry, too many clients already"),
+    ],
+)
+async def test_a_database_starting_or_stopping_is_store_unavailable(sqlstate: str, message: str) -> None:
+    """A restarting PostgreSQL refuses connections with these for a while (seconds; minutes of
+    crash recovery): an outage like any other — held behind the breaker, never a poison message,
+    never an `internal` answer, never rotated tokens lost by the refresher."""
+    async with RefusingPostgres(sqlstate, message) as url:
+        await assert_database_down(url)
 
 
 def test_translate_error_maps_driver_errors() -> None:
@@ -311,6 +372,15 @@ def test_translate_error_maps_driver_errors() -> None:
     assert isinstance(translate_error(ConnectionRefusedError()), StoreUnavailable)
     assert translate_error(ValueError("bug")) is None
     assert translate_error(exc.ProgrammingError("s", {}, Exception())) is None
+
+    class PgError(Exception):
+        def __init__(self, sqlstate: str) -> None:
+            super().__init__(sqlstate)
+            self.sqlstate = sqlstate
+
+    for unavailable in ("57P03", "57P01", "08006", "53300"):
+        assert isinstance(translate_error(exc.DBAPIError("s", {}, PgError(unavailable))), StoreUnavailable)
+    assert translate_error(exc.DBAPIError("s", {}, PgError("42P01"))) is None  # a bug (undefined table): loud
 
 
 def test_invalid_schema_name_is_refused() -> None:

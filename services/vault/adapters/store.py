@@ -101,12 +101,27 @@ _UNAVAILABLE = (
 )
 
 
+# SQLSTATEs of a server that cannot serve anybody right now, whatever the statement: class 08
+# (connection exception) and 57P01-57P03 (admin / crash shutdown, "the database system is
+# starting up | shutting down | in recovery mode"), 53300 (too many connections). asyncpg
+# raises them as plain PostgresErrors, which SQLAlchemy wraps as a bare DBAPIError.
+_UNAVAILABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03", "53300")
+
+
+def _sqlstate(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    value = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return value if isinstance(value, str) else ""
+
+
 def translate_error(exc: BaseException) -> BaseException | None:
     """Driver errors → the vault's error tree (None: not a storage problem we know)."""
     if isinstance(exc, sa_exc.IntegrityError):
         return ConcurrencyConflict("the row changed concurrently")
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return StoreUnavailable("database connection lost")
+    if isinstance(exc, sa_exc.DBAPIError) and _sqlstate(exc).startswith(_UNAVAILABLE_SQLSTATES):
+        return StoreUnavailable(f"database unavailable (SQLSTATE {_sqlstate(exc)})")
     if isinstance(exc, _UNAVAILABLE):
         return StoreUnavailable(f"database unavailable ({type(exc).__name__})")
     return None
