@@ -83,7 +83,7 @@ class Breaker:
     caller from pausing everybody: one hostile sandbox whose envd never answers fails alone,
     its redeliveries interleaved with everybody else's successes."""
 
-    def __init__(self, name: str, *, probe_interval_s: float = 1.0, max_probe_interval_s: float = 15.0,
+    def __init__(self, name: str, *, probe_interval_s: float = 1.0, max_probe_interval_s: float = 5.0,
                  open_after: int = 1, clock: Callable[[], float] = time.monotonic,
                  on_change: Callable[[str, BreakerState], None] | None = None) -> None:
         self.name = name
@@ -175,7 +175,7 @@ class Breaker:
 class Breakers:
     """The breakers of one service, by dependency name (created on first use)."""
 
-    def __init__(self, *, probe_interval_s: float = 1.0, max_probe_interval_s: float = 15.0,
+    def __init__(self, *, probe_interval_s: float = 1.0, max_probe_interval_s: float = 5.0,
                  open_after: Mapping[str, int] | None = None,
                  on_change: Callable[[str, BreakerState], None] | None = None) -> None:
         self._options: dict[str, Any] = {"probe_interval_s": probe_interval_s,

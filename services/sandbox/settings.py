@@ -60,7 +60,7 @@ class SandboxSettings(ServiceSettings):
         "doubles per failed try up to SANDBOX_BREAKER_MAX_PROBE_S.",
     )
     breaker_max_probe: float = Field(
-        default=15.0, gt=0, le=3600, validation_alias="SANDBOX_BREAKER_MAX_PROBE_S",
+        default=5.0, gt=0, le=3600, validation_alias="SANDBOX_BREAKER_MAX_PROBE_S",
     )
     retry_base_delay: float = Field(
         default=1.0,
