@@ -30,20 +30,10 @@ def _auth_broker() -> NatsBroker:
 
 
 def _vault_broker() -> NatsBroker:
-    from services.vault.app import build_broker
-    from services.vault.leases import Leases
+    from services.vault.app import documentation_broker
     from services.vault.settings import VaultSettings
-    from services.vault.trust import TrustedRequesters, TrustStore
-    from services.vault.use_cases import Vault
-    from shared.sealing import KeyPair
 
-    def no_storage(*_: object) -> None:  # the document is built from declarations; no handler runs
-        raise RuntimeError("documentation build: no storage")
-
-    vault = Vault(unit_of_work=no_storage, read_for_release=no_storage, keypair=KeyPair.generate(),  # type: ignore[arg-type]
-                  leases=Leases(unit_of_work=no_storage, verifier=None, required=True),  # type: ignore[arg-type]
-                  trusted=TrustStore.fixed(TrustedRequesters(frozenset())))
-    return build_broker(VaultSettings(**DOC_ENV), vault)
+    return documentation_broker(VaultSettings(**DOC_ENV))
 
 
 def _sandbox_broker() -> NatsBroker:

@@ -116,3 +116,19 @@ class HealthServer:
             server.force_exit = True
             with contextlib.suppress(Exception):
                 await task
+
+
+async def start_health(stack: contextlib.AsyncExitStack, settings: Any, render_metrics: MetricsRenderer,
+                       readiness: ReadinessCheck, name: str) -> HealthServer | None:
+    """Start the health server on `settings.metrics_host`/`metrics_port`, stopped with the
+    service. A port that cannot be opened is logged, not fatal: metrics must not take the
+    service's real work down with them."""
+    health = HealthServer(settings.metrics_host, settings.metrics_port, render_metrics, readiness, name=name)
+    try:
+        await health.start()
+    except OSError as exc:
+        log.error("metrics server not started", service=name, host=settings.metrics_host,
+                  port=settings.metrics_port, error=exc.strerror or type(exc).__name__)
+        return None
+    stack.push_async_callback(health.stop)
+    return health

@@ -20,13 +20,16 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Iterator, Mapping
-from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any
-
+from typing import TYPE_CHECKING
 
 SUPERVISOR_PID_ENV = "CCBRIDGE_SUPERVISOR_PID"
 PARENT_CHECK_INTERVAL_S = 0.5
+
+from shared.lifecycle import cancel_and_wait
+
+if TYPE_CHECKING:
+    from shared.lifecycle import Service
 
 log = logging.getLogger("ccbridge.runtime")
 
@@ -119,9 +122,25 @@ def start_heap_snapshots(environ: Mapping[str, str] | None = None) -> threading.
     return thread
 
 
-async def run_until_stopped(service: AbstractAsyncContextManager[Any]) -> None:
-    """Start the service, wait for a stop signal, stop it."""
+async def run_until_stopped(service: Service) -> None:
+    """Start the service and run it until SIGTERM/SIGINT, the supervisor's death, or the service
+    ending on its own (`wait_closed`); then stop it. A signal during a slow start (NATS not up
+    yet) stops it too, instead of waiting for the start to finish."""
     with stop_on_signals() as stop:
-        async with service:
-            freeze_startup_heap()
-            await stop.wait()
+        stopping = asyncio.create_task(stop.wait(), name="ccbridge-stop-signal")
+        starting = asyncio.create_task(service.start(), name="ccbridge-start")
+        try:
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if starting.done():
+                starting.result()  # a failed start raises here
+                freeze_startup_heap()
+                ended = asyncio.create_task(service.wait_closed(), name="ccbridge-wait-closed")
+                try:
+                    await asyncio.wait({stopping, ended}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    await cancel_and_wait(ended)
+        finally:
+            for task in (starting, stopping):
+                if not task.done():
+                    await cancel_and_wait(task)
+            await service.stop()

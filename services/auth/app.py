@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from contextlib import AsyncExitStack
 import errno
 import ipaddress
 import logging
 import os
-import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
 import uvicorn
 from fastapi import FastAPI
 from faststream.nats import NatsBroker
-from pydantic import ValidationError
 
 from services.auth.adapters.bus import BrokerPublisher
 from services.auth.adapters.keys import JWT_SECRET_FILE, VaultKeySource, load_or_create_jwt_secret
@@ -44,12 +43,11 @@ from shared.events import GrantIssued, GrantRevoked, TokensIssued, TokensRevoked
 from shared.grants import GrantSigner, load_or_create_signer
 from shared.grants import key_paths as grant_key_paths
 from shared.health import bind_socket
-from shared.logging import configure_logging, get_logger
-from shared.runtime import freeze_startup_heap, stop_on_signals
+from shared.lifecycle import Service, run_service
+from shared.logging import get_logger
 
 log = get_logger(__name__)
 
-EXIT_INVALID_SETTINGS = 2
 EXIT_CANNOT_LISTEN = 3
 
 # What auth puts on the bus (AsyncAPI documents these; `publish_event` sends them).
@@ -404,8 +402,10 @@ class _EmbeddedServer(uvicorn.Server):
         return contextlib.nullcontext()
 
 
-class AuthService:
+class AuthService(Service):
     """`async with AuthService(settings) as auth: auth.base_url` — HTTP API on a real port."""
+
+    name = "auth"
 
     def __init__(
         self,
@@ -419,6 +419,7 @@ class AuthService:
         vault_grants: VaultGrants | None = None,
         grant_signer: GrantSigner | None = None,
     ) -> None:
+        super().__init__()
         self.settings = settings
         self.broker = build_broker(settings)
         self.app = create_app(
@@ -438,7 +439,7 @@ class AuthService:
         host = "127.0.0.1" if host in ("0.0.0.0", "") else host
         return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
-    async def start(self) -> None:
+    async def open(self, stack: AsyncExitStack) -> None:
         """HTTP first (so /healthz answers and /readyz says 503 while the bus is awaited), then
         the runtime; a runtime that fails to start takes the HTTP server down with it."""
         try:
@@ -452,18 +453,17 @@ class AuthService:
         )
         self._server = _EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="auth-http")
+        stack.push_async_callback(self._stop_http)
         while not self._server.started:
             if self._task.done():
                 sock.close()
                 self._task.result()
                 raise RuntimeError("the auth HTTP server stopped during start")
             await asyncio.sleep(0.01)
-        try:
-            await self._runtime.start(self.app)
-        except BaseException:
-            await self._stop_http()
-            raise
+        stack.push_async_callback(self._runtime.stop, self.app)
+        await self._runtime.start(self.app)
         log.info("auth service listening", url=self.base_url)
+        stack.callback(log.info, "auth service stopped")  # (only a service that started says it stopped)
 
     async def wait_closed(self) -> None:
         """Returns when the HTTP server ends on its own (it should not)."""
@@ -486,66 +486,9 @@ class AuthService:
             self._server = None
             self._task = None
 
-    async def stop(self) -> None:
-        await self._stop_http()
-        await self._runtime.stop(self.app)
-
-    async def __aenter__(self) -> AuthService:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-
-async def serve(settings: AuthSettings) -> None:
-    """Run until cancelled or SIGTERM/SIGINT, then stop cleanly."""
-    with stop_on_signals() as stop:
-        await _serve_until(stop, AuthService(settings))
-
-
-async def _serve_until(stop: asyncio.Event, service: AuthService) -> None:
-    """Start (HTTP first, then the bus); stop on the signal even while still starting."""
-    stopping = asyncio.create_task(stop.wait())
-    starting = asyncio.create_task(service.start())
-    try:
-        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if starting.done():
-            starting.result()  # a failed start raises here
-            freeze_startup_heap()
-            closed = asyncio.create_task(service.wait_closed())
-            try:
-                await asyncio.wait({stopping, closed}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                closed.cancel()
-        log.info("auth service stopping")
-    finally:
-        for task in (starting, stopping):
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        await service.stop()
-
-
 def main() -> None:
-    try:
-        settings = AuthSettings()
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        print(f"ccbridge auth: invalid settings: {problems}", file=sys.stderr)
-        raise SystemExit(EXIT_INVALID_SETTINGS) from None
-    configure_logging(settings.log_level, settings.log_format, service="auth")
-    try:
+    def check(settings: AuthSettings) -> None:
         # Caller-key settings are checked before anything connects (a bad PEM is not a crash).
         build_verifier(settings, lambda: "x" * 32)
-    except ValueError as exc:
-        print(f"ccbridge auth: invalid settings: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_INVALID_SETTINGS) from None
-    try:
-        asyncio.run(serve(settings))
-    except KeyboardInterrupt:
-        pass
-    except CannotListen as exc:
-        print(exc, file=sys.stderr)
-        raise SystemExit(EXIT_CANNOT_LISTEN) from None
+
+    run_service("auth", AuthSettings, AuthService, check=check, exit_codes={CannotListen: EXIT_CANNOT_LISTEN})

@@ -3,11 +3,10 @@ backends and handlers. Nothing connects at import time."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
 import hashlib
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
 from faststream.nats import NatsBroker
@@ -15,10 +14,10 @@ from faststream.nats import NatsBroker
 from shared import subjects
 from shared.broker import BrokerDeadLetters, document_publishers, make_broker, provision
 from shared.delivery import Backoff, Breakers, DeliveryPolicy
-from shared.health import HealthServer
+from shared.health import HealthServer, start_health
 from shared.events import SandboxCredentialsFailed, SandboxCredentialsInjected, SandboxCredentialsScrubbed
-from shared.logging import configure_logging, get_logger
-from shared.runtime import run_until_stopped
+from shared.logging import get_logger
+from shared.lifecycle import Service, background, run_service
 from shared.sealing import KeyPair, load_or_create_keypair
 from services.sandbox import domain
 from services.sandbox.adapters.backends.base import BackendProvider
@@ -31,7 +30,7 @@ from services.sandbox.adapters.bus import (
     consumer_config,
     ensure_consumer,
 )
-from services.sandbox.adapters.live_registry import KvLiveRegistry, LiveRegistry, MemoryLiveRegistry, open_live_bucket
+from services.sandbox.adapters.live_registry import KvLiveRegistry, LiveRegistry, open_live_bucket
 from services.sandbox.adapters.vault_client import NatsVaultClient, VaultClient
 from services.sandbox.handlers import invalid_event_middleware, register_handlers
 from services.sandbox.injector import CredentialInjector, EventPublisher, InjectionOptions
@@ -98,28 +97,23 @@ def delivery_policy(settings: SandboxSettings, broker: NatsBroker, metrics: Sand
     )
 
 
-class _NoVault:
-    async def fetch(self, want: Any) -> Any:
-        raise RuntimeError("documentation build: no vault")
+def build_broker(settings: SandboxSettings) -> NatsBroker:
+    """The service's subscribers (five durable consumers) and declared publishers, as the
+    composition root wires them — for the AsyncAPI document: built, never connected."""
+    return SandboxService(settings).compose(KeyPair.generate()).broker
 
 
-class _NoPublisher:
-    async def publish(self, subject: str, event: Any) -> None:
-        raise RuntimeError("documentation build: no bus")
+@dataclass(frozen=True)
+class Composition:
+    """The sandbox service's object graph, built without I/O (`SandboxService.compose`)."""
 
-
-def build_broker(
-    settings: SandboxSettings, injector: CredentialInjector | None = None, live: LiveSandboxes | None = None
-) -> NatsBroker:
-    """The service's subscribers (five durable consumers) and declared publishers. Without use
-    cases (the AsyncAPI build, `ccbridge.contracts`) inert ones are wired: no handler runs."""
-    broker = make_broker(settings, name=SERVICE_NAME)
-    if injector is None or live is None:
-        inert: dict[str, Any] = {"vault": _NoVault(), "backends": {}, "publisher": _NoPublisher()}
-        registry = MemoryLiveRegistry()
-        injector = injector or CredentialInjector(**inert, registry=registry)
-        live = live or LiveSandboxes(**inert, registry=registry)
-    return wire_broker(broker, settings, injector, live, delivery_policy(settings, broker))
+    broker: NatsBroker
+    injector: CredentialInjector
+    live: LiveSandboxes
+    policy: DeliveryPolicy
+    registry: LiveRegistry
+    bucket: list[Any]
+    """The live-sandbox KV bucket, once `open` has opened it (the registry reads it from here)."""
 
 
 def fingerprint_key(key: KeyPair) -> bytes:
@@ -128,15 +122,17 @@ def fingerprint_key(key: KeyPair) -> bytes:
     return hashlib.sha256(b"ccbridge/sandbox/live-fingerprint\0" + key.private_b64().encode()).digest()
 
 
-class SandboxService:
+class SandboxService(Service):
     """`async with SandboxService(settings):` consumes sandbox.created, sandbox.destroyed,
-    tokens.refreshed and tokens.revoked until stopped.
+    tokens.refreshed, tokens.revoked and grants.ended until stopped.
 
     Backends: `local` (LOCAL_SANDBOX_ROOT) and `e2b` (the real SDK; E2B_* settings).
     `backend` / `backends` replace the provider of their `kind`; `vault_client` replaces the
     NATS request/reply client; `registry` the JetStream KV live-sandbox registry;
     `publisher` builds the result-event publisher from the broker (default `BrokerPublisher`).
     """
+
+    name = SERVICE_NAME
 
     def __init__(
         self,
@@ -148,6 +144,7 @@ class SandboxService:
         registry: LiveRegistry | None = None,
         publisher: Callable[[NatsBroker], EventPublisher] | None = None,
     ) -> None:
+        super().__init__()
         self.settings = settings
         # fail fast on a bad SANDBOX_ENV_FILE
         domain.env_file_path(settings.env_file)
@@ -167,72 +164,31 @@ class SandboxService:
         self.metrics = SandboxMetrics()
         self.health: HealthServer | None = None
         self.policy: DeliveryPolicy | None = None
-        self._dlq_watch: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        if self.broker is not None:
-            return
+    async def open(self, stack: AsyncExitStack) -> None:
+        """The composition root: what the service opens, in order; each part's close is
+        registered as soon as it is open (closed in reverse by `stop()`)."""
         settings = self.settings
+        for provider in self._backends.values():  # closed last: handlers may still be writing
+            stack.push_async_callback(provider.aclose)
         self.key = key = self.key or load_key(settings)
-        broker = make_broker(settings, name=SERVICE_NAME)
-        vault = self._vault_client or NatsVaultClient(
-            lambda: broker.connection, key, timeout=settings.vault_request_timeout
-        )
-        kv_holder: list[Any] = []
-        registry = self._registry or KvLiveRegistry(lambda: kv_holder[0])
-        options = InjectionOptions(
-            default_mode=settings.default_mode,
-            env_file=settings.env_file,
-            mcp_package=settings.mcp_package,
-            fingerprint_key=fingerprint_key(key),
-        )
-        publisher = MeteredPublisher((self._publisher_factory or BrokerPublisher)(broker), self.metrics)
-        locks = SandboxLocks()
-        self.injector = CredentialInjector(
-            vault=vault,
-            backends=self._backends,
-            publisher=publisher,
-            registry=registry,
-            options=options,
-            locks=locks,
-        )
-        self.live = LiveSandboxes(
-            vault=vault,
-            backends=self._backends,
-            publisher=publisher,
-            registry=registry,
-            options=options,
-            locks=locks,
-            concurrency=settings.live_concurrency,
-        )
-        self.policy = delivery_policy(settings, broker, self.metrics)
-        wire_broker(broker, settings, MeteredInjector(self.injector, self.metrics), self.live,  # type: ignore[arg-type]
-                    self.policy)
-        try:
-            await broker.connect()
-            await provision(broker, settings)
-            kv_holder.append(
-                await open_live_bucket(broker.connection.jetstream(), replicas=settings.stream_replicas)
-            )
-            if isinstance(registry, KvLiveRegistry):
-                await registry.purge_tombstones(broker.connection.jetstream(), settings.tombstone_max_age)
-            for spec in CONSUMERS:
-                await ensure_consumer(
-                    broker,
-                    consumer_config(spec, ack_wait=settings.ack_wait),
-                    stream=spec.stream,
-                )
-            await broker.start()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await broker.stop()
-            raise
+        built = self.compose(key)
+        broker, registry = built.broker, built.registry
+        self.injector, self.live, self.policy = built.injector, built.live, built.policy
+        stack.push_async_callback(self._forget_broker)
+        stack.push_async_callback(broker.stop)
+        await broker.connect()
+        await provision(broker, settings)
+        built.bucket.append(await open_live_bucket(broker.connection.jetstream(), replicas=settings.stream_replicas))
+        if isinstance(registry, KvLiveRegistry):
+            await registry.purge_tombstones(broker.connection.jetstream(), settings.tombstone_max_age)
+        for spec in CONSUMERS:
+            await ensure_consumer(broker, consumer_config(spec, ack_wait=settings.ack_wait), stream=spec.stream)
+        await broker.start()
         self.broker = broker
-        self._dlq_watch = asyncio.create_task(
-            watch_dlq_depth(broker.connection.jetstream(), self.metrics), name="sandbox-dlq-depth"
-        )
+        background(stack, watch_dlq_depth(broker.connection.jetstream(), self.metrics), "sandbox-dlq-depth")
         if settings.metrics_port:
-            await self._start_health()
+            self.health = await start_health(stack, self.settings, self.metrics.render, self.readiness, SERVICE_NAME)
         log.info(
             "sandbox.started",
             key_id=key.key_id,
@@ -244,16 +200,37 @@ class SandboxService:
             retry_window_s=settings.retry_window,
             concurrency=settings.concurrency,
         )
+        stack.callback(log.info, "sandbox.stopped")
 
-    async def _start_health(self) -> None:
-        health = HealthServer(self.settings.metrics_host, self.settings.metrics_port, self.metrics.render,
-                              self.readiness, name="sandbox")
-        try:
-            await health.start()
-        except OSError as exc:  # a taken port must not take the injector down with it
-            log.error("sandbox.metrics_unavailable", port=self.settings.metrics_port, error=type(exc).__name__)
-            return
-        self.health = health
+    def compose(self, key: KeyPair) -> Composition:
+        """Build the object graph — adapters, use cases, delivery policy, subscribers — without
+        connecting anything (cosmicpython's bootstrap): `open` then connects it."""
+        settings = self.settings
+        broker = make_broker(settings, name=SERVICE_NAME)
+        vault = self._vault_client or NatsVaultClient(
+            lambda: broker.connection, key, timeout=settings.vault_request_timeout
+        )
+        bucket: list[Any] = []
+        registry = self._registry or KvLiveRegistry(lambda: bucket[0])
+        options = InjectionOptions(
+            default_mode=settings.default_mode,
+            env_file=settings.env_file,
+            mcp_package=settings.mcp_package,
+            fingerprint_key=fingerprint_key(key),
+        )
+        publisher = MeteredPublisher((self._publisher_factory or BrokerPublisher)(broker), self.metrics)
+        locks = SandboxLocks()
+        injector = CredentialInjector(vault=vault, backends=self._backends, publisher=publisher, registry=registry,
+                                      options=options, locks=locks)
+        live = LiveSandboxes(vault=vault, backends=self._backends, publisher=publisher, registry=registry,
+                             options=options, locks=locks, concurrency=settings.live_concurrency)
+        policy = delivery_policy(settings, broker, self.metrics)
+        wire_broker(broker, settings, MeteredInjector(injector, self.metrics), live, policy)  # type: ignore[arg-type]
+        return Composition(broker, injector, live, policy, registry, bucket)
+
+    async def _forget_broker(self) -> None:
+        self.broker = None
+        self.health = None
 
     async def readiness(self) -> dict[str, bool]:
         """Ready = on the bus. A paused dependency (vault, e2b) does not make the service unready:
@@ -261,34 +238,6 @@ class SandboxService:
         connected = self.broker is not None and self.broker.connection is not None and self.broker.connection.is_connected
         return {"nats": bool(connected)}
 
-    async def stop(self) -> None:
-        if self._dlq_watch is not None:
-            self._dlq_watch.cancel()
-            self._dlq_watch = None
-        if self.health is not None:
-            await self.health.stop()
-            self.health = None
-        broker, self.broker = self.broker, None
-        if broker is not None:
-            await broker.stop()
-            log.info("sandbox.stopped")
-
-    async def __aenter__(self) -> SandboxService:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
-
-
-async def serve(settings: SandboxSettings) -> None:
-    """Run the service until cancelled or SIGTERM/SIGINT, then stop cleanly."""
-    await run_until_stopped(SandboxService(settings))
-
 
 def main() -> None:
-    settings = SandboxSettings()
-    configure_logging(settings.log_level, settings.log_format, service=SERVICE_NAME)
-    asyncio.run(serve(settings))
+    run_service(SERVICE_NAME, SandboxSettings, SandboxService)

@@ -12,8 +12,9 @@ import contextlib
 import os
 import secrets
 import socket
-from types import TracebackType
-from typing import Any, Self
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from typing import Any
 
 import httpx
 from faststream.nats import NatsBroker
@@ -42,10 +43,10 @@ from services.vault.use_cases import AuditWriter, Vault
 from shared import subjects
 from shared.broker import document_publishers, make_broker, provision, settle
 from shared.delivery import Breakers
-from shared.health import HealthServer
+from shared.health import HealthServer, start_health
 from shared.events import GrantEnded, TokensLoginExpiring, TokensReconnectRequired, TokensRefreshed
-from shared.logging import configure_logging, get_logger
-from shared.runtime import run_until_stopped
+from shared.logging import get_logger
+from shared.lifecycle import Service, background, run_service
 from shared.sealing import KeyPair, key_paths, load_or_create_keypair
 
 log = get_logger(__name__)
@@ -69,6 +70,17 @@ def build_broker(settings: VaultSettings, vault: Vault, broker: NatsBroker | Non
     broker.include_router(build_credentials_router(vault, settings.effective_request_concurrency))
     broker.include_router(build_status_router(vault))
     document_publishers(broker, PUBLISHES)
+    return broker
+
+
+def documentation_broker(settings: VaultSettings) -> NatsBroker:
+    """The vault's subscribers and publishers for the AsyncAPI document: composed as `open`
+    composes them, on real parts that are never connected (an in-memory SQLite engine, fresh
+    keys, no OAuth endpoint, nobody trusted)."""
+    service = VaultService(settings, store=SqlStore.from_url("sqlite+aiosqlite://"), keyring=Keyring.generate(),
+                           keypair=KeyPair.generate())
+    nobody = TrustStore.fixed(TrustedRequesters(frozenset()))
+    _, broker, _ = service.compose(nobody, GrantKeys(None, None), None, None)
     return broker
 
 
@@ -112,12 +124,14 @@ def live_keyring(settings: VaultSettings, metrics: VaultMetrics | None = None) -
     return LiveKeyring(source, check_interval_s=settings.kek_check_interval_s, on_reload=reloaded, on_error=failed)
 
 
-class VaultService:
+class VaultService(Service):
     """`async with VaultService(settings) as vault: ...` — or start()/stop().
 
     Optional adapters (tests swap them): `store`, `keyring` (a Keyring or LiveKeyring),
     `keypair`, `trusted` (TrustedRequesters: fixed; TrustStore: reloading), `token_endpoint`,
     `publisher`, `metrics`."""
+
+    name = "vault"
 
     def __init__(
         self,
@@ -131,6 +145,7 @@ class VaultService:
         publisher: EventPublisher | None = None,
         metrics: VaultMetrics | None = None,
     ) -> None:
+        super().__init__()
         self.settings = settings
         self._store = store
         self._owns_store = store is None
@@ -145,14 +160,9 @@ class VaultService:
         self.refresher: Refresher | None = None
         self.broker: NatsBroker | None = None
         self.health: HealthServer | None = None
-        self._http: httpx.AsyncClient | None = None
-        self._audit_writer: AuditWriter | None = None
-        self._maintenance_task: asyncio.Task[None] | None = None
-        self._sweep_task: asyncio.Task[None] | None = None
-        self._started = False
 
     def __repr__(self) -> str:
-        return f"VaultService(instance={self.instance!r}, started={self._started}, store={self._store!r})"
+        return f"VaultService(instance={self.instance!r}, started={self.started}, store={self._store!r})"
 
     @property
     def store(self) -> Store:
@@ -178,77 +188,58 @@ class VaultService:
         assert self._store is not None and self._keyring is not None, "VaultService not started"
         return self._store.unit_of_work(self._keyring)
 
-    async def start(self) -> None:
-        if self._started:
-            return
+    async def open(self, stack: AsyncExitStack) -> None:
+        """The composition root: what the vault opens, in order; each part's close is
+        registered as soon as it is open (closed in reverse by `stop()`)."""
         settings = self.settings
-        try:
-            # Key material: loaded once here (the KEK set then follows its source).
-            self._keypair = self._keypair or load_keypair(settings)
-            self._keyring = self._keyring or live_keyring(settings, self.metrics)
-            trusted = self._trusted
-            if trusted is None:
-                trusted = TrustStore(settings.trusted_requester_keys, settings.keys_dir,
-                                     min_interval_s=settings.trust_reload_min_interval_s)
-            elif isinstance(trusted, TrustedRequesters):
-                trusted = TrustStore.fixed(trusted)
-            if self._store is None:
-                self._store = SqlStore.from_url(
-                    settings.database_url.get_secret_value(), schema=settings.database_schema, echo=settings.db_echo,
-                    pool_timeout_s=settings.db_pool_timeout_s,
-                )
-            if settings.migrate_on_start:
-                await self._store.migrate()
-
-            self._audit_writer = AuditWriter(self.unit_of_work, metrics=self.metrics)
-            if settings.grants == "off":
-                log.warning("CCBRIDGE_GRANTS=off: credentials leave for ANY sandbox a bus publisher names; "
-                            "use only while migrating platforms to grants")
-            grant_keys = GrantKeys(settings.grant_public_keys, settings.keys_dir)
-            if settings.grants == "required" and not len(grant_keys):
-                log.warning("no grant key trusted yet (VAULT_GRANT_PUBLIC_KEYS, keys/auth.grant.pub): every "
-                            "credentials request is refused until auth's public key is found")
-            broker = make_broker(settings, name="vault")
-            publisher = self._publisher or BrokerPublisher(broker)
-            store = self._store
-            keyring = self._keyring
-            self.vault = Vault(
-                unit_of_work=self.unit_of_work,
-                read_for_release=lambda wanted: store.read_for_release(wanted, keyring),
-                leases=Leases(unit_of_work=self.unit_of_work, verifier=grant_keys,
-                              required=settings.grants == "required", publisher=publisher, metrics=self.metrics,
-                              actor=f"vault:{self.instance}"),
-                keypair=self._keypair,
-                trusted=trusted,
-                actor=f"vault:{self.instance}",
-                metrics=self.metrics,
-                audit_writer=self._audit_writer if settings.audit_grants else None,
-                request_timeout_s=settings.request_timeout_s,
-                audit_grants=settings.audit_grants,
-                token_endpoint=self._endpoint(),
-                revoke_attempts=settings.revoke_attempts,
-                breakers=Breakers(on_change=self.metrics.breakers.changed),
+        stack.push_async_callback(self._forget)
+        # Key material: loaded once here (the KEK set then follows its source).
+        self._keypair = self._keypair or load_keypair(settings)
+        self._keyring = self._keyring or live_keyring(settings, self.metrics)
+        trusted = self._trusted
+        if trusted is None:
+            trusted = TrustStore(settings.trusted_requester_keys, settings.keys_dir,
+                                 min_interval_s=settings.trust_reload_min_interval_s)
+        elif isinstance(trusted, TrustedRequesters):
+            trusted = TrustStore.fixed(trusted)
+        if self._store is None:
+            self._store = SqlStore.from_url(
+                settings.database_url.get_secret_value(), schema=settings.database_schema, echo=settings.db_echo,
+                pool_timeout_s=settings.db_pool_timeout_s,
             )
-            self.broker = build_broker(settings, self.vault, broker)
-            await broker.connect()
-            await provision(broker, settings)
-            await self._ensure_consumers(broker)
-            await broker.start()
-            # started (and ready) means the server routes credential requests here already
-            await settle(broker.connection)
-            self._audit_writer.start()
-            self._sweep_task = asyncio.create_task(self._sweep_loop(), name="vault-lease-sweeper")
+        if self._owns_store:
+            stack.push_async_callback(self._store.dispose)
+        if settings.migrate_on_start:
+            await self._store.migrate()
+        endpoint = self._token_endpoint or await stack.enter_async_context(self._http_endpoint())
 
-            if settings.refresh_enabled:
-                self.refresher = self._build_refresher(broker, publisher)
-                self.refresher.start(settings.refresh_interval_s)
-            self._maintenance_task = asyncio.create_task(self._maintenance_loop(), name="vault-maintenance")
-            if settings.metrics_port:
-                await self._start_health()
-        except BaseException:
-            await self._close()
-            raise
-        self._started = True
+        audit_writer = AuditWriter(self.unit_of_work, metrics=self.metrics)
+        stack.push_async_callback(audit_writer.stop)  # after the broker: what handlers buffered is written
+        if settings.grants == "off":
+            log.warning("CCBRIDGE_GRANTS=off: credentials leave for ANY sandbox a bus publisher names; "
+                        "use only while migrating platforms to grants")
+        grant_keys = GrantKeys(settings.grant_public_keys, settings.keys_dir)
+        self.vault, broker, publisher = self.compose(trusted, grant_keys, endpoint, audit_writer)
+        if settings.grants == "required" and not len(grant_keys):
+            log.warning("no grant key trusted yet (VAULT_GRANT_PUBLIC_KEYS, keys/auth.grant.pub): every "
+                        "credentials request is refused until auth's public key is found")
+        stack.push_async_callback(self._stop_broker, broker)
+        await broker.connect()
+        await provision(broker, settings)
+        await self._ensure_consumers(broker)
+        await broker.start()
+        self.broker = broker
+        # started (and ready) means the server routes credential requests here already
+        await settle(broker.connection)
+        audit_writer.start()
+        background(stack, self._sweep_loop(), "vault-lease-sweeper")
+        if settings.refresh_enabled:
+            self.refresher = self._build_refresher(endpoint, publisher)
+            self.refresher.start(settings.refresh_interval_s)
+            stack.push_async_callback(self.refresher.stop)  # lets a refresh in flight finish and commit
+        background(stack, self._maintenance_loop(), "vault-maintenance")
+        if settings.metrics_port:
+            self.health = await start_health(stack, settings, self.metrics.render, self.readiness, "vault")
         log.info(
             "vault started",
             instance=self.instance,
@@ -258,26 +249,67 @@ class VaultService:
             refresher=settings.refresh_enabled,
             metrics=self.health.url if self.health else None,
         )
+        stack.callback(log.info, "vault stopped", instance=self.instance)
 
-    def _endpoint(self) -> TokenEndpoint:
-        """The OAuth token endpoint (refresh, revoke): the one given, else HTTP on one pool."""
-        if self._token_endpoint is None:
-            settings = self.settings
-            self._http = httpx.AsyncClient(
-                timeout=httpx.Timeout(settings.refresh_timeout_s),
-                follow_redirects=False,
-                headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
-                limits=httpx.Limits(max_connections=max(4, settings.refresh_concurrency * 2)),
-            )
-            self._token_endpoint = HttpTokenEndpoint(
-                token_url=settings.token_url, client_id=settings.oauth_client_id,
-                timeout_s=settings.refresh_timeout_s, client=self._http,
-            )
-        return self._token_endpoint
-
-    def _build_refresher(self, broker: NatsBroker, publisher: EventPublisher) -> Refresher:
+    def compose(self, trusted: TrustStore, grant_keys: GrantKeys, endpoint: TokenEndpoint | None,
+                audit_writer: AuditWriter | None) -> tuple[Vault, NatsBroker, EventPublisher]:
+        """Build the use cases and the subscribers on the store, keys and endpoint in hand,
+        without connecting anything (cosmicpython's bootstrap): `open` then connects them."""
         settings = self.settings
-        endpoint = self._endpoint()
+        assert self._store is not None and self._keyring is not None and self._keypair is not None
+        broker = make_broker(settings, name="vault")
+        publisher = self._publisher or BrokerPublisher(broker)
+        store, keyring = self._store, self._keyring
+        vault = Vault(
+            unit_of_work=self.unit_of_work,
+            read_for_release=lambda wanted: store.read_for_release(wanted, keyring),
+            leases=Leases(unit_of_work=self.unit_of_work,
+                          verifier=grant_keys,
+                          required=settings.grants == "required", publisher=publisher, metrics=self.metrics,
+                          actor=f"vault:{self.instance}"),
+            keypair=self._keypair,
+            trusted=trusted,
+            actor=f"vault:{self.instance}",
+            metrics=self.metrics,
+            audit_writer=audit_writer if settings.audit_grants else None,
+            request_timeout_s=settings.request_timeout_s,
+            audit_grants=settings.audit_grants,
+            token_endpoint=endpoint,
+            revoke_attempts=settings.revoke_attempts,
+            breakers=Breakers(on_change=self.metrics.breakers.changed),
+        )
+        return vault, build_broker(settings, vault, broker), publisher
+
+    @contextlib.asynccontextmanager
+    async def _http_endpoint(self) -> AsyncIterator[TokenEndpoint]:
+        """The OAuth token endpoint (refresh, revoke) over HTTP, on one connection pool."""
+        settings = self.settings
+        async with httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.refresh_timeout_s),
+            follow_redirects=False,
+            headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+            limits=httpx.Limits(max_connections=max(4, settings.refresh_concurrency * 2)),
+        ) as http:
+            yield HttpTokenEndpoint(
+                token_url=settings.oauth_token_url, client_id=settings.oauth_client_id,
+                timeout_s=settings.refresh_timeout_s, client=http,
+            )
+
+    @staticmethod
+    async def _stop_broker(broker: NatsBroker) -> None:
+        try:
+            await broker.stop()
+        except Exception:  # noqa: BLE001 - stopping goes on with the rest
+            log.warning("broker did not stop cleanly", exc_info=True)
+
+    async def _forget(self) -> None:
+        """After the last close: a stopped service holds nothing (a restarted one starts over)."""
+        self.broker = self.health = self.refresher = None
+        if self._owns_store:
+            self._store = None
+
+    def _build_refresher(self, endpoint: TokenEndpoint, publisher: EventPublisher) -> Refresher:
+        settings = self.settings
         policy = RefreshPolicy(
             margin_s=settings.refresh_margin_s,
             lease_s=settings.refresh_lease_s,
@@ -302,18 +334,6 @@ class VaultService:
             ),
             database=vault.breakers["database"],
         )
-
-    async def _start_health(self) -> None:
-        health = HealthServer(self.settings.metrics_host, self.settings.metrics_port, self.metrics.render, self.readiness,
-                              name="vault")
-        try:
-            await health.start()
-        except OSError as exc:
-            # Metrics must not take the credential path down: log loudly, run without them.
-            log.error("metrics server not started", host=self.settings.metrics_host,
-                      port=self.settings.metrics_port, error=exc.strerror or type(exc).__name__)
-            return
-        self.health = health
 
     async def readiness(self) -> dict[str, bool]:
         nats_ok = False
@@ -372,61 +392,5 @@ class VaultService:
                 log.warning("durable consumer config not updated", durable=config.durable_name,
                             error=exc.description)
 
-    async def stop(self) -> None:
-        await self._close()
-        if self._started:
-            log.info("vault stopped", instance=self.instance)
-        self._started = False
-
-    async def _close(self) -> None:
-        for task in (self._maintenance_task, self._sweep_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._maintenance_task = self._sweep_task = None
-        refresher, self.refresher = self.refresher, None
-        if refresher is not None:
-            await refresher.stop()  # lets a refresh in flight finish and commit
-        health, self.health = self.health, None
-        if health is not None:
-            with contextlib.suppress(Exception):
-                await health.stop()
-        broker, self.broker = self.broker, None
-        if broker is not None:
-            try:
-                await broker.stop()
-            except Exception:
-                log.warning("broker did not stop cleanly", exc_info=True)
-        writer, self._audit_writer = self._audit_writer, None
-        if writer is not None:
-            await writer.stop()
-        http, self._http = self._http, None
-        if http is not None:
-            with contextlib.suppress(Exception):
-                await http.aclose()
-        if self._store is not None and self._owns_store:
-            with contextlib.suppress(Exception):
-                await self._store.dispose()
-            self._store = None
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
-
-
-async def serve(settings: VaultSettings) -> None:
-    """Run the service until cancelled or SIGTERM/SIGINT, then stop cleanly."""
-    await run_until_stopped(VaultService(settings))
-
-
 def main() -> None:
-    settings = VaultSettings()
-    configure_logging(settings.log_level, settings.log_format, service="vault")
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(settings))
+    run_service("vault", VaultSettings, VaultService)

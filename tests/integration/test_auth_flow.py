@@ -551,7 +551,7 @@ async def test_python_m_services_auth_serves_and_stops_on_sigterm(
             proc.wait()
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
     events = [line.get("event") for line in lines]
-    assert "login completed" in events and "auth service stopping" in events
+    assert "login completed" in events and "auth service stopped" in events
     assert next(line for line in lines if line.get("event") == "login completed")["service"] == "auth"
 
 

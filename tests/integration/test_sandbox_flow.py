@@ -202,6 +202,9 @@ class CountingBackend:
     writes: list[str] = field(default_factory=list)
     kind: str = "local"
 
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
     @asynccontextmanager
     async def open(self, event: SandboxCreated) -> AsyncIterator[Any]:
         writes = self.writes

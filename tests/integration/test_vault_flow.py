@@ -25,7 +25,7 @@ from services.vault.keyring import Keyring
 from services.vault.settings import VaultSettings
 from shared import subjects
 from shared.broker import REASON_HEADER, dead_letter_msg_id, make_broker, publish_event
-from shared.events import CredentialsReply, Sealed
+from shared.events import ConnectionStatusReply, ConnectionStatusRequest, CredentialsReply, Sealed
 from shared.sealing import KeyPair, b64d, b64e
 from tests import grants
 from tests.vault_fixtures import (  # noqa: F401 - fixtures
@@ -500,6 +500,14 @@ def test_ccbridge_vault_revoke_waits_for_the_vault(tmp_path: Path, nats_url: str
                 await publisher.connect()
                 await publish_event(publisher, subjects.TOKENS_ISSUED, issued_event(key, user_id=user,
                                                                                   access_token=canary()))
+                # stored before the revoke is sent (two consumers: their order is not the bus's)
+                status = ConnectionStatusRequest(user_id=user).model_dump_json().encode()
+
+                async def connected() -> bool | None:
+                    reply = await publisher.connection.request(subjects.VAULT_CONNECTIONS_STATUS, status, timeout=2)
+                    return ConnectionStatusReply.model_validate_json(reply.data).connected or None
+
+                await eventually(connected, "the login to be stored")
 
         asyncio.run(connect())
         for name, value in (("NATS_URL", nats_url), ("DATABASE_URL", db.url),

@@ -5,6 +5,7 @@ dumps tracemalloc snapshots for finding leaks."""
 from __future__ import annotations
 
 import asyncio
+from contextlib import AsyncExitStack
 import gc
 import os
 import signal
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 import structlog
 
+from shared import lifecycle
 from shared.runtime import run_until_stopped, start_heap_snapshots
 
 
@@ -27,20 +29,18 @@ def unfrozen() -> Iterator[None]:
     gc.unfreeze()  # other tests expect a normal collector
 
 
-class Service:
+class Service(lifecycle.Service):
     def __init__(self) -> None:
+        super().__init__()
         self.up = asyncio.Event()
         self.stopped = False
         self.frozen_at_start: int | None = None
 
-    async def __aenter__(self) -> Service:
+    async def open(self, stack: AsyncExitStack) -> None:
         self.frozen_at_start = gc.get_freeze_count()
         self.startup_state = [object() for _ in range(1000)]  # built while starting
+        stack.callback(setattr, self, "stopped", True)
         self.up.set()
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        self.stopped = True
 
 
 async def test_runs_until_sigterm_and_freezes_the_startup_heap_once_up(unfrozen: None) -> None:
@@ -106,3 +106,72 @@ async def test_a_service_stops_once_its_supervisor_is_gone(monkeypatch: pytest.M
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+# --- the one lifecycle (shared/lifecycle.py) ----------------------------------------------------
+class Parts(lifecycle.Service):
+    """Opens three parts and a background task; `fail_at` makes the open fail after that part."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        super().__init__()
+        self.fail_at = fail_at
+        self.closed: list[str] = []
+        self.task: asyncio.Task[None] | None = None
+
+    async def open(self, stack: AsyncExitStack) -> None:
+        for index, part in enumerate(("store", "bus", "http")):
+            stack.push_async_callback(self._close, part)
+            if index == self.fail_at:
+                raise RuntimeError(f"{part} would not open")
+        self.task = lifecycle.background(stack, asyncio.Event().wait(), "forever")
+
+    async def _close(self, part: str) -> None:
+        self.closed.append(part)
+        if part == "http":
+            raise ConnectionError("closing http failed")  # the rest still closes
+
+
+async def test_stop_closes_in_reverse_order_and_awaits_background_tasks() -> None:
+    service = Parts()
+    await service.start()
+    assert service.started and service.task is not None and not service.task.done()
+    with pytest.raises(ConnectionError):
+        await service.stop()
+    assert service.closed == ["http", "bus", "store"] and service.task.cancelled()
+    assert not service.started
+    await service.stop()  # twice is harmless
+    assert service.closed == ["http", "bus", "store"]
+
+
+async def test_a_start_that_fails_half_way_closes_what_it_opened() -> None:
+    service = Parts(fail_at=1)
+    with pytest.raises(RuntimeError, match="bus would not open"):
+        await service.start()
+    assert service.closed == ["bus", "store"] and not service.started
+
+
+async def test_a_signal_during_a_slow_start_stops_the_service() -> None:
+    class Slow(lifecycle.Service):
+        async def open(self, stack: AsyncExitStack) -> None:
+            stack.callback(closed.append, "opened part")
+            await asyncio.Event().wait()  # NATS is not up yet
+
+    closed: list[str] = []
+    task = asyncio.create_task(run_until_stopped(Slow()))
+    await asyncio.sleep(0.1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.wait_for(task, 5)
+    assert closed == ["opened part"]
+
+
+async def test_a_service_that_ends_on_its_own_is_stopped() -> None:
+    class Ending(lifecycle.Service):
+        async def open(self, stack: AsyncExitStack) -> None:
+            stack.callback(closed.append, "closed")
+
+        async def wait_closed(self) -> None:
+            return None
+
+    closed: list[str] = []
+    await asyncio.wait_for(run_until_stopped(Ending()), 5)
+    assert closed == ["closed"]

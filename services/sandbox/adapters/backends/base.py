@@ -90,3 +90,7 @@ class BackendProvider(Protocol):
     def open(self, event: SandboxTarget) -> AbstractAsyncContextManager[SandboxBackend]:
         """The sandbox of this target, ready for file operations until the context exits."""
         ...
+
+    async def aclose(self) -> None:
+        """Release what the provider holds (threads, connections) when the service stops."""
+        ...

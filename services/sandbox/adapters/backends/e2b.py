@@ -620,6 +620,9 @@ class E2BBackend:
             return PurePosixPath(target.home)
         return PurePosixPath("/root") if user == "root" else PurePosixPath("/home") / user
 
+    async def aclose(self) -> None:
+        """Nothing to release: the SDK opens its connections per call."""
+
     async def discard(self, sandbox_id: str) -> None:
         """Kill a sandbox this service created from a template whose injection finally failed
         (nobody else knows its id). Best effort: errors are the caller's to log."""
