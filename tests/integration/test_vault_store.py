@@ -644,3 +644,25 @@ async def test_a_database_outage_fails_the_whole_batch_and_marks_nothing(env: En
     monkeypatch.undo()
     outcomes = await env.vault.store_issued_batch([env.vault.prepare_issued(e) for e in events])
     assert [o.outcome for o in outcomes] == ["stored"] * 3  # type: ignore[union-attr]
+
+
+async def test_release_times_are_recorded_in_one_statement_newest_wins(env: Env) -> None:
+    from services.vault.domain import SandboxLease
+
+    user = new_user()
+    leases = [SandboxLease(user_id=user, sandbox_id=f"sbx-{i}", jti=f"j{i}", mode="access_only", issued_at=1,
+                           expires_at=10**13) for i in range(3)]
+    async with env.store.unit_of_work(env.keyring) as uow:
+        for lease in leases:
+            await uow.sandbox_leases.save(lease)
+        await uow.commit()
+    async with env.store.unit_of_work(env.keyring) as uow:
+        await uow.sandbox_leases.record_releases([(user, "sbx-0", 500), (user, "sbx-1", 700), (user, "sbx-9", 1)])
+        await uow.commit()
+    async with env.store.unit_of_work(env.keyring) as uow:  # an older time never overwrites a newer one
+        await uow.sandbox_leases.record_releases([(user, "sbx-0", 400), (user, "sbx-1", 800)])
+        await uow.commit()
+    async with env.store.unit_of_work(env.keyring) as uow:
+        found = {s: (await uow.sandbox_leases.get(user, s)).last_released_at  # type: ignore[union-attr]
+                 for s in ("sbx-0", "sbx-1", "sbx-2")}
+    assert found == {"sbx-0": 500, "sbx-1": 800, "sbx-2": None}

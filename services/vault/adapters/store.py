@@ -674,6 +674,12 @@ _READ_SANDBOX_LEASES = select(_SANDBOX_LEASES).where(
 
 
 _ROW = SandboxLeaseRow
+_RECORD_RELEASE = (
+    update(_SANDBOX_LEASES)
+    .where(_SANDBOX_LEASES.c.user_id == bindparam("b_user"), _SANDBOX_LEASES.c.sandbox_id == bindparam("b_sandbox"),
+           or_(_SANDBOX_LEASES.c.last_released_at.is_(None), _SANDBOX_LEASES.c.last_released_at < bindparam("b_at")))
+    .values(last_released_at=bindparam("b_at"))
+)
 
 
 def _sandbox_lease(row: Any) -> SandboxLease:
@@ -735,14 +741,11 @@ class SqlSandboxLeases:
         )
 
     async def record_releases(self, releases: Sequence[tuple[str, str, int]]) -> None:
-        """(user, sandbox, at) — the last time credentials left for each sandbox (newest wins)."""
-        for user_id, sandbox_id, at in releases:
-            await self._session.execute(
-                update(SandboxLeaseRow)
-                .where(SandboxLeaseRow.user_id == user_id, SandboxLeaseRow.sandbox_id == sandbox_id,
-                       or_(SandboxLeaseRow.last_released_at.is_(None), SandboxLeaseRow.last_released_at < at))
-                .values(last_released_at=at)
-            )
+        """(user, sandbox, at) — the last time credentials left for each sandbox (newest wins).
+        One executemany of a Core UPDATE (no ORM session synchronisation per row)."""
+        if releases:
+            await self._session.execute(_RECORD_RELEASE, [{"b_user": u, "b_sandbox": s, "b_at": at}
+                                                          for u, s, at in releases])
 
     async def delete_ended_before(self, cutoff_ms: int) -> int:
         result = await self._session.execute(
