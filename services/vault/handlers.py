@@ -206,8 +206,8 @@ def build_tokens_router(vault: Vault, settings: VaultSettings, policy: DeliveryP
     # The messages of one fetch reach Vault.store_issued_tokens together and are stored in one
     # transaction (shared.batching.Coalescer); each is still acked, held or dead-lettered alone.
     @_durable(router, settings, tokens_consumer_config(settings), "vault: store issued tokens",
-              "Opens the sealed TokenBundle with the vault key and stores it encrypted (one transaction "
-              "per fetched batch).", batch=settings.issued_fetch_batch)
+              "Opens the sealed TokenBundle with the vault key and stores it encrypted.",
+              batch=settings.issued_fetch_batch)
     async def on_tokens_issued(event: TokensIssued, message: bus.Message) -> None:
         ids = {"user_id": event.user_id, "event_id": event.event_id}
         outcome = await consumer.handle(message, lambda: vault.store_issued_tokens(event), **ids)
