@@ -232,7 +232,7 @@ class Vault:
         self._audit_grants = audit_grants
         self._failure_audited: dict[tuple[str, str], float] = {}
         self._issued: Coalescer[PreparedIssue, StoreOutcome] = Coalescer(
-            self.store_issued_batch, max_batch=issued_batch, name="vault-tokens-issued")
+            self.store_issued_batch, max_batch=issued_batch, gather_rounds=2, name="vault-tokens-issued")
 
     def __repr__(self) -> str:
         return f"Vault(key_id={self._keypair.key_id!r}, trusted_requesters={len(self._trusted)})"
