@@ -84,7 +84,7 @@ async def run_loop(url: str, count: int, batch: int, in_flight: int | None = Non
     while done < count:
         try:
             messages = await psub.fetch(batch=batch, timeout=1.0)
-        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+        except (TimeoutError, nats.errors.TimeoutError):
             continue
         for msg in messages:  # each waits for a free slot; the next fetch after the last has one
             await slots.acquire()

@@ -92,7 +92,7 @@ class Coalescer(Generic[T, R]):
             for _, future in batch:
                 future.cancel()
             raise
-        except Exception as exc:  # the whole batch's: every caller gets it
+        except Exception as exc:  # noqa: BLE001 - the whole batch's error: every caller gets it
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)

@@ -1,7 +1,9 @@
 """Bus entry points: parse, call one use case, map the result or error. Nothing else.
 
 - `tokens.issued`, `tokens.revoked`, `grants.issued`, `grants.revoked`: durable JetStream pull
-  consumers settled by the one delivery policy (shared/delivery.py, docs/delivery.md):
+  consumers settled by the one delivery policy (shared/delivery.py, docs/delivery.md) — each
+  message on its own, also where its work is batched (`tokens.issued`: the messages of one
+  fetch are stored in one transaction, `Vault.store_issued_tokens`):
   done / duplicate → ack; poison (bad schema, unopenable box, a forged grant) → dead letter +
   audit + term; database unavailable → held behind its breaker (never redelivered, never lost);
   other retryable errors → nack with backoff; a bug → nack with backoff, dead letter after
