@@ -1,11 +1,14 @@
 """The raw limit: a nats-py JetStream loop with no ccbridge code at all.
 
-A durable pull consumer fetches `batch` messages, handles them concurrently — publish the
-payload to the output subject with a Nats-Msg-Id (waiting for JetStream's PubAck), then ack
-the input — and fetches again. That is the shape of ccbridge's sandbox consumer (FastStream
-pull subscriber, same batch size, same message size, same file-store stream settings) minus
-everything ccbridge does in between. Publish-then-ack (not ack-then-publish) keeps it
-at-least-once, like the pipeline, at the same cost.
+A durable pull consumer fetches `batch` messages at a time and keeps at most `in_flight` of
+them in hand (a fetched batch waits for free slots before the next fetch, as FastStream's
+concurrent pull subscriber does in the sandbox service); each message is republished to the
+output subject with a Nats-Msg-Id — asynchronously (`publish_async`: no request per publish,
+the PubAcks of everything in flight outstanding together) — and acked once its own PubAck is
+in. That is the shape of ccbridge's `sandbox.created` consumer (same fetch batch, same
+in-flight limit, same message — a real `sandbox.created` with its grant —, same file-store
+stream settings) minus everything ccbridge does in between. Publish-then-ack (not
+ack-then-publish) keeps it at-least-once, like the pipeline, at the same cost.
 
 Run as its own process, like a service: `python -m bench.raw --url ... --count N`.
 """
@@ -52,33 +55,46 @@ async def ensure_stream(js: nats.js.JetStreamContext) -> None:
             deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=30.0,
-            max_deliver=5,
+            max_deliver=-1,
         ),
     )
 
 
-async def run_loop(url: str, count: int, batch: int) -> float:
+async def run_loop(url: str, count: int, batch: int, in_flight: int | None = None) -> float:
     nc = await nats.connect(url, name="bench-raw")
     js = nc.jetstream()
     psub = await js.pull_subscribe(SUBJECT_IN, durable=DURABLE, stream=STREAM)
+    slots = asyncio.Semaphore(in_flight or batch)
+    handling: set[asyncio.Task[None]] = set()
     done = 0
 
     async def handle(msg: nats.aio.msg.Msg) -> None:
         nonlocal done
-        msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
-        await js.publish(SUBJECT_OUT, msg.data, headers={"Nats-Msg-Id": f"out-{msg_id}"}, stream=STREAM, timeout=5)
-        await msg.ack()
-        done += 1
+        try:
+            msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
+            pub_ack = await js.publish_async(SUBJECT_OUT, msg.data, headers={"Nats-Msg-Id": f"out-{msg_id}"},
+                                             stream=STREAM)
+            await pub_ack  # stored: only then is the input acked
+            await msg.ack()
+            done += 1
+        finally:
+            slots.release()
 
     started = time.perf_counter()
     while done < count:
         try:
             messages = await psub.fetch(batch=batch, timeout=1.0)
-        except nats.errors.TimeoutError:
+        except (TimeoutError, nats.errors.TimeoutError):
             continue
-        await asyncio.gather(*(handle(m) for m in messages))
+        for msg in messages:  # each waits for a free slot; the next fetch after the last has one
+            await slots.acquire()
+            task = asyncio.create_task(handle(msg))
+            handling.add(task)
+            task.add_done_callback(handling.discard)
     elapsed = time.perf_counter() - started
-    await nc.drain()
+    await asyncio.gather(*handling)
+    await nc.flush()  # the last acks are out
+    await nc.close()
     return elapsed
 
 
@@ -86,9 +102,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--url", required=True)
     parser.add_argument("--count", type=int, required=True)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8, help="messages per fetch (SANDBOX_CONCURRENCY)")
+    parser.add_argument("--in-flight", type=int, default=None, help="messages in hand at most (default: batch)")
     args = parser.parse_args()
-    elapsed = asyncio.run(run_loop(args.url, args.count, args.batch))
+    elapsed = asyncio.run(run_loop(args.url, args.count, args.batch, args.in_flight))
     print(f"{args.count / elapsed:.1f}")
 
 

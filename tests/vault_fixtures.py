@@ -331,10 +331,34 @@ class _FakeConnections:
         current = [c for c in map(self._current, users) if c is not None and (state is None or c.state == state)]
         return [_summary_of(c, self._kek_id(c.user_id)) for c in current[:limit]]
 
+    async def get_many(self, user_ids: Sequence[str], *, for_update: bool = False) -> dict[str, Any]:
+        self._uow.statements += 1
+        found: dict[str, Any] = {}
+        for user_id in dict.fromkeys(user_ids):
+            current = self._current(user_id)
+            if current is None:
+                continue
+            self._uow.loaded[user_id] = current.version
+            if user_id in self._uow.store.undecryptable and user_id not in self._uow.staged_connections:
+                found[user_id] = (_summary_of(current), self._uow.store.undecryptable[user_id])
+            else:
+                found[user_id] = (_summary_of(current), copy.deepcopy(current))
+        return found
+
     async def add(self, connection: Connection) -> None:
         if self._current(connection.user_id) is not None:
             raise ConcurrencyConflict("exists")
         self._written(connection)
+
+    async def add_many(self, connections: Sequence[Connection]) -> None:
+        self._uow.statements += 1
+        for connection in connections:
+            await self.add(connection)
+
+    async def update_many(self, changes: Sequence[tuple[Connection, int]]) -> None:
+        self._uow.statements += 1
+        for connection, expected in changes:
+            await self.update(connection, expected_version=expected)
 
     async def update(
         self, connection: Connection, *, expected_version: int | None = None, lease_owner: str | None = None
@@ -444,6 +468,10 @@ class _FakeProcessed:
         self._uow.staged_events[event_id] = subject
         return True
 
+    async def mark_many(self, event_ids: Sequence[str], subject: str) -> set[str]:
+        self._uow.statements += 1
+        return {e for e in dict.fromkeys(event_ids) if await self.mark_processed(e, subject)}
+
     async def delete_older_than(self, cutoff: datetime) -> int:
         doomed = [e for e, at in self._uow.store.processed_at.items() if at < cutoff]
 
@@ -462,6 +490,11 @@ class _FakeRevocations:
 
     async def revoked_at(self, user_id: str) -> datetime | None:
         return self._uow.staged_revocations.get(user_id) or self._uow.store.revocations.get(user_id)
+
+    async def revoked_at_many(self, user_ids: Sequence[str]) -> dict[str, datetime]:
+        self._uow.statements += 1
+        found = {u: await self.revoked_at(u) for u in dict.fromkeys(user_ids)}
+        return {u: at for u, at in found.items() if at is not None}
 
     async def record(self, user_id: str, at: datetime, event_id: str | None) -> None:
         current = await self.revoked_at(user_id)
@@ -576,6 +609,7 @@ class FakeUnitOfWork:
         self.deleted: set[str] = set()
         self.released: set[str] = set()
         self.loaded: dict[str, int] = {}
+        self.statements = 0  # batch statements issued (mark_many, get_many, …)
         self.connections = _FakeConnections(self)
         self.processed_events = _FakeProcessed(self)
         self.revocations = _FakeRevocations(self)

@@ -1,8 +1,8 @@
 """Use case: inject a person's Claude Code credentials into one sandbox (`sandbox.created`).
 
-look up the live record → (duplicate? answer again) → record the intent (`pending`) → fetch
-the credentials (vault) → write the files that changed (backend) → record `injected` →
-publish `sandbox.credentials.injected` (`run`). Errors are raised; the one delivery policy
+look up the live record → (duplicate? answer again) → record the intent (`pending`) and, at
+the same time, fetch the credentials (vault) → write the files that changed (backend) → record
+`injected` → publish `sandbox.credentials.injected` (`run`). Errors are raised; the one delivery policy
 (`shared.delivery`) holds the message while the vault or e2b is down, retries, or — once the
 retry window has run out, or at once for a final error — dead-letters it and calls
 `report_failed` (clean up, publish `sandbox.credentials.failed`).
@@ -181,6 +181,10 @@ class CredentialInjector:
                 return Injected(self._injected_event(event, record), (), duplicate=True)
             if revoked_at is not None and occurred_ms(event) <= revoked_at:
                 raise Revoked("the person's credentials were revoked after this sandbox.created")
+            # the vault checks the grant before it seals anything: a refusal writes nothing. It is
+            # asked only now, once the lookups let the injection go on: nothing leaves the vault
+            # for a destroyed sandbox or a person who revoked meanwhile.
+            want = CredentialsFor(user_id=event.user_id, sandbox_id=event.sandbox_id, grant=event.grant, mode=mode)
             if record is None:  # the intent, so a concurrent refresh / revoke sees this sandbox
                 record = domain.LiveSandbox(
                     user_id=event.user_id,
@@ -195,11 +199,12 @@ class CredentialInjector:
                     mcp=event.options.mcp,
                     grant=event.grant,
                 )
-                revision = await self._registry.save(record, revision=None)
-
-            # the vault checks the grant before it seals anything: a refusal writes nothing
-            credentials = await self._vault.fetch(
-                CredentialsFor(user_id=event.user_id, sandbox_id=event.sandbox_id, grant=event.grant, mode=mode))
+                # recording the intent and asking the vault are independent: both at once (one
+                # round trip of waiting instead of two); nothing is written before both are done
+                revision, credentials = await asyncio.gather(self._registry.save(record, revision=None),
+                                                             self._vault.fetch(want))
+            else:
+                credentials = await self._vault.fetch(want)
             bundle = domain.check_usable(credentials.bundle)
             fp = domain.fingerprint(
                 opts.fingerprint_key,

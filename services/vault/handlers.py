@@ -1,7 +1,9 @@
 """Bus entry points: parse, call one use case, map the result or error. Nothing else.
 
 - `tokens.issued`, `tokens.revoked`, `grants.issued`, `grants.revoked`: durable JetStream pull
-  consumers settled by the one delivery policy (shared/delivery.py, docs/delivery.md):
+  consumers settled by the one delivery policy (shared/delivery.py, docs/delivery.md) — each
+  message on its own, also where its work is batched (`tokens.issued`: the messages of one
+  fetch are stored in one transaction, `Vault.store_issued_tokens`):
   done / duplicate → ack; poison (bad schema, unopenable box, a forged grant) → dead letter +
   audit + term; database unavailable → held behind its breaker (never redelivered, never lost);
   other retryable errors → nack with backoff; a bug → nack with backoff, dead letter after
@@ -179,13 +181,15 @@ class Consumer:
         return result[0] if result else None
 
 
-def _durable(router: NatsRouter, settings: VaultSettings, config: ConsumerConfig, title: str, description: str
-             ) -> Any:
+def _durable(router: NatsRouter, settings: VaultSettings, config: ConsumerConfig, title: str, description: str,
+             *, batch: int | None = None) -> Any:
+    """A pull consumer: FastStream fetches `batch` messages and hands them to this handler at
+    once, each settled on its own by the delivery policy; the next fetch follows when all are."""
     return router.subscriber(
         config.filter_subject,
         stream=bus.TOKENS,
         durable=config.durable_name,
-        pull_sub=PullSub(batch_size=settings.effective_fetch_batch, timeout=settings.fetch_timeout_s),
+        pull_sub=PullSub(batch_size=batch or settings.effective_fetch_batch, timeout=settings.fetch_timeout_s),
         config=config,
         ack_policy=AckPolicy.MANUAL,  # the delivery policy settles every message
         title=title,
@@ -201,8 +205,11 @@ def build_tokens_router(vault: Vault, settings: VaultSettings, policy: DeliveryP
     router = NatsRouter(middlewares=_invalid_events(vault, subjects.TOKENS_ISSUED))
     consumer = Consumer(vault, policy, subjects.TOKENS_ISSUED, count=vault.metrics.issued)
 
+    # The messages of one fetch reach Vault.store_issued_tokens together and are stored in one
+    # transaction (shared.batching.Coalescer); each is still acked, held or dead-lettered alone.
     @_durable(router, settings, tokens_consumer_config(settings), "vault: store issued tokens",
-              "Opens the sealed TokenBundle with the vault key and stores it encrypted.")
+              "Opens the sealed TokenBundle with the vault key and stores it encrypted.",
+              batch=settings.issued_fetch_batch)
     async def on_tokens_issued(event: TokensIssued, message: bus.Message) -> None:
         ids = {"user_id": event.user_id, "event_id": event.event_id}
         outcome = await consumer.handle(message, lambda: vault.store_issued_tokens(event), **ids)

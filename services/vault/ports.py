@@ -55,8 +55,21 @@ class ConnectionRepository(Protocol):
     async def summaries(self, *, limit: int = 1000, state: str | None = None) -> list[ConnectionSummary]:
         """Connections without their secrets, for operators (never decrypts)."""
 
+    async def get_many(self, user_ids: Sequence[str], *, for_update: bool = False
+                       ) -> dict[str, tuple[ConnectionSummary, Connection | KeyringError]]:
+        """The connections of several users in ONE statement: for each one that exists, its
+        summary and the connection decrypted — or the `KeyringError` it does not decrypt with.
+        Each counts as "read" for `update`; `for_update` locks the rows until commit."""
+
     async def add(self, connection: Connection) -> None:
         """Insert a connection that does not exist yet (`ConcurrencyConflict` if it does)."""
+
+    async def add_many(self, connections: Sequence[Connection]) -> None:
+        """`add` for several at once (one statement per table)."""
+
+    async def update_many(self, changes: Sequence[tuple[Connection, int]]) -> None:
+        """`update(connection, expected_version=...)` for several (one statement per table);
+        `ConcurrencyConflict` if any row changed since it was read (where the driver can tell)."""
 
     async def update(
         self, connection: Connection, *, expected_version: int | None = None, lease_owner: str | None = None
@@ -112,11 +125,17 @@ class ProcessedEvents(Protocol):
     async def mark_processed(self, event_id: str, subject: str) -> bool:
         """Record `event_id`; False if it was processed before (then do nothing)."""
 
+    async def mark_many(self, event_ids: Sequence[str], subject: str) -> set[str]:
+        """Record several (distinct) ids in one statement; returns those not processed before."""
+
     async def delete_older_than(self, cutoff: datetime) -> int: ...
 
 
 class Revocations(Protocol):
     async def revoked_at(self, user_id: str) -> datetime | None: ...
+
+    async def revoked_at_many(self, user_ids: Sequence[str]) -> dict[str, datetime]:
+        """The last revocation of each of these users that has one (one statement)."""
 
     async def record(self, user_id: str, at: datetime, event_id: str | None) -> None:
         """Remember the latest revocation of `user_id` (an earlier one never overwrites)."""

@@ -156,8 +156,10 @@ class VaultSettings(ServiceSettings):
     # tokens.issued consumer
     fetch_batch: int = Field(
         default=16, ge=1, le=256, validation_alias="VAULT_FETCH_BATCH",
-        description="Messages fetched per pull. When not set and the database is SQLite, 1: SQLite "
-        "has one writer, so concurrent write transactions only contend for its lock.",
+        description="Messages fetched per pull. tokens.issued stores each fetched batch in one transaction, "
+        "so it always fetches this many. The other consumers write one transaction per message: when not set "
+        "and the database is SQLite they fetch 1 (SQLite has one writer; concurrent write transactions only "
+        "contend for its lock).",
     )
     fetch_timeout_s: float = Field(default=2.0, gt=0, le=60, validation_alias="VAULT_FETCH_TIMEOUT_S")
     ack_wait_s: float = Field(default=30.0, gt=0, validation_alias="VAULT_ACK_WAIT_S")
@@ -200,6 +202,11 @@ class VaultSettings(ServiceSettings):
     def effective_fetch_batch(self) -> int:
         if "fetch_batch" not in self.model_fields_set and self._sqlite:
             return 1
+        return self.fetch_batch
+
+    @property
+    def issued_fetch_batch(self) -> int:
+        """tokens.issued: one transaction per fetched batch, whatever the database."""
         return self.fetch_batch
 
     @property

@@ -20,6 +20,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -59,6 +60,7 @@ from shared.events import (
     utcnow,
 )
 from shared.logging import get_logger
+from shared.batching import Coalescer
 from shared.delivery import Breakers
 from shared.grants import GrantClaims
 from shared.sealing import KeyPair, Recipient, SealingError, issued_binding, open_sealed, reply_binding, seal
@@ -76,6 +78,15 @@ class StoreOutcome:
     duplicate: bool
     version: int | None = None
     outcome: str = "stored"  # stored | replaced_undecryptable | duplicate | stale | revoked
+
+
+@dataclass(frozen=True)
+class PreparedIssue:
+    """A `tokens.issued` whose box opened: what storing it needs (never logged: tokens inside)."""
+
+    event: TokensIssued
+    facts: dict[str, Any] = field(repr=False)
+    issued_at: datetime
 
 
 @dataclass(frozen=True)
@@ -200,6 +211,7 @@ class Vault:
         revoke_attempts: int = 3,
         revoke_backoff_s: float = 1.0,
         breakers: Breakers | None = None,
+        issued_batch: int = 64,
     ) -> None:
         """`read_for_release`: the store's read-only lookup of a connection and a sandbox lease
         (the hot path). `token_endpoint`: where disconnecting revokes the login (None: nowhere)."""
@@ -219,6 +231,8 @@ class Vault:
         self._request_timeout = request_timeout_s
         self._audit_grants = audit_grants
         self._failure_audited: dict[tuple[str, str], float] = {}
+        self._issued: Coalescer[PreparedIssue, StoreOutcome] = Coalescer(
+            self.store_issued_batch, max_batch=issued_batch, gather_rounds=2, name="vault-tokens-issued")
 
     def __repr__(self) -> str:
         return f"Vault(key_id={self._keypair.key_id!r}, trusted_requesters={len(self._trusted)})"
@@ -285,15 +299,19 @@ class Vault:
             raise InvalidEvent("sealed payload is not a TokenBundle") from None
 
     async def store_issued_tokens(self, event: TokensIssued) -> StoreOutcome:
+        """Open the sealed bundle (a box that does not open fails this event alone), then store it
+        with the other `tokens.issued` in hand: one transaction per batch (`store_issued_batch`);
+        at light load a batch of one, at once."""
+        return await self._issued.submit(self.prepare_issued(event))
+
+    def prepare_issued(self, event: TokensIssued) -> PreparedIssue:
         bundle = self.open_bundle(event)
-        credentials = Credentials(access_token=bundle.access_token, refresh_token=bundle.refresh_token)
-        actor = f"event:{subjects.TOKENS_ISSUED}"
         now = self._clock()
         issued_at = min(event.occurred_at, now)  # a publisher's clock cannot date a login in the future
         # Values inside the sealed box are authenticated; the plaintext event fields are not.
         facts = {
             "kind": event.kind,
-            "credentials": credentials,
+            "credentials": Credentials(access_token=bundle.access_token, refresh_token=bundle.refresh_token),
             "scopes": tuple(bundle.scopes or event.scopes),
             "expires_at": bundle.expires_at,
             "refresh_token_expires_at": event.refresh_token_expires_at,
@@ -301,54 +319,109 @@ class Vault:
             "now": now,
             "issued_at": issued_at,
         }
+        return PreparedIssue(event, facts, issued_at)
 
-        def entry(action: str, outcome: str = "ok", **extra: object) -> AuditEntry:
-            return AuditEntry(actor=actor, action=action, outcome=outcome, user_id=event.user_id,
-                              event_id=event.event_id, **extra)  # type: ignore[arg-type]
+    async def store_issued_batch(self, items: Sequence[PreparedIssue]) -> list[StoreOutcome | BaseException]:
+        """Store several prepared `tokens.issued` in ONE transaction: their ids recorded in one
+        statement, the people's revocations and connections read in one statement each, the new
+        and changed connections and the audit entries written in one statement per table.
 
+        Per event, the rules of a single one hold (in order: a duplicate id — also twice in this
+        batch — does nothing; a login older than a revocation or than the login held is ignored
+        and audited; an unreadable row is replaced). If the batch fails for any reason but the
+        database being unavailable (a row that changed concurrently, a bug), each event is tried
+        again alone, so one failing event never holds back the others; `StoreUnavailable` is the
+        whole batch's (every event is held)."""
+        try:
+            return list(await self._store_issued_together(items))
+        except StoreUnavailable:
+            raise
+        except Exception:
+            if len(items) == 1:
+                raise
+            log.warning("tokens.issued batch failed: storing its events one by one", events=len(items))
+        outcomes: list[StoreOutcome | BaseException] = []
+        for item in items:
+            try:
+                outcomes.extend(await self._store_issued_together([item]))
+            except StoreUnavailable:
+                raise
+            except Exception as exc:  # noqa: BLE001 - this event's own failure, settled by its handler
+                outcomes.append(exc)
+        return outcomes
+
+    async def _store_issued_together(self, items: Sequence[PreparedIssue]) -> list[StoreOutcome]:
+        actor = f"event:{subjects.TOKENS_ISSUED}"
+        outcomes: list[StoreOutcome | None] = [None] * len(items)
         with self.metrics.store_timer("store_issued"):
             async with self._uow() as uow:
-                if not await uow.processed_events.mark_processed(event.event_id, subjects.TOKENS_ISSUED):
-                    return StoreOutcome(duplicate=True, outcome="duplicate")
-                revoked_at = await uow.revocations.revoked_at(event.user_id)
-                if revoked_at is not None and issued_at <= revoked_at:
-                    await uow.audit.add(entry("tokens_ignored", "ignored", reason="revoked_after_issue"))
-                    await uow.commit()
-                    return StoreOutcome(duplicate=False, outcome="revoked")
-                current = await uow.connections.summary(event.user_id, for_update=True)
-                if current is None:
-                    connection = Connection.connect(user_id=event.user_id, **facts)  # type: ignore[arg-type]
-                    await uow.connections.add(connection)
-                    outcome = "stored"
-                elif current.issued_at is not None and issued_at < current.issued_at:
-                    await uow.audit.add(entry("tokens_ignored", "ignored", reason="older_than_current_login",
-                                              version=current.version))
-                    await uow.commit()
-                    return StoreOutcome(duplicate=False, version=current.version, outcome="stale")
-                else:
-                    try:
-                        existing = await uow.connections.get(event.user_id)
-                    except KeyringError as exc:
-                        # The row can never be read again (retired/unknown KEK, tampering): a new
-                        # login replaces it — the old sealed secret is overwritten (crypto-shred).
-                        connection = Connection.connect(user_id=event.user_id, version=current.version + 1,
-                                                        **facts)  # type: ignore[arg-type]
-                        await uow.connections.update(connection, expected_version=current.version)
-                        await uow.audit.add(entry("undecryptable_replaced", reason=exc.reason, kek_id=current.kek_id,
-                                                  version=connection.version))
-                        self.metrics.decrypt_failure(exc.reason)
-                        outcome = "replaced_undecryptable"
+                # first statement: takes SQLite's write lock, so nothing read below changes before commit
+                fresh = await uow.processed_events.mark_many([i.event.event_id for i in items], subjects.TOKENS_ISSUED)
+                todo: list[int] = []
+                for index, item in enumerate(items):
+                    if item.event.event_id in fresh:
+                        fresh.discard(item.event.event_id)  # a second copy in this batch is a duplicate
+                        todo.append(index)
                     else:
-                        assert existing is not None
-                        existing.reconnect(**facts)  # type: ignore[arg-type]
-                        await uow.connections.update(existing)
-                        connection = existing
+                        outcomes[index] = StoreOutcome(duplicate=True, outcome="duplicate")
+                if not todo:
+                    return [o for o in outcomes if o is not None]
+                users = list(dict.fromkeys(items[i].event.user_id for i in todo))
+                revoked = await uow.revocations.revoked_at_many(users)
+                current = await uow.connections.get_many(users, for_update=True)
+                read_version = {user: summary.version for user, (summary, _) in current.items()}
+                added: dict[str, Connection] = {}
+                changed: dict[str, Connection] = {}
+                audit: list[tuple[AuditEntry, datetime]] = []
+                for index in todo:
+                    item = items[index]
+                    event, facts, issued_at = item.event, item.facts, item.issued_at
+
+                    def entry(action: str, outcome: str = "ok", **extra: object) -> tuple[AuditEntry, datetime]:
+                        return (AuditEntry(actor=actor, action=action, outcome=outcome, user_id=event.user_id,  # noqa: B023
+                                           event_id=event.event_id, **extra), self._clock())  # type: ignore[arg-type]  # noqa: B023
+
+                    revoked_at = revoked.get(event.user_id)
+                    if revoked_at is not None and issued_at <= revoked_at:
+                        audit.append(entry("tokens_ignored", "ignored", reason="revoked_after_issue"))
+                        outcomes[index] = StoreOutcome(duplicate=False, outcome="revoked")
+                        continue
+                    found = current.get(event.user_id)
+                    if found is None:
+                        connection = Connection.connect(user_id=event.user_id, **facts)  # type: ignore[arg-type]
+                        added[event.user_id] = connection
                         outcome = "stored"
-                if outcome == "stored":
-                    await uow.audit.add(entry("tokens_stored", version=connection.version,
-                                              detail={"kind": connection.kind}))
+                    else:
+                        summary, existing = found
+                        if summary.issued_at is not None and issued_at < summary.issued_at:
+                            audit.append(entry("tokens_ignored", "ignored", reason="older_than_current_login",
+                                               version=summary.version))
+                            outcomes[index] = StoreOutcome(duplicate=False, version=summary.version, outcome="stale")
+                            continue
+                        if isinstance(existing, KeyringError):
+                            # The row can never be read again (retired/unknown KEK, tampering): a new
+                            # login replaces it — the old sealed secret is overwritten (crypto-shred).
+                            connection = Connection.connect(user_id=event.user_id, version=summary.version + 1,
+                                                            **facts)  # type: ignore[arg-type]
+                            audit.append(entry("undecryptable_replaced", reason=existing.reason,
+                                               kek_id=summary.kek_id, version=connection.version))
+                            self.metrics.decrypt_failure(existing.reason)
+                            outcome = "replaced_undecryptable"
+                        else:
+                            existing.reconnect(**facts)  # type: ignore[arg-type]
+                            connection = existing
+                            outcome = "stored"
+                        (added if event.user_id in added else changed)[event.user_id] = connection
+                    current[event.user_id] = (connection.summary(), connection)
+                    if outcome == "stored":
+                        audit.append(entry("tokens_stored", version=connection.version,
+                                           detail={"kind": connection.kind}))
+                    outcomes[index] = StoreOutcome(duplicate=False, version=connection.version, outcome=outcome)
+                await uow.connections.add_many(list(added.values()))
+                await uow.connections.update_many([(c, read_version[user]) for user, c in changed.items()])
+                await uow.audit.add_many(audit)
                 await uow.commit()
-        return StoreOutcome(duplicate=False, version=connection.version, outcome=outcome)
+        return [o for o in outcomes if o is not None]
 
     # --- tokens.revoked ---------------------------------------------------------------
     async def revoke(self, event: TokensRevoked, *, actor: str | None = None) -> RevokeOutcome:

@@ -159,6 +159,7 @@ async def test_event_and_connection_commit_together(env: Env, monkeypatch: pytes
         raise StoreUnavailable("simulated")
 
     monkeypatch.setattr(store_module.SqlConnectionRepository, "add", broken_add)
+    monkeypatch.setattr(store_module.SqlConnectionRepository, "add_many", broken_add)  # the batched path
     with pytest.raises(StoreUnavailable):
         await env.vault.store_issued_tokens(event)
     monkeypatch.undo()
@@ -563,3 +564,124 @@ async def test_the_sqlite_file_and_its_wal_are_readable_by_the_owner_only(tmp_pa
     again = SqlStore.from_url(f"sqlite+aiosqlite:///{old}")
     await again.dispose()
     assert stat.S_IMODE(old.stat().st_mode) == 0o600
+
+
+# --- tokens.issued in batches: one transaction per batch ----------------------------------------
+async def test_a_batch_is_stored_in_one_transaction_with_each_event_decided_as_alone(env: Env) -> None:
+    """New people, a person who logs in twice in the batch (the newer login wins: version 2), a
+    duplicate inside the batch, an event processed before, a login older than the one held, one
+    from before a revocation, and a row that no longer decrypts — one transaction, each event
+    with the outcome it would have had on its own."""
+    recipient = env.vault_key.recipient
+    t0 = datetime.now(UTC) - timedelta(seconds=120)
+    fresh, twice, held, revoked_user = new_user(), new_user(), new_user(), new_user()
+    at = lambda seconds: {"occurred_at": t0 + timedelta(seconds=seconds)}  # noqa: E731
+    already = issued_event(recipient, user_id=new_user(), access_token=canary())
+    await env.vault.store_issued_tokens(already)
+    await env.vault.store_issued_tokens(issued_event(recipient, user_id=held, access_token=canary())
+                                        .model_copy(update=at(50)))
+    await env.vault.revoke(TokensRevoked(user_id=revoked_user, **at(40)))
+    unreadable = new_user()
+    other = Keyring.generate()
+    await make_vault(env.store, keyring=other, keypair=env.vault_key, trusted=TrustedRequesters.of([])
+                     ).store_issued_tokens(issued_event(recipient, user_id=unreadable, access_token=canary()))
+
+    first_login, second_login = canary("first"), canary("second")
+    events = [
+        issued_event(recipient, user_id=fresh, access_token=canary()),
+        issued_event(recipient, user_id=twice, access_token=first_login).model_copy(update=at(10)),
+        issued_event(recipient, user_id=twice, access_token=second_login).model_copy(update=at(20)),
+        already,
+        issued_event(recipient, user_id=held, access_token=canary()).model_copy(update=at(30)),  # older than held
+        issued_event(recipient, user_id=revoked_user, access_token=canary()).model_copy(update=at(30)),
+        issued_event(recipient, user_id=unreadable, access_token=canary()),
+    ]
+    events.insert(2, events[0])  # the same event twice in one batch
+    async with env.store.engine.connect() as conn:
+        before = (await conn.execute(select(ProcessedEventRow.event_id))).scalars().all()
+    outcomes = await env.vault.store_issued_batch([env.vault.prepare_issued(e) for e in events])
+
+    assert [(o.outcome, o.version) for o in outcomes] == [
+        ("stored", 1), ("stored", 1), ("duplicate", None), ("stored", 2), ("duplicate", None),
+        ("stale", 1), ("revoked", None), ("replaced_undecryptable", 2)]
+    async with env.store.unit_of_work(env.keyring) as uow:
+        conn = await uow.connections.get(twice)
+        assert conn is not None and conn.version == 2 and conn.credentials.access_token == second_login
+        assert (await uow.connections.get(fresh)).version == 1  # type: ignore[union-attr]
+        assert (await uow.connections.get(unreadable)).version == 2  # type: ignore[union-attr]
+        assert await uow.connections.get(revoked_user) is None
+        actions = {user: [r.entry.action for r in await uow.audit.list(user_id=user)][::-1]
+                   for user in (fresh, twice, held, revoked_user, unreadable)}
+    assert actions == {fresh: ["tokens_stored"], twice: ["tokens_stored", "tokens_stored"],
+                       held: ["tokens_stored", "tokens_ignored"], revoked_user: ["revoked", "tokens_ignored"],
+                       unreadable: ["tokens_stored", "undecryptable_replaced"]}
+    async with env.store.engine.connect() as conn:
+        after = (await conn.execute(select(ProcessedEventRow.event_id))).scalars().all()
+    assert len(after) - len(before) == len({e.event_id for e in events}) - 1  # `already` was there
+    # redelivered, the whole batch is duplicates
+    again = await env.vault.store_issued_batch([env.vault.prepare_issued(e) for e in events])
+    assert {o.outcome for o in again} == {"duplicate"}  # type: ignore[union-attr]
+
+
+async def test_a_batch_that_fails_is_retried_event_by_event(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A conflict on one event of a batch (not an outage) does not fail the others: each is tried
+    again alone; only the one that keeps failing gets the error."""
+    from services.vault.adapters import store as store_module
+
+    recipient = env.vault_key.recipient
+    good, bad = new_user(), new_user()
+    original = store_module.SqlConnectionRepository.add_many
+
+    async def add_many(self: Any, connections: Any) -> None:
+        if any(c.user_id == bad for c in connections):
+            raise ConcurrencyConflict("somebody else was first")
+        await original(self, connections)
+
+    monkeypatch.setattr(store_module.SqlConnectionRepository, "add_many", add_many)
+    events = [issued_event(recipient, user_id=good, access_token=canary()),
+              issued_event(recipient, user_id=bad, access_token=canary())]
+    outcomes = await env.vault.store_issued_batch([env.vault.prepare_issued(e) for e in events])
+    assert getattr(outcomes[0], "outcome", None) == "stored"
+    assert isinstance(outcomes[1], ConcurrencyConflict)
+    async with env.store.unit_of_work(env.keyring) as uow:
+        assert await uow.connections.get(good) is not None and await uow.connections.get(bad) is None
+    monkeypatch.undo()
+    assert (await env.vault.store_issued_tokens(events[1])).outcome == "stored"  # the redelivery
+
+
+async def test_a_database_outage_fails_the_whole_batch_and_marks_nothing(env: Env, monkeypatch: pytest.MonkeyPatch
+                                                                         ) -> None:
+    from services.vault.adapters import store as store_module
+
+    async def down(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise StoreUnavailable("simulated")
+
+    monkeypatch.setattr(store_module.SqlAuditLog, "add_many", down)
+    events = [issued_event(env.vault_key.recipient, user_id=new_user(), access_token=canary()) for _ in range(3)]
+    with pytest.raises(StoreUnavailable):
+        await env.vault.store_issued_batch([env.vault.prepare_issued(e) for e in events])
+    monkeypatch.undo()
+    outcomes = await env.vault.store_issued_batch([env.vault.prepare_issued(e) for e in events])
+    assert [o.outcome for o in outcomes] == ["stored"] * 3  # type: ignore[union-attr]
+
+
+async def test_release_times_are_recorded_in_one_statement_newest_wins(env: Env) -> None:
+    from services.vault.domain import SandboxLease
+
+    user = new_user()
+    leases = [SandboxLease(user_id=user, sandbox_id=f"sbx-{i}", jti=f"j{i}", mode="access_only", issued_at=1,
+                           expires_at=10**13) for i in range(3)]
+    async with env.store.unit_of_work(env.keyring) as uow:
+        for lease in leases:
+            await uow.sandbox_leases.save(lease)
+        await uow.commit()
+    async with env.store.unit_of_work(env.keyring) as uow:
+        await uow.sandbox_leases.record_releases([(user, "sbx-0", 500), (user, "sbx-1", 700), (user, "sbx-9", 1)])
+        await uow.commit()
+    async with env.store.unit_of_work(env.keyring) as uow:  # an older time never overwrites a newer one
+        await uow.sandbox_leases.record_releases([(user, "sbx-0", 400), (user, "sbx-1", 800)])
+        await uow.commit()
+    async with env.store.unit_of_work(env.keyring) as uow:
+        found = {s: (await uow.sandbox_leases.get(user, s)).last_released_at  # type: ignore[union-attr]
+                 for s in ("sbx-0", "sbx-1", "sbx-2")}
+    assert found == {"sbx-0": 500, "sbx-1": 800, "sbx-2": None}

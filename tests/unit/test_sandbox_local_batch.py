@@ -182,6 +182,35 @@ async def test_backend_durable_flag_reaches_its_sandboxes(tmp_path: Path, monkey
     assert calls[0][1] == os.path.realpath(tmp_path / "safe")
 
 
+async def test_sandboxes_written_at_the_same_time_share_one_io_call_and_fail_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backend hands the file work of the sandboxes of the moment to its I/O thread in ONE
+    call; a sandbox whose write is refused (a path outside its home) fails alone."""
+    backend = LocalBackend(tmp_path / "root", durable=False)
+    calls: list[int] = []
+    run_in_executor = asyncio.get_running_loop().run_in_executor
+
+    def counting(executor: object, fn: object, *args: object) -> object:
+        calls.append(1)
+        return run_in_executor(executor, fn, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "run_in_executor", counting)
+
+    async def write(sandbox_id: str, path: PurePosixPath) -> list[PurePosixPath]:
+        async with backend.open(SandboxCreated(user_id="u", sandbox_id=sandbox_id)) as sandbox:
+            return await sandbox.write_files([], [(path, b"{}", 0o600)])
+
+    results = await asyncio.gather(write("sbx-1", CONFIG), write("sbx-2", PurePosixPath("../escape.json")),
+                                   write("sbx-3", CONFIG), return_exceptions=True)
+    assert results[0] == [CONFIG] and results[2] == [CONFIG]
+    assert isinstance(results[1], PathOutsideSandbox)
+    assert calls == [1]
+    assert (tmp_path / "root" / "sbx-1" / ".claude.json").read_bytes() == b"{}"
+    assert not (tmp_path / "root" / "escape.json").exists()
+    backend.close()
+
+
 # --- confinement: what a read of any path answers, by the rules ------------------------------
 
 

@@ -117,12 +117,22 @@ async def test_concurrent_fetches_share_one_request_while_another_is_in_flight()
     conn = FakeConnection(sealed_ok, gate=gate)
     vault = client(conn, max_in_flight=1)
     first = asyncio.ensure_future(vault.fetch(want("u0", "access_only", "sbx-0")))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0.005)  # alone: out at once (after the loop went round once without company)
+    assert len(conn.requests) == 1
     rest = [asyncio.ensure_future(vault.fetch(want(f"u{i}", "access_only", f"sbx-{i}"))) for i in range(1, 6)]
     await asyncio.sleep(0.01)
     gate.set()
     results = await asyncio.gather(first, *rest)
     assert [len(r.items) for _, r, _ in conn.requests] == [1, 5]
+    assert all(r.bundle is not None for r in results)
+
+
+async def test_fetches_made_in_the_same_turn_share_one_request() -> None:
+    """The handlers of one fetched batch ask at once: one request for all of them."""
+    conn = FakeConnection(sealed_ok)
+    vault = client(conn)
+    results = await asyncio.gather(*(vault.fetch(want(f"u{i}", "access_only", f"sbx-{i}")) for i in range(6)))
+    assert [len(r.items) for _, r, _ in conn.requests] == [6]
     assert all(r.bundle is not None for r in results)
 
 

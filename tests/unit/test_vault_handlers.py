@@ -518,3 +518,82 @@ async def test_a_batched_request_gets_a_batched_reply_and_a_bad_one_a_batched_re
     response = await harness.broker.request(doc, subjects.VAULT_CREDENTIALS_GET, timeout=3.0)
     refused = CredentialsBatchReply.model_validate_json(response.body)
     assert (refused.ok, refused.error, refused.request_id) == (False, "invalid_request", batch.request_id)
+
+
+# --- tokens.issued: one transaction per fetched batch, each message settled alone ---------------
+async def _deliver_together(harness: Harness, events: list[Any]) -> None:
+    """As FastStream hands the messages of one fetch to the handler: all at once."""
+    await asyncio.gather(*(harness.issue(_json(e), headers={subjects.MSG_ID_HEADER: e.event_id}) for e in events))
+
+
+async def test_a_fetched_batch_is_stored_in_one_transaction_and_its_poison_dead_lettered_alone(
+    harness: Harness, acks: Acks
+) -> None:
+    vault = harness.vault_key.recipient
+    good = [issued_event(vault, user_id=new_user(), access_token=canary()) for _ in range(3)]
+    poison = issued_event(vault, user_id=new_user(), access_token=canary())
+    poison = poison.model_copy(update={"sealed": _tampered(poison.sealed)})
+
+    await _deliver_together(harness, [good[0], poison, good[1], good[2]])
+
+    assert all(harness.store.connections[e.user_id].version == 1 for e in good)
+    assert poison.user_id not in harness.store.connections
+    assert (harness.vault._issued.batches, harness.vault._issued.largest) == (1, 3)  # one transaction for the three
+    assert len({harness.store.processed_at[e.event_id] for e in good}) == 1
+    assert acks.acked == 3 and acks.rejected == 1 and not acks.nacked
+    assert [h[subjects.MSG_ID_HEADER] for _, h in harness.dead_letters] == [
+        dead_letter_msg_id(subjects.TOKENS_ISSUED, poison.event_id)]
+
+
+async def test_a_duplicate_inside_one_batch_has_one_effect(harness: Harness, acks: Acks) -> None:
+    user = new_user()
+    event = issued_event(harness.vault_key.recipient, user_id=user, access_token=canary())
+    other = issued_event(harness.vault_key.recipient, user_id=new_user(), access_token=canary())
+
+    await _deliver_together(harness, [event, other, event])
+
+    assert harness.store.connections[user].version == 1
+    assert harness.store.commits == 1 and harness.vault._issued.batches == 1
+    assert [e.action for e, _ in harness.store.audit if e.user_id == user] == ["tokens_stored"]
+    assert acks.acked == 3 and not acks.nacked and not harness.dead_letters
+
+
+async def test_a_database_outage_holds_the_whole_batch(harness: Harness, acks: Acks) -> None:
+    events = [issued_event(harness.vault_key.recipient, user_id=new_user(), access_token=canary()) for _ in range(3)]
+    harness.store.unavailable = True
+    handling = asyncio.create_task(_deliver_together(harness, events))
+    for _ in range(200):
+        if harness.vault.breakers["database"].state != "closed":
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    assert not handling.done() and acks.acked == 0 and acks.nacked == [] and not harness.dead_letters
+    harness.store.unavailable = False
+    await asyncio.wait_for(handling, 5)
+    assert all(harness.store.connections[e.user_id].version == 1 for e in events)
+    assert acks.acked == 3 and acks.nacked == [] and not harness.dead_letters
+
+
+async def test_an_event_failing_in_its_batch_does_not_hold_back_the_others(
+    harness: Harness, acks: Acks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A conflict (retryable, not an outage) on one event: the batch is retried event by event;
+    the others are stored and acked, that one is nacked with backoff."""
+    from tests.vault_fixtures import _FakeConnections
+
+    vault = harness.vault_key.recipient
+    good = [issued_event(vault, user_id=new_user(), access_token=canary()) for _ in range(2)]
+    bad = issued_event(vault, user_id=new_user(), access_token=canary())
+    original = _FakeConnections.add_many
+
+    async def add_many(self: Any, connections: Any) -> None:
+        if any(c.user_id == bad.user_id for c in connections):
+            raise ConcurrencyConflict("somebody else was first")
+        await original(self, connections)
+
+    monkeypatch.setattr(_FakeConnections, "add_many", add_many)
+    await _deliver_together(harness, [good[0], bad, good[1]])
+
+    assert all(e.user_id in harness.store.connections for e in good) and bad.user_id not in harness.store.connections
+    assert acks.acked == 2 and len(acks.nacked) == 1 and not harness.dead_letters
+    assert harness.vault.breakers["database"].state == "closed"

@@ -8,6 +8,7 @@ backoff on top.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from faststream.nats import NatsBroker
@@ -15,6 +16,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError
 
 from shared import subjects
+from shared.batching import Coalescer
 from shared.broker import publish_event
 from shared.events import Event
 from shared.logging import get_logger
@@ -23,13 +25,28 @@ log = get_logger("ccbridge.sandbox.bus")
 
 
 class BrokerPublisher:
-    """`EventPublisher` over JetStream (Nats-Msg-Id = event_id, so republishing is harmless)."""
+    """`EventPublisher` over JetStream (Nats-Msg-Id = event_id, so republishing is harmless).
 
-    def __init__(self, broker: NatsBroker) -> None:
+    The result events of the injections in hand that finish at about the same time are sent
+    together and their PubAcks awaited together (`shared.batching.Coalescer`); each caller
+    returns once its own event is stored (its message is acked only then), or gets its own
+    error. At light load an event goes out at once."""
+
+    def __init__(self, broker: NatsBroker, *, batched: bool = True, max_batch: int = 64) -> None:
         self._broker = broker
+        self._batch: Coalescer[tuple[str, Event], None] | None = (
+            Coalescer(self._publish_all, max_batch=max_batch, max_in_flight=2, name="sandbox-results")
+            if batched else None)
+
+    async def _publish_all(self, items: list[tuple[str, Event]]) -> list[None | BaseException]:
+        return await asyncio.gather(*(publish_event(self._broker, subject, event) for subject, event in items),
+                                    return_exceptions=True)
 
     async def publish(self, subject: str, event: Event) -> None:
-        await publish_event(self._broker, subject, event)
+        if self._batch is None:
+            await publish_event(self._broker, subject, event)
+        else:
+            await self._batch.submit((subject, event))
 
 
 @dataclass(frozen=True)

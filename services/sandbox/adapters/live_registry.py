@@ -28,6 +28,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from shared.batching import Coalescer
 from shared.logging import get_logger
 from shared.subjects import LIVE_SANDBOXES_BUCKET
 from services.sandbox.domain import LiveSandbox
@@ -162,17 +163,54 @@ async def open_live_bucket(js: JetStreamContext, *, replicas: int = 1) -> KeyVal
 
 class KvLiveRegistry:
     """`LiveRegistry` over the JetStream KV bucket (`kv` is looked up on each call, so the
-    service can hand in a getter that works once the broker is connected)."""
+    service can hand in a getter that works once the broker is connected).
 
-    def __init__(self, kv: KeyValue | Callable[[], KeyValue], *, list_timeout: float = 5.0) -> None:
+    Pipelined: the record reads, revocation reads and record writes that the injections in hand
+    make at about the same time are sent together (`shared.batching.Coalescer`: all requests in
+    one write to the socket, the replies awaited together), each still succeeding or failing on
+    its own — a compare-and-set that loses fails that record alone. At light load a call goes
+    out at once."""
+
+    def __init__(self, kv: KeyValue | Callable[[], KeyValue], *, list_timeout: float = 5.0,
+                 pipelined: bool = True, max_batch: int = 64) -> None:
         self._kv = kv
         self._list_timeout = list_timeout
+        self._reads: Coalescer[tuple[str, str, str], Lookup | int | None] | None = None
+        self._writes: Coalescer[tuple[LiveSandbox, int | None], int] | None = None
+        if pipelined:
+            self._reads = Coalescer(self._read_all, max_batch=max_batch, max_in_flight=2, name="sandbox-kv-reads")
+            self._writes = Coalescer(self._write_all, max_batch=max_batch, max_in_flight=2, name="sandbox-kv-writes")
 
     @property
     def kv(self) -> KeyValue:
         return self._kv() if callable(self._kv) else self._kv
 
+    async def _read_all(self, items: list[tuple[str, str, str]]) -> list[Lookup | int | None | BaseException]:
+        async def one(kind: str, user_id: str, sandbox_id: str) -> Lookup | int | None:
+            return await (self._get(user_id, sandbox_id) if kind == "record" else self._revoked_at(user_id))
+
+        return await asyncio.gather(*(one(*item) for item in items), return_exceptions=True)
+
+    async def _write_all(self, items: list[tuple[LiveSandbox, int | None]]) -> list[int | BaseException]:
+        return await asyncio.gather(*(self._save(record, revision) for record, revision in items),
+                                    return_exceptions=True)
+
     async def get(self, user_id: str, sandbox_id: str) -> Lookup:
+        if self._reads is None:
+            return await self._get(user_id, sandbox_id)
+        return await self._reads.submit(("record", user_id, sandbox_id))  # type: ignore[return-value]
+
+    async def save(self, record: LiveSandbox, *, revision: int | None) -> int:
+        if self._writes is None:
+            return await self._save(record, revision)
+        return await self._writes.submit((record, revision))
+
+    async def revoked_at(self, user_id: str) -> int | None:
+        if self._reads is None:
+            return await self._revoked_at(user_id)
+        return await self._reads.submit(("revoked", user_id, ""))  # type: ignore[return-value]
+
+    async def _get(self, user_id: str, sandbox_id: str) -> Lookup:
         key = record_key(user_id, sandbox_id)
         try:
             entry = await self.kv.get(key)
@@ -188,7 +226,7 @@ class KvLiveRegistry:
             return Lookup(None, entry.revision)
         return Lookup(record, entry.revision)
 
-    async def save(self, record: LiveSandbox, *, revision: int | None) -> int:
+    async def _save(self, record: LiveSandbox, revision: int | None) -> int:
         key = record_key(record.user_id, record.sandbox_id)
         try:
             if revision is None:
@@ -230,7 +268,7 @@ class KvLiveRegistry:
         except _BUS_ERRORS as exc:
             raise LiveRegistryError(f"live registry purge failed ({type(exc).__name__})") from None
 
-    async def revoked_at(self, user_id: str) -> int | None:
+    async def _revoked_at(self, user_id: str) -> int | None:
         try:
             entry = await self.kv.get(revoked_key(user_id))
         except nats.js.errors.KeyNotFoundError:

@@ -29,6 +29,7 @@ from shared.events import (
     ReleasedItems,
     TokenBundle,
 )
+from shared.batching import Coalescer
 from shared.sealing import KeyPair, SealingError, open_sealed
 from services.sandbox.errors import (
     GrantInvalid,
@@ -89,60 +90,36 @@ Result = VaultCredentials | SandboxError
 
 class NatsVaultClient:
     """`vault.credentials.get`, version 2 (a batch). Requests made while others are in flight are
-    sent together: at light load each goes out alone at once (no waiting for company); under load
-    the sandboxes of a fetched batch share one round trip, one database read and one sealed box
-    in the vault. Each request still succeeds or fails on its own."""
+    sent together (`shared.batching.Coalescer`): at light load each goes out alone at once (no
+    waiting for company); under load the sandboxes of a fetched batch share one round trip, one
+    database read and one sealed box in the vault. Each request still succeeds or fails on its
+    own."""
 
     def __init__(self, connection: Callable[[], NatsClient], key: KeyPair, *, timeout: float,
                  max_batch: int = 64, max_in_flight: int = 2) -> None:
         """`connection` returns the live NATS client (the broker's, once it is connected)."""
         self._connection = connection
         self._key = key
+        self._recipient = key.recipient  # derived once: it is the same for every request
         self._timeout = timeout
-        self._max_batch = max(1, min(max_batch, MAX_BATCH_ITEMS))
-        self._max_in_flight = max(1, max_in_flight)
-        self._waiting: list[tuple[CredentialsFor, asyncio.Future[VaultCredentials]]] = []
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._batches: Coalescer[CredentialsFor, VaultCredentials] = Coalescer(
+            self._request_all, max_batch=max(1, min(max_batch, MAX_BATCH_ITEMS)),
+            max_in_flight=max(1, max_in_flight), name="sandbox-vault-requests")
 
     async def fetch(self, want: CredentialsFor) -> VaultCredentials:
-        future: asyncio.Future[VaultCredentials] = asyncio.get_running_loop().create_future()
-        self._waiting.append((want, future))
-        self._dispatch()
-        return await future
+        return await self._batches.submit(want)
 
-    def _dispatch(self) -> None:
-        while self._waiting and len(self._in_flight) < self._max_in_flight:
-            batch, self._waiting = self._waiting[: self._max_batch], self._waiting[self._max_batch :]
-            task = asyncio.get_running_loop().create_task(self._send(batch))
-            self._in_flight.add(task)
-            task.add_done_callback(self._sent)
-
-    def _sent(self, task: asyncio.Task[None]) -> None:
-        self._in_flight.discard(task)
-        self._dispatch()
-
-    async def _send(self, batch: list[tuple[CredentialsFor, asyncio.Future[VaultCredentials]]]) -> None:
-        results: list[Result]
+    async def _request_all(self, wants: list[CredentialsFor]) -> list[Result]:
+        """One request for the batch; a failure of the whole request is every item's."""
         try:
-            results = await self.request([want for want, _ in batch])
+            return await self.request(wants)
         except SandboxError as exc:  # the whole request: no vault, refused, unreadable reply
-            results = [exc] * len(batch)
+            return [exc] * len(wants)
         except Exception as exc:  # noqa: BLE001 - every waiter must get an answer
-            results = [VaultError(f"unexpected {type(exc).__name__}", retryable=True)] * len(batch)
-        except BaseException:
-            for _, future in batch:
-                future.cancel()
-            raise
-        for (_, future), result in zip(batch, results, strict=True):
-            if future.done():  # its caller gave up meanwhile
-                continue
-            if isinstance(result, SandboxError):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+            return [VaultError(f"unexpected {type(exc).__name__}", retryable=True)] * len(wants)
 
     def build_request(self, wants: Sequence[CredentialsFor]) -> CredentialsBatchRequest:
-        recipient = self._key.recipient
+        recipient = self._recipient
         return CredentialsBatchRequest(
             requester_key_id=recipient.key_id, requester_public_key=recipient.public_b64,
             items=[CredentialsItem(user_id=w.user_id, sandbox_id=w.sandbox_id, grant=w.grant, mode=w.mode)

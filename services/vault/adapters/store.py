@@ -176,6 +176,23 @@ _READ_CONNECTIONS = (
 )
 
 
+_UPDATE_CONNECTION = (
+    update(_CONNECTIONS)
+    .where(_CONNECTIONS.c.user_id == bindparam("b_user_id"), _CONNECTIONS.c.version == bindparam("b_expected"))
+    .values({name: bindparam(name) for name in (
+        "kind", "state", "scopes", "expires_at", "refresh_token_expires_at", "account", "version", "issued_at",
+        "refreshable", "refresh_failures", "next_refresh_at", "last_refresh_error", "refreshed_at",
+        "login_warned_for", "updated_at")} | {"lease_owner": None, "lease_until": None})
+)
+_SECRET_FIELDS = ("version", "kek_id", "wrapped_data_key", "nonce", "ciphertext", "updated_at")
+
+
+def _upsert_secret(dialect: str) -> Any:
+    stmt = _dialect_insert(dialect)(_SECRETS)
+    return stmt.on_conflict_do_update(index_elements=[_SECRETS.c.user_id],
+                                      set_={name: stmt.excluded[name] for name in _SECRET_FIELDS})
+
+
 def _connection_of_read(row: Any, cipher: RecordCipher) -> Connection:
     secret = None
     if row.secret_kek_id is not None:
@@ -187,9 +204,10 @@ def _connection_of_read(row: Any, cipher: RecordCipher) -> Connection:
 
 # --- repositories ------------------------------------------------------------------
 class SqlConnectionRepository:
-    def __init__(self, session: AsyncSession, cipher: RecordCipher) -> None:
+    def __init__(self, session: AsyncSession, cipher: RecordCipher, dialect: str = "sqlite") -> None:
         self._session = session
         self._cipher = cipher
+        self._dialect = dialect
         self._loaded_versions: dict[str, int] = {}  # optimistic concurrency: version we read
 
     async def get(self, user_id: str, *, for_update: bool = False) -> Connection | None:
@@ -234,11 +252,61 @@ class SqlConnectionRepository:
             stmt = stmt.where(ConnectionRow.state == state)
         return [_summary(row, kek_id) for row, kek_id in (await self._session.execute(stmt)).all()]
 
+    async def get_many(self, user_ids: Sequence[str], *, for_update: bool = False
+                       ) -> dict[str, tuple[ConnectionSummary, Connection | KeyringError]]:
+        """One Core statement for all of them (`user_id IN (…)`), no ORM entities."""
+        users = sorted(set(user_ids))
+        if not users:
+            return {}
+        stmt = _READ_CONNECTIONS.with_for_update(of=_CONNECTIONS) if for_update else _READ_CONNECTIONS
+        found: dict[str, tuple[ConnectionSummary, Connection | KeyringError]] = {}
+        for row in (await self._session.execute(stmt, {"users": users})).all():
+            self._loaded_versions[row.user_id] = row.version
+            summary = ConnectionSummary(**_described(row), kek_id=row.secret_kek_id)
+            try:
+                found[row.user_id] = (summary, _connection_of_read(row, self._cipher))
+            except KeyringError as exc:
+                found[row.user_id] = (summary, exc)
+        return found
+
     async def add(self, connection: Connection) -> None:
         values, secret = self._to_values(connection)
         await self._session.execute(insert(ConnectionRow).values(**values))
         await self._session.execute(insert(SealedSecretRow).values(**secret))
         self._loaded_versions[connection.user_id] = connection.version
+
+    async def add_many(self, connections: Sequence[Connection]) -> None:
+        if not connections:
+            return
+        rows = [self._to_values(c) for c in connections]
+        await self._session.execute(insert(_CONNECTIONS), [values for values, _ in rows])
+        await self._session.execute(insert(_SECRETS), [secret for _, secret in rows])
+        for c in connections:
+            self._loaded_versions[c.user_id] = c.version
+
+    async def update_many(self, changes: Sequence[tuple[Connection, int]]) -> None:
+        """Executemany UPDATEs guarded by the version read (the rows are locked by
+        `get_many(for_update=True)` on PostgreSQL, by SQLite's write lock there); the secrets
+        are upserted (a row that lost its secret gets one, as `update` does)."""
+        if not changes:
+            return
+        connection_rows: list[dict[str, Any]] = []
+        secret_rows: list[dict[str, Any]] = []
+        for connection, expected in changes:
+            if connection.version <= expected:
+                raise ValueError("update_many() needs changed connections (version must grow)")
+            values, secret = self._to_values(connection)
+            values.pop("created_at")
+            values["b_user_id"] = values.pop("user_id")
+            values["b_expected"] = expected
+            connection_rows.append(values)
+            secret_rows.append(secret)
+        result = await self._session.execute(_UPDATE_CONNECTION, connection_rows)
+        if self._dialect == "sqlite" and result.rowcount != len(changes):  # asyncpg cannot count executemany
+            raise ConcurrencyConflict("a connection changed concurrently")
+        await self._session.execute(_upsert_secret(self._dialect), secret_rows)
+        for connection, _ in changes:
+            self._loaded_versions[connection.user_id] = connection.version
 
     async def update(
         self, connection: Connection, *, expected_version: int | None = None, lease_owner: str | None = None
@@ -504,6 +572,19 @@ class SqlProcessedEvents:
         inserted = (await self._session.execute(stmt)).scalar_one_or_none()
         return inserted is not None
 
+    async def mark_many(self, event_ids: Sequence[str], subject: str) -> set[str]:
+        ids = list(dict.fromkeys(event_ids))
+        if not ids:
+            return set()
+        now = utcnow()
+        stmt = (
+            _dialect_insert(self._dialect)(ProcessedEventRow)
+            .values([{"event_id": e, "subject": subject, "processed_at": now} for e in ids])
+            .on_conflict_do_nothing(index_elements=[ProcessedEventRow.event_id])
+            .returning(ProcessedEventRow.event_id)
+        )
+        return set((await self._session.execute(stmt)).scalars())
+
     async def delete_older_than(self, cutoff: datetime, *, batch: int = 5000) -> int:
         doomed = select(ProcessedEventRow.event_id).where(ProcessedEventRow.processed_at < cutoff).limit(batch)
         result = await self._session.execute(
@@ -522,6 +603,14 @@ class SqlRevocations:
             await self._session.execute(select(RevocationRow.revoked_at).where(RevocationRow.user_id == user_id))
         ).scalar_one_or_none()
         return _aware(value)
+
+    async def revoked_at_many(self, user_ids: Sequence[str]) -> dict[str, datetime]:
+        users = sorted(set(user_ids))
+        if not users:
+            return {}
+        rows = await self._session.execute(
+            select(RevocationRow.user_id, RevocationRow.revoked_at).where(RevocationRow.user_id.in_(users)))
+        return {user_id: _aware(at) for user_id, at in rows.all()}  # type: ignore[misc]
 
     async def record(self, user_id: str, at: datetime, event_id: str | None) -> None:
         stmt = _dialect_insert(self._dialect)(RevocationRow).values(user_id=user_id, revoked_at=at, event_id=event_id)
@@ -600,6 +689,12 @@ _READ_SANDBOX_LEASES = select(_SANDBOX_LEASES).where(
 
 
 _ROW = SandboxLeaseRow
+_RECORD_RELEASE = (
+    update(_SANDBOX_LEASES)
+    .where(_SANDBOX_LEASES.c.user_id == bindparam("b_user"), _SANDBOX_LEASES.c.sandbox_id == bindparam("b_sandbox"),
+           or_(_SANDBOX_LEASES.c.last_released_at.is_(None), _SANDBOX_LEASES.c.last_released_at < bindparam("b_at")))
+    .values(last_released_at=bindparam("b_at"))
+)
 
 
 def _sandbox_lease(row: Any) -> SandboxLease:
@@ -661,14 +756,11 @@ class SqlSandboxLeases:
         )
 
     async def record_releases(self, releases: Sequence[tuple[str, str, int]]) -> None:
-        """(user, sandbox, at) — the last time credentials left for each sandbox (newest wins)."""
-        for user_id, sandbox_id, at in releases:
-            await self._session.execute(
-                update(SandboxLeaseRow)
-                .where(SandboxLeaseRow.user_id == user_id, SandboxLeaseRow.sandbox_id == sandbox_id,
-                       or_(SandboxLeaseRow.last_released_at.is_(None), SandboxLeaseRow.last_released_at < at))
-                .values(last_released_at=at)
-            )
+        """(user, sandbox, at) — the last time credentials left for each sandbox (newest wins).
+        One executemany of a Core UPDATE (no ORM session synchronisation per row)."""
+        if releases:
+            await self._session.execute(_RECORD_RELEASE, [{"b_user": u, "b_sandbox": s, "b_at": at}
+                                                          for u, s, at in releases])
 
     async def delete_ended_before(self, cutoff_ms: int) -> int:
         result = await self._session.execute(
@@ -699,7 +791,7 @@ class SqlUnitOfWork:
 
     async def __aenter__(self) -> Self:
         self._session = self._sessions()
-        self.connections = SqlConnectionRepository(self._session, self._cipher)
+        self.connections = SqlConnectionRepository(self._session, self._cipher, self._dialect)
         self.secrets = SqlSecretRepository(self._session)
         self.processed_events = SqlProcessedEvents(self._session, self._dialect)
         self.revocations = SqlRevocations(self._session, self._dialect)
