@@ -8,7 +8,6 @@ listening) → `VaultUnavailable` (retryable); the vault's own refusals map to t
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
