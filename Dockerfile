@@ -28,7 +28,6 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 COPY shared ./shared
 COPY services ./services
 COPY ccbridge ./ccbridge
-COPY standins ./standins
 RUN pip wheel --no-deps --wheel-dir /wheels . \
  && python -m venv /opt/ccbridge \
  && /opt/ccbridge/bin/pip install --no-index --find-links /wheels ccbridge \

@@ -12,10 +12,11 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+# ccbridge with its dev extra, and the stand-ins (standins/, a dev-only project: not in the wheel or image).
+$(STAMP): pyproject.toml constraints.txt standins/pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]' -c constraints.txt
+	$(BIN)/python -m pip install --quiet -e '.[dev]' -e ./standins -c constraints.txt
 	@touch $(STAMP)
 
 # Re-pin constraints.txt to the newest releases pyproject.toml allows (a scratch venv), then

@@ -75,6 +75,17 @@ def _flags_show_no_type() -> None:
 _flags_show_no_type()
 
 
+def standins_oauth() -> Any:
+    """The OAuth stand-in module, or a usage error: the stand-ins are a development tool
+    (standins/, installed by `make install`), not part of the ccbridge wheel or image."""
+    try:
+        from standins import oauth
+    except ImportError:
+        fail("the OAuth stand-in is a development tool, not installed here: run from a source checkout "
+             "(make install)", EXIT_USAGE)
+    return oauth
+
+
 def fail(message: str, code: int, *, as_json: bool = False, error: str = "error", **extra: Any) -> NoReturn:
     """One line on stderr (or one JSON object on stdout with --json), then exit `code`."""
     if as_json:
@@ -148,7 +159,7 @@ def up(
     if standin_oauth:
         from ccbridge.demo import BackgroundStandin, standin_oauth_env
 
-        standin = BackgroundStandin(port=standin_port).start()
+        standin = BackgroundStandin(standins_oauth(), port=standin_port).start()
         env.update(standin_oauth_env(standin.server))
     stack = Stack(directory, nats_url=os.environ.get("NATS_URL") or None, env=env)
     console.print("[bold]ccbridge[/bold]: starting nats-server, vault, sandbox, auth …")
@@ -279,7 +290,7 @@ async def _demo(user: str, data_dir: Path) -> bool:
     from ccbridge.embedded_nats import free_port
     from ccbridge.stack import Stack
     from shared.settings import redact_url
-    from standins.oauth import OAuthStandin
+    OAuthStandin = standins_oauth().OAuthStandin  # noqa: N806 - a class, named as one
 
     jwt_secret = secrets.token_urlsafe(32)
     async with OAuthStandin(port=0) as oauth:
@@ -857,9 +868,7 @@ def standin_oauth(
     """Run the bundled OAuth stand-in alone (NOT for real accounts).
 
     `ccbridge up --standin-oauth` runs it with the stack and points auth and the vault at it."""
-    from standins.oauth import run_oauth_standin
-
-    run_oauth_standin("127.0.0.1", port)
+    standins_oauth().run_oauth_standin("127.0.0.1", port)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,6 +12,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import jwt
@@ -34,15 +35,14 @@ class BackgroundStandin:
     """The OAuth stand-in on its own event loop in a daemon thread, for `ccbridge up --standin-oauth`:
     it lives and dies with the supervisor process (no child to leave behind).
 
-        standin = BackgroundStandin(port=0).start()
+        standin = BackgroundStandin(standins.oauth, port=0).start()
         standin_oauth_env(standin.server)   # OAUTH_* for the services
         standin.stop()
     """
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
-        from standins.oauth import OAuthStandin
-
-        self.server = OAuthStandin(host=host, port=port)
+    def __init__(self, standins_oauth: Any, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        """`standins_oauth`: the `standins.oauth` module (a development tool, imported by the caller)."""
+        self.server = standins_oauth.OAuthStandin(host=host, port=port)
         self._loop = None
         self._thread = None
 

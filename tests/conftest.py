@@ -11,12 +11,23 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import nats
 import pytest
+from nats.aio.client import Client
 
 from ccbridge.embedded_nats import EmbeddedNats, docker_available
+
+# Every fixture module, for every test: a test asks for a fixture by naming it, never imports it.
+pytest_plugins = (
+    "tests.auth_fixtures",
+    "tests.local_fs",
+    "tests.nats_perms_fixtures",
+    "tests.sandbox_fixtures",
+    "tests.vault_fixtures",
+)
 
 REPO = Path(__file__).resolve().parent.parent
 POSTGRES_DEFAULT = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -88,3 +99,13 @@ def claude_bin() -> str:
     if found:
         return found
     pytest.fail("the Claude Code CLI is missing: run `make claude-cli` (make test does)")
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[Client]:
+    """A plain NATS client on the suite's server (drained afterwards)."""
+    client = await nats.connect(nats_url)
+    try:
+        yield client
+    finally:
+        await client.drain()

@@ -1,6 +1,6 @@
 """Small helpers of the local sandbox backend's tests: a home directory, exact permission bits,
 temp files left behind, a `.claude` that links out of the home, the process's open descriptors.
-Import the fixture you use (`from tests.local_fs import home, …`)."""
+Its fixtures (`home`, `outside`) are registered for every test by tests/conftest.py."""
 
 from __future__ import annotations
 

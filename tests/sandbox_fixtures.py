@@ -166,13 +166,6 @@ class FakeVault:
 
 
 @pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[Client]:
-    client = await nats.connect(nats_url)
-    yield client
-    await client.drain()
-
-
-@pytest.fixture
 async def fake_vault(nc: Client) -> AsyncIterator[FakeVault]:
     vault = FakeVault(nc)
     sub = await nc.subscribe(subjects.VAULT_CREDENTIALS_GET, cb=vault.handle)

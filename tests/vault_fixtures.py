@@ -5,7 +5,7 @@ isolation, a running-vault harness, and the canary ledger.
 Canary ledger: every `canary()` token and every OAuth stand-in token made with
 `canary_factory()` is remembered, and so is every artifact a test leaves behind (SQLite files,
 service logs, the in-process log tee). PostgreSQL schemas are scanned when they are dropped;
-tests/integration/test_vault_zz_canary_scan.py scans the rest at the end of the vault suite.
+`vault_log_tee` (session-wide) scans the rest when the session ends, whatever ran.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -805,20 +805,35 @@ async def db(database_url: str) -> AsyncIterator[VaultDb]:
         yield value
 
 
-@pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[Any]:
-    import nats
-
-    client = await nats.connect(nats_url)
-    try:
-        yield client
-    finally:
-        await client.close()
-
-
 @pytest.fixture(scope="session", autouse=True)
-def vault_log_tee() -> None:
+def vault_log_tee() -> Iterator[None]:
+    """Tee every log into LOG_TEE from the start; at the end of the session, scan every
+    database file and log the vault tests left behind for the canary tokens they used (no
+    file-order trick: this runs after the last test, whatever ran). PostgreSQL schemas are
+    scanned as each test's schema is dropped (`vault_db`)."""
     install_log_tee()
+    yield
+    scan_for_canaries()
+
+
+def scan_for_canaries() -> None:
+    """Fail (an error at session teardown) if any canary token is in a file the tests left."""
+    files = sorted(p for p in ARTIFACTS if p.exists() and p.is_file())
+    databases = [p for p in files if p.suffix == ".db"]
+    if not databases or not CANARIES:
+        return  # no vault test ran in this session: nothing to scan
+    leaks: dict[str, list[str]] = {}
+    users_seen = 0
+    for path in files:
+        data = path.read_bytes()
+        if found := leaked(data):
+            leaks[str(path)] = found[:3]
+        users_seen += sum(1 for user in USERS if user.encode() in data)
+    assert leaks == {}, f"plaintext tokens found: {leaks}"
+    # positive control: the scan read real vault data, not empty files
+    assert users_seen > 0, "the canary scan found no vault data in the files it read"
+    print(f"\ncanary scan: {len(CANARIES)} tokens, {len(databases)} SQLite files, "
+          f"{len([p for p in files if p.suffix == '.log'])} logs, {SCANNED['postgres_schemas']} PostgreSQL schemas: clean")
 
 
 def vault_settings(tmp_path: Path, nats_url: str, db: VaultDb, **env: Any) -> Any:

@@ -19,14 +19,11 @@ from services.auth.app import AuthService
 from services.auth.callers import mint_caller_token
 from shared.sealing import KeyPair
 from standins.oauth import OAuthStandin
-from tests.auth_fixtures import (  # noqa: F401 - fixtures
+from tests.auth_fixtures import (
     JWT_SECRET,
     VaultResponder,
     new_user,
     settings_for,
-    standin,
-    vault_key,
-    vault_responder,
 )
 
 pytestmark = pytest.mark.e2e

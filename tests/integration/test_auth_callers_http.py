@@ -19,17 +19,14 @@ from services.auth.app import AuthService
 from services.auth.callers import mint_caller_token
 from shared.sealing import KeyPair
 from standins.oauth import OAuthStandin
-from tests.auth_fixtures import (  # noqa: F401 - fixtures
+from tests.auth_fixtures import (
     JWT_SECRET,
     SigningKey,
     assert_problem,
     bearer,
-    http,
     new_user,
     serving,
     settings_for,
-    standin,
-    vault_key,
 )
 
 REPO = Path(__file__).resolve().parents[2]

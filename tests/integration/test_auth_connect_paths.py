@@ -21,7 +21,7 @@ from shared import subjects
 from shared.events import TokenBundle, TokensRevoked
 from shared.sealing import issued_binding, KeyPair, open_sealed
 from standins.oauth import REAL_CLIENT_ID, OAuthStandin
-from tests.auth_fixtures import (  # noqa: F401 - fixtures
+from tests.auth_fixtures import (
     PROBLEM,
     VaultResponder,
     assert_problem,
@@ -29,12 +29,8 @@ from tests.auth_fixtures import (  # noqa: F401 - fixtures
     begin,
     exchange,
     follow_authorize,
-    http,
     new_user,
     settings_for,
-    standin,
-    vault_key,
-    vault_responder,
 )
 
 SCOPES = "user:profile user:inference user:sessions:claude_code user:mcp_servers user:file_upload"

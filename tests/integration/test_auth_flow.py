@@ -29,18 +29,15 @@ from shared.broker import settle
 from shared.events import TokenBundle, TokensIssued
 from shared.sealing import issued_binding, KeyPair, load_or_create_keypair, open_sealed
 from standins.oauth import OAuthStandin
-from tests.auth_fixtures import (  # noqa: F401 - fixtures
+from tests.auth_fixtures import (
     JWT_SECRET,
     PROBLEM,
     assert_problem,
     bearer,
     begin,
     exchange,
-    http,
     new_user,
     settings_for,
-    standin,
-    vault_key,
 )
 
 

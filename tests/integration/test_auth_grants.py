@@ -22,16 +22,12 @@ from shared.events import GrantIssued
 from shared.grants import GrantSigner, GrantVerifier, key_paths, trusted_public_keys
 from shared.sealing import KeyPair
 from standins.oauth import OAuthStandin
-from tests.auth_fixtures import (  # noqa: F401 - fixtures
+from tests.auth_fixtures import (
     VaultResponder,
     assert_problem,
     bearer,
-    http,
     new_user,
     settings_for,
-    standin,
-    vault_key,
-    vault_responder,
 )
 
 GRANTS = "/v1/claude-code/grants"

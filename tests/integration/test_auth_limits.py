@@ -11,7 +11,7 @@ import httpx
 from services.auth.app import AuthService
 from shared.sealing import KeyPair
 from standins.oauth import OAuthStandin
-from tests.auth_fixtures import (  # noqa: F401 - fixtures
+from tests.auth_fixtures import (
     JWT_SECRET,
     AuthProcess,
     assert_problem,
@@ -19,11 +19,8 @@ from tests.auth_fixtures import (  # noqa: F401 - fixtures
     begin,
     clean_env,
     exchange,
-    http,
     new_user,
     settings_for,
-    standin,
-    vault_key,
 )
 
 

@@ -14,7 +14,7 @@ import pytest
 from services.auth.app import AuthService
 from shared.sealing import KeyPair
 from standins.oauth import OAuthStandin
-from tests.auth_fixtures import http, openapi_examples_missing, settings_for, standin, vault_key  # noqa: F401
+from tests.auth_fixtures import openapi_examples_missing, settings_for
 
 ROUTES = {
     ("post", "/v1/claude-code/login"), ("post", "/v1/claude-code/exchange"), ("post", "/v1/claude-code/token"),

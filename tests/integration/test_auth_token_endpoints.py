@@ -11,15 +11,12 @@ import pytest
 from services.auth.app import AuthService
 from shared.sealing import KeyPair
 from standins.oauth import OAuthStandin
-from tests.auth_fixtures import (  # noqa: F401 - fixtures
+from tests.auth_fixtures import (
     assert_problem,
     begin,
     exchange,
-    http,
     new_user,
     settings_for,
-    standin,
-    vault_key,
 )
 
 

@@ -504,6 +504,18 @@ def test_dockerfile_is_multi_stage_slim_non_root() -> None:
     ignore = (REPO / ".dockerignore").read_text().splitlines()
     assert ignore[[i for i, l in enumerate(ignore) if l.strip() and not l.startswith("#")][0]] == "*"
     assert {f"!{p}/" for p in packages} <= set(ignore) and "**/.env" in ignore
+    # the stand-ins are a development tool: not a package of the wheel, not in the image
+    assert "standins" not in packages and "standins" not in copied and "!standins/" not in ignore
+
+
+def test_the_wheel_does_not_contain_the_stand_ins() -> None:
+    """What setuptools packs into the wheel (the image installs the wheel): never standins."""
+    from setuptools import find_packages
+
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packed = set(find_packages(where=str(REPO), include=include))
+    assert {"services.vault", "services.sandbox", "services.auth", "shared", "ccbridge"} <= packed
+    assert not [p for p in packed if p.split(".")[0] in ("standins", "tests", "bench")]
 
 
 class _Health(http.server.BaseHTTPRequestHandler):

@@ -28,7 +28,6 @@ from tests.nats_perms_fixtures import (
     inbox_prefix,
     password_env_name,
     render_nats_config,
-    secured_nats,  # noqa: F401 - pytest fixture
 )
 
 # core request/reply: auth and the platform ask, the vault answers (no token in the answer)

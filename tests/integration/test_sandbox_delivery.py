@@ -23,15 +23,12 @@ from shared import subjects
 from shared.broker import settle
 from shared.events import Event, TokensRefreshed
 from tests.grants import sandbox_created
-from tests.sandbox_fixtures import (  # noqa: F401 - fixtures
+from tests.sandbox_fixtures import (
     WAIT,
     Collector,
     FakeVault,
     as_json,
-    collector,
-    fake_vault,
     make_bundle,
-    nc,
     publish,
     publish_created,
     running,

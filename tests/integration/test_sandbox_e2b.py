@@ -23,17 +23,13 @@ from shared import subjects
 from shared.events import CredentialMode, SandboxOptions
 from standins.e2b import E2BStandin, StandinSandbox
 from tests.grants import sandbox_created
-from tests.sandbox_fixtures import (  # noqa: F401 - fixtures
+from tests.sandbox_fixtures import (
     SCOPES,
     Collector,
     FakeVault,
     claude_status,
-    collector,
     e2b_settings,
-    e2b_standin,
-    fake_vault,
     make_bundle,
-    nc,
     publish_created,
     pull_home,
     running,

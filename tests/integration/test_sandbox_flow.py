@@ -25,18 +25,15 @@ from services.sandbox.adapters.backends.local import LocalBackend
 from shared import subjects
 from shared.events import CredentialMode, SandboxCreated, SandboxOptions
 from tests.grants import sandbox_created
-from tests.sandbox_fixtures import (  # noqa: F401 - fixtures
+from tests.sandbox_fixtures import (
     SCOPES,
     WAIT,
     Collector,
     FakeVault,
     by_sandbox,
     claude_status,
-    collector,
-    fake_vault,
     make_bundle,
     mode_of,
-    nc,
     publish_created,
     running,
     settings_for,

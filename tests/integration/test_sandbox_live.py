@@ -31,17 +31,13 @@ from shared.events import (
 )
 from standins.e2b import E2BStandin
 from tests.grants import sandbox_created
-from tests.sandbox_fixtures import (  # noqa: F401 - fixtures
+from tests.sandbox_fixtures import (
     WAIT,
     Collector,
     FakeVault,
     claude_status,
-    collector,
     e2b_settings,
-    e2b_standin,
-    fake_vault,
     make_bundle,
-    nc,
     publish,
     publish_created,
     pull_home,

@@ -19,14 +19,11 @@ from services.sandbox.adapters.live_registry import KvLiveRegistry, record_key
 from services.sandbox.domain import LiveSandbox
 from shared import subjects
 from tests.grants import sandbox_created
-from tests.sandbox_fixtures import (  # noqa: F401 - fixtures
+from tests.sandbox_fixtures import (
     Collector,
     FakeVault,
     as_json,
-    collector,
-    fake_vault,
     make_bundle,
-    nc,
     publish_created,
     running,
     settings_for,

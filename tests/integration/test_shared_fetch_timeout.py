@@ -16,7 +16,6 @@ import pytest
 from nats.aio.subscription import Subscription
 from nats.js.client import JetStreamContext
 
-import shared.broker  # noqa: F401 - applies the fix, as in every service
 
 
 async def test_an_empty_fetch_whose_deadline_ran_out_raises_the_documented_timeout(

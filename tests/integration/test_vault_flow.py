@@ -28,17 +28,14 @@ from shared.broker import REASON_HEADER, dead_letter_msg_id, make_broker, publis
 from shared.events import ConnectionStatusReply, ConnectionStatusRequest, CredentialsReply, Sealed
 from shared.sealing import KeyPair, b64d, b64e
 from tests import grants
-from tests.vault_fixtures import (  # noqa: F401 - fixtures
+from tests.vault_fixtures import (
     VaultDb,
     canary,
     credentials_request,
-    db,
     eventually,
     issued_event,
-    nc,
     new_user,
     open_reply,
-    vault_log_tee,
     vault_settings,
 )
 

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from services.vault.adapters.store import SqlStore, head_revision, metadata
 from services.vault.domain import Credentials
 from services.vault.keyring import Keyring, RecordContext
-from tests.vault_fixtures import VaultDb, canary, db, new_user, vault_log_tee  # noqa: F401 - fixtures
+from tests.vault_fixtures import VaultDb, canary, new_user
 
 
 def _store(db: VaultDb) -> SqlStore:

@@ -30,18 +30,15 @@ from shared.events import (
 )
 from shared.sealing import KeyPair
 from standins.oauth import OAuthStandin
-from tests.vault_fixtures import (  # noqa: F401 - fixtures
+from tests.vault_fixtures import (
     VaultDb,
     canary_factory,
     credentials_request,
-    db,
     eventually,
     issued_from_login,
-    nc,
     new_user,
     open_reply,
     standin_login,
-    vault_log_tee,
     vault_settings,
 )
 

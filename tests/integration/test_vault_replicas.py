@@ -25,19 +25,16 @@ from shared import subjects
 from shared.broker import make_broker, publish_event
 from shared.sealing import Recipient
 from standins.oauth import OAuthStandin
-from tests.vault_fixtures import (  # noqa: F401 - fixtures
+from tests.vault_fixtures import (
     VaultDb,
     VaultProcess,
     canary_factory,
-    db,
     eventually,
     issued_from_login,
     leaked,
-    nc,
     new_user,
     service_env,
     standin_login,
-    vault_log_tee,
     vault_settings,
 )
 

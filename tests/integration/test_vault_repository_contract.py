@@ -27,13 +27,12 @@ from services.vault.errors import ConcurrencyConflict, DecryptionFailed, Keyring
 from services.vault.keyring import Keyring
 from services.vault.ports import Store
 from tests.conftest import postgres_url
-from tests.vault_fixtures import (  # noqa: F401 - vault_log_tee: fixture
+from tests.vault_fixtures import (
     FakeStore,
     canary,
     leaked,
     new_user,
     vault_db,
-    vault_log_tee,
 )
 
 NOW = datetime(2027, 1, 15, 12, 0, tzinfo=UTC)

@@ -24,20 +24,17 @@ from services.vault.keyring import FileKekSource
 from shared import subjects
 from shared.events import CredentialsReply
 from shared.sealing import KeyPair
-from tests.vault_fixtures import (  # noqa: F401 - fixtures
+from tests.vault_fixtures import (
     VaultDb,
     VaultProcess,
     canary,
     credentials_request,
-    db,
     eventually,
     issued_event,
     leaked,
-    nc,
     new_user,
     open_reply,
     service_env,
-    vault_log_tee,
     vault_settings,
 )
 

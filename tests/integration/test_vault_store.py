@@ -39,14 +39,12 @@ from services.vault.trust import TrustedRequesters
 from services.vault.use_cases import Vault
 from shared.events import TokensRevoked
 from shared.sealing import KeyPair
-from tests.vault_fixtures import (  # noqa: F401 - fixtures
+from tests.vault_fixtures import (
     VaultDb,
     canary,
-    db,
     issued_event,
     make_vault,
     new_user,
-    vault_log_tee,
 )
 
 TABLES = ("connections", "sealed_secrets", "processed_events", "revocations", "audit_log")

@@ -13,7 +13,7 @@ from services.sandbox.adapters.backends.base import SandboxBackend, Target
 from services.sandbox.adapters.backends.local import LocalBackend, LocalSandbox
 from services.sandbox.errors import BackendError, PathOutsideSandbox, SandboxNotFound
 from shared.events import SandboxCreated
-from tests.local_fs import home, leftovers, mode_of, outside  # noqa: F401 - fixtures
+from tests.local_fs import leftovers, mode_of
 
 
 async def test_open_creates_home_under_root_and_satisfies_the_port(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from services.sandbox.adapters.backends.local import LocalBackend, LocalSandbox
 from services.sandbox.errors import BackendError, PathOutsideSandbox
 from shared.events import SandboxCreated
-from tests.local_fs import home, leftovers, mode_of, outside  # noqa: F401 - fixtures
+from tests.local_fs import leftovers, mode_of
 
 CREDS = PurePosixPath(".claude/.credentials.json")
 CONFIG = PurePosixPath(".claude.json")
