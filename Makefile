@@ -8,7 +8,7 @@ TOOLS := var/tools
 CLAUDE_BIN := $(TOOLS)/claude/node_modules/.bin/claude
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run demo test test-fast claude-cli clean
+.PHONY: install run demo test test-fast lint claude-cli clean
 
 install: $(STAMP)
 
@@ -50,7 +50,12 @@ chromium:
 	@test -x /usr/bin/chromium || { SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
-test: install claude-cli chromium
+# ruff over everything, mypy over the code (configured in pyproject.toml); `make test` runs it first.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: install lint claude-cli chromium
 	CLAUDE_BIN=$(CURDIR)/$(CLAUDE_BIN) $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 test-fast: install

@@ -275,7 +275,7 @@ class Chaos:
         events, owners = self.plan()
 
         self.server = EmbeddedNats(self.workdir / "nats", log_file=self.workdir / "nats-server.log").start()
-        self.stack = common.make_stack(self.data_dir, self.server.url, **CHAOS_ENV)
+        self.stack = common.make_stack(self.data_dir, self.server.url, env=CHAOS_ENV)
         await self.stack.astart()
         nc = await nats.connect(self.server.url, name="chaos-harness", max_reconnect_attempts=-1,
                                 reconnect_time_wait=0.2, error_cb=_quiet, disconnected_cb=_quiet_event)

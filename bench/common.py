@@ -14,7 +14,7 @@ import sqlite3
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,9 +102,9 @@ def sandbox_created(
         event_id=event_id or new_event_id(),
         user_id=user_id,
         sandbox_id=sandbox_id or uid("sbx"),
-        backend=backend,  # type: ignore[arg-type]
+        backend=backend,
         grant=grant,
-        options=SandboxOptions(mode=mode),  # type: ignore[arg-type]
+        options=SandboxOptions(mode=mode),
     )
 
 
@@ -408,11 +408,12 @@ def stack_env(data_dir: Path, **extra: str) -> dict[str, str]:
 
 
 def make_stack(data_dir: Path, nats_url: str, *, services: tuple[str, ...] = ("vault", "sandbox", "auth"),
-               **env: str) -> Stack:
+               env: Mapping[str, str] | None = None, **more_env: str) -> Stack:
     """The services as processes on `nats_url`; auth (on a free loopback port) issues the grants
     every `sandbox.created` needs."""
     auth_port = free_port() if "auth" in services else None
-    return Stack(Path(data_dir), nats_url=nats_url, env=stack_env(data_dir, **env), services=services,
+    return Stack(Path(data_dir), nats_url=nats_url, env=stack_env(data_dir, **{**(env or {}), **more_env}),
+                 services=services,
                  auth_port=auth_port)
 
 

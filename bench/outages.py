@@ -239,7 +239,7 @@ class OutageRun:
         server = EmbeddedNats(self.workdir / "nats", log_file=self.workdir / "nats-server.log").start()
         try:
             env = {**OUTAGE_ENV, "VAULT_METRICS_PORT": str(free_port()), **await self.prepare(), **self.cfg.env}
-            self.stack = common.make_stack(self.data_dir, server.url, **env)
+            self.stack = common.make_stack(self.data_dir, server.url, env=env)
             await self.stack.astart()
             self.nc = await nats.connect(server.url, name=f"outage-{self.name}", max_reconnect_attempts=-1,
                                          error_cb=_quiet)

@@ -20,6 +20,7 @@ import asyncio
 import time
 
 import nats
+from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
@@ -68,7 +69,7 @@ async def run_loop(url: str, count: int, batch: int, in_flight: int | None = Non
     handling: set[asyncio.Task[None]] = set()
     done = 0
 
-    async def handle(msg: nats.aio.msg.Msg) -> None:
+    async def handle(msg: Msg) -> None:
         nonlocal done
         try:
             msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")

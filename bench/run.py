@@ -209,6 +209,7 @@ def _stored_times(db: Path, ids: set[str]) -> list[Any]:
 
 
 async def _wait_vault_ready(stack: Stack, timeout: float = 60) -> None:
+    assert stack.nats_url is not None, "the stack is started"
     nc = await nats.connect(stack.nats_url)
     try:
         deadline = time.monotonic() + timeout
@@ -471,6 +472,7 @@ async def run(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
         payload = planned["pipeline"][0].model_dump_json().encode()  # a real sandbox.created, grant and all
         log(f"raw loop: {cfg.raw_events} messages of {len(payload)} B (a granted sandbox.created), "
             f"fetch batch {cfg.batch}, {cfg.batch} in flight, async publish (the services idle)")
+        assert server.process is not None
         report["raw"] = await measure_raw(nc, server.url, cfg, payload,
                                           {"nats-server": server.process.pid, "harness": os.getpid()})
 

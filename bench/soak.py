@@ -275,7 +275,7 @@ async def run(cfg: SoakConfig, workdir: Path, *, tracemalloc_dir: Path | None = 
         interval = max(5.0, cfg.total / cfg.rate / 8)
         extra = {"CCBRIDGE_TRACEMALLOC": str(tracemalloc_dir.resolve()),
                  "CCBRIDGE_TRACEMALLOC_INTERVAL_S": f"{interval:g}"}
-    stack = common.make_stack(workdir / "data", server.url, LOG_LEVEL=cfg.log_level, **extra)
+    stack = common.make_stack(workdir / "data", server.url, env=extra, LOG_LEVEL=cfg.log_level)
     try:
         await stack.astart()
         nc = await nats.connect(server.url, name="soak-harness")

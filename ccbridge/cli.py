@@ -581,8 +581,8 @@ def dlq_replay(
 
     from ccbridge.ops import replay_dead_letter
 
-    async def _replay(nc):  # noqa: ANN001, ANN202
-        done = []
+    async def _replay(nc: Any) -> list[tuple[int, str | None, str | None]]:
+        done: list[tuple[int, str | None, str | None]] = []
         for n in seq:
             try:
                 done.append((n, await replay_dead_letter(nc, n), None))

@@ -270,7 +270,7 @@ class CcbridgeClient:
             "sandbox.credentials.*",
             stream=subjects.SANDBOX_STREAM.name,
             ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since.isoformat()),
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since),
         )
         try:
             while True:

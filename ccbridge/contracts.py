@@ -12,13 +12,14 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from faststream.nats import NatsBroker
 from faststream.specification import AsyncAPI
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 # A stable server in the documents (the real one comes from NATS_URL at run time).
-DOC_ENV = {"NATS_URL": "nats://nats:4222"}
+DOC_ENV: dict[str, Any] = {"NATS_URL": "nats://nats:4222"}
 VERSION = "1"
 
 

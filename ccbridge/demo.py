@@ -3,12 +3,14 @@ would drive it. `ccbridge demo` prints it; the end-to-end tests assert on it."""
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +45,8 @@ class BackgroundStandin:
     def __init__(self, standins_oauth: Any, *, host: str = "127.0.0.1", port: int = 0) -> None:
         """`standins_oauth`: the `standins.oauth` module (a development tool, imported by the caller)."""
         self.server = standins_oauth.OAuthStandin(host=host, port=port)
-        self._loop = None
-        self._thread = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
 
     def start(self, timeout: float = 15.0) -> BackgroundStandin:
         import asyncio

@@ -100,12 +100,11 @@ class EmbeddedNats:
 
     def start(self, timeout: float = 15.0) -> EmbeddedNats:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
-        self.process = subprocess.Popen(self._args(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                        env={**os.environ, **self.env} if self.env else None,
-                                        preexec_fn=die_with_parent() if self.die_with_parent else None)
-        if self.log_file:
-            out.close()  # type: ignore[union-attr] - the child holds its own descriptor
+        with open(self.log_file, "ab") if self.log_file else open(os.devnull, "wb") as out:
+            # closed here once started: the child holds its own descriptor
+            self.process = subprocess.Popen(self._args(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                            env={**os.environ, **self.env} if self.env else None,
+                                            preexec_fn=die_with_parent() if self.die_with_parent else None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

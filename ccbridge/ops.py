@@ -58,12 +58,13 @@ async def list_dead_letters(nc: nats.NATS, *, subject: str | None = None, limit:
             seq += 1
             continue
         headers = raw.headers or {}
-        original = headers.get(ORIGINAL_SUBJECT_HEADER, raw.subject.removeprefix(f"{subjects.DLQ_PREFIX}."))
+        stored = raw.subject or ""
+        original = headers.get(ORIGINAL_SUBJECT_HEADER, stored.removeprefix(f"{subjects.DLQ_PREFIX}."))
         if subject is None or original == subject:
             letters.append(
                 DeadLetter(
                     seq=seq,
-                    subject=raw.subject,
+                    subject=stored,
                     original_subject=original,
                     reason=headers.get(REASON_HEADER, ""),
                     time=getattr(raw, "time", None),
@@ -89,7 +90,7 @@ async def replay_dead_letter(nc: nats.NATS, seq: int) -> str:
     js = nc.jetstream()
     raw = await js.get_msg(DLQ, seq)
     headers = raw.headers or {}
-    original = headers.get(ORIGINAL_SUBJECT_HEADER) or raw.subject.removeprefix(f"{subjects.DLQ_PREFIX}.")
+    original = headers.get(ORIGINAL_SUBJECT_HEADER) or (raw.subject or "").removeprefix(f"{subjects.DLQ_PREFIX}.")
     if original.startswith(f"{subjects.DLQ_PREFIX}."):
         raise ValueError("refusing to replay into the dead-letter stream itself")
     from shared.broker import stream_for

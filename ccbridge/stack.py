@@ -56,6 +56,12 @@ class Stack:
     # Per-service additions, e.g. each service's own NATS user in NATS_URL (least privilege).
     per_service_env: dict[str, dict[str, str]] = field(default_factory=dict)
 
+    @property
+    def logs(self) -> Path:
+        """Where the services' and nats-server's logs go (`log_dir`, else <data_dir>/logs)."""
+        assert self.log_dir is not None  # set by __post_init__
+        return self.log_dir
+
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
         self.log_dir = Path(self.log_dir or self.data_dir / "logs").resolve()
@@ -138,7 +144,7 @@ class Stack:
 
     async def astart(self, timeout: float = 60.0) -> Stack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
         if not self.external_nats_url:
             self.start_nats()
         if self.auth_port is None:
@@ -171,7 +177,7 @@ class Stack:
         self.nats_passwords = nats_users.load_or_create_passwords(self.data_dir)
         store = self.data_dir / nats_users.STORE_DIRNAME
         self.nats = nats_users.start_secured_nats(store / "conf", store, self.nats_passwords,
-                                                  log_file=self.log_dir / "nats-server.log",
+                                                  log_file=self.logs / "nats-server.log",
                                                   die_with_parent=True)
         nats_users.record_server(self.data_dir, self.nats.url)
         self.nats_url = self.nats_url_for("ops")
@@ -187,7 +193,7 @@ class Stack:
         return nats_users.users_file(self.data_dir)
 
     def start_service(self, name: str) -> ServiceProcess:
-        log_path = self.log_dir / f"{name}.log"
+        log_path = self.logs / f"{name}.log"
         out = open(log_path, "ab")  # noqa: SIM115 - handed to the child
         # Its own session (a Ctrl-C in the terminal reaches only the supervisor, which stops the
         # services in order), yet it dies with the supervisor: PR_SET_PDEATHSIG on Linux, and the
@@ -252,7 +258,7 @@ class Stack:
     async def wait_ready(self, timeout: float) -> None:
         """Ready = durable consumers exist, the vault answers requests, auth says /readyz 200."""
         deadline = time.monotonic() + timeout
-        nc = await nats.connect(servers=nats_servers(self.nats_url), max_reconnect_attempts=-1,
+        nc = await nats.connect(servers=nats_servers(self.nats_url_for("ops")), max_reconnect_attempts=-1,
                                 inbox_prefix=subjects.inbox_prefix("ops"))
         try:
             js = nc.jetstream()

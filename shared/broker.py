@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 import nats
@@ -222,7 +223,7 @@ def _stream_config(spec: StreamSpec, replicas: int, max_bytes: int) -> StreamCon
         max_age=spec.max_age_s,
         max_bytes=max_bytes,
         discard=DiscardPolicy(spec.discard),
-        storage="file",
+        storage=js_api.StorageType.FILE,
         num_replicas=replicas,
     )
 
@@ -262,6 +263,7 @@ async def ensure_streams(
 
 
 async def _ensure_stream(js: nats.js.JetStreamContext, wanted: StreamConfig) -> None:
+    assert wanted.name is not None  # _stream_config names every stream
     try:
         info = await js.stream_info(wanted.name)
     except NotFoundError:
@@ -335,7 +337,7 @@ class BrokerDeadLetters:
         await dead_letter(self._broker, subject, body, reason, message_id=message_id, copy_seq=copy_seq)
 
 
-def document_publishers(broker: NatsBroker, published: dict[str, type[BaseModel]]) -> None:
+def document_publishers(broker: NatsBroker, published: Mapping[str, type[BaseModel]]) -> None:
     """Declare what a service publishes, so FastStream's AsyncAPI shows its outgoing channels
     with their payload schemas. Publishing itself goes through `publish_event`."""
     for subject, model in published.items():

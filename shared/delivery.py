@@ -378,6 +378,7 @@ async def heartbeat(message: Acks, ack_wait_s: float) -> AsyncIterator[None]:
     interval = max(0.2, ack_wait_s / 3)
     loop = asyncio.get_running_loop()
     beats: set[asyncio.Task[None]] = set()
+    timer: asyncio.TimerHandle
 
     async def in_progress() -> None:
         with contextlib.suppress(Exception):

@@ -138,7 +138,7 @@ class GrantSigner:
 
     def sign(self, *, user_id: str, sandbox_id: str, mode: str, ttl_s: int, now_s: float) -> tuple[str, GrantClaims]:
         claims = GrantClaims(
-            iss=self.issuer, aud=AUDIENCE, sub=user_id, sbx=sandbox_id, mode=mode,  # type: ignore[arg-type]
+            iss=self.issuer, aud=AUDIENCE, sub=user_id, sbx=sandbox_id, mode=mode,
             iat=round(now_s, 3), exp=int(now_s) + ttl_s, jti=uuid.uuid4().hex,
         )
         token = jwt.encode(

@@ -39,7 +39,7 @@ from services.auth.routes import AuthComponents, router
 from services.auth.settings import AuthSettings
 from shared import subjects
 from shared.broker import document_publishers, make_broker, provision
-from shared.events import GrantIssued, GrantRevoked, TokensIssued, TokensRevoked
+from shared.events import Event, GrantIssued, GrantRevoked, TokensIssued, TokensRevoked
 from shared.grants import GrantSigner, load_or_create_signer
 from shared.grants import key_paths as grant_key_paths
 from shared.health import bind_socket
@@ -51,7 +51,7 @@ log = get_logger(__name__)
 EXIT_CANNOT_LISTEN = 3
 
 # What auth puts on the bus (AsyncAPI documents these; `publish_event` sends them).
-PUBLISHES = {
+PUBLISHES: dict[str, type[Event]] = {
     subjects.TOKENS_ISSUED: TokensIssued,
     subjects.TOKENS_REVOKED: TokensRevoked,
     subjects.GRANTS_ISSUED: GrantIssued,

@@ -279,8 +279,8 @@ async def status(
     return StatusOut(
         user_id=who.user_id,
         connected=view.connected,
-        state=view.state,  # type: ignore[arg-type]
-        kind=view.kind,  # type: ignore[arg-type]
+        state=view.state,
+        kind=view.kind,
         scopes=list(view.scopes),
         expires_at=view.expires_at,
         login_expires_at=view.login_expires_at,
@@ -362,7 +362,7 @@ async def list_grants(
 ) -> GrantsOut:
     leases = await service.live(who.user_id)
     return GrantsOut(grants=[
-        LeaseOut(sandbox_id=lease.sandbox_id, mode=lease.mode,  # type: ignore[arg-type]
+        LeaseOut(sandbox_id=lease.sandbox_id, mode=lease.mode,
                  issued_at=lease.issued_at, expires_at=lease.expires_at, last_injected_at=lease.last_injected_at)
         for lease in leases
     ])

@@ -731,7 +731,8 @@ class E2BStandin:
                         if part.get_param("name", header="content-disposition") != "file":
                             continue
                         name = unquote(part.get_filename() or "")
-                        uploads.append((query_path or name, part.get_payload(decode=True) or b""))
+                        payload = part.get_payload(decode=True)
+                        uploads.append((query_path or name, payload if isinstance(payload, bytes) else b""))
                 elif content_type.startswith("application/octet-stream") and query_path:
                     uploads.append((query_path, body))
                 if not uploads:
@@ -815,8 +816,8 @@ class E2BStandin:
 
             async def stream() -> AsyncIterator[bytes]:
                 if fault is not None:
-                    code = "internal" if fault.status >= 500 else "permission_denied"
-                    yield envelope({"error": {"code": code, "message": fault.message}}, END_STREAM)
+                    error_code = "internal" if fault.status >= 500 else "permission_denied"
+                    yield envelope({"error": {"code": error_code, "message": fault.message}}, END_STREAM)
                     return
                 try:
                     user = self._user_of(request, sbx)
