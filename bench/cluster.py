@@ -74,7 +74,7 @@ cluster {{
     def start_node(self, index: int, timeout: float = 15.0) -> None:
         node = self.nodes[index]
         self.write_config(node)
-        out = open(node.log, "ab")  # noqa: SIM115 - handed to the child
+        out = open(node.log, "ab")
         node.process = subprocess.Popen([nats_server_binary(), "-c", str(node.config)], stdout=out,
                                         stderr=subprocess.STDOUT, start_new_session=True)
         out.close()
@@ -104,7 +104,7 @@ cluster {{
                 try:
                     await nc.jetstream().account_info()
                     return
-                except Exception:  # noqa: BLE001 - not ready yet
+                except Exception:
                     if time.monotonic() > deadline:
                         raise
                     await asyncio.sleep(0.25)

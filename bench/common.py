@@ -141,7 +141,7 @@ async def publish_paced(
             for attempt in range(attempts):
                 try:
                     ack = await publish(js, subject, event, timeout=timeout)
-                except (nats.errors.Error, asyncio.TimeoutError, OSError):
+                except (TimeoutError, nats.errors.Error, OSError):
                     await asyncio.sleep(min(1.0, 0.1 * (attempt + 1)))
                     continue
                 if on_ack is not None:
@@ -289,7 +289,7 @@ async def connection_status(nc: NatsClient, user_id: str, *, timeout: float = 2.
     request = ConnectionStatusRequest(user_id=user_id).model_dump_json().encode()
     try:
         reply = await nc.request(subjects.VAULT_CONNECTIONS_STATUS, request, timeout=timeout)
-    except (nats.errors.TimeoutError, nats.errors.NoRespondersError, asyncio.TimeoutError):
+    except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
         return None
     return ConnectionStatusReply.model_validate_json(reply.data)
 
@@ -549,7 +549,7 @@ async def wait_pipeline_idle(js: JetStreamContext, expected_injected: int, timeo
             info = await js.consumer_info(subjects.SANDBOX_STREAM.name, subjects.SANDBOX_CREATED_DURABLE)
             idle = (info.num_pending == 0 and info.num_ack_pending == 0
                     and await injected_count(js) >= expected_injected)
-        except (nats.errors.Error, asyncio.TimeoutError):
+        except (TimeoutError, nats.errors.Error):
             idle = False
         if idle:
             idle_since = idle_since or time.monotonic()
@@ -569,7 +569,7 @@ async def wait_consumer_idle(js: JetStreamContext, stream: str, durable: str, ti
             info = await js.consumer_info(stream, durable)
             if info.num_pending == 0 and info.num_ack_pending == 0:
                 return True
-        except (nats.errors.Error, asyncio.TimeoutError):
+        except (TimeoutError, nats.errors.Error):
             pass
         await asyncio.sleep(0.2)
     return False

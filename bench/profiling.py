@@ -55,7 +55,7 @@ def parse_frame(text: str) -> tuple[str, str]:
 
 
 def component_of(frames: list[tuple[str, str]]) -> str:
-    for func, path in reversed(frames):
+    for _func, path in reversed(frames):
         for name, patterns in COMPONENTS:
             if any(p in path for p in patterns):
                 return name

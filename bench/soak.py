@@ -139,7 +139,7 @@ async def stream(stack: Stack, nc: nats.NATS, users: list[str], cfg: SoakConfig,
                          for i in range(first, min(total, first + chunk))]
                 for event in await grants.events(pairs):
                     await ready.put(event)
-        except Exception as exc:  # the publisher stops at it
+        except Exception as exc:  # noqa: BLE001 - handed to the publisher, which stops at it
             await ready.put(exc)
 
     async def publish_all() -> float:

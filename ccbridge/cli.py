@@ -35,7 +35,8 @@ from rich.markup import escape
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
-EXIT_CODES_HELP = "Exit codes: 0 done, 1 refused by ccbridge, 2 usage (bad input, nothing set up here), 3 unreachable or timed out."
+EXIT_CODES_HELP = ("Exit codes: 0 done, 1 refused by ccbridge, 2 usage (bad input, nothing set up here), "
+                   "3 unreachable or timed out.")
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -128,7 +129,8 @@ sandbox_app = _service_group("sandbox", "Run the sandbox service, or one of its 
 # --- ccbridge up / stack --------------------------------------------------------------------
 @app.command()
 def up(
-    data_dir: Annotated[Path | None, typer.Option(help="Keys, database, sandboxes, logs (default: CCBRIDGE_DATA_DIR, else ./var).")] = None,
+    data_dir: Annotated[Path | None, typer.Option(
+        help="Keys, database, sandboxes, logs (default: CCBRIDGE_DATA_DIR, else ./var).")] = None,
     standin_oauth: Annotated[bool, flag("--standin-oauth", help="Also run the bundled OAuth stand-in and point "
                                         "auth and the vault at it (trying the flow by hand; NOT for real accounts).")] = False,
     standin_port: Annotated[int, typer.Option(help="The stand-in's port on 127.0.0.1 (0: a free one).", min=0, max=65535)] = 0,
@@ -143,8 +145,8 @@ def up(
     directory = (data_dir or _data_dir()).resolve()
     running = stackfile.read_live(directory)
     if running and running.get("pid") != os.getpid():
-        fail(f"a stack already runs on {directory} (pid {running['pid']}): stop it first (Ctrl-C there, or kill {running['pid']})",
-             EXIT_USAGE)
+        pid = running["pid"]
+        fail(f"a stack already runs on {directory} (pid {pid}): stop it first (Ctrl-C there, or kill {pid})", EXIT_USAGE)
     stopping = False
 
     def _stop(*_: object) -> None:
@@ -517,13 +519,13 @@ app.add_typer(dlq_app, name="dlq")
 TimeoutOption = Annotated[float, typer.Option(help="Seconds to reach NATS and get answers.", min=0.1)]
 
 
-def _with_ops_nats(work, *, timeout: float, as_json: bool):  # noqa: ANN001, ANN202
+def _with_ops_nats(work, *, timeout: float, as_json: bool):
     """Run `work(nc)` on a connection as the `ops` user (operators' verbs), bounded by `timeout`."""
     from shared import nats_connect
 
     url, source = _nats_url("ops")
 
-    async def run():  # noqa: ANN202
+    async def run():
         nc = await nats_connect.connect(url, timeout=timeout, name="ccbridge-cli", inbox_prefix=_inbox_prefix("ops"))
         try:
             return await asyncio.wait_for(work(nc), timeout)
@@ -612,7 +614,7 @@ keys_app = typer.Typer(help="The vault's key-encryption keys: init, rotate, rewr
 app.add_typer(keys_app, name="keys")
 
 
-def _vault_settings():  # noqa: ANN202
+def _vault_settings():
     from ccbridge import stackfile
     from services.vault.settings import VaultSettings
 
@@ -632,7 +634,7 @@ def _sqlite_file(url: str) -> Path | None:
     return Path(match.group(1))
 
 
-def _vault_tool(run, *, needs_keys: bool = True, needs_database: bool = True, as_json: bool = False):  # noqa: ANN001, ANN202
+def _vault_tool(run, *, needs_keys: bool = True, needs_database: bool = True, as_json: bool = False):
     """Run one async vault tool with the vault's settings. Checks first that what it works on is
     there (never creates a key file or an empty database by accident): missing → exit 2; the
     database or NATS unreachable → exit 3; other typed vault errors → exit 2.
@@ -744,7 +746,7 @@ def keys_init(
     auth's grant key. Never replaces one. Other key verbs never create keys."""
     from services.vault import tools
 
-    async def init(settings):  # noqa: ANN001, ANN202
+    async def init(settings):
         return tools.init_keys(settings)
 
     made = _vault_tool(init, needs_keys=False, needs_database=False, as_json=as_json)

@@ -34,20 +34,19 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
 
-from shared import subjects
+from shared import nats_connect, subjects
 from shared.events import (
     Backend,
     ConnectionStatusReply,
     ConnectionStatusRequest,
-    TokensRevoked,
     CredentialMode,
     SandboxCreated,
     SandboxCredentialsFailed,
     SandboxCredentialsInjected,
     SandboxOptions,
+    TokensRevoked,
     new_event_id,
 )
-from shared import nats_connect
 
 SandboxResult = SandboxCredentialsInjected | SandboxCredentialsFailed
 PLATFORM_INBOX_PREFIX = subjects.inbox_prefix("platform")

@@ -55,7 +55,8 @@ def asyncapi_documents() -> dict[str, str]:
     documents = {}
     for name, (build, description) in BROKERS.items():
         spec = AsyncAPI(build(), title=f"ccbridge {name}", version=VERSION, description=description)
-        documents[f"asyncapi/{name}.json"] = json.dumps(json.loads(spec.to_specification().to_json()), indent=2, sort_keys=True) + "\n"
+        document = json.loads(spec.to_specification().to_json())
+        documents[f"asyncapi/{name}.json"] = json.dumps(document, indent=2, sort_keys=True) + "\n"
     return documents
 
 

@@ -22,7 +22,7 @@ import jwt
 PASTE_CODE = re.compile(r'<code id="paste-code">([^<]+)</code>')
 
 
-def standin_oauth_env(oauth) -> dict[str, str]:  # noqa: ANN001 - standins.oauth.OAuthStandin
+def standin_oauth_env(oauth) -> dict[str, str]:
     """Point auth at the OAuth stand-in, and only at it: no fallback to the real endpoints."""
     return {
         "OAUTH_AUTHORIZE_URL": oauth.authorize_url,

@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 
 import httpx
 
-
 UNREACHABLE_HINT = "is the stack running? (`ccbridge up`), or give --auth-url / CCBRIDGE_AUTH_URL"
 
 

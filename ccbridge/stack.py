@@ -194,7 +194,7 @@ class Stack:
 
     def start_service(self, name: str) -> ServiceProcess:
         log_path = self.logs / f"{name}.log"
-        out = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+        out = open(log_path, "ab")
         # Its own session (a Ctrl-C in the terminal reaches only the supervisor, which stops the
         # services in order), yet it dies with the supervisor: PR_SET_PDEATHSIG on Linux, and the
         # service watches CCBRIDGE_SUPERVISOR_PID itself (shared.runtime) everywhere.
@@ -316,7 +316,7 @@ async def _consumer_exists(js: nats.js.JetStreamContext, stream: str, durable: s
     try:
         await js.consumer_info(stream, durable)
         return True
-    except (NotFoundError, nats.errors.Error, asyncio.TimeoutError):
+    except (TimeoutError, NotFoundError, nats.errors.Error):
         return False
 
 

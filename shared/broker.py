@@ -18,8 +18,8 @@ from faststream.nats import JStream, NatsBroker, StorageType
 from faststream.nats.broker import NatsBroker as _Broker
 from faststream.nats.message import NatsMessage as _Message
 from nats.js import api as js_api
-from nats.js.client import JetStreamContext
 from nats.js.api import DiscardPolicy, StreamConfig
+from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError, NotFoundError
 from pydantic import BaseModel
 
@@ -66,7 +66,7 @@ def restore_fetch_timeout_contract() -> None:
             return await original(self, *args, **kwargs)
         except nats.errors.TimeoutError:
             raise
-        except asyncio.TimeoutError as exc:  # the bare one: an empty fetch, nothing else
+        except TimeoutError as exc:  # the bare one: an empty fetch, nothing else
             raise nats.errors.TimeoutError from exc
 
     fetch._ccbridge_timeout_contract = True  # type: ignore[attr-defined]
@@ -152,7 +152,7 @@ def fetch_timeouts_as_nats_timeouts() -> None:
             return await fetch(self, *args, **kwargs)
         except nats.errors.TimeoutError:
             raise
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise nats.errors.TimeoutError from None
 
     fetch_raising_nats_timeouts.ccbridge_nats_timeouts = True  # type: ignore[attr-defined]

@@ -363,7 +363,7 @@ class DeliveryPolicy:
                                                     message_id=delivery.dead_letter_id(),
                                                     copy_seq=delivery.stream_seq)
             await final(exc, detail, exhausted)
-        except Exception:  # noqa: BLE001 - the report did not go out: JetStream brings the message back
+        except Exception:
             log.exception("failure report not sent; the message will come back", subject=delivery.subject)
             await message.nack(delay=self.backoff.delay(delivery.delivered))
             return

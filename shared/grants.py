@@ -95,7 +95,7 @@ def public_b64(public_key: Ed25519PublicKey) -> str:
 def load_public_key(text: str) -> Ed25519PublicKey:
     try:
         return Ed25519PublicKey.from_public_bytes(b64d(text.strip()))
-    except Exception as exc:  # noqa: BLE001 - any decoding problem is one typed error
+    except Exception as exc:
         raise GrantError("not an Ed25519 public key") from exc
 
 
@@ -126,7 +126,7 @@ class GrantSigner:
     def from_b64(cls, text: str) -> GrantSigner:
         try:
             return cls(Ed25519PrivateKey.from_private_bytes(b64d(text.strip())))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise GrantError("not an Ed25519 private key") from exc
 
     def private_b64(self) -> str:

@@ -91,7 +91,7 @@ async def connect(
         kwargs["inbox_prefix"] = inbox_prefix
     try:
         await asyncio.wait_for(nc.connect(**kwargs), timeout)
-    except (asyncio.TimeoutError, OSError, nats.errors.Error) as exc:
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
         with contextlib.suppress(Exception):
             await nc.close()
         cause = failures[-1] if failures else exc  # the last attempt's own reason says most

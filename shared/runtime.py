@@ -23,10 +23,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from shared.lifecycle import cancel_and_wait
+
 SUPERVISOR_PID_ENV = "CCBRIDGE_SUPERVISOR_PID"
 PARENT_CHECK_INTERVAL_S = 0.5
-
-from shared.lifecycle import cancel_and_wait
 
 if TYPE_CHECKING:
     from shared.lifecycle import Service

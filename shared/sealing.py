@@ -68,7 +68,7 @@ def key_id_of(key: X25519PublicKey) -> str:
 def load_public_key(text: str) -> X25519PublicKey:
     try:
         return X25519PublicKey.from_public_bytes(b64d(text.strip()))
-    except Exception as exc:  # noqa: BLE001 - any decoding problem is one typed error
+    except Exception as exc:
         raise SealingError("not a valid X25519 public key") from exc
 
 
@@ -114,7 +114,7 @@ class KeyPair:
     def from_b64(cls, text: str) -> KeyPair:
         try:
             return cls(X25519PrivateKey.from_private_bytes(b64d(text.strip())))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise SealingError("not a valid X25519 private key") from exc
 
     def private_b64(self) -> str:
@@ -133,7 +133,7 @@ def open_sealed(
         raise SealingError(f"sealed to key {box.key_id}, not to ours ({key.key_id})")
     try:
         raw = b64d(box.ciphertext)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise SealingError("ciphertext is not base64url") from exc
     try:
         return SUITE.decrypt(raw, key.private_key, info=info_for(subject, message_id, bind))

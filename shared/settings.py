@@ -58,7 +58,8 @@ class ServiceSettings(BaseSettings):
         if not value:
             return None  # unset or empty: the service's default
         if not re.fullmatch(r"[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*", value):
-            raise ValueError("NATS_INBOX_PREFIX must be a plain subject like _INBOX.ccbridge-vault (no *, >, spaces or trailing dot)")
+            raise ValueError("NATS_INBOX_PREFIX must be a plain subject like _INBOX.ccbridge-vault "
+                             "(no *, >, spaces or trailing dot)")
         return value
 
     @property

@@ -14,7 +14,7 @@ set — spans nobody collects cost ~10 % of a message's CPU (docs/performance.md
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import cache
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -31,7 +31,7 @@ def tracing_enabled() -> bool:
     return mode not in {"0", "off", "false", "no"}
 
 
-@lru_cache(maxsize=None)
+@cache
 def tracer_provider(service: str) -> TracerProvider:
     provider = TracerProvider(resource=Resource.create({"service.name": f"ccbridge-{service}"}))
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):

@@ -301,7 +301,7 @@ class VaultResponder:
     def set(self, user_id: str, **fields: Any) -> None:
         self.connections[user_id] = ConnectionStatusReply(**{"connected": True, **fields})
 
-    async def _on_status(self, msg) -> None:  # noqa: ANN001
+    async def _on_status(self, msg) -> None:
         if self.mode == "silent":
             return
         if self.mode == "garbage":
@@ -312,7 +312,7 @@ class VaultResponder:
         reply = self.connections.get(request.user_id, ConnectionStatusReply(connected=False))
         await msg.respond(reply.model_dump_json().encode())
 
-    async def _on_issued(self, msg) -> None:  # noqa: ANN001
+    async def _on_issued(self, msg) -> None:
         event = TokensIssued.model_validate_json(msg.data)
         self.issued.append(event)
         previous = self.connections.get(event.user_id)
@@ -327,12 +327,12 @@ class VaultResponder:
             version=(previous.version or 0) + 1 if previous and previous.connected else 1,
         )
 
-    async def _on_revoked(self, msg) -> None:  # noqa: ANN001
+    async def _on_revoked(self, msg) -> None:
         event = TokensRevoked.model_validate_json(msg.data)
         self.revoked.append(event)
         self.connections.pop(event.user_id, None)
 
-    async def _on_grants_list(self, msg) -> None:  # noqa: ANN001
+    async def _on_grants_list(self, msg) -> None:
         if self.mode == "silent":
             return
         if self.mode == "garbage":
@@ -343,7 +343,7 @@ class VaultResponder:
         mine = [view for (user, _), view in sorted(self.leases.items()) if user == request.user_id]
         await msg.respond(GrantsListReply(grants=mine).model_dump_json().encode())
 
-    async def _on_grant_issued(self, msg) -> None:  # noqa: ANN001
+    async def _on_grant_issued(self, msg) -> None:
         event = GrantIssued.model_validate_json(msg.data)
         self.grants_issued.append(event)
         claims = jwt.decode(event.grant, options={"verify_signature": False})  # the real vault verifies
@@ -353,12 +353,12 @@ class VaultResponder:
             self.leases[key] = GrantView(sandbox_id=event.sandbox_id, mode=claims["mode"],
                                          issued_at=claims["iat"] * 1000, expires_at=claims["exp"] * 1000)
 
-    async def _on_grant_revoked(self, msg) -> None:  # noqa: ANN001
+    async def _on_grant_revoked(self, msg) -> None:
         event = GrantRevoked.model_validate_json(msg.data)
         self.grants_revoked.append(event)
         self.leases.pop((event.user_id, event.sandbox_id), None)
 
-    async def wait_for(self, predicate, timeout: float = 10.0) -> None:  # noqa: ANN001
+    async def wait_for(self, predicate, timeout: float = 10.0) -> None:
         async def poll() -> None:
             while not predicate():
                 await asyncio.sleep(0.02)

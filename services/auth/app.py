@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from contextlib import AsyncExitStack
 import errno
 import ipaddress
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 
 import uvicorn
@@ -29,12 +29,12 @@ from services.auth.adapters.pending_store import KvPendingStore, RecordCipher
 from services.auth.adapters.vault_status import NatsVaultGrants, NatsVaultStatus
 from services.auth.callers import CallerVerifier, JwksKeys, load_public_key
 from services.auth.connections import ConnectionService
-from services.auth.problems import BodyLimitMiddleware, install_error_handlers
 from services.auth.grants import GrantPolicy, GrantService
 from services.auth.limits import Limit, RateLimiter
 from services.auth.login import LoginPolicy, LoginService
 from services.auth.metrics import AuthMetrics
 from services.auth.ports import Clock, OAuthClient, PendingStore, VaultGrants, VaultKeys, VaultStatus
+from services.auth.problems import BodyLimitMiddleware, install_error_handlers
 from services.auth.routes import AuthComponents, router
 from services.auth.settings import AuthSettings
 from shared import subjects
@@ -93,7 +93,7 @@ def build_api(
     metrics: AuthMetrics | None = None,
     components: AuthComponents | None = None,
     *,
-    lifespan=None,  # noqa: ANN001
+    lifespan=None,
     max_body_bytes: int = 16_384,
     frame_ancestors: str = "'self'",
 ) -> FastAPI:

@@ -165,8 +165,8 @@ class StatusOut(BaseModel):
                     },
                     "version": 2,
                 },
-                {"user_id": "user-42", "connected": False, "state": "not_connected", "kind": None, "scopes": [], "expires_at": None,
-                 "login_expires_at": None, "account": None, "version": None},
+                {"user_id": "user-42", "connected": False, "state": "not_connected", "kind": None, "scopes": [],
+                 "expires_at": None, "login_expires_at": None, "account": None, "version": None},
             ]
         }
     )

@@ -57,7 +57,7 @@ async def auth(nats_url: str, tmp_path: Path, standin: OAuthStandin, vault_key: 
 
 
 async def test_connect_in_a_browser(
-    browser, auth: AuthService, standin: OAuthStandin, vault_responder: VaultResponder, tmp_path: Path  # noqa: ANN001
+    browser, auth: AuthService, standin: OAuthStandin, vault_responder: VaultResponder, tmp_path: Path
 ) -> None:
     from playwright.async_api import expect
 
@@ -68,7 +68,7 @@ async def test_connect_in_a_browser(
     bodies: list[str] = []
     context.on("request", lambda request: seen_urls.append(request.url))
 
-    async def keep_body(response) -> None:  # noqa: ANN001
+    async def keep_body(response) -> None:
         if response.url.startswith(auth.base_url):
             try:
                 bodies.append(await response.text())
@@ -150,7 +150,7 @@ async def test_connect_in_a_browser(
 
 
 async def test_token_typed_into_the_page_and_refused_tokens(
-    browser, auth: AuthService, vault_responder: VaultResponder  # noqa: ANN001
+    browser, auth: AuthService, vault_responder: VaultResponder
 ) -> None:
     from playwright.async_api import expect
 
@@ -176,7 +176,7 @@ async def test_token_typed_into_the_page_and_refused_tokens(
     await page.close()
 
 
-async def test_vault_down_is_shown_not_hidden(browser, auth: AuthService) -> None:  # noqa: ANN001
+async def test_vault_down_is_shown_not_hidden(browser, auth: AuthService) -> None:
     from playwright.async_api import expect
 
     page = await browser.new_page()
@@ -188,7 +188,7 @@ async def test_vault_down_is_shown_not_hidden(browser, auth: AuthService) -> Non
 
 
 async def test_the_page_names_the_account_and_starts_nothing_unconfirmed(
-    browser, auth: AuthService, standin: OAuthStandin, vault_responder: VaultResponder  # noqa: ANN001
+    browser, auth: AuthService, standin: OAuthStandin, vault_responder: VaultResponder
 ) -> None:
     """Account-linking CSRF: a link may carry anyone's caller token. The page says whose ccbridge
     account it connects (the token's `sub`, as text, never HTML) and no login starts — no
@@ -241,7 +241,7 @@ async def test_the_page_names_the_account_and_starts_nothing_unconfirmed(
 
 
 async def test_sandboxes_holding_the_login_are_listed_and_can_be_ended(
-    browser, auth: AuthService, vault_responder: VaultResponder  # noqa: ANN001
+    browser, auth: AuthService, vault_responder: VaultResponder
 ) -> None:
     import httpx
     from playwright.async_api import expect
@@ -281,7 +281,7 @@ async def test_sandboxes_holding_the_login_are_listed_and_can_be_ended(
 
 @pytest.mark.parametrize(("width", "height"), [(390, 844), (1280, 720)])
 async def test_an_error_after_finish_connecting_is_in_view_and_focused(
-    browser, auth: AuthService, standin: OAuthStandin, vault_responder: VaultResponder,  # noqa: ANN001
+    browser, auth: AuthService, standin: OAuthStandin, vault_responder: VaultResponder,
     width: int, height: int,
 ) -> None:
     """A mistyped code: the error is an alert, scrolled into the viewport and focused, on a phone
@@ -320,7 +320,7 @@ async def test_an_error_after_finish_connecting_is_in_view_and_focused(
     await context.close()
 
 
-async def test_api_docs_render_offline_under_their_csp(browser, auth: AuthService) -> None:  # noqa: ANN001
+async def test_api_docs_render_offline_under_their_csp(browser, auth: AuthService) -> None:
     """/docs in a real browser: Swagger UI renders every route from the service's own files, a
     request can be tried out, nothing is fetched from another host and the CSP blocks nothing."""
     from playwright.async_api import expect

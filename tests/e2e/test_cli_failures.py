@@ -145,7 +145,7 @@ def test_help_shows_plain_flags(tmp_path: Path) -> None:
 
     from ccbridge.cli import app
 
-    def paths(command, prefix):  # noqa: ANN001, ANN202
+    def paths(command, prefix):
         yield prefix
         for name, sub in (getattr(command, "commands", None) or {}).items():
             yield from paths(sub, [*prefix, name])

@@ -19,8 +19,8 @@ import pytest
 from ccbridge.demo import PASTE_CODE, mint_caller_token, standin_oauth_env
 from ccbridge.embedded_nats import free_port
 from ccbridge.stack import Stack
-from tests.grants import stack_grant
 from standins.oauth import OAuthStandin
+from tests.grants import stack_grant
 
 pytestmark = pytest.mark.e2e
 CCBRIDGE = [sys.executable, "-m", "ccbridge.cli"]

@@ -35,11 +35,11 @@ from ccbridge.client import CcbridgeClient
 from ccbridge.demo import connect_claude_account, mint_caller_token, prepare_when_connected
 from ccbridge.embedded_nats import EmbeddedNats, free_port
 from ccbridge.stack import Stack
-from tests.grants import stack_grant
 from shared import subjects
 from shared.broker import settle
 from shared.events import SandboxCredentialsInjected
 from standins.oauth import OAuthStandin
+from tests.grants import stack_grant
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

@@ -30,10 +30,10 @@ from ccbridge.demo import (
 )
 from ccbridge.embedded_nats import free_port
 from ccbridge.stack import Stack
-from tests.grants import stack_grant
 from shared.broker import settle
 from shared.events import SandboxCredentialsInjected
 from standins.oauth import OAuthStandin
+from tests.grants import stack_grant
 
 pytestmark = pytest.mark.e2e
 

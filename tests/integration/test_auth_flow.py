@@ -27,7 +27,7 @@ from services.auth.callers import mint_caller_token
 from shared import subjects
 from shared.broker import settle
 from shared.events import TokenBundle, TokensIssued
-from shared.sealing import issued_binding, KeyPair, load_or_create_keypair, open_sealed
+from shared.sealing import KeyPair, issued_binding, load_or_create_keypair, open_sealed
 from standins.oauth import OAuthStandin
 from tests.auth_fixtures import (
     JWT_SECRET,
@@ -74,7 +74,7 @@ async def issued(nc: Client, auth: AuthService) -> AsyncIterator[IssuedWatch]:
     """tokens.issued as a JetStream consumer sees it (auth has provisioned the stream)."""
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def on_msg(msg) -> None:  # noqa: ANN001
+    async def on_msg(msg) -> None:
         await queue.put(msg)
 
     sub = await nc.jetstream().subscribe(
@@ -448,7 +448,7 @@ async def test_canary_token_never_leaves_sealed(
     seen: list[bytes] = []
     spy = await nats.connect(nats_url)
 
-    async def capture(msg) -> None:  # noqa: ANN001
+    async def capture(msg) -> None:
         seen.append(msg.subject.encode() + b" " + json.dumps(msg.headers or {}).encode() + b" " + msg.data)
 
     await spy.subscribe(">", cb=capture)

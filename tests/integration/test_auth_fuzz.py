@@ -36,7 +36,7 @@ def auth_stack(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 @pytest.fixture(scope="module")
-def auth_schema(auth_stack: AuthStackThread):  # noqa: ANN201
+def auth_schema(auth_stack: AuthStackThread):
     # 413 is a rejection too: spoiled bodies are often simply too large.
     config = schemathesis.Config.from_dict(
         {"checks": {"negative_data_rejection": {"expected-statuses": [400, 401, 403, 413, 422, 429]}}}
@@ -44,7 +44,7 @@ def auth_schema(auth_stack: AuthStackThread):  # noqa: ANN201
     return schemathesis.openapi.from_url(f"{auth_stack.base_url}/openapi.json", config=config)
 
 
-def problem_json(ctx, response, case) -> None:  # noqa: ANN001
+def problem_json(ctx, response, case) -> None:
     """Every error response is RFC 9457 problem+json with type/title/status."""
     if response.status_code < 400:
         return
@@ -58,7 +58,7 @@ def problem_json(ctx, response, case) -> None:  # noqa: ANN001
     assert body.get("status") == response.status_code, body
 
 
-def no_server_error(ctx, response, case) -> None:  # noqa: ANN001
+def no_server_error(ctx, response, case) -> None:
     assert response.status_code < 500, f"{case.method} {case.path} → {response.status_code}: {response.text[:300]}"
 
 
@@ -90,7 +90,7 @@ CASES = sorted(
 
 @pytest.mark.parametrize(("label", "mode"), CASES, ids=[f"{label} {mode}" for label, mode in CASES])
 def test_auth_api_never_fails_and_speaks_problem_json(
-    label: str, mode: GenerationMode, auth_schema, auth_stack: AuthStackThread  # noqa: ANN001
+    label: str, mode: GenerationMode, auth_schema, auth_stack: AuthStackThread
 ) -> None:
     method, path = label.split(" ", 1)
     operation = auth_schema[path][method]
@@ -99,7 +99,7 @@ def test_auth_api_never_fails_and_speaks_problem_json(
 
     @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(case=operation.as_strategy(generation_mode=mode))
-    def run(case) -> None:  # noqa: ANN001
+    def run(case) -> None:
         case.call_and_validate(headers={"Authorization": f"Bearer {token}"}, checks=checks, timeout=30)
 
     run()

@@ -47,7 +47,7 @@ async def test_a_grant_verifies_against_auth_grant_pub_and_reaches_the_vault(
     seen: asyncio.Queue = asyncio.Queue()
     nc = await nats.connect(nats_url)
     try:
-        async def on_msg(msg) -> None:  # noqa: ANN001
+        async def on_msg(msg) -> None:
             await seen.put(msg)
 
         await nc.jetstream().subscribe(subjects.GRANTS_ISSUED, cb=on_msg, ordered_consumer=True,

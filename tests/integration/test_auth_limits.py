@@ -67,7 +67,7 @@ async def test_request_bodies_are_limited(
         body = assert_problem(big, 413, "payload-too-large")
         assert "2048" in body["detail"] and "xxxx" not in big.text
 
-        async def chunked():  # noqa: ANN202 - no Content-Length: counted while read
+        async def chunked():
             for _ in range(8):
                 yield b" " * 512
 

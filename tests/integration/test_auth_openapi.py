@@ -3,8 +3,8 @@ there with a summary and examples, and every documented error is problem+json wi
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 

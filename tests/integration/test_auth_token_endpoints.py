@@ -26,7 +26,7 @@ def two_endpoints(standin: OAuthStandin) -> str:
 
 
 @pytest.fixture
-async def auth(nats_url: str, tmp_path: Path, standin: OAuthStandin, vault_key: KeyPair):  # noqa: ANN201
+async def auth(nats_url: str, tmp_path: Path, standin: OAuthStandin, vault_key: KeyPair):
     settings = settings_for(nats_url, tmp_path, standin, vault_key, oauth_token_url=None,
                             oauth_token_urls=two_endpoints(standin))
     async with AuthService(settings) as service:

@@ -94,7 +94,7 @@ def secret_example() -> dict[str, dict[str, str]]:
 
 # --- schema ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-def test_every_object_is_valid_against_the_kubernetes_schema(overlay, version: str) -> None:  # noqa: ANN001
+def test_every_object_is_valid_against_the_kubernetes_schema(overlay, version: str) -> None:
     _, objects = overlay
     assert objects
     for obj in objects:
@@ -116,7 +116,7 @@ def test_secret_example_is_valid_but_not_deployed() -> None:
 
 
 # --- invariants --------------------------------------------------------------------------------
-def test_no_secret_is_rendered_and_every_reference_exists(overlay) -> None:  # noqa: ANN001
+def test_no_secret_is_rendered_and_every_reference_exists(overlay) -> None:
     _, objects = overlay
     assert by_kind(objects, "Secret") == {}
     example = secret_example()
@@ -132,7 +132,7 @@ def test_no_secret_is_rendered_and_every_reference_exists(overlay) -> None:  # n
                     assert not re.search(r"[0-9a-f]{32}|sk-ant-", env["value"]), f"{name}: {env['name']} inline"
 
 
-def test_each_service_connects_to_nats_as_its_own_user(overlay) -> None:  # noqa: ANN001
+def test_each_service_connects_to_nats_as_its_own_user(overlay) -> None:
     _, objects = overlay
     for name in SERVICES:
         container = _pod_spec(by_kind(objects, "Deployment")[name])["containers"][0]
@@ -145,7 +145,7 @@ def test_each_service_connects_to_nats_as_its_own_user(overlay) -> None:  # noqa
         assert container["args"] == [name]
 
 
-def test_pods_are_locked_down(overlay) -> None:  # noqa: ANN001
+def test_pods_are_locked_down(overlay) -> None:
     _, objects = overlay
     deployments = by_kind(objects, "Deployment")
     assert set(deployments) == set(SERVICES)
@@ -175,7 +175,7 @@ def test_pods_are_locked_down(overlay) -> None:  # noqa: ANN001
     assert len(images) == 1, f"one image for every service, got {images}"
 
 
-def test_probes_hit_the_health_endpoints_on_the_right_ports(overlay) -> None:  # noqa: ANN001
+def test_probes_hit_the_health_endpoints_on_the_right_ports(overlay) -> None:
     _, objects = overlay
     expected = {"auth": ("AUTH_PORT", "/healthz", "/readyz"), "vault": ("VAULT_METRICS_PORT", "/healthz", "/healthz"),
                 "sandbox": ("SANDBOX_METRICS_PORT", "/healthz", "/healthz")}
@@ -191,7 +191,7 @@ def test_probes_hit_the_health_endpoints_on_the_right_ports(overlay) -> None:  #
         n: _pod_spec(by_kind(objects, "Deployment")[n])["containers"][0]["ports"][0]["containerPort"] for n in SERVICES}
 
 
-def test_service_pdb_and_hpa_select_the_right_pods(overlay) -> None:  # noqa: ANN001
+def test_service_pdb_and_hpa_select_the_right_pods(overlay) -> None:
     name, objects = overlay
     deployments = by_kind(objects, "Deployment")
 
@@ -200,8 +200,10 @@ def test_service_pdb_and_hpa_select_the_right_pods(overlay) -> None:  # noqa: AN
         return all(labels.get(k) == v for k, v in selector.items())
 
     for dname, deployment in deployments.items():
-        assert deployment["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
-        pdbs = [p for p in by_kind(objects, "PodDisruptionBudget").values() if selects(p["spec"]["selector"]["matchLabels"], deployment)]
+        pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+        pdbs = [p for p in by_kind(objects, "PodDisruptionBudget").values()
+                if selects(p["spec"]["selector"]["matchLabels"], deployment)]
         assert len(pdbs) == 1, f"{dname}: one PodDisruptionBudget"
     service = by_kind(objects, "Service")["auth"]
     assert [d for d, dep in deployments.items() if selects(service["spec"]["selector"], dep)] == ["auth"]
@@ -231,7 +233,7 @@ def _allowed_ports(policies: list[dict[str, Any]], direction: str) -> set[int]:
     return {port["port"] for p in policies for rule in p["spec"].get(direction, []) for port in rule.get("ports", [])}
 
 
-def test_network_policies_default_deny_and_allow_only_what_is_needed(overlay) -> None:  # noqa: ANN001
+def test_network_policies_default_deny_and_allow_only_what_is_needed(overlay) -> None:
     name, objects = overlay
     policies = by_kind(objects, "NetworkPolicy")
     deny = policies["default-deny-all"]["spec"]
@@ -256,7 +258,7 @@ def test_network_policies_default_deny_and_allow_only_what_is_needed(overlay) ->
         assert all(rule.get("from") for rule in auth_rules), "prod: auth only from the ingress controller"
 
 
-def test_stream_replicas_follow_the_nats_cluster(overlay) -> None:  # noqa: ANN001
+def test_stream_replicas_follow_the_nats_cluster(overlay) -> None:
     name, objects = overlay
     config = by_kind(objects, "ConfigMap")["ccbridge-config"]["data"]
     values = yaml.safe_load((K8S / "nats" / "values.yaml").read_text())
@@ -267,7 +269,7 @@ def test_stream_replicas_follow_the_nats_cluster(overlay) -> None:  # noqa: ANN0
     assert accounts == (REPO / "deploy/nats/accounts.conf").read_text()
 
 
-def test_images_are_pinned_per_overlay(overlay) -> None:  # noqa: ANN001
+def test_images_are_pinned_per_overlay(overlay) -> None:
     name, objects = overlay
     image = _pod_spec(by_kind(objects, "Deployment")["auth"])["containers"][0]["image"]
     assert ":" in image and not image.endswith(":latest")
@@ -278,7 +280,7 @@ def test_images_are_pinned_per_overlay(overlay) -> None:  # noqa: ANN001
     assert namespaces == {ns}
 
 
-def test_env_names_are_settings_the_services_read(overlay) -> None:  # noqa: ANN001
+def test_env_names_are_settings_the_services_read(overlay) -> None:
     """A typo in an env name would silently fall back to a default: every name set for a service
     must be one its settings class (or a library it uses) reads."""
     _, objects = overlay
@@ -502,7 +504,7 @@ def test_dockerfile_is_multi_stage_slim_non_root() -> None:
     copied = {rest.split()[0] for kw, rest in instructions if kw == "COPY" and not rest.startswith("--")}
     assert packages <= copied, f"not copied: {packages - copied}"
     ignore = (REPO / ".dockerignore").read_text().splitlines()
-    assert ignore[[i for i, l in enumerate(ignore) if l.strip() and not l.startswith("#")][0]] == "*"
+    assert [line for line in ignore if line.strip() and not line.startswith("#")][0] == "*"
     assert {f"!{p}/" for p in packages} <= set(ignore) and "**/.env" in ignore
     # the stand-ins are a development tool: not a package of the wheel, not in the image
     assert "standins" not in packages and "standins" not in copied and "!standins/" not in ignore
@@ -521,7 +523,7 @@ def test_the_wheel_does_not_contain_the_stand_ins() -> None:
 class _Health(http.server.BaseHTTPRequestHandler):
     status = 200
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self.send_response(self.status if self.path == "/healthz" else 404)
         self.end_headers()
 
@@ -546,7 +548,8 @@ def test_dockerfile_healthcheck_command_really_probes(health_server: tuple[int, 
     argv = json.loads(check[check.index("CMD") + 3:].strip())
     assert argv[0] == "/opt/ccbridge/bin/python"
     argv[0] = sys.executable
-    base_env = {k: v for k, v in os.environ.items() if k not in {"VAULT_METRICS_PORT", "SANDBOX_METRICS_PORT", "AUTH_PORT", "CCBRIDGE_HEALTHCHECK_URL"}}
+    ours = {"VAULT_METRICS_PORT", "SANDBOX_METRICS_PORT", "AUTH_PORT", "CCBRIDGE_HEALTHCHECK_URL"}
+    base_env = {k: v for k, v in os.environ.items() if k not in ours}
 
     def run(**env: str) -> int:
         return subprocess.run(argv, env={**base_env, **env}, capture_output=True, timeout=30).returncode
@@ -611,7 +614,8 @@ def test_gen_env_produces_working_keys_and_every_required_value(generated_env: P
     assert blank["VAULT_HPKE_PRIVATE_KEY"] == "" and blank["NATS_VAULT_PASSWORD"]
     pair = KeyPair.from_b64((keys / "vault.hpke.key").read_text())
     assert pair.recipient.public_b64 == (keys / "vault.hpke.pub").read_text().strip()
-    mounted = {Path(v.split(":")[0]).name for s in yaml.safe_load((REPO / "deploy/compose/keys-from-files.yml").read_text())["services"].values() for v in s["volumes"]}
+    compose_services = yaml.safe_load((REPO / "deploy/compose/keys-from-files.yml").read_text())["services"]
+    mounted = {Path(v.split(":")[0]).name for s in compose_services.values() for v in s["volumes"]}
     assert mounted == {p.name for p in keys.iterdir()}
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in keys.iterdir())
 

@@ -58,7 +58,8 @@ async def test_flow_works_with_one_nats_user_per_service(tmp_path: Path) -> None
     assert isinstance(result, SandboxCredentialsInjected), result
     assert status.status_code == 200 and status.json()["connected"] is True
     home = Path(stack.service_env()["LOCAL_SANDBOX_ROOT"]) / "sbx-lp"
-    assert json.loads((home / ".claude/.credentials.json").read_text())["claudeAiOauth"]["accessToken"].startswith("sk-ant-oat01-")
+    credentials = json.loads((home / ".claude/.credentials.json").read_text())
+    assert credentials["claudeAiOauth"]["accessToken"].startswith("sk-ant-oat01-")
     assert "Permissions Violation" not in logs and "permissions violation" not in logs.lower()
 
 

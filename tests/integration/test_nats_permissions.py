@@ -56,11 +56,11 @@ class Conn:
         return self
 
     @property
-    def js(self):  # noqa: ANN201
+    def js(self):
         return self.nc.jetstream(timeout=5.0)
 
     @property
-    def js_denied(self):  # noqa: ANN201 - short timeout: a refused API request is never answered
+    def js_denied(self):
         return self.nc.jetstream(timeout=DENIED_API_TIMEOUT_S)
 
     def violations(self) -> list[str]:
@@ -88,7 +88,7 @@ class Conn:
 
 
 @pytest.fixture(scope="module")
-async def bus(secured_nats: SecuredNats) -> AsyncIterator[dict[str, Conn]]:  # noqa: F811
+async def bus(secured_nats: SecuredNats) -> AsyncIterator[dict[str, Conn]]:
     conns = {user: await Conn(user).connect(secured_nats.url(user)) for user in USERS}
     await ensure_streams(conns["auth"].js)  # streams exist before any test, as after `auth` starts
     yield conns
@@ -100,7 +100,7 @@ def uid() -> str:
     return uuid.uuid4().hex
 
 
-async def pull_until(sub, wanted: str):  # noqa: ANN001, ANN201
+async def pull_until(sub, wanted: str):
     """Fetch one message at a time until the one whose body holds `wanted` arrives (others,
     left by earlier tests on the shared server, are acked and skipped)."""
     for _ in range(30):  # bounded: a refused MSG.NEXT must fail the test, not hang it
@@ -140,7 +140,7 @@ def test_committed_config_holds_no_password_literal() -> None:
 
 
 @pytest.mark.parametrize("how", ["anonymous", "wrong_password", "unknown_user"])
-async def test_unauthenticated_connections_are_refused(secured_nats: SecuredNats, how: str) -> None:  # noqa: F811
+async def test_unauthenticated_connections_are_refused(secured_nats: SecuredNats, how: str) -> None:
     url = {
         "anonymous": secured_nats.anonymous_url,
         "wrong_password": f"nats://vault:not-the-password@127.0.0.1:{secured_nats.port}",
@@ -187,7 +187,7 @@ async def test_the_whole_event_flow_runs_under_least_privilege(bus: dict[str, Co
     run = uid()
 
     # vault answers vault.credentials.get (queue group, as N replicas would)
-    async def answer(msg) -> None:  # noqa: ANN001
+    async def answer(msg) -> None:
         request = json.loads(msg.data)
         await msg.respond(json.dumps({"request_id": request["request_id"], "ok": True, "sealed": "box"}).encode())
 
@@ -253,7 +253,7 @@ async def test_the_whole_event_flow_runs_under_least_privilege(bus: dict[str, Co
         await (await pull_until(revoked, run)).ack_sync()
 
     # auth and the platform ask the vault for a connection's status; the platform disconnects
-    async def status(msg) -> None:  # noqa: ANN001
+    async def status(msg) -> None:
         await msg.respond(json.dumps({"connected": True, "state": "connected"}).encode())
 
     status_responder = await vault.nc.subscribe(CONNECTIONS_STATUS, queue=s.VAULT_QUEUE, cb=status)
@@ -429,7 +429,7 @@ async def test_only_the_vault_receives_credential_requests(bus: dict[str, Conn])
         await conn.expect_violation("subscription", s.VAULT_CREDENTIALS_GET)
     got: list[bytes] = []
 
-    async def answer(msg) -> None:  # noqa: ANN001
+    async def answer(msg) -> None:
         got.append(msg.data)
         await msg.respond(b"ok")
 
@@ -470,7 +470,7 @@ async def test_messages_the_vault_fetches_reach_only_the_vaults_inbox(bus: dict[
 
 
 @pytest.mark.parametrize("user", ["auth", "vault", "sandbox", "platform"])
-async def test_a_client_on_the_default_inbox_prefix_gets_no_replies(secured_nats: SecuredNats, user: str) -> None:  # noqa: F811
+async def test_a_client_on_the_default_inbox_prefix_gets_no_replies(secured_nats: SecuredNats, user: str) -> None:
     """Every ccbridge connection must set its inbox prefix: on nats-py's default `_INBOX` the
     server refuses the reply subscription, so requests and JetStream calls time out (here
     $JS.API.INFO, which every service user may ask)."""
@@ -528,7 +528,7 @@ async def test_the_grants_flow_under_least_privilege(bus: dict[str, Conn]) -> No
                                             stream=s.TOKENS_STREAM.name, config=explicit_ack())
     await (await pull_until(ended, run)).ack_sync()
 
-    async def grants_list(msg) -> None:  # noqa: ANN001
+    async def grants_list(msg) -> None:
         await msg.respond(json.dumps({"grants": [{"sandbox_id": run}]}).encode())
 
     responder = await vault.nc.subscribe(s.VAULT_GRANTS_LIST, queue=s.VAULT_QUEUE, cb=grants_list)
@@ -624,7 +624,7 @@ async def test_faststream_wiring_of_the_services_works_under_their_users(tmp_pat
     from faststream.nats import NatsRouter, PullSub
 
     from shared.broker import DLQ, SANDBOX, TOKENS, dead_letter, make_broker, provision, publish_event
-    from shared.events import GrantEnded, GrantRevoked, Sealed, SandboxCreated, TokensIssued
+    from shared.events import GrantEnded, GrantRevoked, SandboxCreated, Sealed, TokensIssued
     from shared.settings import ServiceSettings
 
     with SecuredNats.start(tmp_path) as server:

@@ -17,7 +17,6 @@ from nats.aio.subscription import Subscription
 from nats.js.client import JetStreamContext
 
 
-
 async def test_an_empty_fetch_whose_deadline_ran_out_raises_the_documented_timeout(
     nats_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

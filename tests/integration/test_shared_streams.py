@@ -22,7 +22,7 @@ async def test_streams_are_capped_and_a_flood_drops_the_oldest(embedded_nats: Em
             config = (await js.stream_info(spec.name)).config
             assert (config.max_bytes, config.discard) == (cap, DiscardPolicy.OLD), spec.name
         body = b"x" * 4096
-        for i in range(600):  # ~2.4 MB into a 1 MiB stream
+        for _ in range(600):  # ~2.4 MB into a 1 MiB stream
             await js.publish(subjects.SANDBOX_CREATED, body, stream=subjects.SANDBOX_STREAM.name)
         state = (await js.stream_info(subjects.SANDBOX_STREAM.name)).state
         assert state.bytes <= cap and state.last_seq == 600 and state.first_seq > 1

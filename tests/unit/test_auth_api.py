@@ -13,10 +13,10 @@ from services.auth.app import build_api, utc_now
 from services.auth.callers import CallerVerifier, mint_caller_token
 from services.auth.connections import ConnectionService
 from services.auth.errors import InvalidCode, UpstreamBadResponse, UpstreamRateLimited
-from services.auth.problems import PROBLEM_CONTENT_TYPE
 from services.auth.limits import RateLimiter
 from services.auth.login import LoginPolicy, LoginService
 from services.auth.metrics import AuthMetrics
+from services.auth.problems import PROBLEM_CONTENT_TYPE
 from services.auth.routes import AuthComponents
 from services.auth.settings import AuthSettings
 from shared.events import AccountInfo, ConnectionStatusReply
@@ -41,7 +41,7 @@ def fakes() -> tuple[FakeOAuth, FakePublisher, FakeVaultKeys, FakeVaultStatus]:
 
 
 @pytest.fixture
-async def api(fakes) -> AsyncIterator[httpx.AsyncClient]:  # noqa: ANN001
+async def api(fakes) -> AsyncIterator[httpx.AsyncClient]:
     oauth, publisher, vault, vault_status = fakes
     login = LoginService(
         policy=LoginPolicy("https://claude.example/authorize", "https://cb.example/cb", "client", ("user:inference",),
@@ -136,7 +136,7 @@ async def test_other_caller_is_403(api: httpx.AsyncClient) -> None:
     [(InvalidCode(), 400, "invalid-code"), (UpstreamRateLimited(9), 503, "upstream-rate-limited"),
      (UpstreamBadResponse(), 502, "upstream-bad-response")],
 )
-async def test_upstream_errors_as_problems(api: httpx.AsyncClient, fakes, error, status: int, slug: str) -> None:  # noqa: ANN001
+async def test_upstream_errors_as_problems(api: httpx.AsyncClient, fakes, error, status: int, slug: str) -> None:
     fakes[0].error = error
     paste = await login_and_paste(api)
     response = await api.post("/v1/claude-code/exchange", headers=auth(), json={"code": paste})
@@ -145,7 +145,7 @@ async def test_upstream_errors_as_problems(api: httpx.AsyncClient, fakes, error,
         assert response.headers["retry-after"] == "9"
 
 
-async def test_vault_key_missing_is_503_and_not_ready(api: httpx.AsyncClient, fakes) -> None:  # noqa: ANN001
+async def test_vault_key_missing_is_503_and_not_ready(api: httpx.AsyncClient, fakes) -> None:
     fakes[2].recipient = None
     paste = await login_and_paste(api)
     assert_problem(await api.post("/v1/claude-code/exchange", headers=auth(), json={"code": paste}), 503,
@@ -315,7 +315,7 @@ def test_settings_defaults_and_refusals(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 # --- the newer routes over ASGI (the integration tests repeat them over real HTTP) --------------
-async def test_status_maps_the_vault_reply(api: httpx.AsyncClient, fakes) -> None:  # noqa: ANN001
+async def test_status_maps_the_vault_reply(api: httpx.AsyncClient, fakes) -> None:
     vault_status = fakes[3]
     vault_status.replies["user-1"] = ConnectionStatusReply(
         connected=True, state="refresh_failed", kind="oauth", scopes=["user:inference"],
@@ -328,15 +328,15 @@ async def test_status_maps_the_vault_reply(api: httpx.AsyncClient, fakes) -> Non
     assert body["expires_at"].startswith("2026-01-01T00:00:00") and body["login_expires_at"].startswith("2026-01-31")
     assert body["account"]["email"] == "a@example.com"
     other = (await api.get("/v1/claude-code/status", headers=auth("nobody"))).json()
-    assert other == {"user_id": "nobody", "connected": False, "state": "not_connected", "kind": None, "scopes": [], "expires_at": None,
-                     "login_expires_at": None, "account": None, "version": None}
+    assert other == {"user_id": "nobody", "connected": False, "state": "not_connected", "kind": None, "scopes": [],
+                     "expires_at": None, "login_expires_at": None, "account": None, "version": None}
     vault_status.down = True
     response = await api.get("/v1/claude-code/status", headers=auth())
     assert_problem(response, 503, "vault-unavailable")
     assert response.headers["retry-after"]
 
 
-async def test_disconnect_publishes_tokens_revoked(api: httpx.AsyncClient, fakes) -> None:  # noqa: ANN001
+async def test_disconnect_publishes_tokens_revoked(api: httpx.AsyncClient, fakes) -> None:
     response = await api.delete("/v1/claude-code", headers=auth("leaver"))
     assert response.status_code == 202
     [(subject, event)] = fakes[1].published
@@ -348,7 +348,7 @@ async def test_body_limit_is_a_413_problem(api: httpx.AsyncClient) -> None:
     response = await api.post("/v1/claude-code/exchange", headers=auth(), json={"code": "x" * 9000})
     assert_problem(response, 413, "payload-too-large")
 
-    async def chunks():  # noqa: ANN202 - no Content-Length: the limit applies while reading
+    async def chunks():
         for _ in range(10):
             yield b" " * 1000
 

@@ -106,7 +106,7 @@ def test_repr_hides_the_secret() -> None:
 
 # --- asymmetric keys ---------------------------------------------------------------------------
 @pytest.mark.parametrize("make", [SigningKey.rsa, SigningKey.ec])
-async def test_public_key_verifies_its_tokens(make) -> None:  # noqa: ANN001
+async def test_public_key_verifies_its_tokens(make) -> None:
     signer = make()
     verifier = CallerVerifier(public_key=load_public_key(signer.public_pem()), algorithms=ASYM)
     assert (await verifier.verify(signer.token("user-7"))).user_id == "user-7"
@@ -121,9 +121,9 @@ async def test_algorithm_confusion_is_refused() -> None:
     signer = SigningKey.rsa()
     pem = signer.public_pem()
     verifier = CallerVerifier(public_key=load_public_key(pem), algorithms=ASYM)
-    import hmac
-    import hashlib
     import base64
+    import hashlib
+    import hmac
     import json
 
     def b64(data: bytes) -> str:
@@ -155,7 +155,7 @@ async def test_asymmetric_audience_and_issuer() -> None:
         await verifier.verify(signer.token("u", aud="elsewhere", iss="https://idp.example"))
 
 
-def test_public_key_loading(tmp_path) -> None:  # noqa: ANN001
+def test_public_key_loading(tmp_path) -> None:
     signer = SigningKey.rsa()
     path = tmp_path / "caller.pem"
     path.write_text(signer.public_pem())
@@ -175,7 +175,7 @@ def test_algorithms_must_fit_the_key() -> None:
         CallerVerifier()
 
 
-def test_settings_choose_the_verifier(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+def test_settings_choose_the_verifier(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     for name in ("AUTH_JWT_SECRET", "AUTH_JWT_PUBLIC_KEY", "AUTH_JWKS_URL", "AUTH_JWT_ALGORITHMS"):
         monkeypatch.delenv(name, raising=False)
     used: list[str] = []

@@ -48,7 +48,7 @@ def test_details_raised_in_the_code_are_plain_text() -> None:
 
 
 # --- draining a refused body ------------------------------------------------------------------
-def _receiver(messages: list[dict], *, then_wait: bool = False):  # noqa: ANN202
+def _receiver(messages: list[dict], *, then_wait: bool = False):
     import asyncio
 
     queue = list(messages)
@@ -79,7 +79,7 @@ async def test_drain_gives_up_past_its_bounds() -> None:
 async def test_a_client_expecting_100_continue_is_answered_without_reading() -> None:
     sent: list[dict] = []
 
-    async def app(scope, receive, send) -> None:  # noqa: ANN001 - never reached
+    async def app(scope, receive, send) -> None:
         raise AssertionError("the app must not run")
 
     async def receive() -> dict:
@@ -99,6 +99,7 @@ def test_the_error_tree_and_the_domain_need_no_web_framework() -> None:
     import subprocess
     import sys
 
-    code = "import sys, services.auth.domain, services.auth.errors; print(sorted(m for m in sys.modules if m.split('.')[0] in ('fastapi', 'starlette')))"
+    code = ("import sys, services.auth.domain, services.auth.errors; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fastapi', 'starlette')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"

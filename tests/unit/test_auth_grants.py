@@ -15,11 +15,11 @@ from services.auth.app import build_api
 from services.auth.callers import CallerVerifier, mint_caller_token
 from services.auth.connections import ConnectionService
 from services.auth.errors import BusUnavailable, InvalidGrantRequest, VaultBadReply
-from services.auth.problems import PROBLEM_CONTENT_TYPE
 from services.auth.grants import GrantPolicy, GrantService
 from services.auth.limits import Limit, RateLimiter
 from services.auth.login import LoginPolicy, LoginService
 from services.auth.metrics import AuthMetrics
+from services.auth.problems import PROBLEM_CONTENT_TYPE
 from services.auth.routes import AuthComponents
 from shared import subjects
 from shared.events import GrantIssued, GrantRevoked
@@ -46,7 +46,7 @@ class World:
     vault: FakeVaultGrants
     clock: FakeClock
 
-    def verify(self, token: str):  # noqa: ANN201
+    def verify(self, token: str):
         return GrantVerifier([self.signer.public_key]).verify(token, now_s=self.clock().timestamp())
 
 

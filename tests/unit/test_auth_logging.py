@@ -11,7 +11,7 @@ from shared.logging import configure_logging
 
 
 @pytest.fixture
-def formatter():  # noqa: ANN201 - the formatter configure_logging installs, global state restored after
+def formatter():
     root = logging.getLogger()
     saved = (root.handlers[:], root.level, structlog.get_config(), logging.getLogger("httpx").level)
     configure_logging("INFO", "console", service="auth")
@@ -23,7 +23,7 @@ def formatter():  # noqa: ANN201 - the formatter configure_logging installs, glo
     structlog.contextvars.unbind_contextvars("service")
 
 
-def test_uvicorn_color_message_is_dropped(formatter) -> None:  # noqa: ANN001
+def test_uvicorn_color_message_is_dropped(formatter) -> None:
     record = logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1, "Started server process [%d]", (42,), None)
     record.color_message = "Started server process [\x1b[36m%d\x1b[0m]"
     line = formatter.format(record)

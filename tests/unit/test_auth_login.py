@@ -12,9 +12,9 @@ from services.auth.domain import LegacyPaste, PastedCode, to_ms
 from services.auth.errors import (
     BusUnavailable,
     ForeignState,
-    TooManyPendingLogins,
     InvalidCode,
     InvalidState,
+    TooManyPendingLogins,
     UpstreamBadResponse,
     UpstreamError,
     UpstreamRateLimited,
@@ -25,8 +25,9 @@ from services.auth.errors import (
 from services.auth.login import LoginPolicy, LoginService
 from shared import subjects
 from shared.events import TokenBundle, TokensIssued
-from shared.sealing import issued_binding, KeyPair, open_sealed
+from shared.sealing import KeyPair, issued_binding, open_sealed
 from tests.auth_fixtures import ACCESS, REFRESH, FakeClock, FakeOAuth, FakePublisher, FakeVaultKeys, a_grant
+
 
 @dataclass
 class World:
@@ -207,7 +208,7 @@ async def test_a_rejected_code_at_the_end_of_the_login_ends_it(world: World) -> 
     started = await world.service.start_login("u")
 
     class SlowOAuth(FakeOAuth):
-        async def exchange_code(self, request):  # noqa: ANN001, ANN201 - the login expires meanwhile
+        async def exchange_code(self, request):
             world.clock.now = started.expires_at + timedelta(seconds=1)
             raise InvalidCode(oauth_error="invalid_grant")
 

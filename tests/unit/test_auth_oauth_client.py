@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-from email.utils import format_datetime
 from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 
 import httpx
 import pytest
@@ -37,7 +37,7 @@ GOOD = {
 }
 
 
-def client_answering(handler) -> HttpOAuthClient:  # noqa: ANN001
+def client_answering(handler) -> HttpOAuthClient:
     return HttpOAuthClient(token_url=TOKEN_URL, client=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
 
 
@@ -156,7 +156,7 @@ def test_retry_after_parsing() -> None:
 URLS = ("https://new.example/v1/oauth/token", "https://old.example/v1/oauth/token")
 
 
-def client_over(handler, urls=URLS) -> HttpOAuthClient:  # noqa: ANN001
+def client_over(handler, urls=URLS) -> HttpOAuthClient:
     return HttpOAuthClient(token_urls=urls, client=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
 
 
@@ -232,7 +232,7 @@ def test_token_urls_are_deduplicated_in_order() -> None:
 
 
 @pytest.fixture
-def stdlib_logs():  # noqa: ANN201 - route structlog through stdlib (as in production) for one test
+def stdlib_logs():
     import logging
 
     import structlog
@@ -250,7 +250,7 @@ def stdlib_logs():  # noqa: ANN201 - route structlog through stdlib (as in produ
     structlog.contextvars.unbind_contextvars("service")
 
 
-async def test_logs_carry_status_and_error_names_never_bodies(stdlib_logs, caplog: pytest.LogCaptureFixture) -> None:  # noqa: ANN001
+async def test_logs_carry_status_and_error_names_never_bodies(stdlib_logs, caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
     caplog.set_level(logging.DEBUG)

@@ -28,7 +28,8 @@ def test_each_service_documents_what_it_consumes_and_publishes() -> None:
     assert {subjects.TOKENS_ISSUED, subjects.TOKENS_REVOKED, subjects.GRANTS_ISSUED,
             subjects.GRANTS_REVOKED} <= _addresses("auth")
     assert {subjects.TOKENS_ISSUED, subjects.VAULT_CREDENTIALS_GET, subjects.TOKENS_REFRESHED} <= _addresses("vault")
-    assert {subjects.SANDBOX_CREATED, subjects.SANDBOX_CREDENTIALS_INJECTED, subjects.SANDBOX_CREDENTIALS_FAILED} <= _addresses("sandbox")
+    sandbox = {subjects.SANDBOX_CREATED, subjects.SANDBOX_CREDENTIALS_INJECTED, subjects.SANDBOX_CREDENTIALS_FAILED}
+    assert sandbox <= _addresses("sandbox")
     # Only the vault answers credential requests.
     assert subjects.VAULT_CREDENTIALS_GET not in _addresses("auth") | _addresses("sandbox")
 

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-
 from shared.broker import dead_letter_msg_id
 from shared.delivery import Backoff, Breaker, Breakers, Delivery, DeliveryPolicy
 

@@ -5,13 +5,13 @@ dumps tracemalloc snapshots for finding leaks."""
 from __future__ import annotations
 
 import asyncio
-from contextlib import AsyncExitStack
 import gc
 import os
 import signal
 import time
 import tracemalloc
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
