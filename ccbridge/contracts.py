@@ -9,7 +9,6 @@ fails when the committed files are stale.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -70,16 +69,7 @@ def render() -> dict[str, str]:
     return {**asyncapi_documents(), **openapi_document()}
 
 
-def write(root: Path = DOCS) -> list[Path]:
-    written = []
-    for relative, text in render().items():
-        path = root / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        written.append(path)
-    return written
-
-
 if __name__ == "__main__":
-    for path in write(Path(sys.argv[1]) if len(sys.argv) > 1 else DOCS):
-        print(path)
+    from ccbridge.schemas import regenerate
+
+    regenerate(render(), DOCS)

@@ -65,9 +65,10 @@ def render() -> dict[str, str]:
     }
 
 
-def write(root: Path = SCHEMA_ROOT) -> list[Path]:
+def write_documents(documents: dict[str, str], root: Path) -> list[Path]:
+    """Write rendered documents (relative path → text) under `root`; the paths written."""
     written = []
-    for relative, text in render().items():
+    for relative, text in documents.items():
         path = root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
@@ -75,6 +76,11 @@ def write(root: Path = SCHEMA_ROOT) -> list[Path]:
     return written
 
 
-if __name__ == "__main__":
-    for path in write(Path(sys.argv[1]) if len(sys.argv) > 1 else SCHEMA_ROOT):
+def regenerate(documents: dict[str, str], default_root: Path) -> None:
+    """`python -m …`: write the documents (under argv[1], else the committed place), print where."""
+    for path in write_documents(documents, Path(sys.argv[1]) if len(sys.argv) > 1 else default_root):
         print(path)
+
+
+if __name__ == "__main__":
+    regenerate(render(), SCHEMA_ROOT)

@@ -47,13 +47,6 @@ async def auth(nats_url: str, tmp_path: Path, standin: OAuthStandin, vault_key: 
         yield service
 
 
-@pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[Client]:
-    client = await nats.connect(nats_url)
-    yield client
-    await client.close()
-
-
 @dataclass
 class IssuedWatch:
     messages: asyncio.Queue

@@ -4,10 +4,8 @@ encryption at rest and on the wire."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
-import nats
 import pytest
 from nats.aio.client import Client
 
@@ -16,13 +14,6 @@ from services.auth.domain import PendingLogin, new_state
 from shared.subjects import PENDING_LOGINS_BUCKET
 
 TTL = timedelta(seconds=600)
-
-
-@pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[Client]:
-    client = await nats.connect(nats_url)
-    yield client
-    await client.close()
 
 
 def a_login(user: str = "user-1") -> PendingLogin:

@@ -7,7 +7,6 @@ import asyncio
 import html
 import re
 import secrets
-from collections.abc import AsyncIterator
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
@@ -17,18 +16,6 @@ from standins.oauth import REAL_CLIENT_ID, OAuthStandin, s256
 
 PASTE = re.compile(r'<code id="paste-code">([^<]+)</code>')
 SCOPES = "user:profile user:inference user:sessions:claude_code"
-
-
-@pytest.fixture
-async def standin() -> AsyncIterator[OAuthStandin]:
-    async with OAuthStandin(port=0) as server:
-        yield server
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=10) as client:
-        yield client
 
 
 def authorize_query(
