@@ -103,6 +103,26 @@ class RefreshedTokens:
 
 
 @dataclass(frozen=True, slots=True)
+class IssuedLogin:
+    """What a login (`tokens.issued`) brings: the tokens from the sealed box and the facts around
+    them. `issued_at` is when the person logged in (never in the future: the vault's clock caps it)."""
+
+    kind: ConnectionKind
+    credentials: Credentials
+    scopes: tuple[str, ...]
+    expires_at: int
+    refresh_token_expires_at: int | None
+    account: Account | None
+    issued_at: datetime | None = None
+
+
+def login_supersedes(occurred_at: datetime, current_issued_at: datetime | None) -> bool:
+    """Whether a login that happened at `occurred_at` replaces the one issued at
+    `current_issued_at` (an older tokens.issued arriving late must not overwrite a newer login)."""
+    return current_issued_at is None or occurred_at >= current_issued_at
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionSummary:
     """Everything about a connection except its secret (read without decrypting)."""
 
@@ -117,10 +137,6 @@ class ConnectionSummary:
     issued_at: datetime | None = None
     kek_id: str | None = None
     created_at: datetime | None = None
-
-    @property
-    def usable(self) -> bool:
-        return self.state != "reconnect_required"
 
 
 @dataclass(eq=False)
@@ -153,58 +169,34 @@ class Connection:
         )
 
     @classmethod
-    def connect(
-        cls,
-        *,
-        user_id: str,
-        kind: ConnectionKind,
-        credentials: Credentials,
-        scopes: tuple[str, ...] | list[str],
-        expires_at: int,
-        refresh_token_expires_at: int | None,
-        account: Account | None,
-        now: datetime,
-        issued_at: datetime | None = None,
-        version: int = 1,
-    ) -> Connection:
+    def connect(cls, user_id: str, login: IssuedLogin, *, now: datetime, version: int = 1) -> Connection:
         """A first connection for this user (`version` > 1 when it replaces a row that could not
         be read any more)."""
         return cls(
             user_id=user_id,
-            kind=kind,
+            kind=login.kind,
             state="connected",
-            credentials=credentials,
-            scopes=tuple(scopes),
-            expires_at=expires_at,
-            refresh_token_expires_at=refresh_token_expires_at,
-            account=account,
+            credentials=login.credentials,
+            scopes=login.scopes,
+            expires_at=login.expires_at,
+            refresh_token_expires_at=login.refresh_token_expires_at,
+            account=login.account,
             version=version,
             created_at=now,
             updated_at=now,
-            issued_at=issued_at or now,
+            issued_at=login.issued_at or now,
         )
 
-    def reconnect(
-        self,
-        *,
-        kind: ConnectionKind,
-        credentials: Credentials,
-        scopes: tuple[str, ...] | list[str],
-        expires_at: int,
-        refresh_token_expires_at: int | None,
-        account: Account | None,
-        now: datetime,
-        issued_at: datetime | None = None,
-    ) -> None:
+    def reconnect(self, login: IssuedLogin, *, now: datetime) -> None:
         """The person connected again: new tokens replace the old ones, whatever the state."""
-        self.kind = kind
-        self.credentials = credentials
-        self.scopes = tuple(scopes)
-        self.expires_at = expires_at
-        self.refresh_token_expires_at = refresh_token_expires_at
-        self.account = account or self.account
+        self.kind = login.kind
+        self.credentials = login.credentials
+        self.scopes = login.scopes
+        self.expires_at = login.expires_at
+        self.refresh_token_expires_at = login.refresh_token_expires_at
+        self.account = login.account or self.account
         self.state = "connected"
-        self.issued_at = issued_at or now
+        self.issued_at = login.issued_at or now
         self.refresh_failures = 0
         self.next_refresh_at = None
         self.last_refresh_error = None
@@ -212,9 +204,7 @@ class Connection:
         self._changed(now)
 
     def supersedes(self, occurred_at: datetime) -> bool:
-        """Whether a login that happened at `occurred_at` is newer than this one (an older
-        tokens.issued arriving late must not overwrite a newer login)."""
-        return self.issued_at is None or occurred_at >= self.issued_at
+        return login_supersedes(occurred_at, self.issued_at)
 
     # --- refresh ------------------------------------------------------------------
     @property

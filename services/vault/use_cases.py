@@ -20,11 +20,19 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
 
 from pydantic import ValidationError
 
-from services.vault.domain import Account, AuditEntry, Connection, ConnectionSummary, Credentials, SandboxLease
+from services.vault.domain import (
+    Account,
+    AuditEntry,
+    Connection,
+    ConnectionSummary,
+    Credentials,
+    IssuedLogin,
+    SandboxLease,
+    login_supersedes,
+)
 from services.vault.errors import (
     GrantInvalid,
     InvalidEvent,
@@ -42,6 +50,8 @@ from services.vault.metrics import VaultMetrics
 from services.vault.ports import TokenEndpoint, UnitOfWork
 from services.vault.trust import TrustStore
 from shared import subjects
+from shared.batching import Coalescer
+from shared.delivery import Breakers
 from shared.events import (
     AccountInfo,
     ConnectionStatusReply,
@@ -59,10 +69,8 @@ from shared.events import (
     TokensRevoked,
     utcnow,
 )
-from shared.logging import get_logger
-from shared.batching import Coalescer
-from shared.delivery import Breakers
 from shared.grants import GrantClaims
+from shared.logging import get_logger
 from shared.sealing import KeyPair, Recipient, SealingError, issued_binding, open_sealed, reply_binding, seal
 
 log = get_logger(__name__)
@@ -85,8 +93,12 @@ class PreparedIssue:
     """A `tokens.issued` whose box opened: what storing it needs (never logged: tokens inside)."""
 
     event: TokensIssued
-    facts: dict[str, Any] = field(repr=False)
-    issued_at: datetime
+    login: IssuedLogin
+    now: datetime
+
+    @property
+    def issued_at(self) -> datetime:
+        return self.login.issued_at or self.now
 
 
 @dataclass(frozen=True)
@@ -309,17 +321,16 @@ class Vault:
         now = self._clock()
         issued_at = min(event.occurred_at, now)  # a publisher's clock cannot date a login in the future
         # Values inside the sealed box are authenticated; the plaintext event fields are not.
-        facts = {
-            "kind": event.kind,
-            "credentials": Credentials(access_token=bundle.access_token, refresh_token=bundle.refresh_token),
-            "scopes": tuple(bundle.scopes or event.scopes),
-            "expires_at": bundle.expires_at,
-            "refresh_token_expires_at": event.refresh_token_expires_at,
-            "account": Account(**event.account.model_dump()) if event.account else None,
-            "now": now,
-            "issued_at": issued_at,
-        }
-        return PreparedIssue(event, facts, issued_at)
+        login = IssuedLogin(
+            kind=event.kind,
+            credentials=Credentials(access_token=bundle.access_token, refresh_token=bundle.refresh_token),
+            scopes=tuple(bundle.scopes or event.scopes),
+            expires_at=bundle.expires_at,
+            refresh_token_expires_at=event.refresh_token_expires_at,
+            account=Account(**event.account.model_dump()) if event.account else None,
+            issued_at=issued_at,
+        )
+        return PreparedIssue(event, login, now)
 
     async def store_issued_batch(self, items: Sequence[PreparedIssue]) -> list[StoreOutcome | BaseException]:
         """Store several prepared `tokens.issued` in ONE transaction: their ids recorded in one
@@ -375,7 +386,7 @@ class Vault:
                 audit: list[tuple[AuditEntry, datetime]] = []
                 for index in todo:
                     item = items[index]
-                    event, facts, issued_at = item.event, item.facts, item.issued_at
+                    event, login, issued_at = item.event, item.login, item.issued_at
 
                     def entry(action: str, outcome: str = "ok", **extra: object) -> tuple[AuditEntry, datetime]:
                         return (AuditEntry(actor=actor, action=action, outcome=outcome, user_id=event.user_id,  # noqa: B023
@@ -388,12 +399,12 @@ class Vault:
                         continue
                     found = current.get(event.user_id)
                     if found is None:
-                        connection = Connection.connect(user_id=event.user_id, **facts)  # type: ignore[arg-type]
+                        connection = Connection.connect(event.user_id, login, now=item.now)
                         added[event.user_id] = connection
                         outcome = "stored"
                     else:
                         summary, existing = found
-                        if summary.issued_at is not None and issued_at < summary.issued_at:
+                        if not login_supersedes(issued_at, summary.issued_at):
                             audit.append(entry("tokens_ignored", "ignored", reason="older_than_current_login",
                                                version=summary.version))
                             outcomes[index] = StoreOutcome(duplicate=False, version=summary.version, outcome="stale")
@@ -401,14 +412,14 @@ class Vault:
                         if isinstance(existing, KeyringError):
                             # The row can never be read again (retired/unknown KEK, tampering): a new
                             # login replaces it — the old sealed secret is overwritten (crypto-shred).
-                            connection = Connection.connect(user_id=event.user_id, version=summary.version + 1,
-                                                            **facts)  # type: ignore[arg-type]
+                            connection = Connection.connect(event.user_id, login, now=item.now,
+                                                            version=summary.version + 1)
                             audit.append(entry("undecryptable_replaced", reason=existing.reason,
                                                kek_id=summary.kek_id, version=connection.version))
                             self.metrics.decrypt_failure(existing.reason)
                             outcome = "replaced_undecryptable"
                         else:
-                            existing.reconnect(**facts)  # type: ignore[arg-type]
+                            existing.reconnect(login, now=item.now)
                             connection = existing
                             outcome = "stored"
                         (added if event.user_id in added else changed)[event.user_id] = connection
@@ -690,7 +701,7 @@ class ItemOutcome:
         if self.error is not None:
             error = reply_error(self.error)
             detail = self.error.detail if error.startswith("grant_") else ""
-            return CredentialsItemResult(request_id=self.item.request_id, ok=False, error=error,  # type: ignore[arg-type]
+            return CredentialsItemResult(request_id=self.item.request_id, ok=False, error=error,
                                          detail=detail[:200])
         assert self.bundle is not None
         return CredentialsItemResult(request_id=self.item.request_id, ok=True, expires_at=self.bundle.expires_at,

@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import update
 
 from services.vault.adapters.store import SealedSecretRow, SqlStore
-from services.vault.domain import Account, AuditEntry, Connection, Credentials, SandboxLease
+from services.vault.domain import Account, AuditEntry, Connection, Credentials, IssuedLogin, SandboxLease
 from services.vault.errors import ConcurrencyConflict, DecryptionFailed, KeyringError
 from services.vault.keyring import Keyring
 from services.vault.ports import Store
@@ -103,16 +103,15 @@ def connection(
     refresh: bool = True,
     refresh_token_expires_at: int | None = None,
 ) -> Connection:
-    return Connection.connect(
-        user_id=user_id or new_user(),
+    login = IssuedLogin(
         kind=kind,  # type: ignore[arg-type]
         credentials=Credentials(canary("access"), canary("refresh") if refresh else None),
         scopes=("user:inference", "user:profile"),
         expires_at=expires_at,
         refresh_token_expires_at=refresh_token_expires_at,
         account=Account(account_uuid="acc-1", email="person@example.com"),
-        now=NOW,
     )
+    return Connection.connect(user_id or new_user(), login, now=NOW)
 
 
 async def added(backend: Backend, *connections: Connection) -> None:
@@ -140,8 +139,8 @@ async def claim(backend: Backend, user_id: str, version: int, owner: str, now_ms
 
 
 def reconnected(c: Connection, access: str) -> Connection:
-    c.reconnect(kind="oauth", credentials=Credentials(access, canary("refresh")), scopes=["user:inference"],
-                expires_at=NOW_MS + 2 * HOUR_MS, refresh_token_expires_at=None, account=None,
+    c.reconnect(IssuedLogin(kind="oauth", credentials=Credentials(access, canary("refresh")), scopes=("user:inference",),
+                            expires_at=NOW_MS + 2 * HOUR_MS, refresh_token_expires_at=None, account=None),
                 now=NOW + timedelta(minutes=1))
     return c
 

@@ -8,11 +8,11 @@ import asyncio
 import dataclasses
 import socket
 import uuid
-from typing import Any
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select, text, update
@@ -26,7 +26,7 @@ from services.vault.adapters.store import (
     SqlStore,
     translate_error,
 )
-from services.vault.domain import AuditEntry, Connection, Credentials
+from services.vault.domain import AuditEntry, Connection, Credentials, IssuedLogin
 from services.vault.errors import (
     ConcurrencyConflict,
     DecryptionFailed,
@@ -232,8 +232,9 @@ async def test_concurrent_change_is_a_retryable_conflict(env: Env) -> None:
     theirs_token = canary("theirs")
 
     def reconnect(connection: Connection, token: str) -> None:
-        connection.reconnect(kind="oauth", credentials=Credentials(token), scopes=["user:inference"],
-                             expires_at=1, refresh_token_expires_at=None, account=None, now=datetime.now(UTC))
+        connection.reconnect(IssuedLogin(kind="oauth", credentials=Credentials(token), scopes=("user:inference",),
+                                         expires_at=1, refresh_token_expires_at=None, account=None),
+                             now=datetime.now(UTC))
 
     async with env.store.unit_of_work(env.keyring) as stale:
         mine = await stale.connections.get(user)

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import random
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
-from services.vault.domain import Account, AuditEntry, Connection, Credentials, RefreshedTokens, refresh_backoff_s
+from services.vault.domain import (
+    Account,
+    AuditEntry,
+    Connection,
+    Credentials,
+    IssuedLogin,
+    RefreshedTokens,
+    refresh_backoff_s,
+)
 from services.vault.errors import InvalidKeyring, InvalidRequest, ReconnectRequired, UnauthorizedRequester
 from services.vault.settings import VaultSettings
 from services.vault.trust import TrustedRequesters
@@ -19,19 +28,20 @@ ACCESS = "sk-ant-oat01-ACCESS-secret-value"
 REFRESH = "sk-ant-ort01-REFRESH-secret-value"
 
 
-def _connection(**overrides: object) -> Connection:
-    values: dict = {
-        "user_id": "user-1",
+def _login(**overrides: Any) -> IssuedLogin:
+    values: dict[str, Any] = {
         "kind": "oauth",
         "credentials": Credentials(ACCESS, REFRESH),
-        "scopes": ["user:inference"],
+        "scopes": ("user:inference",),
         "expires_at": 1000,
         "refresh_token_expires_at": 5000,
         "account": Account(email="a@example.com"),
-        "now": NOW,
     }
-    values.update(overrides)
-    return Connection.connect(**values)
+    return IssuedLogin(**(values | overrides))
+
+
+def _connection(**overrides: Any) -> Connection:
+    return Connection.connect("user-1", _login(**overrides), now=NOW)
 
 
 def test_credentials_never_show_tokens() -> None:
@@ -58,15 +68,8 @@ def test_first_connection_is_version_one_and_connected() -> None:
 def test_reconnect_replaces_tokens_bumps_version_and_clears_failure_state() -> None:
     conn = _connection()
     conn.state = "reconnect_required"
-    conn.reconnect(
-        kind="oauth",
-        credentials=Credentials("new-access", "new-refresh"),
-        scopes=["user:inference", "user:profile"],
-        expires_at=2000,
-        refresh_token_expires_at=None,
-        account=None,
-        now=LATER,
-    )
+    conn.reconnect(_login(credentials=Credentials("new-access", "new-refresh"), scopes=("user:inference", "user:profile"),
+                          expires_at=2000, refresh_token_expires_at=None, account=None), now=LATER)
     assert conn.version == 2
     assert conn.state == "connected"
     assert conn.credentials == Credentials("new-access", "new-refresh")
@@ -191,8 +194,8 @@ def test_invalid_grant_requires_reconnect_and_a_new_login_heals_it() -> None:
     assert (conn.state, conn.last_refresh_error, conn.refreshable) == ("reconnect_required", "invalid_grant", False)
     conn.refresh_failed("upstream_error", retry_at_ms=1, now=NOW)  # a late transient failure ...
     assert conn.state == "reconnect_required"  # ... does not hide the need to reconnect
-    conn.reconnect(kind="oauth", credentials=Credentials("a", "r"), scopes=["user:inference"], expires_at=1,
-                   refresh_token_expires_at=None, account=None, now=LATER, issued_at=LATER)
+    conn.reconnect(_login(credentials=Credentials("a", "r"), expires_at=1, refresh_token_expires_at=None, account=None,
+                          issued_at=LATER), now=LATER)
     assert (conn.state, conn.refresh_failures, conn.issued_at) == ("connected", 0, LATER)
 
 

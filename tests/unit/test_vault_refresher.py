@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.vault.domain import Account, Connection, Credentials
+from services.vault.domain import Account, Connection, Credentials, IssuedLogin
 from services.vault.errors import DecryptionFailed, RefreshRejected, RefreshTransient
 from services.vault.ports import TokenResponse
 from services.vault.refresher import Refresher, RefreshPolicy
@@ -34,12 +34,13 @@ class Clock:
 
 def _connected(store: FakeStore, *, expires_in_s: float = 60, refresh: str | None = None, **extra: object) -> Connection:
     user = new_user()
-    conn = Connection.connect(
-        user_id=user, kind="oauth", credentials=Credentials(canary("a"), refresh or canary("r")),
-        scopes=["user:inference", "user:profile"], expires_at=NOW_MS + int(expires_in_s * 1000),
+    login = IssuedLogin(
+        kind="oauth", credentials=Credentials(canary("a"), refresh or canary("r")),
+        scopes=("user:inference", "user:profile"), expires_at=NOW_MS + int(expires_in_s * 1000),
         refresh_token_expires_at=extra.pop("refresh_token_expires_at", None),  # type: ignore[arg-type]
-        account=Account(email="p@example.com"), now=NOW - timedelta(hours=8),
+        account=Account(email="p@example.com"),
     )
+    conn = Connection.connect(user, login, now=NOW - timedelta(hours=8))
     store.connections[user] = conn
     return conn
 
@@ -172,8 +173,9 @@ async def test_a_new_login_during_the_call_wins(parts) -> None:
 
     def new_login_meanwhile() -> TokenResponse:
         fresh = store.connections[conn.user_id]
-        fresh.reconnect(kind="oauth", credentials=Credentials(login_token, canary("r")), scopes=["user:inference"],
-                        expires_at=NOW_MS + 10**8, refresh_token_expires_at=None, account=None, now=NOW)
+        fresh.reconnect(IssuedLogin(kind="oauth", credentials=Credentials(login_token, canary("r")),
+                                    scopes=("user:inference",), expires_at=NOW_MS + 10**8,
+                                    refresh_token_expires_at=None, account=None), now=NOW)
         return _ok(canary("a2"), canary("r2"))
 
     endpoint.script.append(new_login_meanwhile)
