@@ -26,13 +26,12 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from pydantic import TypeAdapter
 
 from services.sandbox.app import SandboxService
 from services.sandbox.settings import SandboxSettings
 from shared import subjects
 from shared.broker import settle
-from pydantic import TypeAdapter
-
 from shared.events import (
     AnyCredentialsRequest,
     CredentialsBatchReply,
@@ -282,7 +281,7 @@ async def stored(nc: Client, stream: str, subject: str, predicate: Callable[[Msg
         while True:
             try:
                 batch = await sub.fetch(256, timeout=1.0)
-            except (asyncio.TimeoutError, nats.errors.TimeoutError):  # fetch raises either
+            except (TimeoutError, nats.errors.TimeoutError):  # fetch raises either
                 break
             for msg in batch:
                 await msg.ack()

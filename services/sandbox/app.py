@@ -3,22 +3,14 @@ backends and handlers. Nothing connects at import time."""
 
 from __future__ import annotations
 
-from contextlib import AsyncExitStack
-from dataclasses import dataclass
 import hashlib
 from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from typing import Any
 
 from faststream.nats import NatsBroker
 
-from shared import subjects
-from shared.broker import BrokerDeadLetters, document_publishers, make_broker, provision
-from shared.delivery import Backoff, Breakers, DeliveryPolicy
-from shared.health import HealthServer, start_health
-from shared.events import SandboxCredentialsFailed, SandboxCredentialsInjected, SandboxCredentialsScrubbed
-from shared.logging import get_logger
-from shared.lifecycle import Service, background, run_service
-from shared.sealing import KeyPair, load_or_create_keypair
 from services.sandbox import domain
 from services.sandbox.adapters.backends.base import BackendProvider
 from services.sandbox.adapters.backends.e2b import DEPENDENCY as E2B_DEPENDENCY
@@ -38,6 +30,14 @@ from services.sandbox.live import LiveSandboxes
 from services.sandbox.metrics import MeteredInjector, MeteredPublisher, SandboxMetrics, watch_dlq_depth
 from services.sandbox.settings import SandboxSettings
 from services.sandbox.writer import SandboxLocks
+from shared import subjects
+from shared.broker import BrokerDeadLetters, document_publishers, make_broker, provision
+from shared.delivery import Backoff, Breakers, DeliveryPolicy
+from shared.events import Event, SandboxCredentialsFailed, SandboxCredentialsInjected, SandboxCredentialsScrubbed
+from shared.health import HealthServer, start_health
+from shared.lifecycle import Service, background, run_service
+from shared.logging import get_logger
+from shared.sealing import KeyPair, load_or_create_keypair
 
 log = get_logger("ccbridge.sandbox")
 
@@ -65,7 +65,7 @@ def e2b_config(settings: SandboxSettings) -> E2BConfig:
 
 
 # What the sandbox service puts on the bus (AsyncAPI documents these; BrokerPublisher sends them).
-PUBLISHES = {
+PUBLISHES: dict[str, type[Event]] = {
     subjects.SANDBOX_CREDENTIALS_INJECTED: SandboxCredentialsInjected,
     subjects.SANDBOX_CREDENTIALS_FAILED: SandboxCredentialsFailed,
     subjects.SANDBOX_CREDENTIALS_SCRUBBED: SandboxCredentialsScrubbed,

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
-from shared.events import CredentialMode, TokenBundle
 from services.sandbox.errors import InvalidEvent, VaultError
+from shared.events import CredentialMode, TokenBundle
 
 DEFAULT_CONFIG_DIR = ".claude"
 CREDENTIALS_FILE = ".credentials.json"

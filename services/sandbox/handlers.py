@@ -25,19 +25,6 @@ from faststream import AckPolicy, ExceptionMiddleware
 from faststream.nats import NatsBroker, PullSub
 from pydantic import ValidationError
 
-from shared import broker as bus
-from shared import subjects
-from shared.delivery import Delivery, DeliveryPolicy
-from shared.events import (
-    GrantEnded,
-    SandboxCreated,
-    SandboxCredentialsFailed,
-    SandboxDestroyed,
-    TokensRefreshed,
-    TokensRevoked,
-)
-from shared.events import derived_event_id
-from shared.logging import get_logger
 from services.sandbox.adapters.bus import (
     CREATED,
     DESTROYED,
@@ -50,6 +37,19 @@ from services.sandbox.adapters.bus import (
 from services.sandbox.injector import CredentialInjector
 from services.sandbox.live import LiveSandboxes
 from services.sandbox.settings import SandboxSettings
+from shared import broker as bus
+from shared import subjects
+from shared.delivery import Delivery, DeliveryPolicy
+from shared.events import (
+    GrantEnded,
+    SandboxCreated,
+    SandboxCredentialsFailed,
+    SandboxDestroyed,
+    TokensRefreshed,
+    TokensRevoked,
+    derived_event_id,
+)
+from shared.logging import get_logger
 
 log = get_logger("ccbridge.sandbox.handlers")
 

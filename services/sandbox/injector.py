@@ -21,16 +21,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from shared import subjects
-from shared.events import (
-    CredentialMode,
-    Event,
-    SandboxCreated,
-    SandboxCredentialsFailed,
-    SandboxCredentialsInjected,
-    derived_event_id,
-)
-from shared.logging import get_logger
 from services.sandbox import domain
 from services.sandbox.adapters.backends.base import BackendProvider, Target, backend_sandbox_id_of
 from services.sandbox.adapters.live_registry import LiveRegistry
@@ -45,6 +35,16 @@ from services.sandbox.errors import (
     SandboxNotFound,
 )
 from services.sandbox.writer import SandboxLocks, scrub_credentials, write_credentials
+from shared import subjects
+from shared.events import (
+    CredentialMode,
+    Event,
+    SandboxCreated,
+    SandboxCredentialsFailed,
+    SandboxCredentialsInjected,
+    derived_event_id,
+)
+from shared.logging import get_logger
 
 log = get_logger("ccbridge.sandbox.injector")
 
@@ -214,6 +214,7 @@ class CredentialInjector:
                 env_file=opts.env_file,
                 mcp_package=mcp_package,
             )
+            written: tuple[str, ...]  # the files this delivery wrote (none when it had nothing to do)
             if record.state == "injected" and record.fingerprint == fp:
                 # this sandbox already holds exactly these credentials: no second effect
                 files, written, backend_id = record.files, (), record.backend_sandbox_id

@@ -26,18 +26,6 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 
-from shared import subjects
-from shared.events import (
-    GrantEnded,
-    SandboxCredentialsFailed,
-    SandboxCredentialsInjected,
-    SandboxCredentialsScrubbed,
-    SandboxDestroyed,
-    TokensRefreshed,
-    TokensRevoked,
-    derived_event_id,
-)
-from shared.logging import get_logger
 from services.sandbox import domain
 from services.sandbox.adapters.backends.base import BackendProvider, Target
 from services.sandbox.adapters.live_registry import LiveRegistry
@@ -50,13 +38,25 @@ from services.sandbox.errors import (
     SandboxError,
     SandboxNotFound,
 )
-from shared.grants import unverified_issued_at_ms
 from services.sandbox.injector import (
     EventPublisher,
     InjectionOptions,
     occurred_ms,
 )
 from services.sandbox.writer import SandboxLocks, scrub_credentials, write_credentials
+from shared import subjects
+from shared.events import (
+    GrantEnded,
+    SandboxCredentialsFailed,
+    SandboxCredentialsInjected,
+    SandboxCredentialsScrubbed,
+    SandboxDestroyed,
+    TokensRefreshed,
+    TokensRevoked,
+    derived_event_id,
+)
+from shared.grants import unverified_issued_at_ms
+from shared.logging import get_logger
 
 log = get_logger("ccbridge.sandbox.live")
 
@@ -209,7 +209,7 @@ class LiveSandboxes:
                 user_id=record.user_id,
                 sandbox_id=record.sandbox_id,
                 cause_event_id=record.created_event_id,
-                backend=record.backend,  # type: ignore[arg-type]
+                backend=record.backend,
                 mode=record.mode,
                 expires_at=record.expires_at or 0,
                 files=list(record.files),
@@ -294,7 +294,7 @@ class LiveSandboxes:
                 user_id=record.user_id,
                 sandbox_id=record.sandbox_id,
                 cause_event_id=event.event_id,
-                backend=record.backend,  # type: ignore[arg-type]
+                backend=record.backend,
                 files=list(record.files),
                 sandbox_gone=gone,
                 reason=event.reason,
@@ -315,7 +315,7 @@ class LiveSandboxes:
                     return record, await work(record, revision)
                 except SandboxError as exc:
                     return record, exc
-                except Exception as exc:  # noqa: BLE001 - a bug or a bus hiccup: retry
+                except Exception as exc:
                     log.exception("sandbox.live_crashed", sandbox_id=record.sandbox_id)
                     return record, BackendError(f"unexpected {type(exc).__name__}", retryable=True)
 

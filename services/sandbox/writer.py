@@ -10,10 +10,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from shared.events import CredentialMode, TokenBundle
 from services.sandbox import domain
 from services.sandbox.adapters.backends.base import SandboxBackend
 from services.sandbox.errors import SandboxError
+from shared.events import CredentialMode, TokenBundle
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,11 @@ from services.vault.adapters.oauth import USER_AGENT, HttpTokenEndpoint
 from services.vault.adapters.store import SqlStore
 from services.vault.handlers import (
     build_credentials_router,
-    delivery_policy,
     build_grants_router,
     build_revoked_router,
     build_status_router,
     build_tokens_router,
+    delivery_policy,
     durable_configs,
 )
 from services.vault.keyring import Keyring, LiveKeyring, kek_source
@@ -43,16 +43,16 @@ from services.vault.use_cases import AuditWriter, Vault
 from shared import subjects
 from shared.broker import document_publishers, make_broker, provision, settle
 from shared.delivery import Breakers
+from shared.events import Event, GrantEnded, TokensLoginExpiring, TokensReconnectRequired, TokensRefreshed
 from shared.health import HealthServer, start_health
-from shared.events import GrantEnded, TokensLoginExpiring, TokensReconnectRequired, TokensRefreshed
-from shared.logging import get_logger
 from shared.lifecycle import Service, background, run_service
+from shared.logging import get_logger
 from shared.sealing import KeyPair, key_paths, load_or_create_keypair
 
 log = get_logger(__name__)
 
 # What the vault puts on the bus (AsyncAPI documents these; the publisher adapter sends them).
-PUBLISHES = {
+PUBLISHES: dict[str, type[Event]] = {
     subjects.TOKENS_REFRESHED: TokensRefreshed,
     subjects.TOKENS_RECONNECT_REQUIRED: TokensReconnectRequired,
     subjects.TOKENS_LOGIN_EXPIRING: TokensLoginExpiring,
@@ -211,7 +211,8 @@ class VaultService(Service):
             stack.push_async_callback(self._store.dispose)
         if settings.migrate_on_start:
             await self._store.migrate()
-        endpoint = self._token_endpoint or await stack.enter_async_context(self._http_endpoint())
+        endpoint: TokenEndpoint = (self._token_endpoint if self._token_endpoint is not None
+                                   else await stack.enter_async_context(self._http_endpoint()))
 
         audit_writer = AuditWriter(self.unit_of_work, metrics=self.metrics)
         stack.push_async_callback(audit_writer.stop)  # after the broker: what handlers buffered is written
@@ -291,7 +292,7 @@ class VaultService(Service):
             limits=httpx.Limits(max_connections=max(4, settings.refresh_concurrency * 2)),
         ) as http:
             yield HttpTokenEndpoint(
-                token_url=settings.oauth_token_url, client_id=settings.oauth_client_id,
+                token_url=settings.token_url, client_id=settings.oauth_client_id,
                 timeout_s=settings.refresh_timeout_s, client=http,
             )
 
@@ -299,7 +300,7 @@ class VaultService(Service):
     async def _stop_broker(broker: NatsBroker) -> None:
         try:
             await broker.stop()
-        except Exception:  # noqa: BLE001 - stopping goes on with the rest
+        except Exception:
             log.warning("broker did not stop cleanly", exc_info=True)
 
     async def _forget(self) -> None:

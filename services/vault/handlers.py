@@ -37,10 +37,10 @@ from shared import subjects
 from shared.broker import BrokerDeadLetters
 from shared.delivery import Backoff, Delivery, DeliveryPolicy
 from shared.events import (
-    ConnectionStatusReply,
-    ConnectionStatusRequest,
     AnyCredentialsReply,
     AnyCredentialsRequest,
+    ConnectionStatusReply,
+    ConnectionStatusRequest,
     CredentialsBatchReply,
     CredentialsBatchRequest,
     CredentialsReply,
@@ -185,6 +185,8 @@ def _durable(router: NatsRouter, settings: VaultSettings, config: ConsumerConfig
              *, batch: int | None = None) -> Any:
     """A pull consumer: FastStream fetches `batch` messages and hands them to this handler at
     once, each settled on its own by the delivery policy; the next fetch follows when all are."""
+    if config.filter_subject is None:  # every vault consumer reads one subject of the stream
+        raise ValueError(f"consumer {config.durable_name} names no subject")
     return router.subscriber(
         config.filter_subject,
         stream=bus.TOKENS,
@@ -290,8 +292,8 @@ def _refusal(message: Any, error: str) -> AnyCredentialsReply:
     except Exception:  # noqa: BLE001 - not JSON, not an object: answer version 1
         version = 1
     if version == 2:
-        return CredentialsBatchReply(request_id=_request_id_of(message), ok=False, error=error)  # type: ignore[arg-type]
-    return CredentialsReply(request_id=_request_id_of(message), ok=False, error=error)  # type: ignore[arg-type]
+        return CredentialsBatchReply(request_id=_request_id_of(message), ok=False, error=error)
+    return CredentialsReply(request_id=_request_id_of(message), ok=False, error=error)
 
 
 def build_credentials_router(vault: Vault, concurrency: int = 16) -> NatsRouter:
@@ -334,7 +336,7 @@ def build_credentials_router(vault: Vault, concurrency: int = 16) -> NatsRouter:
             vault.metrics.credential_request(error, time.perf_counter() - started)
             _log_refusal(exc, error, sandbox_id=request.sandbox_id, **ids)
             detail = exc.detail if error.startswith("grant_") else ""
-            return CredentialsReply(request_id=request.request_id, ok=False, error=error,  # type: ignore[arg-type]
+            return CredentialsReply(request_id=request.request_id, ok=False, error=error,
                                     detail=detail[:200])
         vault.metrics.credential_request("ok", time.perf_counter() - started)
         log.debug("credentials granted", mode=request.mode, **ids)
@@ -349,7 +351,7 @@ def build_credentials_router(vault: Vault, concurrency: int = 16) -> NatsRouter:
             for _ in request.items:
                 vault.metrics.credential_request(error)
             _log_refusal(exc, error, request_id=request.request_id, items=len(request.items))
-            return CredentialsBatchReply(request_id=request.request_id, ok=False, error=error)  # type: ignore[arg-type]
+            return CredentialsBatchReply(request_id=request.request_id, ok=False, error=error)
         elapsed = time.perf_counter() - started
         for result in reply.items:
             vault.metrics.credential_request(result.error or "ok", elapsed)

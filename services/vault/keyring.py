@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import Protocol, runtime_checkable
+from typing import NoReturn, Protocol, runtime_checkable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -230,7 +230,7 @@ class Keyring:
 
     __str__ = __repr__
 
-    def __reduce__(self) -> object:  # no pickling of key material by accident
+    def __reduce__(self) -> NoReturn:  # no pickling of key material by accident
         raise TypeError("Keyring cannot be pickled")
 
     # --- crypto ---------------------------------------------------------------
@@ -428,7 +428,7 @@ class LiveKeyring:
 
     __str__ = __repr__
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> NoReturn:
         raise TypeError("LiveKeyring cannot be pickled")
 
     # --- following the source -------------------------------------------------

@@ -179,12 +179,19 @@ class SandboxLeases(Protocol):
 class UnitOfWork(Protocol):
     """One transaction. Leaving the block without `commit()` rolls back."""
 
-    connections: ConnectionRepository
-    secrets: SecretRepository
-    processed_events: ProcessedEvents
-    revocations: Revocations
-    audit: AuditLog
-    sandbox_leases: SandboxLeases
+    # Read-only to the use cases (properties, so an adapter's own repository types satisfy them).
+    @property
+    def connections(self) -> ConnectionRepository: ...
+    @property
+    def secrets(self) -> SecretRepository: ...
+    @property
+    def processed_events(self) -> ProcessedEvents: ...
+    @property
+    def revocations(self) -> Revocations: ...
+    @property
+    def audit(self) -> AuditLog: ...
+    @property
+    def sandbox_leases(self) -> SandboxLeases: ...
 
     async def __aenter__(self) -> Self: ...
 

@@ -48,6 +48,7 @@ from services.vault.errors import (
 from services.vault.metrics import VaultMetrics
 from services.vault.ports import DueRefresh, EventPublisher, TokenEndpoint, TokenResponse, UnitOfWork
 from shared import subjects
+from shared.delivery import Breaker
 from shared.events import (
     Event,
     TokensLoginExpiring,
@@ -56,7 +57,6 @@ from shared.events import (
     derived_event_id,
     utcnow,
 )
-from shared.delivery import Breaker
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -209,7 +209,7 @@ class Refresher:
                 if response.refresh_token_expires_in is not None
                 else None
             ),
-            account=Account.from_dict(response.account),  # type: ignore[arg-type]
+            account=Account.from_dict(response.account),
         )
 
     async def _save(self, connection: Connection, due: DueRefresh, entry: AuditEntry) -> bool:

@@ -32,8 +32,7 @@ from services.vault.errors import InvalidKeyring, KeyringError
 from services.vault.keyring import FileKekSource, Keyring, LiveKeyring, kek_source, require_writable
 from services.vault.ports import RecordCipher, SecretRef, UnitOfWork
 from services.vault.settings import VaultSettings
-from shared import subjects
-from shared import nats_connect
+from shared import nats_connect, subjects
 from shared.broker import ensure_streams
 from shared.events import TokensRevoked
 from shared.logging import get_logger

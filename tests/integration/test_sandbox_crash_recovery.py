@@ -46,8 +46,8 @@ from shared.events import (
 from shared.sealing import load_or_create_keypair, read_public_key
 from tests import grants
 from tests.grants import sandbox_created
-from tests.vault_fixtures import credentials_request, issued_event, open_reply
 from tests.sandbox_fixtures import SCOPES, as_json, stored
+from tests.vault_fixtures import credentials_request, issued_event, open_reply
 
 EVENTS = 500
 USERS = 20

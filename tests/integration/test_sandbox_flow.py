@@ -6,9 +6,9 @@ injected home (`claude auth status --json`)."""
 from __future__ import annotations
 
 import asyncio
-import re
 import json
 import os
+import re
 import signal
 import sys
 import uuid

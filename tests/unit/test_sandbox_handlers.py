@@ -11,8 +11,8 @@ import pytest
 from services.sandbox import errors
 from services.sandbox.app import load_key
 from services.sandbox.handlers import salvage_failure
-from shared.delivery import Delivery, heartbeat
 from services.sandbox.settings import SandboxSettings
+from shared.delivery import Delivery, heartbeat
 from shared.events import FailureReason, derived_event_id
 from shared.sealing import KeyPair
 

@@ -11,13 +11,12 @@ from typing import Any
 
 import pytest
 
+from services.sandbox.adapters.live_registry import MemoryLiveRegistry
 from services.sandbox.adapters.vault_client import CredentialsFor, VaultCredentials
 from services.sandbox.errors import BackendError, NotConnected, ReconnectRequired, SandboxError, VaultUnavailable
-from services.sandbox.adapters.live_registry import MemoryLiveRegistry
 from services.sandbox.injector import CredentialInjector, Injected
-from shared.delivery import DeliveryPolicy
-from tests.delivery_harness import Done, Failed, Retry, policy, settle
 from shared import subjects
+from shared.delivery import DeliveryPolicy
 from shared.events import (
     CredentialMode,
     Event,
@@ -28,6 +27,7 @@ from shared.events import (
     TokenBundle,
     derived_event_id,
 )
+from tests.delivery_harness import Done, Failed, Retry, policy, settle
 
 ACCESS = "sk-ant-oat01-unit-access"
 REFRESH = "sk-ant-ort01-unit-refresh"

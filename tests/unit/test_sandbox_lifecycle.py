@@ -21,12 +21,9 @@ from services.sandbox.adapters.vault_client import CredentialsFor, VaultCredenti
 from services.sandbox.errors import BackendError, GrantInvalid, LiveRecordChanged, NotConnected, SandboxNotFound
 from services.sandbox.injector import CredentialInjector, Injected, InjectionOptions
 from services.sandbox.live import Done, LiveSandboxes
-from shared.delivery import DeliveryPolicy
-from tests.delivery_harness import Done as Acked
-from tests.delivery_harness import Failed, Letters, Retry, policy, settle
-
 from services.sandbox.writer import SandboxLocks
 from shared import subjects
+from shared.delivery import DeliveryPolicy
 from shared.events import (
     EVENT_MODELS,
     CredentialMode,
@@ -43,6 +40,8 @@ from shared.events import (
     TokensRevoked,
     derived_event_id,
 )
+from tests.delivery_harness import Done as Acked
+from tests.delivery_harness import Failed, Letters, Retry, policy, settle
 from tests.grants import grant_for
 
 EXPIRES = 1_900_000_000_000

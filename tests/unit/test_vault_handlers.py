@@ -29,10 +29,10 @@ from services.vault.settings import VaultSettings
 from services.vault.trust import TrustedRequesters
 from services.vault.use_cases import Vault
 from shared import subjects
-from shared.delivery import Breakers, Delivery
 from shared.broker import DLQ, REASON_HEADER, TOKENS, dead_letter_msg_id
+from shared.delivery import Breakers, Delivery
 from shared.events import ConnectionStatusReply, ConnectionStatusRequest, CredentialsReply, Sealed, TokensRevoked
-from shared.sealing import issued_binding, KeyPair, SealingError, b64d, b64e, seal
+from shared.sealing import KeyPair, SealingError, b64d, b64e, issued_binding, seal
 from tests.vault_fixtures import (
     FakeStore,
     canary,

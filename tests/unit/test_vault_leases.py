@@ -18,6 +18,7 @@ from services.vault.leases import Leases
 from services.vault.trust import TrustedRequesters, TrustStore
 from services.vault.use_cases import AuditWriter, Vault
 from shared import subjects
+from shared.delivery import Breakers
 from shared.events import (
     GrantEnded,
     GrantIssued,
@@ -25,7 +26,6 @@ from shared.events import (
     GrantsListRequest,
     TokensRevoked,
 )
-from shared.delivery import Breakers
 from shared.grants import GrantSigner
 from shared.sealing import KeyPair
 from tests.grants import SIGNER, grant_for, verifier

@@ -20,7 +20,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Protocol, cast
 
 import nats.errors
 import nats.js.errors
@@ -28,11 +28,11 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from services.sandbox.domain import LiveSandbox
+from services.sandbox.errors import LiveRecordChanged, LiveRegistryError
 from shared.batching import Coalescer
 from shared.logging import get_logger
 from shared.subjects import LIVE_SANDBOXES_BUCKET
-from services.sandbox.domain import LiveSandbox
-from services.sandbox.errors import LiveRecordChanged, LiveRegistryError
 
 log = get_logger("ccbridge.sandbox.live")
 
@@ -327,7 +327,8 @@ class KvLiveRegistry:
             now = datetime.now(UTC)
             dropped = 0
             for entry in markers:
-                if older_than > 0 and entry.created is not None and (now - entry.created).total_seconds() < older_than:
+                created = cast(datetime | None, entry.created)  # nats-py annotates int, sets a datetime
+                if older_than > 0 and created is not None and (now - created).total_seconds() < older_than:
                     continue
                 # the KV layout (ADR-8): bucket B is stream KV_B, key K subject $KV.B.K
                 await js.purge_stream(f"KV_{entry.bucket}", subject=f"$KV.{entry.bucket}.{entry.key}")

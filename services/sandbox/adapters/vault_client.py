@@ -16,7 +16,17 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from pydantic import ValidationError
 
+from services.sandbox.errors import (
+    GrantInvalid,
+    GrantRequired,
+    NotConnected,
+    ReconnectRequired,
+    SandboxError,
+    VaultError,
+    VaultUnavailable,
+)
 from shared import subjects
+from shared.batching import Coalescer
 from shared.events import (
     MAX_BATCH_ITEMS,
     CredentialMode,
@@ -28,17 +38,7 @@ from shared.events import (
     ReleasedItems,
     TokenBundle,
 )
-from shared.batching import Coalescer
 from shared.sealing import KeyPair, SealingError, open_sealed
-from services.sandbox.errors import (
-    GrantInvalid,
-    GrantRequired,
-    NotConnected,
-    ReconnectRequired,
-    SandboxError,
-    VaultError,
-    VaultUnavailable,
-)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ def _token_response(body: Any) -> TokenResponse:
         log.warning("refresh response not understood", fields=str(fields)[:200])
         raise RefreshTransient("the token endpoint answered 200 without a token response",
                                outcome="bad_response") from None
-    account = None
+    account: dict[str, object] | None = None
     if parsed.account or parsed.organization:
         account = {
             "account_uuid": parsed.account.uuid if parsed.account else None,

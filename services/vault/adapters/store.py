@@ -21,12 +21,15 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
 from sqlalchemy import (
     Connection as SyncConnection,
 )
 from sqlalchemy import (
+    CursorResult,
+    Result,
+    Table,
     bindparam,
     create_engine,
     delete,
@@ -48,9 +51,9 @@ from services.vault.adapters.models import (
     AuditRow,
     Base,
     ConnectionRow,
-    SandboxLeaseRow,
     ProcessedEventRow,
     RevocationRow,
+    SandboxLeaseRow,
     SealedSecretRow,
     metadata,
     utcnow,
@@ -160,8 +163,9 @@ def _record(secret: SealedSecretRow) -> EncryptedRecord:
     )
 
 
-_CONNECTIONS = ConnectionRow.__table__
-_SECRETS = SealedSecretRow.__table__
+# Core statements over the mapped tables (a mapped class's __table__ is typed as a plain FromClause).
+_CONNECTIONS = cast(Table, ConnectionRow.__table__)
+_SECRETS = cast(Table, SealedSecretRow.__table__)
 _READ_CONNECTIONS = (
     select(
         _CONNECTIONS,
@@ -302,7 +306,7 @@ class SqlConnectionRepository:
             connection_rows.append(values)
             secret_rows.append(secret)
         result = await self._session.execute(_UPDATE_CONNECTION, connection_rows)
-        if self._dialect == "sqlite" and result.rowcount != len(changes):  # asyncpg cannot count executemany
+        if self._dialect == "sqlite" and _affected(result) != len(changes):  # asyncpg cannot count executemany
             raise ConcurrencyConflict("a connection changed concurrently")
         await self._session.execute(_upsert_secret(self._dialect), secret_rows)
         for connection, _ in changes:
@@ -325,13 +329,13 @@ class SqlConnectionRepository:
         result = await self._session.execute(
             update(ConnectionRow).where(*conditions).values(**values, lease_owner=None, lease_until=None)
         )
-        if result.rowcount != 1:
+        if _affected(result) != 1:
             raise ConcurrencyConflict(f"connection of {connection.user_id} changed concurrently")
         secret.pop("user_id")
         result = await self._session.execute(
             update(SealedSecretRow).where(SealedSecretRow.user_id == connection.user_id).values(**secret)
         )
-        if result.rowcount != 1:  # a row that lost its secret (should not happen): give it one
+        if _affected(result) != 1:  # a row that lost its secret (should not happen): give it one
             await self._session.execute(insert(SealedSecretRow).values(user_id=connection.user_id, **secret))
         self._loaded_versions[connection.user_id] = connection.version
 
@@ -371,7 +375,7 @@ class SqlConnectionRepository:
             )
             .values(lease_owner=owner, lease_until=until_ms)
         )
-        return result.rowcount == 1
+        return _affected(result) == 1
 
     async def release_lease(self, user_id: str, owner: str) -> None:
         await self._session.execute(
@@ -428,7 +432,7 @@ class SqlConnectionRepository:
             )
             .values(login_warned_for=refresh_token_expires_at)
         )
-        return result.rowcount == 1
+        return _affected(result) == 1
 
     async def unmark_login_warned(self, user_id: str, refresh_token_expires_at: int) -> None:
         await self._session.execute(
@@ -538,7 +542,7 @@ class SqlSecretRepository:
             )
             .values(kek_id=rewrapped.kek_id, wrapped_data_key=rewrapped.wrapped_data_key, updated_at=utcnow())
         )
-        return result.rowcount == 1
+        return _affected(result) == 1
 
     async def count_by_kek(self) -> dict[str, int]:
         rows = await self._session.execute(
@@ -548,13 +552,19 @@ class SqlSecretRepository:
 
 
 def _dialect_insert(dialect: str) -> Any:
+    """The dialect's INSERT (both have ON CONFLICT DO NOTHING / DO UPDATE)."""
     if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    else:  # pragma: no cover - only the two supported databases
-        raise NotImplementedError(f"unsupported database dialect {dialect!r}")
-    return dialect_insert
+        from sqlalchemy.dialects import postgresql
+        return postgresql.insert
+    if dialect == "sqlite":
+        from sqlalchemy.dialects import sqlite
+        return sqlite.insert
+    raise NotImplementedError(f"unsupported database dialect {dialect!r}")  # pragma: no cover - two supported
+
+
+def _affected(result: Result[Any]) -> int:
+    """Rows an INSERT/UPDATE/DELETE touched (its result is a CursorResult at runtime)."""
+    return int(cast(CursorResult[Any], result).rowcount or 0)
 
 
 class SqlProcessedEvents:
@@ -590,7 +600,7 @@ class SqlProcessedEvents:
         result = await self._session.execute(
             delete(ProcessedEventRow).where(ProcessedEventRow.event_id.in_(doomed.scalar_subquery()))
         )
-        return int(result.rowcount or 0)
+        return _affected(result)
 
 
 class SqlRevocations:
@@ -623,7 +633,7 @@ class SqlRevocations:
 
     async def delete_older_than(self, cutoff: datetime) -> int:
         result = await self._session.execute(delete(RevocationRow).where(RevocationRow.revoked_at < cutoff))
-        return int(result.rowcount or 0)
+        return _affected(result)
 
 
 class SqlAuditLog:
@@ -676,10 +686,10 @@ class SqlAuditLog:
 
     async def delete_older_than(self, cutoff: datetime) -> int:
         result = await self._session.execute(delete(AuditRow).where(AuditRow.at < cutoff))
-        return int(result.rowcount or 0)
+        return _affected(result)
 
 
-_SANDBOX_LEASES = SandboxLeaseRow.__table__
+_SANDBOX_LEASES = cast(Table, SandboxLeaseRow.__table__)
 _LEASE_FIELDS = ("user_id", "sandbox_id", "jti", "mode", "issued_at", "expires_at", "ended_at", "end_reason",
                  "announced", "last_released_at")
 _READ_SANDBOX_LEASES = select(_SANDBOX_LEASES).where(
@@ -766,7 +776,7 @@ class SqlSandboxLeases:
         result = await self._session.execute(
             delete(SandboxLeaseRow).where(SandboxLeaseRow.ended_at < cutoff_ms, SandboxLeaseRow.announced.is_(True))
         )
-        return int(result.rowcount or 0)
+        return _affected(result)
 
 
 # --- unit of work ----------------------------------------------------------------

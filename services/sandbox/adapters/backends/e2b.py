@@ -101,9 +101,9 @@ from e2b import (
 from e2b.sandbox.filesystem.filesystem import WriteEntry
 from pydantic import SecretStr
 
-from shared.logging import get_logger
 from services.sandbox.adapters.backends.base import SandboxTarget
 from services.sandbox.errors import BackendError, BackendUnavailable, SandboxError, SandboxNotFound
+from shared.logging import get_logger
 
 log = get_logger("ccbridge.sandbox.e2b")
 
@@ -527,14 +527,14 @@ class E2BSandbox:
                 seen_files[int(words[2])] = (words[3:], after[0].lstrip("\\") if after else "")
         problems: list[str] = []
         for index, (directory, mode) in enumerate(dirs):
-            facts = seen_dirs.get(index)
-            if facts is None or facts[:2] != [format(mode, "o"), self._user] or facts[2:] != ["directory"]:
-                problems.append(f"{directory}: {' '.join(facts or ['missing'])} (want {mode:o} {self._user} directory)")
+            seen = seen_dirs.get(index)
+            if seen is None or seen[:2] != [format(mode, "o"), self._user] or seen[2:] != ["directory"]:
+                problems.append(f"{directory}: {' '.join(seen or ['missing'])} (want {mode:o} {self._user} directory)")
         for index, (target, data, mode) in enumerate(files):
-            facts, digest = seen_files.get(index, ([], ""))
+            stat, digest = seen_files.get(index, ([], ""))
             want = [format(mode, "o"), self._user, str(len(data))]
-            if facts[:3] != want or facts[3:4] != ["regular"] or digest != hashlib.sha256(data).hexdigest():
-                problems.append(f"{target}: {' '.join(facts[:3]) or 'missing'} (want {' '.join(want)}, and its sha256)")
+            if stat[:3] != want or stat[3:4] != ["regular"] or digest != hashlib.sha256(data).hexdigest():
+                problems.append(f"{target}: {' '.join(stat[:3]) or 'missing'} (want {' '.join(want)}, and its sha256)")
         if problems:
             final = _permission_denied(result.err)
             detail = "; ".join(problems)[:400]

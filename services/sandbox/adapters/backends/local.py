@@ -37,11 +37,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapp
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path, PurePosixPath
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
-from shared.batching import Coalescer
 from services.sandbox.adapters.backends.base import SandboxTarget
 from services.sandbox.errors import BackendError, PathOutsideSandbox, SandboxNotFound
+from shared.batching import Coalescer
 
 HOME_MODE = 0o700
 MAX_READ = 1 << 20
@@ -454,6 +454,12 @@ class _Walk:
         return None if parent is None else _read_at(parent, parts[-1], parts)
 
 
+class IoRunner(Protocol):
+    """Runs blocking file work off the event loop (LocalBackend.io: one I/O thread, batched)."""
+
+    def __call__(self, fn: Callable[[], T], /) -> Awaitable[T]: ...
+
+
 class LocalSandbox:
     """One local sandbox home. Blocking file I/O runs in a worker thread.
 
@@ -461,7 +467,7 @@ class LocalSandbox:
     creates the home when it is missing, instead of costing a thread hop of its own."""
 
     def __init__(self, home_dir: Path | str, *, durable: bool = True, create: bool = False,
-                 executor: Executor | None = None, io: Callable[[Callable[[], T]], Awaitable[T]] | None = None,
+                 executor: Executor | None = None, io: IoRunner | None = None,
                  _root_is_real: bool = False) -> None:
         parent, name = os.path.split(os.path.abspath(home_dir))
         if name in {"", ".", ".."}:
