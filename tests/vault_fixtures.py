@@ -430,12 +430,8 @@ class _FakeConnections:
         return self._uow.staged_warned.get(c.user_id, c.login_warned_for)
 
     async def due_login_warnings(self, now_ms: int, warn_before_ms: int, limit: int) -> list[ConnectionSummary]:
-        due = [
-            c for c in self._uow.store.connections.values()
-            if c.refresh_token_expires_at is not None and c.state != "reconnect_required"
-            and c.refresh_token_expires_at - warn_before_ms <= now_ms
-            and self._warned_for(c) != c.refresh_token_expires_at
-        ]
+        due = [c for c in self._uow.store.connections.values()
+               if replace(c, login_warned_for=self._warned_for(c)).login_warning_due(now_ms, warn_before_ms)]
         return [_summary_of(c) for c in sorted(due, key=lambda c: c.refresh_token_expires_at or 0)[:limit]]
 
     async def mark_login_warned(self, user_id: str, refresh_token_expires_at: int) -> bool:
@@ -634,6 +630,9 @@ class FakeUnitOfWork:
             for owned in (store.connections, store.leases, store.undecryptable, store.kek_ids, store.refreshable):
                 owned.pop(user_id, None)
         for user_id, connection in self.staged_connections.items():
+            previous = store.connections.get(user_id)
+            if previous is not None:  # the warning mark is mark_login_warned's alone (as in SqlStore)
+                connection = replace(connection, login_warned_for=previous.login_warned_for)
             store.connections[user_id] = connection
             store.undecryptable.pop(user_id, None)
         for user_id, kek_id in self.staged_kek_ids.items():

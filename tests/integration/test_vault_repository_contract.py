@@ -487,6 +487,26 @@ async def test_an_unmarked_login_warning_is_due_again(backend: Backend) -> None:
         assert await uow.connections.mark_login_warned(c.user_id, expiry)
 
 
+async def test_a_warning_sent_meanwhile_survives_a_save_from_an_earlier_read(backend: Backend) -> None:
+    expiry = NOW_MS + HOUR_MS
+    c = connection(expires_at=NOW_MS, refresh_token_expires_at=expiry)
+    await added(backend, c)
+    assert await claim(backend, c.user_id, 1, "replica-a")
+    current = await stored(backend, c.user_id)  # the refresher's read, before the warning
+    assert current is not None
+    async with backend.store.unit_of_work(backend.cipher) as uow:
+        assert await uow.connections.mark_login_warned(c.user_id, expiry)
+        await uow.commit()
+    current.refresh_failed("upstream_error", retry_at_ms=NOW_MS + HOUR_MS, now=NOW)
+    async with backend.store.unit_of_work(backend.cipher) as uow:
+        await uow.connections.update(current, expected_version=1, lease_owner="replica-a")
+        await uow.commit()
+    async with backend.store.unit_of_work(backend.cipher) as uow:
+        assert await uow.connections.due_login_warnings(NOW_MS, HOUR_MS, 10) == []  # warned once, not twice
+    found = await stored(backend, c.user_id)
+    assert found is not None and (found.version, found.login_warned_for) == (2, expiry)
+
+
 # --- processed events, revocations, audit -------------------------------------------------------
 async def test_an_event_is_processed_once(backend: Backend) -> None:
     event_id = uuid.uuid4().hex

@@ -186,7 +186,7 @@ _UPDATE_CONNECTION = (
     .values({name: bindparam(name) for name in (
         "kind", "state", "scopes", "expires_at", "refresh_token_expires_at", "account", "version", "issued_at",
         "refreshable", "refresh_failures", "next_refresh_at", "last_refresh_error", "refreshed_at",
-        "login_warned_for", "updated_at")} | {"lease_owner": None, "lease_until": None})
+        "updated_at")} | {"lease_owner": None, "lease_until": None})
 )
 _SECRET_FIELDS = ("version", "kek_id", "wrapped_data_key", "nonce", "ciphertext", "updated_at")
 
@@ -301,6 +301,7 @@ class SqlConnectionRepository:
                 raise ValueError("update_many() needs changed connections (version must grow)")
             values, secret = self._to_values(connection)
             values.pop("created_at")
+            values.pop("login_warned_for")  # mark_login_warned's alone (see update)
             values["b_user_id"] = values.pop("user_id")
             values["b_expected"] = expected
             connection_rows.append(values)
@@ -323,6 +324,9 @@ class SqlConnectionRepository:
         values, secret = self._to_values(connection)
         values.pop("user_id")
         values.pop("created_at")
+        # The warning mark is not versioned: a save from an earlier read (the refresher's) must
+        # not undo a warning sent meanwhile. Only mark/unmark_login_warned write it.
+        values.pop("login_warned_for")
         conditions = [ConnectionRow.user_id == connection.user_id, ConnectionRow.version == loaded]
         if lease_owner is not None:
             conditions.append(ConnectionRow.lease_owner == lease_owner)
