@@ -1,8 +1,8 @@
 """Composition root of the auth service: the only place that wires adapters.
 
-    create_app(settings, *, broker, ...)  -> FastAPI (its lifespan starts/stops the runtime)
+    create_app(settings, *, broker, parts)  -> FastAPI (its lifespan starts/stops the runtime)
     build_api(metrics, components=None)   -> FastAPI with routes and error handlers only (unit tests)
-    AuthService(settings, **adapters)     -> start()/stop(), base_url; the app under uvicorn
+    AuthService(settings, *, parts)       -> the app under uvicorn (shared.lifecycle), base_url
     serve(settings), main()               -> `python -m services.auth`
 """
 
@@ -16,6 +16,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import uvicorn
@@ -171,31 +172,35 @@ def state_secret(settings: AuthSettings, dev_secret: Callable[[], str]) -> str:
     return dev_secret()
 
 
+@dataclass(frozen=True)
+class AuthParts:
+    """Adapters given instead of the ones built from the settings at start (tests, embedding);
+    each None is built: the OAuth client over HTTP, the pending-login store in NATS KV, the
+    vault over the bus, the grant key from AUTH_GRANT_PRIVATE_KEY or its file."""
+
+    oauth_client: OAuthClient | None = None
+    pending_store: PendingStore | None = None
+    clock: Clock = utc_now
+    vault_keys: VaultKeys | None = None
+    vault_status: VaultStatus | None = None
+    vault_grants: VaultGrants | None = None
+    grant_signer: GrantSigner | None = None
+
+
 class AuthRuntime:
     """Everything with a lifecycle behind the app: broker, pending-login store, OAuth client."""
 
-    def __init__(
-        self,
-        settings: AuthSettings,
-        *,
-        broker: NatsBroker,
-        oauth_client: OAuthClient | None = None,
-        pending_store: PendingStore | None = None,
-        clock: Clock | None = None,
-        vault_keys: VaultKeys | None = None,
-        vault_status: VaultStatus | None = None,
-        vault_grants: VaultGrants | None = None,
-        grant_signer: GrantSigner | None = None,
-    ) -> None:
+    def __init__(self, settings: AuthSettings, *, broker: NatsBroker, parts: AuthParts | None = None) -> None:
         self.settings = settings
         self.broker = broker
-        self._oauth_client = oauth_client
-        self._pending_store = pending_store
-        self._clock = clock or utc_now
-        self._vault_keys = vault_keys
-        self._vault_status = vault_status
-        self._vault_grants = vault_grants
-        self._grant_signer = grant_signer
+        parts = parts or AuthParts()
+        self._oauth_client = parts.oauth_client
+        self._pending_store = parts.pending_store
+        self._clock = parts.clock
+        self._vault_keys = parts.vault_keys
+        self._vault_status = parts.vault_status
+        self._vault_grants = parts.vault_grants
+        self._grant_signer = parts.grant_signer
         self._owned_oauth: OAuthClient | None = None
         self._broker_started = False
 
@@ -348,22 +353,8 @@ def _without_credentials(url: str) -> str:
     return f"{head.split('//')[0]}//***@{tail}" if sep else url
 
 
-def create_app(
-    settings: AuthSettings,
-    *,
-    broker: NatsBroker,
-    oauth_client: OAuthClient | None = None,
-    pending_store: PendingStore | None = None,
-    clock: Clock | None = None,
-    vault_keys: VaultKeys | None = None,
-    vault_status: VaultStatus | None = None,
-    vault_grants: VaultGrants | None = None,
-    grant_signer: GrantSigner | None = None,
-) -> FastAPI:
-    runtime = AuthRuntime(
-        settings, broker=broker, oauth_client=oauth_client, pending_store=pending_store, clock=clock,
-        vault_keys=vault_keys, vault_status=vault_status, vault_grants=vault_grants, grant_signer=grant_signer,
-    )
+def create_app(settings: AuthSettings, *, broker: NatsBroker, parts: AuthParts | None = None) -> FastAPI:
+    runtime = AuthRuntime(settings, broker=broker, parts=parts)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -407,25 +398,11 @@ class AuthService(Service):
 
     name = "auth"
 
-    def __init__(
-        self,
-        settings: AuthSettings,
-        *,
-        oauth_client: OAuthClient | None = None,
-        pending_store: PendingStore | None = None,
-        clock: Clock | None = None,
-        vault_keys: VaultKeys | None = None,
-        vault_status: VaultStatus | None = None,
-        vault_grants: VaultGrants | None = None,
-        grant_signer: GrantSigner | None = None,
-    ) -> None:
+    def __init__(self, settings: AuthSettings, *, parts: AuthParts | None = None) -> None:
         super().__init__()
         self.settings = settings
         self.broker = build_broker(settings)
-        self.app = create_app(
-            settings, broker=self.broker, oauth_client=oauth_client, pending_store=pending_store, clock=clock,
-            vault_keys=vault_keys, vault_status=vault_status, vault_grants=vault_grants, grant_signer=grant_signer,
-        )
+        self.app = create_app(settings, broker=self.broker, parts=parts)
         self._runtime: AuthRuntime = self.app.state.runtime
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None

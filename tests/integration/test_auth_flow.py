@@ -22,7 +22,7 @@ from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from ccbridge.embedded_nats import EmbeddedNats
-from services.auth.app import AuthService, CannotListen
+from services.auth.app import AuthParts, AuthService, CannotListen
 from services.auth.callers import mint_caller_token
 from shared import subjects
 from shared.broker import settle
@@ -195,7 +195,8 @@ async def test_expired_login_is_400(
     nats_url: str, tmp_path: Path, standin: OAuthStandin, vault_key: KeyPair, http: httpx.AsyncClient
 ) -> None:
     now = [datetime.now(UTC)]
-    async with AuthService(settings_for(nats_url, tmp_path, standin, vault_key), clock=lambda: now[0]) as service:
+    settings = settings_for(nats_url, tmp_path, standin, vault_key)
+    async with AuthService(settings, parts=AuthParts(clock=lambda: now[0])) as service:
         user = new_user()
         pasted = await begin(http, service.base_url, user)
         now[0] += timedelta(minutes=11)
