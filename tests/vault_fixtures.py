@@ -206,6 +206,7 @@ def open_reply(reply: CredentialsReply, requester: KeyPair, *, user_id: str, san
 def make_vault(store: Any, *, keypair: KeyPair, trusted: Any, keyring: Any = None, publisher: Any = None,
                grants_required: bool = True, **kwargs: Any) -> Any:
     """A `Vault` on `store` (FakeStore or SqlStore) whose leases trust the test grant authority."""
+    from services.vault.adapters.audit_writer import AuditWriter
     from services.vault.leases import Leases
     from services.vault.trust import TrustStore
     from services.vault.use_cases import Vault
@@ -213,6 +214,8 @@ def make_vault(store: Any, *, keypair: KeyPair, trusted: Any, keyring: Any = Non
 
     def unit_of_work() -> Any:
         return store.unit_of_work(keyring)
+
+    kwargs.setdefault("audit", AuditWriter(unit_of_work))  # never started: a test flushes it when it looks
 
     return Vault(
         unit_of_work=unit_of_work,
@@ -253,8 +256,6 @@ class FakeStore:
 
     async def migrate(self) -> None:
         self.migrated = True
-
-    create_all = migrate
 
     def unit_of_work(self, keyring: object = None) -> FakeUnitOfWork:
         return FakeUnitOfWork(self, keyring)

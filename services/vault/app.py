@@ -20,6 +20,7 @@ import httpx
 from faststream.nats import NatsBroker
 from nats.js.errors import BadRequestError
 
+from services.vault.adapters.audit_writer import AuditWriter
 from services.vault.adapters.bus import BrokerPublisher
 from services.vault.adapters.oauth import USER_AGENT, HttpTokenEndpoint
 from services.vault.adapters.store import SqlStore
@@ -35,11 +36,11 @@ from services.vault.handlers import (
 from services.vault.keyring import Keyring, LiveKeyring, kek_source
 from services.vault.leases import Leases
 from services.vault.metrics import VaultMetrics
-from services.vault.ports import EventPublisher, RecordCipher, Store, TokenEndpoint, UnitOfWork
+from services.vault.ports import AuditSink, EventPublisher, RecordCipher, Store, TokenEndpoint, UnitOfWork
 from services.vault.refresher import Refresher, RefreshPolicy
 from services.vault.settings import VaultSettings
 from services.vault.trust import GrantKeys, TrustedRequesters, TrustStore
-from services.vault.use_cases import AuditWriter, Vault
+from services.vault.use_cases import Vault
 from shared import subjects
 from shared.broker import document_publishers, make_broker, provision, settle
 from shared.delivery import Breakers
@@ -80,7 +81,8 @@ def documentation_broker(settings: VaultSettings) -> NatsBroker:
     service = VaultService(settings, store=SqlStore.from_url("sqlite+aiosqlite://"), keyring=Keyring.generate(),
                            keypair=KeyPair.generate())
     nobody = TrustStore.fixed(TrustedRequesters(frozenset()))
-    _, broker, _ = service.compose(nobody, GrantKeys(None, None), None, None)
+    never_started = AuditWriter(service.unit_of_work)
+    _, broker, _ = service.compose(nobody, GrantKeys(None, None), None, never_started)
     return broker
 
 
@@ -253,7 +255,7 @@ class VaultService(Service):
         stack.callback(log.info, "vault stopped", instance=self.instance)
 
     def compose(self, trusted: TrustStore, grant_keys: GrantKeys, endpoint: TokenEndpoint | None,
-                audit_writer: AuditWriter | None) -> tuple[Vault, NatsBroker, EventPublisher]:
+                audit: AuditSink) -> tuple[Vault, NatsBroker, EventPublisher]:
         """Build the use cases and the subscribers on the store, keys and endpoint in hand,
         without connecting anything (cosmicpython's bootstrap): `open` then connects them."""
         settings = self.settings
@@ -272,7 +274,7 @@ class VaultService(Service):
             trusted=trusted,
             actor=f"vault:{self.instance}",
             metrics=self.metrics,
-            audit_writer=audit_writer if settings.audit_grants else None,
+            audit=audit,
             request_timeout_s=settings.request_timeout_s,
             audit_grants=settings.audit_grants,
             token_endpoint=endpoint,

@@ -204,6 +204,16 @@ class UnitOfWork(Protocol):
     async def rollback(self) -> None: ...
 
 
+class AuditSink(Protocol):
+    """Where the use cases hand high-volume audit facts (credential grants and refusals, when
+    credentials last left for a sandbox): written off the request path, best effort."""
+
+    def submit(self, entry: AuditEntry, at: datetime | None = None) -> None: ...
+
+    def submit_release(self, user_id: str, sandbox_id: str, at_ms: int) -> None:
+        """When credentials last left for a sandbox (shown by GET /v1/claude-code/grants)."""
+
+
 class Store(Protocol):
     """The database as the composition root sees it."""
 

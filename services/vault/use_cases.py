@@ -15,7 +15,6 @@ tokens.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from services.vault.errors import (
 )
 from services.vault.leases import Leases
 from services.vault.metrics import VaultMetrics
-from services.vault.ports import TokenEndpoint, UnitOfWork
+from services.vault.ports import AuditSink, TokenEndpoint, UnitOfWork
 from services.vault.trust import TrustStore
 from shared import subjects
 from shared.batching import Coalescer
@@ -107,101 +106,6 @@ class RevokeOutcome:
     version: int | None = None
 
 
-class AuditWriter:
-    """Buffers high-volume audit entries (credential grants and refusals) and writes them in
-    batches, off the request path. Best effort: entries are dropped (and counted) if the
-    buffer is full or the database stays down; state changes are audited in their own
-    transaction instead, never through here."""
-
-    def __init__(
-        self,
-        unit_of_work: Callable[[], UnitOfWork],
-        *,
-        max_buffer: int = 10_000,
-        batch: int = 500,
-        interval_s: float = 0.5,
-        metrics: VaultMetrics | None = None,
-    ) -> None:
-        self._uow = unit_of_work
-        self._buffer: list[tuple[AuditEntry, datetime]] = []
-        self._releases: dict[tuple[str, str], int] = {}
-        self._max_buffer = max_buffer
-        self._batch = batch
-        self._interval = interval_s
-        self._metrics = metrics
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self.dropped = 0
-        self.written = 0
-
-    def submit(self, entry: AuditEntry, at: datetime | None = None) -> None:
-        if len(self._buffer) >= self._max_buffer:
-            self.dropped += 1
-            return
-        self._buffer.append((entry, at or utcnow()))
-        if len(self._buffer) >= self._batch:
-            self._wakeup.set()
-
-    def submit_release(self, user_id: str, sandbox_id: str, at_ms: int) -> None:
-        """When credentials last left for a sandbox (shown by GET /v1/claude-code/grants)."""
-        key = (user_id, sandbox_id)
-        if key in self._releases or len(self._releases) < self._max_buffer:
-            self._releases[key] = max(at_ms, self._releases.get(key, 0))
-
-    async def flush(self) -> int:
-        written = 0
-        if self._releases:
-            releases, self._releases = self._releases, {}
-            try:
-                async with self._uow() as uow:
-                    await uow.sandbox_leases.record_releases([(u, s, at) for (u, s), at in releases.items()])
-                    await uow.commit()
-            except Exception:
-                for key, at in releases.items():  # keep them for the next attempt
-                    self._releases[key] = max(at, self._releases.get(key, 0))
-                raise
-        while self._buffer:
-            chunk, self._buffer = self._buffer[: self._batch], self._buffer[self._batch :]
-            try:
-                async with self._uow() as uow:
-                    await uow.audit.add_many(chunk)
-                    await uow.commit()
-            except Exception:
-                self._buffer = chunk + self._buffer  # keep them for the next attempt
-                raise
-            written += len(chunk)
-        self.written += written
-        return written
-
-    async def _run(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=self._interval)
-            self._wakeup.clear()
-            try:
-                await self.flush()
-            except Exception as exc:  # noqa: BLE001 - retried on the next tick
-                log.warning("audit entries not written yet", error=type(exc).__name__, pending=len(self._buffer))
-                if len(self._buffer) > self._max_buffer:
-                    self.dropped += len(self._buffer) - self._max_buffer
-                    self._buffer = self._buffer[-self._max_buffer :]
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="vault-audit-writer")
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        try:
-            await self.flush()
-        except Exception as exc:  # noqa: BLE001
-            log.warning("audit entries lost at stop", error=type(exc).__name__, pending=len(self._buffer))
-
-
 class Vault:
     """Holds the key material (loaded once, at start) and runs the use cases."""
 
@@ -214,7 +118,7 @@ class Vault:
         clock: Callable[[], datetime] = utcnow,
         actor: str = "vault",
         metrics: VaultMetrics | None = None,
-        audit_writer: AuditWriter | None = None,
+        audit: AuditSink,
         request_timeout_s: float | None = None,
         audit_grants: bool = True,
         read_for_release: ReadForRelease,
@@ -239,7 +143,7 @@ class Vault:
         self._clock = clock
         self.actor = actor
         self.metrics = metrics or VaultMetrics()
-        self.audit_writer = audit_writer
+        self.audit_sink = audit
         self._request_timeout = request_timeout_s
         self._audit_grants = audit_grants
         self._failure_audited: dict[tuple[str, str], float] = {}
@@ -265,8 +169,7 @@ class Vault:
             log.error("audit entry not written", action=entry.action, user_id=entry.user_id, error=type(exc).__name__)
 
     def _buffered(self, entry: AuditEntry) -> None:
-        if self.audit_writer is not None:
-            self.audit_writer.submit(entry, self._clock())
+        self.audit_sink.submit(entry, self._clock())
 
     async def record_keyring_failure(
         self, user_id: str, exc: KeyringError, *, action: str, kek_id: str | None = None, version: int | None = None
@@ -679,8 +582,8 @@ class Vault:
                                       user_id=item.user_id, version=connection.version,
                                       detail={"mode": item.mode, "request_id": item.request_id,
                                               "sandbox_id": item.sandbox_id}))
-        if granted and item.sandbox_id is not None and self.audit_writer is not None:
-            self.audit_writer.submit_release(item.user_id, item.sandbox_id, self.leases.now_ms())
+        if granted and item.sandbox_id is not None:
+            self.audit_sink.submit_release(item.user_id, item.sandbox_id, self.leases.now_ms())
 
 
 def _item_of(request: CredentialsRequest) -> CredentialsItem:
@@ -722,4 +625,4 @@ def reply_error(exc: VaultError) -> str:
     return "internal"
 
 
-__all__ = ["AuditWriter", "ItemOutcome", "ReadForRelease", "RevokeOutcome", "StoreOutcome", "Vault", "reply_error"]
+__all__ = ["ItemOutcome", "ReadForRelease", "RevokeOutcome", "StoreOutcome", "Vault", "reply_error"]

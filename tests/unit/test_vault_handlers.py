@@ -458,10 +458,10 @@ async def test_a_slow_store_answers_unavailable_within_the_budget(
 
 
 async def test_grants_and_refusals_are_audited_and_counted(harness: Harness, acks: Acks) -> None:
-    from services.vault.use_cases import AuditWriter
+    from services.vault.adapters.audit_writer import AuditWriter
 
     writer = AuditWriter(harness.store.unit_of_work)
-    harness.vault.audit_writer = writer
+    harness.vault.audit_sink = writer
     user = new_user()
     await _connect(harness, user, canary(), canary("r"))
     request = credentials_request(harness.requester, user_id=user, mode="access_only")

@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 
+from services.vault.adapters.audit_writer import AuditWriter
 from services.vault.errors import GrantInvalid, GrantRequired, InvalidEvent, RefreshTransient, UnopenableBox
 from services.vault.leases import Leases
 from services.vault.trust import TrustedRequesters, TrustStore
-from services.vault.use_cases import AuditWriter, Vault
+from services.vault.use_cases import Vault
 from shared import subjects
 from shared.delivery import Breakers
 from shared.events import (
@@ -81,7 +82,7 @@ class World:
             clock=self.clock,
             token_endpoint=self.endpoint,
             revoke_backoff_s=0.0,
-            audit_writer=AuditWriter(uow),
+            audit=AuditWriter(uow),
         )
 
     @property
@@ -307,7 +308,8 @@ async def test_live_grants_are_listed_with_their_last_injection(world: World) ->
     for sbx, ttl in (("sbx-a", 600), ("sbx-b", 60)):
         assert (await world.ask(user, sbx, world.grant(user, sbx, ttl_s=ttl))).ok
     assert (await world.ask(other, "sbx-o", world.grant(other, "sbx-o"))).ok
-    await world.vault.audit_writer.flush()
+    assert isinstance(world.vault.audit_sink, AuditWriter)
+    await world.vault.audit_sink.flush()
     listed = (await world.leases.list_live(GrantsListRequest(user_id=user))).grants
     assert [(g.sandbox_id, g.mode, g.last_injected_at) for g in listed] == [
         ("sbx-b", "access_only", world.clock.s * 1000), ("sbx-a", "access_only", world.clock.s * 1000)]
