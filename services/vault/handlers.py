@@ -92,12 +92,6 @@ def durable_configs(settings: VaultSettings) -> tuple[ConsumerConfig, ...]:
             grants_issued_consumer_config(settings), grants_revoked_consumer_config(settings))
 
 
-def _message_id(message: Any) -> str | None:
-    headers = getattr(message, "headers", None) or {}
-    value = headers.get(subjects.MSG_ID_HEADER)
-    return value if isinstance(value, str) and value else None
-
-
 def _body(message: Any) -> bytes:
     body = getattr(message, "body", None)
     if body is None:
@@ -136,7 +130,7 @@ def _malformed_handler(vault: Vault, default_subject: str) -> Any:
     async def on_malformed(exc: ValidationError, message: bus.Message, broker: bus.Broker) -> None:
         # Never log the error itself: pydantic quotes the input.
         delivery = Delivery.of(message)
-        subject = getattr(getattr(message, "raw_message", None), "subject", None) or default_subject
+        subject = delivery.subject or default_subject
         await bus.dead_letter(broker, subject, delivery.body, "invalid_event: schema",
                               message_id=delivery.dead_letter_id(), copy_seq=delivery.stream_seq)
         if subject == subjects.TOKENS_ISSUED:
