@@ -68,6 +68,7 @@ class World:
     vault_key: KeyPair = field(default_factory=KeyPair.generate)
     requester: KeyPair = field(default_factory=KeyPair.generate)
     required: bool = True
+    audit_grants: bool = True
     vault: Any = None
 
     def __post_init__(self) -> None:
@@ -83,6 +84,7 @@ class World:
             token_endpoint=self.endpoint,
             revoke_backoff_s=0.0,
             audit=AuditWriter(uow),
+            audit_grants=self.audit_grants,
         )
 
     @property
@@ -301,7 +303,9 @@ async def test_expiry_ends_the_lease_once_and_a_lost_announcement_is_sent_again(
     assert (ended.reason, ended.ended_at) == ("lease_expired", (T0.timestamp() + 60) * 1000)
 
 
-async def test_live_grants_are_listed_with_their_last_injection(world: World) -> None:
+@pytest.mark.parametrize("audit_grants", [True, False], ids=["audited", "VAULT_AUDIT_GRANTS=false"])
+async def test_live_grants_are_listed_with_their_last_injection(audit_grants: bool) -> None:
+    world = World(audit_grants=audit_grants)
     user, other = new_user(), new_user()
     await world.connect(user)
     await world.connect(other)
@@ -310,6 +314,8 @@ async def test_live_grants_are_listed_with_their_last_injection(world: World) ->
     assert (await world.ask(other, "sbx-o", world.grant(other, "sbx-o"))).ok
     assert isinstance(world.vault.audit_sink, AuditWriter)
     await world.vault.audit_sink.flush()
+    granted = [e.action for e, _ in world.store.audit if e.action == "credentials_granted"]
+    assert len(granted) == (3 if audit_grants else 0)
     listed = (await world.leases.list_live(GrantsListRequest(user_id=user))).grants
     assert [(g.sandbox_id, g.mode, g.last_injected_at) for g in listed] == [
         ("sbx-b", "access_only", world.clock.s * 1000), ("sbx-a", "access_only", world.clock.s * 1000)]
