@@ -25,7 +25,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shared.sealing import b64d, b64e, write_private_file
+from shared.files import write_private_file
+from shared.sealing import b64d, b64e
 
 ALGORITHM = "EdDSA"
 TOKEN_TYPE = "ccbridge-grant+jwt"

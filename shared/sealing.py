@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
 
 from shared.events import Sealed
+from shared.files import write_private_file
 
 SUITE = Suite(KEM.X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM)
 SUITE_NAME = "X25519-HKDF_SHA256-AES_256_GCM"
@@ -142,21 +142,6 @@ def open_sealed(
 
 
 # --- key files ---------------------------------------------------------------
-def write_private_file(path: Path, text: str) -> None:
-    """Create the file 0600 atomically; if another process won the race, keep theirs."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    try:
-        os.link(tmp, path)  # fails if it exists: first writer wins
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def key_paths(keys_dir: Path, name: str) -> tuple[Path, Path]:
     return keys_dir / f"{name}.hpke.key", keys_dir / f"{name}.hpke.pub"
 

@@ -53,6 +53,7 @@ from services.vault.errors import (
     RetiredKeyId,
     UnknownKeyId,
 )
+from shared.files import write_private_file
 
 __all__ = [
     "DecryptionFailed",
@@ -344,7 +345,7 @@ class FileKekSource:
 
     def load(self) -> Keyring:
         if self.create and not self.path.exists():
-            _write_private_once(self.path, Keyring.generate().export_json())
+            write_private_file(self.path, Keyring.generate().export_json())
         try:
             text = self.path.read_text()
         except OSError as exc:
@@ -373,7 +374,7 @@ class FileKekSource:
     def update(self, change: Callable[[Keyring], Keyring]) -> Keyring:
         with self._locked():
             new = change(self.load())
-            _replace_private(self.path, new.export_json())
+            write_private_file(self.path, new.export_json(), replace=True)
             return new
 
 
@@ -503,44 +504,6 @@ class LiveKeyring:
 
 
 # --- loading -------------------------------------------------------------------
-def _write_private_once(path: Path, text: str) -> None:
-    """Create `path` 0600 atomically; if another process created it first, keep theirs."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _replace_private(path: Path, text: str) -> None:
-    """Atomically replace `path` with `text` (0600): readers see the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def load_or_create_keyring(keys_dir: Path, *, env_value: str | None = None) -> Keyring:
     """VAULT_KEKS if given, else `<keys_dir>/vault-kek.json` (created 0600 with one random key)."""
     return kek_source(keys_dir, env_value=env_value).load()

@@ -3,10 +3,10 @@ secret that signs caller JWTs."""
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
 
+from shared.files import write_private_file
 from shared.logging import get_logger
 from shared.sealing import Recipient, SealingError, key_paths
 
@@ -50,17 +50,7 @@ def load_or_create_jwt_secret(keys_dir: Path) -> str:
     wins if several processes race. Production sets AUTH_JWT_SECRET instead."""
     path = keys_dir / JWT_SECRET_FILE
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_urlsafe(48) + "\n")
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_private_file(path, secrets.token_urlsafe(48) + "\n")
     secret = path.read_text().strip()
     if len(secret) < 32:
         raise RuntimeError(f"{path} holds a secret shorter than 32 characters: delete it or set AUTH_JWT_SECRET")
