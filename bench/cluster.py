@@ -18,7 +18,7 @@ from pathlib import Path
 
 import nats
 
-from ccbridge.embedded_nats import free_port, nats_server_binary
+from ccbridge.embedded_nats import free_port, nats_server_binary, reap
 
 
 @dataclass
@@ -119,16 +119,12 @@ cluster {{
         node.process = None
 
     def stop(self) -> None:
-        for node in self.nodes:
+        for node in self.nodes:  # every node told first, so they shut down together
             if node.process and node.process.poll() is None:
                 node.process.terminate()
         for node in self.nodes:
             if node.process:
-                try:
-                    node.process.wait(10)
-                except subprocess.TimeoutExpired:
-                    node.process.kill()
-                    node.process.wait()
+                reap(node.process)
                 node.process = None
 
     def __enter__(self) -> NatsCluster:

@@ -57,6 +57,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+
+def reap(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    """SIGTERM (a nats-server flushes JetStream on it), SIGKILL after `timeout_s`; waited for."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
 class EmbeddedNats:
     """`with EmbeddedNats(store_dir) as nats: nats.url` — stopped and reaped on exit.
 
@@ -119,13 +130,8 @@ class EmbeddedNats:
         raise RuntimeError("nats-server did not start in time")
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            reap(self.process)
         self.process = None
 
     def kill(self) -> None:
