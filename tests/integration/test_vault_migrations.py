@@ -20,7 +20,8 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import text
 from typer.testing import CliRunner
 
-from services.vault.adapters.store import SqlStore, head_revision, metadata
+from services.vault.adapters.models import metadata
+from services.vault.adapters.store import SqlStore, head_revision
 from services.vault.domain import Credentials
 from services.vault.keyring import Keyring, RecordContext
 from tests.vault_fixtures import VaultDb, canary, new_user

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from ccbridge.embedded_nats import free_port
 from services.vault import tools
-from services.vault.adapters.store import SealedSecretRow
+from services.vault.adapters.models import SealedSecretRow
 from services.vault.app import VaultService
 from services.vault.keyring import FileKekSource
 from shared import subjects

@@ -18,14 +18,8 @@ import pytest
 from sqlalchemy import select, text, update
 from sqlalchemy.engine import make_url
 
-from services.vault.adapters.store import (
-    AuditRow,
-    ConnectionRow,
-    ProcessedEventRow,
-    SealedSecretRow,
-    SqlStore,
-    translate_error,
-)
+from services.vault.adapters.models import AuditRow, ConnectionRow, ProcessedEventRow, SealedSecretRow
+from services.vault.adapters.store import SqlStore, translate_error
 from services.vault.domain import AuditEntry, Connection, Credentials, IssuedLogin
 from services.vault.errors import (
     ConcurrencyConflict,

@@ -37,16 +37,6 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from services.vault.adapters.models import (
-    AuditRow,
-    Base,
-    ConnectionRow,
-    ProcessedEventRow,
-    RevocationRow,
-    SandboxLeaseRow,
-    SealedSecretRow,
-    metadata,
-)
 from services.vault.adapters.repositories import (
     READ_CONNECTIONS,
     READ_SANDBOX_LEASES,
@@ -71,21 +61,7 @@ SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 BASELINE_REVISION = "0001"
 
-__all__ = [
-    "MIGRATIONS_DIR",
-    "AuditRow",
-    "Base",
-    "ConnectionRow",
-    "SandboxLeaseRow",
-    "ProcessedEventRow",
-    "RevocationRow",
-    "SealedSecretRow",
-    "SqlSandboxLeases",
-    "SqlStore",
-    "SqlUnitOfWork",
-    "metadata",
-    "translate_error",
-]
+__all__ = ["BASELINE_REVISION", "MIGRATIONS_DIR", "SqlStore", "SqlUnitOfWork", "head_revision", "translate_error"]
 
 # --- error translation -----------------------------------------------------------
 _UNAVAILABLE = (
