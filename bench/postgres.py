@@ -76,7 +76,7 @@ class PrivatePostgres:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "HOME": str(self.root),
                "TZ": "UTC"}
         done = subprocess.run([str(self.bin_dir / args[0]), *args[1:]], env=env, cwd=self.root, timeout=timeout,
-                              capture_output=True, text=True, check=False, **options)  # type: ignore[call-overload]
+                              capture_output=True, text=True, check=False, **options)  # type: ignore[call-overload]  # user/group kwargs
         if done.returncode != 0:
             tail = self.log_file.read_text(errors="replace")[-1500:] if self.log_file.exists() else ""
             raise RuntimeError(f"{args[0]} failed ({done.returncode}): {done.stderr.strip()[-800:]}\n{tail}")

@@ -69,8 +69,8 @@ def _flags_show_no_type() -> None:
             return None
         return original(self, ctx)
 
-    display_type_rich._ccbridge = True  # type: ignore[attr-defined]
-    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+    display_type_rich._ccbridge = True  # type: ignore[attr-defined]  # marks the patch as applied
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]  # the patch (see above)
 
 
 _flags_show_no_type()
@@ -473,7 +473,7 @@ def sandbox_create(
     _check_user_id(user, as_json=as_json)
     _check_sandbox_id(sandbox_id, as_json=as_json)
     nats_url, nats_source = _nats_url("platform")
-    caller = None if grant else _caller_token(token, user, as_json=as_json)
+    caller = "" if grant else _caller_token(token, user, as_json=as_json)  # with a grant, no caller token is needed
     granted_url, auth_source = _auth_url(auth_url)
     deadline = time.monotonic() + timeout
 
@@ -481,7 +481,7 @@ def sandbox_create(
         return max(0.1, deadline - time.monotonic())
 
     async def _create():
-        granted = grant or (await request_grant(granted_url, caller, sandbox_id, mode=mode,  # type: ignore[arg-type]
+        granted = grant or (await request_grant(granted_url, caller, sandbox_id, mode=mode,
                                                 timeout=left())).token
         async with CcbridgeClient(nats_url, inbox_prefix=_inbox_prefix("platform"), connect_timeout=left()) as ccb:
             return await ccb.prepare_sandbox(sandbox_id, user, backend=backend, mode=mode, timeout=left(), grant=granted)

@@ -37,7 +37,7 @@ class AsyncContext(Context):
     field's *sync* `use` in a worker thread, so FastStream's own `NatsMessage` / `NatsBroker`
     annotations cost every message a thread hop (measured: the sandbox's busiest thread pool)."""
 
-    async def use(self, /, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+    async def use(self, /, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]  # async on purpose (above)
         return super().use(**kwargs)
 
 
@@ -69,9 +69,9 @@ def restore_fetch_timeout_contract() -> None:
         except TimeoutError as exc:  # the bare one: an empty fetch, nothing else
             raise nats.errors.TimeoutError from exc
 
-    fetch._ccbridge_timeout_contract = True  # type: ignore[attr-defined]
+    fetch._ccbridge_timeout_contract = True  # type: ignore[attr-defined]  # marks the patch as applied
     fetch.__doc__ = original.__doc__
-    pull.fetch = fetch  # type: ignore[method-assign]
+    pull.fetch = fetch  # type: ignore[method-assign]  # the patch itself (docstring above)
 
 
 restore_fetch_timeout_contract()
@@ -155,8 +155,8 @@ def fetch_timeouts_as_nats_timeouts() -> None:
         except TimeoutError:
             raise nats.errors.TimeoutError from None
 
-    fetch_raising_nats_timeouts.ccbridge_nats_timeouts = True  # type: ignore[attr-defined]
-    cls.fetch = fetch_raising_nats_timeouts  # type: ignore[method-assign]
+    fetch_raising_nats_timeouts.ccbridge_nats_timeouts = True  # type: ignore[attr-defined]  # marks it applied
+    cls.fetch = fetch_raising_nats_timeouts  # type: ignore[method-assign]  # the patch itself
 
 
 class CcbridgeBroker(NatsBroker):

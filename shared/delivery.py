@@ -229,7 +229,7 @@ class Delivery:
         raw = getattr(message, "raw_message", None)
         metadata = None
         with contextlib.suppress(Exception):
-            metadata = raw.metadata  # type: ignore[union-attr]
+            metadata = raw.metadata  # type: ignore[union-attr]  # None or core NATS: suppressed above
         headers = getattr(message, "headers", None) or {}
         body = getattr(message, "body", None)
         if body is None:

@@ -70,9 +70,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the service's `serve()` owns signals."""
+class EmbeddedServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the program it runs in owns the signals (the
+    service's `serve()`, a test's event loop)."""
 
+    # uvicorn annotates capture_signals as a generator-based context manager; any one will do
     def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
         return contextlib.nullcontext()
 
@@ -84,7 +86,7 @@ class HealthServer:
         self.port = port
         self.name = name
         self._app = build_app(render_metrics, readiness)
-        self._server: _Server | None = None
+        self._server: EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -95,7 +97,7 @@ class HealthServer:
         sock = bind_socket(self.host, self.port)
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self._app, log_config=None, access_log=False, lifespan="off")
-        self._server = _Server(config)
+        self._server = EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name=f"{self.name}-metrics")
         while not self._server.started:
             if self._task.done():

@@ -29,10 +29,12 @@ from typing import Any, Self, TypeVar
 
 from pydantic import ValidationError
 
+from shared.settings import ServiceSettings
+
 EXIT_INVALID_SETTINGS = 2
 """A service's exit code when its settings are invalid (one line on stderr says which)."""
 
-S = TypeVar("S")
+S = TypeVar("S", bound=ServiceSettings)
 
 
 class Service:
@@ -118,7 +120,7 @@ def run_service(
     except ValueError as exc:
         print(f"ccbridge {name}: invalid settings: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_INVALID_SETTINGS) from None
-    configure_logging(settings.log_level, settings.log_format, service=name)  # type: ignore[attr-defined]
+    configure_logging(settings.log_level, settings.log_format, service=name)
     try:
         asyncio.run(run_until_stopped(service(settings)))
     except KeyboardInterrupt:

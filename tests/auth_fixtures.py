@@ -127,7 +127,7 @@ class FakeVaultGrants:
     def lease(self, user_id: str, sandbox_id: str, *, mode: str = "access_only", issued_at: int = 1_764_331_200_000,
               expires_at: int = 1_764_417_600_000, last_injected_at: int | None = None) -> None:
         self.leases[(user_id, sandbox_id)] = GrantView(
-            sandbox_id=sandbox_id, mode=mode, issued_at=issued_at, expires_at=expires_at,  # type: ignore[arg-type]
+            sandbox_id=sandbox_id, mode=mode, issued_at=issued_at, expires_at=expires_at,
             last_injected_at=last_injected_at,
         )
 
@@ -151,7 +151,7 @@ def a_grant(**overrides: object) -> TokenGrant:
         "organization_name": "Org",
     }
     values.update(overrides)
-    return TokenGrant(**values)  # type: ignore[arg-type]
+    return TokenGrant(**values)
 
 
 def new_user() -> str:
@@ -374,7 +374,7 @@ async def serving(app: Any, host: str = "127.0.0.1") -> AsyncIterator[str]:
     import uvicorn
 
     class _Server(uvicorn.Server):
-        def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
+        def capture_signals(self) -> contextlib.AbstractContextManager[None]:
             return contextlib.nullcontext()
 
     sock = socket.socket()

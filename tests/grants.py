@@ -50,5 +50,5 @@ async def stack_grant(stack: Any, user_id: str, sandbox_id: str, mode: str | Non
         secret = stack.service_env().get("AUTH_JWT_SECRET") or dev_jwt_secret(stack.data_dir / "keys")
         assert secret, "auth writes its dev secret at start"
         return (await request_grant(stack.auth_url, mint_caller_token(secret, user_id), sandbox_id,
-                                    mode=mode)).token  # type: ignore[arg-type]
+                                    mode=mode)).token
     return grant_for(user_id, sandbox_id, mode or "access_only", signer=load_or_create_signer(stack.data_dir / "keys"))

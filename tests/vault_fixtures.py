@@ -144,7 +144,7 @@ def install_log_tee() -> None:
     handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
     logging.getLogger().addHandler(handler)
     register_artifact(LOG_TEE)
-    install_log_tee.done = True  # type: ignore[attr-defined]
+    install_log_tee.done = True
 
 
 def issued_event(
@@ -167,7 +167,7 @@ def issued_event(
     return TokensIssued(
         event_id=event_id,
         user_id=user_id,
-        kind=kind,  # type: ignore[arg-type]
+        kind=kind,
         sealed=sealed,
         scopes=scopes,
         expires_at=expires_at,

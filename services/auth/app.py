@@ -43,7 +43,7 @@ from shared.broker import document_publishers, make_broker, provision
 from shared.events import Event, GrantIssued, GrantRevoked, TokensIssued, TokensRevoked
 from shared.grants import GrantSigner, load_or_create_signer
 from shared.grants import key_paths as grant_key_paths
-from shared.health import bind_socket
+from shared.health import EmbeddedServer, bind_socket
 from shared.lifecycle import Service, run_service
 from shared.logging import get_logger
 
@@ -386,12 +386,6 @@ def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class _EmbeddedServer(uvicorn.Server):
-    """uvicorn without its own signal handling: `serve()` (or the host program) owns signals."""
-
-    def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
-        return contextlib.nullcontext()
-
 
 class AuthService(Service):
     """`async with AuthService(settings) as auth: auth.base_url` — HTTP API on a real port."""
@@ -428,7 +422,7 @@ class AuthService(Service):
         config = uvicorn.Config(
             self.app, log_config=None, lifespan="off", server_header=False, timeout_graceful_shutdown=10
         )
-        self._server = _EmbeddedServer(config)
+        self._server = EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="auth-http")
         stack.push_async_callback(self._stop_http)
         while not self._server.started:

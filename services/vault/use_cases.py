@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -287,17 +288,19 @@ class Vault:
                 added: dict[str, Connection] = {}
                 changed: dict[str, Connection] = {}
                 audit: list[tuple[AuditEntry, datetime]] = []
+
+                def entry(event: TokensIssued, action: str, outcome: str = "ok", **facts: Any
+                          ) -> tuple[AuditEntry, datetime]:
+                    return (AuditEntry(actor=actor, action=action, outcome=outcome, user_id=event.user_id,
+                                       event_id=event.event_id, **facts), self._clock())
+
                 for index in todo:
                     item = items[index]
                     event, login, issued_at = item.event, item.login, item.issued_at
 
-                    def entry(action: str, outcome: str = "ok", **extra: object) -> tuple[AuditEntry, datetime]:
-                        return (AuditEntry(actor=actor, action=action, outcome=outcome, user_id=event.user_id,  # noqa: B023
-                                           event_id=event.event_id, **extra), self._clock())  # type: ignore[arg-type]  # noqa: B023
-
                     revoked_at = revoked.get(event.user_id)
                     if revoked_at is not None and issued_at <= revoked_at:
-                        audit.append(entry("tokens_ignored", "ignored", reason="revoked_after_issue"))
+                        audit.append(entry(event, "tokens_ignored", "ignored", reason="revoked_after_issue"))
                         outcomes[index] = StoreOutcome(duplicate=False, outcome="revoked")
                         continue
                     found = current.get(event.user_id)
@@ -308,7 +311,7 @@ class Vault:
                     else:
                         summary, existing = found
                         if not login_supersedes(issued_at, summary.issued_at):
-                            audit.append(entry("tokens_ignored", "ignored", reason="older_than_current_login",
+                            audit.append(entry(event, "tokens_ignored", "ignored", reason="older_than_current_login",
                                                version=summary.version))
                             outcomes[index] = StoreOutcome(duplicate=False, version=summary.version, outcome="stale")
                             continue
@@ -317,7 +320,7 @@ class Vault:
                             # login replaces it — the old sealed secret is overwritten (crypto-shred).
                             connection = Connection.connect(event.user_id, login, now=item.now,
                                                             version=summary.version + 1)
-                            audit.append(entry("undecryptable_replaced", reason=existing.reason,
+                            audit.append(entry(event, "undecryptable_replaced", reason=existing.reason,
                                                kek_id=summary.kek_id, version=connection.version))
                             self.metrics.decrypt_failure(existing.reason)
                             outcome = "replaced_undecryptable"
@@ -328,7 +331,7 @@ class Vault:
                         (added if event.user_id in added else changed)[event.user_id] = connection
                     current[event.user_id] = (connection.summary(), connection)
                     if outcome == "stored":
-                        audit.append(entry("tokens_stored", version=connection.version,
+                        audit.append(entry(event, "tokens_stored", version=connection.version,
                                            detail={"kind": connection.kind}))
                     outcomes[index] = StoreOutcome(duplicate=False, version=connection.version, outcome=outcome)
                 await uow.connections.add_many(list(added.values()))

@@ -87,6 +87,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from shared.health import EmbeddedServer
+
 DEFAULT_API_KEY = "e2b_standin_0123456789abcdef"
 ROOT = "root"
 DEFAULT_ENVD_VERSION = "0.5.7"
@@ -335,10 +337,6 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-class _Server(uvicorn.Server):
-    def install_signal_handlers(self) -> None:  # the test's loop owns the signals
-        pass
-
 
 def envelope(payload: dict[str, Any] | bytes, flags: int = 0) -> bytes:
     data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
@@ -377,7 +375,7 @@ class E2BStandin:
         self.idempotency: dict[str, str] = {}
         self._deny_all: list[str] = []
         self._pids = itertools.count(100)
-        self._servers: list[tuple[_Server, asyncio.Task[None]]] = []
+        self._servers: list[tuple[EmbeddedServer, asyncio.Task[None]]] = []
         self.api_port = 0
         self.envd_port = 0
 
@@ -504,7 +502,7 @@ class E2BStandin:
             setattr(self, attr, sock.getsockname()[1])
             config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
                                     timeout_graceful_shutdown=1)
-            server = _Server(config)
+            server = EmbeddedServer(config)
             task = asyncio.create_task(server.serve(sockets=[sock]), name=f"e2b-standin-{attr}")
             self._servers.append((server, task))
             while not server.started:

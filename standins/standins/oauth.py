@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import html
 import json
@@ -44,7 +43,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from shared.health import bind_socket
+from shared.health import EmbeddedServer, bind_socket
 
 REAL_CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
 KNOWN_SCOPES = frozenset(
@@ -482,12 +481,6 @@ def _refresh(state: StandinState, body: dict[str, Any]) -> Response:
 
 
 # --- running it ----------------------------------------------------------------
-class _EmbeddedServer(uvicorn.Server):
-    """uvicorn without its own signal handling: the host program owns signals."""
-
-    def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
-        return contextlib.nullcontext()
-
 
 class OAuthStandin:
     """`async with OAuthStandin(port=0) as s:` — a real HTTP server on 127.0.0.1."""
@@ -556,7 +549,7 @@ class OAuthStandin:
         sock = bind_socket(self.host, self.port)
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off")
-        self._server = _EmbeddedServer(config)
+        self._server = EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="oauth-standin")
         while not self._server.started:
             if self._task.done():

@@ -47,7 +47,7 @@ def _login(stack: Stack, token: str, paste: str | None, *, as_json: bool = True)
         env={**os.environ, "COLUMNS": "500"},
     )
     url = None
-    for line in proc.stderr:  # type: ignore[union-attr]
+    for line in proc.stderr:
         if match := re.search(r"(http://\S+/oauth/authorize\S+)", line):
             url = match.group(1)
             break
@@ -56,7 +56,7 @@ def _login(stack: Stack, token: str, paste: str | None, *, as_json: bool = True)
         raise AssertionError(f"ccbridge login printed no authorize URL: {out} {err}")
     if paste is None:
         page = httpx.get(url, follow_redirects=True, timeout=10)
-        paste = PASTE_CODE.search(page.text).group(1)  # type: ignore[union-attr]
+        paste = PASTE_CODE.search(page.text).group(1)
     out, err = proc.communicate(paste + "\n", timeout=60)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 

@@ -112,7 +112,7 @@ def test_up_writes_stack_json_the_verbs_and_the_client_use_it(data: Path) -> Non
         for key in ("auth_url", "vault_metrics_port", "sandbox_metrics_port", "database_url", "logs"):
             assert doc[key], key
         banner = up.output()
-        password = re.search(r"nats://ops:([^@]+)@", doc["nats_url"]).group(1)  # type: ignore[union-attr]
+        password = re.search(r"nats://ops:([^@]+)@", doc["nats_url"]).group(1)
         assert password not in banner
         assert doc["auth_url"] in banner and str(file) in banner
         assert f":{doc['vault_metrics_port']}/metrics" in banner and f":{doc['sandbox_metrics_port']}/metrics" in banner
@@ -179,7 +179,7 @@ def test_a_second_up_on_a_running_data_dir_is_refused(data: Path) -> None:
         second = subprocess.run([*CCBRIDGE, "up"], env=_env(data, AUTH_PORT=str(free_port())), capture_output=True,
                                 text=True, timeout=60)
         assert second.returncode == 2 and f"pid {first.proc.pid}" in second.stderr
-        assert stackfile.read_live(data)["pid"] == first.proc.pid  # type: ignore[index]
+        assert stackfile.read_live(data)["pid"] == first.proc.pid
     finally:
         first.stop()
 

@@ -32,7 +32,7 @@ async def test_streams_are_capped_and_a_flood_drops_the_oldest(embedded_nats: Em
         await nc.close()
 
 
-def test_the_cap_is_a_setting_with_a_safe_default(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_the_cap_is_a_setting_with_a_safe_default(monkeypatch) -> None:
     monkeypatch.delenv("CCBRIDGE_STREAM_MAX_BYTES", raising=False)
     assert ServiceSettings().stream_max_bytes == 1 << 30
     monkeypatch.setenv("CCBRIDGE_STREAM_MAX_BYTES", "5242880")

@@ -69,7 +69,7 @@ class Running:
         await self.js.publish(subjects.TOKENS_ISSUED, body, headers=headers)
 
     async def row(self, user_id: str) -> Any:
-        async with self.service.store.engine.connect() as conn:  # type: ignore[attr-defined]
+        async with self.service.store.engine.connect() as conn:
             result = await conn.execute(select(ConnectionRow.__table__).where(ConnectionRow.user_id == user_id))
             return result.one_or_none()
 
@@ -164,7 +164,7 @@ async def test_issued_tokens_stored_encrypted(running: Running) -> None:
         for secret in (access, refresh):
             assert secret.encode() not in raw and secret.encode().hex().encode() not in raw
     else:
-        async with running.service.store.engine.connect() as conn:  # type: ignore[attr-defined]
+        async with running.service.store.engine.connect() as conn:
             schema = running.db.schema
             lines: list[str] = []
             for table in ("connections", "processed_events"):
@@ -189,7 +189,7 @@ async def test_duplicates_have_one_effect_and_new_events_bump_the_version(runnin
 
     row = await running.row(user)
     assert row.version == 1
-    async with running.service.store.engine.connect() as conn:  # type: ignore[attr-defined]
+    async with running.service.store.engine.connect() as conn:
         marks = (await conn.execute(select(ProcessedEventRow.__table__).where(
             ProcessedEventRow.event_id == event.event_id))).all()
     assert len(marks) == 1 and marks[0].subject == subjects.TOKENS_ISSUED
@@ -250,7 +250,7 @@ async def test_credentials_request_reply(running: Running) -> None:
 
     for requester in (running.requester, running.file_requester):
         for mode, expected_refresh in (("file", refresh), ("access_only", None), ("env", None)):
-            request = credentials_request(requester, user_id=user, mode=mode)  # type: ignore[arg-type]
+            request = credentials_request(requester, user_id=user, mode=mode)
             reply = await running.ask(request)
             assert reply.ok and reply.request_id == request.request_id
             assert reply.scopes == ["user:inference", "user:profile"]

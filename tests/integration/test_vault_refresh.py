@@ -64,7 +64,7 @@ class Rig:
             return await uow.connections.get(user)
 
     async def ask(self, user: str, mode: str = "file") -> CredentialsReply:
-        request = credentials_request(self.requester, user_id=user, mode=mode)  # type: ignore[arg-type]
+        request = credentials_request(self.requester, user_id=user, mode=mode)
         msg = await self.nc.request(subjects.VAULT_CREDENTIALS_GET, request.model_dump_json().encode(), timeout=10)
         return CredentialsReply.model_validate_json(msg.data)
 

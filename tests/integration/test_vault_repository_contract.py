@@ -104,7 +104,7 @@ def connection(
     refresh_token_expires_at: int | None = None,
 ) -> Connection:
     login = IssuedLogin(
-        kind=kind,  # type: ignore[arg-type]
+        kind=kind,
         credentials=Credentials(canary("access"), canary("refresh") if refresh else None),
         scopes=("user:inference", "user:profile"),
         expires_at=expires_at,

@@ -51,7 +51,7 @@ async def test_rotation_under_load_has_zero_failures(tmp_path: Path, nats_url: s
         tokens: dict[str, str] = {}
         for _ in range(USERS):
             user, token = new_user(), canary("rot")
-            await local.vault.store_issued_tokens(  # type: ignore[union-attr]
+            await local.vault.store_issued_tokens(
                 issued_event(local.keypair.recipient, user_id=user, access_token=token, refresh_token=canary("r")))
             tokens[user] = token
         first_kek = local.keyring.active_kek_id
@@ -71,7 +71,7 @@ async def test_rotation_under_load_has_zero_failures(tmp_path: Path, nats_url: s
                 nonlocal done, after_rotation
                 user = rng.choice(users)
                 mode = rng.choice(["file", "access_only", "env"])
-                request = credentials_request(requester, user_id=user, mode=mode)  # type: ignore[arg-type]
+                request = credentials_request(requester, user_id=user, mode=mode)
                 try:
                     msg = await nc.request(subjects.VAULT_CREDENTIALS_GET, request.model_dump_json().encode(),
                                            timeout=10)
@@ -131,9 +131,9 @@ async def test_a_record_under_a_retired_key_fails_loudly(tmp_path: Path, nats_ur
     settings = vault_settings(tmp_path, nats_url, db, VAULT_TRUSTED_REQUESTER_KEYS=requester.recipient.public_b64)
     async with VaultService(settings) as service:
         user = new_user()
-        await service.vault.store_issued_tokens(  # type: ignore[union-attr]
+        await service.vault.store_issued_tokens(
             issued_event(service.keypair.recipient, user_id=user, access_token=canary()))
-        engine = service.store.engine  # type: ignore[attr-defined]
+        engine = service.store.engine
         async with engine.connect() as conn:  # a backup of the row, taken before the rotation
             backup = (await conn.execute(select(SealedSecretRow.__table__).where(
                 SealedSecretRow.user_id == user))).one()

@@ -568,7 +568,10 @@ async def test_a_batch_is_stored_in_one_transaction_with_each_event_decided_as_a
     recipient = env.vault_key.recipient
     t0 = datetime.now(UTC) - timedelta(seconds=120)
     fresh, twice, held, revoked_user = new_user(), new_user(), new_user(), new_user()
-    at = lambda seconds: {"occurred_at": t0 + timedelta(seconds=seconds)}  # noqa: E731
+
+    def at(seconds: int) -> dict[str, datetime]:
+        return {"occurred_at": t0 + timedelta(seconds=seconds)}
+
     already = issued_event(recipient, user_id=new_user(), access_token=canary())
     await env.vault.store_issued_tokens(already)
     await env.vault.store_issued_tokens(issued_event(recipient, user_id=held, access_token=canary())
@@ -600,8 +603,8 @@ async def test_a_batch_is_stored_in_one_transaction_with_each_event_decided_as_a
     async with env.store.unit_of_work(env.keyring) as uow:
         conn = await uow.connections.get(twice)
         assert conn is not None and conn.version == 2 and conn.credentials.access_token == second_login
-        assert (await uow.connections.get(fresh)).version == 1  # type: ignore[union-attr]
-        assert (await uow.connections.get(unreadable)).version == 2  # type: ignore[union-attr]
+        assert (await uow.connections.get(fresh)).version == 1
+        assert (await uow.connections.get(unreadable)).version == 2
         assert await uow.connections.get(revoked_user) is None
         actions = {user: [r.entry.action for r in await uow.audit.list(user_id=user)][::-1]
                    for user in (fresh, twice, held, revoked_user, unreadable)}
@@ -613,7 +616,7 @@ async def test_a_batch_is_stored_in_one_transaction_with_each_event_decided_as_a
     assert len(after) - len(before) == len({e.event_id for e in events}) - 1  # `already` was there
     # redelivered, the whole batch is duplicates
     again = await env.vault.store_issued_batch([env.vault.prepare_issued(e) for e in events])
-    assert {o.outcome for o in again} == {"duplicate"}  # type: ignore[union-attr]
+    assert {o.outcome for o in again} == {"duplicate"}
 
 
 async def test_a_batch_that_fails_is_retried_event_by_event(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -655,7 +658,7 @@ async def test_a_database_outage_fails_the_whole_batch_and_marks_nothing(env: En
         await env.vault.store_issued_batch([env.vault.prepare_issued(e) for e in events])
     monkeypatch.undo()
     outcomes = await env.vault.store_issued_batch([env.vault.prepare_issued(e) for e in events])
-    assert [o.outcome for o in outcomes] == ["stored"] * 3  # type: ignore[union-attr]
+    assert [o.outcome for o in outcomes] == ["stored"] * 3
 
 
 async def test_release_times_are_recorded_in_one_statement_newest_wins(env: Env) -> None:
@@ -675,6 +678,6 @@ async def test_release_times_are_recorded_in_one_statement_newest_wins(env: Env)
         await uow.sandbox_leases.record_releases([(user, "sbx-0", 400), (user, "sbx-1", 800)])
         await uow.commit()
     async with env.store.unit_of_work(env.keyring) as uow:
-        found = {s: (await uow.sandbox_leases.get(user, s)).last_released_at  # type: ignore[union-attr]
+        found = {s: (await uow.sandbox_leases.get(user, s)).last_released_at
                  for s in ("sbx-0", "sbx-1", "sbx-2")}
     assert found == {"sbx-0": 500, "sbx-1": 800, "sbx-2": None}

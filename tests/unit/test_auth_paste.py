@@ -87,7 +87,7 @@ def test_round_trip_of_well_formed_pastes(code: str, state: str, pad: str) -> No
 
 def test_non_string_input_is_a_typed_error() -> None:
     with pytest.raises(AuthError):
-        parse_paste(None, None)  # type: ignore[arg-type]
+        parse_paste(None, None)
 
 
 # --- the seed's `code#verifier` ------------------------------------------------------------------

@@ -16,7 +16,7 @@ def thread_hops(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     hops: list[object] = []
     real = fast_depends.core.model.run_async
 
-    async def counting(func, *args, **kwargs):  # type: ignore[no-untyped-def]
+    async def counting(func, *args, **kwargs):
         if not fast_depends.core.model.is_coroutine_callable(func):
             hops.append(func)  # would run in a worker thread
         return await real(func, *args, **kwargs)

@@ -18,7 +18,7 @@ from shared.broker import fetch_timeouts_as_nats_timeouts
 def pull_subscription(fetch_n: Any) -> JetStreamContext.PullSubscription:
     sub = JetStreamContext.PullSubscription.__new__(JetStreamContext.PullSubscription)
     sub._sub = object()  # "subscribed"
-    sub._fetch_n = fetch_n  # type: ignore[method-assign]
+    sub._fetch_n = fetch_n
     return sub
 
 

@@ -79,7 +79,7 @@ def test_reconnect_replaces_tokens_bumps_version_and_clears_failure_state() -> N
 
 @pytest.mark.parametrize(("mode", "refresh"), [("file", REFRESH), ("access_only", None), ("env", None)])
 def test_grant_only_file_mode_releases_the_refresh_token(mode: str, refresh: str | None) -> None:
-    grant = _connection().release(mode)  # type: ignore[arg-type]
+    grant = _connection().release(mode)
     assert grant.credentials.access_token == ACCESS
     assert grant.credentials.refresh_token == refresh
     assert (grant.expires_at, grant.scopes) == (1000, ("user:inference",))
@@ -232,7 +232,7 @@ def test_audit_entries_cannot_carry_secrets() -> None:
     shown = repr(entry) + str(entry.detail)
     assert ACCESS not in shown and REFRESH not in shown and entry.detail["count"] == 3
     with pytest.raises(TypeError):
-        AuditEntry(actor="a", action="b", detail={"nested": {"access_token": ACCESS}})  # type: ignore[dict-item]
+        AuditEntry(actor="a", action="b", detail={"nested": {"access_token": ACCESS}})
     assert len(AuditEntry(actor="a" * 500, action="b").actor) == 128
 
 

@@ -298,7 +298,7 @@ async def test_trusted_request_gets_sealed_tokens_per_mode(
 ) -> None:
     user, access, refresh = new_user(), canary("a"), canary("r")
     await _connect(harness, user, access, refresh)
-    request = credentials_request(harness.requester, user_id=user, mode=mode)  # type: ignore[arg-type]
+    request = credentials_request(harness.requester, user_id=user, mode=mode)
 
     reply = await harness.ask(_json(request))
 

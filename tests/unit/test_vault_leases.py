@@ -103,7 +103,7 @@ class World:
 
     async def ask(self, user: str, sbx: str, grant: str | None, mode: str = "access_only") -> Any:
         request = credentials_request(self.requester, user_id=user, sandbox_id=sbx, grant=grant or False,
-                                      mode=mode)  # type: ignore[arg-type]
+                                      mode=mode)
         return await self.vault.release_credentials(request)
 
     def ended(self) -> list[GrantEnded]:
@@ -365,7 +365,7 @@ async def test_a_provider_that_stays_down_is_audited_and_the_vault_copy_is_gone(
     assert ("provider_revoke", "error") in [(e.action, e.outcome) for e, _ in world.store.audit]
 
 
-def test_the_vault_finds_auths_grant_key_when_auth_starts_after_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_the_vault_finds_auths_grant_key_when_auth_starts_after_it(tmp_path) -> None:
     """The vault may start before auth has written `auth.grant.pub`: the first grant naming an
     unknown key re-reads the keys (at most once per interval) instead of being refused."""
     from services.vault.trust import GrantKeys
@@ -414,7 +414,7 @@ async def test_a_batch_is_answered_item_by_item_from_one_read_and_one_box(world:
     reads: list[int] = []
     real_read = world.store.read_for_release
 
-    async def counted(wanted, keyring=None):  # type: ignore[no-untyped-def]
+    async def counted(wanted, keyring=None):
         reads.append(len(wanted))
         return await real_read(wanted, keyring)
 
@@ -475,7 +475,7 @@ async def test_while_the_database_is_down_requests_are_answered_at_once(world: W
     reads = 0
     real_read = world.store.read_for_release
 
-    async def counted(wanted, keyring=None):  # type: ignore[no-untyped-def]
+    async def counted(wanted, keyring=None):
         nonlocal reads
         reads += 1
         return await real_read(wanted, keyring)

@@ -37,7 +37,7 @@ def _connected(store: FakeStore, *, expires_in_s: float = 60, refresh: str | Non
     login = IssuedLogin(
         kind="oauth", credentials=Credentials(canary("a"), refresh or canary("r")),
         scopes=("user:inference", "user:profile"), expires_at=NOW_MS + int(expires_in_s * 1000),
-        refresh_token_expires_at=extra.pop("refresh_token_expires_at", None),  # type: ignore[arg-type]
+        refresh_token_expires_at=extra.pop("refresh_token_expires_at", None),
         account=Account(email="p@example.com"),
     )
     conn = Connection.connect(user, login, now=NOW - timedelta(hours=8))
@@ -52,7 +52,7 @@ def _refresher(store: FakeStore, endpoint: FakeTokenEndpoint, publisher: FakePub
 
 
 def _ok(access: str, refresh: str | None, expires_in: int = 28_800, **extra: object) -> TokenResponse:
-    return TokenResponse(access_token=access, refresh_token=refresh, expires_in=expires_in, **extra)  # type: ignore[arg-type]
+    return TokenResponse(access_token=access, refresh_token=refresh, expires_in=expires_in, **extra)
 
 
 @pytest.fixture
