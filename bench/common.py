@@ -27,6 +27,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from ccbridge.demo import mint_caller_token
+from ccbridge.devtools import sealed_tokens_issued
 from ccbridge.embedded_nats import free_port
 from ccbridge.stack import Stack
 from shared import subjects
@@ -39,11 +40,10 @@ from shared.events import (
     SandboxCredentialsFailed,
     SandboxCredentialsInjected,
     SandboxOptions,
-    TokenBundle,
     TokensIssued,
     new_event_id,
 )
-from shared.sealing import Recipient, issued_binding, read_public_key, seal
+from shared.sealing import Recipient, read_public_key
 
 SCOPES = ["user:inference", "user:profile", "user:sessions:claude_code"]
 HOUR_MS = 3600 * 1000
@@ -79,17 +79,10 @@ def tokens_issued(
 ) -> TokensIssued:
     """A `tokens.issued` exactly as the auth service sends it: bundle sealed to the vault,
     HPKE info bound to the subject and this event's id."""
-    event_id = event_id or new_event_id()
-    expires_at = expires_at or int(time.time() * 1000) + 8 * HOUR_MS
-    bundle = TokenBundle(
-        access_token=access_token or access_token_for(user_id),
-        refresh_token=refresh_token or f"sk-ant-ort01-bench{uuid.uuid4().hex}",
-        expires_at=expires_at,
-        scopes=list(scopes),
-    )
-    sealed = seal(bundle.model_dump_json().encode(), vault, subject=subjects.TOKENS_ISSUED, message_id=event_id,
-                  bind=issued_binding(user_id, "oauth"))
-    return TokensIssued(event_id=event_id, user_id=user_id, sealed=sealed, scopes=list(scopes), expires_at=expires_at)
+    return sealed_tokens_issued(
+        vault, user_id, access_token or access_token_for(user_id),
+        refresh_token=refresh_token or f"sk-ant-ort01-bench{uuid.uuid4().hex}", kind="oauth", event_id=event_id,
+        expires_at=expires_at or int(time.time() * 1000) + 8 * HOUR_MS, scopes=list(scopes))
 
 
 def sandbox_created(

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any, Literal
 
 import nats
 
 from shared import subjects
 from shared.events import TokenBundle, TokensIssued, new_event_id
-from shared.sealing import Recipient, issued_binding, read_public_key, seal
+from shared.sealing import Recipient, read_public_key, seal_tokens
 
 DEFAULT_SCOPES = ["user:profile", "user:inference", "user:sessions:claude_code"]
 
@@ -32,24 +33,23 @@ def sealed_tokens_issued(
     *,
     refresh_token: str | None = "sk-ant-ort01-dev-refresh-token",
     expires_in_s: int = 8 * 3600,
+    expires_at: int | None = None,
     scopes: list[str] | None = None,
     event_id: str | None = None,
+    kind: Literal["oauth", "setup_token"] | None = None,
+    **facts: Any,
 ) -> TokensIssued:
+    """A `tokens.issued` as auth sends it (the bundle sealed to the vault, bound to this event,
+    person and kind), for the dev tools, the tests and the bench. `facts`: the event's other
+    fields (refresh_token_expires_at, account, occurred_at)."""
     event_id = event_id or new_event_id()
-    scopes = scopes or DEFAULT_SCOPES
-    expires_at = int((time.time() + expires_in_s) * 1000)
+    scopes = scopes if scopes is not None else DEFAULT_SCOPES
+    expires_at = expires_at if expires_at is not None else int((time.time() + expires_in_s) * 1000)
     bundle = TokenBundle(access_token=access_token, refresh_token=refresh_token, expires_at=expires_at, scopes=scopes)
-    kind = "oauth" if refresh_token else "setup_token"
-    box = seal(bundle.model_dump_json().encode(), vault, subject=subjects.TOKENS_ISSUED, message_id=event_id,
-               bind=issued_binding(user_id, kind))
-    return TokensIssued(
-        event_id=event_id,
-        user_id=user_id,
-        kind=kind,
-        sealed=box,
-        scopes=scopes,
-        expires_at=expires_at,
-    )
+    kind = kind or ("oauth" if refresh_token else "setup_token")
+    box = seal_tokens(bundle, vault, event_id=event_id, user_id=user_id, kind=kind)
+    return TokensIssued(event_id=event_id, user_id=user_id, kind=kind, sealed=box, scopes=scopes,
+                        expires_at=expires_at, **facts)
 
 
 async def connect_user_on_bus(nc: nats.NATS, vault: Recipient, user_id: str, access_token: str, **kwargs) -> TokensIssued:

@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
 
-from shared.events import Sealed
+from shared import subjects
+from shared.events import Sealed, TokenBundle, TokensIssued
 from shared.files import write_private_file
 
 SUITE = Suite(KEM.X25519, KDF.HKDF_SHA256, AEAD.AES_256_GCM)
@@ -139,6 +140,22 @@ def open_sealed(
         return SUITE.decrypt(raw, key.private_key, info=info_for(subject, message_id, bind))
     except (InvalidTag, ValueError) as exc:
         raise SealingError("box does not open with our key in this context") from exc
+
+
+# --- the tokens.issued box ---------------------------------------------------------
+def seal_tokens(bundle: TokenBundle, vault: Recipient, *, event_id: str, user_id: str, kind: str) -> Sealed:
+    """The `tokens.issued` box: the bundle sealed to the vault, bound to the subject, the
+    event id, the person and the kind (relabelling the event makes it unopenable)."""
+    return seal(bundle.model_dump_json().encode(), vault, subject=subjects.TOKENS_ISSUED, message_id=event_id,
+                bind=issued_binding(user_id, kind))
+
+
+def open_tokens(event: TokensIssued, key: KeyPair) -> bytes:
+    """The plaintext of `event`'s box (a TokenBundle's JSON), if it opens with `key` for this
+    event, person and kind; else SealingError. Parsing is the caller's (a validation error
+    quotes its input: the tokens)."""
+    return open_sealed(event.sealed, key, subject=subjects.TOKENS_ISSUED, message_id=event.event_id,
+                       bind=issued_binding(event.user_id, event.kind))
 
 
 # --- key files ---------------------------------------------------------------

@@ -28,6 +28,7 @@ from typing import Any, Self, TypeVar
 
 import pytest
 
+from ccbridge.devtools import sealed_tokens_issued
 from services.vault.domain import AuditEntry, AuditRecord, Connection, ConnectionSummary, SandboxLease
 from services.vault.errors import ConcurrencyConflict, StoreUnavailable
 from services.vault.ports import DueRefresh
@@ -39,9 +40,8 @@ from shared.events import (
     CredentialsRequest,
     TokenBundle,
     TokensIssued,
-    new_event_id,
 )
-from shared.sealing import KeyPair, Recipient, issued_binding, open_sealed, reply_binding, seal
+from shared.sealing import KeyPair, Recipient, open_sealed, reply_binding
 from tests import grants
 from tests.grants import grant_for
 
@@ -159,18 +159,9 @@ def issued_event(
     scopes: list[str] | None = None,
     refresh_token_expires_at: int | None = None,
 ) -> TokensIssued:
-    event_id = event_id or new_event_id()
-    scopes = scopes if scopes is not None else list(SCOPES)
-    bundle = TokenBundle(access_token=access_token, refresh_token=refresh_token, expires_at=expires_at, scopes=scopes)
-    sealed = seal(bundle.model_dump_json().encode(), vault, subject=subjects.TOKENS_ISSUED, message_id=event_id,
-                  bind=issued_binding(user_id, kind))
-    return TokensIssued(
-        event_id=event_id,
-        user_id=user_id,
-        kind=kind,
-        sealed=sealed,
-        scopes=scopes,
-        expires_at=expires_at,
+    return sealed_tokens_issued(
+        vault, user_id, access_token, refresh_token=refresh_token, kind=kind,
+        event_id=event_id, expires_at=expires_at, scopes=scopes if scopes is not None else list(SCOPES),
         refresh_token_expires_at=refresh_token_expires_at,
         account=AccountInfo(email="person@example.com", account_uuid="acc-1"),
     )

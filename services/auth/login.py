@@ -46,7 +46,7 @@ from services.auth.ports import Clock, EventPublisher, OAuthClient, PendingStore
 from shared import subjects
 from shared.events import AccountInfo, TokenBundle, TokensIssued, new_event_id
 from shared.logging import get_logger
-from shared.sealing import Recipient, issued_binding, seal
+from shared.sealing import Recipient, seal_tokens
 
 log = get_logger(__name__)
 
@@ -272,9 +272,7 @@ class LoginService:
             expires_at=expires_at_ms,
             scopes=list(scopes),
         )
-        # bound to the person and kind too: relabelling the event makes the box unopenable
-        sealed = seal(bundle.model_dump_json().encode(), vault, subject=subjects.TOKENS_ISSUED, message_id=event_id,
-                      bind=issued_binding(user_id, kind))
+        sealed = seal_tokens(bundle, vault, event_id=event_id, user_id=user_id, kind=kind)
         has_account = any((grant.account_uuid, grant.email, grant.organization_uuid, grant.organization_name))
         event = TokensIssued(
             event_id=event_id,

@@ -71,7 +71,7 @@ from shared.events import (
 )
 from shared.grants import GrantClaims
 from shared.logging import get_logger
-from shared.sealing import KeyPair, Recipient, SealingError, issued_binding, open_sealed, reply_binding, seal
+from shared.sealing import KeyPair, Recipient, SealingError, open_tokens, reply_binding, seal
 
 log = get_logger(__name__)
 
@@ -202,10 +202,7 @@ class Vault:
     # --- tokens.issued ----------------------------------------------------------
     def open_bundle(self, event: TokensIssued) -> TokenBundle:
         try:
-            plaintext = open_sealed(
-                event.sealed, self._keypair, subject=subjects.TOKENS_ISSUED, message_id=event.event_id,
-                bind=issued_binding(event.user_id, event.kind),
-            )
+            plaintext = open_tokens(event, self._keypair)
         except SealingError as exc:
             raise UnopenableBox(str(exc)) from None
         try:

@@ -19,7 +19,7 @@ from services.auth.app import AuthService
 from services.auth.domain import s256_challenge
 from shared import subjects
 from shared.events import TokenBundle, TokensRevoked
-from shared.sealing import KeyPair, issued_binding, open_sealed
+from shared.sealing import KeyPair, open_tokens
 from standins.oauth import REAL_CLIENT_ID, OAuthStandin
 from tests.auth_fixtures import (
     PROBLEM,
@@ -44,8 +44,7 @@ async def auth(nats_url: str, tmp_path: Path, standin: OAuthStandin, vault_key: 
 
 def open_bundle(event, key: KeyPair) -> TokenBundle:
     return TokenBundle.model_validate_json(
-        open_sealed(event.sealed, key, subject=subjects.TOKENS_ISSUED, message_id=event.event_id,
-            bind=issued_binding(event.user_id, event.kind))
+        open_tokens(event, key)
     )
 
 

@@ -27,7 +27,7 @@ from services.auth.callers import mint_caller_token
 from shared import subjects
 from shared.broker import settle
 from shared.events import TokenBundle, TokensIssued
-from shared.sealing import KeyPair, issued_binding, load_or_create_keypair, open_sealed
+from shared.sealing import KeyPair, load_or_create_keypair, open_tokens
 from standins.oauth import OAuthStandin
 from tests.auth_fixtures import (
     JWT_SECRET,
@@ -102,8 +102,7 @@ async def test_login_exchange_publishes_a_sealed_bundle_for_the_vault(
     event, headers = await issued.for_user(user)
     assert headers[subjects.MSG_ID_HEADER] == event.event_id
     bundle = TokenBundle.model_validate_json(
-        open_sealed(event.sealed, vault_key, subject=subjects.TOKENS_ISSUED, message_id=event.event_id,
-            bind=issued_binding(event.user_id, event.kind))
+        open_tokens(event, vault_key)
     )
     assert bundle.access_token == issued_tokens[0]
     assert bundle.refresh_token in standin.state.refresh_tokens  # the live one
@@ -326,8 +325,7 @@ async def test_vault_key_read_lazily_from_the_keys_dir(
         finally:
             await sub.unsubscribe()
         bundle = TokenBundle.model_validate_json(
-            open_sealed(event.sealed, vault, subject=subjects.TOKENS_ISSUED, message_id=event.event_id,
-            bind=issued_binding(event.user_id, event.kind))
+            open_tokens(event, vault)
         )
         assert bundle.access_token in standin.state.access_tokens
 

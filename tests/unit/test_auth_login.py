@@ -25,7 +25,7 @@ from services.auth.errors import (
 from services.auth.login import LoginPolicy, LoginService
 from shared import subjects
 from shared.events import TokenBundle, TokensIssued
-from shared.sealing import KeyPair, issued_binding, open_sealed
+from shared.sealing import KeyPair, open_tokens
 from tests.auth_fixtures import ACCESS, REFRESH, FakeClock, FakeOAuth, FakePublisher, FakeVaultKeys, a_grant
 
 
@@ -95,8 +95,7 @@ async def test_complete_login_seals_tokens_for_the_vault_only(world: World) -> N
     assert event.account is not None and event.account.email == "a@example.com"
     assert ACCESS not in event.model_dump_json() and REFRESH not in event.model_dump_json()
     bundle = TokenBundle.model_validate_json(
-        open_sealed(event.sealed, world.vault_key, subject=subjects.TOKENS_ISSUED, message_id=event.event_id,
-                    bind=issued_binding(event.user_id, event.kind))
+        open_tokens(event, world.vault_key)
     )
     assert (bundle.access_token, bundle.refresh_token, bundle.expires_at) == (ACCESS, REFRESH, event.expires_at)
     assert connected.event_id == event.event_id
@@ -351,8 +350,7 @@ async def test_setup_token_is_an_access_only_connection_for_a_year(world: World)
     assert event.scopes == ["user:inference"] and event.refresh_token_expires_at is None and event.account is None
     assert token not in event.model_dump_json()
     bundle = TokenBundle.model_validate_json(
-        open_sealed(event.sealed, world.vault_key, subject=subjects.TOKENS_ISSUED, message_id=event.event_id,
-                    bind=issued_binding(event.user_id, event.kind))
+        open_tokens(event, world.vault_key)
     )
     assert (bundle.access_token, bundle.refresh_token, bundle.scopes) == (token, None, ["user:inference"])
     assert world.oauth.requests == []  # never sent anywhere but the vault
