@@ -26,6 +26,7 @@ from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from ccbridge import devtools
 from ccbridge.demo import mint_caller_token
 from ccbridge.devtools import sealed_tokens_issued
 from ccbridge.embedded_nats import free_port
@@ -43,7 +44,7 @@ from shared.events import (
     TokensIssued,
     new_event_id,
 )
-from shared.sealing import Recipient, read_public_key
+from shared.sealing import Recipient
 
 SCOPES = ["user:inference", "user:profile", "user:sessions:claude_code"]
 HOUR_MS = 3600 * 1000
@@ -61,10 +62,8 @@ def access_token_for(user_id: str, tag: str = "") -> str:
 
 # --- events --------------------------------------------------------------------------
 def vault_recipient(data_dir: Path) -> Recipient:
-    recipient = read_public_key(Path(data_dir) / "keys", "vault")
-    if recipient is None:
-        raise RuntimeError(f"no vault public key under {data_dir}/keys (start the stack first)")
-    return recipient
+    """The vault's public key of the stack in `data_dir` (its keys/ directory)."""
+    return devtools.vault_recipient(Path(data_dir) / "keys")
 
 
 def tokens_issued(

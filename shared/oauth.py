@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import email.utils
 import time
+from typing import Any
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.logging import get_logger
 
 # Facts of the real Claude Code CLI (design.md): its public OAuth client and current token URL.
 CLAUDE_CODE_CLIENT_ID = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
@@ -16,6 +19,8 @@ SEED_TOKEN_URL = "https://console.anthropic.com/v1/oauth/token"  # the seed's na
 # OAUTH_TOKEN_URLS' default: auth tries them in order, the next one only past a 404.
 DEFAULT_TOKEN_URLS = f"{TOKEN_URL},{SEED_TOKEN_URL}"
 
+
+log = get_logger(__name__)
 
 
 def parse_token_urls(value: str) -> str:
@@ -69,6 +74,17 @@ class TokenEndpointResponse(BaseModel):
     scope: str | None = Field(default=None, max_length=4096)
     account: TokenAccount | None = None
     organization: TokenOrganization | None = None
+
+
+def parse_token_response(body: Any) -> TokenEndpointResponse | None:
+    """A 200's JSON as a token response, or None when it is not one (logged by its field
+    names only: the values are tokens)."""
+    try:
+        return TokenEndpointResponse.model_validate(body)
+    except ValidationError:
+        fields = sorted(body) if isinstance(body, dict) else type(body).__name__
+        log.warning("token response not understood", fields=str(fields)[:200])
+        return None
 
 
 def retry_after_seconds(value: str | None, *, now: float | None = None) -> float | None:

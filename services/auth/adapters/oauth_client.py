@@ -15,7 +15,6 @@ import time
 from typing import Any
 
 import httpx
-from pydantic import ValidationError
 
 from services.auth.domain import CodeExchange, TokenGrant
 from services.auth.errors import (
@@ -26,7 +25,7 @@ from services.auth.errors import (
     UpstreamUnavailable,
 )
 from shared.logging import get_logger
-from shared.oauth import TokenEndpointResponse, oauth_error_code, retry_after_seconds
+from shared.oauth import oauth_error_code, parse_token_response, retry_after_seconds
 
 log = get_logger(__name__)
 
@@ -41,12 +40,9 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> int:
 
 
 def grant_from_json(body: Any) -> TokenGrant:
-    try:
-        parsed = TokenEndpointResponse.model_validate(body)
-    except ValidationError:
-        fields = sorted(body) if isinstance(body, dict) else type(body).__name__
-        log.warning("token response not understood", fields=str(fields)[:200])
-        raise UpstreamBadResponse() from None
+    parsed = parse_token_response(body)
+    if parsed is None:
+        raise UpstreamBadResponse()
     scopes = tuple(parsed.scope.split()) if parsed.scope and parsed.scope.strip() else None
     return TokenGrant(
         access_token=parsed.access_token,

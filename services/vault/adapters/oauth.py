@@ -16,12 +16,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import httpx
-from pydantic import ValidationError
 
 from services.vault.errors import RefreshRejected, RefreshTransient
 from services.vault.ports import TokenResponse
 from shared.logging import get_logger
-from shared.oauth import TokenEndpointResponse, oauth_error_code
+from shared.oauth import oauth_error_code, parse_token_response
 from shared.oauth import retry_after_seconds as parse_retry_after
 
 log = get_logger(__name__)
@@ -31,13 +30,9 @@ REVOKE_TIMEOUT_S = 5.0  # what the CLI allows its logout revoke
 
 
 def _token_response(body: Any) -> TokenResponse:
-    try:
-        parsed = TokenEndpointResponse.model_validate(body)
-    except ValidationError:
-        fields = sorted(body) if isinstance(body, dict) else type(body).__name__
-        log.warning("refresh response not understood", fields=str(fields)[:200])
-        raise RefreshTransient("the token endpoint answered 200 without a token response",
-                               outcome="bad_response") from None
+    parsed = parse_token_response(body)
+    if parsed is None:
+        raise RefreshTransient("the token endpoint answered 200 without a token response", outcome="bad_response")
     account: dict[str, object] | None = None
     if parsed.account or parsed.organization:
         account = {
