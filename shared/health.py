@@ -71,12 +71,38 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 class EmbeddedServer(uvicorn.Server):
-    """uvicorn without its own signal handling: the program it runs in owns the signals (the
-    service's `serve()`, a test's event loop)."""
+    """uvicorn as a task of the running loop, without its own signal handling (the program it
+    runs in owns the signals): `await launch(sock, name)`, later `await finish()`."""
+
+    task: asyncio.Task[None] | None = None
 
     # uvicorn annotates capture_signals as a generator-based context manager; any one will do
     def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
         return contextlib.nullcontext()
+
+    async def launch(self, sock: socket.socket, name: str) -> None:
+        """Serve on `sock`; returns once it accepts connections (raises what stopped it, if it did)."""
+        self.task = asyncio.create_task(self.serve(sockets=[sock]), name=name)
+        while not self.started:
+            if self.task.done():
+                sock.close()
+                self.task.result()
+                raise RuntimeError(f"{name} stopped during start")
+            await asyncio.sleep(0.01)
+
+    async def finish(self, timeout_s: float = 5.0) -> None:
+        """Let it finish the requests in flight; force it after `timeout_s`. Waits for its task;
+        an error the server ended with is raised."""
+        task, self.task = self.task, None
+        if task is None:
+            return
+        self.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=timeout_s)
+        except TimeoutError:
+            self.force_exit = True
+            with contextlib.suppress(Exception):
+                await task
 
 
 class HealthServer:
@@ -87,7 +113,6 @@ class HealthServer:
         self.name = name
         self._app = build_app(render_metrics, readiness)
         self._server: EmbeddedServer | None = None
-        self._task: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
@@ -98,26 +123,12 @@ class HealthServer:
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self._app, log_config=None, access_log=False, lifespan="off")
         self._server = EmbeddedServer(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name=f"{self.name}-metrics")
-        while not self._server.started:
-            if self._task.done():
-                sock.close()
-                self._task.result()
-                raise RuntimeError("the metrics server stopped during start")
-            await asyncio.sleep(0.01)
+        await self._server.launch(sock, f"{self.name}-metrics")
 
     async def stop(self) -> None:
-        server, task = self._server, self._task
-        self._server = self._task = None
-        if server is None or task is None:
-            return
-        server.should_exit = True
-        try:
-            await asyncio.wait_for(asyncio.shield(task), timeout=5)
-        except TimeoutError:
-            server.force_exit = True
-            with contextlib.suppress(Exception):
-                await task
+        server, self._server = self._server, None
+        if server is not None:
+            await server.finish()
 
 
 async def start_health(stack: contextlib.AsyncExitStack, settings: Any, render_metrics: MetricsRenderer,

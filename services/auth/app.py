@@ -398,8 +398,7 @@ class AuthService(Service):
         self.broker = build_broker(settings)
         self.app = create_app(settings, broker=self.broker, parts=parts)
         self._runtime: AuthRuntime = self.app.state.runtime
-        self._server: uvicorn.Server | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._server: EmbeddedServer | None = None
         self.port: int | None = None
 
     @property
@@ -423,14 +422,8 @@ class AuthService(Service):
             self.app, log_config=None, lifespan="off", server_header=False, timeout_graceful_shutdown=10
         )
         self._server = EmbeddedServer(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="auth-http")
         stack.push_async_callback(self._stop_http)
-        while not self._server.started:
-            if self._task.done():
-                sock.close()
-                self._task.result()
-                raise RuntimeError("the auth HTTP server stopped during start")
-            await asyncio.sleep(0.01)
+        await self._server.launch(sock, "auth-http")
         stack.push_async_callback(self._runtime.stop, self.app)
         await self._runtime.start(self.app)
         log.info("auth service listening", url=self.base_url)
@@ -438,24 +431,17 @@ class AuthService(Service):
 
     async def wait_closed(self) -> None:
         """Returns when the HTTP server ends on its own (it should not)."""
-        if self._task is not None:
-            await asyncio.shield(self._task)
+        if self._server is not None and self._server.task is not None:
+            await asyncio.shield(self._server.task)
 
     async def _stop_http(self) -> None:
-        if self._server is None or self._task is None:
+        server, self._server = self._server, None
+        if server is None:
             return
-        self._server.should_exit = True
         try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout=15)
-        except TimeoutError:
-            self._server.force_exit = True
-            with contextlib.suppress(Exception):
-                await self._task
+            await server.finish(timeout_s=15)
         except Exception:  # noqa: BLE001 - the server failed; still release the rest
             log.warning("auth HTTP server ended with an error")
-        finally:
-            self._server = None
-            self._task = None
 
 def main() -> None:
     def check(settings: AuthSettings) -> None:

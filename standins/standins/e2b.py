@@ -375,7 +375,7 @@ class E2BStandin:
         self.idempotency: dict[str, str] = {}
         self._deny_all: list[str] = []
         self._pids = itertools.count(100)
-        self._servers: list[tuple[EmbeddedServer, asyncio.Task[None]]] = []
+        self._servers: list[EmbeddedServer] = []
         self.api_port = 0
         self.envd_port = 0
 
@@ -503,26 +503,13 @@ class E2BStandin:
             config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
                                     timeout_graceful_shutdown=1)
             server = EmbeddedServer(config)
-            task = asyncio.create_task(server.serve(sockets=[sock]), name=f"e2b-standin-{attr}")
-            self._servers.append((server, task))
-            while not server.started:
-                if task.done():
-                    task.result()
-                    raise RuntimeError("the e2b stand-in stopped during start")
-                await asyncio.sleep(0.01)
+            self._servers.append(server)
+            await server.launch(sock, f"e2b-standin-{attr}")
         return self
 
     async def stop(self) -> None:
         servers, self._servers = self._servers, []
-        for server, _ in servers:
-            server.should_exit = True
-        for server, task in servers:
-            try:
-                await asyncio.wait_for(asyncio.shield(task), timeout=5)
-            except TimeoutError:
-                server.force_exit = True
-                with contextlib.suppress(Exception):
-                    await task
+        await asyncio.gather(*(server.finish() for server in servers), return_exceptions=True)
 
     async def __aenter__(self) -> E2BStandin:
         return await self.start()

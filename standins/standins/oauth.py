@@ -24,7 +24,6 @@ Test-only routes live under `/_standin/`: `GET /_standin/stats`; `POST /_standin
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import html
@@ -511,8 +510,7 @@ class OAuthStandin:
             allowed_redirect_uris=frozenset(allowed_redirect_uris) if allowed_redirect_uris is not None else None,
         )
         self.app = create_oauth_app(self.state)
-        self._server: uvicorn.Server | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._server: EmbeddedServer | None = None
 
     @property
     def base_url(self) -> str:
@@ -550,27 +548,13 @@ class OAuthStandin:
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off")
         self._server = EmbeddedServer(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="oauth-standin")
-        while not self._server.started:
-            if self._task.done():
-                sock.close()
-                self._task.result()
-                raise RuntimeError("the OAuth stand-in stopped during start")
-            await asyncio.sleep(0.01)
+        await self._server.launch(sock, "oauth-standin")
         return self
 
     async def stop(self) -> None:
-        if self._server is None or self._task is None:
-            return
-        self._server.should_exit = True
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout=10)
-        except TimeoutError:
-            self._server.force_exit = True
-            await self._task
-        finally:
-            self._server = None
-            self._task = None
+        server, self._server = self._server, None
+        if server is not None:
+            await server.finish(timeout_s=10)
 
     async def __aenter__(self) -> OAuthStandin:
         return await self.start()
