@@ -255,6 +255,7 @@ def assert_problem(response: httpx.Response, status: int, slug: str | None = Non
     assert response.headers["content-type"].startswith(PROBLEM)
     body = response.json()
     assert body["status"] == status and isinstance(body["title"], str) and body["title"]
+    assert isinstance(body["detail"], str) and body["detail"] and "`" not in body["detail"], body  # plain words
     assert isinstance(body["type"], str)
     if slug:
         assert body["type"].endswith("/" + slug), body

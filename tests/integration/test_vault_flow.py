@@ -18,7 +18,8 @@ from nats.js.api import DeliverPolicy
 from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 
-from services.vault.adapters.store import ConnectionRow, ProcessedEventRow, SqlStore
+from services.vault.adapters.models import ConnectionRow, ProcessedEventRow
+from services.vault.adapters.store import SqlStore
 from services.vault.app import VaultService
 from services.vault.errors import StoreUnavailable
 from services.vault.keyring import Keyring

@@ -21,7 +21,8 @@ from typing import cast
 import pytest
 from sqlalchemy import update
 
-from services.vault.adapters.store import SealedSecretRow, SqlStore
+from services.vault.adapters.models import SealedSecretRow
+from services.vault.adapters.store import SqlStore
 from services.vault.domain import Account, AuditEntry, Connection, Credentials, IssuedLogin, SandboxLease
 from services.vault.errors import ConcurrencyConflict, DecryptionFailed, KeyringError
 from services.vault.keyring import Keyring

@@ -16,7 +16,6 @@ from services.auth.errors import InvalidCode, UpstreamBadResponse, UpstreamRateL
 from services.auth.limits import RateLimiter
 from services.auth.login import LoginPolicy, LoginService
 from services.auth.metrics import AuthMetrics
-from services.auth.problems import PROBLEM_CONTENT_TYPE
 from services.auth.routes import AuthComponents
 from services.auth.settings import AuthSettings
 from shared.events import AccountInfo, ConnectionStatusReply
@@ -29,6 +28,7 @@ from tests.auth_fixtures import (
     FakeVaultKeys,
     FakeVaultStatus,
     a_grant,
+    assert_problem,
     openapi_examples_missing,
 )
 
@@ -69,16 +69,6 @@ async def api(fakes) -> AsyncIterator[httpx.AsyncClient]:
 
 def auth(user: str = "user-1") -> dict[str, str]:
     return {"Authorization": f"Bearer {mint_caller_token(SECRET, user)}"}
-
-
-def assert_problem(response: httpx.Response, status: int, slug: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith(PROBLEM_CONTENT_TYPE)
-    body = response.json()
-    assert body["status"] == status and body["title"] and body["detail"]
-    if slug:
-        assert body["type"].endswith("/" + slug)
-    return body
 
 
 async def login_and_paste(api: httpx.AsyncClient, user: str = "user-1") -> str:

@@ -33,6 +33,7 @@ from tests.auth_fixtures import (
     FakeVaultKeys,
     FakeVaultStatus,
     a_grant,
+    assert_problem,
 )
 
 SECRET = "unit-test-secret-" + "g" * 32
@@ -174,16 +175,6 @@ async def api(world: World) -> AsyncIterator[Api]:
 
 def auth(user: str = "user-1") -> dict[str, str]:
     return {"Authorization": f"Bearer {mint_caller_token(SECRET, user)}"}
-
-
-def assert_problem(response: httpx.Response, status: int, slug: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith(PROBLEM_CONTENT_TYPE)
-    body = response.json()
-    assert body["status"] == status and body["title"] and body["detail"] and "`" not in body["detail"]
-    if slug:
-        assert body["type"].endswith("/" + slug)
-    return body
 
 
 async def test_post_grant_is_201_with_a_verifiable_grant(api: Api) -> None:
