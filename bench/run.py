@@ -20,11 +20,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import nats
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bench import common, profiling, raw, soak
 from ccbridge.embedded_nats import EmbeddedNats
@@ -45,33 +45,28 @@ TARGETS = {  # issue 16
 }
 
 
-def _env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
+class BenchConfig(BaseSettings):
+    """What one `make bench` run measures; each field from BENCH_<NAME> (e.g. BENCH_RAW_EVENTS)."""
 
+    model_config = SettingsConfigDict(env_prefix="BENCH_", extra="ignore")
 
-def _env_float(name: str, default: float) -> float:
-    return float(os.environ.get(name, default))
-
-
-@dataclass
-class BenchConfig:
-    raw_events: int = field(default_factory=lambda: _env_int("BENCH_RAW_EVENTS", 3000))
-    pipeline_events: int = field(default_factory=lambda: _env_int("BENCH_PIPELINE_EVENTS", 1500))
-    tokens_events: int = field(default_factory=lambda: _env_int("BENCH_TOKENS_EVENTS", 600))
-    users: int = field(default_factory=lambda: _env_int("BENCH_USERS", 50))
-    rate: float = field(default_factory=lambda: _env_float("BENCH_RATE", 200.0))
-    rate_seconds: float = field(default_factory=lambda: _env_float("BENCH_RATE_SECONDS", 3.0))
-    light_rate: float = field(default_factory=lambda: _env_float("BENCH_LIGHT_RATE", 20.0))
-    saturation_events: int = field(default_factory=lambda: _env_int("BENCH_SATURATION_EVENTS", 600))
-    inflight: int = field(default_factory=lambda: _env_int("BENCH_INFLIGHT", 16))
-    profile_events: int = field(default_factory=lambda: _env_int("BENCH_PROFILE_EVENTS", 800))
-    profile: bool = field(default_factory=lambda: os.environ.get("BENCH_PROFILE", "1") != "0")
-    hpke_seconds: float = field(default_factory=lambda: _env_float("BENCH_HPKE_SECONDS", 1.0))
-    batch: int = field(default_factory=lambda: _env_int("BENCH_BATCH", 8))
-    log_level: str = field(default_factory=lambda: os.environ.get("BENCH_LOG_LEVEL", "INFO"))
-    soak_seconds: float = field(default_factory=lambda: _env_float("BENCH_SOAK_SECONDS", 30.0))
-    soak_rate: float = field(default_factory=lambda: _env_float("BENCH_SOAK_RATE", 80.0))
-    e2b_injections: int = field(default_factory=lambda: _env_int("BENCH_E2B_INJECTIONS", 20))
+    raw_events: int = 3000
+    pipeline_events: int = 1500
+    tokens_events: int = 600
+    users: int = 50
+    rate: float = 200.0
+    rate_seconds: float = 3.0
+    light_rate: float = 20.0
+    saturation_events: int = 600
+    inflight: int = 16
+    profile_events: int = 800
+    profile: bool = True
+    hpke_seconds: float = 1.0
+    batch: int = 8
+    log_level: str = "INFO"
+    soak_seconds: float = 30.0
+    soak_rate: float = 80.0
+    e2b_injections: int = 20
     workdir: Path | None = None
     keep: bool = False
 
@@ -451,7 +446,7 @@ async def run(cfg: BenchConfig, out_dir: Path) -> dict[str, Any]:
     report: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "config": cfg.model_dump(mode="json"),
         "targets": TARGETS,
     }
     server = EmbeddedNats(workdir / "nats", log_file=workdir / "nats-server.log").start()

@@ -23,17 +23,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import nats
 from nats.aio.msg import Msg
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bench import common
 from ccbridge.embedded_nats import EmbeddedNats
@@ -44,20 +44,18 @@ from shared.events import SandboxCreated
 TARGET_MB_PER_10K = 1.0
 
 
-def _env(name: str, default: float) -> float:
-    return float(os.environ.get(name, default))
+class SoakConfig(BaseSettings):
+    """A soak run; each field from SOAK_<NAME> (SOAK_RATE, SOAK_SECONDS, SOAK_EVENTS, SOAK_USERS)."""
 
+    model_config = SettingsConfigDict(env_prefix="SOAK_", extra="ignore")
 
-@dataclass
-class SoakConfig:
-    rate: float = field(default_factory=lambda: _env("SOAK_RATE", 80.0))
-    seconds: float = field(default_factory=lambda: _env("SOAK_SECONDS", 300.0))
-    events: int | None = field(default_factory=lambda: int(os.environ["SOAK_EVENTS"]) if "SOAK_EVENTS" in os.environ
-                               else None)
-    users: int = field(default_factory=lambda: int(_env("SOAK_USERS", 20)))
+    rate: float = 80.0
+    seconds: float = 300.0
+    events: int | None = None
+    users: int = 20
     sample_s: float = 1.0
     grant_concurrency: int = 8
-    log_level: str = field(default_factory=lambda: os.environ.get("SOAK_LOG_LEVEL", "INFO"))
+    log_level: str = "INFO"
 
     @property
     def total(self) -> int:
