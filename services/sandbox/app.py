@@ -24,7 +24,7 @@ from services.sandbox.adapters.bus import (
 )
 from services.sandbox.adapters.live_registry import KvLiveRegistry, LiveRegistry, open_live_bucket
 from services.sandbox.adapters.vault_client import NatsVaultClient, VaultClient
-from services.sandbox.handlers import invalid_event_middleware, register_handlers
+from services.sandbox.handlers import InjectsCredentials, invalid_event_middleware, register_handlers
 from services.sandbox.injector import CredentialInjector, EventPublisher, InjectionOptions
 from services.sandbox.live import LiveSandboxes
 from services.sandbox.metrics import MeteredInjector, MeteredPublisher, SandboxMetrics, watch_dlq_depth
@@ -72,7 +72,7 @@ PUBLISHES: dict[str, type[Event]] = {
 }
 
 
-def wire_broker(broker: NatsBroker, settings: SandboxSettings, injector: CredentialInjector,
+def wire_broker(broker: NatsBroker, settings: SandboxSettings, injector: InjectsCredentials,
                 live: LiveSandboxes, policy: DeliveryPolicy) -> NatsBroker:
     broker.add_middleware(invalid_event_middleware(broker))
     register_handlers(broker, injector, live, policy, settings)
@@ -225,7 +225,7 @@ class SandboxService(Service):
         live = LiveSandboxes(vault=vault, backends=self._backends, publisher=publisher, registry=registry,
                              options=options, locks=locks, concurrency=settings.live_concurrency)
         policy = delivery_policy(settings, broker, self.metrics)
-        wire_broker(broker, settings, MeteredInjector(injector, self.metrics), live, policy)  # type: ignore[arg-type]
+        wire_broker(broker, settings, MeteredInjector(injector, self.metrics), live, policy)
         return Composition(broker, injector, live, policy, registry, bucket)
 
     async def _forget_broker(self) -> None:

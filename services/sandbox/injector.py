@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from services.sandbox import domain
-from services.sandbox.adapters.backends.base import BackendProvider, Target, backend_sandbox_id_of
+from services.sandbox.adapters.backends.base import BackendProvider, Target
 from services.sandbox.adapters.live_registry import LiveRegistry
 from services.sandbox.adapters.vault_client import CredentialsFor, VaultClient
 from services.sandbox.errors import (
@@ -86,16 +86,17 @@ class CredentialInjector:
         backends: Mapping[str, BackendProvider],
         publisher: EventPublisher,
         registry: LiveRegistry,
-        default_mode: CredentialMode = "access_only",
-        options: InjectionOptions | None = None,
-        locks: SandboxLocks | None = None,
+        options: InjectionOptions,
+        locks: SandboxLocks,
     ) -> None:
+        """`locks`: the same `SandboxLocks` as the process's `LiveSandboxes`, so work on one
+        sandbox (created, refresh, revoke) is serialised in this process."""
         self._vault = vault
         self._backends = dict(backends)
         self._publisher = publisher
         self._registry = registry
-        self._options = options or InjectionOptions(default_mode=default_mode)
-        self._locks = locks or SandboxLocks()
+        self._options = options
+        self._locks = locks
 
     @property
     def registry(self) -> LiveRegistry:
@@ -221,7 +222,7 @@ class CredentialInjector:
             else:
                 target = event if record.backend_sandbox_id is None else self._target(event, record)
                 async with provider.open(target) as sandbox:
-                    backend_id = backend_sandbox_id_of(sandbox) or record.backend_sandbox_id
+                    backend_id = sandbox.backend_sandbox_id or record.backend_sandbox_id
                     if backend_id and record.backend_sandbox_id is None:
                         # remember a freshly created e2b sandbox before anything else can fail
                         record = replace(record, backend_sandbox_id=backend_id)
@@ -251,7 +252,7 @@ class CredentialInjector:
         return Injected(self._injected_event(event, record), tuple(written))
 
     @staticmethod
-    def _target(event: SandboxCreated, record: domain.LiveSandbox, *, must_exist: bool = False) -> Target:
+    def _target(event: SandboxCreated, record: domain.LiveSandbox) -> Target:
         """The e2b sandbox created for this platform sandbox earlier: connect, never create again."""
         return Target(
             event_id=event.event_id,
@@ -259,7 +260,6 @@ class CredentialInjector:
             backend=event.backend,
             home=event.home,
             user=event.user,
-            must_exist=must_exist,
         )
 
     @staticmethod
@@ -295,22 +295,20 @@ class CredentialInjector:
                     if record.backend_sandbox_id and record.template is not None:
                         # created from a template for this event, never injected: nobody else
                         # knows its id, so it would only run until its timeout
-                        discard = getattr(self._backends[event.backend], "discard", None)
-                        if discard is not None:
-                            await discard(record.backend_sandbox_id)
+                        await self._backends[event.backend].discard(record.backend_sandbox_id)
                     await self._registry.forget(event.user_id, event.sandbox_id)
         except Exception as exc:  # noqa: BLE001 - the failure report matters more
             log.warning("sandbox.settle_failed", sandbox_id=event.sandbox_id, error=repr(exc))
 
     async def _scrub(self, event: SandboxCreated, record: domain.LiveSandbox | None, revision: int | None) -> None:
         if record is not None:
-            target: Target = self._target(event, record, must_exist=True)
+            target: Target = self._target(event, record)
         else:
             target = Target(event_id=event.event_id, sandbox_id=event.sandbox_id, backend=event.backend,
-                            home=event.home, user=event.user, must_exist=True)
+                            home=event.home, user=event.user)
         config_dir = record.config_dir if record is not None else event.options.config_dir
         try:
-            async with self._backends[event.backend].open(target) as sandbox:
+            async with self._backends[event.backend].open(target, must_exist=True) as sandbox:
                 layout = domain.resolve_layout(sandbox.home, config_dir, env_file=self._options.env_file)
                 removed = await scrub_credentials(sandbox, layout)
         except SandboxNotFound:

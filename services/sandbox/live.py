@@ -98,7 +98,6 @@ def _target(record: domain.LiveSandbox, event_id: str) -> Target:
         backend=record.backend,
         home=record.home,
         user=record.user,
-        must_exist=True,
     )
 
 
@@ -110,16 +109,16 @@ class LiveSandboxes:
         backends: Mapping[str, BackendProvider],
         publisher: EventPublisher,
         registry: LiveRegistry,
-        options: InjectionOptions | None = None,
-        locks: SandboxLocks | None = None,
+        options: InjectionOptions,
+        locks: SandboxLocks,
         concurrency: int = 4,
     ) -> None:
         self._vault = vault
         self._backends = dict(backends)
         self._publisher = publisher
         self._registry = registry
-        self._options = options or InjectionOptions()
-        self._locks = locks or SandboxLocks()
+        self._options = options
+        self._locks = locks
         self._concurrency = max(1, concurrency)
 
     # --- sandbox.destroyed ------------------------------------------------------------------
@@ -175,7 +174,7 @@ class LiveSandboxes:
                     return record.sandbox_id
                 return None  # already holds these credentials
             try:
-                async with provider.open(_target(record, record.created_event_id)) as sandbox:
+                async with provider.open(_target(record, record.created_event_id), must_exist=True) as sandbox:
                     layout = domain.resolve_layout(sandbox.home, record.config_dir, env_file=self._options.env_file)
                     written = await write_credentials(sandbox, layout, record.mode, bundle, mcp_package=mcp_package)
             except SandboxNotFound:
@@ -260,7 +259,7 @@ class LiveSandboxes:
                 raise BackendUnavailable(f"backend {record.backend!r} is not configured in this service")
             gone = False
             try:
-                async with provider.open(_target(record, record.created_event_id)) as sandbox:
+                async with provider.open(_target(record, record.created_event_id), must_exist=True) as sandbox:
                     layout = domain.resolve_layout(sandbox.home, record.config_dir, env_file=self._options.env_file)
                     removed = await scrub_credentials(sandbox, layout)
             except SandboxNotFound:
