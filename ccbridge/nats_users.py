@@ -12,7 +12,6 @@ the rendered config files hold none. tests/nats_perms_fixtures.py starts its ser
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from pathlib import Path
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from ccbridge.embedded_nats import EmbeddedNats, free_port
+from ccbridge.files import write_private
 from shared.settings import redact_url
 
 __all__ = ["USERS", "nats_url_for", "redact_url", "user_url"]
@@ -51,8 +51,8 @@ def render_nats_config(dest_dir: Path, *, store_dir: Path, source: Path = NATS_C
     rendered, count = re.subn(r'(?m)^(\s*store_dir:\s*).*$', lambda m: f'{m.group(1)}"{store_dir}"', main)
     if count != 1:
         raise ValueError(f"{source / 'nats.conf'} must set jetstream.store_dir exactly once")
-    _write_private(dest_dir / "nats.conf", rendered)
-    _write_private(dest_dir / "accounts.conf", (source / "accounts.conf").read_text())
+    write_private(dest_dir / "nats.conf", rendered)
+    write_private(dest_dir / "accounts.conf", (source / "accounts.conf").read_text())
     return dest_dir / "nats.conf"
 
 
@@ -96,15 +96,6 @@ def _read(data_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write `text` with mode 0600 from the first byte on (never readable by others, even briefly)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    os.replace(tmp, path)
-
-
 def load_or_create_passwords(data_dir: Path) -> dict[str, str]:
     """Every user's password for this data dir: the stored ones, new ones for users not yet
     stored (hex, so they are safe inside a nats:// URL)."""
@@ -126,7 +117,7 @@ def record_server(data_dir: Path, address: str | None) -> None:
 def _save(data_dir: Path, content: dict) -> None:
     path = users_file(data_dir)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _write_private(path, json.dumps(content, indent=2) + "\n")
+    write_private(path, json.dumps(content, indent=2) + "\n")
 
 
 def nats_url_for(data_dir: Path, user: str) -> str:

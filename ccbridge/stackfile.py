@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ccbridge.files import write_private
 
 FILE_NAME = "stack.json"
 FORMAT = 1
@@ -64,12 +65,7 @@ def write(directory: Path, info: dict[str, Any]) -> Path:
     """Write stack.json atomically, 0600 from its first byte."""
     target = path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{FILE_NAME}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as out:
-        json.dump({"format": FORMAT, **info}, out, indent=2)
-        out.write("\n")
-    os.replace(tmp, target)
+    write_private(target, json.dumps({"format": FORMAT, **info}, indent=2) + "\n")
     return target
 
 
