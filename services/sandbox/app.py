@@ -127,7 +127,7 @@ class SandboxService(Service):
     tokens.refreshed, tokens.revoked and grants.ended until stopped.
 
     Backends: `local` (LOCAL_SANDBOX_ROOT) and `e2b` (the real SDK; E2B_* settings).
-    `backend` / `backends` replace the provider of their `kind`; `vault_client` replaces the
+    `backend` replaces the provider of its `kind`; `vault_client` replaces the
     NATS request/reply client; `registry` the JetStream KV live-sandbox registry;
     `publisher` builds the result-event publisher from the broker (default `BrokerPublisher`).
     """
@@ -139,7 +139,6 @@ class SandboxService(Service):
         settings: SandboxSettings,
         *,
         backend: BackendProvider | None = None,
-        backends: tuple[BackendProvider, ...] = (),
         vault_client: VaultClient | None = None,
         registry: LiveRegistry | None = None,
         publisher: Callable[[NatsBroker], EventPublisher] | None = None,
@@ -152,8 +151,8 @@ class SandboxService(Service):
             "local": LocalBackend(settings.local_sandbox_root, durable=settings.local_fsync),
             "e2b": E2BBackend(e2b_config(settings)),
         }
-        for provider in (*backends, *([backend] if backend is not None else [])):
-            self._backends[provider.kind] = provider
+        if backend is not None:
+            self._backends[backend.kind] = backend
         self._vault_client = vault_client
         self._registry = registry
         self._publisher_factory = publisher
