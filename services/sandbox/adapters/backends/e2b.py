@@ -630,31 +630,31 @@ class E2BBackend:
         log.info("sandbox.e2b_discarded", e2b_sandbox_id=sandbox_id)
 
     @asynccontextmanager
-    async def open(self, event: SandboxTarget, *, must_exist: bool = False) -> AsyncIterator[E2BSandbox]:
+    async def open(self, target: SandboxTarget, *, must_exist: bool = False) -> AsyncIterator[E2BSandbox]:
         """Connect to the sandbox (or create it from `template`). `must_exist` changes nothing:
         connecting to a sandbox that is gone raises `SandboxNotFound` either way."""
         config = self.config
         if config.api_key is None or not config.api_key.get_secret_value():
             raise BackendUnavailable("the e2b backend needs E2B_API_KEY", retryable=False)
-        home = self.home_of(event)
+        home = self.home_of(target)
         if not home.is_absolute():
             raise BackendError(f"home {home} is not an absolute path", retryable=False)
         params = config.api_params()
-        created = event.template is not None
+        created = target.template is not None
         try:
             if created:
                 sandbox = await AsyncSandbox.create(
-                    template=event.template or config.template,
+                    template=target.template or config.template,
                     timeout=config.sandbox_timeout,
-                    metadata={"ccbridge_sandbox_id": event.sandbox_id},
-                    idempotency_key=idempotency_key(event.event_id),
+                    metadata={"ccbridge_sandbox_id": target.sandbox_id},
+                    idempotency_key=idempotency_key(target.event_id),
                     **params,
                 )
-                log.info("sandbox.e2b_created", sandbox_id=event.sandbox_id, e2b_sandbox_id=sandbox.sandbox_id)
+                log.info("sandbox.e2b_created", sandbox_id=target.sandbox_id, e2b_sandbox_id=sandbox.sandbox_id)
             else:
-                sandbox = await AsyncSandbox.connect(event.sandbox_id, **params)
+                sandbox = await AsyncSandbox.connect(target.sandbox_id, **params)
         except Exception as exc:  # noqa: BLE001
             raise map_e2b_error(exc, "create" if created else "connect", control_plane=True) from None
         yield E2BSandbox(
-            sandbox, home=home, user=self.user_of(event), request_timeout=config.request_timeout, created=created
+            sandbox, home=home, user=self.user_of(target), request_timeout=config.request_timeout, created=created
         )
