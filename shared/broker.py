@@ -344,10 +344,6 @@ def document_publishers(broker: NatsBroker, published: Mapping[str, type[BaseMod
         broker.publisher(subject, schema=model, title=f"{subject}:{model.__name__}", description=model.__doc__)
 
 
-def reply_model(model: BaseModel) -> bytes:
-    return model.model_dump_json().encode()
-
-
 __all__ = [
     "DLQ",
     "SANDBOX",

@@ -24,7 +24,7 @@ from services.sandbox.adapters.bus import (
 )
 from services.sandbox.adapters.live_registry import KvLiveRegistry, LiveRegistry, open_live_bucket
 from services.sandbox.adapters.vault_client import NatsVaultClient, VaultClient
-from services.sandbox.handlers import invalid_event_middleware, register_handlers
+from services.sandbox.handlers import InjectsCredentials, invalid_event_middleware, register_handlers
 from services.sandbox.injector import CredentialInjector, EventPublisher, InjectionOptions
 from services.sandbox.live import LiveSandboxes
 from services.sandbox.metrics import MeteredInjector, MeteredPublisher, SandboxMetrics, watch_dlq_depth
@@ -72,7 +72,7 @@ PUBLISHES: dict[str, type[Event]] = {
 }
 
 
-def wire_broker(broker: NatsBroker, settings: SandboxSettings, injector: CredentialInjector,
+def wire_broker(broker: NatsBroker, settings: SandboxSettings, injector: InjectsCredentials,
                 live: LiveSandboxes, policy: DeliveryPolicy) -> NatsBroker:
     broker.add_middleware(invalid_event_middleware(broker))
     register_handlers(broker, injector, live, policy, settings)
@@ -127,7 +127,7 @@ class SandboxService(Service):
     tokens.refreshed, tokens.revoked and grants.ended until stopped.
 
     Backends: `local` (LOCAL_SANDBOX_ROOT) and `e2b` (the real SDK; E2B_* settings).
-    `backend` / `backends` replace the provider of their `kind`; `vault_client` replaces the
+    `backend` replaces the provider of its `kind`; `vault_client` replaces the
     NATS request/reply client; `registry` the JetStream KV live-sandbox registry;
     `publisher` builds the result-event publisher from the broker (default `BrokerPublisher`).
     """
@@ -139,7 +139,6 @@ class SandboxService(Service):
         settings: SandboxSettings,
         *,
         backend: BackendProvider | None = None,
-        backends: tuple[BackendProvider, ...] = (),
         vault_client: VaultClient | None = None,
         registry: LiveRegistry | None = None,
         publisher: Callable[[NatsBroker], EventPublisher] | None = None,
@@ -152,8 +151,8 @@ class SandboxService(Service):
             "local": LocalBackend(settings.local_sandbox_root, durable=settings.local_fsync),
             "e2b": E2BBackend(e2b_config(settings)),
         }
-        for provider in (*backends, *([backend] if backend is not None else [])):
-            self._backends[provider.kind] = provider
+        if backend is not None:
+            self._backends[backend.kind] = backend
         self._vault_client = vault_client
         self._registry = registry
         self._publisher_factory = publisher
@@ -225,7 +224,7 @@ class SandboxService(Service):
         live = LiveSandboxes(vault=vault, backends=self._backends, publisher=publisher, registry=registry,
                              options=options, locks=locks, concurrency=settings.live_concurrency)
         policy = delivery_policy(settings, broker, self.metrics)
-        wire_broker(broker, settings, MeteredInjector(injector, self.metrics), live, policy)  # type: ignore[arg-type]
+        wire_broker(broker, settings, MeteredInjector(injector, self.metrics), live, policy)
         return Composition(broker, injector, live, policy, registry, bucket)
 
     async def _forget_broker(self) -> None:

@@ -72,10 +72,6 @@ class Layout:
     def env_path(self) -> PurePosixPath:
         return self.home / self.env_file
 
-    def secret_paths(self, mode: CredentialMode) -> tuple[PurePosixPath, ...]:
-        """The files that hold token material in `mode` (what a scrub removes)."""
-        return (self.env_path,) if mode == "env" else (self.credentials_path,)
-
     def dirs(self, mode: CredentialMode) -> tuple[PurePosixPath, ...]:
         """Directories to create (0700) before writing: the config dir, and the env file's dir."""
         dirs = [self.config_dir]

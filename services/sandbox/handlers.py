@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, Protocol
 
 from faststream import AckPolicy, ExceptionMiddleware
 from faststream.nats import NatsBroker, PullSub
@@ -34,7 +34,7 @@ from services.sandbox.adapters.bus import (
     ConsumerSpec,
     consumer_config,
 )
-from services.sandbox.injector import CredentialInjector
+from services.sandbox.injector import Injected
 from services.sandbox.live import LiveSandboxes
 from services.sandbox.settings import SandboxSettings
 from shared import broker as bus
@@ -56,8 +56,20 @@ log = get_logger("ccbridge.sandbox.handlers")
 PULL_TIMEOUT_S = 1.0
 
 
+class InjectsCredentials(Protocol):
+    """What the sandbox.created subscriber drives: `CredentialInjector`, or it decorated
+    (`metrics.MeteredInjector`)."""
+
+    def needs(self, event: SandboxCreated) -> tuple[str, ...]: ...
+
+    async def run(self, event: SandboxCreated) -> Injected: ...
+
+    async def report_failed(self, event: SandboxCreated, error: BaseException, detail: str,
+                            exhausted: bool) -> SandboxCredentialsFailed: ...
+
+
 def register_handlers(
-    broker: NatsBroker, injector: CredentialInjector, live: LiveSandboxes, policy: DeliveryPolicy,
+    broker: NatsBroker, injector: InjectsCredentials, live: LiveSandboxes, policy: DeliveryPolicy,
     settings: SandboxSettings,
 ) -> None:
     def subscribe(spec: ConsumerSpec, stream: Any, title: str, description: str) -> Any:
@@ -149,8 +161,7 @@ def invalid_event_middleware(broker: NatsBroker) -> ExceptionMiddleware:
     """Dead-letters payloads that fail validation instead of redelivering them forever."""
 
     async def on_invalid_event(exc: ValidationError, message: bus.Message) -> None:
-        raw = getattr(message, "raw_message", None)
-        subject = getattr(raw, "subject", None) or subjects.SANDBOX_CREATED
+        subject = message.raw_message.subject or subjects.SANDBOX_CREATED
         body: bytes = message.body
         detail = f"invalid {subject} payload: {_validation_summary(exc)}"
         log.warning("sandbox.invalid_event", subject=subject, detail=detail)

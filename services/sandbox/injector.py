@@ -19,10 +19,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from pathlib import PurePosixPath
 from typing import Protocol
 
 from services.sandbox import domain
-from services.sandbox.adapters.backends.base import BackendProvider, Target, backend_sandbox_id_of
+from services.sandbox.adapters.backends.base import BackendProvider, Target
 from services.sandbox.adapters.live_registry import LiveRegistry
 from services.sandbox.adapters.vault_client import CredentialsFor, VaultClient
 from services.sandbox.errors import (
@@ -42,6 +43,7 @@ from shared.events import (
     SandboxCreated,
     SandboxCredentialsFailed,
     SandboxCredentialsInjected,
+    TokenBundle,
     derived_event_id,
 )
 from shared.logging import get_logger
@@ -69,6 +71,43 @@ class InjectionOptions:
     mcp_package: str = domain.DEFAULT_MCP_PACKAGE
     fingerprint_key: bytes = b"ccbridge-unkeyed"
 
+    def layout(self, home: PurePosixPath, config_dir: str | None) -> domain.Layout:
+        """Where the files go in a sandbox with this home."""
+        return domain.resolve_layout(home, config_dir, env_file=self.env_file)
+
+    def mcp_package_for(self, mcp: bool) -> str | None:
+        return self.mcp_package if mcp else None
+
+    def fingerprint(self, bundle: TokenBundle, *, mode: CredentialMode, config_dir: str | None, mcp: bool) -> str:
+        """`domain.fingerprint` of what an injection with these options writes."""
+        return domain.fingerprint(self.fingerprint_key, mode=mode, bundle=bundle, config_dir=config_dir,
+                                  env_file=self.env_file, mcp_package=self.mcp_package_for(mcp))
+
+
+def provider_for(backends: Mapping[str, BackendProvider], kind: str) -> BackendProvider:
+    provider = backends.get(kind)
+    if provider is None:
+        raise BackendUnavailable(f"backend {kind!r} is not configured in this service")
+    return provider
+
+
+def injected_event(record: domain.LiveSandbox, *, event_id: str, refreshed_by: str | None = None
+                   ) -> SandboxCredentialsInjected:
+    """`sandbox.credentials.injected` for what `record` holds (caused by its sandbox.created)."""
+    return SandboxCredentialsInjected(
+        event_id=event_id,
+        user_id=record.user_id,
+        sandbox_id=record.sandbox_id,
+        cause_event_id=record.created_event_id,
+        backend=record.backend,
+        mode=record.mode,
+        expires_at=record.expires_at or 0,
+        files=list(record.files),
+        env=dict(record.env),
+        backend_sandbox_id=record.backend_sandbox_id,
+        refreshed_by=refreshed_by,
+    )
+
 
 def occurred_ms(event: Event) -> int:
     return int(event.occurred_at.timestamp() * 1000)
@@ -86,16 +125,17 @@ class CredentialInjector:
         backends: Mapping[str, BackendProvider],
         publisher: EventPublisher,
         registry: LiveRegistry,
-        default_mode: CredentialMode = "access_only",
-        options: InjectionOptions | None = None,
-        locks: SandboxLocks | None = None,
+        options: InjectionOptions,
+        locks: SandboxLocks,
     ) -> None:
+        """`locks`: the same `SandboxLocks` as the process's `LiveSandboxes`, so work on one
+        sandbox (created, refresh, revoke) is serialised in this process."""
         self._vault = vault
         self._backends = dict(backends)
         self._publisher = publisher
         self._registry = registry
-        self._options = options or InjectionOptions(default_mode=default_mode)
-        self._locks = locks or SandboxLocks()
+        self._options = options
+        self._locks = locks
 
     @property
     def registry(self) -> LiveRegistry:
@@ -103,9 +143,6 @@ class CredentialInjector:
 
     def mode_of(self, event: SandboxCreated) -> CredentialMode:
         return event.options.mode or self._options.default_mode
-
-    def mcp_package_of(self, event: SandboxCreated) -> str | None:
-        return self._options.mcp_package if event.options.mcp else None
 
     def needs(self, event: SandboxCreated) -> tuple[str, ...]:
         """The dependencies an injection calls (their breakers hold it while they are down)."""
@@ -164,11 +201,8 @@ class CredentialInjector:
     async def inject(self, event: SandboxCreated) -> Injected:
         """Fetch, build, write and record; raises `SandboxError`s. Publishes nothing."""
         mode = self.mode_of(event)
-        provider = self._backends.get(event.backend)
-        if provider is None:
-            raise BackendUnavailable(f"backend {event.backend!r} is not configured in this service")
+        provider = provider_for(self._backends, event.backend)
         opts = self._options
-        mcp_package = self.mcp_package_of(event)
         async with self._locks.hold(event.backend, event.sandbox_id):
             # two independent reads: one round trip of waiting instead of two
             lookup, revoked_at = await asyncio.gather(
@@ -206,14 +240,7 @@ class CredentialInjector:
             else:
                 credentials = await self._vault.fetch(want)
             bundle = domain.check_usable(credentials.bundle)
-            fp = domain.fingerprint(
-                opts.fingerprint_key,
-                mode=mode,
-                bundle=bundle,
-                config_dir=event.options.config_dir,
-                env_file=opts.env_file,
-                mcp_package=mcp_package,
-            )
+            fp = opts.fingerprint(bundle, mode=mode, config_dir=event.options.config_dir, mcp=event.options.mcp)
             written: tuple[str, ...]  # the files this delivery wrote (none when it had nothing to do)
             if record.state == "injected" and record.fingerprint == fp:
                 # this sandbox already holds exactly these credentials: no second effect
@@ -221,18 +248,20 @@ class CredentialInjector:
             else:
                 target = event if record.backend_sandbox_id is None else self._target(event, record)
                 async with provider.open(target) as sandbox:
-                    backend_id = backend_sandbox_id_of(sandbox) or record.backend_sandbox_id
+                    backend_id = sandbox.backend_sandbox_id or record.backend_sandbox_id
                     if backend_id and record.backend_sandbox_id is None:
                         # remember a freshly created e2b sandbox before anything else can fail
                         record = replace(record, backend_sandbox_id=backend_id)
                         revision = await self._registry.save(record, revision=revision)
-                    layout = domain.resolve_layout(sandbox.home, event.options.config_dir, env_file=opts.env_file)
-                    result = await write_credentials(sandbox, layout, mode, bundle, mcp_package=mcp_package)
+                    layout = opts.layout(sandbox.home, event.options.config_dir)
+                    result = await write_credentials(sandbox, layout, mode, bundle,
+                                                     mcp_package=opts.mcp_package_for(event.options.mcp))
                 files, written = result.files, result.written
             record = replace(
                 record,
                 state="injected",
                 created_event_id=event.event_id,
+                backend=event.backend,  # where the files were just written
                 mode=mode,
                 home=event.home,
                 user=event.user,
@@ -251,7 +280,7 @@ class CredentialInjector:
         return Injected(self._injected_event(event, record), tuple(written))
 
     @staticmethod
-    def _target(event: SandboxCreated, record: domain.LiveSandbox, *, must_exist: bool = False) -> Target:
+    def _target(event: SandboxCreated, record: domain.LiveSandbox) -> Target:
         """The e2b sandbox created for this platform sandbox earlier: connect, never create again."""
         return Target(
             event_id=event.event_id,
@@ -259,23 +288,11 @@ class CredentialInjector:
             backend=event.backend,
             home=event.home,
             user=event.user,
-            must_exist=must_exist,
         )
 
     @staticmethod
     def _injected_event(event: SandboxCreated, record: domain.LiveSandbox) -> SandboxCredentialsInjected:
-        return SandboxCredentialsInjected(
-            event_id=derived_event_id(event.event_id, "injected"),
-            user_id=event.user_id,
-            sandbox_id=event.sandbox_id,
-            cause_event_id=event.event_id,
-            backend=event.backend,
-            mode=record.mode,
-            expires_at=record.expires_at or 0,
-            files=list(record.files),
-            env=dict(record.env),
-            backend_sandbox_id=record.backend_sandbox_id,
-        )
+        return injected_event(record, event_id=derived_event_id(event.event_id, "injected"))
 
     async def _settle_final(self, event: SandboxCreated, error: SandboxError) -> None:
         """After a final failure: drop our own `pending` intent; and when the person has no
@@ -295,23 +312,21 @@ class CredentialInjector:
                     if record.backend_sandbox_id and record.template is not None:
                         # created from a template for this event, never injected: nobody else
                         # knows its id, so it would only run until its timeout
-                        discard = getattr(self._backends[event.backend], "discard", None)
-                        if discard is not None:
-                            await discard(record.backend_sandbox_id)
+                        await self._backends[event.backend].discard(record.backend_sandbox_id)
                     await self._registry.forget(event.user_id, event.sandbox_id)
         except Exception as exc:  # noqa: BLE001 - the failure report matters more
             log.warning("sandbox.settle_failed", sandbox_id=event.sandbox_id, error=repr(exc))
 
     async def _scrub(self, event: SandboxCreated, record: domain.LiveSandbox | None, revision: int | None) -> None:
         if record is not None:
-            target: Target = self._target(event, record, must_exist=True)
+            target: Target = self._target(event, record)
         else:
             target = Target(event_id=event.event_id, sandbox_id=event.sandbox_id, backend=event.backend,
-                            home=event.home, user=event.user, must_exist=True)
+                            home=event.home, user=event.user)
         config_dir = record.config_dir if record is not None else event.options.config_dir
         try:
-            async with self._backends[event.backend].open(target) as sandbox:
-                layout = domain.resolve_layout(sandbox.home, config_dir, env_file=self._options.env_file)
+            async with self._backends[event.backend].open(target, must_exist=True) as sandbox:
+                layout = self._options.layout(sandbox.home, config_dir)
                 removed = await scrub_credentials(sandbox, layout)
         except SandboxNotFound:
             return

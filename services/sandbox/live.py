@@ -32,7 +32,6 @@ from services.sandbox.adapters.live_registry import LiveRegistry
 from services.sandbox.adapters.vault_client import CredentialsFor, VaultClient
 from services.sandbox.errors import (
     BackendError,
-    BackendUnavailable,
     GrantInvalid,
     GrantRequired,
     SandboxError,
@@ -41,14 +40,15 @@ from services.sandbox.errors import (
 from services.sandbox.injector import (
     EventPublisher,
     InjectionOptions,
+    injected_event,
     occurred_ms,
+    provider_for,
 )
 from services.sandbox.writer import SandboxLocks, scrub_credentials, write_credentials
 from shared import subjects
 from shared.events import (
     GrantEnded,
     SandboxCredentialsFailed,
-    SandboxCredentialsInjected,
     SandboxCredentialsScrubbed,
     SandboxDestroyed,
     TokensRefreshed,
@@ -98,7 +98,6 @@ def _target(record: domain.LiveSandbox, event_id: str) -> Target:
         backend=record.backend,
         home=record.home,
         user=record.user,
-        must_exist=True,
     )
 
 
@@ -110,16 +109,16 @@ class LiveSandboxes:
         backends: Mapping[str, BackendProvider],
         publisher: EventPublisher,
         registry: LiveRegistry,
-        options: InjectionOptions | None = None,
-        locks: SandboxLocks | None = None,
+        options: InjectionOptions,
+        locks: SandboxLocks,
         concurrency: int = 4,
     ) -> None:
         self._vault = vault
         self._backends = dict(backends)
         self._publisher = publisher
         self._registry = registry
-        self._options = options or InjectionOptions()
-        self._locks = locks or SandboxLocks()
+        self._options = options
+        self._locks = locks
         self._concurrency = max(1, concurrency)
 
     # --- sandbox.destroyed ------------------------------------------------------------------
@@ -147,9 +146,7 @@ class LiveSandboxes:
                 if record.touched_by != event.event_id:  # its handler must redo with fresh credentials
                     await self._registry.save(replace(record, touched_by=event.event_id), revision=revision)
                 return None
-            provider = self._backends.get(record.backend)
-            if provider is None:
-                raise BackendUnavailable(f"backend {record.backend!r} is not configured in this service")
+            provider = provider_for(self._backends, record.backend)
             try:  # each sandbox under its own grant: the vault applies its newest lease
                 creds = await self._vault.fetch(CredentialsFor(
                     user_id=record.user_id, sandbox_id=record.sandbox_id, grant=record.grant, mode=record.mode))
@@ -160,24 +157,18 @@ class LiveSandboxes:
                     return None
                 raise
             bundle = domain.check_usable(creds.bundle)
-            mcp_package = self._options.mcp_package if record.mcp else None
-            fp = domain.fingerprint(
-                self._options.fingerprint_key,
-                mode=record.mode,
-                bundle=bundle,
-                config_dir=record.config_dir,
-                env_file=self._options.env_file,
-                mcp_package=mcp_package,
-            )
+            opts = self._options
+            fp = opts.fingerprint(bundle, mode=record.mode, config_dir=record.config_dir, mcp=record.mcp)
             if record.fingerprint == fp:
                 if record.touched_by == event.event_id:  # done by an earlier delivery: announce again
                     await self._announce_reinjected(event, record)
                     return record.sandbox_id
                 return None  # already holds these credentials
             try:
-                async with provider.open(_target(record, record.created_event_id)) as sandbox:
-                    layout = domain.resolve_layout(sandbox.home, record.config_dir, env_file=self._options.env_file)
-                    written = await write_credentials(sandbox, layout, record.mode, bundle, mcp_package=mcp_package)
+                async with provider.open(_target(record, record.created_event_id), must_exist=True) as sandbox:
+                    layout = opts.layout(sandbox.home, record.config_dir)
+                    written = await write_credentials(sandbox, layout, record.mode, bundle,
+                                                      mcp_package=opts.mcp_package_for(record.mcp))
             except SandboxNotFound:
                 await self._registry.forget(record.user_id, record.sandbox_id)
                 log.info("sandbox.gone_on_refresh", sandbox_id=record.sandbox_id, user_id=record.user_id)
@@ -204,19 +195,8 @@ class LiveSandboxes:
     async def _announce_reinjected(self, event: TokensRefreshed, record: domain.LiveSandbox) -> None:
         await self._publisher.publish(
             subjects.SANDBOX_CREDENTIALS_INJECTED,
-            SandboxCredentialsInjected(
-                event_id=_per_sandbox_id(event.event_id, record.sandbox_id, "reinjected"),
-                user_id=record.user_id,
-                sandbox_id=record.sandbox_id,
-                cause_event_id=record.created_event_id,
-                backend=record.backend,
-                mode=record.mode,
-                expires_at=record.expires_at or 0,
-                files=list(record.files),
-                env=dict(record.env),
-                backend_sandbox_id=record.backend_sandbox_id,
-                refreshed_by=event.event_id,
-            ),
+            injected_event(record, event_id=_per_sandbox_id(event.event_id, record.sandbox_id, "reinjected"),
+                           refreshed_by=event.event_id),
         )
 
     # --- tokens.revoked ---------------------------------------------------------------------
@@ -255,13 +235,11 @@ class LiveSandboxes:
                     await self._announce_scrubbed(event, record, gone=False)
                     return record.sandbox_id
                 return None
-            provider = self._backends.get(record.backend)
-            if provider is None:
-                raise BackendUnavailable(f"backend {record.backend!r} is not configured in this service")
+            provider = provider_for(self._backends, record.backend)
             gone = False
             try:
-                async with provider.open(_target(record, record.created_event_id)) as sandbox:
-                    layout = domain.resolve_layout(sandbox.home, record.config_dir, env_file=self._options.env_file)
+                async with provider.open(_target(record, record.created_event_id), must_exist=True) as sandbox:
+                    layout = self._options.layout(sandbox.home, record.config_dir)
                     removed = await scrub_credentials(sandbox, layout)
             except SandboxNotFound:
                 gone, removed = True, ()

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 
 from services.sandbox import domain
-from services.sandbox.adapters.backends.base import SandboxBackend
+from services.sandbox.adapters.backends.base import DirSpec, FileSpec, Found, SandboxBackend
 from services.sandbox.errors import SandboxError
 from shared.events import CredentialMode, TokenBundle
 
@@ -32,34 +31,17 @@ async def write_credentials(
     *,
     mcp_package: str | None = None,
 ) -> Written:
-    """Create the dirs (0700), then write each file (0600) whose bytes differ from what is there.
-    A backend with `update_files` (local: one worker-thread call; e2b: one read, one upload,
-    one command) does it in one call, any other with one call per file operation."""
-    update_files = getattr(sandbox, "update_files", None)
-    if update_files is not None:
-        dirs = [(directory, domain.DIR_MODE) for directory in layout.dirs(mode)]
+    """Create the dirs (0700), then write each file (0600) whose bytes differ from what is there
+    — one `update_files` call (local: one worker-thread call; e2b: one read, one upload, one
+    command)."""
+    dirs = [(directory, domain.DIR_MODE) for directory in layout.dirs(mode)]
 
-        def build(found: Mapping[PurePosixPath, bytes | None]) -> tuple[
-                list[tuple[PurePosixPath, int]], list[tuple[PurePosixPath, bytes, int]]]:
-            specs = domain.build_files(layout, mode, bundle, dict(found), mcp_package=mcp_package)
-            return dirs, [(spec.path, spec.content, spec.mode) for spec in specs]
+    def build(found: Found) -> tuple[list[DirSpec], list[FileSpec]]:
+        specs = domain.build_files(layout, mode, bundle, dict(found), mcp_package=mcp_package)
+        return dirs, [(spec.path, spec.content, spec.mode) for spec in specs]
 
-        built, done = await update_files(list(layout.merged_paths), build)
-        return Written(tuple(str(path) for path, _, _ in built), tuple(str(path) for path in done))
-    existing: dict[PurePosixPath, bytes | None] = {}
-    for path in layout.merged_paths:
-        existing[path] = await sandbox.read_file(path)
-    files = domain.build_files(layout, mode, bundle, existing, mcp_package=mcp_package)
-    for directory in layout.dirs(mode):
-        await sandbox.make_dir(directory, domain.DIR_MODE)
-    written: list[str] = []
-    for spec in files:
-        current = existing[spec.path] if spec.path in existing else await sandbox.read_file(spec.path)
-        if current == spec.content:
-            continue
-        await sandbox.write_file(spec.path, spec.content, spec.mode)
-        written.append(str(spec.path))
-    return Written(tuple(str(spec.path) for spec in files), tuple(written))
+    built, done = await sandbox.update_files(list(layout.merged_paths), build)
+    return Written(tuple(str(path) for path, _, _ in built), tuple(str(path) for path in done))
 
 
 async def scrub_credentials(sandbox: SandboxBackend, layout: domain.Layout) -> tuple[str, ...]:

@@ -132,12 +132,12 @@ async def test_concurrency_per_replica_is_bounded(
 
     class Slow(LocalBackend):
         @asynccontextmanager
-        async def open(self, event: Any) -> AsyncIterator[Any]:
+        async def open(self, event: Any, *, must_exist: bool = False) -> AsyncIterator[Any]:
             state["now"] += 1
             state["peak"] = max(state["peak"], state["now"])
             try:
                 await asyncio.sleep(0.05)
-                async with super().open(event) as sandbox:
+                async with super().open(event, must_exist=must_exist) as sandbox:
                     yield sandbox
             finally:
                 state["now"] -= 1

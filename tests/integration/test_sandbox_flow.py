@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from nats.aio.client import Client
 
+from services.sandbox.adapters.backends.base import FileByFile
 from services.sandbox.adapters.backends.local import LocalBackend
 from shared import subjects
 from shared.events import CredentialMode, SandboxCreated, SandboxOptions
@@ -203,16 +204,20 @@ class CountingBackend:
         await self.inner.aclose()
 
     @asynccontextmanager
-    async def open(self, event: SandboxCreated) -> AsyncIterator[Any]:
+    async def open(self, event: SandboxCreated, *, must_exist: bool = False) -> AsyncIterator[Any]:
         writes = self.writes
 
-        class Counting:
+        class Counting(FileByFile):
             def __init__(self, sandbox: Any) -> None:
                 self._s = sandbox
 
             @property
             def home(self) -> PurePosixPath:
                 return self._s.home
+
+            @property
+            def backend_sandbox_id(self) -> str | None:
+                return self._s.backend_sandbox_id
 
             async def read_file(self, path: PurePosixPath) -> bytes | None:
                 return await self._s.read_file(path)
@@ -227,8 +232,11 @@ class CountingBackend:
             async def remove(self, path: PurePosixPath) -> None:
                 await self._s.remove(path)
 
-        async with self.inner.open(event) as sandbox:
+        async with self.inner.open(event, must_exist=must_exist) as sandbox:
             yield Counting(sandbox)
+
+    async def discard(self, sandbox_id: str) -> None:
+        await self.inner.discard(sandbox_id)
 
 
 async def test_duplicate_event_has_one_effect(

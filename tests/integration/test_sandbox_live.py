@@ -246,10 +246,10 @@ async def gated_replicas(nats_url: str, tmp_path: Path) -> AsyncIterator[tuple[l
             self.index = index
 
         @asynccontextmanager
-        async def open(self, event: Any) -> AsyncIterator[Any]:
+        async def open(self, event: Any, *, must_exist: bool = False) -> AsyncIterator[Any]:
             if self.index == 0 and not handled[0]:
                 await asyncio.wait_for(b_did_one.wait(), WAIT)
-            async with super().open(event) as sandbox:
+            async with super().open(event, must_exist=must_exist) as sandbox:
                 yield sandbox
             handled[self.index].append(event.sandbox_id)
             if self.index == 1:

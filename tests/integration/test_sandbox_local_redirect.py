@@ -95,8 +95,8 @@ def bundle(token: str) -> TokenBundle:
 async def inject(backend: LocalBackend, sandbox_id: str, tokens: TokenBundle, *, first: bool = False,
                  seen: list[Mapping[PurePosixPath, bytes | None]] | None = None) -> None:
     """What the service does for sandbox.created (`first`) or a re-injection (a known sandbox)."""
-    target = Target(event_id="e" * 16, sandbox_id=sandbox_id, backend="local", must_exist=not first)
-    async with backend.open(target) as sandbox:
+    target = Target(event_id="e" * 16, sandbox_id=sandbox_id, backend="local")
+    async with backend.open(target, must_exist=not first) as sandbox:
         layout = domain.resolve_layout(sandbox.home, None, env_file=domain.DEFAULT_ENV_FILE)
         await write_credentials(Spy(sandbox, seen) if seen is not None else sandbox, layout, "file", tokens)
 

@@ -95,12 +95,6 @@ def test_env_file_setting_must_stay_in_home(value: str) -> None:
         domain.env_file_path(value)
 
 
-def test_secret_paths_per_mode() -> None:
-    layout = domain.resolve_layout(HOME)
-    assert layout.secret_paths("env") == (HOME / ".config/ccbridge/env",)
-    assert layout.secret_paths("file") == (HOME / ".claude/.credentials.json",)
-
-
 @pytest.mark.parametrize("mode", ["file", "access_only"])
 def test_token_without_inference_scope_is_refused(mode: str) -> None:
     with pytest.raises(VaultError) as info:

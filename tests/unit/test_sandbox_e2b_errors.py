@@ -38,6 +38,7 @@ from services.sandbox.adapters.backends.e2b import (
     put_script,
     read_script,
     staged_name,
+    tmp_name,
 )
 from services.sandbox.errors import BackendError, BackendUnavailable, SandboxNotFound
 
@@ -130,7 +131,7 @@ def test_config_repr_hides_the_api_key() -> None:
 
 
 def test_temp_name_is_next_to_the_target() -> None:
-    assert E2BSandbox.tmp_of(PurePosixPath("/home/user/.claude/.credentials.json")) == PurePosixPath(
+    assert tmp_name(PurePosixPath("/home/user/.claude/.credentials.json")) == PurePosixPath(
         "/home/user/.claude/..credentials.json.ccbridge-tmp")
 
 

@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 
+from services.sandbox.adapters.backends.base import FileByFile
 from services.sandbox.adapters.live_registry import MemoryLiveRegistry
 from services.sandbox.adapters.vault_client import CredentialsFor, VaultCredentials
 from services.sandbox.errors import BackendError, NotConnected, ReconnectRequired, SandboxError, VaultUnavailable
-from services.sandbox.injector import CredentialInjector, Injected
+from services.sandbox.injector import CredentialInjector, Injected, InjectionOptions
+from services.sandbox.writer import SandboxLocks
 from shared import subjects
 from shared.delivery import DeliveryPolicy
 from shared.events import (
@@ -65,7 +67,9 @@ class FakePublisher:
         self.published.append((subject, event))
 
 
-class MemorySandbox:
+class MemorySandbox(FileByFile):
+    backend_sandbox_id = None
+
     def __init__(self, home: PurePosixPath, store: dict[PurePosixPath, tuple[bytes, int]], log: list[str],
                  fail_writes: Exception | None) -> None:
         self._home = home
@@ -108,9 +112,15 @@ class MemoryBackend:
         self.fail_writes: Exception | None = None
 
     @asynccontextmanager
-    async def open(self, event: SandboxCreated) -> AsyncIterator[MemorySandbox]:
+    async def open(self, event: SandboxCreated, *, must_exist: bool = False) -> AsyncIterator[MemorySandbox]:
         store = self.homes.setdefault(event.sandbox_id, {})
         yield MemorySandbox(PurePosixPath("/sbx") / event.sandbox_id, store, self.log, self.fail_writes)
+
+    async def discard(self, sandbox_id: str) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
 
     def writes(self) -> list[str]:
         return [line for line in self.log if line.startswith("write")]
@@ -143,7 +153,8 @@ def make(vault: FakeVault | None = None, publisher: FakePublisher | None = None,
         backends={"local": backend},
         publisher=publisher,
         registry=MemoryLiveRegistry(),
-        default_mode=default_mode,
+        options=InjectionOptions(default_mode=default_mode),
+        locks=SandboxLocks(),
     )
     return Settling(injector, policy(max_deliver=max_deliver, window_s=window_s)), vault, publisher, backend
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from services.sandbox import domain
+from services.sandbox.adapters.backends.base import FileByFile
 from services.sandbox.adapters.live_registry import Lookup, MemoryLiveRegistry
 from services.sandbox.adapters.vault_client import CredentialsFor, VaultCredentials
 from services.sandbox.errors import BackendError, GrantInvalid, LiveRecordChanged, NotConnected, SandboxNotFound
@@ -92,7 +93,9 @@ class Publisher:
         return [e for _, e in self.published if isinstance(e, kind)]
 
 
-class Sandbox:
+class Sandbox(FileByFile):
+    backend_sandbox_id = None
+
     def __init__(self, home: PurePosixPath, files: dict[PurePosixPath, bytes], log: list[str]) -> None:
         self._home, self.files, self.log = home, files, log
 
@@ -127,8 +130,8 @@ class Backend:
         self.before_write: Any = None
 
     @asynccontextmanager
-    async def open(self, target: Any) -> AsyncIterator[Sandbox]:
-        if target.sandbox_id in self.gone or (getattr(target, "must_exist", False) and target.sandbox_id not in self.homes):
+    async def open(self, target: Any, *, must_exist: bool = False) -> AsyncIterator[Sandbox]:
+        if target.sandbox_id in self.gone or (must_exist and target.sandbox_id not in self.homes):
             raise SandboxNotFound(f"{target.sandbox_id} is gone")
         if self.fail is not None:
             raise self.fail
@@ -136,6 +139,12 @@ class Backend:
             await self.before_write(target)
         files = self.homes.setdefault(target.sandbox_id, {})
         yield Sandbox(PurePosixPath("/home") / target.sandbox_id, files, self.log)
+
+    async def discard(self, sandbox_id: str) -> None:
+        self.log.append(f"discard {sandbox_id}")
+
+    async def aclose(self) -> None:
+        pass
 
     def creds(self, sandbox_id: str) -> dict[str, Any] | None:
         raw = self.homes.get(sandbox_id, {}).get(PurePosixPath(f"/home/{sandbox_id}/.claude/.credentials.json"))
@@ -277,7 +286,8 @@ async def test_revoke_racing_an_injection_leaves_no_credentials() -> None:
         world.backend.before_write = None
         # not under the same replica's lock: another replica handles the revoke
         live = LiveSandboxes(vault=world.vault, backends={"local": world.backend}, publisher=world.publisher,
-                             registry=world.registry, options=InjectionOptions(fingerprint_key=b"k" * 32))
+                             registry=world.registry, options=InjectionOptions(fingerprint_key=b"k" * 32),
+                             locks=SandboxLocks())
         scrubbed.append(await live.on_revoked(revoke))
 
     world.backend.before_write = revoke_now
@@ -387,8 +397,8 @@ async def test_refresh_touches_a_pending_injection_so_it_redoes_with_fresh_crede
         world.vault.bundles["u"] = bundle(2)
         # another replica (its own locks; the same replica would simply wait for the injection)
         other = LiveSandboxes(vault=world.vault, backends={"local": world.backend}, publisher=world.publisher,
-                              registry=world.registry, dead_letters=world.dead,
-                              options=InjectionOptions(fingerprint_key=b"k" * 32))
+                              registry=world.registry, options=InjectionOptions(fingerprint_key=b"k" * 32),
+                              locks=SandboxLocks())
         assert isinstance(await other.on_refreshed(refresh), Done)
 
     world.backend.before_write = refresh_meanwhile

@@ -13,7 +13,7 @@ from services.sandbox.adapters.backends.base import SandboxBackend, Target
 from services.sandbox.adapters.backends.local import LocalBackend, LocalSandbox
 from services.sandbox.errors import BackendError, PathOutsideSandbox, SandboxNotFound
 from shared.events import SandboxCreated
-from tests.local_fs import leftovers, mode_of
+from tests.local_fs import leftovers, mode_of, write_files
 
 
 async def test_open_creates_home_under_root_and_satisfies_the_port(tmp_path: Path) -> None:
@@ -205,7 +205,7 @@ async def test_home_is_a_direct_child_of_root_and_never_a_symlink(tmp_path: Path
             with pytest.raises(PathOutsideSandbox):
                 await sandbox.read_file(PurePosixPath("x.json"))
         with pytest.raises(PathOutsideSandbox):
-            async with backend.open(Target(event_id="e" * 8, sandbox_id=name, backend="local")):
+            async with backend.open(Target(event_id="e" * 8, sandbox_id=name, backend="local"), must_exist=True):
                 pass
     assert list((root / "sbx-2").iterdir()) == [] and not (tmp_path / "x.json").exists()
     backend.close()
@@ -235,9 +235,9 @@ async def test_stale_temp_copies_are_discarded_and_removed_with_their_file(home:
     old = os.stat(stale).st_mtime - 60
     os.utime(stale, (old, old))
     os.utime(other, (old, old))
-    assert await sandbox.discard_temps(PurePosixPath(".claude/.credentials.json")) == 1
+    await write_files(sandbox, [], [(PurePosixPath(".claude/.credentials.json"), b"{}", 0o600)])
     assert not stale.exists() and fresh.exists() and other.exists()  # a live writer's copy is young
-    creds.write_text("{}")
+    assert creds.read_bytes() == b"{}"
     await sandbox.remove(PurePosixPath(".claude/.credentials.json"))
     assert not creds.exists() and not fresh.exists()
     assert other.exists()  # only the removed file's copies
@@ -246,16 +246,17 @@ async def test_stale_temp_copies_are_discarded_and_removed_with_their_file(home:
 async def test_open_of_a_known_sandbox_does_not_recreate_a_missing_home(tmp_path: Path) -> None:
     backend = LocalBackend(tmp_path / "sandboxes")
     with pytest.raises(SandboxNotFound):
-        async with backend.open(Target(event_id="e" * 8, sandbox_id="gone", backend="local")):
+        async with backend.open(Target(event_id="e" * 8, sandbox_id="gone", backend="local"), must_exist=True):
             pass
     assert not (tmp_path / "sandboxes" / "gone").exists()
     (tmp_path / "sandboxes").mkdir()
     (tmp_path / "sandboxes" / "afile").write_text("not a home")
     with pytest.raises(SandboxNotFound):
-        async with backend.open(Target(event_id="e" * 8, sandbox_id="afile", backend="local")):
+        async with backend.open(Target(event_id="e" * 8, sandbox_id="afile", backend="local"), must_exist=True):
             pass
     (tmp_path / "sandboxes" / "there").mkdir()
-    async with backend.open(Target(event_id="e" * 8, sandbox_id="there", backend="local")) as sandbox:
+    async with backend.open(Target(event_id="e" * 8, sandbox_id="there", backend="local"),
+                            must_exist=True) as sandbox:
         assert await sandbox.read_file(PurePosixPath(".claude.json")) is None
     await backend.aclose()
 

@@ -1,6 +1,7 @@
-"""Local backend, batched path (`read_files` / `write_files` / `update_files`, one worker-thread
-call each): same guarantees as the one-file calls — exact modes, atomic replace, no temp files
-left, stale temp copies discarded, confinement to the home, unchanged files not rewritten."""
+"""Local backend, batched path (`update_files`: one worker-thread call per injection;
+`write_files` / `read_files` are it only writing or only reading): same guarantees as the
+one-file calls — exact modes, atomic replace, no temp files left, stale temp copies discarded,
+confinement to the home, unchanged files not rewritten."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from services.sandbox.adapters.backends.local import LocalBackend, LocalSandbox
 from services.sandbox.errors import BackendError, PathOutsideSandbox
 from shared.events import SandboxCreated
-from tests.local_fs import leftovers, mode_of
+from tests.local_fs import leftovers, mode_of, read_files, write_files
 
 CREDS = PurePosixPath(".claude/.credentials.json")
 CONFIG = PurePosixPath(".claude.json")
@@ -28,8 +29,8 @@ async def test_write_files_creates_dirs_and_files_with_exact_modes(home: Path) -
     old = os.umask(0o077)
     try:
         sandbox = LocalSandbox(home)
-        written = await sandbox.write_files(
-            [(PurePosixPath(".claude"), 0o700)], [(CREDS, b'{"a":1}', 0o600), (CONFIG, b"{}", 0o644)]
+        written = await write_files(
+            sandbox, [(PurePosixPath(".claude"), 0o700)], [(CREDS, b'{"a":1}', 0o600), (CONFIG, b"{}", 0o644)]
         )
     finally:
         os.umask(old)
@@ -43,11 +44,12 @@ async def test_write_files_creates_dirs_and_files_with_exact_modes(home: Path) -
 
 async def test_unchanged_files_are_not_rewritten(home: Path) -> None:
     sandbox = LocalSandbox(home)
-    await sandbox.write_files([(PurePosixPath(".claude"), 0o700)], [(CREDS, b"same", 0o600)])
+    await write_files(sandbox, [(PurePosixPath(".claude"), 0o700)], [(CREDS, b"same", 0o600)])
     inode = (home / ".claude/.credentials.json").stat().st_ino
-    found = await sandbox.read_files([CREDS, CONFIG])
-    assert found == {CREDS: b"same", CONFIG: None}
-    written = await sandbox.write_files([], [(CREDS, b"same", 0o600), (CONFIG, b"{}", 0o600)], known=found)
+    found: list[Mapping[PurePosixPath, bytes | None]] = []
+    _, written = await sandbox.update_files(
+        [CREDS, CONFIG], lambda seen: (found.append(seen), ([], [(CREDS, b"same", 0o600), (CONFIG, b"{}", 0o600)]))[1])
+    assert found == [{CREDS: b"same", CONFIG: None}]
     assert written == [CONFIG]
     assert (home / ".claude/.credentials.json").stat().st_ino == inode
 
@@ -62,7 +64,7 @@ async def test_write_files_discards_stale_temp_copies(home: Path) -> None:
         path.write_text("secret copy")
     old = os.stat(stale).st_mtime - 60
     os.utime(stale, (old, old))
-    await LocalSandbox(home).write_files([], [(CREDS, b"new", 0o600)])
+    await write_files(LocalSandbox(home), [], [(CREDS, b"new", 0o600)])
     assert not stale.exists() and young.exists()
     assert (home / ".claude/.credentials.json").read_bytes() == b"new"
 
@@ -71,9 +73,9 @@ async def test_write_files_refuses_paths_outside_and_leaves_nothing(home: Path, 
     sandbox = LocalSandbox(home)
     (home / "out").symlink_to(tmp_path)
     with pytest.raises(PathOutsideSandbox):
-        await sandbox.write_files([], [(PurePosixPath("ok.json"), b"1", 0o600), (PurePosixPath("out/x"), b"2", 0o600)])
+        await write_files(sandbox, [], [(PurePosixPath("ok.json"), b"1", 0o600), (PurePosixPath("out/x"), b"2", 0o600)])
     with pytest.raises(PathOutsideSandbox):
-        await sandbox.read_files([PurePosixPath("../../etc/passwd")])
+        await read_files(sandbox, [PurePosixPath("../../etc/passwd")])
     assert not (home / "ok.json").exists()  # nothing renamed before every path was checked
     assert leftovers(home) == [] and not (tmp_path / "x").exists()
 
@@ -111,8 +113,8 @@ async def test_not_durable_never_fsyncs(home: Path, monkeypatch: pytest.MonkeyPa
     old = os.umask(0o077)
     try:
         sandbox = LocalSandbox(home, durable=False)
-        await sandbox.write_files(
-            [(PurePosixPath(".claude"), 0o700)], [(CREDS, b'{"a":1}', 0o600), (CONFIG, b"{}", 0o644)]
+        await write_files(
+            sandbox, [(PurePosixPath(".claude"), 0o700)], [(CREDS, b'{"a":1}', 0o600), (CONFIG, b"{}", 0o644)]
         )
         await sandbox.update_files(
             [CREDS, CONFIG], lambda found: ([], [(CREDS, b'{"a":2}', 0o600), (CONFIG, b"{}", 0o644)])
@@ -136,8 +138,8 @@ async def test_durable_fsyncs_every_written_file_and_its_directory(
     calls = record_fsyncs(monkeypatch)
     sandbox = LocalSandbox(home, durable=True)
     real_home = os.path.realpath(home)
-    written = await sandbox.write_files(
-        [(PurePosixPath(".claude"), 0o700)], [(CREDS, b'{"a":1}', 0o600), (CONFIG, b"{}", 0o644)]
+    written = await write_files(
+        sandbox, [(PurePosixPath(".claude"), 0o700)], [(CREDS, b'{"a":1}', 0o600), (CONFIG, b"{}", 0o644)]
     )
     assert written == [CREDS, CONFIG]
     # the new directory's entry first (in its parent, the home)
@@ -162,7 +164,7 @@ async def test_durable_fsyncs_every_written_file_and_its_directory(
     assert leftovers(home) == [] and leftovers(home / ".claude") == []
 
     calls.clear()  # nothing changed: nothing to sync
-    assert await sandbox.write_files([], [(CONFIG, b"{}", 0o644)]) == []
+    assert await write_files(sandbox, [], [(CONFIG, b"{}", 0o644)]) == []
     assert calls == []
 
 
@@ -171,12 +173,12 @@ async def test_backend_durable_flag_reaches_its_sandboxes(tmp_path: Path, monkey
     async with LocalBackend(tmp_path / "fast", durable=False).open(
         SandboxCreated(user_id="u", sandbox_id="sbx-1")
     ) as sandbox:
-        await sandbox.write_files([], [(CONFIG, b"{}", 0o600)])
+        await write_files(sandbox, [], [(CONFIG, b"{}", 0o600)])
     assert calls == []
     async with LocalBackend(tmp_path / "safe", durable=True).open(
         SandboxCreated(user_id="u", sandbox_id="sbx-1")
     ) as sandbox:
-        await sandbox.write_files([], [(CONFIG, b"{}", 0o600)])
+        await write_files(sandbox, [], [(CONFIG, b"{}", 0o600)])
     # the new home's entry in the root, the temp file, the home after the rename
     assert [kind for kind, _ in calls] == ["dir", "file", "dir"]
     assert calls[0][1] == os.path.realpath(tmp_path / "safe")
@@ -199,7 +201,7 @@ async def test_sandboxes_written_at_the_same_time_share_one_io_call_and_fail_alo
 
     async def write(sandbox_id: str, path: PurePosixPath) -> list[PurePosixPath]:
         async with backend.open(SandboxCreated(user_id="u", sandbox_id=sandbox_id)) as sandbox:
-            return await sandbox.write_files([], [(path, b"{}", 0o600)])
+            return await write_files(sandbox, [], [(path, b"{}", 0o600)])
 
     results = await asyncio.gather(write("sbx-1", CONFIG), write("sbx-2", PurePosixPath("../escape.json")),
                                    write("sbx-3", CONFIG), return_exceptions=True)
@@ -329,7 +331,7 @@ async def test_a_home_given_through_a_symlink_is_refused(tree: Path, tmp_path: P
     with pytest.raises(PathOutsideSandbox):
         await sandbox.read_file(PurePosixPath("f"))
     with pytest.raises(PathOutsideSandbox):
-        await sandbox.write_files([], [(PurePosixPath("new.json"), b"1", 0o600)])
+        await write_files(sandbox, [], [(PurePosixPath("new.json"), b"1", 0o600)])
     assert not (tree / "new.json").exists()
 
 
@@ -432,22 +434,18 @@ async def test_first_operation_after_open_creates_the_home_without_an_extra_thre
         assert seen == [{CREDS: None}]
         assert written == [CREDS]
         # later calls still work and do not re-create anything
-        assert await sandbox.read_files([CREDS]) == {CREDS: b"t"}
+        assert await read_files(sandbox, [CREDS]) == {CREDS: b"t"}
     home = root / "sbx-9"
     assert home.is_dir() and mode_of(home) == 0o700
     assert (home / ".claude/.credentials.json").read_bytes() == b"t"
     assert mode_of(home / ".claude/.credentials.json") == 0o600
 
 
-@pytest.mark.parametrize("first", ["read_files", "write_files", "update_files", "read_file", "write_file", "make_dir"])
+@pytest.mark.parametrize("first", ["update_files", "read_file", "write_file", "make_dir"])
 async def test_every_first_operation_creates_the_home(tmp_path: Path, first: str) -> None:
     root = tmp_path / "sandboxes"
     async with LocalBackend(root, durable=False).open(SandboxCreated(user_id="u", sandbox_id="sbx-3")) as sandbox:
-        if first == "read_files":
-            assert await sandbox.read_files([CONFIG]) == {CONFIG: None}
-        elif first == "write_files":
-            await sandbox.write_files([], [(CONFIG, b"{}", 0o600)])
-        elif first == "update_files":
+        if first == "update_files":
             await sandbox.update_files([CONFIG], lambda found: ([], []))
         elif first == "read_file":
             assert await sandbox.read_file(CONFIG) is None
@@ -480,7 +478,7 @@ async def test_write_files_discards_only_old_copies_of_its_targets(home: Path) -
     old_dir.mkdir()
     for path in (old_creds, old_settings, old_prefix, old_config, old_dir):
         age(path, 60)
-    await LocalSandbox(home).write_files([], [(CREDS, b"c", 0o600), (CONFIG, b"{}", 0o600)])
+    await write_files(LocalSandbox(home), [], [(CREDS, b"c", 0o600), (CONFIG, b"{}", 0o600)])
     assert not old_creds.exists() and not old_config.exists()
     assert young_creds.exists() and old_settings.exists() and old_prefix.exists() and old_dir.is_dir()
 
@@ -499,21 +497,9 @@ async def test_stale_temps_are_listed_once_per_directory(home: Path, monkeypatch
 
     monkeypatch.setattr(os, "scandir", counting_scandir)
     files = [(PurePosixPath(name), b"1", 0o600) for name in ("d/x", "d/y", "d/z", "top")]
-    await LocalSandbox(home, durable=False).write_files([], files)
+    await write_files(LocalSandbox(home, durable=False), [], files)
     assert len(scans) == 2  # the home and d
     assert not temp.exists()
-
-
-async def test_discard_temps_age_threshold(home: Path) -> None:
-    temp = home / ".t.0123456789ab.ccbridge-tmp"
-    temp.write_text("copy")
-    age(temp, 5)
-    sandbox = LocalSandbox(home)
-    assert await sandbox.discard_temps(PurePosixPath("t"), min_age=10.0) == 0
-    assert temp.exists()
-    assert await sandbox.discard_temps(PurePosixPath("t"), min_age=1.0) == 1
-    assert not temp.exists()
-    assert await sandbox.discard_temps(PurePosixPath("missing/t")) == 0
 
 
 async def test_concurrent_first_operations_all_wait_for_the_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

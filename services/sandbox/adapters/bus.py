@@ -1,4 +1,5 @@
-"""Bus adapters: publishing result events, dead letters, and the durable consumers' config.
+"""Bus adapters: publishing result events, and the durable consumers' config (dead letters:
+`shared.broker`).
 
 The five consumers are durable JetStream *pull* consumers: every replica of the service
 pulls from the same durable, so each message goes to one replica at a time — the JetStream

@@ -8,16 +8,27 @@ maps sandbox `<id>` to `<LOCAL_SANDBOX_ROOT>/<id>`; the e2b provider connects to
 `BackendError` (transient unless said otherwise), `PathOutsideSandbox`, `SandboxNotFound`,
 `BackendUnavailable`.
 
-An open sandbox may expose `backend_sandbox_id` (the e2b sandboxID of a sandbox it created);
-`backend_sandbox_id_of()` reads it with a None default, so simple fakes need not define it.
+`FileByFile` is the reference meaning of `update_files` in terms of the single-file calls; the
+real backends do the same in fewer round trips (local: one worker-thread call; e2b: one read,
+one upload, one command).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
+
+DirSpec = tuple[PurePosixPath, int]
+"""A directory and its exact permission bits."""
+FileSpec = tuple[PurePosixPath, bytes, int]
+"""A file, its whole content and its exact permission bits."""
+Found = Mapping[PurePosixPath, bytes | None]
+"""What `update_files` read: each path's bytes, None when it does not exist."""
+Build = Callable[[Found], tuple[Sequence[DirSpec], Sequence[FileSpec]]]
+"""From what was read, the dirs to ensure and the files to hold."""
 
 
 class SandboxTarget(Protocol):
@@ -49,13 +60,6 @@ class Target:
     home: str | None = None
     user: str | None = None
     template: str | None = None
-    must_exist: bool = True
-    """The local backend does not create a missing home for it: the sandbox is gone."""
-
-
-def backend_sandbox_id_of(sandbox: Any) -> str | None:
-    value = getattr(sandbox, "backend_sandbox_id", None)
-    return value if isinstance(value, str) and value else None
 
 
 @runtime_checkable
@@ -63,6 +67,11 @@ class SandboxBackend(Protocol):
     @property
     def home(self) -> PurePosixPath:
         """The sandbox user's home directory."""
+        ...
+
+    @property
+    def backend_sandbox_id(self) -> str | None:
+        """The backend's own id of a sandbox this open created (e2b: from a template), else None."""
         ...
 
     async def read_file(self, path: PurePosixPath) -> bytes | None:
@@ -82,13 +91,53 @@ class SandboxBackend(Protocol):
         """Remove a file or directory tree; absent is fine."""
         ...
 
+    async def update_files(
+        self, paths: Sequence[PurePosixPath], build: Build
+    ) -> tuple[list[FileSpec], list[PurePosixPath]]:
+        """Read `paths`, `build(what was read) -> (dirs, files)`, make each dir (`make_dir`),
+        then write each file (`write_file`) whose bytes differ from what is there. Returns
+        (the files built, the paths written). `FileByFile.update_files` is its meaning."""
+        ...
+
+
+class FileByFile:
+    """`SandboxBackend.update_files` done with one call per file operation — the port's
+    semantics, for a backend (or a test fake) that has nothing faster."""
+
+    async def update_files(
+        self: SandboxBackend, paths: Sequence[PurePosixPath], build: Build
+    ) -> tuple[list[FileSpec], list[PurePosixPath]]:
+        found: dict[PurePosixPath, bytes | None] = {}
+        for path in paths:
+            found[path] = await self.read_file(path)
+        dirs, built = build(found)
+        files = list(built)
+        for directory, mode in dirs:
+            await self.make_dir(directory, mode)
+        written: list[PurePosixPath] = []
+        for path, data, mode in files:
+            current = found[path] if path in found else await self.read_file(path)
+            if current == data:
+                continue
+            await self.write_file(path, data, mode)
+            written.append(path)
+        return files, written
+
 
 class BackendProvider(Protocol):
     kind: str
     """The `backend` value of sandbox.created this provider serves ("local" | "e2b")."""
 
-    def open(self, event: SandboxTarget) -> AbstractAsyncContextManager[SandboxBackend]:
-        """The sandbox of this target, ready for file operations until the context exits."""
+    def open(self, target: SandboxTarget, *, must_exist: bool = False
+             ) -> AbstractAsyncContextManager[SandboxBackend]:
+        """The sandbox of this target, ready for file operations until the context exits.
+        `must_exist`: a sandbox known from the live registry — raise `SandboxNotFound` when it
+        is gone instead of setting it up anew (local: the home is not re-created)."""
+        ...
+
+    async def discard(self, sandbox_id: str) -> None:
+        """Destroy a sandbox this provider created from a template (`backend_sandbox_id`) whose
+        injection failed for good: nobody else knows its id. Best effort; errors are raised."""
         ...
 
     async def aclose(self) -> None:

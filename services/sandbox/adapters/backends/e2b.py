@@ -74,7 +74,7 @@ import re
 import secrets
 import shlex
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -101,7 +101,7 @@ from e2b import (
 from e2b.sandbox.filesystem.filesystem import WriteEntry
 from pydantic import SecretStr
 
-from services.sandbox.adapters.backends.base import SandboxTarget
+from services.sandbox.adapters.backends.base import Build, DirSpec, FileSpec, SandboxTarget
 from services.sandbox.errors import BackendError, BackendUnavailable, SandboxError, SandboxNotFound
 from shared.logging import get_logger
 
@@ -252,7 +252,7 @@ def read_script(tag: str, user: str, paths: Sequence[PurePosixPath]) -> str:
     return "\n".join(lines)
 
 
-def put_script(tag: str, dirs: Sequence[tuple[PurePosixPath, int]],
+def put_script(tag: str, dirs: Sequence[DirSpec],
                files: Sequence[tuple[PurePosixPath, PurePosixPath, int]]) -> str:
     """Step 4 (see the module docstring). `files`: (target, staged copy, mode). Exit 3: a
     directory is a symbolic link; 4: cannot create or chmod a directory; 5: a directory is not
@@ -365,8 +365,6 @@ class E2BSandbox:
             raise BackendError(f"e2b: refusing path {str(target)[:80]!r}", retryable=False)
         return target
 
-    tmp_of = staticmethod(tmp_name)
-
     # --- transport ----------------------------------------------------------------------------
     async def _exec(self, script: str, action: str, *, out_limit: int = _OUTPUT_CAP) -> _Output:
         """Run `script` as the user (bash -l -c); a non-zero exit is returned, not raised."""
@@ -467,8 +465,8 @@ class E2BSandbox:
                 f"(found {' '.join(facts or ['nothing'])!r})", retryable=False)
 
     # --- steps 3 and 4: write ------------------------------------------------------------------
-    async def _put(self, dirs: Sequence[tuple[PurePosixPath, int]],
-                   files: Sequence[tuple[PurePosixPath, bytes, int]]) -> set[PurePosixPath]:
+    async def _put(self, dirs: Sequence[DirSpec],
+                   files: Sequence[FileSpec]) -> set[PurePosixPath]:
         """Stage `files` (one upload) and move them into place with `dirs` ensured (one command);
         verified. Returns the targets actually replaced."""
         token = secrets.token_hex(16)
@@ -493,8 +491,8 @@ class E2BSandbox:
             raise
         return self._verify(tag, result, dirs, files, action)
 
-    def _verify(self, tag: str, result: _Output, dirs: Sequence[tuple[PurePosixPath, int]],
-                files: Sequence[tuple[PurePosixPath, bytes, int]], action: str) -> set[PurePosixPath]:
+    def _verify(self, tag: str, result: _Output, dirs: Sequence[DirSpec],
+                files: Sequence[FileSpec], action: str) -> set[PurePosixPath]:
         tagged = result.tagged(tag)
         if dirs and result.code in (3, 4, 5):
             index = max((int(w[1]) for w in tagged if w[:1] == ["d"] and w[1:2] and w[1].isdigit()), default=0)
@@ -551,11 +549,8 @@ class E2BSandbox:
 
     # --- the SandboxBackend port ---------------------------------------------------------------
     async def update_files(
-        self,
-        paths: Sequence[PurePosixPath],
-        build: Callable[[Mapping[PurePosixPath, bytes | None]], tuple[
-            Sequence[tuple[PurePosixPath, int]], Sequence[tuple[PurePosixPath, bytes, int]]]],
-    ) -> tuple[list[tuple[PurePosixPath, bytes, int]], list[PurePosixPath]]:
+        self, paths: Sequence[PurePosixPath], build: Build
+    ) -> tuple[list[FileSpec], list[PurePosixPath]]:
         """Read `paths` (one command), `build(what was read) -> (dirs, files)`, then write the
         files whose bytes changed and ensure the dirs (one upload + one command). Returns (the
         files built, the paths written) — like `LocalSandbox.update_files`."""
@@ -635,29 +630,31 @@ class E2BBackend:
         log.info("sandbox.e2b_discarded", e2b_sandbox_id=sandbox_id)
 
     @asynccontextmanager
-    async def open(self, event: SandboxTarget) -> AsyncIterator[E2BSandbox]:
+    async def open(self, target: SandboxTarget, *, must_exist: bool = False) -> AsyncIterator[E2BSandbox]:
+        """Connect to the sandbox (or create it from `template`). `must_exist` changes nothing:
+        connecting to a sandbox that is gone raises `SandboxNotFound` either way."""
         config = self.config
         if config.api_key is None or not config.api_key.get_secret_value():
             raise BackendUnavailable("the e2b backend needs E2B_API_KEY", retryable=False)
-        home = self.home_of(event)
+        home = self.home_of(target)
         if not home.is_absolute():
             raise BackendError(f"home {home} is not an absolute path", retryable=False)
         params = config.api_params()
-        created = event.template is not None
+        created = target.template is not None
         try:
             if created:
                 sandbox = await AsyncSandbox.create(
-                    template=event.template or config.template,
+                    template=target.template or config.template,
                     timeout=config.sandbox_timeout,
-                    metadata={"ccbridge_sandbox_id": event.sandbox_id},
-                    idempotency_key=idempotency_key(event.event_id),
+                    metadata={"ccbridge_sandbox_id": target.sandbox_id},
+                    idempotency_key=idempotency_key(target.event_id),
                     **params,
                 )
-                log.info("sandbox.e2b_created", sandbox_id=event.sandbox_id, e2b_sandbox_id=sandbox.sandbox_id)
+                log.info("sandbox.e2b_created", sandbox_id=target.sandbox_id, e2b_sandbox_id=sandbox.sandbox_id)
             else:
-                sandbox = await AsyncSandbox.connect(event.sandbox_id, **params)
+                sandbox = await AsyncSandbox.connect(target.sandbox_id, **params)
         except Exception as exc:  # noqa: BLE001
             raise map_e2b_error(exc, "create" if created else "connect", control_plane=True) from None
         yield E2BSandbox(
-            sandbox, home=home, user=self.user_of(event), request_timeout=config.request_timeout, created=created
+            sandbox, home=home, user=self.user_of(target), request_timeout=config.request_timeout, created=created
         )

@@ -39,7 +39,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path, PurePosixPath
 from typing import Protocol, TypeVar
 
-from services.sandbox.adapters.backends.base import SandboxTarget
+from services.sandbox.adapters.backends.base import Build, DirSpec, FileSpec, SandboxTarget
 from services.sandbox.errors import BackendError, PathOutsideSandbox, SandboxNotFound
 from shared.batching import Coalescer
 
@@ -507,6 +507,11 @@ class LocalSandbox:
     def home(self) -> PurePosixPath:
         return PurePosixPath(self._home_str)
 
+    @property
+    def backend_sandbox_id(self) -> None:
+        """A local sandbox is its directory: there is no other id."""
+        return None
+
     def _parts(self, path: PurePosixPath | str) -> Parts:
         """A sandbox path (absolute inside the home, or relative to it) as its components
         below the home. Refuses `..`, and absolute paths outside the home."""
@@ -557,44 +562,23 @@ class LocalSandbox:
         return await self._walking(read)
 
     async def write_file(self, path: PurePosixPath, data: bytes, mode: int) -> None:
-        """Always rewrites (the batched calls skip unchanged files). A symlink at `path` is
+        """Always rewrites (`update_files` skips unchanged files). A symlink at `path` is
         refused, like one on the way."""
         parts = self._file_parts(path)
 
         def write(walk: _Walk) -> None:
             try:
                 parent = walk.dir(parts[:-1])
-                if parent is None:
-                    raise FileNotFoundError(errno.ENOENT, "no such directory")
-                if _is_symlink(parent, parts[-1]):
+                if parent is not None and _is_symlink(parent, parts[-1]):
                     raise PathOutsideSandbox(f"{_shown(parts)} is a symlink: refused")
-                tmp = _write_temp(parent, parts[-1], data, mode, durable=self._durable)
-                try:
-                    os.replace(tmp, parts[-1], src_dir_fd=parent, dst_dir_fd=parent)
-                except BaseException:
-                    _unlink_quietly(parent, tmp)
-                    raise
-                if self._durable:
-                    _fsync_quietly(parent)
             except OSError as exc:
                 raise _io_error("write", path, exc) from None
+            self._apply(walk, [], [(path, data, mode)], {path: None})  # known to differ: written
 
         await self._walking(write)
 
     async def make_dir(self, path: PurePosixPath, mode: int) -> None:
-        parts = self._parts(path)
-
-        def make(walk: _Walk) -> None:
-            created: dict[Parts, int] = {}
-            try:
-                walk.make_dir(parts, mode, created)
-            except OSError as exc:
-                raise _io_error("make_dir", path, exc) from None
-            if self._durable:
-                for parent in created.values():
-                    _fsync_quietly(parent)
-
-        await self._walking(make)
+        await self._walking(lambda walk: self._apply(walk, [(path, mode)], [], {}))
 
     async def remove(self, path: PurePosixPath) -> None:
         """Remove the file, symlink (itself) or directory tree at `path`, and every temp copy
@@ -621,19 +605,6 @@ class LocalSandbox:
 
         await self._walking(rm)
 
-    async def discard_temps(self, path: PurePosixPath, *, min_age: float = 1.0) -> int:
-        """Remove stale temp copies of `path` left by an interrupted write; returns how many."""
-        parts = self._file_parts(path)
-
-        def discard(walk: _Walk) -> int:
-            try:
-                parent = walk.dir(parts[:-1])
-                return 0 if parent is None else _discard_temps_at(parent, {parts[-1]}, min_age=min_age)
-            except OSError as exc:
-                raise _io_error("discard temps of", path, exc) from None
-
-        return await self._walking(discard)
-
     # --- batched: one worker-thread call for a whole injection --------------------
     @staticmethod
     def _read_all(walk: _Walk, paths: Sequence[tuple[PurePosixPath, Parts]]) -> dict[PurePosixPath, bytes | None]:
@@ -645,36 +616,18 @@ class LocalSandbox:
                 raise _io_error("read", path, exc) from None
         return found
 
-    async def read_files(self, paths: Sequence[PurePosixPath]) -> dict[PurePosixPath, bytes | None]:
-        """`read_file` of several paths in one worker-thread call."""
-        parsed = [(path, self._parts(path)) for path in paths]
-        return await self._walking(lambda walk: self._read_all(walk, parsed))
-
-    async def write_files(
-        self,
-        dirs: Sequence[tuple[PurePosixPath, int]],
-        files: Sequence[tuple[PurePosixPath, bytes, int]],
-        *,
-        known: Mapping[PurePosixPath, bytes | None] | None = None,
-    ) -> list[PurePosixPath]:
-        """`make_dir` each of `dirs`, then write each of `files` whose bytes differ from what is
-        there (what `known` says, else read) — in one worker-thread call. Same guarantees as the
-        one-file calls: every file is a temp file renamed over the target, with exactly its
-        mode; stale temp copies beside a target are removed first. When durable, each touched
-        directory is fsynced once, after all the renames. Returns the paths written."""
-        return await self._walking(lambda walk: self._apply(walk, dirs, files, dict(known or {})))
-
     async def update_files(
-        self,
-        paths: Sequence[PurePosixPath],
-        build: Callable[[Mapping[PurePosixPath, bytes | None]], tuple[
-            Sequence[tuple[PurePosixPath, int]], Sequence[tuple[PurePosixPath, bytes, int]]]],
-    ) -> tuple[list[tuple[PurePosixPath, bytes, int]], list[PurePosixPath]]:
-        """`read_files(paths)`, `build(what was read) -> (dirs, files)`, `write_files` — all in
-        ONE worker-thread call. Returns (the files built, the paths written)."""
+        self, paths: Sequence[PurePosixPath], build: Build
+    ) -> tuple[list[FileSpec], list[PurePosixPath]]:
+        """Read `paths`, `build(what was read) -> (dirs, files)`, make each dir, then write each
+        file whose bytes differ — all in ONE worker-thread call. Same guarantees as the one-file
+        calls: every file is a temp file renamed over the target, with exactly its mode; every
+        path is checked before anything is written; stale temp copies beside a target are
+        removed first. When durable, each touched directory is fsynced once, after all the
+        renames. Returns (the files built, the paths written)."""
         parsed = [(path, self._parts(path)) for path in paths]
 
-        def run(walk: _Walk) -> tuple[list[tuple[PurePosixPath, bytes, int]], list[PurePosixPath]]:
+        def run(walk: _Walk) -> tuple[list[FileSpec], list[PurePosixPath]]:
             try:
                 walk.home()  # created here for a new sandbox
             except OSError as exc:
@@ -692,8 +645,8 @@ class LocalSandbox:
     def _apply(
         self,
         walk: _Walk,
-        dirs: Sequence[tuple[PurePosixPath, int]],
-        files: Sequence[tuple[PurePosixPath, bytes, int]],
+        dirs: Sequence[DirSpec],
+        files: Sequence[FileSpec],
         known: Mapping[PurePosixPath, bytes | None],
     ) -> list[PurePosixPath]:
         # every path is checked (and its directory opened) before anything is written
@@ -815,16 +768,18 @@ class LocalBackend:
         return self._real_root[0] / sandbox_id
 
     @asynccontextmanager
-    async def open(self, event: SandboxTarget) -> AsyncIterator[LocalSandbox]:
-        home = self.home_dir(event.sandbox_id)
-        must_exist = bool(getattr(event, "must_exist", False))
+    async def open(self, target: SandboxTarget, *, must_exist: bool = False) -> AsyncIterator[LocalSandbox]:
+        home = self.home_dir(target.sandbox_id)
         # for sandbox.created the home is created by the sandbox's first I/O-thread call (no
         # extra hop); a known sandbox whose home is gone is not re-created
         sandbox = LocalSandbox(home, durable=self.durable, create=not must_exist, executor=self._executor,
                                io=self.io, _root_is_real=True)
         if must_exist:
-            await sandbox._check_home(event.sandbox_id)
+            await sandbox._check_home(target.sandbox_id)
         yield sandbox
+
+    async def discard(self, sandbox_id: str) -> None:
+        """Nothing to do: a local sandbox is never created from a template (no `backend_sandbox_id`)."""
 
     def close(self) -> None:
         """Stop the I/O thread (after the work already queued). Idempotent."""
