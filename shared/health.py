@@ -76,8 +76,7 @@ class EmbeddedServer(uvicorn.Server):
 
     task: asyncio.Task[None] | None = None
 
-    # uvicorn annotates capture_signals as a generator-based context manager; any one will do
-    def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]  # any CM will do
         return contextlib.nullcontext()
 
     async def launch(self, sock: socket.socket, name: str) -> None:

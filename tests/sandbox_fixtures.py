@@ -252,7 +252,7 @@ def settings_for(nats_url: str, tmp_path: Path, **overrides: Any) -> SandboxSett
 
 async def publish_created(nc: Client, event: SandboxCreated | None = None, *, raw: bytes | None = None,
                           msg_id: str | None = "auto") -> None:
-    payload = raw if raw is not None else event.model_dump_json().encode()  # type: ignore[union-attr]
+    payload = raw if raw is not None else event.model_dump_json().encode()
     headers = None
     if msg_id == "auto" and event is not None:
         headers = {"Nats-Msg-Id": event.event_id}

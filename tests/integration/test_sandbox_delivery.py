@@ -76,7 +76,10 @@ async def test_failed_report_on_the_last_delivery_is_retried_not_stuck(
                                 ack_wait=5.0)
         event = sandbox_created(user_id=user, sandbox_id=sandbox_id)
         js = client.jetstream()
-        factory = lambda broker: FlakyPublisher(broker, subjects.SANDBOX_CREDENTIALS_FAILED, failures=2)  # noqa: E731
+
+        def factory(broker: Any) -> FlakyPublisher:
+            return FlakyPublisher(broker, subjects.SANDBOX_CREDENTIALS_FAILED, failures=2)
+
         async with running(settings, publisher=factory):
             await publish_created(client, event)
             deadline = time.monotonic() + WAIT

@@ -46,7 +46,7 @@ ENV_FILE = f"{HOME}/.config/ccbridge/env"
 def backend(standin: E2BStandin, **overrides: object) -> E2BBackend:
     config = {"api_key": SecretStr(standin.api_key), "api_url": standin.api_url, "sandbox_url": standin.sandbox_url,
               "request_timeout": 1.0, "request_retries": 0, **overrides}
-    return E2BBackend(E2BConfig(**config))  # type: ignore[arg-type]
+    return E2BBackend(E2BConfig(**config))
 
 
 # --- the backend on its own -----------------------------------------------------------------
@@ -104,7 +104,7 @@ async def test_backend_file_is_never_visible_with_other_bits(e2b_standin: E2BSta
     ids=["files-500", "process-403", "process-500", "files-403", "permission-denied", "files-timeout",
          "process-timeout", "rate-limited"],
 )
-async def test_backend_maps_envd_failures(e2b_standin: E2BStandin, inject, error, retryable, reason) -> None:  # type: ignore[no-untyped-def]
+async def test_backend_maps_envd_failures(e2b_standin: E2BStandin, inject, error, retryable, reason) -> None:
     sbx = e2b_standin.add_sandbox()
     async with backend(e2b_standin).open(Target(event_id="evt-00000003", sandbox_id=sbx.sandbox_id,
                                                 backend="e2b")) as sandbox:
@@ -168,7 +168,7 @@ async def inject(standin: E2BStandin, sbx: StandinSandbox, mode: CredentialMode 
     async with backend(standin, **kwargs).open(Target(event_id="evt-00000009", sandbox_id=sbx.sandbox_id,
                                                       backend="e2b")) as sandbox:
         layout = domain.resolve_layout(sandbox.home)
-        return await write_credentials(sandbox, layout, mode, bundle)  # type: ignore[arg-type]
+        return await write_credentials(sandbox, layout, mode, bundle)
 
 
 async def attempt(standin: E2BStandin, sbx: StandinSandbox) -> BackendError | None:
@@ -326,7 +326,7 @@ async def test_every_mode_into_e2b_is_accepted_by_the_real_cli(
     home = await pull_home(e2b_standin, sbx.sandbox_id, injected["files"], tmp_path / "pulled-home")
     if mode == "env":
         assert injected["env"] == {"CLAUDE_CODE_OAUTH_TOKEN": "access_token"}
-        assert bundle.refresh_token.encode() not in (home / ".config/ccbridge/env").read_bytes()  # type: ignore[union-attr]
+        assert bundle.refresh_token.encode() not in (home / ".config/ccbridge/env").read_bytes()
         assert (await claude_status(claude_bin, home))["loggedIn"] is False
         status = await claude_status(claude_bin, home, shell_prefix=f". '{home}/.config/ccbridge/env' &&")
         assert (status["loggedIn"], status["authMethod"]) == (True, "oauth_token")
@@ -409,7 +409,7 @@ async def test_envd_5xx_that_never_ends_is_dead_lettered(
     assert ", 3 deliveries)" in failed["detail"] and "500" in failed["detail"]
     dead = await stored(nc, subjects.DLQ_STREAM.name, "dlq.sandbox.created",
                         lambda m: m.data == event.model_dump_json().encode())
-    assert len(dead) == 1 and dead[0].headers["Ccbridge-Reason"].startswith("backend_error")  # type: ignore[index]
+    assert len(dead) == 1 and dead[0].headers["Ccbridge-Reason"].startswith("backend_error")
     assert not sbx.host(CREDS).exists()
 
 

@@ -291,7 +291,7 @@ async def test_vault_that_never_answers_is_held_then_dead_lettered_when_the_wind
     dead = await stored(nc, subjects.DLQ_STREAM.name, subjects.dead_letter_subject(subjects.SANDBOX_CREATED),
                         lambda m: m.data == event.model_dump_json().encode())
     assert len(dead) == 1
-    assert dead[0].headers["Ccbridge-Reason"].startswith("vault_unavailable")  # type: ignore[index]
+    assert dead[0].headers["Ccbridge-Reason"].startswith("vault_unavailable")
 
 
 async def test_vault_timeout_is_retried_until_it_answers(

@@ -94,9 +94,9 @@ async def test_refresh_reinjects_and_revoke_scrubs_every_live_sandbox(
         ids = [uid("sbx") for _ in range(3)]
     mine, theirs = ids[:2], ids[2]
     settings = settings_for(nats_url, tmp_path, **e2b_settings(e2b_standin))
-    created = [sandbox_created(user_id=user, sandbox_id=sid, backend=backend,  # type: ignore[arg-type]
+    created = [sandbox_created(user_id=user, sandbox_id=sid, backend=backend,
                               options=SandboxOptions(mode="access_only")) for sid in mine]
-    created.append(sandbox_created(user_id=other_user, sandbox_id=theirs, backend=backend))  # type: ignore[arg-type]
+    created.append(sandbox_created(user_id=other_user, sandbox_id=theirs, backend=backend))
 
     async with running(settings):
         for event in created:
@@ -177,7 +177,7 @@ async def test_destroyed_sandbox_is_forgotten_and_a_late_created_is_refused(
     user, kept, gone, never = uid("user"), uid("sbx"), uid("sbx"), uid("sbx")
     fake_vault.users[user] = make_bundle()
     async with running(settings_for(nats_url, tmp_path)) as service:
-        registry = service.injector.registry  # type: ignore[union-attr]
+        registry = service.injector.registry
         for sid in (kept, gone):
             await publish_created(nc, sandbox_created(user_id=user, sandbox_id=sid))
             await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, sid)
@@ -218,7 +218,7 @@ async def test_created_from_before_a_revocation_is_not_injected(
         await publish(nc, subjects.TOKENS_REVOKED, TokensRevoked(user_id=user))
 
         async def marked() -> bool:
-            return await service.injector.registry.revoked_at(user) is not None  # type: ignore[union-attr]
+            return await service.injector.registry.revoked_at(user) is not None
 
         await until(marked, "the revocation to be recorded")
         await publish_created(nc, stale)
@@ -339,5 +339,5 @@ async def test_live_registry_is_a_shared_kv_bucket_without_tokens(
     assert (record["user_id"], record["sandbox_id"], record["state"], record["mode"]) == (
         user, sid, "injected", "access_only")  # the default mode: the refresh token stays in the vault
     assert record["expires_at"] == bundle.expires_at and len(record["fingerprint"]) == 32
-    assert bundle.access_token not in entry.value.decode() and bundle.refresh_token not in entry.value.decode()  # type: ignore[operator]
+    assert bundle.access_token not in entry.value.decode() and bundle.refresh_token not in entry.value.decode()
     assert PurePosixPath(record["files"][0]).name == ".credentials.json"

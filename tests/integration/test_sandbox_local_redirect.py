@@ -47,7 +47,7 @@ def _renameat2() -> Callable[[int, bytes, int, bytes, int], int]:
     if func is not None:
         func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
         func.restype = ctypes.c_int
-        return func  # type: ignore[no-any-return]
+        return func
     number = _SYS_RENAMEAT2.get(platform.machine())
     if number is None:
         pytest.skip(f"no renameat2 in the libc and no known syscall number on {platform.machine()}")
@@ -110,10 +110,10 @@ class Spy:
 
     @property
     def home(self) -> PurePosixPath:
-        return self.inner.home  # type: ignore[no-any-return]
+        return self.inner.home
 
-    async def update_files(self, paths, build):  # type: ignore[no-untyped-def]
-        def spying(found):  # type: ignore[no-untyped-def]
+    async def update_files(self, paths, build):
+        def spying(found):
             self.seen.append(dict(found))
             return build(found)
 

@@ -49,7 +49,7 @@ async def test_injections_leave_nothing_queued_on_the_service_connection(
     events = [sandbox_created(user_id=users[i % len(users)], sandbox_id=uid("mem-sbx")) for i in range(INJECTIONS)]
 
     async with running(settings_for(nats_url, tmp_path)) as service:
-        connection = service.broker.connection  # type: ignore[union-attr]
+        connection = service.broker.connection
         subscriptions_at_start, _ = buffered(connection)
         for event in events:
             await publish_created(nc, event)

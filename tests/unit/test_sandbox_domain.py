@@ -98,7 +98,7 @@ def test_env_file_setting_must_stay_in_home(value: str) -> None:
 @pytest.mark.parametrize("mode", ["file", "access_only"])
 def test_token_without_inference_scope_is_refused(mode: str) -> None:
     with pytest.raises(VaultError) as info:
-        domain.build_files(domain.resolve_layout(HOME), mode, bundle(scopes=["user:profile"]), {})  # type: ignore[arg-type]
+        domain.build_files(domain.resolve_layout(HOME), mode, bundle(scopes=["user:profile"]), {})
     assert info.value.reason == "vault_error"
     assert ACCESS not in str(info.value)
 
@@ -106,7 +106,7 @@ def test_token_without_inference_scope_is_refused(mode: str) -> None:
 @pytest.mark.parametrize("mode", ["file", "access_only", "env"])
 def test_missing_bundle_is_refused_in_every_mode(mode: str) -> None:
     with pytest.raises(VaultError):
-        domain.build_files(domain.resolve_layout(HOME), mode, None, {})  # type: ignore[arg-type]
+        domain.build_files(domain.resolve_layout(HOME), mode, None, {})
 
 
 def test_merge_keeps_other_keys_and_sets_flags() -> None:
@@ -240,7 +240,7 @@ def fp(**kw: object) -> str:
     args: dict[str, object] = {"mode": "file", "bundle": bundle(), "config_dir": None,
                                "env_file": domain.DEFAULT_ENV_FILE, "mcp_package": None}
     args.update(kw)
-    return domain.fingerprint(b"key", **args)  # type: ignore[arg-type]
+    return domain.fingerprint(b"key", **args)
 
 
 def test_fingerprint_changes_with_whatever_is_written_and_hides_the_token() -> None:

@@ -158,7 +158,7 @@ def test_the_read_is_bounded_and_as_the_user() -> None:
 
 
 def sandbox() -> E2BSandbox:
-    return E2BSandbox(None, home=HOME, user="user", request_timeout=1.0, created=False)  # type: ignore[arg-type]
+    return E2BSandbox(None, home=HOME, user="user", request_timeout=1.0, created=False)
 
 
 def test_verification_ignores_noise_and_catches_a_mismatch() -> None:

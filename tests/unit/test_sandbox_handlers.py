@@ -90,7 +90,7 @@ def test_key_is_created_once_under_keys_dir(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_every_error_has_a_known_reason() -> None:
-    known = set(FailureReason.__args__)  # type: ignore[attr-defined]
+    known = set(FailureReason.__args__)
     classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.SandboxError)]
     assert len(classes) >= 9
     for cls in classes:

@@ -161,7 +161,7 @@ def make(vault: FakeVault | None = None, publisher: FakePublisher | None = None,
 
 def created(mode: CredentialMode | None = None, **kwargs: object) -> SandboxCreated:
     options = kwargs.pop("options", SandboxOptions(mode=mode))
-    return SandboxCreated(user_id="user-1", sandbox_id="sbx-1", options=options, **kwargs)  # type: ignore[arg-type]
+    return SandboxCreated(user_id="user-1", sandbox_id="sbx-1", options=options, **kwargs)
 
 
 async def test_success_writes_files_and_publishes_injected_with_derived_id() -> None:
@@ -304,7 +304,7 @@ async def test_unexpected_exception_becomes_retryable_backend_error() -> None:
     assert isinstance(await injector.handle(created("file"), delivery=1), Retry)
     outcome = await injector.handle(created("file"), delivery=2)
     assert isinstance(outcome, Failed) and outcome.exhausted
-    assert publisher.published[0][1].reason == "backend_error"  # type: ignore[attr-defined]
+    assert publisher.published[0][1].reason == "backend_error"
 
 
 async def test_publish_failure_of_injected_event_is_retried() -> None:
@@ -322,7 +322,7 @@ async def test_unconfigured_backend_fails_finally() -> None:
     injector, vault, publisher, _ = make()
     outcome = await injector.handle(created("file", backend="e2b"))
     assert isinstance(outcome, Failed) and not outcome.exhausted
-    assert publisher.published[0][1].reason == "backend_unavailable"  # type: ignore[attr-defined]
+    assert publisher.published[0][1].reason == "backend_unavailable"
     assert vault.calls == []  # no credentials fetched for nothing
 
 
@@ -330,7 +330,7 @@ async def test_bad_config_dir_is_an_invalid_event() -> None:
     injector, _, publisher, backend = make()
     outcome = await injector.handle(created(options=SandboxOptions(mode="file", config_dir="../../etc")))
     assert isinstance(outcome, Failed)
-    assert publisher.published[0][1].reason == "invalid_event"  # type: ignore[attr-defined]
+    assert publisher.published[0][1].reason == "invalid_event"
     assert backend.writes() == []
 
 

@@ -199,8 +199,8 @@ class World:
         options = InjectionOptions(fingerprint_key=b"k" * 32)
         common = dict(vault=self.vault, backends={"local": self.backend}, publisher=self.publisher,
                       registry=self.registry, options=options, locks=locks)
-        self.injector = DrivenInjector(CredentialInjector(**common), self.policy)  # type: ignore[arg-type]
-        self.live = DrivenLive(LiveSandboxes(**common, concurrency=2), self.policy)  # type: ignore[arg-type]
+        self.injector = DrivenInjector(CredentialInjector(**common), self.policy)
+        self.live = DrivenLive(LiveSandboxes(**common, concurrency=2), self.policy)
 
     async def create(self, user: str, sandbox_id: str, mode: CredentialMode = "access_only", **kw: Any) -> Any:
         kw.setdefault("grant", fake_grant(user, sandbox_id))
@@ -314,7 +314,7 @@ async def test_exhausted_event_is_dead_lettered_before_the_failed_event() -> Non
         order.append(f"dead_letter {subject}")
         await original(subject, body, reason, message_id=message_id, copy_seq=copy_seq)
 
-    world.dead.dead_letter = dead_letter  # type: ignore[method-assign]
+    world.dead.dead_letter = dead_letter
     event = SandboxCreated(user_id="u", sandbox_id="s1")
     assert isinstance(await world.injector.handle(event, delivery=1), Retry)
     last = await world.injector.handle(event, delivery=2, body=b"original-bytes")
@@ -357,10 +357,10 @@ async def test_refresh_reinjects_each_live_sandbox_of_the_person_under_its_own_g
         ("s1", "access_only", fake_grant("u", "s1")), ("s2", "access_only", fake_grant("u", "s2")),
         ("s3", "file", fake_grant("u", "s3"))]
     for sid in ("s1", "s2", "s3"):
-        assert world.backend.creds(sid)["accessToken"] == "sk-ant-oat01-token-2"  # type: ignore[index]
-    assert "refreshToken" not in world.backend.creds("s1")  # type: ignore[operator]
-    assert world.backend.creds("s3")["refreshToken"] == "sk-ant-ort01-refresh-2"  # type: ignore[index]
-    assert world.backend.creds("s4")["accessToken"] == "sk-ant-oat01-token-9"  # type: ignore[index]
+        assert world.backend.creds(sid)["accessToken"] == "sk-ant-oat01-token-2"
+    assert "refreshToken" not in world.backend.creds("s1")
+    assert world.backend.creds("s3")["refreshToken"] == "sk-ant-ort01-refresh-2"
+    assert world.backend.creds("s4")["accessToken"] == "sk-ant-oat01-token-9"
     reinjected = [e for e in world.publisher.of(SandboxCredentialsInjected) if e.refreshed_by == refresh.event_id]
     assert sorted(e.sandbox_id for e in reinjected) == ["s1", "s2", "s3"]
     assert all(e.expires_at == EXPIRES + 2 for e in reinjected)
@@ -406,7 +406,7 @@ async def test_refresh_touches_a_pending_injection_so_it_redoes_with_fresh_crede
     assert isinstance(first, Retry)
     second = await world.injector.handle(event, delivery=2)
     assert isinstance(second, Injected)
-    assert world.backend.creds("s1")["accessToken"] == "sk-ant-oat01-token-2"  # type: ignore[index]
+    assert world.backend.creds("s1")["accessToken"] == "sk-ant-oat01-token-2"
 
 
 async def test_refresh_retries_transient_failures_then_dead_letters_and_reports() -> None:
@@ -447,7 +447,7 @@ async def test_revoke_scrubs_secret_files_and_reports_each_sandbox(mode: Credent
         files = world.backend.homes[sid]
         assert PurePosixPath(f"/home/{sid}/{secret}") not in files
         assert PurePosixPath(f"/home/{sid}/.claude.json") in files
-        assert (await world.registry.get("u", sid)).record.state == "scrubbed"  # type: ignore[union-attr]
+        assert (await world.registry.get("u", sid)).record.state == "scrubbed"
     events = world.publisher.of(SandboxCredentialsScrubbed)
     assert sorted(e.sandbox_id for e in events) == ["s1", "s2"]
     assert all(e.files == [f"/home/{e.sandbox_id}/{secret}"] and e.reason == "admin" and not e.sandbox_gone

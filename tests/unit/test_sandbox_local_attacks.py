@@ -50,10 +50,10 @@ async def inject(backend: LocalBackend, sandbox_id: str, token: str, *, known: b
             return
         real = sandbox.update_files
 
-        async def spying(paths, build):  # type: ignore[no-untyped-def]
+        async def spying(paths, build):
             return await real(paths, lambda found: (seen.append(dict(found)), build(found))[1])
 
-        sandbox.update_files = spying  # type: ignore[method-assign]
+        sandbox.update_files = spying
         await write_credentials(sandbox, layout, "file", bundle(token))
 
 

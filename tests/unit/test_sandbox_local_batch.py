@@ -100,7 +100,7 @@ def count_to_thread(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     calls: list[object] = []
     real = LocalSandbox._in_thread
 
-    async def counting(self: LocalSandbox, func):  # type: ignore[no-untyped-def]
+    async def counting(self: LocalSandbox, func):
         calls.append(func)
         return await real(self, func)
 
@@ -195,7 +195,7 @@ async def test_sandboxes_written_at_the_same_time_share_one_io_call_and_fail_alo
 
     def counting(executor: object, fn: object, *args: object) -> object:
         calls.append(1)
-        return run_in_executor(executor, fn, *args)  # type: ignore[arg-type]
+        return run_in_executor(executor, fn, *args)
 
     monkeypatch.setattr(asyncio.get_running_loop(), "run_in_executor", counting)
 
@@ -268,7 +268,7 @@ def expected_read(home: Path, path: str) -> object:
 
 async def answer(sandbox: LocalSandbox, path: str) -> object:
     try:
-        return await sandbox.read_file(PurePosixPath(path) if path else path)  # type: ignore[arg-type]
+        return await sandbox.read_file(PurePosixPath(path) if path else path)
     except PathOutsideSandbox:
         return REFUSED
     except BackendError as exc:
@@ -383,7 +383,7 @@ async def test_update_files_is_one_thread_call_reading_what_is_on_disk(
     settings_path = PurePosixPath(".claude/settings.json")
     seen: list[dict[PurePosixPath, bytes | None]] = []
 
-    def build(found: Mapping[PurePosixPath, bytes | None]):  # type: ignore[no-untyped-def]
+    def build(found: Mapping[PurePosixPath, bytes | None]):
         seen.append(dict(found))
         return (
             [(PurePosixPath(".claude"), 0o700)],
@@ -407,7 +407,7 @@ async def test_update_files_is_one_thread_call_reading_what_is_on_disk(
 async def test_update_files_build_failure_writes_nothing(home: Path) -> None:
     (home / ".claude.json").write_bytes(b"{}")
 
-    def build(found: Mapping[PurePosixPath, bytes | None]):  # type: ignore[no-untyped-def]
+    def build(found: Mapping[PurePosixPath, bytes | None]):
         raise ValueError("bad credentials")
 
     with pytest.raises(ValueError, match="bad credentials"):
@@ -425,7 +425,7 @@ async def test_first_operation_after_open_creates_the_home_without_an_extra_thre
         assert threads == [] and not (root / "sbx-9").exists()  # open itself does no I/O
         seen: list[dict[PurePosixPath, bytes | None]] = []
 
-        def build(found: Mapping[PurePosixPath, bytes | None]):  # type: ignore[no-untyped-def]
+        def build(found: Mapping[PurePosixPath, bytes | None]):
             seen.append(dict(found))
             return [(PurePosixPath(".claude"), 0o700)], [(CREDS, b"t", 0o600)]
 
@@ -491,7 +491,7 @@ async def test_stale_temps_are_listed_once_per_directory(home: Path, monkeypatch
     scans: list[object] = []
     real_scandir = os.scandir
 
-    def counting_scandir(path):  # type: ignore[no-untyped-def]
+    def counting_scandir(path):
         scans.append(path)
         return real_scandir(path)
 
@@ -507,7 +507,7 @@ async def test_concurrent_first_operations_all_wait_for_the_home(tmp_path: Path,
 
     def slow_mkdir(*args: object, **kwargs: object) -> None:
         time.sleep(0.05)  # the other first operation arrives while the home is being made
-        real_mkdir(*args, **kwargs)  # type: ignore[arg-type]
+        real_mkdir(*args, **kwargs)
 
     monkeypatch.setattr(os, "mkdir", slow_mkdir)
     # the default thread pool (no backend executor): the two calls really run at once
@@ -527,7 +527,7 @@ async def test_a_home_created_by_this_injection_is_not_read_or_scanned_but_an_ex
     scans: list[object] = []
     real_open, real_scandir = os.open, os.scandir
 
-    def counting_open(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def counting_open(path, flags, *args, **kwargs):
         if not flags & (os.O_WRONLY | os.O_RDWR | os.O_DIRECTORY):  # a file opened for reading
             reads.append(path)
         return real_open(path, flags, *args, **kwargs)
@@ -537,7 +537,7 @@ async def test_a_home_created_by_this_injection_is_not_read_or_scanned_but_an_ex
     backend = LocalBackend(tmp_path / "root", durable=False)
     seen: list[dict[PurePosixPath, bytes | None]] = []
 
-    def build(found: Mapping[PurePosixPath, bytes | None]):  # type: ignore[no-untyped-def]
+    def build(found: Mapping[PurePosixPath, bytes | None]):
         seen.append(dict(found))
         return [(PurePosixPath(".claude"), 0o700)], [(CREDS, b"t", 0o600), (CONFIG, b"{}", 0o600)]
 

@@ -80,7 +80,7 @@ def sealed_ok(request: CredentialsBatchRequest, *, bundle: TokenBundle = BUNDLE,
 
 def item_error(code: str, detail: str = "") -> Callable[[CredentialsBatchRequest], bytes]:
     def answer(request: CredentialsBatchRequest) -> bytes:
-        results = [CredentialsItemResult(request_id=i.request_id, ok=False, error=code, detail=detail)  # type: ignore[arg-type]
+        results = [CredentialsItemResult(request_id=i.request_id, ok=False, error=code, detail=detail)
                    for i in request.items]
         return CredentialsBatchReply(request_id=request.request_id, ok=True, items=results).model_dump_json().encode()
 
@@ -88,11 +88,11 @@ def item_error(code: str, detail: str = "") -> Callable[[CredentialsBatchRequest
 
 
 def want(user_id: str, mode: str, sandbox_id: str = "sbx-1", grant: str | None = "a.b.c-grant-token") -> CredentialsFor:
-    return CredentialsFor(user_id=user_id, sandbox_id=sandbox_id, grant=grant, mode=mode)  # type: ignore[arg-type]
+    return CredentialsFor(user_id=user_id, sandbox_id=sandbox_id, grant=grant, mode=mode)
 
 
 def client(conn: FakeConnection, key: KeyPair | None = None, **kwargs: Any) -> NatsVaultClient:
-    return NatsVaultClient(lambda: conn, key or KeyPair.generate(), timeout=0.5, **kwargs)  # type: ignore[arg-type,return-value]
+    return NatsVaultClient(lambda: conn, key or KeyPair.generate(), timeout=0.5, **kwargs)
 
 
 async def test_request_carries_our_public_key_and_reply_opens() -> None:
@@ -185,7 +185,7 @@ async def test_vault_refusals_map_to_typed_errors(code: str, expected: type[Sand
     assert info.value.retryable is retryable
 
     def whole(request: CredentialsBatchRequest) -> bytes:
-        return CredentialsBatchReply(request_id=request.request_id, ok=False, error=code).model_dump_json().encode()  # type: ignore[arg-type]
+        return CredentialsBatchReply(request_id=request.request_id, ok=False, error=code).model_dump_json().encode()
 
     with pytest.raises(expected):  # ... or the whole request refused
         await client(FakeConnection(whole)).fetch(want("u", "file"))
@@ -218,7 +218,7 @@ async def test_a_grant_refusal_keeps_the_vaults_detail() -> None:
         lambda r: sealed_ok(r, sandbox_id="sbx-other"),
     ],
 )
-async def test_bad_replies_are_vault_errors_without_secrets(answer) -> None:  # type: ignore[no-untyped-def]
+async def test_bad_replies_are_vault_errors_without_secrets(answer) -> None:
     with pytest.raises(VaultError) as info:
         await client(FakeConnection(answer)).fetch(want("u", "file"))
     assert info.value.reason == "vault_error"

@@ -198,7 +198,7 @@ class KvLiveRegistry:
     async def get(self, user_id: str, sandbox_id: str) -> Lookup:
         if self._reads is None:
             return await self._get(user_id, sandbox_id)
-        return await self._reads.submit(("record", user_id, sandbox_id))  # type: ignore[return-value]
+        return await self._reads.submit(("record", user_id, sandbox_id))  # type: ignore[return-value]  # a "record" read answers a Lookup
 
     async def save(self, record: LiveSandbox, *, revision: int | None) -> int:
         if self._writes is None:
@@ -208,7 +208,7 @@ class KvLiveRegistry:
     async def revoked_at(self, user_id: str) -> int | None:
         if self._reads is None:
             return await self._revoked_at(user_id)
-        return await self._reads.submit(("revoked", user_id, ""))  # type: ignore[return-value]
+        return await self._reads.submit(("revoked", user_id, ""))  # type: ignore[return-value]  # a "revoked" read answers int | None
 
     async def _get(self, user_id: str, sandbox_id: str) -> Lookup:
         key = record_key(user_id, sandbox_id)

@@ -625,7 +625,7 @@ class E2BBackend:
             return
         try:
             await AsyncSandbox.kill(sandbox_id, **self.config.api_params())
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - every SDK failure is mapped to the service's own error
             raise map_e2b_error(exc, "kill", control_plane=True) from None
         log.info("sandbox.e2b_discarded", e2b_sandbox_id=sandbox_id)
 
@@ -653,7 +653,7 @@ class E2BBackend:
                 log.info("sandbox.e2b_created", sandbox_id=target.sandbox_id, e2b_sandbox_id=sandbox.sandbox_id)
             else:
                 sandbox = await AsyncSandbox.connect(target.sandbox_id, **params)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - every SDK failure is mapped to the service's own error
             raise map_e2b_error(exc, "create" if created else "connect", control_plane=True) from None
         yield E2BSandbox(
             sandbox, home=home, user=self.user_of(target), request_timeout=config.request_timeout, created=created

@@ -753,7 +753,7 @@ class LocalBackend:
 
     async def io(self, fn: Callable[[], T]) -> T:
         """Run `fn` in the I/O thread, together with the other sandboxes' work of the moment."""
-        return await self._batches.submit(fn)  # type: ignore[return-value]
+        return await self._batches.submit(fn)  # type: ignore[return-value]  # the coalescer is typed Any -> Any
 
     def home_dir(self, sandbox_id: str) -> Path:
         """`<real root>/<sandbox_id>`; the id must be one plain name. That the entry is a real
