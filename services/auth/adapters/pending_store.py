@@ -34,6 +34,7 @@ from nats.js.kv import KeyValue
 from services.auth.domain import PendingLogin
 from services.auth.errors import StoreUnavailable, TooManyPendingLogins
 from services.auth.ports import StoredLogin
+from shared.kv import open_or_create_bucket
 from shared.logging import get_logger
 from shared.subjects import PENDING_LOGINS_BUCKET
 
@@ -75,24 +76,15 @@ class RecordCipher:
 async def open_bucket(
     js: JetStreamContext, *, bucket: str = PENDING_LOGINS_BUCKET, ttl: timedelta, replicas: int = 1
 ) -> KeyValue:
-    """The bucket, created on first use. Idempotent and safe when replicas race."""
-    try:
-        return await js.key_value(bucket)
-    except nats.js.errors.BucketNotFoundError:
-        pass
-    config = KeyValueConfig(
+    """The bucket, created on first use (shared.kv)."""
+    return await open_or_create_bucket(js, KeyValueConfig(
         bucket=bucket,
         description="ccbridge auth: pending logins (state -> sealed PKCE record)",
         history=1,
         ttl=ttl.total_seconds(),
         storage=StorageType.FILE,
         replicas=replicas,
-    )
-    try:
-        return await js.create_key_value(config)
-    except nats.js.errors.APIError:
-        # Another replica created it meanwhile (possibly with another TTL): use theirs.
-        return await js.key_value(bucket)
+    ))
 
 
 class KvPendingStore:

@@ -31,6 +31,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from services.sandbox.domain import LiveSandbox
 from services.sandbox.errors import LiveRecordChanged, LiveRegistryError
 from shared.batching import Coalescer
+from shared.kv import open_or_create_bucket
 from shared.logging import get_logger
 from shared.subjects import LIVE_SANDBOXES_BUCKET
 
@@ -143,22 +144,14 @@ class MemoryLiveRegistry:
 
 
 async def open_live_bucket(js: JetStreamContext, *, replicas: int = 1) -> KeyValue:
-    """The bucket, created on first use. Idempotent and safe when replicas race."""
-    try:
-        return await js.key_value(LIVE_SANDBOXES_BUCKET)
-    except nats.js.errors.BucketNotFoundError:
-        pass
-    config = KeyValueConfig(
+    """The bucket, created on first use (shared.kv)."""
+    return await open_or_create_bucket(js, KeyValueConfig(
         bucket=LIVE_SANDBOXES_BUCKET,
         description="ccbridge sandbox: live sandboxes and whose credentials they hold (no tokens)",
         history=1,
         storage=StorageType.FILE,
         replicas=replicas,
-    )
-    try:
-        return await js.create_key_value(config)
-    except nats.js.errors.APIError:
-        return await js.key_value(LIVE_SANDBOXES_BUCKET)
+    ))
 
 
 class KvLiveRegistry:
