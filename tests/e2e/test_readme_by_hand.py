@@ -34,11 +34,17 @@ def by_hand_blocks() -> list[str]:
 def test_the_readme_starts_the_stack_with_the_standin() -> None:
     start, _steps = by_hand_blocks()
     assert start.split("#")[0].split() == ["make", "run", "STANDIN=1"]
-    dry = subprocess.run(["make", "-n", "run", "STANDIN=1"], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert dry.returncode == 0, dry.stderr
-    assert dry.stdout.strip().splitlines()[-1].endswith("ccbridge up --standin-oauth")
-    plain = subprocess.run(["make", "-n", "run"], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert plain.stdout.strip().splitlines()[-1].endswith("ccbridge up")
+    # a make of its own (not a sub-make of `make test`, which would print "Entering directory")
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+
+    def last_command(*args: str) -> str:
+        dry = subprocess.run(["make", "--no-print-directory", "-n", "run", *args], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert dry.returncode == 0, dry.stderr
+        return dry.stdout.strip().splitlines()[-1]
+
+    assert last_command("STANDIN=1").endswith("ccbridge up --standin-oauth")
+    assert last_command().endswith("ccbridge up")
 
 
 def test_try_it_by_hand_runs_verbatim(tmp_path: Path) -> None:
