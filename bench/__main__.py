@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     report = asyncio.run(run(cfg, args.out))
     reporting.write_json(report, args.out / "latest.json")
     reporting.write_png(report, args.out / "latest.png")
-    reporting.print_table(report)
+    reporting.print_table(report, written_to=args.out / "latest.json")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ def _mark(ok: bool | None) -> str:
     return "[green]PASS[/green]" if ok else "[red]MISS[/red]"
 
 
-def print_table(report: dict[str, Any], console: Console | None = None) -> None:
+def print_table(report: dict[str, Any], console: Console | None = None, *,
+                written_to: Path | str = "docs/bench/latest.json") -> None:
     console = console or Console(width=110)
     verdicts = report.get("verdicts", {})
     raw, pipe, tokens = report["raw"], report["pipeline"], report["tokens"]
@@ -93,7 +94,7 @@ def print_table(report: dict[str, Any], console: Console | None = None) -> None:
                 f"[bold]{svc['service']}[/bold] event loop busy {svc['cpu_busy_main_thread']:.0%} of the drain "
                 f"(+{svc['other_thread_samples']} worker-thread samples); loop time by component: {parts}"
             )
-    console.print(f"run took {report['duration_s']:.0f} s · figures in docs/bench/latest.json")
+    console.print(f"run took {report['duration_s']:.0f} s · figures in {written_to}")
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:
