@@ -54,6 +54,20 @@ async def test_unchanged_files_are_not_rewritten(home: Path) -> None:
     assert (home / ".claude/.credentials.json").stat().st_ino == inode
 
 
+async def test_a_loosened_mode_is_restored_even_when_the_bytes_are_unchanged(home: Path) -> None:
+    """The sandbox's user made its credentials file world-readable: the next write of the same
+    bytes puts the file back to 0600 (a fresh file, renamed over the loosened one)."""
+    sandbox = LocalSandbox(home)
+    await write_files(sandbox, [(PurePosixPath(".claude"), 0o700)], [(CREDS, b"same", 0o600)])
+    (home / ".claude/.credentials.json").chmod(0o644)
+    _, written = await sandbox.update_files([CREDS], lambda seen: ([], [(CREDS, b"same", 0o600)]))
+    assert written == [CREDS]
+    assert mode_of(home / ".claude/.credentials.json") == 0o600
+    (home / ".claude/.credentials.json").chmod(0o644)  # and through the path that reads nothing first
+    assert await write_files(sandbox, [], [(CREDS, b"same", 0o600)]) == [CREDS]
+    assert mode_of(home / ".claude/.credentials.json") == 0o600
+
+
 async def test_write_files_discards_stale_temp_copies(home: Path) -> None:
     """A SIGKILL between write and rename leaves a temp copy of the tokens: the next batched
     write removes it (a young one may be a live writer's and is left alone)."""

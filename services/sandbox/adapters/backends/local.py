@@ -158,17 +158,29 @@ def _read_at(dir_fd: int, name: str, parts: Parts) -> bytes | None:
     return data
 
 
-def _holds(dir_fd: int, name: str, parts: Parts, data: bytes) -> bool:
-    """Whether `name` in `dir_fd` is a regular file holding exactly `data` (read only when its
-    size already matches). Refused like a read when it is a symlink or not a regular file."""
+def _holds(dir_fd: int, name: str, parts: Parts, data: bytes, mode: int) -> bool:
+    """Whether `name` in `dir_fd` is a regular file holding exactly `data` with permission bits
+    exactly `mode` (read only when its size already matches). Refused like a read when it is a
+    symlink or not a regular file."""
     opened = _open_file(dir_fd, name, parts)
     if opened is None:
         return False
     fd, info = opened
     try:
-        return info.st_size == len(data) and _read_open(fd, info.st_size, len(data)) == data
+        return (stat.S_IMODE(info.st_mode) == mode and info.st_size == len(data)
+                and _read_open(fd, info.st_size, len(data)) == data)
     finally:
         os.close(fd)
+
+
+def _has_mode(dir_fd: int, name: str, mode: int) -> bool:
+    """Whether `name` in `dir_fd` (not followed) is a regular file with permission bits exactly
+    `mode`: a file whose bytes are right but whose mode the sandbox loosened is written again."""
+    try:
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == mode
 
 
 def _write_temp(dir_fd: int, name: str, data: bytes, mode: int, *, durable: bool, attempts: int = 8) -> str:
@@ -692,9 +704,9 @@ class LocalSandbox:
                 fd, name = parents[parts[:-1]][0], parts[-1]
                 try:
                     if path in known:
-                        if known[path] == data:
+                        if known[path] == data and _has_mode(fd, name, mode):
                             continue
-                    elif parts[:-1] not in empty and _holds(fd, name, parts, data):
+                    elif parts[:-1] not in empty and _holds(fd, name, parts, data, mode):
                         continue
                     staged.append((path, fd, name, _write_temp(fd, name, data, mode, durable=self._durable)))
                 except OSError as exc:
