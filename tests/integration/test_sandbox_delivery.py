@@ -106,21 +106,32 @@ async def test_failed_report_on_the_last_delivery_is_retried_not_stuck(
 
 
 async def test_malformed_lifecycle_events_are_dead_lettered_and_the_consumer_moves_on(
-    nats_url: str, tmp_path: Path, nc: Client, fake_vault: FakeVault, collector: Collector,
+    tmp_path: Path, embedded_nats: EmbeddedNats,
 ) -> None:
-    user, sandbox_id = uid("user"), uid("sbx")
-    fake_vault.users[user] = make_bundle()
-    garbage = f'{{"user_id": "{user}", "version": "not a number {uid("x")}"}}'.encode()
-    async with running(settings_for(nats_url, tmp_path)):
-        await publish_created(nc, sandbox_created(user_id=user, sandbox_id=sandbox_id))
-        await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, sandbox_id)
-        await nc.jetstream().publish(subjects.TOKENS_REFRESHED, garbage, stream=subjects.TOKENS_STREAM.name)
-        await nc.jetstream().publish(subjects.TOKENS_REVOKED, b"not json", stream=subjects.TOKENS_STREAM.name)
+    """On a server of its own: the durable consumers and streams of the suite's shared server
+    carry other tests' leftovers (and a killed service's deliveries wait out their ack_wait)."""
+    nc = await nats.connect(embedded_nats.url)
+    try:
+        fake_vault, collector = FakeVault(nc), Collector()
+        await nc.subscribe(subjects.VAULT_CREDENTIALS_GET, cb=fake_vault.handle)
+        await nc.subscribe("sandbox.credentials.*", cb=collector.on_msg)
+        await nc.subscribe(f"{subjects.DLQ_PREFIX}.>", cb=collector.on_msg)
+        await settle(nc)
+        user, sandbox_id = uid("user"), uid("sbx")
         fake_vault.users[user] = make_bundle()
-        good = TokensRefreshed(user_id=user, expires_at=1, scopes=[], version=2)
-        await publish(nc, subjects.TOKENS_REFRESHED, good)
-        await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, sandbox_id, refreshed_by=good.event_id)
-        await collector.wait(lambda m: m == ("dlq.tokens.refreshed", garbage))
+        garbage = f'{{"user_id": "{user}", "version": "not a number {uid("x")}"}}'.encode()
+        async with running(settings_for(embedded_nats.url, tmp_path)):
+            await publish_created(nc, sandbox_created(user_id=user, sandbox_id=sandbox_id))
+            await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, sandbox_id)
+            await nc.jetstream().publish(subjects.TOKENS_REFRESHED, garbage, stream=subjects.TOKENS_STREAM.name)
+            await nc.jetstream().publish(subjects.TOKENS_REVOKED, b"not json", stream=subjects.TOKENS_STREAM.name)
+            fake_vault.users[user] = make_bundle()
+            good = TokensRefreshed(user_id=user, expires_at=1, scopes=[], version=2)
+            await publish(nc, subjects.TOKENS_REFRESHED, good)
+            await collector.event(subjects.SANDBOX_CREDENTIALS_INJECTED, sandbox_id, refreshed_by=good.event_id)
+            await collector.wait(lambda m: m == ("dlq.tokens.refreshed", garbage))
+    finally:
+        await nc.close()
     # no salvage for lifecycle subjects: nothing claims to answer them
     assert [m for m in collector.messages if m[0] == subjects.SANDBOX_CREDENTIALS_FAILED
             and user.encode() in m[1]] == []
