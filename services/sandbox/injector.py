@@ -91,6 +91,21 @@ def provider_for(backends: Mapping[str, BackendProvider], kind: str) -> BackendP
     return provider
 
 
+def failed_event(cause: Event, sandbox_id: str, error: SandboxError, detail: str, *, event_id: str
+                 ) -> SandboxCredentialsFailed:
+    """`sandbox.credentials.failed` for `sandbox_id`, caused by `cause` (the detail's tail: the
+    end of an error chain says the most)."""
+    return SandboxCredentialsFailed(
+        event_id=event_id,
+        user_id=cause.user_id,
+        sandbox_id=sandbox_id,
+        cause_event_id=cause.event_id,
+        reason=error.reason,
+        detail=detail[-500:],
+        retryable=error.retryable,
+    )
+
+
 def injected_event(record: domain.LiveSandbox, *, event_id: str, refreshed_by: str | None = None
                    ) -> SandboxCredentialsInjected:
     """`sandbox.credentials.injected` for what `record` holds (caused by its sandbox.created)."""
@@ -177,15 +192,8 @@ class CredentialInjector:
         `sandbox.credentials.failed` (its id derives from the cause: a second report dedupes)."""
         failure = error if isinstance(error, SandboxError) else BackendError(detail, retryable=True)
         await self._settle_final(event, failure)
-        failed = SandboxCredentialsFailed(
-            event_id=derived_event_id(event.event_id, "failed"),
-            user_id=event.user_id,
-            sandbox_id=event.sandbox_id,
-            cause_event_id=event.event_id,
-            reason=failure.reason,
-            detail=detail[-500:],
-            retryable=failure.retryable,
-        )
+        failed = failed_event(event, event.sandbox_id, failure, detail,
+                              event_id=derived_event_id(event.event_id, "failed"))
         await self._publisher.publish(subjects.SANDBOX_CREDENTIALS_FAILED, failed)
         log.warning(
             "sandbox.credentials_failed",

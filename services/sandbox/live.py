@@ -40,6 +40,7 @@ from services.sandbox.errors import (
 from services.sandbox.injector import (
     EventPublisher,
     InjectionOptions,
+    failed_event,
     injected_event,
     occurred_ms,
     provider_for,
@@ -335,15 +336,8 @@ class LiveSandboxes:
 
     async def _report(self, event: TokensRefreshed | TokensRevoked | GrantEnded, record: domain.LiveSandbox,
                       error: SandboxError, detail: str) -> SandboxCredentialsFailed:
-        failed = SandboxCredentialsFailed(
-            event_id=_per_sandbox_id(event.event_id, record.sandbox_id, "failed"),
-            user_id=event.user_id,
-            sandbox_id=record.sandbox_id,
-            cause_event_id=event.event_id,
-            reason=error.reason,
-            detail=detail[-500:],
-            retryable=error.retryable,
-        )
+        failed = failed_event(event, record.sandbox_id, error, detail,
+                              event_id=_per_sandbox_id(event.event_id, record.sandbox_id, "failed"))
         await self._publisher.publish(subjects.SANDBOX_CREDENTIALS_FAILED, failed)
         log.warning("sandbox.live_failed", sandbox_id=record.sandbox_id, reason=failed.reason, detail=failed.detail)
         return failed
