@@ -51,16 +51,20 @@ def restore_fetch_timeout_contract() -> None:
 
     nats-py 2.15+ (nats-io/nats.py#934) raises a *bare* `asyncio.TimeoutError` when its deadline
     runs out between the no-wait probe and the lingering pull — the normal outcome of a fetch on an
-    idle consumer. nats-py documents `nats.errors.TimeoutError` (upstream fix: nats-io/nats.py#1008),
-    and FastStream's pull loop suppresses only that one: the bare one killed the loop task, FastStream's
-    supervisor logged it at ERROR with a traceback ("Task-N raised an exception, retrying… please
-    consider opening issue") and an INFO line each restart, at every start of every service.
-    Idempotent; applied when this module is imported, i.e. in every service."""
+    idle consumer. nats-py documents `nats.errors.TimeoutError` (a subclass; upstream fix:
+    nats-io/nats.py#1008), and FastStream's pull loop suppresses only that one: the bare one ended
+    the loop task, FastStream's supervisor logged it at ERROR with a traceback ("Task-N raised an
+    exception, retrying…") and started it again, at every start of every service and 0.1 to 2
+    times a second under load — and kept every ended task, with its traceback and frames (~2 KB),
+    in `subscriber.tasks` for the life of the process (docs/performance.md, "Memory"). Callers
+    that catch `asyncio.TimeoutError` still catch what is raised now. Idempotent; applied when
+    this module is imported, i.e. in every service."""
     pull = JetStreamContext.PullSubscription
     if getattr(pull.fetch, "_ccbridge_timeout_contract", False):
         return
     original = pull.fetch
 
+    @functools.wraps(original)
     async def fetch(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return await original(self, *args, **kwargs)
@@ -70,7 +74,6 @@ def restore_fetch_timeout_contract() -> None:
             raise nats.errors.TimeoutError from exc
 
     fetch._ccbridge_timeout_contract = True  # type: ignore[attr-defined]  # marks the patch as applied
-    fetch.__doc__ = original.__doc__
     pull.fetch = fetch  # type: ignore[method-assign]  # the patch itself (docstring above)
 
 
@@ -129,36 +132,6 @@ def stream_for(subject: str) -> str:
     raise ValueError(f"no stream holds {subject}")
 
 
-def fetch_timeouts_as_nats_timeouts() -> None:
-    """Make nats-py's `PullSubscription.fetch` raise only `nats.errors.TimeoutError` on a
-    timeout (idempotent; called by `make_broker`).
-
-    nats-py 2.16's `fetch(batch > 1)` raises a bare `asyncio.TimeoutError` when its no-wait
-    probe used up the whole timeout — on an idle consumer the server holds that probe until it
-    expires — instead of `nats.errors.TimeoutError` (a subclass, what it raises otherwise).
-    FastStream's pull loop suppresses only the latter: the bare one ended the loop, FastStream's
-    supervisor logged an error and started it again, and kept every ended task, with its
-    traceback and frames (~2 KB), in `subscriber.tasks` for the life of the process. Measured on
-    the sandbox service: 0.1 to 2 such restarts a second, more under load (docs/performance.md,
-    "Memory"). Callers that catch `asyncio.TimeoutError` still catch what is raised now."""
-    cls = nats.js.JetStreamContext.PullSubscription
-    if getattr(cls.fetch, "ccbridge_nats_timeouts", False):
-        return
-    fetch = cls.fetch
-
-    @functools.wraps(fetch)
-    async def fetch_raising_nats_timeouts(self: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await fetch(self, *args, **kwargs)
-        except nats.errors.TimeoutError:
-            raise
-        except TimeoutError:
-            raise nats.errors.TimeoutError from None
-
-    fetch_raising_nats_timeouts.ccbridge_nats_timeouts = True  # type: ignore[attr-defined]  # marks it applied
-    cls.fetch = fetch_raising_nats_timeouts  # type: ignore[method-assign]  # the patch itself
-
-
 class CcbridgeBroker(NatsBroker):
     """A NatsBroker whose durable pull subscribers fetch into the connection's own inbox prefix.
 
@@ -189,7 +162,6 @@ def make_broker(
 ) -> CcbridgeBroker:
     """The broker of service `name`, replying on `NATS_INBOX_PREFIX`, else `inbox_prefix`, else
     `_INBOX.ccbridge-<name>` (what deploy/nats/accounts.conf grants the user of that name)."""
-    fetch_timeouts_as_nats_timeouts()
     return CcbridgeBroker(
         settings.nats_servers,
         inbox_prefix=settings.nats_inbox_prefix or inbox_prefix or subjects.inbox_prefix(name),

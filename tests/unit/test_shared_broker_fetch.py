@@ -12,7 +12,7 @@ import nats.errors
 import pytest
 from nats.js import JetStreamContext
 
-from shared.broker import fetch_timeouts_as_nats_timeouts
+from shared.broker import restore_fetch_timeout_contract
 
 
 def pull_subscription(fetch_n: Any) -> JetStreamContext.PullSubscription:
@@ -24,8 +24,8 @@ def pull_subscription(fetch_n: Any) -> JetStreamContext.PullSubscription:
 
 @pytest.mark.parametrize("raised", [asyncio.TimeoutError, nats.errors.TimeoutError])
 async def test_a_fetch_timeout_is_a_nats_timeout(raised: type[BaseException]) -> None:
-    fetch_timeouts_as_nats_timeouts()
-    fetch_timeouts_as_nats_timeouts()  # idempotent: one wrapper
+    restore_fetch_timeout_contract()
+    restore_fetch_timeout_contract()  # idempotent: one wrapper
 
     async def times_out(*_args: Any) -> list[Any]:
         raise raised
@@ -36,7 +36,7 @@ async def test_a_fetch_timeout_is_a_nats_timeout(raised: type[BaseException]) ->
 
 
 async def test_what_a_fetch_returns_and_other_errors_pass_through() -> None:
-    fetch_timeouts_as_nats_timeouts()
+    restore_fetch_timeout_contract()
 
     async def two(*_args: Any) -> list[str]:
         return ["a", "b"]
