@@ -265,18 +265,6 @@ async def publish_event(broker: NatsBroker, subject: str, event: Event) -> None:
     )
 
 
-def stream_sequence(message: Any) -> int | None:
-    """The stream sequence of the JetStream message being handled (a FastStream `NatsMessage` or a
-    raw nats `Msg`): the same for every redelivery of that copy, new for a copy published again
-    (`ccbridge dlq replay`). None when it is not a JetStream message (tests)."""
-    raw = getattr(message, "raw_message", message)
-    try:
-        seq = raw.metadata.sequence.stream
-    except Exception:  # noqa: BLE001 - not a JetStream message
-        return None
-    return seq if isinstance(seq, int) and seq > 0 else None
-
-
 def dead_letter_msg_id(subject: str, message_id: str, copy_seq: int | None = None) -> str:
     """Dedupe id of a dead letter: per subject (one bad body on two subjects is two letters) and
     per copy of the message on the bus (`copy_seq`, its stream sequence). Redeliveries of one copy
@@ -291,7 +279,7 @@ async def dead_letter(
     copy_seq: int | None = None,
 ) -> None:
     """Keep a message we cannot process, unchanged, on `dlq.<subject>` with why. `copy_seq`: the
-    stream sequence of the copy being given up on (`stream_sequence(message)`)."""
+    stream sequence of the copy being given up on (`shared.delivery.Delivery.stream_seq`)."""
     headers = {REASON_HEADER: reason[:200], ORIGINAL_SUBJECT_HEADER: subject}
     if message_id:
         headers[MSG_ID_HEADER] = dead_letter_msg_id(subject, message_id, copy_seq)
